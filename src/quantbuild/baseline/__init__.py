@@ -1,0 +1,1 @@
+"""The bundled baseline: its tokenizer, its model definition and its training loop."""

@@ -1,0 +1,198 @@
+"""Train the bundled baseline: a small `LlamaForCausalLM` on the task-family mix.
+
+    python -m quantbuild.baseline.train --tokenizer data/baseline/workflow-llama-8m \
+        --out /tmp/model --steps 6000 --seed 0
+
+Training data is generated on the fly from seeds disjoint from the eval seeds, packed into
+rows of `seq_len` tokens (whole examples only; the tail of a row is padding that carries no
+loss). On a GPU, bf16 autocast and SDPA attention; the seed fixes data order and
+initialisation, though GPU kernels make the last bits of the weights nondeterministic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from multiprocessing import Pool
+from pathlib import Path
+
+TARGET_WEIGHT = 4  # loss weight of answer tokens: they are a few percent of all tokens
+MIX = {"language_modelling": 1.5, "structured": 3.0, "retrieval": 5.0, "long_context": 1.5, "reasoning": 3.0}
+
+
+def baseline_config(vocab_size: int, **overrides):
+    """The bundled architecture: 8 layers, hidden 256, 8 heads of 32 (a multiple of 128, so group sizes
+    32/64/128 divide every layer), tied embeddings, about 7.9M parameters."""
+    from transformers import LlamaConfig
+
+    values = dict(
+        vocab_size=vocab_size,
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=1024,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    values.update(overrides)
+    return LlamaConfig(**values)
+
+
+def _rows_for_chunk(args: tuple[str, int, int, int, int]):
+    """Pack freshly sampled examples into rows of exactly `seq_len` tokens (pad id 0), with a
+    per-token loss weight: 0 for padding, 1 for prompts, `TARGET_WEIGHT` for answers."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from quantbuild.tasks import sample_training_item, training_pair
+
+    tokenizer_dir, seed, chunk, rows, seq_len = args
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    rng = random.Random(f"train:{seed}:{chunk}")
+    packed: list[list[int]] = []
+    weights: list[list[int]] = []
+    current: list[int] = []
+    current_weights: list[int] = []
+    while len(packed) < rows:
+        pairs = [training_pair(sample_training_item(rng, MIX)) for _ in range(256)]
+        prompts = tokenizer([prompt for prompt, _ in pairs])["input_ids"]
+        targets = tokenizer([target for _, target in pairs], add_special_tokens=False)["input_ids"]
+        for prompt_ids, target_ids in zip(prompts, targets):
+            answer = TARGET_WEIGHT if target_ids else 1
+            ids = (prompt_ids + target_ids)[: seq_len - 1] + [tokenizer.eos_token_id]
+            row_weights = ([1] * len(prompt_ids) + [answer] * len(target_ids))[: seq_len - 1] + [answer]
+            if len(current) + len(ids) > seq_len:
+                pad = seq_len - len(current)
+                packed.append(current + [tokenizer.pad_token_id] * pad)
+                weights.append(current_weights + [0] * pad)
+                current, current_weights = [], []
+                if len(packed) == rows:
+                    break
+            current += ids
+            current_weights += row_weights
+    return np.asarray(packed, dtype=np.int16), np.asarray(weights, dtype=np.uint8)
+
+
+def build_rows(tokenizer_dir: str, seed: int, total_rows: int, seq_len: int, workers: int):
+    import torch
+
+    per_chunk = 512
+    jobs = [(tokenizer_dir, seed, chunk, per_chunk, seq_len) for chunk in range(math.ceil(total_rows / per_chunk))]
+    with Pool(workers) as pool:
+        chunks = pool.map(_rows_for_chunk, jobs)
+    rows = torch.cat([torch.from_numpy(ids) for ids, _ in chunks])[:total_rows]
+    weights = torch.cat([torch.from_numpy(w) for _, w in chunks])[:total_rows]
+    return rows, weights
+
+
+def _step_seconds(model, batch: int, seq_len: int, device: str) -> float:
+    """Median time of one optimiser step on random tokens, to size a run to a time budget."""
+    import statistics
+
+    import torch
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    times = []
+    for _ in range(12):
+        ids = torch.randint(3, model.config.vocab_size, (batch, seq_len), device=device)
+        started = time.time()
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.time() - started)
+    return statistics.median(times[2:])
+
+
+def train(tokenizer_dir: Path, out: Path, steps: int, batch: int, seq_len: int, lr: float, seed: int,
+          workers: int, time_budget: float = 0.0) -> dict:
+    """Train and save the model to `out`; with `time_budget` (seconds), `steps` is replaced by
+    the largest multiple of 100 that a timing probe says fits (the record keeps the count,
+    so the run is reproducible with `--steps`)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    config = baseline_config(len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    if time_budget:
+        step_seconds = _step_seconds(LlamaForCausalLM(config).to(device), batch, seq_len, device)
+        steps = max(100, int(time_budget / step_seconds) // 100 * 100)
+        print(json.dumps({"probe_step_seconds": round(step_seconds, 4), "steps": steps}), flush=True)
+    started = time.time()
+    rows, weights = build_rows(str(tokenizer_dir), seed, steps * batch, seq_len, workers)
+    data_seconds = time.time() - started
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1, fused=device == "cuda")
+    warmup = max(1, steps // 50)
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    log = []
+    model.train()
+    train_started = time.time()
+    for step in range(steps):
+        ids = rows[step * batch : (step + 1) * batch].to(device=device, dtype=torch.long)
+        weight = weights[step * batch : (step + 1) * batch, 1:].to(device=device, dtype=torch.float32)
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            logits = model(input_ids=ids).logits
+        token_loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
+        loss = (token_loss * weight).sum() / weight.sum()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % 200 == 0 or step == steps - 1:
+            log.append({"step": step, "loss": round(loss.item(), 4), "seconds": round(time.time() - train_started, 1)})
+            print(json.dumps(log[-1]), flush=True)
+    model = model.to(torch.float16).eval()
+    model.generation_config.do_sample = False
+    model.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+    return {
+        "steps": steps, "batch": batch, "seq_len": seq_len, "lr": lr, "seed": seed,
+        "tokens": steps * batch * seq_len, "data_seconds": round(data_seconds, 1),
+        "train_seconds": round(time.time() - train_started, 1), "parameters": model.num_parameters(),
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "torch": torch.__version__, "log": log,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokenizer", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--steps", type=int, default=6000)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--time-budget", type=float, default=0.0, help="seconds; sizes --steps by a probe")
+    args = parser.parse_args()
+    record = train(args.tokenizer, args.out, args.steps, args.batch, args.seq_len, args.lr, args.seed,
+                   args.workers, args.time_budget)
+    (args.out / "training_record.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

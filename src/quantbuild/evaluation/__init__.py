@@ -1,0 +1,1 @@
+"""Evaluation: scorers, generation, the per-family suites and their statistics."""

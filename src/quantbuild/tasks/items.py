@@ -1,0 +1,138 @@
+"""The eval-item format (one JSON object per line) shared by the generators, the committed
+data files and users' own golden-prompt files. `data/README.md` documents it for users.
+
+An item is `{id, family, prompt, expected, scorer, schema?, meta?}`. `render_target` turns
+`expected` into the exact text a model should produce after the prompt; training and
+scoring both go through it, so they cannot disagree.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from quantbuild.errors import DataError
+
+FAMILIES = ("language_modelling", "structured", "retrieval", "long_context", "reasoning", "golden")
+SCORERS = ("exact", "json_tool_call", "cited_answer", "contains")
+REQUIRED = ("id", "family", "prompt", "expected", "scorer")
+OPTIONAL = ("schema", "meta")
+
+
+@dataclass(frozen=True)
+class Item:
+    id: str
+    family: str
+    prompt: str
+    expected: Any
+    scorer: str
+    schema: dict | None = None
+    meta: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        record: dict[str, Any] = {
+            "id": self.id,
+            "family": self.family,
+            "prompt": self.prompt,
+            "expected": self.expected,
+            "scorer": self.scorer,
+        }
+        if self.schema is not None:
+            record["schema"] = self.schema
+        if self.meta:
+            record["meta"] = self.meta
+        return json.dumps(record, ensure_ascii=False, sort_keys=False)
+
+
+def render_target(item: Item) -> str:
+    """The completion a perfect model writes after `item.prompt` (before end-of-sequence)."""
+    if item.scorer == "json_tool_call":
+        return " " + json.dumps(item.expected, ensure_ascii=False)
+    if item.scorer == "cited_answer":
+        # Citation first: a model that copies the answer and then looks for "the id after
+        # this text" finds the *next* document's id; reading the id first avoids that trap.
+        return f" [{item.expected['citation']}] {item.expected['answer']}"
+    return " " + str(item.expected) if item.expected != "" else ""
+
+
+def parse_item(record: Any, where: str) -> Item:
+    """Validate one decoded JSON value as an item; errors name `where` (file:line)."""
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    missing = [key for key in REQUIRED if key not in record]
+    if missing:
+        raise DataError(f"{where}: missing field(s) {', '.join(missing)} (required: {', '.join(REQUIRED)})")
+    unknown = sorted(set(record) - set(REQUIRED) - set(OPTIONAL))
+    if unknown:
+        raise DataError(f"{where}: unknown field(s) {', '.join(unknown)}")
+    for key in ("id", "family", "prompt", "scorer"):
+        if not isinstance(record[key], str) or not record[key]:
+            raise DataError(f"{where}: field '{key}' must be a non-empty string")
+    if record["scorer"] not in SCORERS:
+        raise DataError(f"{where}: unknown scorer '{record['scorer']}' (allowed: {', '.join(SCORERS)})")
+    if record["family"] not in FAMILIES:
+        raise DataError(f"{where}: unknown family '{record['family']}' (allowed: {', '.join(FAMILIES)})")
+    _check_expected(record, where)
+    return Item(
+        id=record["id"],
+        family=record["family"],
+        prompt=record["prompt"],
+        expected=record["expected"],
+        scorer=record["scorer"],
+        schema=record.get("schema"),
+        meta=record.get("meta") or {},
+    )
+
+
+def _check_expected(record: dict, where: str) -> None:
+    scorer, expected = record["scorer"], record["expected"]
+    if scorer == "json_tool_call":
+        if not isinstance(expected, dict) or "schema" not in record:
+            raise DataError(f"{where}: scorer json_tool_call needs an object 'expected' and a 'schema'")
+        _check_schema(record["schema"], where)
+    elif scorer == "cited_answer":
+        if not isinstance(expected, dict) or not {"answer", "citation"} <= set(expected):
+            raise DataError(f"{where}: scorer cited_answer needs 'expected' = {{answer, citation}}")
+    elif not isinstance(expected, str):
+        raise DataError(f"{where}: scorer {scorer} needs a string 'expected'")
+
+
+def _check_schema(schema: Any, where: str) -> None:
+    import jsonschema
+
+    try:
+        jsonschema.Draft202012Validator.check_schema(schema)
+    except jsonschema.SchemaError as err:
+        raise DataError(f"{where}: 'schema' is not a valid JSON Schema: {err.message}") from None
+
+
+def load_items(path: Path) -> list[Item]:
+    """Read and validate a JSONL file; any bad line is a DataError naming file and line."""
+    if not path.is_file():
+        raise DataError(f"{path}: eval file not found")
+    items: list[Item] = []
+    seen: set[str] = set()
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{where}: invalid JSON ({err.msg})") from None
+            item = parse_item(record, where)
+            if item.id in seen:
+                raise DataError(f"{where}: duplicate id '{item.id}'")
+            seen.add(item.id)
+            items.append(item)
+    if not items:
+        raise DataError(f"{path}: no items (the file is empty)")
+    return items
+
+
+def write_items(path: Path, items: list[Item]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(item.to_json() + "\n" for item in items), encoding="utf-8")
