@@ -1,12 +1,17 @@
 """Round-to-nearest weight-only quantization, per channel (group -1) or grouped.
 
-Written by hand on purpose: it is the reference every other method is compared against and
-it must be exactly reproducible bit for bit, which a few lines of integer arithmetic are.
+The `rtn` method itself is GPTQModel's RTN (the library's implementation, written in the
+GPTQ checkpoint format). The quantize-dequantize helpers below are ours, written by hand
+because no library exposes a simple in-place fake-quant of one layer: sensitivity analysis
+and the baseline's model card use them to ask "what if only this changed".
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+
+from quantbuild.quantizers import Method
 
 
 def quantize_weight(weight: Any, bits: int, group_size: int, symmetric: bool) -> tuple[Any, Any, Any]:
@@ -60,3 +65,18 @@ def fake_quantize_model(model: Any, bits: int, group_size: int, symmetric: bool)
         for module in quantizable_linears(model).values():
             codes, scale, zero = quantize_weight(module.weight, bits, group_size, symmetric)
             module.weight.copy_(dequantize_weight(codes, scale, zero).to(module.weight.dtype))
+
+
+def _quantize(variant: Any, baseline: Path, calibration: list[list[int]], out: Path) -> dict:
+    """RTN through GPTQModel's own weight-only RTN, written as a GPTQ-format checkpoint so
+    every GPTQ-aware loader reads it; no calibration data is used."""
+    from gptqmodel.quantization.config import RTNConfig
+
+    from quantbuild.quantizers.gptqmodel_backend import ensure_cpu_workers, quantize_and_save
+
+    ensure_cpu_workers()
+    config = RTNConfig(bits=variant.bits, group_size=variant.group_size, sym=variant.sym, offload_to_disk=False)
+    return quantize_and_save(baseline, config, None, out)
+
+
+METHOD = Method(name="rtn", bits=(2, 3, 4, 8), group_sizes=(-1, 32, 64, 128), needs_calibration=False, quantize=_quantize)

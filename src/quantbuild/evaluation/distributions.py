@@ -1,0 +1,87 @@
+"""Compact reference distributions and KL divergence against them.
+
+Full logits are vocabulary x positions floats (tens of GB for a real model, as llama.cpp's
+KL file shows). We keep, per position, the baseline's top-k token IDs and log-probabilities;
+the rest of the mass is one bucket. KL(P_base || Q_variant) over those k+1 outcomes is a
+lower bound of the full KL (coarsening never increases divergence) and tight when the top-k
+holds most of the mass, which k=32 does for small-vocabulary models.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from quantbuild.evaluation.stats import percentile
+
+
+def _position_logprobs(model: Any, tokenizer: Any, texts: list[str], batch_size: int):
+    """Yield (log-probabilities [P, vocab], next-token targets [P]) per batch, valid positions only."""
+    import torch
+
+    tokenizer.padding_side = "right"
+    device = next(model.parameters()).device
+    for start in range(0, len(texts), batch_size):
+        batch = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True).to(device)
+        with torch.inference_mode():
+            logits = model(**batch).logits.float()
+        mask = batch["attention_mask"][:, 1:].bool()
+        logprobs = torch.log_softmax(logits[:, :-1], dim=-1)[mask]
+        yield logprobs, batch["input_ids"][:, 1:][mask]
+
+
+def reference(model: Any, tokenizer: Any, texts: list[str], top_k: int, batch_size: int) -> tuple[dict, dict]:
+    """(tensors to store, metrics): the baseline's top-k per position and its perplexity."""
+    import torch
+
+    ids, values, nll, count = [], [], 0.0, 0
+    for logprobs, targets in _position_logprobs(model, tokenizer, texts, batch_size):
+        top = torch.topk(logprobs, top_k, dim=-1)
+        ids.append(top.indices.to(torch.int32))
+        values.append(top.values)
+        nll -= logprobs.gather(-1, targets.unsqueeze(-1)).sum().item()
+        count += targets.numel()
+    tensors = {"topk_ids": torch.cat(ids).contiguous(), "topk_logprobs": torch.cat(values).contiguous()}
+    return tensors, {"perplexity": math.exp(nll / count), "tokens": count}
+
+
+def compare(model: Any, tokenizer: Any, texts: list[str], stored: dict, batch_size: int) -> dict:
+    """Perplexity of `model`, and KL divergence / top-1 agreement against the stored reference."""
+    import torch
+
+    ref_ids, ref_logprobs = stored["topk_ids"].long(), stored["topk_logprobs"].float()
+    klds, agree, nll, count, offset = [], 0, 0.0, 0, 0
+    for logprobs, targets in _position_logprobs(model, tokenizer, texts, batch_size):
+        rows = slice(offset, offset + targets.numel())
+        offset += targets.numel()
+        p_top = ref_logprobs[rows].exp()
+        q_top = logprobs.gather(-1, ref_ids[rows])
+        p_rest = (1 - p_top.sum(-1)).clamp(min=1e-10)
+        q_rest = (1 - q_top.exp().sum(-1)).clamp(min=1e-10)
+        kld = (p_top * (ref_logprobs[rows] - q_top)).sum(-1) + p_rest * (p_rest.log() - q_rest.log())
+        klds.extend(kld.clamp(min=0).tolist())
+        agree += int((logprobs.argmax(-1) == ref_ids[rows, 0]).sum().item())
+        nll -= logprobs.gather(-1, targets.unsqueeze(-1)).sum().item()
+        count += targets.numel()
+    if offset != ref_ids.shape[0]:
+        raise ValueError(f"reference has {ref_ids.shape[0]} positions, evaluation produced {offset}")
+    return {
+        "perplexity": math.exp(nll / count),
+        "tokens": count,
+        "kld_mean": sum(klds) / len(klds),
+        "kld_p99": percentile(klds, 99),
+        "top1_agreement": agree / count,
+    }
+
+
+def save_reference(tensors: dict, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path))
+
+
+def load_reference(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))

@@ -1,0 +1,100 @@
+"""Evaluate one model folder (the baseline or a variant) on the configured families.
+
+Every eval file is read and validated before any model is loaded, so a bad line costs
+seconds, not a model load. The model is loaded through the runtime a user deploys with:
+transformers for the baseline, GPTQModel's loader (transformers + its kernels) for GPTQ
+checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from quantbuild.config import EvalConfig
+from quantbuild.errors import DataError
+from quantbuild.evaluation import distributions
+from quantbuild.evaluation.stats import wilson_interval
+from quantbuild.evaluation.suites import run_generative, summarise
+from quantbuild.hashing import sha256_file, staged_dir, write_json
+from quantbuild.tasks.items import Item, load_items
+
+METRICS = "metrics.json"
+FAMILIES = "families.json"
+REFERENCE = "reference.safetensors"
+GENERATIONS = "generations.jsonl"
+
+
+def load_eval_items(config: EvalConfig, data_dir: Path) -> tuple[dict[str, list[Item]], dict[str, str]]:
+    """Items per family (first `limit` of each file) and each file's sha256."""
+    items, digests = {}, {}
+    for family in config.families:
+        path = data_dir / f"{family}.jsonl"
+        loaded = load_items(path)
+        wrong = [item.id for item in loaded if item.family != family]
+        if wrong:
+            raise DataError(f"{path}: item {wrong[0]} belongs to another family")
+        items[family] = loaded[: config.limit] if config.limit else loaded
+        digests[family] = sha256_file(path)
+    return items, digests
+
+
+def load_model(folder: Path, runtime: str = "kernel") -> Any:
+    from quantbuild.quantizers.gptqmodel_backend import is_gptqmodel_checkpoint, load_quantized
+
+    if is_gptqmodel_checkpoint(folder):
+        return load_quantized(folder, runtime)
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+
+
+def evaluate(model_dir: Path, config: EvalConfig, data_dir: Path, out: Path, reference: Path | None) -> dict:
+    """Write metrics.json, families.json (and reference.safetensors for the baseline)."""
+    from transformers import AutoTokenizer
+
+    items, digests = load_eval_items(config, data_dir)
+    stored = distributions.load_reference(reference) if reference is not None else None
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = load_model(model_dir, config.runtime)
+    with staged_dir(out) as staging:
+        metrics: dict[str, Any] = {"eval_files_sha256": digests, "runtime": config.runtime, "families": {}}
+        lm_texts = [item.prompt for item in items.get("language_modelling", [])]
+        if lm_texts:
+            if stored is None:
+                tensors, lm = distributions.reference(model, tokenizer, lm_texts, config.kl_top_k, config.batch_size)
+                distributions.save_reference(tensors, staging / REFERENCE)
+                lm.update({"kld_mean": 0.0, "kld_p99": 0.0, "top1_agreement": 1.0})
+            else:
+                lm = distributions.compare(model, tokenizer, lm_texts, stored, config.batch_size)
+            metrics.update({key: round(value, 6) for key, value in lm.items()})
+        generative = [item for family, family_items in items.items() if family != "language_modelling" for item in family_items]
+        records = run_generative(model, tokenizer, generative, config.batch_size)
+        for family, summary in summarise(generative, records).items():
+            low, high = wilson_interval(summary["correct"] * summary["n"], int(summary["n"]))
+            extra = {key: round(value, 6) for key, value in summary.items() if key not in ("n", "correct")}
+            metrics["families"][family] = {"score": round(summary["correct"], 6), "n": int(summary["n"]),
+                                           "ci_low": round(low, 6), "ci_high": round(high, 6), **extra}
+        _long_context_cells(generative, records, metrics)
+        write_json(staging / METRICS, metrics)
+        rows = [{"family": family, "score": values["score"]} for family, values in sorted(metrics["families"].items())]
+        write_json(staging / FAMILIES, rows)
+        if config.store_generations:
+            with (staging / GENERATIONS).open("w", encoding="utf-8") as handle:
+                for record in records:
+                    handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return metrics
+
+
+def _long_context_cells(items: list[Item], records: list[dict], metrics: dict) -> None:
+    """Recall by (context length, depth) for the long-context family."""
+    cells: dict[str, list[float]] = {}
+    for item, record in zip(items, records):
+        if item.family == "long_context" and "tokens" in item.meta:
+            cells.setdefault(f"{item.meta['tokens']}@{item.meta.get('depth')}", []).append(record["correct"])
+    if cells:
+        metrics["families"]["long_context"]["by_length_depth"] = {
+            key: round(sum(values) / len(values), 6) for key, values in sorted(cells.items())
+        }

@@ -1,0 +1,97 @@
+"""Build and runtime fingerprints: the environment that can change numbers, and nothing else.
+
+No hostname, no timestamp, no paths: the same machine and libraries give the same bytes, so
+DVC reruns a stage only when something that matters drifted. Versions come from package
+metadata (no heavy imports); the device from /proc/cpuinfo and nvidia-smi where present.
+
+Scopes: *build* is what changes quantized weights (`quantize` depends on it); *runtime* is
+what changes measured results (`evaluate` depends on it, and `verify` compares it).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import subprocess
+from importlib import metadata
+
+BUILD_PACKAGES = ("torch", "transformers", "gptqmodel", "bitsandbytes", "safetensors", "numpy")
+RUNTIME_PACKAGES = BUILD_PACKAGES + ("tokenizers", "jsonschema")
+ISA_FLAGS = ("avx", "avx2", "fma", "f16c", "avx_vnni", "amx_bf16", "amx_int8", "amx_tile")
+# What the stages set before touching torch (see quantbuild.determinism); recorded so a
+# change of policy is itself drift.
+DETERMINISM = {"deterministic_algorithms": True, "cublas_workspace_config": ":4096:8", "seeded": True}
+
+
+def package_versions(names: tuple[str, ...]) -> dict[str, str]:
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "absent"
+    return versions
+
+
+def cpu_info() -> dict[str, object]:
+    model, flags = platform.processor() or "unknown", set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    isa = sorted(flag for flag in flags if flag in ISA_FLAGS or flag.startswith("avx512"))
+    return {"arch": platform.machine(), "model": model, "isa": isa, "cores": os.cpu_count() or 0}
+
+
+def gpu_info() -> list[dict[str, str]]:
+    """Each visible NVIDIA GPU's name, compute capability and driver ([] without one)."""
+    if not shutil.which("nvidia-smi"):
+        return []
+    try:
+        output = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,compute_cap,driver_version", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    gpus = []
+    for line in output.strip().splitlines():
+        name, capability, driver = (part.strip() for part in line.split(","))
+        gpus.append({"name": name, "compute_capability": capability, "driver": driver})
+    return gpus
+
+
+def fingerprints() -> dict[str, dict]:
+    """{"build": ..., "runtime": ...}; each a flat-ish JSON-able dict, stable across runs."""
+    device = {"cpu": cpu_info(), "gpu": gpu_info()}
+    python = platform.python_version()
+    return {
+        "build": {"python": python, "packages": package_versions(BUILD_PACKAGES), "device": device,
+                  "determinism": DETERMINISM},
+        "runtime": {"python": python, "packages": package_versions(RUNTIME_PACKAGES), "device": device,
+                    "determinism": DETERMINISM},
+    }
+
+
+def flatten(value: object, prefix: str = "") -> dict[str, object]:
+    """Dotted keys -> leaf values, for naming exactly which key drifted."""
+    if isinstance(value, dict):
+        flat: dict[str, object] = {}
+        for key in sorted(value):
+            flat.update(flatten(value[key], f"{prefix}{key}."))
+        return flat
+    return {prefix.rstrip("."): value}
+
+
+def drift(recorded: dict, current: dict) -> list[tuple[str, object, object]]:
+    """(key, old, new) for every key whose value differs between two fingerprints."""
+    old, new = flatten(recorded), flatten(current)
+    return [(key, old.get(key), new.get(key)) for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]

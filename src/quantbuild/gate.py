@@ -1,0 +1,76 @@
+"""The release gate: budgets relative to the baseline measured in the same run.
+
+Every variant gets every budget checked (measured value, limit, pass/fail); the gate walks
+the variants from the most compressed to the least and picks the first that passes all.
+If none passes, `GateError` lists each violation of the best candidate.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from quantbuild.config import GateConfig
+from quantbuild.errors import GateError
+
+
+def _check(budget: str, measured: float, limit: float, higher_is_better: bool = False) -> dict[str, Any]:
+    passed = measured >= limit if higher_is_better else measured <= limit
+    return {"budget": budget, "measured": round(measured, 6), "limit": limit,
+            "direction": ">=" if higher_is_better else "<=", "pass": bool(passed)}
+
+
+def check_variant(baseline: dict, variant: dict, gate: GateConfig) -> list[dict[str, Any]]:
+    """Every budget of `gate` applied to one variant's metrics."""
+    checks = []
+    if "perplexity" in baseline:
+        increase = (variant["perplexity"] / baseline["perplexity"] - 1) * 100
+        checks += [
+            _check("perplexity_increase_pct", increase, gate.max_perplexity_increase_pct),
+            _check("kld_mean", variant["kld_mean"], gate.max_kld_mean),
+            _check("kld_p99", variant["kld_p99"], gate.max_kld_p99),
+            _check("top1_agreement", variant["top1_agreement"], gate.min_top1_agreement, higher_is_better=True),
+        ]
+    for family, limit in sorted(gate.max_family_drop.items()):
+        drop = baseline["families"][family]["score"] - variant["families"][family]["score"]
+        checks.append(_check(f"{family}_drop", drop, limit))
+    return checks
+
+
+def select(baseline: dict, variants: dict[str, dict], records: dict[str, dict], gate: GateConfig) -> dict:
+    """The gate decision; raises GateError (after building the decision) when none passes.
+
+    `variants` maps name -> metrics, `records` name -> quantize record (size, bits).
+    """
+    order = sorted(variants, key=lambda name: (records[name]["size_bytes"], records[name]["bits_per_weight"], name))
+    decision: dict[str, Any] = {"chosen": None, "order_most_compressed_first": order, "variants": {}}
+    for name in order:
+        checks = check_variant(baseline, variants[name], gate)
+        passed = all(check["pass"] for check in checks)
+        decision["variants"][name] = {
+            "pass": passed,
+            "size_bytes": records[name]["size_bytes"],
+            "bits_per_weight": records[name]["bits_per_weight"],
+            "checks": checks,
+        }
+        if passed and decision["chosen"] is None:
+            decision["chosen"] = name
+    return decision
+
+
+def violations(decision: dict) -> list[str]:
+    """One line per violated budget of the best candidate (fewest violations, then largest)."""
+    def failures(name: str) -> list[dict]:
+        return [check for check in decision["variants"][name]["checks"] if not check["pass"]]
+
+    best = min(reversed(decision["order_most_compressed_first"]), key=lambda name: len(failures(name)))
+    return [
+        f"{best}: {check['budget']} = {check['measured']} violates {check['direction']} {check['limit']}"
+        for check in failures(best)
+    ]
+
+
+def require_release(decision: dict) -> str:
+    if decision["chosen"] is None:
+        lines = violations(decision)
+        raise GateError("release gate: no variant passes every budget\n" + "\n".join(lines))
+    return decision["chosen"]

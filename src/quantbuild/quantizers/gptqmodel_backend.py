@@ -1,0 +1,83 @@
+"""Running GPTQModel: its worker-pool setting, a quantize-and-save helper, and loading.
+
+GPTQModel sizes its CPU thread pool from the core count and crashes on 2-core machines
+("Virtual pool 'model_loader:cpu' requests 2 workers but parent 'cpu' only has 1"), so we
+set GPTQMODEL_CPU_WORKERS to at least 2 before it is imported, unless the user set it.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+# Files GPTQModel writes that carry timings, not weights: kept out of the artifact so the
+# same inputs give the same artifact hashes.
+NONDETERMINISTIC_FILES = ("quant_log.csv",)
+
+
+def ensure_cpu_workers() -> None:
+    if "GPTQMODEL_CPU_WORKERS" not in os.environ:
+        default = min(12, max(1, ((os.cpu_count() or 1) + 1) // 2))
+        os.environ["GPTQMODEL_CPU_WORKERS"] = str(max(2, default))
+
+
+def quantize_and_save(baseline: Path, quantize_config: Any, calibration: list[list[int]] | None, out: Path) -> dict:
+    """Quantize `baseline` with a GPTQModel config and save a GPTQ-format checkpoint."""
+    ensure_cpu_workers()
+    from gptqmodel import GPTQModel
+    from transformers import AutoTokenizer
+
+    started = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(str(baseline))
+    model = GPTQModel.load(str(baseline), quantize_config, device="cpu")
+    dataset = None
+    if calibration is not None:
+        dataset = [{"input_ids": ids, "attention_mask": [1] * len(ids)} for ids in calibration]
+    model.quantize(dataset, batch_size=1, tokenizer=tokenizer)
+    model.save(str(out))
+    for name in NONDETERMINISTIC_FILES:
+        (out / name).unlink(missing_ok=True)
+    return {
+        "wall_seconds": round(time.perf_counter() - started, 3),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+
+
+def is_gptqmodel_checkpoint(folder: Path) -> bool:
+    return (folder / "quantize_config.json").is_file()
+
+
+RUNTIMES = ("kernel", "dequantized")
+
+
+def load_quantized(folder: Path, runtime: str = "kernel") -> Any:
+    """The transformers model behind GPTQModel's loader, in eval mode.
+
+    `kernel`: GPTQModel's own kernels, as deployed. `dequantized`: the same checkpoint
+    loaded by GPTQModel, each quantized layer replaced by a float32 Linear holding exactly
+    its dequantized weight. On CPUs without fast fp16/bf16 GEMM (no AVX512-FP16/AMX) the
+    8-bit torch kernels run ~50x slower than fp32; the dequantized runtime gives the same
+    weights at usable speed, with fp32 instead of fp16 accumulation.
+    """
+    ensure_cpu_workers()
+    import torch
+    from gptqmodel import GPTQModel
+
+    if runtime == "kernel":
+        return GPTQModel.load(str(folder), device="cpu").model.eval()
+    model = GPTQModel.load(str(folder), device="cpu", backend="gptq_torch", dtype=torch.float16).model
+    replacements = [(name, module) for name, module in model.named_modules() if hasattr(module, "qweight")]
+    for name, module in replacements:
+        with torch.no_grad():
+            # GPTQ kernels dequantize to [in_features, out_features] (they compute x @ W).
+            weight = module.dequantize_weight().float().t()
+            linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            linear.weight.copy_(weight)
+            if module.bias is not None:
+                linear.bias.copy_(module.bias.float())
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, linear)
+    return model.float().eval()

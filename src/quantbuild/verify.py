@@ -1,0 +1,61 @@
+"""`quantbuild verify`: is this bundle exactly what was validated, on a runtime like this one?
+
+Exit codes: 0 ok; 1 integrity failure (changed, missing or extra file, bad manifest);
+2 environment drift (the runtime fingerprint differs: rerun `dvc repro` to revalidate).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from quantbuild.errors import IntegrityError
+from quantbuild.fingerprint import drift, fingerprints
+from quantbuild.hashing import sha256_file
+from quantbuild.manifest import MANIFEST, read_manifest, safe_relative
+
+
+@dataclass
+class VerifyResult:
+    bundle: str
+    problems: list[str] = field(default_factory=list)
+    drifted: list[tuple[str, object, object]] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.problems else 2 if self.drifted else 0
+
+    def as_dict(self) -> dict:
+        return {
+            "bundle": self.bundle,
+            "status": ("integrity_failure", "ok", "drift")[[1, 0, 2].index(self.exit_code)],
+            "exit_code": self.exit_code,
+            "problems": self.problems,
+            "drift": [{"key": key, "recorded": old, "current": new} for key, old, new in self.drifted],
+        }
+
+
+def verify(bundle: Path, current_runtime: dict | None = None) -> VerifyResult:
+    """Re-hash every file against the manifest and compare runtime fingerprints."""
+    result = VerifyResult(bundle=str(bundle))
+    try:
+        manifest = read_manifest(bundle)
+        listed = set()
+        for name, entry in sorted(manifest["files"].items()):
+            path = safe_relative(bundle, name)
+            listed.add(name)
+            if not path.is_file():
+                result.problems.append(f"{name}: missing")
+            elif sha256_file(path) != entry.get("sha256"):
+                result.problems.append(f"{name}: sha256 mismatch (manifest {entry.get('sha256')}, file {sha256_file(path)})")
+        for path in sorted(bundle.rglob("*")):
+            name = path.relative_to(bundle).as_posix()
+            if (path.is_file() or path.is_symlink()) and name != MANIFEST and name not in listed:
+                result.problems.append(f"{name}: extra file not in the manifest")
+    except IntegrityError as err:
+        result.problems.append(str(err))
+        return result
+    recorded = manifest.get("fingerprints", {}).get("runtime", {})
+    current = current_runtime if current_runtime is not None else fingerprints()["runtime"]
+    result.drifted = drift(recorded, current)
+    return result

@@ -1,0 +1,1 @@
+"""DVC stages, one module each, run as `python -m stages.<name>`."""
