@@ -80,15 +80,27 @@ def summary(params: Path = typer.Option(Path("params.yaml"))) -> None:
 
 
 @app.command()
-def pin(folder: Path, name: Optional[str] = typer.Option(None, help="model name (default: folder name)")) -> None:
-    """Print a conf/model pin file for a local model folder."""
+def pin(
+    folder: Optional[Path] = typer.Argument(None, help="a local model folder"),
+    hf: Optional[str] = typer.Option(None, help="a Hub repo id instead of a folder"),
+    revision: Optional[str] = typer.Option(None, help="the 40-hex commit to pin (with --hf)"),
+    name: Optional[str] = typer.Option(None, help="model name (default: folder or repo name)"),
+) -> None:
+    """Print a conf/model pin file: the source and the sha256 of every file."""
     from quantbuild.hashing import digest_tree
 
-    if not folder.is_dir():
-        _fail(QuantbuildError(f"{folder}: folder not found"))
-    lines = [f"name: {name or folder.name}", "source: path", f"path: {folder.as_posix()}", "revision: null",
-             "allow_pickle: false", "files:"]
-    lines += [f"  {file}: {digest}" for file, digest in digest_tree(folder).items()]
+    if hf:
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(hf, revision=revision))
+        header = [f"name: {name or hf.split('/')[-1].lower()}", "source: hf", "path: null", f"repo_id: {hf}",
+                  f"revision: {revision}"]
+    elif folder is not None and folder.is_dir():
+        header = [f"name: {name or folder.name}", "source: path", f"path: {folder.as_posix()}", "revision: null"]
+    else:
+        _fail(QuantbuildError(f"{folder}: folder not found (or pass --hf REPO --revision COMMIT)"))
+    lines = header + ["allow_pickle: false", "files:"]
+    lines += [f"  {file}: {digest}" for file, digest in digest_tree(folder).items() if not file.startswith(".")]
     sys.stdout.write("\n".join(lines) + "\n")
 
 

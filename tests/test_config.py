@@ -1,0 +1,90 @@
+"""The Hydra schema, the committed params.yaml, and one-line errors for bad values."""
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import REPO
+from quantbuild.config import _validated, compose, load_config
+from quantbuild.errors import ConfigError
+from quantbuild.quantizers import check_against_model
+
+
+def test_params_yaml_is_the_composition_of_conf():
+    composed = compose(REPO / "conf")
+    committed = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert composed == committed, "params.yaml is out of sync with conf/: run `quantbuild compose`"
+
+
+def test_committed_params_validate():
+    config = load_config(REPO / "params.yaml")
+    assert set(config.quant.variants) == {"rtn_int8", "gptq_4bit_g64"}
+
+
+def test_group_override_selects_variants():
+    composed = compose(REPO / "conf", ["quant=[rtn_4bit_g64,gptq_3bit_g64]", "gate=impossible"])
+    assert list(composed["quant"]["variants"]) == ["rtn_4bit_g64", "gptq_3bit_g64"]
+    assert composed["gate"]["max_kld_mean"] == 0.0
+
+
+def _edit(params: dict, dotted: str, value) -> dict:
+    edited = copy.deepcopy(params)
+    node = edited
+    *parents, last = dotted.split(".")
+    for key in parents:
+        node = node[key]
+    node[last] = value
+    return edited
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("calibration.samples", "many", "calibration.samples"),
+        ("eval.colour", "blue", "eval.colour"),
+        ("quant.variants.gptq_4bit_g64.bits", 5, "bits=5 is not supported by gptq (allowed: 2, 3, 4, 8)"),
+        ("quant.variants.rtn_int8.group_size", 48, "group_size=48 is not supported by rtn"),
+        ("quant.variants.rtn_int8.method", "magic", "method='magic' is not allowed (allowed: gptq | rtn)"),
+        ("model.source", "ftp", "model.source='ftp' is not allowed (allowed: path | hf)"),
+        ("gate.min_top1_agreement", 1.5, "gate.min_top1_agreement=1.5"),
+        ("gate.max_family_drop", {"poetry": 0.1}, "gate.max_family_drop.poetry"),
+        ("eval.families", ["language_modelling", "poetry"], "eval.families='poetry'"),
+        ("eval.runtime", "gpu", "eval.runtime='gpu'"),
+        ("calibration.sources", {"tool_calls": 0}, "calibration.sources.tool_calls=0"),
+    ],
+)
+def test_bad_values_are_one_line_errors_naming_the_key(params, key, value, message):
+    with pytest.raises(ConfigError) as err:
+        _validated(_edit(params, key, value))
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_group_size_must_divide_every_layer_width(params):
+    variant = load_config(REPO / "params.yaml").quant.variants["gptq_4bit_g64"]
+    variant.group_size = 128
+    check_against_model("quant.variants.x", variant, {"hidden_size": 256, "intermediate_size": 768})
+    with pytest.raises(ConfigError, match="does not divide intermediate_size=704"):
+        check_against_model("quant.variants.x", variant, {"hidden_size": 256, "intermediate_size": 704})
+
+
+def test_a_stage_exits_non_zero_with_one_line_on_bad_params(tmp_path, params):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(_edit(params, "quant.variants.gptq_4bit_g64.bits", 7)))
+    result = subprocess.run([sys.executable, "-m", "stages.fingerprint"], cwd=tmp_path, capture_output=True,
+                            text=True, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "quantbuild: params.yaml: quant.variants.gptq_4bit_g64.bits=7 is not supported by gptq (allowed: 2, 3, 4, 8)"
+    ]
+    assert not (tmp_path / "artifacts").exists()
+
+
+def test_missing_and_malformed_params(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text("seed: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "params.yaml")

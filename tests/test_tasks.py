@@ -1,0 +1,108 @@
+"""Task-family generators and the eval-item format."""
+
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from conftest import REPO
+from quantbuild.errors import DataError
+from quantbuild.tasks import GENERATORS, calibration_sources
+from quantbuild.tasks.items import FAMILIES, SCORERS, load_items, render_target
+from quantbuild.tasks.write_data import CALIBRATION_COUNTS, EVAL_COUNTS, write_all
+
+
+@pytest.mark.parametrize("family", sorted(GENERATORS))
+def test_generator_is_deterministic_and_seed_sensitive(family):
+    generate = GENERATORS[family]
+    first = [item.to_json() for item in generate(20, 7)]
+    assert first == [item.to_json() for item in generate(20, 7)]
+    other = [item.to_json() for item in generate(20, 8)]
+    assert not set(first) & set(other)
+
+
+def test_committed_data_is_what_the_generators_write(tmp_path):
+    write_all(tmp_path)
+    for family in EVAL_COUNTS:
+        assert (tmp_path / "eval" / f"{family}.jsonl").read_bytes() == (REPO / "data" / "eval" / f"{family}.jsonl").read_bytes()
+    for source in CALIBRATION_COUNTS:
+        path = Path("calibration") / f"{source}.jsonl"
+        assert (tmp_path / path).read_bytes() == (REPO / "data" / path).read_bytes()
+
+
+@pytest.mark.parametrize("family", sorted(EVAL_COUNTS))
+def test_committed_eval_items_validate(family):
+    items = load_items(REPO / "data" / "eval" / f"{family}.jsonl")
+    assert len(items) == EVAL_COUNTS[family]
+    for item in items:
+        assert item.family == family and item.scorer in SCORERS
+        if item.scorer == "json_tool_call":
+            jsonschema.validate(item.expected, item.schema)
+            assert json.loads(render_target(item)) == item.expected
+
+
+def test_structured_family_covers_every_argument_kind():
+    items = load_items(REPO / "data" / "eval" / "structured.jsonl")
+    tools = {item.expected["name"] for item in items}
+    assert len(tools) >= 6
+    values = [value for item in items for value in item.expected["arguments"].values()]
+    assert {type(value) for value in values} >= {str, int, list, dict}
+    schemas = [item.schema["properties"]["arguments"] for item in items]
+    assert any(set(schema["required"]) < set(schema["properties"]) for schema in schemas)  # optional fields
+    assert any("enum" in prop for schema in schemas for prop in schema["properties"].values())
+
+
+def test_long_context_reaches_the_trained_length():
+    from transformers import AutoTokenizer
+
+    from conftest import BASELINE
+
+    tokenizer = AutoTokenizer.from_pretrained(str(BASELINE))
+    items = [item for item in load_items(REPO / "data" / "eval" / "long_context.jsonl") if item.meta["tokens"] == 1024]
+    lengths = [len(tokenizer(item.prompt + render_target(item))["input_ids"]) for item in items]
+    assert min(lengths) >= 900 and max(lengths) <= 1024
+
+
+def test_retrieval_items_have_distractors():
+    items = load_items(REPO / "data" / "eval" / "retrieval.jsonl")
+    assert all(item.prompt.count("\n[D") >= 3 for item in items)
+    assert all(f"[{item.expected['citation']}]" in item.prompt for item in items)
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('{"id": "a", "family": "reasoning", "prompt": "p", "scorer": "exact"}', "missing field(s) expected"),
+        ('{"id": "a", "family": "reasoning", "prompt": "p", "expected": "1", "scorer": "fuzzy"}', "unknown scorer 'fuzzy'"),
+        ('{"id": "a", "family": "poetry", "prompt": "p", "expected": "1", "scorer": "exact"}', "unknown family 'poetry'"),
+        ('{"id": "a", "family": "reasoning", "prompt": "p", "expected": "1", "scorer": "exact"', "invalid JSON"),
+        ('{"id": "a", "family": "structured", "prompt": "p", "expected": {}, "scorer": "json_tool_call", "schema": {"type": 5}}',
+         "not a valid JSON Schema"),
+    ],
+)
+def test_bad_lines_are_rejected_with_file_and_line(tmp_path, line, message):
+    good = '{"id": "ok", "family": "reasoning", "prompt": "p", "expected": "1", "scorer": "exact"}'
+    path = tmp_path / "golden.jsonl"
+    path.write_text(good + "\n" + line + "\n")
+    with pytest.raises(DataError) as err:
+        load_items(path)
+    assert f"{path}:2" in str(err.value) and message in str(err.value)
+
+
+def test_empty_and_missing_files_are_rejected(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(DataError, match="no items"):
+        load_items(tmp_path / "empty.jsonl")
+    with pytest.raises(DataError, match="not found"):
+        load_items(tmp_path / "absent.jsonl")
+
+
+def test_calibration_sources_are_deterministic_and_load():
+    assert calibration_sources.generate("tool_calls", 5, 3) == calibration_sources.generate("tool_calls", 5, 3)
+    texts = calibration_sources.load_source(REPO / "data" / "calibration" / "tool_calls.jsonl")
+    assert len(texts) == CALIBRATION_COUNTS["tool_calls"]
+
+
+def test_families_constant_matches_generators():
+    assert set(GENERATORS) <= set(FAMILIES)
