@@ -1,0 +1,29 @@
+"""Fingerprints: stable, free of host identity, and sensitive to library drift."""
+
+import json
+import socket
+import subprocess
+import sys
+
+from conftest import REPO
+from quantbuild.fingerprint import drift, fingerprints
+
+
+def test_stable_and_anonymous():
+    first, second = fingerprints(), fingerprints()
+    assert first == second
+    text = json.dumps(first)
+    assert socket.gethostname() not in text
+    assert set(first) == {"build", "runtime"}
+    assert first["build"]["packages"]["gptqmodel"] != "absent"
+
+
+def test_fake_dist_info_on_pythonpath_is_seen_as_drift(tmp_path):
+    dist = tmp_path / "bitsandbytes-9.9.9.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: bitsandbytes\nVersion: 9.9.9\n")
+    code = "import json; from quantbuild.fingerprint import fingerprints; print(json.dumps(fingerprints()))"
+    drifted = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                        env={"PYTHONPATH": f"{tmp_path}:{REPO / 'src'}"}).stdout)
+    changes = drift(fingerprints()["runtime"], drifted["runtime"])
+    assert [(key, new) for key, _, new in changes] == [("packages.bitsandbytes", "9.9.9")]

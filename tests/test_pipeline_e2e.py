@@ -1,0 +1,177 @@
+"""End to end: the real `dvc repro` in a temporary git repository copied from this one.
+
+One pipeline is built once (small settings so it runs in about a minute), then each test
+changes one thing and checks what DVC reruns. Tests run in file order and share the repo.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent
+BUNDLE = "artifacts/package/workflow-llama-8m-gptq_4bit_g64"
+
+
+def run(repo: Path, *args: str, env: dict | None = None, check: bool = False) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", **(env or {})}
+    result = subprocess.run(list(args), cwd=repo, capture_output=True, text=True, env=full_env)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def stages_run(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+def dvc(repo: Path, *args: str, **kwargs) -> subprocess.CompletedProcess:
+    return run(repo, str(BIN / "dvc"), *args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    """A git clone-alike of this working tree, with small settings, after one full repro."""
+    root = tmp_path_factory.mktemp("pipeline") / "repo"
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for name in files:
+        if (REPO / name).is_file() and not name.startswith("dvc.lock"):
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, root / name)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["calibration"].update(samples=6, seq_len=96)
+    params["eval"].update(limit=4, batch_size=8)
+    # Four items per family are noise; these budgets still check that the gate runs.
+    params["gate"] = {"max_perplexity_increase_pct": 50.0, "max_kld_mean": 1.0, "max_kld_p99": 10.0,
+                      "min_top1_agreement": 0.5, "max_family_drop": {"structured": 0.5}}
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for command in (["git", "init", "-q"], ["git", "add", "-A"],
+                    ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"]):
+        run(root, *command, check=True)
+    dvc(root, "repro", check=True)
+    return root
+
+
+def test_full_pipeline_packages_a_verified_bundle(repo):
+    assert (repo / BUNDLE / "manifest.json").is_file()
+    result = run(repo, str(BIN / "quantbuild"), "verify", BUNDLE)
+    assert result.returncode == 0, result.stderr
+    manifest = yaml.safe_load((repo / BUNDLE / "manifest.json").read_text())
+    assert set(manifest["dvc_lock"]) >= {"fetch", "calibrate", "quantize@gptq_4bit_g64", "select"}
+    assert "Request:" not in (repo / BUNDLE / "manifest.json").read_text()  # digests only, never text
+
+
+def test_nothing_changed_runs_only_fingerprint(repo):
+    result = dvc(repo, "repro", check=True)
+    assert stages_run(result.stdout) == {"fingerprint"}
+
+
+def test_edited_calibration_source_reruns_calibrate_and_downstream(repo):
+    path = repo / "data" / "calibration" / "domain_text.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[1:]) + "\n")
+    result = dvc(repo, "repro", check=True)
+    ran = stages_run(result.stdout)
+    assert {"calibrate", "quantize@gptq_4bit_g64"} <= ran
+    assert "fetch" not in ran
+
+
+def test_edited_baseline_file_fails_fetch_on_its_pin(repo):
+    path = repo / "data" / "baseline" / "workflow-llama-8m" / "config.json"
+    original = path.read_bytes()
+    before = sorted(p.name for p in (repo / "artifacts" / "baseline").iterdir())
+    path.write_bytes(original.replace(b'"hidden_act": "silu"', b'"hidden_act": "gelu"'))
+    try:
+        result = dvc(repo, "repro")
+        assert result.returncode != 0
+        assert "config.json: sha256 mismatch (expected" in result.stderr + result.stdout
+        assert sorted(p.name for p in (repo / "artifacts" / "baseline").iterdir()) == before
+    finally:
+        path.write_bytes(original)
+    dvc(repo, "repro", check=True)
+
+
+def test_sigkill_mid_quantize_leaves_nothing_accepted_and_next_repro_completes(repo):
+    partial = repo / "artifacts" / "quantized" / ".gptq_4bit_g64.partial"
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    process = subprocess.Popen([str(BIN / "dvc"), "repro", "-f", "-s", "quantize@gptq_4bit_g64"], cwd=repo,
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 180
+    while not partial.exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    assert partial.exists(), "quantize never started"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (repo / "artifacts" / "quantized" / "gptq_4bit_g64" / "quantize_record.json").exists()
+    status = dvc(repo, "status")
+    assert "quantize@gptq_4bit_g64" in status.stdout
+    dvc(repo, "repro", check=True)
+    assert run(repo, str(BIN / "quantbuild"), "verify", BUNDLE).returncode == 0
+
+
+def test_concurrent_repro_gets_the_lock_error(repo):
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    first = subprocess.Popen([str(BIN / "dvc"), "repro", "-f", "-s", "evaluate_baseline"], cwd=repo, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    eval_dir = repo / "artifacts" / "eval" / ".baseline.partial"
+    deadline = time.time() + 120
+    while not eval_dir.exists() and time.time() < deadline and first.poll() is None:
+        time.sleep(0.1)
+    second = dvc(repo, "repro")
+    assert first.wait() == 0
+    assert second.returncode != 0
+    assert "lock" in (second.stderr + second.stdout).lower()
+    dvc(repo, "repro", check=True)
+
+
+def test_impossible_gate_fails_with_violations_and_packages_nothing(repo):
+    params_path = repo / "params.yaml"
+    original = params_path.read_text()
+    params = yaml.safe_load(original)
+    params["gate"] = yaml.safe_load((REPO / "conf" / "gate" / "impossible.yaml").read_text())
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        result = dvc(repo, "repro")
+        assert result.returncode != 0
+        output = result.stderr + result.stdout
+        assert "no variant passes every budget" in output and "violates" in output
+        assert "package" not in stages_run(result.stdout)
+        decision = yaml.safe_load((repo / "artifacts" / "release" / "decision.json").read_text())
+        assert decision["chosen"] is None
+    finally:
+        params_path.write_text(original)
+    dvc(repo, "repro", check=True)
+
+
+def test_library_drift_reruns_quantize_and_evaluate_only(repo, tmp_path):
+    fake = tmp_path / "fake"
+    dist = fake / "bitsandbytes-9.9.9.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: bitsandbytes\nVersion: 9.9.9\n")
+    env = {"PYTHONPATH": str(fake)}
+    verify = run(repo, str(BIN / "quantbuild"), "verify", BUNDLE, env=env)
+    assert verify.returncode == 2
+    assert "packages.bitsandbytes" in verify.stderr and "dvc repro" in verify.stderr
+    dvc(repo, "repro", "-s", "fingerprint", env=env, check=True)
+    status = dvc(repo, "status", env=env).stdout
+    assert "quantize@gptq_4bit_g64" in status and "evaluate@gptq_4bit_g64" in status
+    assert "fetch:" not in status and "calibrate:" not in status
+    result = dvc(repo, "repro", env=env, check=True)
+    ran = stages_run(result.stdout)
+    assert {"quantize@rtn_int8", "quantize@gptq_4bit_g64", "evaluate@gptq_4bit_g64", "evaluate_baseline"} <= ran
+    assert not ran & {"fetch", "calibrate"}
+    assert run(repo, str(BIN / "quantbuild"), "verify", BUNDLE, env=env).returncode == 0
