@@ -2,7 +2,7 @@
 #   make demo   install into .venv, run the default pipeline (dvc repro), print the release summary
 #   make test   install into .venv, run the test suite
 VENV := .venv
-PYTHON ?= python3.11
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
 # Stages run as `python -m stages.<name>` under DVC: the venv must come first on PATH.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 

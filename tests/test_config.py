@@ -88,3 +88,18 @@ def test_missing_and_malformed_params(tmp_path):
     (tmp_path / "params.yaml").write_text("seed: [1,\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(tmp_path / "params.yaml")
+
+
+def test_dvc_hydra_composition_finds_the_schema_through_the_plugin(tmp_path):
+    """What `dvc exp run -S quant=...` does: DVC composes conf/ with the repo's hydra_plugins."""
+    code = (
+        "import sys; from dvc.utils.hydra import compose_and_dump; "
+        f"compose_and_dump(sys.argv[1], {str(REPO / 'conf')!r}, None, 'config', {str(REPO)!r}, sys.argv[2:])"
+    )
+    out = tmp_path / "params.yaml"
+    subprocess.run([sys.executable, "-c", code, str(out), "quant=[rtn_4bit_g64,gptq_3bit_g64]"], check=True,
+                   cwd=tmp_path)
+    composed = yaml.safe_load(out.read_text())
+    assert list(composed["quant"]["variants"]) == ["rtn_4bit_g64", "gptq_3bit_g64"]
+    assert composed["paths"]["baseline"] == "artifacts/baseline"  # defaults come from the dataclass schema
+    _validated(composed)
