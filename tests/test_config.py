@@ -53,6 +53,8 @@ def _edit(params: dict, dotted: str, value) -> dict:
         ("gate.max_family_drop", {"poetry": 0.1}, "gate.max_family_drop.poetry"),
         ("eval.families", ["language_modelling", "poetry"], "eval.families='poetry'"),
         ("eval.runtime", "gpu", "eval.runtime='gpu'"),
+        ("gate.memory_context", 333, "gate.memory_context=333 is not allowed (allowed: one of eval.memory.context_lengths"),
+        ("eval.memory.budget_mb", -1, "eval.memory.budget_mb=-1"),
         ("calibration.sources", {"tool_calls": 0}, "calibration.sources.tool_calls=0"),
     ],
 )

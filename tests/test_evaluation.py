@@ -57,9 +57,11 @@ def test_reference_distribution_kld_is_zero_against_itself():
     assert worse["kld_mean"] > 1e-3 and worse["kld_p99"] >= worse["kld_mean"]
 
 
-def metrics(ppl, kld, structured):
+def metrics(ppl, kld, structured, ttft=10.0, peak=100.0):
     return {"perplexity": ppl, "kld_mean": kld, "kld_p99": kld * 5, "top1_agreement": 1 - kld,
-            "families": {"structured": {"score": structured}}}
+            "families": {"structured": {"score": structured}},
+            "latency": {"128": {"ttft_ms_p99": ttft, "decode_ms_per_token_p99": 2.0}},
+            "memory": {"by_context": {"1024": {"peak_mb": peak}}}}
 
 
 GATE = GateConfig(max_perplexity_increase_pct=5, max_kld_mean=0.05, max_kld_p99=0.5, min_top1_agreement=0.9,
@@ -84,3 +86,15 @@ def test_gate_with_no_passing_variant_lists_violations():
     assert violations(decision) == ["int8: perplexity_increase_pct = 10.0 violates <= 5"]
     with pytest.raises(GateError, match="no variant passes"):
         require_release(decision)
+
+
+def test_gate_checks_latency_and_memory_budgets():
+    gate = GateConfig(max_perplexity_increase_pct=5, max_kld_mean=0.05, max_kld_p99=0.5, min_top1_agreement=0.9,
+                      max_latency_p99_ratio=3.0, max_peak_memory_mb=500.0, memory_context=1024)
+    variants = {"int8": metrics(2.0, 0.001, 0.95, ttft=50.0), "int4": metrics(2.0, 0.001, 0.95, peak=900.0),
+                "int3": metrics(2.0, 0.001, 0.95, ttft=20.0)}
+    decision = select(metrics(2.0, 0.0, 0.95), variants, RECORDS, gate)
+    assert decision["chosen"] == "int3"
+    checks = {v: {c["budget"]: c for c in decision["variants"][v]["checks"]} for v in variants}
+    assert checks["int8"]["latency_p99_ratio"]["measured"] == 5.0 and not checks["int8"]["latency_p99_ratio"]["pass"]
+    assert not checks["int4"]["peak_memory_mb@1024"]["pass"]

@@ -55,6 +55,8 @@ def repo(tmp_path_factory) -> Path:
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["calibration"].update(samples=6, seq_len=96)
     params["eval"].update(limit=4, batch_size=8)
+    params["eval"]["latency"].update(prompt_lengths=[16], new_tokens=2, warmup=0, repeats=1)
+    params["eval"]["memory"].update(context_lengths=[32])
     # Four items per family are noise; these budgets still check that the gate runs.
     params["gate"] = {"max_perplexity_increase_pct": 50.0, "max_kld_mean": 1.0, "max_kld_p99": 10.0,
                       "min_top1_agreement": 0.5, "max_family_drop": {"structured": 0.5}}
@@ -73,6 +75,8 @@ def test_full_pipeline_packages_a_verified_bundle(repo):
     manifest = yaml.safe_load((repo / BUNDLE / "manifest.json").read_text())
     assert set(manifest["dvc_lock"]) >= {"fetch", "calibrate", "quantize@gptq_4bit_g64", "select"}
     assert "Request:" not in (repo / BUNDLE / "manifest.json").read_text()  # digests only, never text
+    compare = run(repo, str(BIN / "quantbuild"), "compare", "baseline", "gptq_4bit_g64")
+    assert compare.returncode == 0 and "release gate" in compare.stdout and "structured score" in compare.stdout
 
 
 def test_nothing_changed_runs_only_fingerprint(repo):

@@ -3,6 +3,7 @@
     quantbuild compose [OVERRIDES...]   write params.yaml from conf/ (what DVC does on exp run)
     quantbuild verify PATH [--json]     0 ok, 1 integrity failure, 2 environment drift
     quantbuild summary                  the release summary of the last `dvc repro`
+    quantbuild compare A B              side-by-side metrics and gate outcome of two variants or bundles
     quantbuild pin FOLDER               print a model pin file (sha256 of every file)
 """
 
@@ -75,6 +76,22 @@ def summary(params: Path = typer.Option(Path("params.yaml"))) -> None:
 
     try:
         typer.echo(release_summary(load_config(params)))
+    except QuantbuildError as err:
+        _fail(err)
+
+
+@app.command()
+def compare(
+    left: str = typer.Argument(..., help="a variant name, 'baseline', or a bundle folder"),
+    right: str = typer.Argument(..., help="a variant name, 'baseline', or a bundle folder"),
+    params: Path = typer.Option(Path("params.yaml")),
+) -> None:
+    """Side-by-side metrics of two variants (or two released bundles) and their gate outcome."""
+    from quantbuild.config import load_config
+    from quantbuild.report import compare as compare_metrics
+
+    try:
+        typer.echo(compare_metrics(left, right, load_config(params)))
     except QuantbuildError as err:
         _fail(err)
 

@@ -66,6 +66,21 @@ class QuantConfig:
 
 
 @dataclass
+class LatencyConfig:
+    prompt_lengths: List[int] = field(default_factory=lambda: [128, 512])
+    new_tokens: int = 16
+    warmup: int = 1
+    repeats: int = 5
+    runtime: str = "kernel"
+
+
+@dataclass
+class MemoryConfig:
+    context_lengths: List[int] = field(default_factory=lambda: [256, 1024])
+    budget_mb: float = 64.0
+
+
+@dataclass
 class EvalConfig:
     families: List[str] = field(
         default_factory=lambda: ["language_modelling", "structured", "retrieval", "long_context", "reasoning"]
@@ -75,6 +90,9 @@ class EvalConfig:
     kl_top_k: int = 32
     runtime: str = "dequantized"
     store_generations: bool = False
+    golden: Optional[str] = None
+    latency: LatencyConfig = field(default_factory=LatencyConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
 
 
 @dataclass
@@ -84,6 +102,9 @@ class GateConfig:
     max_kld_p99: float = 0.5
     min_top1_agreement: float = 0.9
     max_family_drop: Dict[str, float] = field(default_factory=dict)
+    max_latency_p99_ratio: Optional[float] = None
+    max_peak_memory_mb: Optional[float] = None
+    memory_context: int = 1024
 
 
 @dataclass
@@ -195,6 +216,16 @@ def _check_ranges(config: Config) -> None:
     _require(config.eval.batch_size >= 1, "eval.batch_size", config.eval.batch_size, ">= 1")
     _require(1 <= config.eval.kl_top_k <= 1024, "eval.kl_top_k", config.eval.kl_top_k, "1..1024")
     _require(config.eval.runtime in EVAL_RUNTIMES, "eval.runtime", config.eval.runtime, " | ".join(EVAL_RUNTIMES))
+    latency, memory = config.eval.latency, config.eval.memory
+    _require(latency.runtime in EVAL_RUNTIMES, "eval.latency.runtime", latency.runtime, " | ".join(EVAL_RUNTIMES))
+    _require(all(length >= 1 for length in latency.prompt_lengths), "eval.latency.prompt_lengths",
+             latency.prompt_lengths, "positive token counts")
+    _require(latency.new_tokens >= 2, "eval.latency.new_tokens", latency.new_tokens, ">= 2")
+    _require(latency.repeats >= 1 and latency.warmup >= 0, "eval.latency.repeats", latency.repeats,
+             "repeats >= 1, warmup >= 0")
+    _require(bool(memory.context_lengths) and all(n >= 1 for n in memory.context_lengths),
+             "eval.memory.context_lengths", memory.context_lengths, "a non-empty list of positive token counts")
+    _require(memory.budget_mb > 0, "eval.memory.budget_mb", memory.budget_mb, "> 0")
     gate = config.gate
     _require(gate.max_perplexity_increase_pct >= 0, "gate.max_perplexity_increase_pct",
              gate.max_perplexity_increase_pct, ">= 0")
@@ -205,3 +236,8 @@ def _check_ranges(config: Config) -> None:
         _require(family in config.eval.families and family != "language_modelling",
                  f"gate.max_family_drop.{family}", family, "a generative family listed in eval.families")
         _require(0 <= drop <= 1, f"gate.max_family_drop.{family}", drop, "0..1 (absolute drop in score)")
+    if gate.max_latency_p99_ratio is not None:
+        _require(gate.max_latency_p99_ratio > 0, "gate.max_latency_p99_ratio", gate.max_latency_p99_ratio, "> 0 or null")
+    if gate.max_peak_memory_mb is not None:
+        _require(gate.memory_context in config.eval.memory.context_lengths, "gate.memory_context",
+                 gate.memory_context, f"one of eval.memory.context_lengths {config.eval.memory.context_lengths}")

@@ -33,7 +33,24 @@ def check_variant(baseline: dict, variant: dict, gate: GateConfig) -> list[dict[
     for family, limit in sorted(gate.max_family_drop.items()):
         drop = baseline["families"][family]["score"] - variant["families"][family]["score"]
         checks.append(_check(f"{family}_drop", drop, limit))
+    if gate.max_latency_p99_ratio is not None:
+        checks.append(_check("latency_p99_ratio", latency_ratio(baseline["latency"], variant["latency"]),
+                             gate.max_latency_p99_ratio))
+    if gate.max_peak_memory_mb is not None:
+        peak = variant["memory"]["by_context"][str(gate.memory_context)]["peak_mb"]
+        checks.append(_check(f"peak_memory_mb@{gate.memory_context}", peak, gate.max_peak_memory_mb))
     return checks
+
+
+def latency_ratio(baseline: dict, variant: dict) -> float:
+    """The worst variant/baseline ratio of p99 time to first token and p99 decode time."""
+    ratios = [
+        variant[length][key] / baseline[length][key]
+        for length in baseline
+        for key in ("ttft_ms_p99", "decode_ms_per_token_p99")
+        if baseline[length][key] > 0
+    ]
+    return max(ratios)
 
 
 def select(baseline: dict, variants: dict[str, dict], records: dict[str, dict], gate: GateConfig) -> dict:

@@ -38,3 +38,70 @@ def release_summary(config: Config) -> str:
     size = sum(entry["size"] for entry in manifest["files"].values())
     lines.append(f"package: {bundle} ({size / 1e6:.2f} MB); check it with `quantbuild verify {bundle}`")
     return "\n".join(lines)
+
+
+def _load_side(ref: str, config: Config) -> tuple[dict, dict | None]:
+    """(metrics, gate entry) of a variant name, `baseline`, or a bundle folder."""
+    bundle = Path(ref)
+    if (bundle / MANIFEST).is_file():
+        manifest = json.loads((bundle / MANIFEST).read_text())
+        return manifest["evaluation"]["variant"], manifest.get("gate")
+    path = Path(config.paths.eval) / ref / "metrics.json"
+    if not path.is_file():
+        raise DataError(f"{ref}: neither a bundle folder nor an evaluated variant ({path} not found)")
+    decision_path = Path(config.paths.release) / "decision.json"
+    gate = None
+    if decision_path.is_file():
+        gate = json.loads(decision_path.read_text())["variants"].get(ref)
+    return json.loads(path.read_text()), gate
+
+
+def comparison_rows(left: dict, right: dict) -> list[tuple[str, object, object]]:
+    """(metric, left value, right value) for every metric either side has."""
+    rows: list[tuple[str, object, object]] = []
+    for key in ("perplexity", "kld_mean", "kld_p99", "top1_agreement"):
+        if key in left or key in right:
+            rows.append((key, left.get(key), right.get(key)))
+    for family in sorted(set(left.get("families", {})) | set(right.get("families", {}))):
+        def score(side: dict) -> object:
+            entry = side.get("families", {}).get(family)
+            return f"{entry['score']:.3f} [{entry['ci_low']:.3f}, {entry['ci_high']:.3f}] n={entry['n']}" if entry else None
+        rows.append((f"{family} score", score(left), score(right)))
+    for length in sorted(set(left.get("latency", {})) | set(right.get("latency", {})), key=int):
+        for key in ("ttft_ms_p99", "decode_ms_per_token_p99"):
+            rows.append((f"{key} @{length}", left.get("latency", {}).get(length, {}).get(key),
+                         right.get("latency", {}).get(length, {}).get(key)))
+    for key in ("artifact_mb", "memory_cliff_tokens"):
+        rows.append((key, left.get("memory", {}).get(key), right.get("memory", {}).get(key)))
+    return rows
+
+
+def compare(left_ref: str, right_ref: str, config: Config) -> str:
+    """A side-by-side table of two variants' (or bundles') metrics and gate outcomes."""
+    from io import StringIO
+
+    from rich.console import Console
+    from rich.table import Table
+
+    left, left_gate = _load_side(left_ref, config)
+    right, right_gate = _load_side(right_ref, config)
+    table = Table(title=f"{left_ref} vs {right_ref}")
+    for column in ("metric", left_ref, right_ref):
+        table.add_column(column)
+
+    def cell(value: object) -> str:
+        return "-" if value is None else f"{value:.6g}" if isinstance(value, float) else str(value)
+
+    for name, a, b in comparison_rows(left, right):
+        table.add_row(name, cell(a), cell(b))
+
+    def verdict(gate: dict | None) -> str:
+        if gate is None:
+            return "-"
+        failed = [check["budget"] for check in gate["checks"] if not check["pass"]]
+        return "pass" if gate["pass"] else "fail: " + ", ".join(failed)
+
+    table.add_row("release gate", verdict(left_gate), verdict(right_gate))
+    buffer = StringIO()
+    Console(file=buffer, width=140).print(table)
+    return buffer.getvalue()

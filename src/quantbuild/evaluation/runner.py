@@ -9,12 +9,15 @@ checkpoints.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from quantbuild.config import EvalConfig
 from quantbuild.errors import DataError
 from quantbuild.evaluation import distributions
+from quantbuild.evaluation.latency import measure_latency
+from quantbuild.evaluation.memory import measure_memory
 from quantbuild.evaluation.stats import wilson_interval
 from quantbuild.evaluation.suites import run_generative, summarise
 from quantbuild.hashing import sha256_file, staged_dir, write_json
@@ -22,6 +25,8 @@ from quantbuild.tasks.items import Item, load_items
 
 METRICS = "metrics.json"
 FAMILIES = "families.json"
+LATENCY = "latency.json"
+MEMORY = "memory.json"
 REFERENCE = "reference.safetensors"
 GENERATIONS = "generations.jsonl"
 
@@ -37,6 +42,11 @@ def load_eval_items(config: EvalConfig, data_dir: Path) -> tuple[dict[str, list[
             raise DataError(f"{path}: item {wrong[0]} belongs to another family")
         items[family] = loaded[: config.limit] if config.limit else loaded
         digests[family] = sha256_file(path)
+    if config.golden:
+        path = Path(config.golden)
+        # The user's own prompts are scored as one family, whatever families they name.
+        items["golden"] = [replace(item, family="golden") for item in load_items(path)]
+        digests["golden"] = sha256_file(path)
     return items, digests
 
 
@@ -78,9 +88,20 @@ def evaluate(model_dir: Path, config: EvalConfig, data_dir: Path, out: Path, ref
             metrics["families"][family] = {"score": round(summary["correct"], 6), "n": int(summary["n"]),
                                            "ci_low": round(low, 6), "ci_high": round(high, 6), **extra}
         _long_context_cells(generative, records, metrics)
+        if config.latency.runtime != config.runtime:
+            model = load_model(model_dir, config.latency.runtime)
+        metrics["latency"] = measure_latency(model, len(tokenizer), config.latency.prompt_lengths,
+                                             config.latency.new_tokens, config.latency.warmup,
+                                             config.latency.repeats, seed=0)
+        metrics["memory"] = measure_memory(model, config.memory.context_lengths, config.memory.budget_mb,
+                                           model_dir, seed=0)
         write_json(staging / METRICS, metrics)
-        rows = [{"family": family, "score": values["score"]} for family, values in sorted(metrics["families"].items())]
-        write_json(staging / FAMILIES, rows)
+        write_json(staging / FAMILIES, [{"family": family, "score": values["score"]}
+                                        for family, values in sorted(metrics["families"].items())])
+        write_json(staging / LATENCY, [{"prompt_tokens": int(length), **values}
+                                       for length, values in metrics["latency"].items()])
+        write_json(staging / MEMORY, [{"context_tokens": int(length), **values}
+                                      for length, values in metrics["memory"]["by_context"].items()])
         if config.store_generations:
             with (staging / GENERATIONS).open("w", encoding="utf-8") as handle:
                 for record in records:

@@ -1,0 +1,79 @@
+"""The evaluate stage's library: suites, latency, memory, golden prompts, privacy, and
+bad input rejected before any model is loaded."""
+
+import json
+import shutil
+
+import pytest
+
+from conftest import BASELINE, REPO
+from quantbuild.config import EvalConfig, LatencyConfig, MemoryConfig
+from quantbuild.errors import DataError
+from quantbuild.evaluation import runner
+
+
+def small_config(**extra) -> EvalConfig:
+    values = dict(families=["language_modelling", "reasoning", "structured"], limit=3, batch_size=4,
+                  latency=LatencyConfig(prompt_lengths=[8, 32], new_tokens=3, warmup=1, repeats=3),
+                  memory=MemoryConfig(context_lengths=[16, 64], budget_mb=32.0))
+    return EvalConfig(**{**values, **extra})
+
+
+def test_baseline_evaluation_writes_metrics_plots_and_no_text(tmp_path):
+    metrics = runner.evaluate(BASELINE, small_config(), REPO / "data" / "eval", tmp_path / "out", None)
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["families.json", "latency.json", "memory.json", "metrics.json",
+                                                     "reference.safetensors"]
+    assert metrics["families"]["reasoning"]["n"] == 3 and 0 <= metrics["families"]["reasoning"]["ci_low"] <= 1
+    assert set(metrics["latency"]) == {"8", "32"}
+    assert metrics["latency"]["32"]["ttft_ms_p99"] >= metrics["latency"]["32"]["ttft_ms_p50"] > 0
+    assert metrics["memory"]["kv_cache_bytes_per_token"] == 2 * 8 * 256 * 4  # float32 K and V, 8 layers
+    assert metrics["memory"]["memory_cliff_tokens"] > 0
+    text = b"".join(path.read_bytes() for path in out.iterdir())
+    assert b"Question:" not in text and b"Request:" not in text
+
+
+def test_generations_are_stored_only_when_configured(tmp_path):
+    runner.evaluate(BASELINE, small_config(store_generations=True, families=["reasoning"]),
+                    REPO / "data" / "eval", tmp_path / "out", None)
+    lines = (tmp_path / "out" / runner.GENERATIONS).read_text().splitlines()
+    assert len(lines) == 3 and "output" in json.loads(lines[0])
+
+
+def test_golden_prompts_are_their_own_family(tmp_path):
+    golden = tmp_path / "golden.jsonl"
+    golden.write_text("".join(line + "\n" for line in (REPO / "data" / "eval" / "reasoning.jsonl").read_text().splitlines()[:2]))
+    metrics = runner.evaluate(BASELINE, small_config(families=["reasoning"], golden=str(golden)),
+                              REPO / "data" / "eval", tmp_path / "out", None)
+    assert metrics["families"]["golden"]["n"] == 2
+    assert "golden" in metrics["eval_files_sha256"]
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "message"),
+    [
+        (lambda path: path.write_text(path.read_text() + "{broken\n"), "invalid JSON"),
+        (lambda path: path.write_text(""), "no items"),
+        (lambda path: path.unlink(), "eval file not found"),
+    ],
+)
+def test_bad_eval_data_fails_before_any_model_is_loaded(tmp_path, monkeypatch, corrupt, message):
+    data = tmp_path / "eval"
+    shutil.copytree(REPO / "data" / "eval", data)
+    corrupt(data / "reasoning.jsonl")
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the eval data was validated")
+
+    monkeypatch.setattr(runner, "load_model", no_model)
+    with pytest.raises(DataError, match=message):
+        runner.evaluate(BASELINE, small_config(), data, tmp_path / "out", None)
+    assert not (tmp_path / "out").exists()
+
+
+def test_wrong_family_in_a_family_file(tmp_path):
+    data = tmp_path / "eval"
+    shutil.copytree(REPO / "data" / "eval", data)
+    shutil.copy(data / "structured.jsonl", data / "reasoning.jsonl")
+    with pytest.raises(DataError, match="belongs to another family"):
+        runner.load_eval_items(small_config(), data)
