@@ -67,7 +67,7 @@ class QuantConfig:
 
 @dataclass
 class LatencyConfig:
-    prompt_lengths: List[int] = field(default_factory=lambda: [128, 512])
+    prompt_lengths: List[int] = field(default_factory=lambda: [64, 256])
     new_tokens: int = 16
     warmup: int = 1
     repeats: int = 5
