@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from conftest import REPO
-from quantbuild.config import _validated, compose, load_config
+from quantbuild.config import validate_raw, compose, load_config
 from quantbuild.errors import ConfigError
 from quantbuild.quantizers import check_against_model
 
@@ -60,7 +60,7 @@ def _edit(params: dict, dotted: str, value) -> dict:
 )
 def test_bad_values_are_one_line_errors_naming_the_key(params, key, value, message):
     with pytest.raises(ConfigError) as err:
-        _validated(_edit(params, key, value))
+        validate_raw(_edit(params, key, value))
     assert message in str(err.value)
     assert "\n" not in str(err.value)
 
@@ -104,4 +104,4 @@ def test_dvc_hydra_composition_finds_the_schema_through_the_plugin(tmp_path):
     composed = yaml.safe_load(out.read_text())
     assert list(composed["quant"]["variants"]) == ["rtn_4bit_g64", "gptq_3bit_g64"]
     assert composed["paths"]["baseline"] == "artifacts/baseline"  # defaults come from the dataclass schema
-    _validated(composed)
+    validate_raw(composed)

@@ -36,11 +36,11 @@ def compose(
     import yaml
 
     from quantbuild.config import compose as compose_conf
-    from quantbuild.config import _validated
+    from quantbuild.config import validate_raw
 
     try:
         composed = compose_conf(conf, overrides or [])
-        _validated(composed)
+        validate_raw(composed)
     except QuantbuildError as err:
         _fail(err)
     out.write_text(yaml.safe_dump(composed, sort_keys=False))

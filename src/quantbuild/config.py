@@ -143,7 +143,8 @@ def compose(conf_dir: Path, overrides: list[str] | None = None) -> dict[str, Any
     return OmegaConf.to_container(composed, resolve=True)
 
 
-def _validated(raw: Any) -> Config:
+def validate_raw(raw: Any) -> Config:
+    """Validate a composed config (a plain dict) against the schema and the value ranges."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
@@ -171,7 +172,7 @@ def load_config(params_path: Path = Path("params.yaml")) -> Config:
         raw = yaml.safe_load(params_path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{params_path}: not valid YAML ({str(err).splitlines()[0]})") from None
-    return _validated(raw)
+    return validate_raw(raw)
 
 
 SOURCES = ("path", "hf")
