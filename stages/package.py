@@ -4,7 +4,6 @@ then verify the bundle it just wrote.
     python -m stages.package
 """
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from quantbuild.calibration import RECORD as CALIBRATION_RECORD
 from quantbuild.config import Config
 from quantbuild.errors import IntegrityError
 from quantbuild.evaluation.runner import METRICS
+from quantbuild.hashing import read_json
 from quantbuild.gate import require_release
 from quantbuild.packaging import build_bundle, dvc_lock_entries, git_state
 from quantbuild.quantization import MODEL_DIR, RECORD
@@ -23,24 +23,21 @@ from quantbuild.verify import verify
 def main(config: Config) -> None:
     paths = config.paths
 
-    def read(path: Path) -> dict:
-        return json.loads(path.read_text())
-
-    decision = read(Path(paths.release) / "decision.json")
+    decision = read_json(Path(paths.release) / "decision.json")
     chosen = require_release(decision)
     quantized = Path(paths.quantized) / chosen
-    record = read(quantized / RECORD)
-    calibration = read(Path(paths.calibration) / CALIBRATION_RECORD)
+    record = read_json(quantized / RECORD)
+    calibration = read_json(Path(paths.calibration) / CALIBRATION_RECORD)
     lineage = {
-        "model": read(Path(paths.baseline) / FETCH_RECORD),
+        "model": read_json(Path(paths.baseline) / FETCH_RECORD),
         "variant": {key: record[key] for key in ("variant", "method", "parameters", "libraries", "bits_per_weight",
                                                  "size_bytes", "layers", "files")},
         "calibration": {key: calibration[key] for key in ("digest", "samples", "tokens", "seq_len", "seed",
                                                           "composition")},
         "params": asdict(config),
-        "fingerprints": {scope: read(Path(paths.fingerprint) / f"{scope}.json") for scope in ("build", "runtime")},
-        "evaluation": {"baseline": read(Path(paths.eval) / "baseline" / METRICS),
-                       "variant": read(Path(paths.eval) / chosen / METRICS)},
+        "fingerprints": {scope: read_json(Path(paths.fingerprint) / f"{scope}.json") for scope in ("build", "runtime")},
+        "evaluation": {"baseline": read_json(Path(paths.eval) / "baseline" / METRICS),
+                       "variant": read_json(Path(paths.eval) / chosen / METRICS)},
         "gate": {"chosen": chosen, **decision["variants"][chosen]},
         "git": git_state(Path.cwd()),
         "dvc_lock": dvc_lock_entries(Path("dvc.lock"), chosen),

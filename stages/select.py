@@ -3,13 +3,12 @@
     python -m stages.select
 """
 
-import json
 from pathlib import Path
 
 from quantbuild.config import Config
 from quantbuild.evaluation.runner import METRICS
 from quantbuild.gate import require_release, select
-from quantbuild.hashing import write_json
+from quantbuild.hashing import read_json, write_json
 from quantbuild.quantization import RECORD
 from quantbuild.stage import run_stage
 
@@ -17,13 +16,10 @@ from quantbuild.stage import run_stage
 def main(config: Config) -> None:
     paths = config.paths
 
-    def read(path: Path) -> dict:
-        return json.loads(path.read_text())
-
-    baseline = read(Path(paths.eval) / "baseline" / METRICS)
+    baseline = read_json(Path(paths.eval) / "baseline" / METRICS)
     names = sorted(config.quant.variants)
-    variants = {name: read(Path(paths.eval) / name / METRICS) for name in names}
-    records = {name: read(Path(paths.quantized) / name / RECORD) for name in names}
+    variants = {name: read_json(Path(paths.eval) / name / METRICS) for name in names}
+    records = {name: read_json(Path(paths.quantized) / name / RECORD) for name in names}
     decision = select(baseline, variants, records, config.gate)
     write_json(Path(paths.release) / "decision.json", decision)
     print(f"release gate: chose {require_release(decision)}")

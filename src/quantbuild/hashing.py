@@ -44,6 +44,10 @@ def digest_tree(folder: Path) -> dict[str, str]:
     }
 
 
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
 def write_json(path: Path, value: Any) -> None:
     """Write JSON atomically (temp file + rename) with sorted keys, for stable bytes."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ weights' hashes depend only on the inputs.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,7 @@ def effective_bits(baseline: Path, quantized: Path, bits: int, group_size: int) 
         shape, _ = original[f"{prefix}.weight"]
         weights = shape[0] * shape[1]
         stored = sum(
-            _numel(packed[f"{prefix}.{part}"][0]) * TENSOR_BITS[packed[f"{prefix}.{part}"][1]]
+            math.prod(packed[f"{prefix}.{part}"][0]) * TENSOR_BITS[packed[f"{prefix}.{part}"][1]]
             for part in ("qweight", "qzeros", "scales", "g_idx")
             if f"{prefix}.{part}" in packed
         )
@@ -63,13 +64,6 @@ def effective_bits(baseline: Path, quantized: Path, bits: int, group_size: int) 
         total_weights += weights
     return {"bits_per_weight": round(total_bits / max(1, total_weights), 4), "quantized_weights": total_weights,
             "layers": layers}
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count
 
 
 def build_variant(name: str, variant: VariantConfig, baseline: Path, calibration: list[list[int]], out: Path) -> dict:

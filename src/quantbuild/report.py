@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from quantbuild.config import Config
 from quantbuild.errors import DataError
+from quantbuild.hashing import read_json
 from quantbuild.manifest import MANIFEST
 
 
@@ -14,7 +14,7 @@ def release_summary(config: Config) -> str:
     decision_path = Path(config.paths.release) / "decision.json"
     if not decision_path.is_file():
         raise DataError(f"{decision_path}: no release decision yet (run `dvc repro`)")
-    decision = json.loads(decision_path.read_text())
+    decision = read_json(decision_path)
     lines = ["release summary", "==============="]
     for name in decision["order_most_compressed_first"]:
         entry = decision["variants"][name]
@@ -26,7 +26,7 @@ def release_summary(config: Config) -> str:
         lines.append("no variant passed the gate: nothing was packaged")
         return "\n".join(lines)
     bundle = Path(config.paths.package) / f"{config.model.name}-{chosen}"
-    manifest = json.loads((bundle / MANIFEST).read_text())
+    manifest = read_json(bundle / MANIFEST)
     baseline, measured = manifest["evaluation"]["baseline"], manifest["evaluation"]["variant"]
     lines.append(f"chosen: {chosen} ({manifest['variant']['method']}, {manifest['variant']['bits_per_weight']} bits/weight)")
     lines.append(f"  perplexity {baseline.get('perplexity', 0):.4f} -> {measured.get('perplexity', 0):.4f}; "
@@ -44,7 +44,7 @@ def _load_side(ref: str, config: Config) -> tuple[dict, dict | None]:
     """(metrics, gate entry) of a variant name, `baseline`, or a bundle folder."""
     bundle = Path(ref)
     if (bundle / MANIFEST).is_file():
-        manifest = json.loads((bundle / MANIFEST).read_text())
+        manifest = read_json(bundle / MANIFEST)
         return manifest["evaluation"]["variant"], manifest.get("gate")
     path = Path(config.paths.eval) / ref / "metrics.json"
     if not path.is_file():
@@ -52,8 +52,8 @@ def _load_side(ref: str, config: Config) -> tuple[dict, dict | None]:
     decision_path = Path(config.paths.release) / "decision.json"
     gate = None
     if decision_path.is_file():
-        gate = json.loads(decision_path.read_text())["variants"].get(ref)
-    return json.loads(path.read_text()), gate
+        gate = read_json(decision_path)["variants"].get(ref)
+    return read_json(path), gate
 
 
 def comparison_rows(left: dict, right: dict) -> list[tuple[str, object, object]]:

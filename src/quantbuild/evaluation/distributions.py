@@ -16,7 +16,7 @@ from typing import Any
 from quantbuild.evaluation.stats import percentile
 
 
-def _position_logprobs(model: Any, tokenizer: Any, texts: list[str], batch_size: int):
+def position_logprobs(model: Any, tokenizer: Any, texts: list[str], batch_size: int):
     """Yield (log-probabilities [P, vocab], next-token targets [P]) per batch, valid positions only."""
     import torch
 
@@ -36,7 +36,7 @@ def reference(model: Any, tokenizer: Any, texts: list[str], top_k: int, batch_si
     import torch
 
     ids, values, nll, count = [], [], 0.0, 0
-    for logprobs, targets in _position_logprobs(model, tokenizer, texts, batch_size):
+    for logprobs, targets in position_logprobs(model, tokenizer, texts, batch_size):
         top = torch.topk(logprobs, top_k, dim=-1)
         ids.append(top.indices.to(torch.int32))
         values.append(top.values)
@@ -48,11 +48,9 @@ def reference(model: Any, tokenizer: Any, texts: list[str], top_k: int, batch_si
 
 def compare(model: Any, tokenizer: Any, texts: list[str], stored: dict, batch_size: int) -> dict:
     """Perplexity of `model`, and KL divergence / top-1 agreement against the stored reference."""
-    import torch
-
     ref_ids, ref_logprobs = stored["topk_ids"].long(), stored["topk_logprobs"].float()
     klds, agree, nll, count, offset = [], 0, 0.0, 0, 0
-    for logprobs, targets in _position_logprobs(model, tokenizer, texts, batch_size):
+    for logprobs, targets in position_logprobs(model, tokenizer, texts, batch_size):
         rows = slice(offset, offset + targets.numel())
         offset += targets.numel()
         p_top = ref_logprobs[rows].exp()

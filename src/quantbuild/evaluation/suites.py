@@ -7,6 +7,7 @@ import math
 from collections import defaultdict
 from typing import Any
 
+from quantbuild.evaluation.distributions import position_logprobs
 from quantbuild.evaluation.generation import MAX_NEW_TOKENS, generate_greedy
 from quantbuild.evaluation.scorers import score
 from quantbuild.tasks.items import Item
@@ -14,20 +15,10 @@ from quantbuild.tasks.items import Item
 
 def perplexity(model: Any, tokenizer: Any, texts: list[str], batch_size: int = 16) -> dict[str, float]:
     """Token-weighted perplexity of `texts` (each starts with BOS, as in training)."""
-    import torch
-
     nll, count = 0.0, 0
-    tokenizer.padding_side = "right"
-    device = next(model.parameters()).device
-    for start in range(0, len(texts), batch_size):
-        batch = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True).to(device)
-        with torch.inference_mode():
-            logits = model(**batch).logits.float()
-        targets = batch["input_ids"][:, 1:]
-        mask = batch["attention_mask"][:, 1:].bool()
-        logprobs = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        nll -= logprobs[mask].sum().item()
-        count += int(mask.sum().item())
+    for logprobs, targets in position_logprobs(model, tokenizer, texts, batch_size):
+        nll -= logprobs.gather(-1, targets.unsqueeze(-1)).sum().item()
+        count += targets.numel()
     return {"perplexity": math.exp(nll / count), "tokens": count}
 
 
