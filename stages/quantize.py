@@ -11,6 +11,8 @@ from quantbuild.config import Config
 from quantbuild.determinism import make_deterministic
 from quantbuild.errors import ConfigError
 from quantbuild.quantization import build_variant
+from quantbuild.quantizers import Inputs
+from quantbuild.sensitivity import load_sensitivity
 from quantbuild.stage import run_stage
 
 
@@ -20,9 +22,9 @@ def main(config: Config) -> None:
         raise ConfigError(f"quant.variants: no variant {name!r} (defined: {', '.join(sorted(config.quant.variants))})")
     make_deterministic(config.seed)
     paths = config.paths
-    calibration = load_calibration(Path(paths.calibration))
-    record = build_variant(name, config.quant.variants[name], Path(paths.baseline), calibration,
-                           Path(paths.quantized) / name)
+    inputs = Inputs(baseline=Path(paths.baseline), calibration=load_calibration(Path(paths.calibration)),
+                    sensitivity=load_sensitivity(Path(paths.calibration)))
+    record = build_variant(name, config.quant.variants[name], inputs, Path(paths.quantized) / name)
     print(f"{name}: {record['method']} {record['bits_per_weight']} bits/weight, {record['size_bytes']} bytes, "
           f"{record['wall_seconds']} s")
 

@@ -7,10 +7,10 @@ import sys
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import BASELINE, REPO
 from quantbuild.config import validate_raw, compose, load_config
 from quantbuild.errors import ConfigError
-from quantbuild.quantizers import check_against_model
+from quantbuild.quantizers import check_against_model, uniform_plan
 
 
 def test_params_yaml_is_the_composition_of_conf():
@@ -21,7 +21,8 @@ def test_params_yaml_is_the_composition_of_conf():
 
 def test_committed_params_validate():
     config = load_config(REPO / "params.yaml")
-    assert set(config.quant.variants) == {"rtn_int8", "gptq_4bit_g64"}
+    assert list(config.quant.variants) == ["rtn_int8", "gptq_4bit_g128", "gptq_4bit_g32", "awq_4bit_g128", "bnb_nf4",
+                                           "mixed_auto_3p5", "gptq_3bit_g64"]
 
 
 def test_group_override_selects_variants():
@@ -45,9 +46,9 @@ def _edit(params: dict, dotted: str, value) -> dict:
     [
         ("calibration.samples", "many", "calibration.samples"),
         ("eval.colour", "blue", "eval.colour"),
-        ("quant.variants.gptq_4bit_g64.bits", 5, "bits=5 is not supported by gptq (allowed: 2, 3, 4, 8)"),
+        ("quant.variants.gptq_4bit_g128.bits", 5, "bits=5 is not supported by gptq (allowed: 2, 3, 4, 8)"),
         ("quant.variants.rtn_int8.group_size", 48, "group_size=48 is not supported by rtn"),
-        ("quant.variants.rtn_int8.method", "magic", "method='magic' is not allowed (allowed: gptq | rtn)"),
+        ("quant.variants.rtn_int8.method", "magic", "method='magic' is not allowed (allowed: awq | bnb | gptq | mixed | rtn)"),
         ("model.source", "ftp", "model.source='ftp' is not allowed (allowed: path | hf)"),
         ("gate.min_top1_agreement", 1.5, "gate.min_top1_agreement=1.5"),
         ("gate.max_family_drop", {"poetry": 0.1}, "gate.max_family_drop.poetry"),
@@ -66,20 +67,22 @@ def test_bad_values_are_one_line_errors_naming_the_key(params, key, value, messa
 
 
 def test_group_size_must_divide_every_layer_width(params):
-    variant = load_config(REPO / "params.yaml").quant.variants["gptq_4bit_g64"]
-    variant.group_size = 128
-    check_against_model("quant.variants.x", variant, {"hidden_size": 256, "intermediate_size": 768})
-    with pytest.raises(ConfigError, match="does not divide intermediate_size=704"):
-        check_against_model("quant.variants.x", variant, {"hidden_size": 256, "intermediate_size": 704})
+    variant = load_config(REPO / "params.yaml").quant.variants["gptq_4bit_g128"]
+    layers = {"model.layers.0.mlp.down_proj": (256, 768)}
+    plan = uniform_plan("quant.variants.x", variant, layers, None)
+    check_against_model("quant.variants.x", variant, BASELINE, plan, layers)
+    layers = {"model.layers.0.mlp.down_proj": (256, 704)}
+    with pytest.raises(ConfigError, match="group_size=128 does not divide model.layers.0.mlp.down_proj input width 704"):
+        check_against_model("quant.variants.x", variant, BASELINE, plan, layers)
 
 
 def test_a_stage_exits_non_zero_with_one_line_on_bad_params(tmp_path, params):
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(_edit(params, "quant.variants.gptq_4bit_g64.bits", 7)))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(_edit(params, "quant.variants.gptq_4bit_g128.bits", 7)))
     result = subprocess.run([sys.executable, "-m", "stages.fingerprint"], cwd=tmp_path, capture_output=True,
                             text=True, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
-        "quantbuild: params.yaml: quant.variants.gptq_4bit_g64.bits=7 is not supported by gptq (allowed: 2, 3, 4, 8)"
+        "quantbuild: params.yaml: quant.variants.gptq_4bit_g128.bits=7 is not supported by gptq (allowed: 2, 3, 4, 8)"
     ]
     assert not (tmp_path / "artifacts").exists()
 

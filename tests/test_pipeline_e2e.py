@@ -53,7 +53,10 @@ def repo(tmp_path_factory) -> Path:
             (root / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, root / name)
     params = yaml.safe_load((root / "params.yaml").read_text())
-    params["calibration"].update(samples=6, seq_len=96)
+    params["calibration"].update(samples=6, seq_len=96, sensitivity={"samples": 2, "bits": 3, "group_size": 64})
+    # Two variants of the ladder keep this at about a minute; test_quantization covers every method.
+    params["quant"]["variants"] = {name: yaml.safe_load((root / "conf" / "quant" / f"{name}.yaml").read_text())
+                                   ["variants"][name] for name in ("rtn_int8", "gptq_4bit_g64")}
     params["eval"].update(limit=4, batch_size=8)
     params["eval"]["latency"].update(prompt_lengths=[16], new_tokens=2, warmup=0, repeats=1)
     params["eval"]["memory"].update(context_lengths=[32])

@@ -1,68 +1,219 @@
-"""Quantizers: real GPTQModel runs on the bundled baseline, determinism, reload + generate,
-and errors before any work."""
+"""Quantizers: every method really runs on the bundled baseline (GPTQModel's GPTQ, RTN and
+AWQ, bitsandbytes through transformers, mixed precision), builds the same bytes twice,
+reloads through the runtime users deploy with and generates; bad input fails before work."""
+
+import json
+import shutil
 
 import pytest
 
 from conftest import BASELINE, REPO
 from quantbuild.calibration import compose_calibration, load_calibration
-from quantbuild.config import CalibrationConfig, VariantConfig
+from quantbuild.config import CalibrationConfig, OverrideConfig, SensitivityConfig, VariantConfig
 from quantbuild.errors import ConfigError
 from quantbuild.quantization import MODEL_DIR, RECORD, build_variant
-from quantbuild.quantizers.gptqmodel_backend import load_quantized
+from quantbuild.quantizers import Inputs, model_layers
+from quantbuild.quantizers.gptqmodel_backend import load_checkpoint
+from quantbuild.quantizers.mixed import plan_bits_per_weight
+from quantbuild.sensitivity import load_sensitivity
 
 pytestmark = pytest.mark.slow
 
+PROMPT = "Question: What is 21 + 14?\nAnswer:"
+
 
 @pytest.fixture(scope="module")
-def calibration(tmp_path_factory):
+def inputs(tmp_path_factory):
     out = tmp_path_factory.mktemp("calibration")
-    config = CalibrationConfig(sources={"workflow_prompts": 1.0, "tool_calls": 1.0}, samples=8, seq_len=128)
+    config = CalibrationConfig(sources={"workflow_prompts": 1.0, "tool_calls": 1.0}, samples=8, seq_len=128,
+                               sensitivity=SensitivityConfig(samples=2, bits=3, group_size=64))
     compose_calibration(config, REPO / "data" / "calibration", BASELINE, out)
-    return load_calibration(out)
+    return Inputs(BASELINE, load_calibration(out), load_sensitivity(out))
 
 
 VARIANTS = {
     "rtn_int8": VariantConfig(method="rtn", bits=8, group_size=-1),
+    "rtn_4bit_g32_asym": VariantConfig(method="rtn", bits=4, group_size=32, sym=False),
     "gptq_4bit_g64": VariantConfig(method="gptq", bits=4, group_size=64),
+    "gptq_4bit_g128_actorder_asym": VariantConfig(method="gptq", bits=4, group_size=128, sym=False, desc_act=True),
+    "awq_4bit_g64": VariantConfig(method="awq", bits=4, group_size=64, sym=False),
+    "bnb_nf4_dq": VariantConfig(method="bnb", bits=4, group_size=64, quant_type="nf4", double_quant=True),
+    "bnb_fp4": VariantConfig(method="bnb", bits=4, group_size=64, quant_type="fp4"),
+    "bnb_int8": VariantConfig(method="bnb", bits=8, group_size=-1),
+    "mixed_overrides": VariantConfig(method="mixed", bits=4, group_size=128, overrides=[
+        OverrideConfig(pattern=r"model\.layers\.(0|7)\.mlp\.down_proj", bits=8, group_size=128)]),
+    "mixed_auto": VariantConfig(method="mixed", bits=3, group_size=64, target_bits=3.6, promote_bits=8,
+                                promote_group_size=128),
 }
 
 
-@pytest.mark.parametrize("name", sorted(VARIANTS))
-def test_same_inputs_give_identical_weights(name, calibration, tmp_path):
-    first = build_variant(name, VARIANTS[name], BASELINE, calibration, tmp_path / "a")
-    second = build_variant(name, VARIANTS[name], BASELINE, calibration, tmp_path / "b")
+@pytest.fixture(scope="module")
+def built(inputs, tmp_path_factory):
+    """Each variant built once (lazily), shared by the tests below."""
+    root = tmp_path_factory.mktemp("built")
+    records = {}
+
+    def get(name):
+        if name not in records:
+            records[name] = build_variant(name, VARIANTS[name], inputs, root / name)
+        return records[name], root / name / MODEL_DIR
+
+    return get
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_same_inputs_give_identical_weights(name, inputs, built, tmp_path):
+    first, _ = built(name)
+    second = build_variant(name, VARIANTS[name], inputs, tmp_path / "again")
     assert first["files"] == second["files"]
     assert "quant_log.csv" not in first["files"]
-    bits = VARIANTS[name].bits
-    assert bits < first["bits_per_weight"] < bits + 0.6  # codes plus scales, zeros and g_idx
-    assert (tmp_path / "a" / RECORD).is_file()
+    assert (tmp_path / "again" / RECORD).is_file()
+    nominal = first["nominal_bits"]
+    assert nominal < first["bits_per_weight"] < nominal + 0.75  # codes plus scales, zeros, g_idx, absmax
+    if VARIANTS[name].method in ("rtn", "gptq", "mixed"):
+        # GPTQ format: exactly what the planner's formula says the codes, scales, zeros and g_idx take.
+        plan = {layer: {"bits": p["bits"], "group_size": p["group_size"]} for layer, p in first["layers"].items()}
+        assert abs(plan_bits_per_weight(plan, model_layers(BASELINE)) - first["bits_per_weight"]) < 1e-3
+    assert len(first["layers"]) == 56 and first["libraries"]["gptqmodel"] and first["size_bytes"] > 0
 
 
-@pytest.mark.parametrize("runtime", ["kernel", "dequantized"])
-def test_artifact_reloads_and_generates(calibration, tmp_path, runtime):
-    import json
-
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_artifact_reloads_through_its_runtime_and_generates(name, built):
     from transformers import AutoTokenizer
 
     from quantbuild.evaluation.generation import generate_greedy
 
-    build_variant("gptq_4bit_g64", VARIANTS["gptq_4bit_g64"], BASELINE, calibration, tmp_path / "q")
-    folder = tmp_path / "q" / MODEL_DIR
-    assert json.loads((folder / "quantize_config.json").read_text())["format"] == "gptq"
-    model = load_quantized(folder, runtime)
+    _, folder = built(name)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    outputs = generate_greedy(model, tokenizer, ["Question: What is 21 + 14?\nAnswer:"], max_new_tokens=6)
-    assert outputs[0].strip() == "35"
+    runtimes = ["kernel"] if VARIANTS[name].method == "bnb" else ["kernel", "dequantized"]
+    for runtime in runtimes:
+        model = load_checkpoint(folder, runtime)
+        assert generate_greedy(model, tokenizer, [PROMPT], max_new_tokens=6)[0].strip() == "35", (name, runtime)
 
 
-def test_unsupported_bits_and_group_fail_before_work(calibration, tmp_path):
-    with pytest.raises(ConfigError, match="bits=5 is not supported by gptq"):
-        build_variant("x", VariantConfig(method="gptq", bits=5, group_size=64), BASELINE, calibration, tmp_path / "x")
-    with pytest.raises(ConfigError, match="group_size=48 is not supported"):
-        build_variant("x", VariantConfig(method="rtn", bits=4, group_size=48), BASELINE, calibration, tmp_path / "x")
+def test_checkpoints_declare_their_format(built):
+    gptq = json.loads((built("gptq_4bit_g64")[1] / "quantize_config.json").read_text())
+    assert (gptq["quant_method"], gptq["format"], gptq["bits"], gptq["group_size"]) == ("gptq", "gptq", 4, 64)
+    awq = json.loads((built("awq_4bit_g64")[1] / "quantize_config.json").read_text())
+    assert (awq["quant_method"], awq["format"], awq["bits"]) == ("awq", "gemm", 4)
+    nf4 = json.loads((built("bnb_nf4_dq")[1] / "config.json").read_text())["quantization_config"]
+    assert nf4["quant_method"] == "bitsandbytes" and nf4["bnb_4bit_quant_type"] == "nf4"
+    assert nf4["bnb_4bit_use_double_quant"] is True
+    int8 = json.loads((built("bnb_int8")[1] / "config.json").read_text())["quantization_config"]
+    assert int8["load_in_8bit"] is True
+
+
+def test_bnb_artifact_loads_without_the_original_weights(built, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    _, folder = built("bnb_nf4_dq")
+    alone = tmp_path / "alone"
+    shutil.copytree(folder, alone)
+    model = AutoModelForCausalLM.from_pretrained(str(alone), device_map="cpu")
+    assert type(model.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
+
+
+def test_mixed_overrides_give_the_matched_layers_their_precision(built):
+    record, folder = built("mixed_overrides")
+    layers = record["layers"]
+    assert {name for name, layer in layers.items() if layer["bits"] == 8} == {
+        "model.layers.0.mlp.down_proj", "model.layers.7.mlp.down_proj"}
+    assert layers["model.layers.3.mlp.down_proj"]["bits_per_weight"] < 4.5 < layers["model.layers.0.mlp.down_proj"]["bits_per_weight"]
+    dynamic = json.loads((folder / "quantize_config.json").read_text())["dynamic"]
+    assert sorted(value["bits"] for value in dynamic.values()) == [8, 8]
+
+
+def test_mixed_auto_promotes_sensitive_layers_within_the_target(built, inputs):
+    record, _ = built("mixed_auto")
+    layers = model_layers(BASELINE)
+    promoted = [name for name, layer in record["layers"].items() if layer["reason"].startswith("promoted")]
+    assert promoted and all(record["layers"][name]["bits"] == 8 for name in promoted)
+    assert record["bits_per_weight"] <= 3.6
+    # The planner's analytic size is exactly what GPTQModel stored.
+    plan = {name: {"bits": layer["bits"], "group_size": layer["group_size"]} for name, layer in record["layers"].items()}
+    assert abs(plan_bits_per_weight(plan, layers) - record["bits_per_weight"]) < 1e-3
+    kld = inputs.sensitivity["layers"]
+    most = max(kld, key=lambda name: kld[name]["kld"] / kld[name]["weights"])
+    assert most in promoted
+    assert record["sensitivity_sha256"] == inputs.sensitivity["sha256"]
+
+
+@pytest.mark.parametrize(
+    ("variant", "message"),
+    [
+        (VariantConfig(method="gptq", bits=5, group_size=64), "bits=5 is not supported by gptq (allowed: 2, 3, 4, 8)"),
+        (VariantConfig(method="rtn", bits=4, group_size=48), "group_size=48 is not supported by rtn"),
+        (VariantConfig(method="awq", bits=3, group_size=64), "bits=3 is not supported by awq (allowed: 4)"),
+        (VariantConfig(method="awq", bits=4, group_size=-1), "group_size=-1 is not supported by awq"),
+        (VariantConfig(method="bnb", bits=4, group_size=128), "group_size=128 is not supported by bnb at 4 bits (allowed: 64)"),
+        (VariantConfig(method="bnb", bits=4, group_size=64, quant_type="int4"), "quant_type='int4' is not supported by bnb"),
+        (VariantConfig(method="bnb", bits=8, group_size=-1, double_quant=True), "double_quant=True is not supported by bnb at 8 bits"),
+        (VariantConfig(method="bnb", bits=2, group_size=64), "bits=2 is not supported by bnb (allowed: 4, 8)"),
+        (VariantConfig(method="gptq", bits=4, group_size=64, overrides=[OverrideConfig(pattern="x")]),
+         "overrides/target_bits are not supported by gptq"),
+        (VariantConfig(method="mixed", bits=4, group_size=64), "a mixed variant needs overrides, target_bits > 0, or both"),
+        (VariantConfig(method="mixed", bits=4, group_size=64, overrides=[OverrideConfig(pattern=r"model\.layers\.9\..*")]),
+         r"overrides[0].pattern='model\\.layers\\.9\\..*' matches no layer"),
+        (VariantConfig(method="mixed", bits=4, group_size=64, overrides=[OverrideConfig(pattern="(")]),
+         "overrides[0].pattern='(' is not a valid regular expression"),
+        (VariantConfig(method="mixed", bits=4, group_size=64, overrides=[OverrideConfig(pattern=".*q_proj", bits=6)]),
+         "overrides[0].bits=6 is not supported by mixed"),
+        (VariantConfig(method="mixed", bits=3, group_size=64, target_bits=3.0),
+         "target_bits=3.0 is below the 3.3"),
+        (VariantConfig(method="mixed", bits=4, group_size=64, target_bits=4.5, promote_bits=3),
+         "promote_bits=3 is not allowed"),
+    ],
+)
+def test_bad_variants_fail_before_any_work(variant, message, inputs, tmp_path):
+    with pytest.raises(ConfigError) as err:
+        build_variant("x", variant, inputs, tmp_path / "x")
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "x").exists() and not (tmp_path / ".x.partial").exists()
+
+
+def test_auto_mixed_without_sensitivity_fails_before_work(inputs, tmp_path):
+    variant = VariantConfig(method="mixed", bits=3, group_size=64, target_bits=3.6)
+    with pytest.raises(ConfigError, match="target_bits=3.6 needs the per-layer sensitivity"):
+        build_variant("x", variant, Inputs(BASELINE, inputs.calibration, None), tmp_path / "x")
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq", "mixed"])
+def test_methods_that_need_calibration_refuse_an_empty_set(method, tmp_path):
+    variant = VariantConfig(method=method, bits=4, group_size=64,
+                            overrides=[OverrideConfig(pattern=".*q_proj")] if method == "mixed" else [])
+    with pytest.raises(ConfigError, match=f"method {method} needs calibration data"):
+        build_variant("x", variant, Inputs(BASELINE, []), tmp_path / "x")
+
+
+def _random_llama(folder, **overrides):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    settings = {"vocab_size": 4096, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
+                "num_attention_heads": 4, "num_key_value_heads": 4, **overrides}
+    config = LlamaConfig(**settings)
+    LlamaForCausalLM(config).save_pretrained(str(folder))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(BASELINE / name, folder / name)
+    return folder
+
+
+def test_group_size_that_does_not_divide_a_layer_fails_before_work(inputs, tmp_path):
+    model = _random_llama(tmp_path / "odd", intermediate_size=96)
+    variant = VariantConfig(method="gptq", bits=4, group_size=64)
+    with pytest.raises(ConfigError, match="group_size=64 does not divide model.layers.0.mlp.down_proj input width 96"):
+        build_variant("x", variant, Inputs(model, inputs.calibration), tmp_path / "x")
     assert not (tmp_path / "x").exists()
 
 
-def test_gptq_needs_calibration(tmp_path):
-    with pytest.raises(ConfigError, match="needs calibration data"):
-        build_variant("x", VariantConfig(method="gptq", bits=4, group_size=64), BASELINE, [], tmp_path / "x")
+def test_architecture_the_library_does_not_support_fails_before_work(inputs, tmp_path):
+    model = _random_llama(tmp_path / "arch")
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "model_type": "weird_lm"}))
+    with pytest.raises(ConfigError, match="model_type='weird_lm' is not supported by gptq"):
+        build_variant("x", VARIANTS["gptq_4bit_g64"], Inputs(model, inputs.calibration), tmp_path / "x")
+    with pytest.raises(ConfigError, match="model_type='weird_lm' is not supported by bnb"):
+        build_variant("x", VARIANTS["bnb_nf4_dq"], Inputs(model, inputs.calibration), tmp_path / "x")
+    assert not (tmp_path / "x").exists()

@@ -30,7 +30,9 @@ def allocate(samples: int, weights: dict[str, float]) -> dict[str, int]:
 
 
 def compose_calibration(config: CalibrationConfig, data_dir: Path, tokenizer_dir: Path, out: Path) -> dict:
-    """Write `tokens.safetensors` (flat int32 IDs + offsets) and a record with digests."""
+    """Write `tokens.safetensors` (flat int32 IDs + offsets), a record with digests and, where
+    `config.sensitivity.samples` > 0, the baseline's per-layer `sensitivity.json`
+    (`tokenizer_dir` is the baseline folder)."""
     import numpy as np
     from safetensors.numpy import save_file
     from transformers import AutoTokenizer
@@ -63,6 +65,13 @@ def compose_calibration(config: CalibrationConfig, data_dir: Path, tokenizer_dir
             "tokens_sha256": sha256_file(staging / TOKENS),
             "digest": sha256_bytes(flat.tobytes() + offsets.tobytes()),
         }
+        if config.sensitivity.samples:
+            from quantbuild.sensitivity import SENSITIVITY, measure
+
+            sensitivity = measure(tokenizer_dir, encoded, config.sensitivity)
+            write_json(staging / SENSITIVITY, sensitivity)
+            record["sensitivity"] = {"layers": len(sensitivity["layers"]), "tokens": sensitivity["tokens"],
+                                     **sensitivity["config"]}
         write_json(staging / RECORD, record)
     return record
 

@@ -43,11 +43,33 @@ class ModelConfig:
 
 
 @dataclass
+class SensitivityConfig:
+    """Per-layer sensitivity: KL divergence of the output when only that layer is
+    round-to-nearest quantized at `bits`/`group_size`, over `samples` calibration samples
+    (0 = not measured)."""
+
+    samples: int = 4
+    bits: int = 3
+    group_size: int = 64
+
+
+@dataclass
 class CalibrationConfig:
     sources: Dict[str, float] = field(default_factory=dict)
     samples: int = 64
     seq_len: int = 256
     seed: int = 0
+    sensitivity: SensitivityConfig = field(default_factory=SensitivityConfig)
+
+
+@dataclass
+class OverrideConfig:
+    """Layers whose full name matches `pattern` (a regular expression, whole name) get
+    `bits`/`group_size` instead of the variant's."""
+
+    pattern: str = "???"
+    bits: int = 8
+    group_size: int = 128
 
 
 @dataclass
@@ -58,6 +80,16 @@ class VariantConfig:
     sym: bool = True
     desc_act: bool = False
     damp_percent: float = 0.05
+    # bnb 4-bit: nf4 | fp4, and double quantization of the block scales.
+    quant_type: str = "nf4"
+    double_quant: bool = False
+    # mixed: explicit overrides, applied in order (the first match wins) ...
+    overrides: List[OverrideConfig] = field(default_factory=list)
+    # ... and, when target_bits > 0, the most sensitive remaining layers raised to
+    # promote_bits/promote_group_size while the effective bits per weight stay <= target_bits.
+    target_bits: float = 0.0
+    promote_bits: int = 8
+    promote_group_size: int = 128
 
 
 @dataclass
@@ -109,7 +141,10 @@ class GateConfig:
 
 @dataclass
 class PackageConfig:
+    # A PEM elliptic-curve private key: when set, the bundle is signed (OpenSSF model-signing).
     signing_key: Optional[str] = None
+    # The matching public key `quantbuild verify` checks signatures with by default.
+    public_key: Optional[str] = None
 
 
 @dataclass
@@ -207,10 +242,19 @@ def _check_ranges(config: Config) -> None:
         _require(weight > 0, f"calibration.sources.{name}", weight, "a weight > 0")
     _require(1 <= calibration.samples <= 100000, "calibration.samples", calibration.samples, "1..100000")
     _require(16 <= calibration.seq_len <= 32768, "calibration.seq_len", calibration.seq_len, "16..32768")
+    sensitivity = calibration.sensitivity
+    _require(0 <= sensitivity.samples <= calibration.samples, "calibration.sensitivity.samples", sensitivity.samples,
+             f"0..calibration.samples ({calibration.samples}); 0 = not measured")
+    _require(sensitivity.bits in (2, 3, 4, 8), "calibration.sensitivity.bits", sensitivity.bits, "2 | 3 | 4 | 8")
+    _require(sensitivity.group_size in (-1, 32, 64, 128), "calibration.sensitivity.group_size",
+             sensitivity.group_size, "-1 | 32 | 64 | 128")
     _require(bool(config.quant.variants), "quant.variants", {}, "at least one variant")
     _require("baseline" not in config.quant.variants, "quant.variants", "baseline", "any name but 'baseline'")
     for name, variant in config.quant.variants.items():
         check_variant(f"quant.variants.{name}", variant)
+        if variant.target_bits > 0:
+            _require(sensitivity.samples > 0, f"quant.variants.{name}.target_bits", variant.target_bits,
+                     "0 (off) unless calibration.sensitivity.samples > 0 measures the layers' sensitivity")
     for family in config.eval.families:
         _require(family in EVAL_FAMILIES, "eval.families", family, " | ".join(EVAL_FAMILIES))
     _require(config.eval.limit >= 0, "eval.limit", config.eval.limit, ">= 0 (0 = every item)")
@@ -227,6 +271,9 @@ def _check_ranges(config: Config) -> None:
     _require(bool(memory.context_lengths) and all(n >= 1 for n in memory.context_lengths),
              "eval.memory.context_lengths", memory.context_lengths, "a non-empty list of positive token counts")
     _require(memory.budget_mb > 0, "eval.memory.budget_mb", memory.budget_mb, "> 0")
+    package = config.package
+    _require(not package.signing_key or bool(package.public_key), "package.public_key", package.public_key,
+             "the public key matching package.signing_key (the package stage verifies what it signs)")
     gate = config.gate
     _require(gate.max_perplexity_increase_pct >= 0, "gate.max_perplexity_increase_pct",
              gate.max_perplexity_increase_pct, ">= 0")

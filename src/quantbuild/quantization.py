@@ -8,9 +8,8 @@ weights' hashes depend only on the inputs.
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,17 +17,12 @@ from quantbuild.config import VariantConfig
 from quantbuild.errors import ConfigError
 from quantbuild.fingerprint import BUILD_PACKAGES, package_versions
 from quantbuild.hashing import digest_tree, staged_dir, write_json
-from quantbuild.quantizers import check_against_model, check_variant
+from quantbuild.quantizers import Inputs, check_against_model, check_variant, model_layers, plan_layers
 
 MODEL_DIR = "model"
 RECORD = "quantize_record.json"
-TENSOR_BITS = {"I32": 32, "F16": 16, "BF16": 16, "F32": 32, "I8": 8, "U8": 8, "I64": 64, "I16": 16}
-
-
-def layer_widths(baseline: Path) -> dict[str, int]:
-    """Input widths of the decoder's linear layers, from the model's config.json."""
-    config = json.loads((baseline / "config.json").read_text())
-    return {"hidden_size": config["hidden_size"], "intermediate_size": config["intermediate_size"]}
+TENSOR_BITS = {"I32": 32, "F16": 16, "BF16": 16, "F32": 32, "F64": 64, "I8": 8, "U8": 8, "I64": 64, "I16": 16,
+               "BOOL": 8}
 
 
 def _tensor_shapes(folder: Path) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -43,40 +37,44 @@ def _tensor_shapes(folder: Path) -> dict[str, tuple[tuple[int, ...], str]]:
     return shapes
 
 
-def effective_bits(baseline: Path, quantized: Path, bits: int, group_size: int) -> dict[str, Any]:
-    """Bits per weight of the quantized layers, counting codes, scales, zeros and g_idx."""
-    original = _tensor_shapes(baseline)
-    packed = _tensor_shapes(quantized)
-    total_bits, total_weights, layers = 0, 0, {}
-    for name in sorted(packed):
-        if not name.endswith(".qweight"):
-            continue
-        prefix = name[: -len(".qweight")]
-        shape, _ = original[f"{prefix}.weight"]
-        weights = shape[0] * shape[1]
-        stored = sum(
-            math.prod(packed[f"{prefix}.{part}"][0]) * TENSOR_BITS[packed[f"{prefix}.{part}"][1]]
-            for part in ("qweight", "qzeros", "scales", "g_idx")
-            if f"{prefix}.{part}" in packed
-        )
-        layers[prefix] = {"bits": bits, "group_size": group_size, "bits_per_weight": round(stored / weights, 4)}
-        total_bits += stored
-        total_weights += weights
-    return {"bits_per_weight": round(total_bits / max(1, total_weights), 4), "quantized_weights": total_weights,
-            "layers": layers}
+def effective_bits(quantized: Path, plan: dict, layers: dict) -> dict[str, Any]:
+    """Bits per weight of the quantized layers, counting every tensor a layer stores besides
+    its bias: codes, scales, zeros, g_idx, bitsandbytes' absmax and quantization maps."""
+    stored_tensors = _tensor_shapes(quantized)
+    by_layer: dict[str, int] = {name: 0 for name in plan}
+    for tensor, (shape, dtype) in stored_tensors.items():
+        prefix, _, part = tensor.rpartition(".")
+        while prefix and prefix not in by_layer:
+            prefix = prefix.rpartition(".")[0]
+        if prefix and part != "bias":
+            by_layer[prefix] += math.prod(shape) * TENSOR_BITS[dtype]
+    total_weights = sum(layers[name][0] * layers[name][1] for name in plan)
+    report = {}
+    for name, precision in sorted(plan.items()):
+        weights = layers[name][0] * layers[name][1]
+        report[name] = {**precision, "bits_per_weight": round(by_layer[name] / weights, 4)}
+    nominal = sum(plan[name]["bits"] * layers[name][0] * layers[name][1] for name in plan) / max(1, total_weights)
+    return {"bits_per_weight": round(sum(by_layer.values()) / max(1, total_weights), 4),
+            "nominal_bits": round(nominal, 4), "quantized_weights": total_weights, "layers": report}
 
 
-def build_variant(name: str, variant: VariantConfig, baseline: Path, calibration: list[list[int]], out: Path) -> dict:
-    """Quantize `baseline` into `out/model` and write `out/quantize_record.json`."""
+def build_variant(name: str, variant: VariantConfig, inputs: Inputs, out: Path) -> dict:
+    """Quantize `inputs.baseline` into `out/model` and write `out/quantize_record.json`.
+
+    Every check (config, plan, architecture, layer widths, calibration) runs before any work.
+    """
     key = f"quant.variants.{name}"
     method = check_variant(key, variant)
-    check_against_model(key, variant, layer_widths(baseline))
-    if method.needs_calibration and not calibration:
+    layers = model_layers(inputs.baseline)
+    plan = plan_layers(key, variant, layers, inputs.sensitivity)
+    check_against_model(key, variant, inputs.baseline, plan, layers)
+    if method.needs_calibration and not inputs.calibration:
         raise ConfigError(f"{key}: method {method.name} needs calibration data, and the calibration set is empty")
+    calibration = inputs.calibration if method.needs_calibration else []
     with staged_dir(out) as staging:
         model_dir = staging / MODEL_DIR
         model_dir.mkdir()
-        measured = method.quantize(variant, baseline, calibration if method.needs_calibration else [], model_dir)
+        measured = method.quantize(variant, replace(inputs, calibration=calibration), plan, model_dir)
         files = digest_tree(model_dir)
         size = sum((model_dir / file).stat().st_size for file in files)
         record = {
@@ -84,10 +82,11 @@ def build_variant(name: str, variant: VariantConfig, baseline: Path, calibration
             "method": method.name,
             "parameters": asdict(variant),
             "libraries": package_versions(BUILD_PACKAGES),
-            "calibration_samples": len(calibration) if method.needs_calibration else 0,
+            "calibration_samples": len(calibration),
+            "sensitivity_sha256": inputs.sensitivity.get("sha256") if inputs.sensitivity and variant.target_bits else None,
             "size_bytes": size,
             "files": files,
-            **effective_bits(baseline, model_dir, variant.bits, variant.group_size),
+            **effective_bits(model_dir, plan, layers),
             **measured,
         }
         write_json(staging / RECORD, record)

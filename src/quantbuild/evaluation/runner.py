@@ -51,14 +51,9 @@ def load_eval_items(config: EvalConfig, data_dir: Path) -> tuple[dict[str, list[
 
 
 def load_model(folder: Path, runtime: str = "kernel") -> Any:
-    from quantbuild.quantizers.gptqmodel_backend import is_gptqmodel_checkpoint, load_quantized
+    from quantbuild.quantizers.gptqmodel_backend import load_checkpoint
 
-    if is_gptqmodel_checkpoint(folder):
-        return load_quantized(folder, runtime)
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    return load_checkpoint(folder, runtime)
 
 
 def evaluate(model_dir: Path, config: EvalConfig, data_dir: Path, out: Path, reference: Path | None) -> dict:

@@ -1,17 +1,33 @@
 """Quantizer registry: one module per method, each declaring what it supports.
 
-`check_variant` validates a variant config before any work (bits, group size, method);
-`check_against_model` validates it against the baseline's layer widths; `quantize` runs
-the method and returns the quantize record.
+`check_variant` validates a variant config before any work (bits, group size, method and
+the method's own rules); `plan_layers` gives every decoder linear layer its precision and
+`check_against_model` validates that plan against the baseline (architecture, layer
+widths); `Method.quantize` runs the method and returns its measurements.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from quantbuild.errors import ConfigError
+
+GPTQ_BITS = (2, 3, 4, 8)
+GPTQ_GROUPS = (-1, 32, 64, 128)
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What a method may read: the baseline folder, calibration token IDs and the per-layer
+    sensitivity measured by the calibrate stage (None where it was not measured)."""
+
+    baseline: Path
+    calibration: list[list[int]]
+    sensitivity: Optional[dict] = None
 
 
 @dataclass(frozen=True)
@@ -20,13 +36,24 @@ class Method:
     bits: tuple[int, ...]
     group_sizes: tuple[int, ...]
     needs_calibration: bool
-    quantize: Callable[[Any, Path, list[list[int]], Path], dict]
+    # (variant, inputs, per-layer plan, output folder) -> measurements
+    quantize: Callable[[Any, Inputs, dict, Path], dict]
+    # "gptqmodel" (architectures GPTQModel knows) or "transformers" (any causal LM)
+    library: str = "gptqmodel"
+    # extra rules of this method: (key, variant) -> raises ConfigError
+    check: Optional[Callable[[str, Any], None]] = None
+    # per-layer precision: (key, variant, layers, sensitivity) -> {layer: {bits, group_size, reason}}
+    plan: Optional[Callable[[str, Any, dict, Optional[dict]], dict]] = None
 
 
 def _registry() -> dict[str, Method]:
-    from quantbuild.quantizers import gptq, rtn
+    from quantbuild.quantizers import awq, bnb, gptq, mixed, rtn
 
-    return {module.METHOD.name: module.METHOD for module in (rtn, gptq)}
+    return {module.METHOD.name: module.METHOD for module in (rtn, gptq, awq, bnb, mixed)}
+
+
+def allowed(values: tuple) -> str:
+    return ", ".join(map(str, values))
 
 
 def check_variant(key: str, variant: Any) -> Method:
@@ -35,24 +62,92 @@ def check_variant(key: str, variant: Any) -> Method:
         raise ConfigError(f"params.yaml: {key}.method={variant.method!r} is not allowed (allowed: {' | '.join(sorted(methods))})")
     method = methods[variant.method]
     if variant.bits not in method.bits:
-        raise ConfigError(f"params.yaml: {key}.bits={variant.bits} is not supported by {method.name} (allowed: {', '.join(map(str, method.bits))})")
+        raise ConfigError(f"params.yaml: {key}.bits={variant.bits} is not supported by {method.name} (allowed: {allowed(method.bits)})")
     if variant.group_size not in method.group_sizes:
-        raise ConfigError(f"params.yaml: {key}.group_size={variant.group_size} is not supported by {method.name} (allowed: {', '.join(map(str, method.group_sizes))})")
+        raise ConfigError(f"params.yaml: {key}.group_size={variant.group_size} is not supported by {method.name} (allowed: {allowed(method.group_sizes)})")
     if not 0 < variant.damp_percent < 1:
         raise ConfigError(f"params.yaml: {key}.damp_percent={variant.damp_percent} is not allowed (allowed: 0 < value < 1)")
+    if method.name != "mixed" and (variant.overrides or variant.target_bits):
+        raise ConfigError(f"params.yaml: {key}.overrides/target_bits are not supported by {method.name} (allowed: method mixed)")
+    if method.check is not None:
+        method.check(key, variant)
     return method
 
 
-def check_against_model(key: str, variant: Any, widths: dict[str, int]) -> None:
-    """A group size must divide the input width of every quantized layer."""
-    if variant.group_size == -1:
-        return
-    for name, width in sorted(widths.items()):
-        if width % variant.group_size:
+def model_layers(baseline: Path) -> dict[str, tuple[int, int]]:
+    """The decoder's linear layers (module name -> (out, in) features), sorted, read from the
+    safetensors headers; embeddings, norms and lm_head stay full precision."""
+    from safetensors import safe_open
+
+    layers = {}
+    for path in sorted(baseline.glob("*.safetensors")):
+        with safe_open(str(path), framework="numpy") as handle:
+            for name in handle.keys():
+                shape = handle.get_slice(name).get_shape()
+                if name.endswith(".weight") and len(shape) == 2 and ".layers." in f".{name}":
+                    layers[name[: -len(".weight")]] = (int(shape[0]), int(shape[1]))
+    return dict(sorted(layers.items()))
+
+
+def uniform_plan(key: str, variant: Any, layers: dict, sensitivity: Optional[dict]) -> dict:
+    return {name: {"bits": variant.bits, "group_size": variant.group_size, "reason": "variant"} for name in layers}
+
+
+def plan_layers(key: str, variant: Any, layers: dict, sensitivity: Optional[dict]) -> dict:
+    method = check_variant(key, variant)
+    return (method.plan or uniform_plan)(key, variant, layers, sensitivity)
+
+
+def _architecture(baseline: Path) -> str:
+    return json.loads((baseline / "config.json").read_text()).get("model_type", "?")
+
+
+def supported_architectures(library: str) -> set[str]:
+    if library == "gptqmodel":
+        from quantbuild.quantizers.gptqmodel_backend import ensure_cpu_workers
+
+        ensure_cpu_workers()
+        from gptqmodel.models.auto import SUPPORTED_MODELS
+
+        return set(SUPPORTED_MODELS)
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+
+
+def check_against_model(key: str, variant: Any, baseline: Path, plan: dict, layers: dict) -> None:
+    """The library must support the architecture, and every layer's group size must divide
+    its input width."""
+    method = check_variant(key, variant)
+    architecture = _architecture(baseline)
+    if architecture not in supported_architectures(method.library):
+        raise ConfigError(
+            f"{baseline}/config.json: model_type={architecture!r} is not supported by {method.name} "
+            f"({method.library}; allowed: an architecture {method.library} lists, e.g. llama, qwen2, mistral)"
+        )
+    for name, precision in sorted(plan.items()):
+        group = precision["group_size"]
+        width = layers[name][1]
+        if group != -1 and width % group:
             raise ConfigError(
-                f"params.yaml: {key}.group_size={variant.group_size} does not divide {name}={width} "
+                f"params.yaml: {key}.group_size={group} does not divide {name} input width {width} "
                 f"(allowed: -1 or a divisor of every layer width)"
             )
+
+
+def matching_layers(key: str, pattern: str, layers: dict) -> list[str]:
+    """Layers whose whole name matches `pattern`; a pattern that is invalid or matches no
+    layer is a config error naming it."""
+    try:
+        compiled = re.compile(pattern)
+    except re.error as err:
+        raise ConfigError(f"params.yaml: {key}.pattern={pattern!r} is not a valid regular expression ({err})") from None
+    matched = [name for name in layers if compiled.fullmatch(name)]
+    if not matched:
+        example = next(iter(layers), "?")
+        raise ConfigError(f"params.yaml: {key}.pattern={pattern!r} matches no layer (allowed: a regular expression "
+                          f"matching whole layer names such as {example!r})")
+    return matched
 
 
 def get_method(name: str) -> Method:

@@ -6,24 +6,30 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from quantbuild.quantizers import Method
+from quantbuild.quantizers import GPTQ_BITS, GPTQ_GROUPS, Inputs, Method
 
 
-def _quantize(variant: Any, baseline: Path, calibration: list[list[int]], out: Path) -> dict:
-    from quantbuild.quantizers.gptqmodel_backend import ensure_cpu_workers, quantize_and_save
+def gptq_config(variant: Any, dynamic: dict | None = None) -> Any:
+    from quantbuild.quantizers.gptqmodel_backend import ensure_cpu_workers
 
     ensure_cpu_workers()
     from gptqmodel import QuantizeConfig
 
-    config = QuantizeConfig(
+    return QuantizeConfig(
         bits=variant.bits,
         group_size=variant.group_size,
         sym=variant.sym,
         desc_act=variant.desc_act,
         damp_percent=variant.damp_percent,
+        dynamic=dynamic,
         offload_to_disk=False,
     )
-    return quantize_and_save(baseline, config, calibration, out)
 
 
-METHOD = Method(name="gptq", bits=(2, 3, 4, 8), group_sizes=(-1, 32, 64, 128), needs_calibration=True, quantize=_quantize)
+def _quantize(variant: Any, inputs: Inputs, plan: dict, out: Path) -> dict:
+    from quantbuild.quantizers.gptqmodel_backend import quantize_and_save
+
+    return quantize_and_save(inputs.baseline, gptq_config(variant), inputs.calibration, out)
+
+
+METHOD = Method(name="gptq", bits=GPTQ_BITS, group_sizes=GPTQ_GROUPS, needs_calibration=True, quantize=_quantize)

@@ -24,8 +24,12 @@ def ensure_cpu_workers() -> None:
         os.environ["GPTQMODEL_CPU_WORKERS"] = str(max(2, default))
 
 
-def quantize_and_save(baseline: Path, quantize_config: Any, calibration: list[list[int]] | None, out: Path) -> dict:
-    """Quantize `baseline` with a GPTQModel config and save a GPTQ-format checkpoint."""
+def quantize_and_save(baseline: Path, quantize_config: Any, calibration: list[list[int]] | None, out: Path,
+                      backend: str = "auto") -> dict:
+    """Quantize `baseline` with a GPTQModel config and save the checkpoint its config names.
+
+    `backend` picks the packing kernel (GPTQModel's BACKEND value); "auto" lets it choose.
+    """
     ensure_cpu_workers()
     from gptqmodel import GPTQModel
     from transformers import AutoTokenizer
@@ -36,7 +40,9 @@ def quantize_and_save(baseline: Path, quantize_config: Any, calibration: list[li
     dataset = None
     if calibration is not None:
         dataset = [{"input_ids": ids, "attention_mask": [1] * len(ids)} for ids in calibration]
-    model.quantize(dataset, batch_size=1, tokenizer=tokenizer)
+    from gptqmodel.utils.backend import BACKEND
+
+    model.quantize(dataset, batch_size=1, tokenizer=tokenizer, backend=BACKEND(backend))
     model.save(str(out))
     for name in NONDETERMINISTIC_FILES:
         (out / name).unlink(missing_ok=True)
@@ -51,6 +57,19 @@ def is_gptqmodel_checkpoint(folder: Path) -> bool:
 
 
 RUNTIMES = ("kernel", "dequantized")
+# The portable torch kernel of each GPTQModel method, used to read packed weights back.
+TORCH_BACKENDS = {"gptq": "gptq_torch", "awq": "awq_torch"}
+
+
+def dense_weight(module: Any) -> Any:
+    """The dequantized weight of a GPTQModel quantized linear, as [out_features, in_features]."""
+    if hasattr(module, "dequantize_weight"):
+        # GPTQ kernels dequantize to [in_features, out_features] (they compute x @ W).
+        return module.dequantize_weight().float().t()
+    from gptqmodel.quantization.awq.utils.packing_utils import dequantize_gemm
+
+    return dequantize_gemm(qweight=module.qweight, qzeros=module.qzeros, scales=module.scales, bits=module.bits,
+                           group_size=module.group_size).float().t()
 
 
 def load_quantized(folder: Path, runtime: str = "kernel") -> Any:
@@ -63,21 +82,45 @@ def load_quantized(folder: Path, runtime: str = "kernel") -> Any:
     weights at usable speed, with fp32 instead of fp16 accumulation.
     """
     ensure_cpu_workers()
+    import json
+
     import torch
     from gptqmodel import GPTQModel
 
     if runtime == "kernel":
         return GPTQModel.load(str(folder), device="cpu").model.eval()
-    model = GPTQModel.load(str(folder), device="cpu", backend="gptq_torch", dtype=torch.float16).model
+    method = json.loads((folder / "quantize_config.json").read_text()).get("quant_method", "gptq")
+    model = GPTQModel.load(str(folder), device="cpu", backend=TORCH_BACKENDS.get(method, "gptq_torch"),
+                           dtype=torch.float16).model
     replacements = [(name, module) for name, module in model.named_modules() if hasattr(module, "qweight")]
     for name, module in replacements:
         with torch.no_grad():
-            # GPTQ kernels dequantize to [in_features, out_features] (they compute x @ W).
-            weight = module.dequantize_weight().float().t()
             linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-            linear.weight.copy_(weight)
+            linear.weight.copy_(dense_weight(module))
             if module.bias is not None:
                 linear.bias.copy_(module.bias.float())
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, linear)
     return model.float().eval()
+
+
+def load_checkpoint(folder: Path, runtime: str = "kernel") -> Any:
+    """Any artifact quantbuild builds, through the runtime a user deploys it with.
+
+    GPTQ/AWQ checkpoints (`quantize_config.json`) load through GPTQModel; bitsandbytes
+    checkpoints (`quantization_config.quant_method: bitsandbytes` in config.json) through
+    transformers with bitsandbytes' kernels, which run on CPU in float32, so `runtime`
+    does not change them; anything else is a dense transformers checkpoint.
+    """
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if is_gptqmodel_checkpoint(folder):
+        return load_quantized(folder, runtime)
+    quantization = json.loads((folder / "config.json").read_text()).get("quantization_config") or {}
+    if quantization.get("quant_method") == "bitsandbytes":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return AutoModelForCausalLM.from_pretrained(str(folder), device_map=device, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from quantbuild.quantizers import Method
+from quantbuild.quantizers import GPTQ_BITS, GPTQ_GROUPS, Inputs, Method
 
 
 def quantize_weight(weight: Any, bits: int, group_size: int, symmetric: bool) -> tuple[Any, Any, Any]:
@@ -67,7 +67,7 @@ def fake_quantize_model(model: Any, bits: int, group_size: int, symmetric: bool)
             module.weight.copy_(dequantize_weight(codes, scale, zero).to(module.weight.dtype))
 
 
-def _quantize(variant: Any, baseline: Path, calibration: list[list[int]], out: Path) -> dict:
+def _quantize(variant: Any, inputs: Inputs, plan: dict, out: Path) -> dict:
     """RTN through GPTQModel's own weight-only RTN, written as a GPTQ-format checkpoint so
     every GPTQ-aware loader reads it; no calibration data is used."""
     from gptqmodel.quantization.config import RTNConfig
@@ -76,7 +76,7 @@ def _quantize(variant: Any, baseline: Path, calibration: list[list[int]], out: P
 
     ensure_cpu_workers()
     config = RTNConfig(bits=variant.bits, group_size=variant.group_size, sym=variant.sym, offload_to_disk=False)
-    return quantize_and_save(baseline, config, None, out)
+    return quantize_and_save(inputs.baseline, config, None, out)
 
 
-METHOD = Method(name="rtn", bits=(2, 3, 4, 8), group_sizes=(-1, 32, 64, 128), needs_calibration=False, quantize=_quantize)
+METHOD = Method(name="rtn", bits=GPTQ_BITS, group_sizes=GPTQ_GROUPS, needs_calibration=False, quantize=_quantize)
