@@ -6,7 +6,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 # Stages run as `python -m stages.<name>` under DVC: the venv must come first on PATH.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench keys clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ test: install
 
 bench: install
 	python bench/pipeline.py
+	python bench/quantize.py
+
+# A signing key pair for bundles (keys/ is git-ignored; never commit the .key).
+keys: install
+	quantbuild keygen --out keys
 
 clean:
 	rm -rf artifacts

@@ -43,11 +43,14 @@ def main(config: Config) -> None:
         "dvc_lock": dvc_lock_entries(Path("dvc.lock"), chosen),
     }
     bundle_name = f"{config.model.name}-{chosen}"
-    build_bundle(Path(paths.package), bundle_name, quantized / MODEL_DIR, lineage)
-    result = verify(Path(paths.package) / bundle_name, lineage["fingerprints"]["runtime"])
+    signing_key = Path(config.package.signing_key) if config.package.signing_key else None
+    public_key = Path(config.package.public_key) if config.package.public_key else None
+    build_bundle(Path(paths.package), bundle_name, quantized / MODEL_DIR, lineage, signing_key)
+    result = verify(Path(paths.package) / bundle_name, lineage["fingerprints"]["runtime"], public_key)
     if result.exit_code:
         raise IntegrityError(f"the bundle just written does not verify: {result.problems}")
-    print(f"packaged {Path(paths.package) / bundle_name}")
+    signed = f", signed ({signing_key})" if signing_key else ""
+    print(f"packaged {Path(paths.package) / bundle_name}{signed}")
 
 
 if __name__ == "__main__":

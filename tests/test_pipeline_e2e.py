@@ -6,6 +6,7 @@ changes one thing and checks what DVC reruns. Tests run in file order and share 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -64,7 +65,8 @@ def repo(tmp_path_factory) -> Path:
     params["gate"] = {"max_perplexity_increase_pct": 50.0, "max_kld_mean": 1.0, "max_kld_p99": 10.0,
                       "min_top1_agreement": 0.5, "max_family_drop": {"structured": 0.5}}
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for command in (["git", "init", "-q"], ["git", "add", "-A"],
+    for command in (["git", "init", "-q"], ["git", "config", "user.name", "t"], ["git", "config", "user.email", "t@t"],
+                    ["git", "add", "-A"],
                     ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"]):
         run(root, *command, check=True)
     dvc(root, "repro", check=True)
@@ -162,6 +164,90 @@ def test_impossible_gate_fails_with_violations_and_packages_nothing(repo):
     finally:
         params_path.write_text(original)
     dvc(repo, "repro", check=True)
+
+
+def quantbuild(repo: Path, *args: str, **kwargs) -> subprocess.CompletedProcess:
+    return run(repo, str(BIN / "quantbuild"), *args, **kwargs)
+
+
+def commit_all(repo: Path, message: str) -> None:
+    run(repo, "git", "add", "-A", check=True)
+    run(repo, "git", "commit", "-qm", message, check=True)
+
+
+def bundle_digests(repo: Path) -> dict[str, str]:
+    from quantbuild.hashing import sha256_file
+
+    return {path.name: sha256_file(path) for path in sorted((repo / BUNDLE).iterdir())}
+
+
+def test_signed_release_audit_and_rollback(repo):
+    # r1: sign the bundle with a fresh key pair, commit, release v1.0.0 to prod.
+    assert quantbuild(repo, "keygen", "--out", "keys").returncode == 0
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["package"] = {"signing_key": "keys/quantbuild-signing.key", "public_key": "keys/quantbuild-signing.pub"}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert stages_run(dvc(repo, "repro", check=True).stdout) == {"fingerprint", "package"}
+    assert (repo / BUNDLE / "model.sig").is_file()
+    assert quantbuild(repo, "verify", BUNDLE).returncode == 0  # public key from params.yaml
+    dirty = quantbuild(repo, "release", "--version", "v1.0.0")
+    assert dirty.returncode == 1 and "uncommitted changes" in dirty.stderr
+    commit_all(repo, "r1")
+    released = quantbuild(repo, "release", "--version", "v1.0.0", check=True)
+    assert "workflow-llama-8m@v1.0.0" in released.stdout
+    r1 = json.loads((repo / BUNDLE / "manifest.json").read_text())
+    r1_files = bundle_digests(repo)
+    assert set(run(repo, "git", "tag").stdout.split()) == {"workflow-llama-8m@v1.0.0", "workflow-llama-8m#prod#1"}
+    remote = repo.parent / "quantbuild-dvc-remote" / "files" / "md5"
+    assert remote.is_dir() and any(remote.iterdir())
+
+    # r2: another calibration seed gives other GPTQ weights; release v1.1.0, prod moves to it.
+    params["calibration"]["seed"] = 7
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert "calibrate" in stages_run(dvc(repo, "repro", check=True).stdout)
+    commit_all(repo, "r2")
+    quantbuild(repo, "release", "--version", "v1.1.0", check=True)
+    r2_files = bundle_digests(repo)
+    assert r2_files["model.safetensors"] != r1_files["model.safetensors"]
+
+    audit = json.loads(quantbuild(repo, "audit", "--json", check=True).stdout)
+    assert [(row["version"], row["stages"], row["problems"]) for row in audit] == [
+        ("v1.0.0", [], []), ("v1.1.0", ["prod"], [])]
+    assert audit[0]["digests"]["model.safetensors"] == r1_files["model.safetensors"]
+    assert audit[1]["commit"] == run(repo, "git", "rev-parse", "HEAD").stdout.strip()
+
+    # Bad targets and a dirty tree change nothing.
+    missing = quantbuild(repo, "rollback", "v9.9.9")
+    assert missing.returncode == 1 and "has no version v9.9.9" in missing.stderr
+    nowhere = quantbuild(repo, "rollback", "no-such-branch")
+    assert nowhere.returncode == 1 and "does not exist" in nowhere.stderr
+    (repo / "params.yaml").write_text((repo / "params.yaml").read_text() + "\n")
+    refused = quantbuild(repo, "rollback", "prod@previous")
+    assert refused.returncode == 1 and "uncommitted changes" in refused.stderr
+    run(repo, "git", "checkout", "--", "params.yaml", check=True)
+    assert bundle_digests(repo) == r2_files
+
+    # Rollback to the previous prod version restores r1's bytes exactly, and verifies.
+    rolled = quantbuild(repo, "rollback", "prod@previous")
+    assert rolled.returncode == 0, rolled.stdout + rolled.stderr
+    assert "workflow-llama-8m@v1.0.0" in rolled.stdout and "model.safetensors:" in rolled.stdout
+    assert bundle_digests(repo) == r1_files
+    assert {name: entry["sha256"] for name, entry in r1["files"].items()} == {
+        name: digest for name, digest in r1_files.items() if name not in ("manifest.json", "model.sig")}
+    assert yaml.safe_load((repo / "params.yaml").read_text())["calibration"]["seed"] != 7
+    lineage = json.loads(quantbuild(repo, "lineage", BUNDLE, "--json").stdout)
+    assert {link["link"]: link["status"] for link in lineage["children"]}["dvc.lock"] == "ok"
+    commit_all(repo, "rollback to v1.0.0")
+
+    # A release whose stored bytes are damaged in the cache and gone from the remote is flagged.
+    md5 = next(entry["md5"] for entry in yaml.safe_load(run(repo, "git", "show", "HEAD~1:dvc.lock").stdout)
+               ["stages"]["quantize@gptq_4bit_g64"]["outs"])
+    listing = json.loads((repo / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]).read_text())
+    weights = next(entry["md5"] for entry in listing if entry["relpath"].endswith("model.safetensors"))
+    for root in (repo / ".dvc" / "cache" / "files" / "md5", remote):
+        (root / weights[:2] / weights[2:]).unlink(missing_ok=True)
+    flagged = quantbuild(repo, "audit")
+    assert flagged.returncode == 1 and "FLAGGED" in flagged.stdout and "model.safetensors: not in the DVC cache" in flagged.stdout
 
 
 def test_library_drift_reruns_quantize_and_evaluate_only(repo, tmp_path):

@@ -1,4 +1,5 @@
-"""verify: every tamper case is exit 1 with the file named; runtime drift is exit 2."""
+"""verify: every tamper case is exit 1 with the file named; runtime drift is exit 2;
+signatures (OpenSSF model-signing, EC keys) and the in-toto provenance statement."""
 
 import json
 import os
@@ -9,13 +10,18 @@ import pytest
 from quantbuild.fingerprint import fingerprints
 from quantbuild.manifest import MANIFEST
 from quantbuild.packaging import build_bundle
+from quantbuild.provenance import PREDICATE_TYPE, PROVENANCE, STATEMENT_TYPE
+from quantbuild.signing import SIGNATURE, generate_keypair
 from quantbuild.verify import verify
 
 LINEAGE = {
-    "model": {"name": "m", "source": "path", "location": "x", "revision": None, "files": {}},
+    "model": {"name": "m", "source": "path", "location": "x", "revision": None, "files": {"model.safetensors": "b" * 64}},
     "variant": {"variant": "v", "method": "gptq", "parameters": {"bits": 4, "group_size": 64}, "libraries": {"gptqmodel": "7.6.0"},
-                "bits_per_weight": 4.4},
-    "calibration": {"digest": "d" * 64},
+                "bits_per_weight": 4.4, "files": {}},
+    "calibration": {"digest": "d" * 64, "composition": {"tool_calls": {"samples": 4}}, "samples": 4, "seq_len": 64,
+                    "seed": 0},
+    "params": {"seed": 0, "quant": {"variants": {"v": {"method": "gptq"}}}},
+    "dvc_lock": {},
     "evaluation": {"baseline": {"perplexity": 2.0, "families": {"structured": {"score": 1.0}}},
                    "variant": {"perplexity": 2.1, "kld_mean": 0.01, "kld_p99": 0.1, "top1_agreement": 0.95,
                                "families": {"structured": {"score": 1.0}}}},
@@ -23,15 +29,32 @@ LINEAGE = {
 }
 
 
-@pytest.fixture
-def bundle(tmp_path):
-    model = tmp_path / "model"
-    model.mkdir()
+def make_bundle(root, signing_key=None):
+    model = root / "model"
+    model.mkdir(parents=True)
     (model / "model.safetensors").write_bytes(os.urandom(4096))
     (model / "config.json").write_text('{"a": 1}')
     lineage = dict(LINEAGE, fingerprints=fingerprints())
-    build_bundle(tmp_path / "package", "m-v", model, lineage)
-    return tmp_path / "package" / "m-v"
+    build_bundle(root / "package", "m-v", model, lineage, signing_key)
+    return root / "package" / "m-v"
+
+
+@pytest.fixture
+def bundle(tmp_path):
+    return make_bundle(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("keys")
+    generate_keypair(folder / "a.key", folder / "a.pub")
+    generate_keypair(folder / "b.key", folder / "b.pub")
+    return folder
+
+
+@pytest.fixture
+def signed(tmp_path, keys):
+    return make_bundle(tmp_path, keys / "a.key")
 
 
 def test_fresh_bundle_verifies(bundle):
@@ -117,3 +140,90 @@ def test_cli_exit_codes_and_json(bundle):
     shutil.copy(bundle / "config.json", bundle / "copy.json")
     bad = runner.invoke(app, ["verify", str(bundle)])
     assert bad.exit_code == 1 and "copy.json: extra file" in bad.output
+
+
+def test_provenance_is_an_intoto_statement_with_slsa_provenance(bundle):
+    statement = json.loads((bundle / PROVENANCE).read_text())
+    assert statement["_type"] == STATEMENT_TYPE and statement["predicateType"] == PREDICATE_TYPE
+    subjects = {subject["name"]: subject["digest"]["sha256"] for subject in statement["subject"]}
+    manifest = json.loads((bundle / MANIFEST).read_text())
+    assert subjects == {name: entry["sha256"] for name, entry in manifest["files"].items() if name != PROVENANCE}
+    definition = statement["predicate"]["buildDefinition"]
+    assert definition["externalParameters"]["params"] == LINEAGE["params"]
+    names = {dependency["name"] for dependency in definition["resolvedDependencies"]}
+    assert {"baseline/model.safetensors", "calibration", "pypi/gptqmodel", "source"} <= names
+    assert statement["predicate"]["runDetails"]["builder"]["id"].startswith("urn:quantbuild:builder:sha256:")
+
+
+def test_signed_bundle_verifies_with_its_public_key(signed, keys):
+    assert (signed / SIGNATURE).is_file()
+    result = verify(signed, public_key=keys / "a.pub")
+    assert result.exit_code == 0, result.problems
+
+
+def _resign_with(bundle, key):
+    from quantbuild.signing import sign_bundle
+
+    (bundle / SIGNATURE).unlink()
+    sign_bundle(bundle, key)
+
+
+@pytest.mark.parametrize(
+    ("tamper", "message"),
+    [
+        (lambda b, k: _resign_with(b, k / "b.key"), "model.sig: signature does not verify with"),
+        (lambda b, k: (b / SIGNATURE).unlink(), "model.sig: missing (the manifest says the bundle is signed)"),
+        (lambda b, k: flip_byte(b), "model.sig: signature does not verify"),
+        (lambda b, k: (b / SIGNATURE).write_bytes(b"{}"), "model.sig: signature does not verify"),
+    ],
+)
+def test_signature_tampering_is_an_integrity_failure(signed, keys, tamper, message):
+    tamper(signed, keys)
+    result = verify(signed, public_key=keys / "a.pub")
+    assert result.exit_code == 1
+    assert any(message in problem for problem in result.problems), result.problems
+
+
+def test_signed_bundle_checked_with_another_key_or_none_fails(signed, keys):
+    other = verify(signed, public_key=keys / "b.pub")
+    assert other.exit_code == 1 and any("not the key the manifest names" in p for p in other.problems)
+    none = verify(signed)
+    assert none.exit_code == 1 and "no public key was given" in none.problems[0]
+
+
+def test_stray_signature_on_an_unsigned_bundle_is_extra(bundle):
+    (bundle / SIGNATURE).write_bytes(b"{}")
+    result = verify(bundle)
+    assert result.exit_code == 1 and "model.sig: extra file not in the manifest" in result.problems[0]
+
+
+def test_another_releases_manifest_is_an_integrity_failure(bundle, tmp_path):
+    other = make_bundle(tmp_path / "other")
+    shutil.copy(other / MANIFEST, bundle / MANIFEST)
+    result = verify(bundle)
+    assert result.exit_code == 1
+    assert any("model.safetensors: sha256 mismatch" in problem for problem in result.problems)
+
+
+def test_keygen_refuses_to_overwrite_and_key_is_private(keys):
+    from quantbuild.errors import ConfigError
+
+    assert oct((keys / "a.key").stat().st_mode & 0o777) == "0o600"
+    with pytest.raises(ConfigError, match="already exists"):
+        generate_keypair(keys / "a.key", keys / "c.pub")
+
+
+def test_lineage_json_checks_each_link(bundle):
+    from typer.testing import CliRunner
+
+    from quantbuild.cli import app
+
+    result = CliRunner().invoke(app, ["lineage", str(bundle), "--json"])
+    tree = json.loads(result.output)
+    assert tree["link"] == "package" and tree["status"] == "ok"
+    links = {link["link"]: link for link in tree["children"]}
+    assert set(links) == {"quantized weights", "baseline", "calibration set", "params", "fingerprints", "dvc.lock",
+                          "commit"}
+    assert links["calibration set"]["facts"]["digest"] == "d" * 64
+    assert links["commit"]["status"] == "differs"  # the fake commit is not in this repository
+    assert result.exit_code == 1

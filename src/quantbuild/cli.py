@@ -2,9 +2,14 @@
 
     quantbuild compose [OVERRIDES...]   write params.yaml from conf/ (what DVC does on exp run)
     quantbuild verify PATH [--json]     0 ok, 1 integrity failure, 2 environment drift
+    quantbuild lineage PATH [--json]    the chain behind a bundle, each link checked (exit 1 if broken)
     quantbuild summary                  the release summary of the last `dvc repro`
     quantbuild compare A B              side-by-side metrics and gate outcome of two variants or bundles
     quantbuild pin FOLDER               print a model pin file (sha256 of every file)
+    quantbuild keygen                   create an elliptic-curve signing key pair
+    quantbuild release [--version V]    push the bundle's objects, tag it with GTO, assign a stage
+    quantbuild audit [--json]           every release in the git history, its scores and digest checks
+    quantbuild rollback REF             restore a release (version, stage@previous, git revision)
 """
 
 from __future__ import annotations
@@ -47,12 +52,27 @@ def compose(
     typer.echo(f"wrote {out}")
 
 
+def _public_key(option: Optional[Path], params: Path = Path("params.yaml")) -> Optional[Path]:
+    """--public-key, else package.public_key from params.yaml where there is one."""
+    if option is not None or not params.is_file():
+        return option
+    import yaml
+
+    configured = ((yaml.safe_load(params.read_text()) or {}).get("package") or {}).get("public_key")
+    return Path(configured) if configured else None
+
+
+PUBLIC_KEY = typer.Option(None, "--public-key", help="PEM public key to check a signed bundle with "
+                                                     "(default: package.public_key in params.yaml)")
+
+
 @app.command()
-def verify(path: Path, as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
-    """Re-hash a bundle against its manifest and compare the runtime it was validated on."""
+def verify(path: Path, as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+           public_key: Optional[Path] = PUBLIC_KEY) -> None:
+    """Re-hash a bundle against its manifest, check its signature, compare the runtime it was validated on."""
     from quantbuild.verify import verify as verify_bundle
 
-    result = verify_bundle(path)
+    result = verify_bundle(path, public_key=_public_key(public_key))
     if as_json:
         typer.echo(json.dumps(result.as_dict(), indent=2))
     else:
@@ -119,6 +139,89 @@ def pin(
     lines = header + ["allow_pickle: false", "files:"]
     lines += [f"  {file}: {digest}" for file, digest in digest_tree(folder).items() if not file.startswith(".")]
     sys.stdout.write("\n".join(lines) + "\n")
+
+
+@app.command()
+def lineage(path: Path, as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+            public_key: Optional[Path] = PUBLIC_KEY) -> None:
+    """The chain package -> weights -> baseline + calibration + params + fingerprints + commit."""
+    from rich.console import Console
+
+    from quantbuild.lineage import broken, render
+    from quantbuild.lineage import lineage as build_lineage
+
+    try:
+        tree = build_lineage(path, Path("."), _public_key(public_key))
+    except QuantbuildError as err:
+        _fail(err)
+    if as_json:
+        typer.echo(json.dumps(tree, indent=2))
+    else:
+        Console().print(render(tree))
+    raise typer.Exit(1 if broken(tree) else 0)
+
+
+@app.command()
+def keygen(
+    out: Path = typer.Option(Path("keys"), help="folder for the pair"),
+    name: str = typer.Option("quantbuild-signing", help="file stem: NAME.key (private) and NAME.pub"),
+) -> None:
+    """Create an elliptic-curve (P-256) key pair for signing bundles; never commit the .key."""
+    from quantbuild.signing import generate_keypair
+
+    private, public = out / f"{name}.key", out / f"{name}.pub"
+    try:
+        generate_keypair(private, public)
+    except QuantbuildError as err:
+        _fail(err)
+    typer.echo(f"wrote {private} (private, mode 600) and {public}\n"
+               f"sign bundles with: package.signing_key={private} package.public_key={public}")
+
+
+@app.command()
+def release(
+    version: Optional[str] = typer.Option(None, help="semantic version vX.Y.Z (default: GTO's next)"),
+    stage: Optional[str] = typer.Option("prod", help="stage to assign ('' for none)"),
+    push: bool = typer.Option(True, help="dvc push the released objects to the default remote first"),
+    params: Path = typer.Option(Path("params.yaml")),
+) -> None:
+    """Register the packaged bundle of the committed pipeline state with GTO."""
+    from quantbuild.config import load_config
+    from quantbuild.releasing import release as run_release
+
+    try:
+        typer.echo(run_release(Path("."), load_config(params), version, stage or None, push))
+    except QuantbuildError as err:
+        _fail(err)
+
+
+@app.command()
+def audit(as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
+    """Every release in the git history; flags those whose digests no longer match the DVC cache/remote."""
+    from quantbuild.releasing import audit as run_audit
+    from quantbuild.releasing import audit_table
+
+    try:
+        rows = run_audit(Path("."))
+    except QuantbuildError as err:
+        _fail(err)
+    typer.echo(json.dumps(rows, indent=2) if as_json else audit_table(rows))
+    raise typer.Exit(1 if any(row["problems"] for row in rows) else 0)
+
+
+@app.command()
+def rollback(ref: str = typer.Argument(..., help="v1.2.0, NAME@v1.2.0, prod, prod@previous, prod@~2 or a git revision"),
+             params: Path = typer.Option(Path("params.yaml")), public_key: Optional[Path] = PUBLIC_KEY) -> None:
+    """Restore a release's dvc.lock, params.yaml and conf/, check its outputs out, verify it."""
+    from quantbuild.config import load_config
+    from quantbuild.releasing import rollback as run_rollback
+
+    try:
+        message, code = run_rollback(Path("."), load_config(params).model.name, ref, _public_key(public_key))
+    except QuantbuildError as err:
+        _fail(err)
+    typer.echo(message)
+    raise typer.Exit(code)
 
 
 def main() -> None:

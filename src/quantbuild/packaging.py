@@ -1,5 +1,6 @@
 """Write the release bundle `<package dir>/<model>-<variant>/`: the model files, a model
-card, `manifest.json` with the lineage, and nothing the manifest does not list."""
+card, `provenance.intoto.json`, `manifest.json` with the lineage, and, where a signing key
+is configured, `model.sig` over all of them; nothing else."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 
 from quantbuild.hashing import sha256_file, staged_dir, write_json
 from quantbuild.manifest import MANIFEST, SCHEMA
+from quantbuild.provenance import PROVENANCE, statement
 
 CARD = "README.md"
 LINEAGE_STAGES = ("fetch", "calibrate", "quantize@{v}", "evaluate@{v}", "evaluate_baseline", "select")
@@ -69,20 +71,35 @@ def model_card(manifest: dict[str, Any]) -> str:
         "## Load",
         "",
         "```python",
-        "from gptqmodel import GPTQModel",
-        f"model = GPTQModel.load('{manifest['bundle']}', device='cpu')  # or 'cuda'",
+        *LOAD_SNIPPETS.get(variant["method"], LOAD_SNIPPETS["gptq"]),
+        f"model = load('{manifest['bundle']}')",
         "```",
         "",
         "## Verify",
         "",
-        f"`quantbuild verify {manifest['bundle']}` re-hashes every file against `manifest.json` and compares",
-        "this machine's runtime with the one the artifact was validated on (exit 0 ok, 1 integrity, 2 drift).",
+        f"`quantbuild verify {manifest['bundle']}` re-hashes every file against `manifest.json`, checks the",
+        "signature (`--public-key`) where the bundle is signed, and compares this machine's runtime with the",
+        "one the artifact was validated on (exit 0 ok, 1 integrity, 2 drift). `provenance.intoto.json` is",
+        "an in-toto statement with SLSA provenance; `quantbuild lineage` prints the whole chain.",
         "",
     ])
 
 
-def build_bundle(out: Path, bundle_name: str, model_dir: Path, lineage: dict[str, Any]) -> dict[str, Any]:
-    """Copy the model into `out/<bundle_name>/` and write its card and manifest last."""
+_GPTQMODEL_LOAD = ["from gptqmodel import GPTQModel", "def load(path): return GPTQModel.load(path, device='cpu')  # or 'cuda'"]
+LOAD_SNIPPETS = {
+    "gptq": _GPTQMODEL_LOAD, "rtn": _GPTQMODEL_LOAD, "mixed": _GPTQMODEL_LOAD, "awq": _GPTQMODEL_LOAD,
+    "bnb": ["from transformers import AutoModelForCausalLM  # needs bitsandbytes",
+            "def load(path): return AutoModelForCausalLM.from_pretrained(path, device_map='cpu')  # or 'cuda'"],
+}
+
+
+def build_bundle(out: Path, bundle_name: str, model_dir: Path, lineage: dict[str, Any],
+                 signing_key: Path | None = None) -> dict[str, Any]:
+    """Copy the model into `out/<bundle_name>/`, write its card and provenance, then the
+    manifest, then (with `signing_key`) the signature over all of them."""
+    from quantbuild.signing import sign_bundle, signing_record
+
+    signing = signing_record(signing_key) if signing_key is not None else None
     with staged_dir(out) as staging:
         bundle = staging / bundle_name
         bundle.mkdir()
@@ -91,9 +108,15 @@ def build_bundle(out: Path, bundle_name: str, model_dir: Path, lineage: dict[str
                 shutil.copyfile(source, bundle / source.name)
         manifest: dict[str, Any] = {"schema": SCHEMA, "bundle": bundle_name, **lineage}
         (bundle / CARD).write_text(model_card(manifest), encoding="utf-8")
+        subjects = {path.name: sha256_file(path) for path in sorted(bundle.iterdir())}
+        write_json(bundle / PROVENANCE, statement(subjects, lineage))
         manifest["files"] = {
             path.name: {"sha256": sha256_file(path), "size": path.stat().st_size}
             for path in sorted(bundle.iterdir())
         }
+        if signing is not None:
+            manifest["signing"] = signing
         write_json(bundle / MANIFEST, manifest)
+        if signing_key is not None:
+            sign_bundle(bundle, signing_key)
     return manifest

@@ -1,7 +1,8 @@
 """`quantbuild verify`: is this bundle exactly what was validated, on a runtime like this one?
 
-Exit codes: 0 ok; 1 integrity failure (changed, missing or extra file, bad manifest);
-2 environment drift (the runtime fingerprint differs: rerun `dvc repro` to revalidate).
+Exit codes: 0 ok; 1 integrity failure (changed, missing or extra file, bad manifest, a
+signature that does not verify with the given public key); 2 environment drift (the
+runtime fingerprint differs: rerun `dvc repro` to revalidate).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from quantbuild.errors import IntegrityError
 from quantbuild.fingerprint import drift, fingerprints
 from quantbuild.hashing import sha256_file
 from quantbuild.manifest import MANIFEST, read_manifest, safe_relative
+from quantbuild.signing import SIGNATURE, check_signature
 
 
 @dataclass
@@ -35,8 +37,9 @@ class VerifyResult:
         }
 
 
-def verify(bundle: Path, current_runtime: dict | None = None) -> VerifyResult:
-    """Re-hash every file against the manifest and compare runtime fingerprints."""
+def verify(bundle: Path, current_runtime: dict | None = None, public_key: Path | None = None) -> VerifyResult:
+    """Re-hash every file against the manifest, check the signature where the bundle is
+    signed, and compare runtime fingerprints."""
     result = VerifyResult(bundle=str(bundle))
     try:
         manifest = read_manifest(bundle)
@@ -48,10 +51,14 @@ def verify(bundle: Path, current_runtime: dict | None = None) -> VerifyResult:
                 result.problems.append(f"{name}: missing")
             elif sha256_file(path) != entry.get("sha256"):
                 result.problems.append(f"{name}: sha256 mismatch (manifest {entry.get('sha256')}, file {sha256_file(path)})")
+        signed = "signing" in manifest
         for path in sorted(bundle.rglob("*")):
             name = path.relative_to(bundle).as_posix()
-            if (path.is_file() or path.is_symlink()) and name != MANIFEST and name not in listed:
+            expected = name == MANIFEST or name in listed or (signed and name == SIGNATURE)
+            if (path.is_file() or path.is_symlink()) and not expected:
                 result.problems.append(f"{name}: extra file not in the manifest")
+        if signed:
+            result.problems.extend(check_signature(bundle, manifest["signing"], public_key))
     except IntegrityError as err:
         result.problems.append(str(err))
         return result

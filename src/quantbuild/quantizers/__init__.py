@@ -46,6 +46,21 @@ class Method:
     plan: Optional[Callable[[str, Any, dict, Optional[dict]], dict]] = None
 
 
+def measurements(started: float) -> dict[str, float]:
+    """Wall time since `started`, this process's peak resident memory and, on a GPU, its
+    peak allocated GPU memory."""
+    import resource
+    import time
+
+    import torch
+
+    measured = {"wall_seconds": round(time.perf_counter() - started, 3),
+                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if torch.cuda.is_available():
+        measured["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return measured
+
+
 def _registry() -> dict[str, Method]:
     from quantbuild.quantizers import awq, bnb, gptq, mixed, rtn
 

@@ -10,13 +10,12 @@ row; those are the only group sizes this method accepts (64 and -1).
 
 from __future__ import annotations
 
-import resource
 import time
 from pathlib import Path
 from typing import Any
 
 from quantbuild.errors import ConfigError
-from quantbuild.quantizers import Inputs, Method
+from quantbuild.quantizers import Inputs, Method, measurements
 
 QUANT_TYPES = ("nf4", "fp4")
 BLOCK_SIZE = {4: 64, 8: -1}
@@ -59,10 +58,7 @@ def _quantize(variant: Any, inputs: Inputs, plan: dict, out: Path) -> dict:
     started = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     quantize_with_transformers(inputs.baseline, bnb_config(variant), out, device)
-    return {
-        "wall_seconds": round(time.perf_counter() - started, 3),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-    }
+    return measurements(started)
 
 
 # The group size is checked per bit width in _check.

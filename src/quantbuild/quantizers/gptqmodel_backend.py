@@ -8,7 +8,6 @@ set GPTQMODEL_CPU_WORKERS to at least 2 before it is imported, unless the user s
 from __future__ import annotations
 
 import os
-import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -31,25 +30,25 @@ def quantize_and_save(baseline: Path, quantize_config: Any, calibration: list[li
     `backend` picks the packing kernel (GPTQModel's BACKEND value); "auto" lets it choose.
     """
     ensure_cpu_workers()
+    import torch
     from gptqmodel import GPTQModel
+    from gptqmodel.utils.backend import BACKEND
     from transformers import AutoTokenizer
+
+    from quantbuild.quantizers import measurements
 
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(str(baseline))
-    model = GPTQModel.load(str(baseline), quantize_config, device="cpu")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = GPTQModel.load(str(baseline), quantize_config, device=device)
     dataset = None
     if calibration is not None:
         dataset = [{"input_ids": ids, "attention_mask": [1] * len(ids)} for ids in calibration]
-    from gptqmodel.utils.backend import BACKEND
-
     model.quantize(dataset, batch_size=1, tokenizer=tokenizer, backend=BACKEND(backend))
     model.save(str(out))
     for name in NONDETERMINISTIC_FILES:
         (out / name).unlink(missing_ok=True)
-    return {
-        "wall_seconds": round(time.perf_counter() - started, 3),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-    }
+    return measurements(started)
 
 
 def is_gptqmodel_checkpoint(folder: Path) -> bool:

@@ -1,0 +1,127 @@
+"""`quantbuild lineage`: the chain behind a bundle, each link checked.
+
+package (bundle integrity) -> quantized weights (the quantize record's digests) ->
+baseline (source, revision, per-file digests against the pin) + calibration set (digest,
+composition, against the calibrate stage's record) + params + fingerprints + commit, and
+the dvc.lock entries the bundle recorded against the project's current dvc.lock.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from quantbuild.hashing import read_json
+from quantbuild.manifest import read_manifest
+from quantbuild.registry import git
+from quantbuild.verify import verify
+
+OK, DIFFERS, UNCHECKED = "ok", "differs", "not checked"
+
+
+def _link(name: str, status: str, detail: str, facts: dict[str, Any], children: list | None = None) -> dict:
+    return {"link": name, "status": status, "detail": detail, "facts": facts, "children": children or []}
+
+
+def _lock_status(recorded: dict[str, Any], lock_path: Path) -> tuple[str, str]:
+    if not lock_path.is_file():
+        return UNCHECKED, f"no {lock_path} here"
+    current = (yaml.safe_load(lock_path.read_text()) or {}).get("stages", {})
+
+    def outs(entry: dict) -> list:
+        return [(out.get("path"), out.get("md5")) for out in entry.get("outs", [])]
+
+    changed = sorted(name for name, entry in recorded.items() if outs(current.get(name, {})) != outs(entry))
+    if changed:
+        return DIFFERS, f"outputs of {', '.join(changed)} changed since (rebuilt after this bundle)"
+    return OK, f"{len(recorded)} stage entries match {lock_path}"
+
+
+def lineage(bundle: Path, project: Path = Path("."), public_key: Path | None = None) -> dict[str, Any]:
+    manifest = read_manifest(bundle)
+    result = verify(bundle, public_key=public_key)
+    model, variant, calibration = manifest["model"], manifest["variant"], manifest["calibration"]
+
+    model_files = {name: entry["sha256"] for name, entry in manifest["files"].items() if name in variant["files"]}
+    weights_ok = model_files == {name: digest for name, digest in variant["files"].items()}
+    weights = _link("quantized weights", OK if weights_ok else DIFFERS,
+                    "bundle files match the quantize record" if weights_ok else "bundle files differ from the quantize record",
+                    {"variant": variant["variant"], "method": variant["method"], "parameters": variant["parameters"],
+                     "bits_per_weight": variant["bits_per_weight"], "libraries": variant["libraries"],
+                     "files": variant["files"]})
+
+    params_path = project / "params.yaml"
+    pinned = (yaml.safe_load(params_path.read_text()) or {}).get("model", {}).get("files") if params_path.is_file() else None
+    if pinned is None:
+        baseline_status, baseline_detail = UNCHECKED, "no params.yaml here"
+    elif pinned == model["files"]:
+        baseline_status, baseline_detail = OK, "digests match the pin in params.yaml"
+    else:
+        baseline_status, baseline_detail = DIFFERS, "the pin in params.yaml has other digests (the baseline changed since)"
+    baseline = _link("baseline", baseline_status, baseline_detail,
+                     {"name": model["name"], "source": model["source"], "location": model["location"],
+                      "revision": model.get("revision"), "files": model["files"]})
+
+    calibration_dir = manifest["params"].get("paths", {}).get("calibration", "artifacts/calibration")
+    record_path = project / calibration_dir / "calibration_record.json"
+    if record_path.is_file():
+        current = read_json(record_path)["digest"]
+        calibration_status = OK if current == calibration["digest"] else DIFFERS
+        calibration_detail = f"{'matches' if current == calibration['digest'] else 'differs from'} {record_path}"
+    else:
+        calibration_status, calibration_detail = UNCHECKED, f"no {record_path} here"
+    calibration_link = _link("calibration set", calibration_status, calibration_detail,
+                             {"digest": calibration["digest"], "samples": calibration["samples"],
+                              "composition": calibration["composition"]})
+
+    lock_status, lock_detail = _lock_status(manifest.get("dvc_lock", {}), project / "dvc.lock")
+    commit = manifest["git"]["commit"]
+    if not commit:
+        commit_status, commit_detail = UNCHECKED, "not recorded (built outside git)"
+    elif git(project, "rev-parse", "--verify", "--quiet", f"{commit}^{{commit}}", check=False):
+        commit_status, commit_detail = OK, "in this repository's history"
+    else:
+        commit_status, commit_detail = DIFFERS, "not in this repository's history"
+    fingerprints = manifest["fingerprints"]
+    links = [
+        weights,
+        baseline,
+        calibration_link,
+        _link("params", OK, "resolved params the stages ran with",
+              {"quant": manifest["params"].get("quant", {}).get("variants", {}).get(variant["variant"]),
+               "seed": manifest["params"].get("seed"), "gate": manifest.get("gate")}),
+        _link("fingerprints", OK if not result.drifted else DIFFERS,
+              "runtime matches this machine" if not result.drifted else f"{len(result.drifted)} runtime keys drifted",
+              {"build": fingerprints["build"], "runtime": fingerprints["runtime"]}),
+        _link("dvc.lock", lock_status, lock_detail, {"stages": sorted(manifest.get("dvc_lock", {}))}),
+        _link("commit", commit_status, commit_detail, {"commit": commit, "dirty": manifest["git"]["dirty"]}),
+    ]
+    integrity = "ok" if not result.problems else "; ".join(result.problems)
+    return _link("package", OK if not result.problems else DIFFERS, integrity,
+                 {"bundle": str(bundle), "schema": manifest["schema"], "signed": "signing" in manifest,
+                  "files": {name: entry["sha256"] for name, entry in manifest["files"].items()}}, links)
+
+
+def render(tree: dict[str, Any]) -> Any:
+    """A rich Tree of the chain (facts summarised; `--json` has them all)."""
+    from rich.tree import Tree
+
+    colour = {OK: "green", DIFFERS: "red", UNCHECKED: "yellow"}
+
+    def label(link: dict) -> str:
+        return f"[bold]{link['link']}[/bold] [{colour[link['status']]}]{link['status']}[/] — {link['detail']}"
+
+    root = Tree(label(tree))
+    for link in tree["children"]:
+        branch = root.add(label(link))
+        for key, value in link["facts"].items():
+            if isinstance(value, dict) and len(value) > 6:
+                value = f"{len(value)} entries"
+            branch.add(f"{key}: {value}")
+    return root
+
+
+def broken(tree: dict[str, Any]) -> bool:
+    return tree["status"] != OK or any(link["status"] == DIFFERS for link in tree["children"])

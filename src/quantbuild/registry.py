@@ -1,0 +1,221 @@
+"""Releases through GTO (git tags), the audit of every release, and rollback.
+
+A release is a git commit whose `dvc.lock` records the package stage's output; GTO tags
+it with a semantic version (`<model>@vX.Y.Z`) and a stage assignment (`<model>#prod#N`).
+The bytes live in the DVC cache and the DVC remote, addressed by the md5s in that
+`dvc.lock`, so the audit reads each release's manifest from there and re-checks the
+digests, and rollback restores a release by checking its `dvc.lock` out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from quantbuild.errors import QuantbuildError
+from quantbuild.manifest import MANIFEST, SCHEMA
+
+PACKAGE_STAGE = "package"
+SEMVER = re.compile(r"^v\d+\.\d+\.\d+$")
+
+
+class ReleaseError(QuantbuildError):
+    """A release, audit or rollback cannot proceed (dirty tree, unknown target, missing objects)."""
+
+
+def git(repo: Path, *args: str, check: bool = True) -> str:
+    result = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise ReleaseError(f"git {' '.join(args)}: {result.stderr.strip().splitlines()[-1] if result.stderr.strip() else 'failed'}")
+    return result.stdout.strip()
+
+
+def dvc(repo: Path, *args: str) -> subprocess.CompletedProcess:
+    import shutil
+    import sys
+
+    executable = shutil.which("dvc") or str(Path(sys.executable).parent / "dvc")
+    return subprocess.run([executable, *args], cwd=repo, capture_output=True, text=True)
+
+
+def require_clean(repo: Path, action: str) -> None:
+    changed = git(repo, "status", "--porcelain", "--untracked-files=no")
+    if changed:
+        first = changed.splitlines()[0][3:]
+        raise ReleaseError(f"{action}: the working tree has uncommitted changes ({first}"
+                           f"{' and more' if len(changed.splitlines()) > 1 else ''}); commit or stash them first")
+
+
+# --- what a commit released ---------------------------------------------------------
+
+
+def lock_at(repo: Path, commit: str) -> dict[str, Any]:
+    text = git(repo, "show", f"{commit}:dvc.lock", check=False)
+    return (yaml.safe_load(text) or {}) if text else {}
+
+
+def package_out(lock: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """The package stage's output entry (path, md5 of the .dir listing) in a dvc.lock."""
+    outs = lock.get("stages", {}).get(PACKAGE_STAGE, {}).get("outs", [])
+    return outs[0] if outs else None
+
+
+def _dvc_config(repo: Path) -> dict[str, Any]:
+    import configparser
+
+    parser = configparser.ConfigParser()
+    parser.read([repo / ".dvc" / "config", repo / ".dvc" / "config.local"])
+    return {section: dict(parser[section]) for section in parser.sections()}
+
+
+def object_stores(repo: Path) -> list[tuple[str, Path]]:
+    """(label, root) of the local DVC cache and of the default remote where it is a folder."""
+    config = _dvc_config(repo)
+    cache = Path(config.get("cache", {}).get("dir", "cache")).expanduser()
+    stores = [("cache", cache if cache.is_absolute() else (repo / ".dvc" / cache).resolve())]
+    name = config.get("core", {}).get("remote")
+    url = config.get(f"'remote \"{name}\"'", {}).get("url") if name else None
+    if url and "://" not in url:
+        root = Path(url).expanduser()
+        stores.append((f"remote {name}", root if root.is_absolute() else (repo / ".dvc" / root).resolve()))
+    return stores
+
+
+def find_object(repo: Path, md5: str) -> Optional[Path]:
+    for _, root in object_stores(repo):
+        path = root / "files" / "md5" / md5[:2] / md5[2:]
+        if path.is_file():
+            return path
+    return None
+
+
+def released_files(repo: Path, out: dict[str, Any]) -> tuple[dict[str, str], list[str]]:
+    """(relative path -> md5 of the package output's files, problems finding its listing)."""
+    md5 = out.get("md5", "")
+    listing = find_object(repo, md5) if md5.endswith(".dir") else None
+    if listing is None:
+        return {}, [f"{out.get('path')}: listing {md5} is in neither the DVC cache nor the remote"]
+    return {entry["relpath"]: entry["md5"] for entry in json.loads(listing.read_text())}, []
+
+
+def read_released_manifest(repo: Path, out: dict[str, Any]) -> tuple[Optional[dict], list[str]]:
+    """The manifest a release recorded, read from the cache/remote, and every digest problem:
+    objects missing, objects whose bytes no longer hash to their name, manifest sha256s
+    that do not match the stored files."""
+    files, problems = released_files(repo, out)
+    manifests = sorted(name for name in files if name.endswith(f"/{MANIFEST}"))
+    if not manifests:
+        return None, problems or [f"{out.get('path')}: no {MANIFEST} in the released output"]
+    bundle_dir = manifests[0].rsplit("/", 1)[0]
+    manifest_object = find_object(repo, files[manifests[0]])
+    if manifest_object is None:
+        return None, [f"{manifests[0]}: object {files[manifests[0]]} is in neither the DVC cache nor the remote"]
+    manifest = json.loads(manifest_object.read_text())
+    if manifest.get("schema") != SCHEMA:
+        return None, [f"{manifests[0]}: unknown manifest schema {manifest.get('schema')!r}"]
+    for name, entry in sorted(manifest.get("files", {}).items()):
+        md5 = files.get(f"{bundle_dir}/{name}")
+        stored = find_object(repo, md5) if md5 else None
+        if stored is None:
+            problems.append(f"{name}: not in the DVC cache or remote")
+            continue
+        data = stored.read_bytes()
+        if hashlib.md5(data).hexdigest() != md5:
+            problems.append(f"{name}: the stored object {md5} is corrupted")
+        elif hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            problems.append(f"{name}: sha256 differs from the manifest")
+    return manifest, problems
+
+
+# --- GTO -----------------------------------------------------------------------------
+
+
+@dataclass
+class Release:
+    artifact: str
+    version: str
+    commit: str
+    stages: list[str]
+
+
+def releases(repo: Path) -> list[Release]:
+    """Every registered version in the git history, oldest first, with its current stages."""
+    from gto import api
+
+    events = api.history(str(repo), ascending=True)
+    found: dict[tuple[str, str], Release] = {}
+    for event in events:
+        key = (event["artifact"], event["version"])
+        if event["event"] == "registration":
+            found[key] = Release(event["artifact"], event["version"], event["commit"], [])
+    for (artifact, version), release in found.items():
+        for stage in sorted(set(api.get_stages(str(repo), used=True) or [])):
+            current = api.find_versions_in_stage(str(repo), artifact, stage) or []
+            current = current if isinstance(current, list) else [current]
+            if any(getattr(v, "version", None) == version for v in current):
+                release.stages.append(stage)
+    return list(found.values())
+
+
+def stage_history(repo: Path, artifact: str, stage: str) -> list[str]:
+    """Versions assigned to `stage`, newest first (repeats removed)."""
+    from gto import api
+
+    # Assignment tags are `<artifact>#<stage>#N` with N counting up: order by N, not by
+    # the tags' one-second timestamps.
+    assignments = [event for event in api.history(str(repo), artifact=artifact)
+                   if event["event"] == "assignment" and event["stage"] == stage]
+    assignments.sort(key=lambda event: int(str(event["ref"]).rsplit("#", 1)[-1]), reverse=True)
+    versions: list[str] = []
+    for event in assignments:
+        if event["version"] not in versions:
+            versions.append(event["version"])
+    return versions
+
+
+def resolve(repo: Path, ref: str, artifact: str) -> tuple[str, str]:
+    """(commit, description) for a GTO version (`v1.2.0`, `name@v1.2.0`), a stage
+    (`prod`, `prod@previous`, `prod@~N`) or any git revision."""
+    versions = {release.version: release for release in releases(repo) if release.artifact == artifact}
+    name, _, version = ref.rpartition("@") if "@v" in ref else ("", "", ref)
+    if SEMVER.match(version) and (not name or name == artifact):
+        if version not in versions:
+            raise ReleaseError(f"rollback target {ref!r}: {artifact} has no version {version} "
+                               f"(registered: {', '.join(versions) or 'none'})")
+        return versions[version].commit, f"{artifact}@{version}"
+    stage, _, back = ref.partition("@")
+    steps = {"": 0, "current": 0, "previous": 1}.get(back, int(back[1:]) if re.fullmatch(r"~\d+", back) else -1)
+    history = stage_history(repo, artifact, stage)
+    if history and steps >= 0:
+        if steps >= len(history):
+            raise ReleaseError(f"rollback target {ref!r}: stage {stage} has only {len(history)} assignment(s) "
+                               f"({', '.join(history)})")
+        return versions[history[steps]].commit, f"{artifact}@{history[steps]} ({ref})"
+    commit = git(repo, "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}", check=False)
+    if not commit:
+        raise ReleaseError(f"rollback target {ref!r} does not exist (not a version of {artifact}, "
+                           f"a stage with assignments, or a git revision)")
+    return commit, ref
+
+
+def register(repo: Path, artifact: str, version: Optional[str], stage: Optional[str], message: str) -> str:
+    """Tag HEAD as a new version of `artifact` (and assign `stage`); returns the version."""
+    from gto import api
+
+    if version is not None and not SEMVER.match(version):
+        raise ReleaseError(f"--version {version!r} is not allowed (allowed: vMAJOR.MINOR.PATCH, e.g. v1.0.0)")
+    try:
+        tag = api.register(str(repo), artifact, "HEAD", version=version, message=message)
+        registered = tag.version if hasattr(tag, "version") else version
+        if stage:
+            api.assign(str(repo), artifact, stage, version=registered, message=f"{artifact} {registered} -> {stage}")
+    except Exception as err:  # GTO raises its own exception types for every refusal
+        raise ReleaseError(f"gto: {str(err).splitlines()[0]}") from None
+    return registered

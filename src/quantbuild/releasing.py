@@ -1,0 +1,198 @@
+"""`quantbuild release`, `audit` and `rollback`: the user-facing side of the registry.
+
+release: a clean, up-to-date, verified pipeline state is pushed to the DVC remote and
+tagged with GTO. audit: every release's manifest, read back from the cache/remote by the
+md5s its dvc.lock recorded, with every digest re-checked. rollback: a release's dvc.lock,
+params.yaml and conf/ are restored, its outputs checked out (pulled where the cache lacks
+them) and verified, and what changed is printed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from quantbuild.config import Config
+from quantbuild.hashing import read_json
+from quantbuild.registry import (ReleaseError, dvc, find_object, git, lock_at, object_stores, package_out,
+                                 read_released_manifest, register, releases, released_files, require_clean,
+                                 resolve)
+from quantbuild.verify import verify
+
+# Stages whose "changed" status does not make a release stale: the fingerprint stage is
+# always_changed by design; drift it detects shows up in the stages that depend on it.
+ALWAYS_CHANGED = {"fingerprint"}
+
+
+def _stale_stages(repo: Path) -> list[str]:
+    result = dvc(repo, "status", "--json")
+    if result.returncode != 0:
+        raise ReleaseError(f"dvc status failed: {(result.stderr or result.stdout).strip().splitlines()[-1:]}")
+    status = json.loads(result.stdout or "{}")
+    return sorted(name for name in status if name.split(":")[-1] not in ALWAYS_CHANGED)
+
+
+def release(repo: Path, config: Config, version: Optional[str], stage: Optional[str], push: bool) -> str:
+    require_clean(repo, "release")
+    if not git(repo, "ls-files", "dvc.lock", check=False):
+        raise ReleaseError("release: dvc.lock is not committed; run `dvc repro` and commit dvc.lock first")
+    stale = _stale_stages(repo)
+    if stale:
+        raise ReleaseError(f"release: the pipeline is not up to date ({', '.join(stale)} changed); "
+                           f"run `dvc repro` and commit dvc.lock first")
+    decision = read_json(Path(config.paths.release) / "decision.json")
+    chosen = decision.get("chosen")
+    if not chosen:
+        raise ReleaseError("release: the gate released no variant (see `quantbuild summary`)")
+    bundle = Path(config.paths.package) / f"{config.model.name}-{chosen}"
+    public_key = Path(config.package.public_key) if config.package.public_key else None
+    checked = verify(bundle, public_key=public_key)
+    if checked.exit_code:
+        reasons = checked.problems or [f"{key}: {old} -> {new}" for key, old, new in checked.drifted]
+        raise ReleaseError(f"release: {bundle} does not verify ({reasons[0]}); run `dvc repro` to revalidate")
+    if push and _has_remote(repo):
+        pushed = dvc(repo, "push")
+        if pushed.returncode != 0:
+            raise ReleaseError(f"release: dvc push failed: {(pushed.stderr or pushed.stdout).strip().splitlines()[-1]}")
+    manifest = read_json(bundle / "manifest.json")
+    message = (f"{bundle.name}: {manifest['variant']['method']} {manifest['variant']['bits_per_weight']} bits/weight, "
+               f"manifest sha256 {_sha256(bundle / 'manifest.json')}")
+    registered = register(repo, config.model.name, version, stage, message)
+    head = git(repo, "rev-parse", "HEAD")
+    lines = [f"released {config.model.name}@{registered} at commit {head[:10]}: {bundle}"]
+    if stage:
+        lines.append(f"stage {stage} -> {registered}")
+    lines.append("push the tags to share the release: git push --tags")
+    return "\n".join(lines)
+
+
+def _has_remote(repo: Path) -> bool:
+    result = dvc(repo, "remote", "default")
+    return result.returncode == 0 and bool(result.stdout.strip())
+
+
+def _sha256(path: Path) -> str:
+    from quantbuild.hashing import sha256_file
+
+    return sha256_file(path)
+
+
+def _scores(manifest: dict[str, Any]) -> dict[str, Any]:
+    measured = manifest["evaluation"]["variant"]
+    scores = {"perplexity": measured.get("perplexity"), "kld_mean": measured.get("kld_mean"),
+              "top1_agreement": measured.get("top1_agreement")}
+    scores.update({family: entry["score"] for family, entry in sorted(measured.get("families", {}).items())})
+    return scores
+
+
+def audit(repo: Path) -> list[dict[str, Any]]:
+    rows = []
+    for found in releases(repo):
+        row: dict[str, Any] = {"artifact": found.artifact, "version": found.version, "stages": found.stages,
+                               "commit": found.commit, "variant": None, "bundle": None, "scores": {},
+                               "digests": {}, "problems": []}
+        out = package_out(lock_at(repo, found.commit))
+        if out is None:
+            row["problems"].append("no package output in this commit's dvc.lock")
+        else:
+            manifest, problems = read_released_manifest(repo, out)
+            row["problems"] += problems
+            if manifest is not None:
+                row.update(variant=manifest["variant"]["variant"], bundle=manifest["bundle"], scores=_scores(manifest),
+                           digests={name: entry["sha256"] for name, entry in manifest["files"].items()
+                                    if name.endswith(".safetensors")})
+        rows.append(row)
+    return rows
+
+
+def audit_table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "no releases in this repository (create one with `quantbuild release`)"
+    lines = [f"{'version':<9} {'stages':<10} {'commit':<11} {'variant':<24} {'ppl':>7} {'kld':>8} {'weights sha256':<16} status"]
+    for row in rows:
+        scores = row["scores"]
+        digest = next(iter(row["digests"].values()), "")[:14]
+        status = "ok" if not row["problems"] else "FLAGGED: " + "; ".join(row["problems"])
+        ppl = f"{scores['perplexity']:.4f}" if scores.get("perplexity") is not None else "-"
+        kld = f"{scores['kld_mean']:.5f}" if scores.get("kld_mean") is not None else "-"
+        lines.append(f"{row['version']:<9} {','.join(row['stages']) or '-':<10} {row['commit'][:10]:<11} "
+                     f"{row['variant'] or '-':<24} {ppl:>7} {kld:>8} {digest:<16} {status}")
+    return "\n".join(lines)
+
+
+def _current_manifest(repo: Path) -> Optional[dict[str, Any]]:
+    lock_path = repo / "dvc.lock"
+    out = package_out(yaml.safe_load(lock_path.read_text()) or {}) if lock_path.is_file() else None
+    return read_released_manifest(repo, out)[0] if out else None
+
+
+def _missing_objects(repo: Path, lock: dict[str, Any]) -> list[str]:
+    missing = []
+    for stage in lock.get("stages", {}).values():
+        for out in stage.get("outs", []):
+            md5 = out.get("md5")
+            if not md5 or out.get("cache") is False:
+                continue
+            if md5.endswith(".dir"):
+                files, problems = released_files(repo, out)
+                missing += problems
+                missing += [f"{out['path']}/{name}" for name, file_md5 in files.items() if find_object(repo, file_md5) is None]
+            elif find_object(repo, md5) is None:
+                missing.append(out["path"])
+    return missing
+
+
+def rollback(repo: Path, artifact: str, ref: str, public_key: Optional[Path]) -> tuple[str, int]:
+    commit, label = resolve(repo, ref, artifact)
+    require_clean(repo, "rollback")
+    lock = lock_at(repo, commit)
+    out = package_out(lock)
+    if out is None:
+        raise ReleaseError(f"rollback target {ref!r} (commit {commit[:10]}) has no packaged output in its dvc.lock")
+    target, problems = read_released_manifest(repo, out)
+    # Objects are looked up in the cache and a folder remote here; another remote (S3, SSH)
+    # can only be asked by `dvc pull` itself.
+    remote_elsewhere = _has_remote(repo) and len(object_stores(repo)) == 1
+    missing = _missing_objects(repo, lock)
+    if (target is None or missing) and not remote_elsewhere:
+        raise ReleaseError(f"rollback to {label}: objects missing from the DVC cache and remote "
+                           f"({(missing or problems)[0]}); nothing was changed")
+    before = _current_manifest(repo)
+    git(repo, "restore", f"--source={commit}", "--staged", "--worktree", "--", "dvc.lock", "params.yaml", "conf")
+    checked_out = dvc(repo, "checkout", "--force")
+    if checked_out.returncode != 0:
+        pulled = dvc(repo, "pull", "--force")
+        if pulled.returncode != 0:
+            raise ReleaseError(f"rollback to {label}: dvc checkout and dvc pull failed "
+                               f"({(pulled.stderr or pulled.stdout).strip().splitlines()[-1]}); undo with "
+                               f"`git restore --source=HEAD --staged --worktree -- dvc.lock params.yaml conf`")
+    target = target or _current_manifest(repo)
+    bundle = repo / out["path"] / target["bundle"]
+    result = verify(bundle, public_key=public_key)
+    lines = [f"rolled back to {label} (commit {commit[:10]}): dvc.lock, params.yaml and conf/ restored, outputs checked out"]
+    lines += _changes(before, target)
+    status = {0: "ok", 1: "INTEGRITY FAILURE", 2: "runtime drift"}[result.exit_code]
+    lines.append(f"verify {bundle}: {status}")
+    lines += [f"  {problem}" for problem in result.problems]
+    lines += [f"  drift: {key}: {old} -> {new}" for key, old, new in result.drifted]
+    lines.append(f"commit the restored files to make this the new HEAD: git commit -am 'rollback to {label}'")
+    return "\n".join(lines), result.exit_code
+
+
+def _changes(before: Optional[dict[str, Any]], after: dict[str, Any]) -> list[str]:
+    if before is None:
+        return [f"variant: {after['variant']['variant']} (nothing was packaged before)"]
+    lines = [f"variant: {before['variant']['variant']} -> {after['variant']['variant']}"]
+    old_scores, new_scores = _scores(before), _scores(after)
+    for key in sorted(set(old_scores) | set(new_scores)):
+        old, new = old_scores.get(key), new_scores.get(key)
+        if old != new:
+            lines.append(f"  {key}: {old} -> {new}")
+    old_files = {name: entry["sha256"] for name, entry in before["files"].items()}
+    for name, entry in sorted(after["files"].items()):
+        if old_files.get(name) != entry["sha256"]:
+            lines.append(f"  {name}: {str(old_files.get(name))[:12]} -> {entry['sha256'][:12]}")
+    return lines

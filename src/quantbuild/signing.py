@@ -1,0 +1,104 @@
+"""Bundle signatures with OpenSSF model-signing, offline, with an elliptic-curve key pair.
+
+The signature (`model.sig`, a Sigstore bundle) covers every file of the bundle, the
+manifest included; it is written after the manifest, which names the scheme and the
+sha256 of the public key. ECDSA signatures are randomized, so `model.sig` is the one file
+of a bundle whose bytes differ between two identical builds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from quantbuild.errors import ConfigError
+
+SIGNATURE = "model.sig"
+SCHEME = "openssf-model-signing/elliptic-key"
+
+
+def _load_private_key(path: Path):
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    if not path.is_file():
+        raise ConfigError(f"package.signing_key={path}: file not found (create a pair with `quantbuild keygen`)")
+    try:
+        return load_pem_private_key(path.read_bytes(), password=None)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"package.signing_key={path}: not an unencrypted PEM private key ({err})") from None
+
+
+def public_key_sha256(public_key) -> str:
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    return hashlib.sha256(public_key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)).hexdigest()
+
+
+def signing_record(private_key_path: Path) -> dict[str, str]:
+    """What the manifest says about the signature, known before signing."""
+    return {"scheme": SCHEME, "signature": SIGNATURE,
+            "public_key_sha256": public_key_sha256(_load_private_key(private_key_path).public_key())}
+
+
+def generate_keypair(private_path: Path, public_path: Path) -> None:
+    """A new P-256 key pair: PEM private key (mode 0600) and PEM public key."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import (Encoding, NoEncryption, PrivateFormat,
+                                                              PublicFormat)
+
+    for path in (private_path, public_path):
+        if path.exists():
+            raise ConfigError(f"{path}: already exists (refusing to overwrite a key)")
+    key = ec.generate_private_key(ec.SECP256R1())
+    private_path.parent.mkdir(parents=True, exist_ok=True)
+    public_path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "wb") as handle:
+        handle.write(key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
+    public_path.write_bytes(key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo))
+
+
+def _hashing_config():
+    from model_signing import hashing
+
+    return hashing.Config().set_ignored_paths(paths=[SIGNATURE], ignore_git_paths=True)
+
+
+def sign_bundle(bundle: Path, private_key_path: Path) -> None:
+    from model_signing import signing
+
+    _load_private_key(private_key_path)
+    (signing.Config().set_hashing_config(_hashing_config())
+     .use_elliptic_key_signer(private_key=private_key_path).sign(bundle, bundle / SIGNATURE))
+
+
+def check_signature(bundle: Path, record: dict, public_key_path: Path | None) -> list[str]:
+    """Problems with the bundle's signature (empty when it verifies with `public_key_path`)."""
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+    from model_signing import verifying
+
+    if record.get("scheme") != SCHEME:
+        return [f"manifest: unknown signing scheme {record.get('scheme')!r} (this quantbuild reads {SCHEME})"]
+    if not (bundle / SIGNATURE).is_file():
+        return [f"{SIGNATURE}: missing (the manifest says the bundle is signed)"]
+    if public_key_path is None:
+        return [f"{SIGNATURE}: the bundle is signed, and no public key was given to check it "
+                f"(pass --public-key or set package.public_key)"]
+    if not public_key_path.is_file():
+        return [f"{public_key_path}: public key file not found"]
+    try:
+        public_key = load_pem_public_key(public_key_path.read_bytes())
+    except ValueError as err:
+        return [f"{public_key_path}: not a PEM public key ({err})"]
+    problems = []
+    if public_key_sha256(public_key) != record.get("public_key_sha256"):
+        problems.append(f"{public_key_path}: not the key the manifest names "
+                        f"(manifest {record.get('public_key_sha256')}, key {public_key_sha256(public_key)})")
+    try:
+        (verifying.Config().set_hashing_config(_hashing_config())
+         .use_elliptic_key_verifier(public_key=public_key_path).verify(bundle, bundle / SIGNATURE))
+    except Exception as err:  # model-signing raises ValueError and crypto errors alike
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        problems.append(f"{SIGNATURE}: signature does not verify with {public_key_path} ({reason})")
+    return problems
