@@ -131,10 +131,12 @@ def _current_manifest(repo: Path) -> Optional[dict[str, Any]]:
 
 def _missing_objects(repo: Path, lock: dict[str, Any]) -> list[str]:
     missing = []
-    for stage in lock.get("stages", {}).values():
+    for name, stage in lock.get("stages", {}).items():
+        if name in ALWAYS_CHANGED:  # uncached by design: regenerated on every run
+            continue
         for out in stage.get("outs", []):
             md5 = out.get("md5")
-            if not md5 or out.get("cache") is False:
+            if not md5:
                 continue
             if md5.endswith(".dir"):
                 files, problems = released_files(repo, out)
