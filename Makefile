@@ -27,7 +27,8 @@ test: install
 
 bench: install
 	python bench/pipeline.py
-	python bench/quantize.py
+	python bench/quantize.py speed
+	python bench/quantize.py quality
 
 # A signing key pair for bundles (keys/ is git-ignored; never commit the .key).
 keys: install
