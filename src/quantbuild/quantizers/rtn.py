@@ -70,11 +70,11 @@ def fake_quantize_model(model: Any, bits: int, group_size: int, symmetric: bool)
 def _quantize(variant: Any, inputs: Inputs, plan: dict, out: Path) -> dict:
     """RTN through GPTQModel's own weight-only RTN, written as a GPTQ-format checkpoint so
     every GPTQ-aware loader reads it; no calibration data is used."""
-    from gptqmodel.quantization.config import RTNConfig
-
     from quantbuild.quantizers.gptqmodel_backend import ensure_cpu_workers, quantize_and_save
 
-    ensure_cpu_workers()
+    ensure_cpu_workers()  # before gptqmodel is first imported
+    from gptqmodel.quantization.config import RTNConfig
+
     config = RTNConfig(bits=variant.bits, group_size=variant.group_size, sym=variant.sym, offload_to_disk=False)
     return quantize_and_save(inputs.baseline, config, None, out)
 
