@@ -113,8 +113,6 @@ def direct(name: str, model: Path, tokens: list[list[int]], out: Path, plan: dic
         AutoModelForCausalLM.from_pretrained(str(model), quantization_config=config, device_map=device).save_pretrained(str(out))
         AutoTokenizer.from_pretrained(str(model)).save_pretrained(str(out))
         return
-    if "GPTQMODEL_CPU_WORKERS" not in os.environ:
-        os.environ["GPTQMODEL_CPU_WORKERS"] = "2"
     from gptqmodel import AWQConfig, GPTQModel, QuantizeConfig
     from gptqmodel.quantization.config import RTNConfig
     from gptqmodel.utils.backend import BACKEND
@@ -128,8 +126,10 @@ def direct(name: str, model: Path, tokens: list[list[int]], out: Path, plan: dic
         config = AWQConfig(**common)
         backend = BACKEND.AUTO if device == "cuda" else BACKEND.AWQ_TORCH
     else:
-        dynamic = {f"+:^{layer.replace('.', chr(92) + '.')}$": {"bits": p["bits"], "group_size": p["group_size"]}
-                   for layer, p in plan.items() if (p["bits"], p["group_size"]) != (fields["bits"], fields["group_size"])}
+        # The per-layer plan is quantbuild's (it decides the precision); the library gets it as `dynamic`.
+        from quantbuild.quantizers.mixed import dynamic_overrides
+
+        dynamic = dynamic_overrides(variant_config(fields), plan)
         config = QuantizeConfig(**common, desc_act=False, damp_percent=0.05, dynamic=dynamic or None)
     tokenizer = AutoTokenizer.from_pretrained(str(model))
     loaded = GPTQModel.load(str(model), config, device=device)

@@ -5,7 +5,6 @@ is configured, `model.sig` over all of them; nothing else."""
 from __future__ import annotations
 
 import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +17,10 @@ LINEAGE_STAGES = ("fetch", "calibrate", "quantize@{v}", "evaluate@{v}", "evaluat
 
 
 def git_state(repo: Path) -> dict[str, Any]:
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=False).stdout.strip()
+    from quantbuild.registry import git
 
-    commit = git("rev-parse", "HEAD")
-    return {"commit": commit or None, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    commit = git(repo, "rev-parse", "HEAD", check=False)
+    return {"commit": commit or None, "dirty": bool(git(repo, "status", "--porcelain", "--untracked-files=no", check=False))}
 
 
 def dvc_lock_entries(lock_path: Path, variant: str) -> dict[str, Any]:

@@ -8,18 +8,14 @@ same inputs give the same statement bytes.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Any
+
+from quantbuild.hashing import sha256_json
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://slsa.dev/provenance/v1"
 BUILD_TYPE = "https://github.com/quantbuild/quantbuild/build-types/dvc-repro/v1"
 PROVENANCE = "provenance.intoto.json"
-
-
-def _canonical_sha256(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def statement(subjects: dict[str, str], lineage: dict[str, Any]) -> dict[str, Any]:
@@ -52,7 +48,7 @@ def statement(subjects: dict[str, str], lineage: dict[str, Any]) -> dict[str, An
                 "resolvedDependencies": dependencies,
             },
             "runDetails": {
-                "builder": {"id": f"urn:quantbuild:builder:sha256:{_canonical_sha256(build)}",
+                "builder": {"id": f"urn:quantbuild:builder:sha256:{sha256_json(build)}",
                             "version": {key: str(value) for key, value in sorted(_flatten(build).items())}},
                 "metadata": {"invocationId": f"{lineage['model']['name']}-{variant['variant']}@{commit or 'uncommitted'}"},
             },

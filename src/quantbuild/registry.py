@@ -20,6 +20,7 @@ from typing import Any, Optional
 import yaml
 
 from quantbuild.errors import QuantbuildError
+from quantbuild.hashing import sha256_bytes
 from quantbuild.manifest import MANIFEST, SCHEMA
 
 PACKAGE_STAGE = "package"
@@ -129,7 +130,7 @@ def read_released_manifest(repo: Path, out: dict[str, Any]) -> tuple[Optional[di
         data = stored.read_bytes()
         if hashlib.md5(data).hexdigest() != md5:
             problems.append(f"{name}: the stored object {md5} is corrupted")
-        elif hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        elif sha256_bytes(data) != entry["sha256"]:
             problems.append(f"{name}: sha256 differs from the manifest")
     return manifest, problems
 
@@ -155,12 +156,15 @@ def releases(repo: Path) -> list[Release]:
         key = (event["artifact"], event["version"])
         if event["event"] == "registration":
             found[key] = Release(event["artifact"], event["version"], event["commit"], [])
-    for (artifact, version), release in found.items():
-        for stage in sorted(set(api.get_stages(str(repo), used=True) or [])):
+    # Which versions each stage points at now: one GTO query per (artifact, stage).
+    stages = sorted(set(api.get_stages(str(repo), used=True) or []))
+    for artifact in sorted({artifact for artifact, _ in found}):
+        for stage in stages:
             current = api.find_versions_in_stage(str(repo), artifact, stage) or []
-            current = current if isinstance(current, list) else [current]
-            if any(getattr(v, "version", None) == version for v in current):
-                release.stages.append(stage)
+            for entry in current if isinstance(current, list) else [current]:
+                release = found.get((artifact, getattr(entry, "version", None)))
+                if release is not None:
+                    release.stages.append(stage)
     return list(found.values())
 
 

@@ -16,7 +16,7 @@ from typing import Any, Optional
 import yaml
 
 from quantbuild.config import Config
-from quantbuild.hashing import read_json
+from quantbuild.hashing import read_json, sha256_file
 from quantbuild.registry import (ReleaseError, dvc, find_object, git, lock_at, object_stores, package_out,
                                  read_released_manifest, register, releases, released_files, require_clean,
                                  resolve)
@@ -59,7 +59,7 @@ def release(repo: Path, config: Config, version: Optional[str], stage: Optional[
             raise ReleaseError(f"release: dvc push failed: {(pushed.stderr or pushed.stdout).strip().splitlines()[-1]}")
     manifest = read_json(bundle / "manifest.json")
     message = (f"{bundle.name}: {manifest['variant']['method']} {manifest['variant']['bits_per_weight']} bits/weight, "
-               f"manifest sha256 {_sha256(bundle / 'manifest.json')}")
+               f"manifest sha256 {sha256_file(bundle / 'manifest.json')}")
     registered = register(repo, config.model.name, version, stage, message)
     head = git(repo, "rev-parse", "HEAD")
     lines = [f"released {config.model.name}@{registered} at commit {head[:10]}: {bundle}"]
@@ -72,12 +72,6 @@ def release(repo: Path, config: Config, version: Optional[str], stage: Optional[
 def _has_remote(repo: Path) -> bool:
     result = dvc(repo, "remote", "default")
     return result.returncode == 0 and bool(result.stdout.strip())
-
-
-def _sha256(path: Path) -> str:
-    from quantbuild.hashing import sha256_file
-
-    return sha256_file(path)
 
 
 def _scores(manifest: dict[str, Any]) -> dict[str, Any]:

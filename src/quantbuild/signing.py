@@ -8,11 +8,11 @@ of a bundle whose bytes differ between two identical builds.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 from quantbuild.errors import ConfigError
+from quantbuild.hashing import sha256_bytes
 
 SIGNATURE = "model.sig"
 SCHEME = "openssf-model-signing/elliptic-key"
@@ -32,7 +32,7 @@ def _load_private_key(path: Path):
 def public_key_sha256(public_key) -> str:
     from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-    return hashlib.sha256(public_key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)).hexdigest()
+    return sha256_bytes(public_key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo))
 
 
 def signing_record(private_key_path: Path) -> dict[str, str]:
