@@ -227,3 +227,15 @@ def test_lineage_json_checks_each_link(bundle):
     assert links["calibration set"]["facts"]["digest"] == "d" * 64
     assert links["commit"]["status"] == "differs"  # the fake commit is not in this repository
     assert result.exit_code == 1
+
+
+def test_lineage_of_a_missing_bundle_or_one_without_manifest_is_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from quantbuild.cli import app
+
+    missing = CliRunner().invoke(app, ["lineage", str(tmp_path / "nope")])
+    assert missing.exit_code == 1 and "bundle folder not found" in missing.output
+    (tmp_path / "empty").mkdir()
+    empty = CliRunner().invoke(app, ["lineage", str(tmp_path / "empty")])
+    assert empty.exit_code == 1 and "no manifest.json (not a quantbuild bundle)" in empty.output
