@@ -6,14 +6,51 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 # Stages run as `python -m stages.<name>` under DVC: the venv must come first on PATH.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
+# llama.cpp comes from one pinned source: the llama-cpp-python sdist, which vendors the whole
+# llama.cpp tree. It is built once here (shared libraries for the Python bindings, and the
+# quantize/imatrix/perplexity tools), and the bindings are installed without a second build.
+LLAMA_CPP_PYTHON := 0.3.36
+LLAMA_DIR := $(VENV)/llama.cpp
+LLAMA_SRC := $(LLAMA_DIR)/llama_cpp_python-$(LLAMA_CPP_PYTHON)
+LLAMA_TOOLS := llama-quantize llama-imatrix llama-perplexity
+JOBS ?= $(shell nproc 2>/dev/null || echo 2)
+
 .PHONY: install demo test bench keys clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
-	# torch first and pinned: this takes the local CPU wheel instead of a multi-GB CUDA build.
-	$(VENV)/bin/python -m pip install --quiet torch==2.13.0
-	$(VENV)/bin/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+$(LLAMA_SRC)/.extracted: $(VENV)/.created
+	rm -rf $(LLAMA_DIR) && mkdir -p $(LLAMA_DIR)
+	$(VENV)/bin/python -m pip download --quiet --no-deps --no-binary :all: --dest $(LLAMA_DIR) \
+		llama-cpp-python==$(LLAMA_CPP_PYTHON)
+	tar -xzf $(LLAMA_DIR)/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz -C $(LLAMA_DIR)
+	touch $@
+
+# The shared libraries the bindings load, and the tools quantbuild runs (quantize, imatrix,
+# perplexity), from the vendored tree; the log goes to build.log.
+$(LLAMA_DIR)/.built: $(LLAMA_SRC)/.extracted
+	cmake -S $(LLAMA_SRC)/vendor/llama.cpp -B $(LLAMA_DIR)/build -DCMAKE_BUILD_TYPE=Release \
+		-DBUILD_SHARED_LIBS=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \
+		-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_TOOLS=ON \
+		> $(LLAMA_DIR)/build.log 2>&1
+	cmake --build $(LLAMA_DIR)/build -j $(JOBS) --target llama $(LLAMA_TOOLS) >> $(LLAMA_DIR)/build.log 2>&1 \
+		|| (tail -30 $(LLAMA_DIR)/build.log; exit 1)
+	touch $@
+
+# llama.cpp compiles in the background while pip installs the rest (they take about as long).
+$(VENV)/.installed: pyproject.toml $(LLAMA_SRC)/.extracted
+	$(MAKE) --no-print-directory $(LLAMA_DIR)/.built & build=$$!; \
+	$(VENV)/bin/python -m pip install --quiet torch==2.13.0 \
+	&& $(VENV)/bin/python -m pip install --quiet $(LLAMA_SRC)/vendor/llama.cpp/gguf-py \
+	&& CMAKE_ARGS="-DLLAMA_BUILD=OFF" $(VENV)/bin/python -m pip install --quiet --no-binary llama-cpp-python \
+		$(LLAMA_DIR)/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz \
+	&& $(VENV)/bin/python -m pip install --quiet -e '.[test]'; installed=$$?; \
+	wait $$build && test $$installed -eq 0
+	lib=$$($(VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/llama_cpp/lib; \
+	mkdir -p $$lib && cp -P $(LLAMA_DIR)/build/bin/*.so* $$lib/
 	touch $@
 
 install: $(VENV)/.installed
@@ -29,6 +66,7 @@ bench: install
 	python bench/pipeline.py
 	python bench/quantize.py speed
 	python bench/quantize.py quality
+	python bench/gguf.py
 
 # A signing key pair for bundles (keys/ is git-ignored; never commit the .key).
 keys: install

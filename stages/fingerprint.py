@@ -1,4 +1,5 @@
-"""Stage fingerprint: write the build and runtime fingerprints (always runs; cheap).
+"""Stage fingerprint: write the build, runtime and llama.cpp fingerprints, and each method's
+scopes under methods/ (always runs; cheap).
 
     python -m stages.fingerprint
 """
@@ -6,15 +7,19 @@
 from pathlib import Path
 
 from quantbuild.config import Config
-from quantbuild.fingerprint import fingerprints
+from quantbuild.fingerprint import fingerprints, method_files
 from quantbuild.hashing import write_json
+from quantbuild.quantizers import method_names
 from quantbuild.stage import run_stage
 
 
 def main(config: Config) -> None:
     out = Path(config.paths.fingerprint)
-    for scope, values in fingerprints().items():
+    prints = fingerprints()
+    for scope, values in prints.items():
         write_json(out / f"{scope}.json", values)
+    for name, values in method_files(prints, method_names()).items():
+        write_json(out / "methods" / name, values)
 
 
 if __name__ == "__main__":

@@ -11,10 +11,13 @@ from quantbuild.calibration import RECORD as CALIBRATION_RECORD
 from quantbuild.config import Config
 from quantbuild.errors import IntegrityError
 from quantbuild.evaluation.runner import METRICS
+from quantbuild.fingerprint import scopes_of
+from quantbuild.gguf_base import RECORD as GGUF_BASE_RECORD
 from quantbuild.hashing import read_json
 from quantbuild.gate import require_release
 from quantbuild.packaging import build_bundle, dvc_lock_entries, git_state
 from quantbuild.quantization import MODEL_DIR, RECORD
+from quantbuild.runtimes import runtime_of
 from quantbuild.sources import RECORD as FETCH_RECORD
 from quantbuild.stage import run_stage
 from quantbuild.verify import verify
@@ -28,6 +31,7 @@ def main(config: Config) -> None:
     quantized = Path(paths.quantized) / chosen
     record = read_json(quantized / RECORD)
     calibration = read_json(Path(paths.calibration) / CALIBRATION_RECORD)
+    build_scope, runtime_scope = scopes_of(record["method"])
     lineage = {
         "model": read_json(Path(paths.baseline) / FETCH_RECORD),
         "variant": {key: record[key] for key in ("variant", "method", "parameters", "libraries", "bits_per_weight",
@@ -35,7 +39,10 @@ def main(config: Config) -> None:
         "calibration": {key: calibration[key] for key in ("digest", "samples", "tokens", "seq_len", "seed",
                                                           "composition")},
         "params": asdict(config),
-        "fingerprints": {scope: read_json(Path(paths.fingerprint) / f"{scope}.json") for scope in ("build", "runtime")},
+        "fingerprints": {"build": read_json(Path(paths.fingerprint) / f"{build_scope}.json"),
+                         "runtime": read_json(Path(paths.fingerprint) / f"{runtime_scope}.json"),
+                         "runtime_scope": runtime_scope},
+        "deploy_runtime": runtime_of(record["method"]),
         "evaluation": {"baseline": read_json(Path(paths.eval) / "baseline" / METRICS),
                        "variant": read_json(Path(paths.eval) / chosen / METRICS)},
         "gate": {"chosen": chosen, **decision["variants"][chosen]},
@@ -45,6 +52,10 @@ def main(config: Config) -> None:
     bundle_name = f"{config.model.name}-{chosen}"
     signing_key = Path(config.package.signing_key) if config.package.signing_key else None
     public_key = Path(config.package.public_key) if config.package.public_key else None
+    if record["method"] == "gguf":
+        base = read_json(Path(paths.gguf_base) / GGUF_BASE_RECORD)
+        lineage["imatrix"] = base["imatrix"] if config.quant.variants[chosen].imatrix else None
+        lineage["base_gguf"] = {key: base[key] for key in ("base_type", "base_sha256", "tensors_sha256", "pre_tokenizer")}
     build_bundle(Path(paths.package), bundle_name, quantized / MODEL_DIR, lineage, signing_key)
     result = verify(Path(paths.package) / bundle_name, lineage["fingerprints"]["runtime"], public_key)
     if result.exit_code:

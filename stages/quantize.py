@@ -4,15 +4,22 @@
 """
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
+from quantbuild.calibration import RECORD as CALIBRATION_RECORD
 from quantbuild.calibration import load_calibration
 from quantbuild.config import Config
 from quantbuild.determinism import make_deterministic
 from quantbuild.errors import ConfigError
+from quantbuild.fingerprint import scopes_of
+from quantbuild.gguf_base import RECORD as GGUF_BASE_RECORD
+from quantbuild.hashing import read_json, sha256_json
+from quantbuild.manifest import SCHEMA
 from quantbuild.quantization import build_variant
 from quantbuild.quantizers import Inputs
 from quantbuild.sensitivity import load_sensitivity
+from quantbuild.sources import RECORD as FETCH_RECORD
 from quantbuild.stage import run_stage
 
 
@@ -22,9 +29,25 @@ def main(config: Config) -> None:
         raise ConfigError(f"quant.variants: no variant {name!r} (defined: {', '.join(sorted(config.quant.variants))})")
     make_deterministic(config.seed)
     paths = config.paths
+    variant = config.quant.variants[name]
     inputs = Inputs(baseline=Path(paths.baseline), calibration=load_calibration(Path(paths.calibration)),
-                    sensitivity=load_sensitivity(Path(paths.calibration)))
-    record = build_variant(name, config.quant.variants[name], inputs, Path(paths.quantized) / name)
+                    sensitivity=load_sensitivity(Path(paths.calibration)), gguf_base=Path(paths.gguf_base))
+    if variant.method == "gguf":
+        # What a lone .gguf carries of its lineage (the file travels without its bundle).
+        fetched = read_json(Path(paths.baseline) / FETCH_RECORD)
+        calibration = read_json(Path(paths.calibration) / CALIBRATION_RECORD)
+        base = read_json(Path(paths.gguf_base) / GGUF_BASE_RECORD)
+        build_scope = read_json(Path(paths.fingerprint) / f"{scopes_of(variant.method)[0]}.json")
+        inputs = replace(inputs, lineage={
+            "baseline": {key: fetched.get(key) for key in ("name", "source", "location", "revision", "files")},
+            "calibration": {key: calibration[key] for key in ("digest", "samples", "tokens", "seed", "composition")},
+            "imatrix": base["imatrix"] if variant.imatrix else None,
+            "base_gguf": {key: base.get(key) for key in ("base_type", "base_sha256", "tensors_sha256",
+                                                         "pre_tokenizer")},
+            "build_fingerprint_sha256": sha256_json(build_scope),
+            "manifest_schema": SCHEMA,
+        })
+    record = build_variant(name, variant, inputs, Path(paths.quantized) / name)
     print(f"{name}: {record['method']} {record['bits_per_weight']} bits/weight, {record['size_bytes']} bytes, "
           f"{record['wall_seconds']} s")
 

@@ -29,18 +29,12 @@ def allocate(samples: int, weights: dict[str, float]) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def compose_calibration(config: CalibrationConfig, data_dir: Path, tokenizer_dir: Path, out: Path) -> dict:
-    """Write `tokens.safetensors` (flat int32 IDs + offsets), a record with digests and, where
-    `config.sensitivity.samples` > 0, the baseline's per-layer `sensitivity.json`
-    (`tokenizer_dir` is the baseline folder)."""
-    import numpy as np
-    from safetensors.numpy import save_file
-    from transformers import AutoTokenizer
-
+def draw_texts(config: CalibrationConfig, data_dir: Path, samples: int) -> tuple[list[str], dict]:
+    """`samples` texts drawn from the sources in proportion to their weights (seeded), and
+    the composition: per source its file, sha256, weight, samples drawn and pool size."""
     composition = {}
     texts: list[str] = []
-    counts = allocate(config.samples, dict(config.sources))
-    for name, count in counts.items():
+    for name, count in allocate(samples, dict(config.sources)).items():
         path = data_dir / f"{name}.jsonl"
         pool = load_source(path)
         rng = random.Random(f"calibration:{config.seed}:{name}")
@@ -50,6 +44,18 @@ def compose_calibration(config: CalibrationConfig, data_dir: Path, tokenizer_dir
                              "samples": count, "available": len(pool)}
     if not texts:
         raise DataError("calibration: the mix selected no samples")
+    return texts, composition
+
+
+def compose_calibration(config: CalibrationConfig, data_dir: Path, tokenizer_dir: Path, out: Path) -> dict:
+    """Write `tokens.safetensors` (flat int32 IDs + offsets), a record with digests and, where
+    `config.sensitivity.samples` > 0, the baseline's per-layer `sensitivity.json`
+    (`tokenizer_dir` is the baseline folder)."""
+    import numpy as np
+    from safetensors.numpy import save_file
+    from transformers import AutoTokenizer
+
+    texts, composition = draw_texts(config, data_dir, config.samples)
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     encoded = [ids[: config.seq_len] for ids in tokenizer(texts)["input_ids"]]
     flat = np.asarray([token for ids in encoded for token in ids], dtype=np.int32)

@@ -13,8 +13,11 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from quantbuild.errors import ConfigError
+from quantbuild.runtimes import runtime_of
 
 SCHEMA_NAME = "quantbuild_schema"
+# conf/quant/*.yaml extend their method's schema: `defaults: [/quant_method@_here_: gptq]`.
+METHOD_GROUP = "quant_method"
 
 
 @dataclass
@@ -29,6 +32,7 @@ class PathsConfig:
     package: str = "artifacts/package"
     eval_data: str = "data/eval"
     calibration_data: str = "data/calibration"
+    gguf_base: str = "artifacts/gguf"
 
 
 @dataclass
@@ -60,6 +64,17 @@ class CalibrationConfig:
     seq_len: int = 256
     seed: int = 0
     sensitivity: SensitivityConfig = field(default_factory=SensitivityConfig)
+    # The importance matrix for GGUF variants: the same mix (sources, weights, seed) drawn
+    # to this many samples, cut into chunks of `imatrix_chunk` tokens (llama-imatrix -c).
+    imatrix_samples: int = 600
+    imatrix_chunk: int = 512
+
+
+@dataclass
+class GgufBaseConfig:
+    """The baseline's GGUF that gguf variants are quantized from and measured against."""
+
+    base_type: str = "f16"
 
 
 @dataclass
@@ -72,29 +87,106 @@ class OverrideConfig:
     group_size: int = 128
 
 
+# One typed config per quantization method: a variant holds only its method's keys, and a
+# key of another method fails at composition (Hydra) and at validation, naming the key.
 @dataclass
-class VariantConfig:
-    method: str = "???"
+class RtnConfig:
+    """Round-to-nearest through GPTQModel's RTN, GPTQ checkpoint format."""
+
+    method: str = "rtn"
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+
+
+@dataclass
+class GptqConfig:
+    """GPTQ through GPTQModel, GPTQ checkpoint format."""
+
+    method: str = "gptq"
     bits: int = 4
     group_size: int = 128
     sym: bool = True
     desc_act: bool = False
     damp_percent: float = 0.05
-    # bnb 4-bit: nf4 | fp4, and double quantization of the block scales.
+
+
+@dataclass
+class AwqConfig:
+    """AWQ through GPTQModel, AutoAWQ GEMM format (4-bit only)."""
+
+    method: str = "awq"
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = False
+
+
+@dataclass
+class BnbConfig:
+    """bitsandbytes through transformers: NF4/FP4 at 4 bits (block 64), LLM.int8 at 8."""
+
+    method: str = "bnb"
+    bits: int = 4
+    group_size: int = 64
     quant_type: str = "nf4"
     double_quant: bool = False
-    # mixed: explicit overrides, applied in order (the first match wins) ...
+
+
+@dataclass
+class MixedConfig(GptqConfig):
+    """GPTQ with per-layer precision: explicit `overrides` (applied in order, the first match
+    wins) and, when `target_bits` > 0, the most sensitive remaining layers raised to
+    `promote_bits`/`promote_group_size` while the effective bits per weight stay within it."""
+
+    method: str = "mixed"
     overrides: List[OverrideConfig] = field(default_factory=list)
-    # ... and, when target_bits > 0, the most sensitive remaining layers raised to
-    # promote_bits/promote_group_size while the effective bits per weight stay <= target_bits.
     target_bits: float = 0.0
     promote_bits: int = 8
     promote_group_size: int = 128
 
 
 @dataclass
+class GgufOverrideConfig:
+    """GGUF tensors whose full name matches `pattern` (a regular expression over names such
+    as `blk.3.ffn_down.weight`) get the llama.cpp tensor type `type` (e.g. Q6_K)."""
+
+    pattern: str = "???"
+    type: str = "Q8_0"
+
+
+@dataclass
+class GgufConfig:
+    """llama.cpp: the baseline converted to GGUF and quantized by llama.cpp's own quantizer.
+
+    `type` is a llama.cpp file type (Q4_K_M, IQ4_XS, ...); `imatrix` uses the importance
+    matrix computed from the project's calibration mix; `token_embd_type`/`output_type`
+    set those tensors' types (null: llama.cpp's choice); `overrides` set per-tensor types;
+    `target_bpw` > 0 chooses per-tensor types from measured sensitivity among `mix_types`
+    (cheapest first) so that the decoder's bits per weight stay within it. `kv_cache_type`
+    is the KV-cache type the variant is evaluated and shipped with.
+    """
+
+    method: str = "gguf"
+    type: str = "Q4_K_M"
+    imatrix: bool = False
+    token_embd_type: Optional[str] = None
+    output_type: Optional[str] = None
+    overrides: List[GgufOverrideConfig] = field(default_factory=list)
+    target_bpw: float = 0.0
+    mix_types: List[str] = field(default_factory=lambda: ["Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+    kv_cache_type: str = "f16"
+
+
+METHOD_CONFIGS: Dict[str, type] = {
+    "rtn": RtnConfig, "gptq": GptqConfig, "awq": AwqConfig, "bnb": BnbConfig, "mixed": MixedConfig,
+    "gguf": GgufConfig,
+}
+
+
+@dataclass
 class QuantConfig:
-    variants: Dict[str, VariantConfig] = field(default_factory=dict)
+    # name -> one of METHOD_CONFIGS, chosen by its `method` key (validated per method).
+    variants: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -121,6 +213,8 @@ class EvalConfig:
     batch_size: int = 32
     kl_top_k: int = 32
     runtime: str = "dequantized"
+    # llama.cpp threads for every suite (0 = one per core).
+    threads: int = 0
     store_generations: bool = False
     golden: Optional[str] = None
     latency: LatencyConfig = field(default_factory=LatencyConfig)
@@ -137,6 +231,9 @@ class GateConfig:
     max_latency_p99_ratio: Optional[float] = None
     max_peak_memory_mb: Optional[float] = None
     memory_context: int = 1024
+    # A measured operational win: the variant's model memory (weights, KV cache, runtime
+    # buffers at memory_context) over the baseline's, on the same runtime; null = unchecked.
+    max_memory_ratio: Optional[float] = None
 
 
 @dataclass
@@ -153,6 +250,7 @@ class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    gguf: GgufBaseConfig = field(default_factory=GgufBaseConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     gate: GateConfig = field(default_factory=GateConfig)
@@ -163,7 +261,10 @@ def register() -> None:
     """Register the schema so `conf/config.yaml` can extend it through its defaults list."""
     from hydra.core.config_store import ConfigStore
 
-    ConfigStore.instance().store(name=SCHEMA_NAME, node=Config)
+    store = ConfigStore.instance()
+    store.store(name=SCHEMA_NAME, node=Config)
+    for method, schema in METHOD_CONFIGS.items():
+        store.store(group=METHOD_GROUP, name=method, node=schema)
 
 
 def compose(conf_dir: Path, overrides: list[str] | None = None) -> dict[str, Any]:
@@ -178,6 +279,38 @@ def compose(conf_dir: Path, overrides: list[str] | None = None) -> dict[str, Any
     return OmegaConf.to_container(composed, resolve=True)
 
 
+def _omegaconf_error(err: Exception, prefix: str = "") -> ConfigError:
+    key = getattr(err, "full_key", None) or "?"
+    reason = str(getattr(err, "msg", err)).splitlines()[0]
+    return ConfigError(f"params.yaml: {prefix}{key}: {reason}")
+
+
+def _typed_variant(name: str, raw: Any) -> Any:
+    """One variant as its method's dataclass; a key of another method is named."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    key = f"quant.variants.{name}"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"params.yaml: {key}: expected a mapping of the variant's keys, got {raw!r}")
+    method = raw.get("method")
+    if method not in METHOD_CONFIGS:
+        raise ConfigError(f"params.yaml: {key}.method={method!r} is not allowed "
+                          f"(allowed: {' | '.join(sorted(METHOD_CONFIGS))})")
+    schema = METHOD_CONFIGS[method]
+    known = set(schema.__dataclass_fields__)
+    for field_name in sorted(set(raw) - known):
+        owners = sorted(other for other, cls in METHOD_CONFIGS.items() if field_name in cls.__dataclass_fields__)
+        where = f"a key of {' | '.join(owners)}" if owners else "no method has it"
+        raise ConfigError(f"params.yaml: {key}.{field_name} is not a key of method {method} ({where}; "
+                          f"{method} takes: {', '.join(sorted(known))})")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), raw)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise _omegaconf_error(err, f"{key}.") from None
+
+
 def validate_raw(raw: Any) -> Config:
     """Validate a composed config (a plain dict) against the schema and the value ranges."""
     from omegaconf import OmegaConf
@@ -190,9 +323,8 @@ def validate_raw(raw: Any) -> Config:
             raise ConfigError(f"params.yaml: missing value for {', '.join(missing)}")
         config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None) or "?"
-        reason = str(getattr(err, "msg", err)).splitlines()[0]
-        raise ConfigError(f"params.yaml: {key}: {reason}") from None
+        raise _omegaconf_error(err) from None
+    config.quant.variants = {name: _typed_variant(name, variant) for name, variant in config.quant.variants.items()}
     _check_ranges(config)
     return config
 
@@ -208,6 +340,11 @@ def load_config(params_path: Path = Path("params.yaml")) -> Config:
     except yaml.YAMLError as err:
         raise ConfigError(f"{params_path}: not valid YAML ({str(err).splitlines()[0]})") from None
     return validate_raw(raw)
+
+
+def ladder_runtime(config: Config) -> str:
+    """The one runtime every variant of the ladder deploys on (validated in _check_ranges)."""
+    return runtime_of(next(iter(config.quant.variants.values())).method)
 
 
 SOURCES = ("path", "hf")
@@ -248,13 +385,28 @@ def _check_ranges(config: Config) -> None:
     _require(sensitivity.bits in (2, 3, 4, 8), "calibration.sensitivity.bits", sensitivity.bits, "2 | 3 | 4 | 8")
     _require(sensitivity.group_size in (-1, 32, 64, 128), "calibration.sensitivity.group_size",
              sensitivity.group_size, "-1 | 32 | 64 | 128")
+    _require(1 <= calibration.imatrix_samples <= 1000000, "calibration.imatrix_samples", calibration.imatrix_samples,
+             "1..1000000")
+    _require(32 <= calibration.imatrix_chunk <= 32768, "calibration.imatrix_chunk", calibration.imatrix_chunk,
+             "32..32768 tokens")
+    _require(config.gguf.base_type in ("f16", "bf16", "f32"), "gguf.base_type", config.gguf.base_type,
+             "f16 | bf16 | f32")
+    _require(config.eval.threads >= 0, "eval.threads", config.eval.threads, ">= 0 (0 = one per core)")
     _require(bool(config.quant.variants), "quant.variants", {}, "at least one variant")
     _require("baseline" not in config.quant.variants, "quant.variants", "baseline", "any name but 'baseline'")
     for name, variant in config.quant.variants.items():
         check_variant(f"quant.variants.{name}", variant)
-        if variant.target_bits > 0:
-            _require(sensitivity.samples > 0, f"quant.variants.{name}.target_bits", variant.target_bits,
+        target = "target_bpw" if variant.method == "gguf" else "target_bits"
+        if getattr(variant, target, 0) > 0:
+            _require(sensitivity.samples > 0, f"quant.variants.{name}.{target}", getattr(variant, target),
                      "0 (off) unless calibration.sensitivity.samples > 0 measures the layers' sensitivity")
+    runtimes = {name: runtime_of(variant.method) for name, variant in config.quant.variants.items()}
+    if len(set(runtimes.values())) > 1:
+        first = next(iter(runtimes))
+        other = next(name for name, runtime in runtimes.items() if runtime != runtimes[first])
+        raise ConfigError(f"params.yaml: quant.variants: {first} deploys on {runtimes[first]} but {other} on "
+                          f"{runtimes[other]} (allowed: one runtime per ladder, measured against its own baseline; "
+                          f"run the other ladder as its own experiment)")
     for family in config.eval.families:
         _require(family in EVAL_FAMILIES, "eval.families", family, " | ".join(EVAL_FAMILIES))
     _require(config.eval.limit >= 0, "eval.limit", config.eval.limit, ">= 0 (0 = every item)")
@@ -286,6 +438,8 @@ def _check_ranges(config: Config) -> None:
         _require(0 <= drop <= 1, f"gate.max_family_drop.{family}", drop, "0..1 (absolute drop in score)")
     if gate.max_latency_p99_ratio is not None:
         _require(gate.max_latency_p99_ratio > 0, "gate.max_latency_p99_ratio", gate.max_latency_p99_ratio, "> 0 or null")
-    if gate.max_peak_memory_mb is not None:
+    if gate.max_memory_ratio is not None:
+        _require(gate.max_memory_ratio > 0, "gate.max_memory_ratio", gate.max_memory_ratio, "> 0 or null")
+    if gate.max_peak_memory_mb is not None or gate.max_memory_ratio is not None:
         _require(gate.memory_context in config.eval.memory.context_lengths, "gate.memory_context",
                  gate.memory_context, f"one of eval.memory.context_lengths {config.eval.memory.context_lengths}")

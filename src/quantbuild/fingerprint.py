@@ -5,7 +5,11 @@ DVC reruns a stage only when something that matters drifted. Versions come from 
 metadata (no heavy imports); the device from /proc/cpuinfo and nvidia-smi where present.
 
 Scopes: *build* is what changes quantized weights (`quantize` depends on it); *runtime* is
-what changes measured results (`evaluate` depends on it, and `verify` compares it).
+what changes measured results (`evaluate` depends on it, and `verify` compares it). Both
+describe the torch stack. *llama_cpp* is both scopes for GGUF variants: the pinned
+llama-cpp-python, the llama.cpp commit it vendors, its gguf-py, the weight-repack choice and
+the device. Each method's stages depend on their own scope's file (`methods/`), so a
+llama.cpp upgrade reruns exactly the gguf stages and a torch upgrade exactly the others.
 """
 
 from __future__ import annotations
@@ -70,15 +74,37 @@ def gpu_info() -> list[dict[str, str]]:
 
 
 def fingerprints() -> dict[str, dict]:
-    """{"build": ..., "runtime": ...}; each a flat-ish JSON-able dict, stable across runs."""
-    device = {"cpu": cpu_info(), "gpu": gpu_info()}
+    """{"build": ..., "runtime": ..., "llama_cpp": ...}; JSON-able dicts, stable across runs."""
+    from quantbuild.runtimes import llama_cpp
+
+    cpu = cpu_info()
+    device = {"cpu": cpu, "gpu": gpu_info()}
     python = platform.python_version()
     return {
         "build": {"python": python, "packages": package_versions(BUILD_PACKAGES), "device": device,
                   "determinism": DETERMINISM},
         "runtime": {"python": python, "packages": package_versions(RUNTIME_PACKAGES), "device": device,
                     "determinism": DETERMINISM},
+        LLAMA_CPP_SCOPE: {"python": python, "llama_cpp": llama_cpp.fingerprint(cpu["isa"]), "device": device},
     }
+
+
+LLAMA_CPP_SCOPE = "llama_cpp"
+
+
+def scopes_of(method: str) -> tuple[str, str]:
+    """(build scope, runtime scope) of a quantization method's stages."""
+    return (LLAMA_CPP_SCOPE, LLAMA_CPP_SCOPE) if method == "gguf" else ("build", "runtime")
+
+
+def method_files(prints: dict[str, dict], methods: list[str]) -> dict[str, dict]:
+    """`methods/<method>.<build|runtime>.json` contents: each method's own scopes."""
+    files = {}
+    for method in methods:
+        build, runtime = scopes_of(method)
+        files[f"{method}.build.json"] = prints[build]
+        files[f"{method}.runtime.json"] = prints[runtime]
+    return files
 
 
 def flatten(value: object, prefix: str = "") -> dict[str, object]:
@@ -95,3 +121,12 @@ def drift(recorded: dict, current: dict) -> list[tuple[str, object, object]]:
     """(key, old, new) for every key whose value differs between two fingerprints."""
     old, new = flatten(recorded), flatten(current)
     return [(key, old.get(key), new.get(key)) for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+
+
+def libraries_of(method: str) -> dict[str, str]:
+    """The library versions a method's artifacts are built with (for records and manifests)."""
+    if method == "gguf":
+        from quantbuild.runtimes import llama_cpp
+
+        return {**package_versions(("llama-cpp-python", "gguf")), "llama.cpp": llama_cpp.vendored_commit()}
+    return package_versions(BUILD_PACKAGES)

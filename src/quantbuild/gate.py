@@ -39,6 +39,10 @@ def check_variant(baseline: dict, variant: dict, gate: GateConfig) -> list[dict[
     if gate.max_peak_memory_mb is not None:
         peak = variant["memory"]["by_context"][str(gate.memory_context)]["peak_mb"]
         checks.append(_check(f"peak_memory_mb@{gate.memory_context}", peak, gate.max_peak_memory_mb))
+    if gate.max_memory_ratio is not None:
+        context = str(gate.memory_context)
+        ratio = variant["memory"]["by_context"][context]["peak_mb"] / baseline["memory"]["by_context"][context]["peak_mb"]
+        checks.append(_check(f"memory_ratio@{gate.memory_context}", ratio, gate.max_memory_ratio))
     return checks
 
 

@@ -1,18 +1,20 @@
 """Write the release bundle `<package dir>/<model>-<variant>/`: the model files, a model
-card, `provenance.intoto.json`, `manifest.json` with the lineage, and, where a signing key
-is configured, `model.sig` over all of them; nothing else."""
+card, an Ollama `Modelfile` for GGUF variants, `provenance.intoto.json`, `manifest.json`
+with the lineage, and, where a signing key is configured, `model.sig` over all of them;
+nothing else."""
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from quantbuild.hashing import sha256_file, staged_dir, write_json
 from quantbuild.manifest import MANIFEST, SCHEMA
 from quantbuild.provenance import PROVENANCE, statement
 
 CARD = "README.md"
+MODELFILE = "Modelfile"
 LINEAGE_STAGES = ("fetch", "calibrate", "quantize@{v}", "evaluate@{v}", "evaluate_baseline", "select")
 
 
@@ -34,6 +36,15 @@ def dvc_lock_entries(lock_path: Path, variant: str) -> dict[str, Any]:
     return {name: stages[name] for name in wanted if name in stages}
 
 
+def _describe(variant: dict[str, Any]) -> str:
+    parameters = variant["parameters"]
+    if variant["method"] == "gguf":
+        imatrix = " with an importance matrix" if parameters.get("imatrix") else ""
+        mix = f", auto-mix within {parameters['target_bpw']} bits per weight" if parameters.get("target_bpw") else ""
+        return f"llama.cpp {parameters['type']} GGUF{imatrix}{mix} (KV cache {parameters['kv_cache_type']})"
+    return f"{variant['method'].upper()} {parameters['bits']}-bit (group size {parameters['group_size']})"
+
+
 def model_card(manifest: dict[str, Any]) -> str:
     variant, baseline = manifest["variant"], manifest["evaluation"]["baseline"]
     measured = manifest["evaluation"]["variant"]
@@ -42,40 +53,43 @@ def model_card(manifest: dict[str, Any]) -> str:
         rows.append(f"| {family} | {baseline['families'][family]['score']:.3f} | {measured['families'][family]['score']:.3f} |")
     if "perplexity" in measured:
         rows.insert(0, f"| perplexity | {baseline['perplexity']:.4f} | {measured['perplexity']:.4f} |")
+    runtime = manifest.get("deploy_runtime", "torch")
+    memory = measured.get("memory", {})
     return "\n".join([
         f"# {manifest['bundle']}",
         "",
-        f"{variant['method'].upper()} {variant['parameters']['bits']}-bit "
-        f"(group size {variant['parameters']['group_size']}) quantization of `{manifest['model']['name']}`, "
-        f"{variant['bits_per_weight']} effective bits per weight, built by quantbuild and released by its gate.",
+        f"{_describe(variant)} quantization of `{manifest['model']['name']}`, {variant['bits_per_weight']} effective "
+        f"bits per weight, built by quantbuild and released by its gate after evaluation on {runtime}.",
         "",
-        "## Scores (baseline vs this artifact)",
+        "## Scores (baseline vs this artifact, both measured on " + runtime + ")",
         "",
         "| metric | baseline | this |",
         "|---|---|---|",
         *rows,
         "",
         f"KL divergence vs baseline: mean {measured.get('kld_mean', 0):.5f}, p99 {measured.get('kld_p99', 0):.5f}; "
-        f"top-1 agreement {measured.get('top1_agreement', 1):.4f}.",
+        f"top-1 agreement {measured.get('top1_agreement', 1):.4f}. Model memory by context (MiB): "
+        + ", ".join(f"{ctx}: {values['peak_mb']}" for ctx, values in sorted(memory.get("by_context", {}).items(),
+                                                                           key=lambda kv: int(kv[0]))) + ".",
         "",
         "## Lineage",
         "",
         f"- baseline: {manifest['model']['source']} `{manifest['model']['location']}`"
         f" revision {manifest['model']['revision'] or 'n/a'}",
         f"- calibration digest: `{manifest['calibration']['digest']}`",
+        *([f"- importance matrix: `{manifest['imatrix']['sha256']}` over {manifest['imatrix']['tokens_used']} "
+           f"calibration tokens"] if manifest.get("imatrix") else []),
         f"- libraries: {', '.join(f'{k} {v}' for k, v in sorted(variant['libraries'].items()))}",
         f"- git commit: {manifest['git']['commit']}",
         "",
-        "## Load",
+        "## Run it",
         "",
-        "```python",
-        *LOAD_SNIPPETS.get(variant["method"], LOAD_SNIPPETS["gptq"]),
-        f"model = load('{manifest['bundle']}')",
-        "```",
+        *RUN_INSTRUCTIONS.get(variant["method"], RUN_INSTRUCTIONS["gptq"])(manifest["bundle"]),
         "",
         "## Verify",
         "",
-        f"`quantbuild verify {manifest['bundle']}` re-hashes every file against `manifest.json`, checks the",
+        f"`quantbuild verify artifacts/package/{manifest['bundle']}` re-hashes every file against `manifest.json`, "
+        "checks the",
         "signature (`--public-key`) where the bundle is signed, and compares this machine's runtime with the",
         "one the artifact was validated on (exit 0 ok, 1 integrity, 2 drift). `provenance.intoto.json` is",
         "an in-toto statement with SLSA provenance; `quantbuild lineage` prints the whole chain.",
@@ -83,12 +97,52 @@ def model_card(manifest: dict[str, Any]) -> str:
     ])
 
 
+def _gguf_instructions(bundle: str) -> list[str]:
+    return [
+        f"The folder `artifacts/package/{bundle}/` (below: `BUNDLE`) holds `model.gguf`; its own metadata carries",
+        "quantbuild's lineage (`quantbuild verify BUNDLE/model.gguf` checks it without the bundle).",
+        "",
+        "- llama.cpp: `llama-cli -m BUNDLE/model.gguf -p \"...\" -n 64` or `llama-server -m BUNDLE/model.gguf`",
+        f"- Ollama: `cd BUNDLE && ollama create {bundle} -f Modelfile && ollama run {bundle}`",
+        "- LM Studio: `lms import BUNDLE/model.gguf`, then load it from My Models",
+        "- Python (llama-cpp-python): `from llama_cpp import Llama; Llama(model_path='BUNDLE/model.gguf')`",
+        "",
+        "On CPUs with AMX or AVX-512, load without weight repacking (`--no-repack`; in the C API",
+        "`use_extra_bufts = false`): llama.cpp's repack path crashed on them where this was validated.",
+    ]
+
+
+def _python_instructions(lines: list[str]) -> Callable[[str], list[str]]:
+    def render(bundle: str) -> list[str]:
+        return ["```python", *lines, f"model = load('artifacts/package/{bundle}')  # the bundle folder's path", "```"]
+
+    return render
+
+
 _GPTQMODEL_LOAD = ["from gptqmodel import GPTQModel", "def load(path): return GPTQModel.load(path, device='cpu')  # or 'cuda'"]
-LOAD_SNIPPETS = {
-    "gptq": _GPTQMODEL_LOAD, "rtn": _GPTQMODEL_LOAD, "mixed": _GPTQMODEL_LOAD, "awq": _GPTQMODEL_LOAD,
-    "bnb": ["from transformers import AutoModelForCausalLM  # needs bitsandbytes",
-            "def load(path): return AutoModelForCausalLM.from_pretrained(path, device_map='cpu')  # or 'cuda'"],
+RUN_INSTRUCTIONS: dict[str, Callable[[str], list[str]]] = {
+    "gptq": _python_instructions(_GPTQMODEL_LOAD), "rtn": _python_instructions(_GPTQMODEL_LOAD),
+    "mixed": _python_instructions(_GPTQMODEL_LOAD), "awq": _python_instructions(_GPTQMODEL_LOAD),
+    "bnb": _python_instructions(["from transformers import AutoModelForCausalLM  # needs bitsandbytes",
+                                 "def load(path): return AutoModelForCausalLM.from_pretrained(path, device_map='cpu')"]),
+    "gguf": _gguf_instructions,
 }
+
+
+def modelfile(manifest: dict[str, Any]) -> str:
+    """An Ollama Modelfile for the bundle's GGUF: a base model, so the prompt goes in raw and
+    decoding is greedy, as it was evaluated."""
+    context = manifest["evaluation"]["variant"].get("memory", {}).get("by_context", {})
+    num_ctx = max((int(length) for length in context), default=1024)
+    kv = manifest["variant"]["parameters"].get("kv_cache_type", "f16")
+    return "\n".join([
+        f"# {manifest['bundle']}: built by quantbuild; evaluated in llama.cpp with a {kv} KV cache.",
+        "FROM ./model.gguf",
+        'TEMPLATE """{{ .Prompt }}"""',
+        "PARAMETER temperature 0",
+        f"PARAMETER num_ctx {num_ctx}",
+        "",
+    ])
 
 
 def build_bundle(out: Path, bundle_name: str, model_dir: Path, lineage: dict[str, Any],
@@ -106,6 +160,8 @@ def build_bundle(out: Path, bundle_name: str, model_dir: Path, lineage: dict[str
                 shutil.copyfile(source, bundle / source.name)
         manifest: dict[str, Any] = {"schema": SCHEMA, "bundle": bundle_name, **lineage}
         (bundle / CARD).write_text(model_card(manifest), encoding="utf-8")
+        if lineage["variant"]["method"] == "gguf":
+            (bundle / MODELFILE).write_text(modelfile(manifest), encoding="utf-8")
         subjects = {path.name: sha256_file(path) for path in sorted(bundle.iterdir())}
         write_json(bundle / PROVENANCE, statement(subjects, lineage))
         manifest["files"] = {

@@ -29,8 +29,16 @@ def statement(subjects: dict[str, str], lineage: dict[str, Any]) -> dict[str, An
     dependencies.append({"name": "calibration", "digest": {"sha256": calibration["digest"]},
                          "annotations": {"composition": calibration["composition"], "samples": calibration["samples"],
                                          "seq_len": calibration["seq_len"], "seed": calibration["seed"]}})
+    if lineage.get("imatrix"):
+        imatrix = lineage["imatrix"]
+        dependencies.append({"name": "imatrix", "digest": {"sha256": imatrix["sha256"]},
+                             "annotations": {"tokens": imatrix["tokens_used"], "composition": imatrix["composition"],
+                                             "text_sha256": imatrix["text_sha256"]}})
     dependencies += [{"name": f"pypi/{name}", "uri": f"pkg:pypi/{name}@{version}"}
-                     for name, version in sorted(variant["libraries"].items()) if version]
+                     for name, version in sorted(variant["libraries"].items()) if version and name != "llama.cpp"]
+    if variant["libraries"].get("llama.cpp"):
+        dependencies.append({"name": "llama.cpp", "uri": f"git+https://github.com/ggml-org/llama.cpp@"
+                                                         f"{variant['libraries']['llama.cpp']}"})
     commit = lineage["git"]["commit"]
     if commit:
         dependencies.append({"name": "source", "uri": "git+quantbuild-pipeline", "digest": {"gitCommit": commit},

@@ -13,9 +13,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from quantbuild.config import VariantConfig
 from quantbuild.errors import ConfigError
-from quantbuild.fingerprint import BUILD_PACKAGES, package_versions
+from quantbuild.fingerprint import libraries_of
 from quantbuild.hashing import digest_tree, staged_dir, write_json
 from quantbuild.quantizers import Inputs, check_against_model, check_variant, model_layers, plan_layers
 
@@ -58,7 +57,7 @@ def effective_bits(quantized: Path, plan: dict, layers: dict) -> dict[str, Any]:
             "nominal_bits": round(nominal, 4), "quantized_weights": total_weights, "layers": report}
 
 
-def build_variant(name: str, variant: VariantConfig, inputs: Inputs, out: Path) -> dict:
+def build_variant(name: str, variant: Any, inputs: Inputs, out: Path) -> dict:
     """Quantize `inputs.baseline` into `out/model` and write `out/quantize_record.json`.
 
     Every check (config, plan, architecture, layer widths, calibration) runs before any work.
@@ -66,7 +65,7 @@ def build_variant(name: str, variant: VariantConfig, inputs: Inputs, out: Path) 
     key = f"quant.variants.{name}"
     method = check_variant(key, variant)
     layers = model_layers(inputs.baseline)
-    plan = plan_layers(key, variant, layers, inputs.sensitivity)
+    plan = plan_layers(key, variant, layers, inputs.sensitivity, inputs.baseline)
     check_against_model(key, variant, inputs.baseline, plan, layers)
     if method.needs_calibration and not inputs.calibration:
         raise ConfigError(f"{key}: method {method.name} needs calibration data, and the calibration set is empty")
@@ -74,20 +73,26 @@ def build_variant(name: str, variant: VariantConfig, inputs: Inputs, out: Path) 
     with staged_dir(out) as staging:
         model_dir = staging / MODEL_DIR
         model_dir.mkdir()
-        measured = method.quantize(variant, replace(inputs, calibration=calibration), plan, model_dir)
+        lineage = {**(inputs.lineage or {}), "variant": {"name": name, "method": method.name,
+                                                         "parameters": asdict(variant)}}
+        measured = method.quantize(variant, replace(inputs, calibration=calibration, lineage=lineage), plan, model_dir)
         files = digest_tree(model_dir)
         size = sum((model_dir / file).stat().st_size for file in files)
         record = {
             "variant": name,
             "method": method.name,
             "parameters": asdict(variant),
-            "libraries": package_versions(BUILD_PACKAGES),
+            "libraries": libraries_of(method.name),
             "calibration_samples": len(calibration),
-            "sensitivity_sha256": inputs.sensitivity.get("sha256") if inputs.sensitivity and variant.target_bits else None,
+            "sensitivity_sha256": (inputs.sensitivity or {}).get("sha256") if _uses_sensitivity(variant) else None,
             "size_bytes": size,
             "files": files,
-            **effective_bits(model_dir, plan, layers),
+            **(method.effective_bits or effective_bits)(model_dir, plan, layers),
             **measured,
         }
         write_json(staging / RECORD, record)
     return record
+
+
+def _uses_sensitivity(variant: Any) -> bool:
+    return bool(getattr(variant, "target_bits", 0) or getattr(variant, "target_bpw", 0))

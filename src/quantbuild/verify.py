@@ -63,6 +63,7 @@ def verify(bundle: Path, current_runtime: dict | None = None, public_key: Path |
         result.problems.append(str(err))
         return result
     recorded = manifest.get("fingerprints", {}).get("runtime", {})
-    current = current_runtime if current_runtime is not None else fingerprints()["runtime"]
+    scope = manifest.get("fingerprints", {}).get("runtime_scope", "runtime")
+    current = current_runtime if current_runtime is not None else fingerprints()[scope]
     result.drifted = drift(recorded, current)
     return result

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from quantbuild.evaluation.stats import percentile
 
@@ -33,10 +33,20 @@ def position_logprobs(model: Any, tokenizer: Any, texts: list[str], batch_size: 
 
 def reference(model: Any, tokenizer: Any, texts: list[str], top_k: int, batch_size: int) -> tuple[dict, dict]:
     """(tensors to store, metrics): the baseline's top-k per position and its perplexity."""
+    return reference_from(position_logprobs(model, tokenizer, texts, batch_size), top_k)
+
+
+def compare(model: Any, tokenizer: Any, texts: list[str], stored: dict, batch_size: int) -> dict:
+    """Perplexity of `model`, and KL divergence / top-1 agreement against the stored reference."""
+    return compare_from(position_logprobs(model, tokenizer, texts, batch_size), stored)
+
+
+def reference_from(positions: Iterable[tuple[Any, Any]], top_k: int) -> tuple[dict, dict]:
+    """`reference` over any runtime's (log-probabilities, targets) batches."""
     import torch
 
     ids, values, nll, count = [], [], 0.0, 0
-    for logprobs, targets in position_logprobs(model, tokenizer, texts, batch_size):
+    for logprobs, targets in positions:
         top = torch.topk(logprobs, top_k, dim=-1)
         ids.append(top.indices.to(torch.int32))
         values.append(top.values)
@@ -46,13 +56,15 @@ def reference(model: Any, tokenizer: Any, texts: list[str], top_k: int, batch_si
     return tensors, {"perplexity": math.exp(nll / count), "tokens": count}
 
 
-def compare(model: Any, tokenizer: Any, texts: list[str], stored: dict, batch_size: int) -> dict:
-    """Perplexity of `model`, and KL divergence / top-1 agreement against the stored reference."""
+def compare_from(positions: Iterable[tuple[Any, Any]], stored: dict) -> dict:
+    """`compare` over any runtime's (log-probabilities, targets) batches."""
     ref_ids, ref_logprobs = stored["topk_ids"].long(), stored["topk_logprobs"].float()
     klds, agree, nll, count, offset = [], 0, 0.0, 0, 0
-    for logprobs, targets in position_logprobs(model, tokenizer, texts, batch_size):
+    for logprobs, targets in positions:
         rows = slice(offset, offset + targets.numel())
         offset += targets.numel()
+        if offset > ref_ids.shape[0]:
+            raise ValueError(f"reference has {ref_ids.shape[0]} positions, evaluation produced more")
         p_top = ref_logprobs[rows].exp()
         q_top = logprobs.gather(-1, ref_ids[rows])
         p_rest = (1 - p_top.sum(-1)).clamp(min=1e-10)

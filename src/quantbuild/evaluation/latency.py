@@ -43,13 +43,17 @@ def measure_latency(model: Any, vocab_size: int, prompt_lengths: list[int], new_
         input_ids = torch.randint(3, vocab_size, (1, length), generator=generator).to(device)
         for _ in range(warmup):
             _one_run(model, input_ids, new_tokens)
-        runs = [_one_run(model, input_ids, new_tokens) for _ in range(repeats)]
-        ttft = [first * 1000 for first, _ in runs]
-        decode = [per_token * 1000 for _, per_token in runs]
-        results[str(length)] = {
-            "runs": repeats,
-            **{f"ttft_ms_p{q}": round(percentile(ttft, q), 3) for q in (50, 95, 99)},
-            **{f"decode_ms_per_token_p{q}": round(percentile(decode, q), 3) for q in (50, 95, 99)},
-            "decode_tokens_per_s_p50": round(1000 / percentile(decode, 50), 2),
-        }
+        results[str(length)] = summarise_runs([_one_run(model, input_ids, new_tokens) for _ in range(repeats)])
     return results
+
+
+def summarise_runs(runs: list[tuple[float, float]]) -> dict[str, float]:
+    """TTFT and per-token decode percentiles (ms) and decode tokens/s of (seconds, seconds) runs."""
+    ttft = [first * 1000 for first, _ in runs]
+    decode = [per_token * 1000 for _, per_token in runs]
+    return {
+        "runs": len(runs),
+        **{f"ttft_ms_p{q}": round(percentile(ttft, q), 3) for q in (50, 95, 99)},
+        **{f"decode_ms_per_token_p{q}": round(percentile(decode, q), 3) for q in (50, 95, 99)},
+        "decode_tokens_per_s_p50": round(1000 / percentile(decode, 50), 2),
+    }

@@ -1,9 +1,9 @@
-"""Evaluate one model folder (the baseline or a variant) on the configured families.
+"""Evaluate the baseline or one variant on the configured families, on its deploy runtime.
 
 Every eval file is read and validated before any model is loaded, so a bad line costs
 seconds, not a model load. The model is loaded through the runtime a user deploys with:
-transformers for the baseline, GPTQModel's loader (transformers + its kernels) for GPTQ
-checkpoints.
+llama.cpp for GGUF files (`evaluate_gguf`); for the torch stack (`evaluate`) transformers
+for the baseline, GPTQModel's loader (transformers + its kernels) for GPTQ checkpoints.
 """
 
 from __future__ import annotations
@@ -57,39 +57,63 @@ def load_model(folder: Path, runtime: str = "kernel") -> Any:
 
 
 def evaluate(model_dir: Path, config: EvalConfig, data_dir: Path, out: Path, reference: Path | None) -> dict:
-    """Write metrics.json, families.json (and reference.safetensors for the baseline)."""
+    """Torch runtime: write metrics.json, families.json, latency.json, memory.json (and
+    reference.safetensors for the baseline)."""
     from transformers import AutoTokenizer
 
     items, digests = load_eval_items(config, data_dir)
     stored = distributions.load_reference(reference) if reference is not None else None
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     model = load_model(model_dir, config.runtime)
+    lm, tensors = None, None
+    lm_texts = [item.prompt for item in items.get("language_modelling", [])]
+    if lm_texts:
+        if stored is None:
+            tensors, lm = distributions.reference(model, tokenizer, lm_texts, config.kl_top_k, config.batch_size)
+            lm.update({"kld_mean": 0.0, "kld_p99": 0.0, "top1_agreement": 1.0})
+        else:
+            lm = distributions.compare(model, tokenizer, lm_texts, stored, config.batch_size)
+    generative = [item for family, family_items in items.items() if family != "language_modelling" for item in family_items]
+    records = run_generative(model, tokenizer, generative, config.batch_size)
+    if config.latency.runtime != config.runtime:
+        model = load_model(model_dir, config.latency.runtime)
+    latency = measure_latency(model, len(tokenizer), config.latency.prompt_lengths, config.latency.new_tokens,
+                              config.latency.warmup, config.latency.repeats, seed=0)
+    memory = measure_memory(model, config.memory.context_lengths, config.memory.budget_mb, model_dir, seed=0)
+    head = {"eval_files_sha256": digests, "runtime": config.runtime, "deploy_runtime": "torch"}
+    return _write(out, config, head, lm, tensors, generative, records, latency, memory)
+
+
+def evaluate_gguf(path: Path, kv_type: str, config: EvalConfig, data_dir: Path, out: Path,
+                  reference: Path | None, repack: bool) -> dict:
+    """llama.cpp runtime: the same outputs as `evaluate`, every suite measured in llama.cpp."""
+    from quantbuild.evaluation import llama
+
+    items, digests = load_eval_items(config, data_dir)
+    stored = distributions.load_reference(reference) if reference is not None else None
+    measured = llama.measure(path, kv_type, config, items, stored, repack)
+    head = {"eval_files_sha256": digests, "runtime": "llama.cpp", "deploy_runtime": "llama.cpp",
+            "llama_cpp": {"kv_cache_type": kv_type, "threads": measured["threads"], "repack": repack}}
+    return _write(out, config, head, measured["lm"], measured["reference"], measured["generative"],
+                  measured["records"], measured["latency"], measured["memory"])
+
+
+def _write(out: Path, config: EvalConfig, head: dict, lm: dict | None, tensors: dict | None, generative: list[Item],
+           records: list[dict], latency: dict, memory: dict) -> dict:
     with staged_dir(out) as staging:
-        metrics: dict[str, Any] = {"eval_files_sha256": digests, "runtime": config.runtime, "families": {}}
-        lm_texts = [item.prompt for item in items.get("language_modelling", [])]
-        if lm_texts:
-            if stored is None:
-                tensors, lm = distributions.reference(model, tokenizer, lm_texts, config.kl_top_k, config.batch_size)
-                distributions.save_reference(tensors, staging / REFERENCE)
-                lm.update({"kld_mean": 0.0, "kld_p99": 0.0, "top1_agreement": 1.0})
-            else:
-                lm = distributions.compare(model, tokenizer, lm_texts, stored, config.batch_size)
+        metrics: dict[str, Any] = {**head, "families": {}}
+        if lm is not None:
             metrics.update({key: round(value, 6) for key, value in lm.items()})
-        generative = [item for family, family_items in items.items() if family != "language_modelling" for item in family_items]
-        records = run_generative(model, tokenizer, generative, config.batch_size)
+        if tensors is not None:
+            distributions.save_reference(tensors, staging / REFERENCE)
         for family, summary in summarise(generative, records).items():
             low, high = wilson_interval(summary["correct"] * summary["n"], int(summary["n"]))
             extra = {key: round(value, 6) for key, value in summary.items() if key not in ("n", "correct")}
             metrics["families"][family] = {"score": round(summary["correct"], 6), "n": int(summary["n"]),
                                            "ci_low": round(low, 6), "ci_high": round(high, 6), **extra}
         _long_context_cells(generative, records, metrics)
-        if config.latency.runtime != config.runtime:
-            model = load_model(model_dir, config.latency.runtime)
-        metrics["latency"] = measure_latency(model, len(tokenizer), config.latency.prompt_lengths,
-                                             config.latency.new_tokens, config.latency.warmup,
-                                             config.latency.repeats, seed=0)
-        metrics["memory"] = measure_memory(model, config.memory.context_lengths, config.memory.budget_mb,
-                                           model_dir, seed=0)
+        metrics["latency"] = latency
+        metrics["memory"] = memory
         write_json(staging / METRICS, metrics)
         write_json(staging / FAMILIES, [{"family": family, "score": values["score"]}
                                         for family, values in sorted(metrics["families"].items())])

@@ -28,6 +28,10 @@ class Inputs:
     baseline: Path
     calibration: list[list[int]]
     sensitivity: Optional[dict] = None
+    # The gguf_base stage's folder (the baseline's GGUF and the importance matrix), and the
+    # lineage a GGUF file carries in its own metadata; used by the gguf method only.
+    gguf_base: Optional[Path] = None
+    lineage: Optional[dict] = None
 
 
 @dataclass(frozen=True)
@@ -38,12 +42,15 @@ class Method:
     needs_calibration: bool
     # (variant, inputs, per-layer plan, output folder) -> measurements
     quantize: Callable[[Any, Inputs, dict, Path], dict]
-    # "gptqmodel" (architectures GPTQModel knows) or "transformers" (any causal LM)
+    # "gptqmodel" (architectures GPTQModel knows), "transformers" (any causal LM) or
+    # "llama.cpp" (architectures its converter knows)
     library: str = "gptqmodel"
     # extra rules of this method: (key, variant) -> raises ConfigError
     check: Optional[Callable[[str, Any], None]] = None
-    # per-layer precision: (key, variant, layers, sensitivity) -> {layer: {bits, group_size, reason}}
-    plan: Optional[Callable[[str, Any, dict, Optional[dict]], dict]] = None
+    # per-layer precision: (key, variant, layers, sensitivity, baseline) -> {layer: {..., reason}}
+    plan: Optional[Callable[[str, Any, dict, Optional[dict], Path], dict]] = None
+    # (model folder, plan, layers) -> bits per weight as stored; None: the safetensors count
+    effective_bits: Optional[Callable[[Path, dict, dict], dict]] = None
 
 
 def measurements(started: float) -> dict[str, float]:
@@ -62,9 +69,9 @@ def measurements(started: float) -> dict[str, float]:
 
 
 def _registry() -> dict[str, Method]:
-    from quantbuild.quantizers import awq, bnb, gptq, mixed, rtn
+    from quantbuild.quantizers import awq, bnb, gguf, gptq, mixed, rtn
 
-    return {module.METHOD.name: module.METHOD for module in (rtn, gptq, awq, bnb, mixed)}
+    return {module.METHOD.name: module.METHOD for module in (rtn, gptq, awq, bnb, mixed, gguf)}
 
 
 def allowed(values: tuple) -> str:
@@ -76,14 +83,14 @@ def check_variant(key: str, variant: Any) -> Method:
     if variant.method not in methods:
         raise ConfigError(f"params.yaml: {key}.method={variant.method!r} is not allowed (allowed: {' | '.join(sorted(methods))})")
     method = methods[variant.method]
-    if variant.bits not in method.bits:
+    # bits/group sizes apply to the integer formats; a GGUF variant names llama.cpp types.
+    if method.bits and variant.bits not in method.bits:
         raise ConfigError(f"params.yaml: {key}.bits={variant.bits} is not supported by {method.name} (allowed: {allowed(method.bits)})")
-    if variant.group_size not in method.group_sizes:
+    if method.group_sizes and variant.group_size not in method.group_sizes:
         raise ConfigError(f"params.yaml: {key}.group_size={variant.group_size} is not supported by {method.name} (allowed: {allowed(method.group_sizes)})")
-    if not 0 < variant.damp_percent < 1:
-        raise ConfigError(f"params.yaml: {key}.damp_percent={variant.damp_percent} is not allowed (allowed: 0 < value < 1)")
-    if method.name != "mixed" and (variant.overrides or variant.target_bits):
-        raise ConfigError(f"params.yaml: {key}.overrides/target_bits are not supported by {method.name} (allowed: method mixed)")
+    damp_percent = getattr(variant, "damp_percent", None)
+    if damp_percent is not None and not 0 < damp_percent < 1:
+        raise ConfigError(f"params.yaml: {key}.damp_percent={damp_percent} is not allowed (allowed: 0 < value < 1)")
     if method.check is not None:
         method.check(key, variant)
     return method
@@ -104,13 +111,15 @@ def model_layers(baseline: Path) -> dict[str, tuple[int, int]]:
     return dict(sorted(layers.items()))
 
 
-def uniform_plan(key: str, variant: Any, layers: dict, sensitivity: Optional[dict]) -> dict:
+def uniform_plan(key: str, variant: Any, layers: dict, sensitivity: Optional[dict], baseline: Path) -> dict:
+    if not hasattr(variant, "bits"):
+        raise ConfigError(f"params.yaml: {key}: method {variant.method} has no uniform bit width")
     return {name: {"bits": variant.bits, "group_size": variant.group_size, "reason": "variant"} for name in layers}
 
 
-def plan_layers(key: str, variant: Any, layers: dict, sensitivity: Optional[dict]) -> dict:
+def plan_layers(key: str, variant: Any, layers: dict, sensitivity: Optional[dict], baseline: Path) -> dict:
     method = check_variant(key, variant)
-    return (method.plan or uniform_plan)(key, variant, layers, sensitivity)
+    return (method.plan or uniform_plan)(key, variant, layers, sensitivity, baseline)
 
 
 def _architecture(baseline: Path) -> str:
@@ -134,6 +143,11 @@ def check_against_model(key: str, variant: Any, baseline: Path, plan: dict, laye
     """The library must support the architecture, and every layer's group size must divide
     its input width."""
     method = check_variant(key, variant)
+    if method.library == "llama.cpp":
+        from quantbuild.runtimes.gguf_file import check_architecture
+
+        check_architecture(baseline)
+        return
     architecture = _architecture(baseline)
     if architecture not in supported_architectures(method.library):
         raise ConfigError(
@@ -141,7 +155,7 @@ def check_against_model(key: str, variant: Any, baseline: Path, plan: dict, laye
             f"({method.library}; allowed: an architecture {method.library} lists, e.g. llama, qwen2, mistral)"
         )
     for name, precision in sorted(plan.items()):
-        group = precision["group_size"]
+        group = precision.get("group_size", -1)
         width = layers[name][1]
         if group != -1 and width % group:
             raise ConfigError(
@@ -163,6 +177,10 @@ def matching_layers(key: str, pattern: str, layers: dict) -> list[str]:
         raise ConfigError(f"params.yaml: {key}.pattern={pattern!r} matches no layer (allowed: a regular expression "
                           f"matching whole layer names such as {example!r})")
     return matched
+
+
+def method_names() -> list[str]:
+    return sorted(_registry())
 
 
 def get_method(name: str) -> Method:

@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 from quantbuild.errors import ConfigError
 from quantbuild.quantizers import GPTQ_BITS, GPTQ_GROUPS, Inputs, Method, allowed, matching_layers
+from quantbuild.quantizers.planner import Level, promote
 
 
 def layer_bits_per_weight(shape: tuple[int, int], bits: int, group_size: int) -> float:
@@ -66,28 +67,29 @@ def _promote(key: str, variant: Any, layers: dict, plan: dict, sensitivity: Opti
         raise ConfigError(f"calibration sensitivity: no measurement for layer {unknown[0]} (it was measured on "
                           f"another model; rerun the calibrate stage)")
     total = sum(out * inp for out, inp in layers.values())
-    budget = variant.target_bits * total
-    used = plan_bits_per_weight(plan, layers) * total
-    if used > budget:
-        raise ConfigError(f"params.yaml: {key}.target_bits={variant.target_bits} is below the {used / total:.4f} "
-                          f"bits per weight the plan needs before promotion (allowed: >= {used / total:.4f})")
-
-    def extra(name: str) -> float:
-        weights = layers[name][0] * layers[name][1]
-        promoted = layer_bits_per_weight(layers[name], variant.promote_bits, variant.promote_group_size)
-        current = layer_bits_per_weight(layers[name], plan[name]["bits"], plan[name]["group_size"])
-        return (promoted - current) * weights
-
-    candidates = [name for name in layers if plan[name]["reason"] == "variant" and extra(name) > 0]
-    # Most output divergence removed per extra stored bit first; names break ties.
-    for name in sorted(candidates, key=lambda n: (-measured[n]["kld"] / extra(n), n)):
-        if used + extra(name) <= budget:
-            used += extra(name)
+    used = plan_bits_per_weight(plan, layers)
+    if used > variant.target_bits:
+        raise ConfigError(f"params.yaml: {key}.target_bits={variant.target_bits} is below the {used:.4f} "
+                          f"bits per weight the plan needs before promotion (allowed: >= {used:.4f})")
+    promoted = (variant.promote_bits, variant.promote_group_size)
+    levels, weights = {}, {}
+    for name, (out_features, in_features) in layers.items():
+        current = (plan[name]["bits"], plan[name]["group_size"])
+        options = [Level(current, layer_bits_per_weight(layers[name], *current))]
+        if plan[name]["reason"] == "variant":
+            options.append(Level(promoted, layer_bits_per_weight(layers[name], *promoted)))
+        levels[name], weights[name] = options, out_features * in_features
+    # Most output divergence removed per extra stored bit first (one promotion level, so the
+    # measured divergence itself is the gain).
+    chosen, _ = promote(levels, weights, {name: 0 for name in layers}, variant.target_bits * total,
+                        lambda name, current, upper: measured[name]["kld"])
+    for name, index in chosen.items():
+        if index:
             plan[name] = {"bits": variant.promote_bits, "group_size": variant.promote_group_size,
                           "reason": f"promoted (sensitivity kld {measured[name]['kld']:.3g})"}
 
 
-def _plan(key: str, variant: Any, layers: dict, sensitivity: Optional[dict]) -> dict:
+def _plan(key: str, variant: Any, layers: dict, sensitivity: Optional[dict], baseline: Path) -> dict:
     plan = {name: {"bits": variant.bits, "group_size": variant.group_size, "reason": "variant"} for name in layers}
     for index, override in enumerate(variant.overrides):
         for name in matching_layers(f"{key}.overrides[{index}]", override.pattern, layers):

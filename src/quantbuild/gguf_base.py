@@ -1,0 +1,83 @@
+"""The baseline in llama.cpp's format, and the importance matrix GGUF variants use.
+
+`base.gguf` is the pinned baseline converted by llama.cpp's converter (F16 by default): the
+file every gguf variant is quantized from, and the baseline a llama.cpp ladder is measured
+against. `imatrix.gguf` is llama-imatrix's importance matrix over the project's seeded
+calibration mix, drawn to `calibration.imatrix_samples` samples: measured here, an imatrix
+from the 48 calibration samples (7.9k tokens) made Q4_K_M worse than none, one from ~100k
+tokens helped (bench/README.md). The text goes to a temporary file outside the artifacts
+and is deleted; the record keeps its digest, token count and composition only.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from quantbuild.config import CalibrationConfig
+from quantbuild.hashing import sha256_bytes, sha256_file, staged_dir, write_json
+
+RECORD = "gguf_base_record.json"
+
+
+def build_base(baseline: Path, calibration: CalibrationConfig, data_dir: Path, base_type: str, needed: bool,
+               imatrix: bool, repack: bool, out: Path) -> dict[str, Any]:
+    """Write `base.gguf` (+ `imatrix.gguf` when `imatrix`) and the record into `out`.
+
+    With `needed` false (the ladder has no gguf variant) only the record is written, so a
+    ladder on another runtime neither converts nor depends on llama.cpp.
+    """
+    from quantbuild.quantizers.gguf import BASE_FILE, IMATRIX_FILE
+
+    with staged_dir(out) as staging:
+        if not needed:
+            record: dict[str, Any] = {"converted": False, "reason": "no gguf variant in the ladder"}
+            write_json(staging / RECORD, record)
+            return record
+        from quantbuild.runtimes.gguf_file import convert, known_pretokenizer, metadata, tensor_digest
+
+        base = staging / BASE_FILE
+        convert(baseline, base, base_type)
+        record = {"converted": True, "base_type": base_type, "base_sha256": sha256_file(base),
+                  "tensors_sha256": tensor_digest(base),
+                  "pre_tokenizer": metadata(base).get("tokenizer.ggml.pre"),
+                  "pre_tokenizer_named_by_quantbuild": known_pretokenizer(baseline / "tokenizer.json") is not None,
+                  "imatrix": None}
+        if imatrix:
+            record["imatrix"] = compute_imatrix(base, calibration, data_dir, baseline, repack,
+                                                staging / IMATRIX_FILE)
+        write_json(staging / RECORD, record)
+    return record
+
+
+def compute_imatrix(base: Path, calibration: CalibrationConfig, data_dir: Path, tokenizer_dir: Path, repack: bool,
+                    out: Path) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    from quantbuild.calibration import draw_texts
+    from quantbuild.runtimes.llama_cpp import run_tool
+
+    texts, composition = draw_texts(calibration, data_dir, calibration.imatrix_samples)
+    text = "\n\n".join(texts)
+    tokens = len(AutoTokenizer.from_pretrained(str(tokenizer_dir))(text, verbose=False)["input_ids"])
+    chunk = calibration.imatrix_chunk
+    if tokens < 2 * chunk:
+        from quantbuild.errors import DataError
+
+        raise DataError(f"calibration: the imatrix mix has {tokens} tokens, fewer than two chunks of {chunk} "
+                        f"(raise calibration.imatrix_samples or lower calibration.imatrix_chunk)")
+    with tempfile.TemporaryDirectory(prefix="quantbuild-imatrix-") as folder:
+        corpus = Path(folder) / "calibration.txt"
+        corpus.write_text(text, encoding="utf-8")
+        args = ["-m", str(base), "-f", str(corpus), "-o", str(out), "-c", str(chunk), "-b", str(chunk),
+                "-t", "2", "--no-ppl", "--output-frequency", "1000000"]
+        if not repack:
+            args.append("--no-repack")
+        output = run_tool("llama-imatrix", args, "gguf importance matrix")
+    chunks = re.search(r"computing over (\d+) chunks", output)
+    used_chunks = int(chunks.group(1)) if chunks else None
+    return {"sha256": sha256_file(out), "text_sha256": sha256_bytes(text.encode("utf-8")), "tokens": tokens,
+            "tokens_used": used_chunks * chunk if used_chunks else None, "chunks": used_chunks, "chunk_size": chunk,
+            "samples": len(texts), "seed": calibration.seed, "composition": composition}

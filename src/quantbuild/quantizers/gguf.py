@@ -1,0 +1,215 @@
+"""GGUF through llama.cpp's own quantizer (`llama-quantize`, built from the pinned sdist).
+
+The gguf_base stage has converted the baseline to a 16/32-bit GGUF and computed the
+importance matrix from the project's calibration mix; this method quantizes that file to a
+llama.cpp file type (K and IQ types), optionally with the importance matrix, with
+`token_embd`/`output` types and per-tensor overrides, or with an automatic per-tensor mix
+under a bits-per-weight target chosen by the planner the GPTQ `mixed` method uses (one
+planner, two formats). The result carries quantbuild's lineage in its own metadata.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from quantbuild.errors import ConfigError
+from quantbuild.quantizers import Inputs, Method, matching_layers, measurements
+from quantbuild.quantizers.planner import Level, noise_model_kld, promote
+
+MODEL_FILE = "model.gguf"
+BASE_FILE = "base.gguf"
+IMATRIX_FILE = "imatrix.gguf"
+# Stored bits per weight of each llama.cpp tensor type (block bytes * 8 / block size);
+# a test keeps this in step with gguf-py's GGML_QUANT_SIZES.
+TENSOR_TYPE_BITS = {
+    "F32": 32.0, "F16": 16.0, "BF16": 16.0, "Q8_0": 8.5, "Q6_K": 6.5625, "Q5_K": 5.5, "Q5_0": 5.5, "Q5_1": 6.0,
+    "Q4_K": 4.5, "Q4_0": 4.5, "Q4_1": 5.0, "IQ4_XS": 4.25, "IQ4_NL": 4.5, "Q3_K": 3.4375, "IQ3_S": 3.4375,
+    "IQ3_XXS": 3.0625, "Q2_K": 2.625, "IQ2_S": 2.5, "IQ2_XS": 2.3125, "IQ2_XXS": 2.0625,
+}
+# llama.cpp file types (`llama-quantize ... TYPE`); the last group refuses to run without an
+# importance matrix.
+FILE_TYPES = ("F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_0", "Q5_1", "Q4_K_M", "Q4_K_S", "Q4_0", "Q4_1",
+              "IQ4_XS", "IQ4_NL", "Q3_K_L", "Q3_K_M", "Q3_K_S", "IQ3_M", "IQ3_S", "IQ3_XS", "IQ3_XXS", "Q2_K",
+              "Q2_K_S", "IQ2_M", "IQ2_S", "IQ2_XS", "IQ2_XXS")
+NEEDS_IMATRIX = ("Q2_K_S", "IQ2_S", "IQ2_XS", "IQ2_XXS")
+KV_CACHE_TYPES = ("f16", "q8_0", "q4_0")
+
+
+def _check_type(key: str, value: Optional[str], allowed_types: tuple[str, ...] | dict) -> None:
+    if value is not None and value not in allowed_types:
+        raise ConfigError(f"params.yaml: {key}={value!r} is not a llama.cpp type quantbuild allows "
+                          f"(allowed: {', '.join(allowed_types)})")
+
+
+def _check(key: str, variant: Any) -> None:
+    _check_type(f"{key}.type", variant.type, FILE_TYPES)
+    _check_type(f"{key}.token_embd_type", variant.token_embd_type, TENSOR_TYPE_BITS)
+    _check_type(f"{key}.output_type", variant.output_type, TENSOR_TYPE_BITS)
+    for index, override in enumerate(variant.overrides):
+        _check_type(f"{key}.overrides[{index}].type", override.type, TENSOR_TYPE_BITS)
+    for index, name in enumerate(variant.mix_types):
+        _check_type(f"{key}.mix_types[{index}]", name, TENSOR_TYPE_BITS)
+    if variant.type in NEEDS_IMATRIX and not variant.imatrix:
+        raise ConfigError(f"params.yaml: {key}.imatrix=False is not allowed for type {variant.type} "
+                          f"(llama.cpp needs an importance matrix for it: set imatrix: true)")
+    if variant.kv_cache_type not in KV_CACHE_TYPES:
+        raise ConfigError(f"params.yaml: {key}.kv_cache_type={variant.kv_cache_type!r} is not allowed "
+                          f"(allowed: {' | '.join(KV_CACHE_TYPES)})")
+    if variant.target_bpw:
+        costs = [TENSOR_TYPE_BITS[name] for name in variant.mix_types]
+        if len(costs) < 2 or costs != sorted(costs) or len(set(costs)) != len(costs):
+            raise ConfigError(f"params.yaml: {key}.mix_types={list(variant.mix_types)} is not allowed (allowed: two "
+                              f"or more llama.cpp tensor types, cheapest first, of different sizes)")
+        if not 1 < variant.target_bpw <= 16:
+            raise ConfigError(f"params.yaml: {key}.target_bpw={variant.target_bpw} is not allowed "
+                              f"(allowed: 0 = off, or 1 < value <= 16)")
+
+
+def gguf_names(baseline: Path, layers: dict) -> dict[str, str]:
+    """HF layer name -> GGUF tensor name (`model.layers.3.mlp.down_proj` -> `blk.3.ffn_down.weight`),
+    through gguf-py's tensor map for the converter's architecture."""
+    import json
+
+    from quantbuild.runtimes.gguf_file import _vendored, check_architecture
+
+    architecture = check_architecture(baseline)
+    _vendored()
+    import gguf
+    from conversion import get_model_class
+
+    blocks = json.loads((baseline / "config.json").read_text()).get("num_hidden_layers", 0)
+    mapping = gguf.get_tensor_name_map(get_model_class(architecture).model_arch, blocks)
+    names = {}
+    for layer in layers:
+        mapped = mapping.get_name(f"{layer}.weight", try_suffixes=(".weight",))
+        if mapped is None:
+            raise ConfigError(f"gguf: layer {layer} has no GGUF tensor name in llama.cpp's map for {architecture}")
+        names[layer] = mapped
+    return names
+
+
+def _plan(key: str, variant: Any, layers: dict, sensitivity: Optional[dict], baseline: Path) -> dict:
+    """Per decoder layer: its GGUF tensor name and an explicit type (None: the file type's
+    own choice, which llama.cpp varies by tensor for the _S/_M/_L mixes)."""
+    names = gguf_names(baseline, layers)
+    plan = {name: {"gguf_name": names[name], "type": None, "reason": "variant"} for name in layers}
+    by_gguf = {gguf_name: layer for layer, gguf_name in names.items()}
+    for index, override in enumerate(variant.overrides):
+        for gguf_name in matching_layers(f"{key}.overrides[{index}]", override.pattern, by_gguf):
+            layer = by_gguf[gguf_name]
+            if plan[layer]["reason"] == "variant":
+                plan[layer].update(type=override.type, reason=f"override {override.pattern}")
+    if variant.target_bpw:
+        _auto_mix(key, variant, layers, plan, sensitivity)
+    return plan
+
+
+def _auto_mix(key: str, variant: Any, layers: dict, plan: dict, sensitivity: Optional[dict]) -> None:
+    """Every layer not overridden gets a type from `mix_types`, chosen greedily by estimated
+    KL divergence removed per extra stored bit, within `target_bpw` over the decoder."""
+    if sensitivity is None:
+        raise ConfigError(f"params.yaml: {key}.target_bpw={variant.target_bpw} needs the per-layer sensitivity the "
+                          f"calibrate stage measures (allowed: 0, or set calibration.sensitivity.samples > 0)")
+    measured = sensitivity["layers"]
+    unknown = sorted(set(layers) - set(measured))
+    if unknown:
+        raise ConfigError(f"calibration sensitivity: no measurement for layer {unknown[0]} (it was measured on "
+                          f"another model; rerun the calibrate stage)")
+    config = sensitivity["config"]
+    measured_bits = config["bits"] + (16 / config["group_size"] if config["group_size"] > 0 else 0)
+    weights = {name: out * inp for name, (out, inp) in layers.items()}
+    mix = [Level(name, TENSOR_TYPE_BITS[name]) for name in variant.mix_types]
+    levels = {name: mix if plan[name]["reason"] == "variant" else [Level(plan[name]["type"],
+                                                                         TENSOR_TYPE_BITS[plan[name]["type"]])]
+              for name in layers}
+    total = sum(weights.values())
+    floor = sum(levels[name][0].bits_per_weight * weights[name] for name in layers) / total
+    if floor > variant.target_bpw:
+        raise ConfigError(f"params.yaml: {key}.target_bpw={variant.target_bpw} is below the smallest plan, "
+                          f"{floor:.4f} bits per weight (allowed: >= {floor:.4f}, or cheaper mix_types)")
+
+    def gain(name: str, current: Level, upper: Level) -> float:
+        kld = measured[name]["kld"]
+        return (noise_model_kld(kld, measured_bits, current.bits_per_weight)
+                - noise_model_kld(kld, measured_bits, upper.bits_per_weight))
+
+    chosen, gains = promote(levels, weights, {name: 0 for name in layers}, variant.target_bpw * total, gain)
+    for name in layers:
+        if plan[name]["reason"] == "variant":
+            level = levels[name][chosen[name]]
+            reason = (f"auto-mix (sensitivity kld {measured[name]['kld']:.3g})" if chosen[name]
+                      else "auto-mix (cheapest)")
+            plan[name].update(type=level.precision, reason=reason)
+
+
+def _tensor_type_file(plan: dict, path: Path) -> bool:
+    """llama-quantize's `--tensor-type-file`: one anchored pattern per explicitly typed tensor."""
+    lines = [f"^{re.escape(entry['gguf_name'])}$={entry['type'].lower()}"
+             for _, entry in sorted(plan.items()) if entry["type"]]
+    path.write_text("\n".join(lines) + "\n")
+    return bool(lines)
+
+
+def _quantize(variant: Any, inputs: Inputs, plan: dict, out: Path) -> dict:
+    from quantbuild.runtimes.gguf_file import write_with_lineage
+    from quantbuild.runtimes.llama_cpp import run_tool
+
+    started = time.perf_counter()
+    base, imatrix = require_base(inputs.gguf_base, variant.imatrix)
+    args = ["--imatrix", str(imatrix)] if variant.imatrix else []
+    if variant.token_embd_type:
+        args += ["--token-embedding-type", variant.token_embd_type.lower()]
+    if variant.output_type:
+        args += ["--output-tensor-type", variant.output_type.lower()]
+    types_file = out.parent / "tensor_types.txt"
+    if _tensor_type_file(plan, types_file):
+        args += ["--tensor-type-file", str(types_file)]
+    quantized = out.parent / "quantized.gguf"
+    output = run_tool("llama-quantize", [*args, str(base), str(quantized), variant.type, "2"],
+                      f"gguf {variant.type}")
+    lineage = {**(inputs.lineage or {}), "plan": {entry["gguf_name"]: entry["type"] for entry in plan.values()}}
+    write_with_lineage(quantized, out / MODEL_FILE, lineage)
+    quantized.unlink()
+    types_file.unlink()
+    return {**measurements(started), "llama_quantize_log_lines": len(output.splitlines())}
+
+
+def require_base(folder: Optional[Path], imatrix: bool) -> tuple[Path, Optional[Path]]:
+    if folder is None or not (folder / BASE_FILE).is_file():
+        raise ConfigError(f"gguf: no baseline GGUF at {folder}/{BASE_FILE} (the gguf_base stage writes it: "
+                          f"run `dvc repro`)")
+    matrix = folder / IMATRIX_FILE
+    if imatrix and not matrix.is_file():
+        raise ConfigError(f"gguf: imatrix: true, but the gguf_base stage wrote no {matrix}")
+    return folder / BASE_FILE, (matrix if imatrix else None)
+
+
+def effective_bits(model_dir: Path, plan: dict, layers: dict) -> dict[str, Any]:
+    """Bits per weight of the decoder's linear layers as stored (their llama.cpp types), the
+    whole file's bits per parameter, and each layer's type and reason."""
+    import math
+
+    from quantbuild.runtimes.gguf_file import _reader
+
+    tensors = {tensor.name: tensor for tensor in _reader(model_dir / MODEL_FILE).tensors}
+    report, stored, total = {}, 0.0, 0
+    for name, entry in sorted(plan.items()):
+        tensor = tensors[entry["gguf_name"]]
+        weights = layers[name][0] * layers[name][1]
+        bits = tensor.n_bytes * 8 / weights
+        stored += tensor.n_bytes * 8
+        total += weights
+        report[name] = {"gguf_name": entry["gguf_name"], "type": tensor.tensor_type.name,
+                        "reason": entry["reason"] if entry["type"] else f"file type ({entry['reason']})",
+                        "bits_per_weight": round(bits, 4)}
+    params = sum(math.prod(int(d) for d in tensor.shape) for tensor in tensors.values())
+    file_bits = sum(tensor.n_bytes for tensor in tensors.values()) * 8 / max(1, params)
+    return {"bits_per_weight": round(stored / max(1, total), 4), "nominal_bits": round(stored / max(1, total), 4),
+            "file_bits_per_weight": round(file_bits, 4), "quantized_weights": total, "layers": report}
+
+
+METHOD = Method(name="gguf", bits=(), group_sizes=(), needs_calibration=False, quantize=_quantize,
+                library="llama.cpp", check=_check, plan=_plan, effective_bits=effective_bits)
