@@ -55,11 +55,13 @@ RANDOM_MODELS = {
 
 
 def variant_config(fields: dict):
-    from quantbuild.config import OverrideConfig, VariantConfig
+    """The variant as its method's typed config (`METHOD_CONFIGS`)."""
+    from quantbuild.config import METHOD_CONFIGS, OverrideConfig
 
     fields = dict(fields)
-    fields["overrides"] = [OverrideConfig(**override) for override in fields.get("overrides", [])]
-    return VariantConfig(**fields)
+    if "overrides" in fields:
+        fields["overrides"] = [OverrideConfig(**override) for override in fields["overrides"]]
+    return METHOD_CONFIGS[fields["method"]](**fields)
 
 
 def model_folder(name: str) -> Path:
@@ -169,7 +171,7 @@ def one(args: argparse.Namespace) -> None:
             record = build_variant(args.method, variant, Inputs(model, tokens), out / "variant")
             extra = {"bits_per_weight": record["bits_per_weight"], "nominal_bits": record["nominal_bits"]}
         else:
-            plan = plan_layers("bench", variant, model_layers(model), None)
+            plan = plan_layers("bench", variant, model_layers(model), None, model)
             (out / "direct").mkdir()
             direct(args.method, model, tokens, out / "direct", plan)
             extra = {}

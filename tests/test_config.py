@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from conftest import BASELINE, REPO
-from quantbuild.config import validate_raw, compose, load_config
+from quantbuild.config import (AwqConfig, BnbConfig, GptqConfig, MixedConfig, RtnConfig, compose, load_config,
+                               validate_raw)
 from quantbuild.errors import ConfigError
 from quantbuild.quantizers import check_against_model, uniform_plan
 
@@ -19,10 +20,23 @@ def test_params_yaml_is_the_composition_of_conf():
     assert composed == committed, "params.yaml is out of sync with conf/: run `quantbuild compose`"
 
 
+@pytest.fixture(scope="module")
+def gpu_params() -> dict:
+    """params.yaml as `dvc exp run -S quant=gpu` composes it: the GPTQ/AWQ/bnb ladder."""
+    return compose(REPO / "conf", ["quant=gpu"])
+
+
 def test_committed_params_validate():
     config = load_config(REPO / "params.yaml")
-    assert list(config.quant.variants) == ["rtn_int8", "gptq_4bit_g128", "gptq_4bit_g32", "awq_4bit_g128", "bnb_nf4",
-                                           "mixed_auto_3p5", "gptq_3bit_g64"]
+    assert list(config.quant.variants) == ["gguf_q8_0", "gguf_q6_k", "gguf_q4_k_m", "gguf_iq4_xs_imat", "gguf_mix_3p5"]
+
+
+def test_gpu_ladder_validates_with_one_typed_config_per_method(gpu_params):
+    variants = validate_raw(gpu_params).quant.variants
+    assert list(variants) == ["rtn_int8", "gptq_4bit_g128", "gptq_4bit_g32", "awq_4bit_g128", "bnb_nf4",
+                              "mixed_auto_3p5", "gptq_3bit_g64"]
+    assert [type(variant) for variant in variants.values()] == [RtnConfig, GptqConfig, GptqConfig, AwqConfig,
+                                                                BnbConfig, MixedConfig, GptqConfig]
 
 
 def test_group_override_selects_variants():
@@ -46,9 +60,11 @@ def _edit(params: dict, dotted: str, value) -> dict:
     [
         ("calibration.samples", "many", "calibration.samples"),
         ("eval.colour", "blue", "eval.colour"),
-        ("quant.variants.gptq_4bit_g128.bits", 5, "bits=5 is not supported by gptq (allowed: 2, 3, 4, 8)"),
-        ("quant.variants.rtn_int8.group_size", 48, "group_size=48 is not supported by rtn"),
-        ("quant.variants.rtn_int8.method", "magic", "method='magic' is not allowed (allowed: awq | bnb | gptq | mixed | rtn)"),
+        ("quant.variants.gguf_q4_k_m.type", "Q9_K", "quant.variants.gguf_q4_k_m.type='Q9_K' is not a llama.cpp type"),
+        ("quant.variants.gguf_q8_0.method", "magic",
+         "method='magic' is not allowed (allowed: awq | bnb | gguf | gptq | mixed | rtn)"),
+        ("quant.variants.gguf_q4_k_m.bits", 4,
+         "quant.variants.gguf_q4_k_m.bits is not a key of method gguf (a key of awq | bnb | gptq | mixed | rtn;"),
         ("model.source", "ftp", "model.source='ftp' is not allowed (allowed: path | hf)"),
         ("gate.min_top1_agreement", 1.5, "gate.min_top1_agreement=1.5"),
         ("gate.max_family_drop", {"poetry": 0.1}, "gate.max_family_drop.poetry"),
@@ -66,18 +82,53 @@ def test_bad_values_are_one_line_errors_naming_the_key(params, key, value, messa
     assert "\n" not in str(err.value)
 
 
-def test_group_size_must_divide_every_layer_width(params):
-    variant = load_config(REPO / "params.yaml").quant.variants["gptq_4bit_g128"]
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("quant.variants.gptq_4bit_g128.bits", 5, "bits=5 is not supported by gptq (allowed: 2, 3, 4, 8)"),
+        ("quant.variants.rtn_int8.group_size", 48, "group_size=48 is not supported by rtn"),
+        ("quant.variants.rtn_int8.method", "magic",
+         "method='magic' is not allowed (allowed: awq | bnb | gguf | gptq | mixed | rtn)"),
+        # A key of another method: refused by the variant's own schema, naming the method that has it.
+        ("quant.variants.gptq_4bit_g128.quant_type", "nf4",
+         "quant.variants.gptq_4bit_g128.quant_type is not a key of method gptq (a key of bnb; gptq takes: "),
+        ("quant.variants.gptq_4bit_g128.overrides", [{"pattern": "x"}],
+         "quant.variants.gptq_4bit_g128.overrides is not a key of method gptq (a key of gguf | mixed;"),
+        ("quant.variants.mixed_auto_3p5.target_bpw", 3.5,
+         "quant.variants.mixed_auto_3p5.target_bpw is not a key of method mixed (a key of gguf;"),
+        ("quant.variants.awq_4bit_g128.desc_act", True,
+         "quant.variants.awq_4bit_g128.desc_act is not a key of method awq (a key of gptq | mixed;"),
+        ("quant.variants.bnb_nf4.colour", "blue",
+         "quant.variants.bnb_nf4.colour is not a key of method bnb (no method has it;"),
+    ],
+)
+def test_bad_gpu_variant_values_are_one_line_errors_naming_the_key(gpu_params, key, value, message):
+    with pytest.raises(ConfigError) as err:
+        validate_raw(_edit(gpu_params, key, value))
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_a_ladder_may_not_mix_runtimes(params, gpu_params):
+    gptq = gpu_params["quant"]["variants"]["gptq_4bit_g128"]
+    with pytest.raises(ConfigError) as err:
+        validate_raw(_edit(params, "quant.variants.gptq_4bit_g128", gptq))
+    assert "quant.variants: gguf_q8_0 deploys on llama.cpp but gptq_4bit_g128 on torch" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_group_size_must_divide_every_layer_width(gpu_params):
+    variant = validate_raw(gpu_params).quant.variants["gptq_4bit_g128"]
     layers = {"model.layers.0.mlp.down_proj": (256, 768)}
-    plan = uniform_plan("quant.variants.x", variant, layers, None)
+    plan = uniform_plan("quant.variants.x", variant, layers, None, BASELINE)
     check_against_model("quant.variants.x", variant, BASELINE, plan, layers)
     layers = {"model.layers.0.mlp.down_proj": (256, 704)}
     with pytest.raises(ConfigError, match="group_size=128 does not divide model.layers.0.mlp.down_proj input width 704"):
         check_against_model("quant.variants.x", variant, BASELINE, plan, layers)
 
 
-def test_a_stage_exits_non_zero_with_one_line_on_bad_params(tmp_path, params):
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(_edit(params, "quant.variants.gptq_4bit_g128.bits", 7)))
+def test_a_stage_exits_non_zero_with_one_line_on_bad_params(tmp_path, gpu_params):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(_edit(gpu_params, "quant.variants.gptq_4bit_g128.bits", 7)))
     result = subprocess.run([sys.executable, "-m", "stages.fingerprint"], cwd=tmp_path, capture_output=True,
                             text=True, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
     assert result.returncode == 1

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from conftest import BASELINE, REPO
-from quantbuild.config import CalibrationConfig, SensitivityConfig, VariantConfig
+from quantbuild.config import BnbConfig, CalibrationConfig, GptqConfig, SensitivityConfig
 from quantbuild.quantization import MODEL_DIR, build_variant
 from quantbuild.quantizers import Inputs
 
@@ -41,7 +41,7 @@ def test_gptq_quantizes_on_the_gpu_and_reloads_with_cuda_kernels(calibration, tm
     pytest.importorskip("gptqmodel")
     from gptqmodel import GPTQModel
 
-    variant = VariantConfig(method="gptq", bits=4, group_size=64)
+    variant = GptqConfig(bits=4, group_size=64)
     first = build_variant("g", variant, Inputs(BASELINE, calibration), tmp_path / "a")
     second = build_variant("g", variant, Inputs(BASELINE, calibration), tmp_path / "b")
     assert first["peak_gpu_mb"] > 0
@@ -59,7 +59,7 @@ def test_bnb_nf4_quantizes_on_the_gpu_and_reloads(tmp_path):
     pytest.importorskip("bitsandbytes")
     from transformers import AutoModelForCausalLM
 
-    variant = VariantConfig(method="bnb", bits=4, group_size=64, quant_type="nf4", double_quant=True)
+    variant = BnbConfig(bits=4, group_size=64, quant_type="nf4", double_quant=True)
     first = build_variant("n", variant, Inputs(BASELINE, []), tmp_path / "a")
     second = build_variant("n", variant, Inputs(BASELINE, []), tmp_path / "b")
     print("bnb cuda deterministic:", first["files"] == second["files"])

@@ -9,7 +9,8 @@ import pytest
 
 from conftest import BASELINE, REPO
 from quantbuild.calibration import compose_calibration, load_calibration
-from quantbuild.config import CalibrationConfig, OverrideConfig, SensitivityConfig, VariantConfig
+from quantbuild.config import (AwqConfig, BnbConfig, CalibrationConfig, GptqConfig, MixedConfig, OverrideConfig,
+                               RtnConfig, SensitivityConfig)
 from quantbuild.errors import ConfigError
 from quantbuild.quantization import MODEL_DIR, RECORD, build_variant
 from quantbuild.quantizers import Inputs, model_layers
@@ -32,18 +33,17 @@ def inputs(tmp_path_factory):
 
 
 VARIANTS = {
-    "rtn_int8": VariantConfig(method="rtn", bits=8, group_size=-1),
-    "rtn_4bit_g32_asym": VariantConfig(method="rtn", bits=4, group_size=32, sym=False),
-    "gptq_4bit_g64": VariantConfig(method="gptq", bits=4, group_size=64),
-    "gptq_4bit_g128_actorder_asym": VariantConfig(method="gptq", bits=4, group_size=128, sym=False, desc_act=True),
-    "awq_4bit_g64": VariantConfig(method="awq", bits=4, group_size=64, sym=False),
-    "bnb_nf4_dq": VariantConfig(method="bnb", bits=4, group_size=64, quant_type="nf4", double_quant=True),
-    "bnb_fp4": VariantConfig(method="bnb", bits=4, group_size=64, quant_type="fp4"),
-    "bnb_int8": VariantConfig(method="bnb", bits=8, group_size=-1),
-    "mixed_overrides": VariantConfig(method="mixed", bits=4, group_size=128, overrides=[
+    "rtn_int8": RtnConfig(bits=8, group_size=-1),
+    "rtn_4bit_g32_asym": RtnConfig(bits=4, group_size=32, sym=False),
+    "gptq_4bit_g64": GptqConfig(bits=4, group_size=64),
+    "gptq_4bit_g128_actorder_asym": GptqConfig(bits=4, group_size=128, sym=False, desc_act=True),
+    "awq_4bit_g64": AwqConfig(bits=4, group_size=64, sym=False),
+    "bnb_nf4_dq": BnbConfig(bits=4, group_size=64, quant_type="nf4", double_quant=True),
+    "bnb_fp4": BnbConfig(bits=4, group_size=64, quant_type="fp4"),
+    "bnb_int8": BnbConfig(bits=8, group_size=-1),
+    "mixed_overrides": MixedConfig(bits=4, group_size=128, overrides=[
         OverrideConfig(pattern=r"model\.layers\.(0|7)\.mlp\.down_proj", bits=8, group_size=128)]),
-    "mixed_auto": VariantConfig(method="mixed", bits=3, group_size=64, target_bits=3.6, promote_bits=8,
-                                promote_group_size=128),
+    "mixed_auto": MixedConfig(bits=3, group_size=64, target_bits=3.6, promote_bits=8, promote_group_size=128),
 }
 
 
@@ -141,26 +141,24 @@ def test_mixed_auto_promotes_sensitive_layers_within_the_target(built, inputs):
 @pytest.mark.parametrize(
     ("variant", "message"),
     [
-        (VariantConfig(method="gptq", bits=5, group_size=64), "bits=5 is not supported by gptq (allowed: 2, 3, 4, 8)"),
-        (VariantConfig(method="rtn", bits=4, group_size=48), "group_size=48 is not supported by rtn"),
-        (VariantConfig(method="awq", bits=3, group_size=64), "bits=3 is not supported by awq (allowed: 4)"),
-        (VariantConfig(method="awq", bits=4, group_size=-1), "group_size=-1 is not supported by awq"),
-        (VariantConfig(method="bnb", bits=4, group_size=128), "group_size=128 is not supported by bnb at 4 bits (allowed: 64)"),
-        (VariantConfig(method="bnb", bits=4, group_size=64, quant_type="int4"), "quant_type='int4' is not supported by bnb"),
-        (VariantConfig(method="bnb", bits=8, group_size=-1, double_quant=True), "double_quant=True is not supported by bnb at 8 bits"),
-        (VariantConfig(method="bnb", bits=2, group_size=64), "bits=2 is not supported by bnb (allowed: 4, 8)"),
-        (VariantConfig(method="gptq", bits=4, group_size=64, overrides=[OverrideConfig(pattern="x")]),
-         "overrides/target_bits are not supported by gptq"),
-        (VariantConfig(method="mixed", bits=4, group_size=64), "a mixed variant needs overrides, target_bits > 0, or both"),
-        (VariantConfig(method="mixed", bits=4, group_size=64, overrides=[OverrideConfig(pattern=r"model\.layers\.9\..*")]),
+        (GptqConfig(bits=5, group_size=64), "bits=5 is not supported by gptq (allowed: 2, 3, 4, 8)"),
+        (RtnConfig(bits=4, group_size=48), "group_size=48 is not supported by rtn"),
+        (AwqConfig(bits=3, group_size=64), "bits=3 is not supported by awq (allowed: 4)"),
+        (AwqConfig(bits=4, group_size=-1), "group_size=-1 is not supported by awq"),
+        (BnbConfig(bits=4, group_size=128), "group_size=128 is not supported by bnb at 4 bits (allowed: 64)"),
+        (BnbConfig(bits=4, group_size=64, quant_type="int4"), "quant_type='int4' is not supported by bnb"),
+        (BnbConfig(bits=8, group_size=-1, double_quant=True), "double_quant=True is not supported by bnb at 8 bits"),
+        (BnbConfig(bits=2, group_size=64), "bits=2 is not supported by bnb (allowed: 4, 8)"),
+        (MixedConfig(bits=4, group_size=64), "a mixed variant needs overrides, target_bits > 0, or both"),
+        (MixedConfig(bits=4, group_size=64, overrides=[OverrideConfig(pattern=r"model\.layers\.9\..*")]),
          r"overrides[0].pattern='model\\.layers\\.9\\..*' matches no layer"),
-        (VariantConfig(method="mixed", bits=4, group_size=64, overrides=[OverrideConfig(pattern="(")]),
+        (MixedConfig(bits=4, group_size=64, overrides=[OverrideConfig(pattern="(")]),
          "overrides[0].pattern='(' is not a valid regular expression"),
-        (VariantConfig(method="mixed", bits=4, group_size=64, overrides=[OverrideConfig(pattern=".*q_proj", bits=6)]),
+        (MixedConfig(bits=4, group_size=64, overrides=[OverrideConfig(pattern=".*q_proj", bits=6)]),
          "overrides[0].bits=6 is not supported by mixed"),
-        (VariantConfig(method="mixed", bits=3, group_size=64, target_bits=3.0),
+        (MixedConfig(bits=3, group_size=64, target_bits=3.0),
          "target_bits=3.0 is below the 3.3"),
-        (VariantConfig(method="mixed", bits=4, group_size=64, target_bits=4.5, promote_bits=3),
+        (MixedConfig(bits=4, group_size=64, target_bits=4.5, promote_bits=3),
          "promote_bits=3 is not allowed"),
     ],
 )
@@ -173,16 +171,16 @@ def test_bad_variants_fail_before_any_work(variant, message, inputs, tmp_path):
 
 
 def test_auto_mixed_without_sensitivity_fails_before_work(inputs, tmp_path):
-    variant = VariantConfig(method="mixed", bits=3, group_size=64, target_bits=3.6)
+    variant = MixedConfig(bits=3, group_size=64, target_bits=3.6)
     with pytest.raises(ConfigError, match="target_bits=3.6 needs the per-layer sensitivity"):
         build_variant("x", variant, Inputs(BASELINE, inputs.calibration, None), tmp_path / "x")
 
 
-@pytest.mark.parametrize("method", ["gptq", "awq", "mixed"])
-def test_methods_that_need_calibration_refuse_an_empty_set(method, tmp_path):
-    variant = VariantConfig(method=method, bits=4, group_size=64,
-                            overrides=[OverrideConfig(pattern=".*q_proj")] if method == "mixed" else [])
-    with pytest.raises(ConfigError, match=f"method {method} needs calibration data"):
+@pytest.mark.parametrize("variant", [GptqConfig(bits=4, group_size=64), AwqConfig(bits=4, group_size=64),
+                                     MixedConfig(bits=4, group_size=64, overrides=[OverrideConfig(pattern=".*q_proj")])],
+                         ids=lambda variant: variant.method)
+def test_methods_that_need_calibration_refuse_an_empty_set(variant, tmp_path):
+    with pytest.raises(ConfigError, match=f"method {variant.method} needs calibration data"):
         build_variant("x", variant, Inputs(BASELINE, []), tmp_path / "x")
 
 
@@ -202,7 +200,7 @@ def _random_llama(folder, **overrides):
 
 def test_group_size_that_does_not_divide_a_layer_fails_before_work(inputs, tmp_path):
     model = _random_llama(tmp_path / "odd", intermediate_size=96)
-    variant = VariantConfig(method="gptq", bits=4, group_size=64)
+    variant = GptqConfig(bits=4, group_size=64)
     with pytest.raises(ConfigError, match="group_size=64 does not divide model.layers.0.mlp.down_proj input width 96"):
         build_variant("x", variant, Inputs(model, inputs.calibration), tmp_path / "x")
     assert not (tmp_path / "x").exists()

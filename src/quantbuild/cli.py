@@ -68,11 +68,18 @@ PUBLIC_KEY = typer.Option(None, "--public-key", help="PEM public key to check a 
 
 @app.command()
 def verify(path: Path, as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
-           public_key: Optional[Path] = PUBLIC_KEY) -> None:
-    """Re-hash a bundle against its manifest, check its signature, compare the runtime it was validated on."""
+           public_key: Optional[Path] = PUBLIC_KEY,
+           manifest: Optional[Path] = typer.Option(None, help="for a lone .gguf: a bundle's manifest.json to check "
+                                                               "its bytes against")) -> None:
+    """Re-hash a bundle against its manifest, check its signature, compare the runtime it was validated on.
+    A lone .gguf is checked against the lineage in its own metadata."""
     from quantbuild.verify import verify as verify_bundle
+    from quantbuild.verify import verify_gguf
 
-    result = verify_bundle(path, public_key=_public_key(public_key))
+    if path.suffix == ".gguf":
+        result = verify_gguf(path, manifest)
+    else:
+        result = verify_bundle(path, public_key=_public_key(public_key))
     if as_json:
         typer.echo(json.dumps(result.as_dict(), indent=2))
     else:
@@ -144,14 +151,15 @@ def pin(
 @app.command()
 def lineage(path: Path, as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
             public_key: Optional[Path] = PUBLIC_KEY) -> None:
-    """The chain package -> weights -> baseline + calibration + params + fingerprints + commit."""
+    """The chain package -> weights -> baseline + calibration + params + fingerprints + commit
+    (for a lone .gguf: what its own metadata records)."""
     from rich.console import Console
 
-    from quantbuild.lineage import broken, render
+    from quantbuild.lineage import broken, gguf_lineage, render
     from quantbuild.lineage import lineage as build_lineage
 
     try:
-        tree = build_lineage(path, Path("."), _public_key(public_key))
+        tree = gguf_lineage(path) if path.suffix == ".gguf" else build_lineage(path, Path("."), _public_key(public_key))
     except QuantbuildError as err:
         _fail(err)
     if as_json:

@@ -104,6 +104,42 @@ def lineage(bundle: Path, project: Path = Path("."), public_key: Path | None = N
                   "files": {name: entry["sha256"] for name, entry in manifest["files"].items()}}, links)
 
 
+def gguf_lineage(path: Path) -> dict[str, Any]:
+    """The chain a lone `.gguf` carries in its metadata: variant, baseline, calibration,
+    importance matrix, base GGUF and the build fingerprint, with its tensors checked."""
+    from quantbuild.runtimes.gguf_file import PREFIX, check_lineage, metadata
+    from quantbuild.verify import verify_gguf
+
+    values = metadata(path)
+    lineage = {key[len(PREFIX):]: value for key, value in values.items() if key.startswith(PREFIX)}
+    result = verify_gguf(path)
+    problems = check_lineage(path)
+    variant, baseline = lineage.get("variant") or {}, lineage.get("baseline") or {}
+    calibration, imatrix = lineage.get("calibration") or {}, lineage.get("imatrix")
+    links = [
+        _link("quantized weights", OK if not problems else DIFFERS, "tensors match quantbuild.tensors_sha256"
+              if not problems else "; ".join(problems),
+              {"variant": variant.get("name"), "method": variant.get("method"),
+               "parameters": variant.get("parameters"), "tensors_sha256": lineage.get("tensors_sha256")}),
+        _link("baseline", UNCHECKED, "as recorded in the file", {key: baseline.get(key) for key in
+                                                                 ("name", "source", "location", "revision", "files")}),
+        _link("calibration set", UNCHECKED, "as recorded in the file",
+              {"digest": calibration.get("digest"), "samples": calibration.get("samples"),
+               "composition": calibration.get("composition")}),
+        _link("importance matrix", UNCHECKED if imatrix else OK, "as recorded in the file" if imatrix else "none used",
+              imatrix or {}),
+        _link("base gguf", UNCHECKED, "the file it was quantized from", lineage.get("base_gguf") or {}),
+        _link("fingerprints", OK if not result.drifted else DIFFERS,
+              "llama.cpp environment matches this machine" if not result.drifted
+              else "llama.cpp environment differs from the one it was built and validated on",
+              {"build_fingerprint_sha256": lineage.get("build_fingerprint_sha256")}),
+    ]
+    status = OK if not problems and lineage.get("schema") else DIFFERS
+    return _link("gguf file", status, "ok" if status == OK else "; ".join(problems) or "no quantbuild lineage",
+                 {"file": str(path), "schema": lineage.get("schema"), "manifest_schema": lineage.get("manifest_schema")},
+                 links)
+
+
 def render(tree: dict[str, Any]) -> Any:
     """A rich Tree of the chain (facts summarised; `--json` has them all)."""
     from rich.tree import Tree

@@ -67,3 +67,33 @@ def verify(bundle: Path, current_runtime: dict | None = None, public_key: Path |
     current = current_runtime if current_runtime is not None else fingerprints()[scope]
     result.drifted = drift(recorded, current)
     return result
+
+
+def verify_gguf(path: Path, manifest_path: Path | None = None, current_llama_cpp: dict | None = None) -> VerifyResult:
+    """A lone `.gguf`: its tensors against the digest its quantbuild metadata claims, its
+    bytes against a bundle manifest when given, and the llama.cpp environment it was built
+    and validated on (a digest in its metadata) against this one."""
+    from quantbuild.hashing import sha256_json
+    from quantbuild.runtimes.gguf_file import PREFIX, check_lineage, metadata
+
+    result = VerifyResult(bundle=str(path))
+    try:
+        result.problems.extend(check_lineage(path))
+        if manifest_path is not None:
+            manifest = read_manifest(manifest_path.parent) if manifest_path.name == MANIFEST else read_manifest(manifest_path)
+            entry = manifest["files"].get(path.name)
+            if entry is None:
+                result.problems.append(f"{path.name}: not listed in {manifest_path}")
+            elif sha256_file(path) != entry.get("sha256"):
+                result.problems.append(f"{path.name}: sha256 mismatch (manifest {entry.get('sha256')}, "
+                                       f"file {sha256_file(path)})")
+        recorded = metadata(path).get(f"{PREFIX}build_fingerprint_sha256")
+    except IntegrityError as err:
+        result.problems.append(str(err))
+        return result
+    if result.problems:
+        return result
+    current = current_llama_cpp if current_llama_cpp is not None else fingerprints()["llama_cpp"]
+    if recorded != sha256_json(current):
+        result.drifted.append(("llama_cpp fingerprint (sha256)", recorded, sha256_json(current)))
+    return result

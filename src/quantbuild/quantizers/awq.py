@@ -12,13 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from quantbuild.errors import ConfigError
 from quantbuild.quantizers import Inputs, Method
-
-
-def _check(key: str, variant: Any) -> None:
-    if variant.desc_act:
-        raise ConfigError(f"params.yaml: {key}.desc_act=True is not supported by awq (allowed: false)")
 
 
 def _quantize(variant: Any, inputs: Inputs, plan: dict, out: Path) -> dict:
@@ -33,5 +27,4 @@ def _quantize(variant: Any, inputs: Inputs, plan: dict, out: Path) -> dict:
     return quantize_and_save(inputs.baseline, config, inputs.calibration, out, backend=backend)
 
 
-METHOD = Method(name="awq", bits=(4,), group_sizes=(32, 64, 128), needs_calibration=True, quantize=_quantize,
-                check=_check)
+METHOD = Method(name="awq", bits=(4,), group_sizes=(32, 64, 128), needs_calibration=True, quantize=_quantize)

@@ -156,7 +156,7 @@ def metadata(path: Path) -> dict[str, Any]:
         if name.startswith("GGUF."):
             continue
         value = _field_value(field)
-        if name.startswith(PREFIX) and isinstance(value, str) and value[:1] in "{[":
+        if name.startswith(PREFIX) and isinstance(value, str) and (value[:1] in ("{", "[") or value == "null"):
             try:
                 value = json.loads(value)
             except ValueError:
@@ -198,7 +198,8 @@ def write_with_lineage(source: Path, out: Path, lineage: dict[str, Any]) -> str:
         kind = field.types[0]
         sub_type = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(name, _field_value(field), kind, sub_type=sub_type)
-    added = {"schema": SCHEMA, **{key: json.dumps(value, sort_keys=True, separators=(",", ":"))
+    added = {"schema": SCHEMA, **{key: value if isinstance(value, str)
+                                  else json.dumps(value, sort_keys=True, separators=(",", ":"))
                                   for key, value in sorted(lineage.items())}}
     for key, value in added.items():
         writer.add_string(f"{PREFIX}{key}", value)
