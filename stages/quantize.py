@@ -13,7 +13,6 @@ from quantbuild.config import Config
 from quantbuild.determinism import make_deterministic
 from quantbuild.errors import ConfigError
 from quantbuild.fingerprint import scopes_of
-from quantbuild.gguf_base import RECORD as GGUF_BASE_RECORD
 from quantbuild.hashing import read_json, sha256_json
 from quantbuild.manifest import SCHEMA
 from quantbuild.quantization import build_variant
@@ -36,14 +35,10 @@ def main(config: Config) -> None:
         # What a lone .gguf carries of its lineage (the file travels without its bundle).
         fetched = read_json(Path(paths.baseline) / FETCH_RECORD)
         calibration = read_json(Path(paths.calibration) / CALIBRATION_RECORD)
-        base = read_json(Path(paths.gguf_base) / GGUF_BASE_RECORD)
         build_scope = read_json(Path(paths.fingerprint) / f"{scopes_of(variant.method)[0]}.json")
         inputs = replace(inputs, lineage={
             "baseline": {key: fetched.get(key) for key in ("name", "source", "location", "revision", "files")},
             "calibration": {key: calibration[key] for key in ("digest", "samples", "tokens", "seed", "composition")},
-            "imatrix": base["imatrix"] if variant.imatrix else None,
-            "base_gguf": {key: base.get(key) for key in ("base_type", "base_sha256", "tensors_sha256",
-                                                         "pre_tokenizer")},
             "build_fingerprint_sha256": sha256_json(build_scope),
             "manifest_schema": SCHEMA,
         })

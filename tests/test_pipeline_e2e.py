@@ -20,11 +20,13 @@ import pytest
 import yaml
 
 from conftest import REPO
+from quantbuild.config import compose
 
 pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
-BUNDLE = "artifacts/package/workflow-llama-8m-gptq_4bit_g64"
+BUNDLE = "artifacts/package/workflow-llama-8m-gguf_q4_k_m_imat"
+QUANTIZED = "gguf_q4_k_m_imat"
 
 
 def run(repo: Path, *args: str, env: dict | None = None, check: bool = False) -> subprocess.CompletedProcess:
@@ -54,10 +56,12 @@ def repo(tmp_path_factory) -> Path:
             (root / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, root / name)
     params = yaml.safe_load((root / "params.yaml").read_text())
-    params["calibration"].update(samples=6, seq_len=96, sensitivity={"samples": 2, "bits": 3, "group_size": 64})
-    # Two variants of the ladder keep this at about a minute; test_quantization covers every method.
-    params["quant"]["variants"] = {name: yaml.safe_load((root / "conf" / "quant" / f"{name}.yaml").read_text())
-                                   ["variants"][name] for name in ("rtn_int8", "gptq_4bit_g64")}
+    params["calibration"].update(samples=6, seq_len=96, sensitivity={"samples": 2, "bits": 3, "group_size": 64},
+                                 imatrix_samples=40, imatrix_chunk=128)
+    # Two GGUF variants of the default ladder (one with the importance matrix) keep this at
+    # about a minute; test_quantization covers every method.
+    ladder = compose(REPO / "conf", ["quant=[gguf_q8_0,gguf_q4_k_m_imat]"])["quant"]["variants"]
+    params["quant"]["variants"] = ladder
     params["eval"].update(limit=4, batch_size=8)
     params["eval"]["latency"].update(prompt_lengths=[16], new_tokens=2, warmup=0, repeats=1)
     params["eval"]["memory"].update(context_lengths=[32])
@@ -78,9 +82,9 @@ def test_full_pipeline_packages_a_verified_bundle(repo):
     result = run(repo, str(BIN / "quantbuild"), "verify", BUNDLE)
     assert result.returncode == 0, result.stderr
     manifest = yaml.safe_load((repo / BUNDLE / "manifest.json").read_text())
-    assert set(manifest["dvc_lock"]) >= {"fetch", "calibrate", "quantize@gptq_4bit_g64", "select"}
+    assert set(manifest["dvc_lock"]) >= {"fetch", "calibrate", f"quantize@{QUANTIZED}", "select"}
     assert "Request:" not in (repo / BUNDLE / "manifest.json").read_text()  # digests only, never text
-    compare = run(repo, str(BIN / "quantbuild"), "compare", "baseline", "gptq_4bit_g64")
+    compare = run(repo, str(BIN / "quantbuild"), "compare", "baseline", QUANTIZED)
     assert compare.returncode == 0 and "release gate" in compare.stdout and "structured score" in compare.stdout
 
 
@@ -95,7 +99,7 @@ def test_edited_calibration_source_reruns_calibrate_and_downstream(repo):
     path.write_text("\n".join(lines[1:]) + "\n")
     result = dvc(repo, "repro", check=True)
     ran = stages_run(result.stdout)
-    assert {"calibrate", "quantize@gptq_4bit_g64"} <= ran
+    assert {"calibrate", "gguf_base", f"quantize@{QUANTIZED}"} <= ran
     assert "fetch" not in ran
 
 
@@ -115,9 +119,9 @@ def test_edited_baseline_file_fails_fetch_on_its_pin(repo):
 
 
 def test_sigkill_mid_quantize_leaves_nothing_accepted_and_next_repro_completes(repo):
-    partial = repo / "artifacts" / "quantized" / ".gptq_4bit_g64.partial"
+    partial = repo / "artifacts" / "quantized" / f".{QUANTIZED}.partial"
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
-    process = subprocess.Popen([str(BIN / "dvc"), "repro", "-f", "-s", "quantize@gptq_4bit_g64"], cwd=repo,
+    process = subprocess.Popen([str(BIN / "dvc"), "repro", "-f", "-s", f"quantize@{QUANTIZED}"], cwd=repo,
                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 180
     while not partial.exists() and time.time() < deadline and process.poll() is None:
@@ -125,9 +129,9 @@ def test_sigkill_mid_quantize_leaves_nothing_accepted_and_next_repro_completes(r
     assert partial.exists(), "quantize never started"
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    assert not (repo / "artifacts" / "quantized" / "gptq_4bit_g64" / "quantize_record.json").exists()
+    assert not (repo / "artifacts" / "quantized" / QUANTIZED / "quantize_record.json").exists()
     status = dvc(repo, "status")
-    assert "quantize@gptq_4bit_g64" in status.stdout
+    assert f"quantize@{QUANTIZED}" in status.stdout
     dvc(repo, "repro", check=True)
     assert run(repo, str(BIN / "quantbuild"), "verify", BUNDLE).returncode == 0
 
@@ -201,19 +205,20 @@ def test_signed_release_audit_and_rollback(repo):
     remote = repo.parent / "quantbuild-dvc-remote" / "files" / "md5"
     assert remote.is_dir() and any(remote.iterdir())
 
-    # r2: another calibration seed gives other GPTQ weights; release v1.1.0, prod moves to it.
+    # r2: another calibration seed gives another importance matrix, so other GGUF weights;
+    # release v1.1.0, prod moves to it.
     params["calibration"]["seed"] = 7
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     assert "calibrate" in stages_run(dvc(repo, "repro", check=True).stdout)
     commit_all(repo, "r2")
     quantbuild(repo, "release", "--version", "v1.1.0", check=True)
     r2_files = bundle_digests(repo)
-    assert r2_files["model.safetensors"] != r1_files["model.safetensors"]
+    assert r2_files["model.gguf"] != r1_files["model.gguf"]
 
     audit = json.loads(quantbuild(repo, "audit", "--json", check=True).stdout)
     assert [(row["version"], row["stages"], row["problems"]) for row in audit] == [
         ("v1.0.0", [], []), ("v1.1.0", ["prod"], [])]
-    assert audit[0]["digests"]["model.safetensors"] == r1_files["model.safetensors"]
+    assert audit[0]["digests"]["model.gguf"] == r1_files["model.gguf"]
     assert audit[1]["commit"] == run(repo, "git", "rev-parse", "HEAD").stdout.strip()
 
     # Bad targets and a dirty tree change nothing.
@@ -230,7 +235,7 @@ def test_signed_release_audit_and_rollback(repo):
     # Rollback to the previous prod version restores r1's bytes exactly, and verifies.
     rolled = quantbuild(repo, "rollback", "prod@previous")
     assert rolled.returncode == 0, rolled.stdout + rolled.stderr
-    assert "workflow-llama-8m@v1.0.0" in rolled.stdout and "model.safetensors:" in rolled.stdout
+    assert "workflow-llama-8m@v1.0.0" in rolled.stdout and "model.gguf:" in rolled.stdout
     assert bundle_digests(repo) == r1_files
     assert {name: entry["sha256"] for name, entry in r1["files"].items()} == {
         name: digest for name, digest in r1_files.items() if name not in ("manifest.json", "model.sig")}
@@ -241,30 +246,42 @@ def test_signed_release_audit_and_rollback(repo):
 
     # A release whose stored bytes are damaged in the cache and gone from the remote is flagged.
     md5 = next(entry["md5"] for entry in yaml.safe_load(run(repo, "git", "show", "HEAD~1:dvc.lock").stdout)
-               ["stages"]["quantize@gptq_4bit_g64"]["outs"])
+               ["stages"][f"quantize@{QUANTIZED}"]["outs"])
     listing = json.loads((repo / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]).read_text())
-    weights = next(entry["md5"] for entry in listing if entry["relpath"].endswith("model.safetensors"))
+    weights = next(entry["md5"] for entry in listing if entry["relpath"].endswith("model.gguf"))
     for root in (repo / ".dvc" / "cache" / "files" / "md5", remote):
         (root / weights[:2] / weights[2:]).unlink(missing_ok=True)
     flagged = quantbuild(repo, "audit")
-    assert flagged.returncode == 1 and "FLAGGED" in flagged.stdout and "model.safetensors: not in the DVC cache" in flagged.stdout
+    assert flagged.returncode == 1 and "FLAGGED" in flagged.stdout and "model.gguf: not in the DVC cache" in flagged.stdout
 
 
-def test_library_drift_reruns_quantize_and_evaluate_only(repo, tmp_path):
-    fake = tmp_path / "fake"
-    dist = fake / "bitsandbytes-9.9.9.dist-info"
-    dist.mkdir(parents=True)
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: bitsandbytes\nVersion: 9.9.9\n")
-    env = {"PYTHONPATH": str(fake)}
+def _fake_version(tmp_path: Path, name: str, dist: str) -> dict:
+    folder = tmp_path / f"fake-{name}" / f"{dist}-9.9.9.dist-info"
+    folder.mkdir(parents=True)
+    (folder / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 9.9.9\n")
+    return {"PYTHONPATH": str(folder.parent)}
+
+
+def test_torch_library_drift_reruns_no_gguf_stage(repo, tmp_path):
+    env = _fake_version(tmp_path, "bitsandbytes", "bitsandbytes")
+    assert run(repo, str(BIN / "quantbuild"), "verify", BUNDLE, env=env).returncode == 0
+    ran = stages_run(dvc(repo, "repro", env=env, check=True).stdout)
+    assert ran == {"fingerprint"}
+
+
+def test_llama_cpp_drift_reruns_exactly_the_llama_cpp_stages(repo, tmp_path):
+    env = _fake_version(tmp_path, "llama-cpp-python", "llama_cpp_python")
     verify = run(repo, str(BIN / "quantbuild"), "verify", BUNDLE, env=env)
     assert verify.returncode == 2
-    assert "packages.bitsandbytes" in verify.stderr and "dvc repro" in verify.stderr
+    assert "llama_cpp.llama_cpp_python" in verify.stderr and "dvc repro" in verify.stderr
+    assert run(repo, str(BIN / "quantbuild"), "verify", f"{BUNDLE}/model.gguf", env=env).returncode == 2
     dvc(repo, "repro", "-s", "fingerprint", env=env, check=True)
     status = dvc(repo, "status", env=env).stdout
-    assert "quantize@gptq_4bit_g64" in status and "evaluate@gptq_4bit_g64" in status
+    assert f"quantize@{QUANTIZED}" in status and f"evaluate@{QUANTIZED}" in status
     assert "fetch:" not in status and "calibrate:" not in status
-    result = dvc(repo, "repro", env=env, check=True)
-    ran = stages_run(result.stdout)
-    assert {"quantize@rtn_int8", "quantize@gptq_4bit_g64", "evaluate@gptq_4bit_g64", "evaluate_baseline"} <= ran
+    ran = stages_run(dvc(repo, "repro", env=env, check=True).stdout)
+    llama_stages = {"gguf_base", "evaluate_baseline", "quantize@gguf_q8_0", f"quantize@{QUANTIZED}",
+                    "evaluate@gguf_q8_0", f"evaluate@{QUANTIZED}"}
+    assert llama_stages <= ran
     assert not ran & {"fetch", "calibrate"}
     assert run(repo, str(BIN / "quantbuild"), "verify", BUNDLE, env=env).returncode == 0

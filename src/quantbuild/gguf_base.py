@@ -68,16 +68,19 @@ def compute_imatrix(base: Path, calibration: CalibrationConfig, data_dir: Path, 
 
         raise DataError(f"calibration: the imatrix mix has {tokens} tokens, fewer than two chunks of {chunk} "
                         f"(raise calibration.imatrix_samples or lower calibration.imatrix_chunk)")
+    text_sha256 = sha256_bytes(text.encode("utf-8"))
     with tempfile.TemporaryDirectory(prefix="quantbuild-imatrix-") as folder:
-        corpus = Path(folder) / "calibration.txt"
-        corpus.write_text(text, encoding="utf-8")
-        args = ["-m", str(base), "-f", str(corpus), "-o", str(out), "-c", str(chunk), "-b", str(chunk),
+        # llama-imatrix records the dataset's path in the matrix (and llama-quantize copies it
+        # into every GGUF): a name from the text's digest, relative, keeps both reproducible.
+        corpus = f"calibration-{text_sha256[:16]}.txt"
+        (Path(folder) / corpus).write_text(text, encoding="utf-8")
+        args = ["-m", str(base.resolve()), "-f", corpus, "-o", str(out.resolve()), "-c", str(chunk), "-b", str(chunk),
                 "-t", "2", "--no-ppl", "--output-frequency", "1000000"]
         if not repack:
             args.append("--no-repack")
-        output = run_tool("llama-imatrix", args, "gguf importance matrix")
+        output = run_tool("llama-imatrix", args, "gguf importance matrix", cwd=Path(folder))
     chunks = re.search(r"computing over (\d+) chunks", output)
     used_chunks = int(chunks.group(1)) if chunks else None
-    return {"sha256": sha256_file(out), "text_sha256": sha256_bytes(text.encode("utf-8")), "tokens": tokens,
+    return {"sha256": sha256_file(out), "text_sha256": text_sha256, "tokens": tokens,
             "tokens_used": used_chunks * chunk if used_chunks else None, "chunks": used_chunks, "chunk_size": chunk,
             "samples": len(texts), "seed": calibration.seed, "composition": composition}

@@ -97,7 +97,7 @@ def audit(repo: Path) -> list[dict[str, Any]]:
             if manifest is not None:
                 row.update(variant=manifest["variant"]["variant"], bundle=manifest["bundle"], scores=_scores(manifest),
                            digests={name: entry["sha256"] for name, entry in manifest["files"].items()
-                                    if name.endswith(".safetensors")})
+                                    if name.endswith((".safetensors", ".gguf"))})
         rows.append(row)
     return rows
 

@@ -65,6 +65,12 @@ def evaluate(model_dir: Path, config: EvalConfig, data_dir: Path, out: Path, ref
     stored = distributions.load_reference(reference) if reference is not None else None
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     model = load_model(model_dir, config.runtime)
+    with staged_dir(out) as staging:
+        return _measure_torch(model_dir, model, tokenizer, config, items, digests, stored, staging)
+
+
+def _measure_torch(model_dir: Path, model: Any, tokenizer: Any, config: EvalConfig, items: dict, digests: dict,
+                   stored: dict | None, staging: Path) -> dict:
     lm, tensors = None, None
     lm_texts = [item.prompt for item in items.get("language_modelling", [])]
     if lm_texts:
@@ -81,7 +87,7 @@ def evaluate(model_dir: Path, config: EvalConfig, data_dir: Path, out: Path, ref
                               config.latency.warmup, config.latency.repeats, seed=0)
     memory = measure_memory(model, config.memory.context_lengths, config.memory.budget_mb, model_dir, seed=0)
     head = {"eval_files_sha256": digests, "runtime": config.runtime, "deploy_runtime": "torch"}
-    return _write(out, config, head, lm, tensors, generative, records, latency, memory)
+    return _write(staging, config, head, lm, tensors, generative, records, latency, memory)
 
 
 def evaluate_gguf(path: Path, kv_type: str, config: EvalConfig, data_dir: Path, out: Path,
@@ -91,40 +97,41 @@ def evaluate_gguf(path: Path, kv_type: str, config: EvalConfig, data_dir: Path, 
 
     items, digests = load_eval_items(config, data_dir)
     stored = distributions.load_reference(reference) if reference is not None else None
-    measured = llama.measure(path, kv_type, config, items, stored, repack)
-    head = {"eval_files_sha256": digests, "runtime": "llama.cpp", "deploy_runtime": "llama.cpp",
-            "llama_cpp": {"kv_cache_type": kv_type, "threads": measured["threads"], "repack": repack}}
-    return _write(out, config, head, measured["lm"], measured["reference"], measured["generative"],
-                  measured["records"], measured["latency"], measured["memory"])
-
-
-def _write(out: Path, config: EvalConfig, head: dict, lm: dict | None, tensors: dict | None, generative: list[Item],
-           records: list[dict], latency: dict, memory: dict) -> dict:
     with staged_dir(out) as staging:
-        metrics: dict[str, Any] = {**head, "families": {}}
-        if lm is not None:
-            metrics.update({key: round(value, 6) for key, value in lm.items()})
-        if tensors is not None:
-            distributions.save_reference(tensors, staging / REFERENCE)
-        for family, summary in summarise(generative, records).items():
-            low, high = wilson_interval(summary["correct"] * summary["n"], int(summary["n"]))
-            extra = {key: round(value, 6) for key, value in summary.items() if key not in ("n", "correct")}
-            metrics["families"][family] = {"score": round(summary["correct"], 6), "n": int(summary["n"]),
-                                           "ci_low": round(low, 6), "ci_high": round(high, 6), **extra}
-        _long_context_cells(generative, records, metrics)
-        metrics["latency"] = latency
-        metrics["memory"] = memory
-        write_json(staging / METRICS, metrics)
-        write_json(staging / FAMILIES, [{"family": family, "score": values["score"]}
-                                        for family, values in sorted(metrics["families"].items())])
-        write_json(staging / LATENCY, [{"prompt_tokens": int(length), **values}
-                                       for length, values in metrics["latency"].items()])
-        write_json(staging / MEMORY, [{"context_tokens": int(length), **values}
-                                      for length, values in metrics["memory"]["by_context"].items()])
-        if config.store_generations:
-            with (staging / GENERATIONS).open("w", encoding="utf-8") as handle:
-                for record in records:
-                    handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        measured = llama.measure(path, kv_type, config, items, stored, repack)
+        head = {"eval_files_sha256": digests, "runtime": "llama.cpp", "deploy_runtime": "llama.cpp",
+                "llama_cpp": {"kv_cache_type": kv_type, "threads": measured["threads"], "repack": repack}}
+        return _write(staging, config, head, measured["lm"], measured["reference"], measured["generative"],
+                      measured["records"], measured["latency"], measured["memory"])
+
+
+def _write(staging: Path, config: EvalConfig, head: dict, lm: dict | None, tensors: dict | None,
+           generative: list[Item], records: list[dict], latency: dict, memory: dict) -> dict:
+    """Write every output into the staging folder (renamed into place by the caller)."""
+    metrics: dict[str, Any] = {**head, "families": {}}
+    if lm is not None:
+        metrics.update({key: round(value, 6) for key, value in lm.items()})
+    if tensors is not None:
+        distributions.save_reference(tensors, staging / REFERENCE)
+    for family, summary in summarise(generative, records).items():
+        low, high = wilson_interval(summary["correct"] * summary["n"], int(summary["n"]))
+        extra = {key: round(value, 6) for key, value in summary.items() if key not in ("n", "correct")}
+        metrics["families"][family] = {"score": round(summary["correct"], 6), "n": int(summary["n"]),
+                                       "ci_low": round(low, 6), "ci_high": round(high, 6), **extra}
+    _long_context_cells(generative, records, metrics)
+    metrics["latency"] = latency
+    metrics["memory"] = memory
+    write_json(staging / METRICS, metrics)
+    write_json(staging / FAMILIES, [{"family": family, "score": values["score"]}
+                                    for family, values in sorted(metrics["families"].items())])
+    write_json(staging / LATENCY, [{"prompt_tokens": int(length), **values}
+                                   for length, values in metrics["latency"].items()])
+    write_json(staging / MEMORY, [{"context_tokens": int(length), **values}
+                                  for length, values in metrics["memory"]["by_context"].items()])
+    if config.store_generations:
+        with (staging / GENERATIONS).open("w", encoding="utf-8") as handle:
+            for record in records:
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
     return metrics
 
 

@@ -27,7 +27,7 @@ IMATRIX_FILE = "imatrix.gguf"
 TENSOR_TYPE_BITS = {
     "F32": 32.0, "F16": 16.0, "BF16": 16.0, "Q8_0": 8.5, "Q6_K": 6.5625, "Q5_K": 5.5, "Q5_0": 5.5, "Q5_1": 6.0,
     "Q4_K": 4.5, "Q4_0": 4.5, "Q4_1": 5.0, "IQ4_XS": 4.25, "IQ4_NL": 4.5, "Q3_K": 3.4375, "IQ3_S": 3.4375,
-    "IQ3_XXS": 3.0625, "Q2_K": 2.625, "IQ2_S": 2.5, "IQ2_XS": 2.3125, "IQ2_XXS": 2.0625,
+    "IQ3_XXS": 3.0625, "Q2_K": 2.625, "IQ2_S": 2.5625, "IQ2_XS": 2.3125, "IQ2_XXS": 2.0625,
 }
 # llama.cpp file types (`llama-quantize ... TYPE`); the last group refuses to run without an
 # importance matrix.
@@ -170,7 +170,14 @@ def _quantize(variant: Any, inputs: Inputs, plan: dict, out: Path) -> dict:
     quantized = out.parent / "quantized.gguf"
     output = run_tool("llama-quantize", [*args, str(base), str(quantized), variant.type, "2"],
                       f"gguf {variant.type}")
-    lineage = {**(inputs.lineage or {}), "plan": {entry["gguf_name"]: entry["type"] for entry in plan.values()}}
+    from quantbuild.gguf_base import RECORD
+    from quantbuild.hashing import read_json
+
+    record = read_json(inputs.gguf_base / RECORD)
+    lineage = {**(inputs.lineage or {}), "plan": {entry["gguf_name"]: entry["type"] for entry in plan.values()},
+               "imatrix": record["imatrix"] if variant.imatrix else None,
+               "base_gguf": {key: record.get(key) for key in ("base_type", "base_sha256", "tensors_sha256",
+                                                              "pre_tokenizer")}}
     write_with_lineage(quantized, out / MODEL_FILE, lineage)
     quantized.unlink()
     types_file.unlink()

@@ -50,9 +50,18 @@ def home() -> Path:
     return Path(sys.prefix) / "llama.cpp"
 
 
+def sdist_dir() -> Path:
+    """The extracted llama-cpp-python sdist `make install` built from (exactly one)."""
+    found = sorted(home().glob("llama_cpp_python-*/"))
+    if len(found) != 1:
+        raise RuntimeUnavailable(f"llama.cpp: expected one built llama-cpp-python source under {home()}, found "
+                                 f"{len(found)} (run `make install`)")
+    return found[0]
+
+
 def source_dir() -> Path:
     """The vendored llama.cpp tree (converter, gguf-py) of the pinned sdist."""
-    path = home() / f"llama_cpp_python-{version()}" / "vendor" / "llama.cpp"
+    path = sdist_dir() / "vendor" / "llama.cpp"
     if not (path / "convert_hf_to_gguf.py").is_file():
         raise RuntimeUnavailable(f"llama.cpp: the converter is missing at {path} (run `make install`)")
     return path
@@ -67,7 +76,10 @@ def tool(name: str) -> Path:
 
 def vendored_commit() -> str:
     """The llama.cpp commit the pinned sdist vendors, as its changelog names it."""
-    changelog = home() / f"llama_cpp_python-{version()}" / "CHANGELOG.md"
+    try:
+        changelog = sdist_dir() / "CHANGELOG.md"
+    except RuntimeUnavailable:
+        return "unknown"
     if changelog.is_file():
         found = re.search(r"llama\.cpp@([0-9a-f]{7,40})", changelog.read_text(encoding="utf-8"))
         if found:
@@ -83,9 +95,10 @@ def fingerprint(isa: list[str]) -> dict[str, Any]:
     """What can change llama.cpp's numbers besides the model: versions, build, dispatch."""
     try:
         llama_version, commit = version(), vendored_commit()
+        built_from = sdist_dir().name
     except RuntimeUnavailable:
         return {"installed": False}
-    return {"installed": True, "llama_cpp_python": llama_version, "llama_cpp_commit": commit,
+    return {"installed": True, "llama_cpp_python": llama_version, "built_from": built_from, "llama_cpp_commit": commit,
             "gguf_py": _gguf_py_version(), "repack": repack_allowed(isa),
             "repack_reason": "llama.cpp default" if repack_allowed(isa)
             else "off: the CPU repack path crashed on AMX/AVX-512 CPUs"}
@@ -98,11 +111,11 @@ def _gguf_py_version() -> str:
         return "absent"
 
 
-def run_tool(name: str, args: list[str], what: str) -> str:
+def run_tool(name: str, args: list[str], what: str, cwd: Path | None = None) -> str:
     """Run a llama.cpp tool; its output is returned (and kept out of the user's terminal).
     A failure is one line naming `what` and the tool's last error line."""
     command = [str(tool(name)), *args]
-    result = subprocess.run(command, capture_output=True, text=True, errors="replace")
+    result = subprocess.run(command, capture_output=True, text=True, errors="replace", cwd=cwd)
     output = result.stdout + result.stderr
     if result.returncode != 0:
         lines = [line for line in output.splitlines() if line.strip()]

@@ -1,0 +1,250 @@
+"""llama.cpp / GGUF benchmarks (numbers for the closing note and bench/README.md).
+
+    python bench/gguf.py speed      [--repeats 5]
+    python bench/gguf.py quality    [--tokens 60000]
+    python bench/gguf.py imatrix    [--tokens 60000]
+    python bench/gguf.py throughput [--items 16]
+
+speed: quantbuild's gguf quantize (`build_variant`: checks, plan, llama-quantize, the
+lineage rewrite, hashing, the record) against `llama-quantize` called directly on the same
+base GGUF and imatrix, interleaved, medians.
+quality: llama.cpp's own `llama-perplexity --kl-divergence` against the F16 baseline's
+logits on held-out text (generated with seeds disjoint from calibration and eval): stock
+llama.cpp presets with and without quantbuild's importance matrix, and quantbuild's auto-mix
+at several bits-per-weight targets; bpw is the whole file's bits per parameter.
+imatrix: the same KLD for Q4_K_M / IQ4_XS with no imatrix and with imatrices from growing
+slices of the calibration mix (how big it must be before it helps).
+throughput: the evaluation suites on the same baseline in llama.cpp (its F16 GGUF) and on
+the torch path (transformers, float32), same items, same process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "bench" / "out"
+sys.path.insert(0, str(ROOT / "src"))
+BASELINE = ROOT / "data" / "baseline" / "workflow-llama-8m"
+SOURCES = {"workflow_prompts": 0.4, "tool_calls": 0.25, "long_context": 0.15, "domain_text": 0.2}
+
+
+def _calibration(samples: int = 48, imatrix_samples: int = 600):
+    from quantbuild.config import CalibrationConfig, SensitivityConfig
+
+    return CalibrationConfig(sources=SOURCES, samples=samples, seq_len=512, imatrix_samples=imatrix_samples,
+                             sensitivity=SensitivityConfig(samples=4, bits=3, group_size=64))
+
+
+def _prepare(work: Path, imatrix_samples: int = 600):
+    """Base GGUF + imatrix + calibration/sensitivity, as the pipeline makes them."""
+    from quantbuild.calibration import compose_calibration, load_calibration
+    from quantbuild.gguf_base import build_base
+    from quantbuild.quantizers import Inputs
+    from quantbuild.sensitivity import load_sensitivity
+
+    calibration = _calibration(imatrix_samples=imatrix_samples)
+    build_base(BASELINE, calibration, ROOT / "data" / "calibration", "f16", needed=True, imatrix=True, repack=False,
+               out=work / "base")
+    compose_calibration(calibration, ROOT / "data" / "calibration", BASELINE, work / "calibration")
+    return Inputs(BASELINE, load_calibration(work / "calibration"), load_sensitivity(work / "calibration"),
+                  gguf_base=work / "base", lineage={})
+
+
+def _table(headers: list[str], rows: list[list]) -> str:
+    widths = [max(len(str(x)) for x in [h, *[r[i] for r in rows]]) for i, h in enumerate(headers)]
+    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def speed(args: argparse.Namespace) -> None:
+    from quantbuild.config import GgufConfig
+    from quantbuild.quantization import build_variant
+    from quantbuild.quantizers.gguf import BASE_FILE, IMATRIX_FILE
+    from quantbuild.runtimes.llama_cpp import run_tool
+
+    with tempfile.TemporaryDirectory() as folder:
+        work = Path(folder)
+        inputs = _prepare(work)
+        rows, results = [], {}
+        for name, variant, extra in [("Q8_0", GgufConfig(type="Q8_0"), []),
+                                     ("Q4_K_M imatrix", GgufConfig(type="Q4_K_M", imatrix=True),
+                                      ["--imatrix", str(work / "base" / IMATRIX_FILE)])]:
+            ours, direct = [], []
+            for index in range(args.repeats):
+                started = time.perf_counter()
+                build_variant("bench", variant, inputs, work / "variant")
+                ours.append(time.perf_counter() - started)
+                started = time.perf_counter()
+                run_tool("llama-quantize", [*extra, str(work / "base" / BASE_FILE), str(work / "direct.gguf"),
+                                            variant.type, "2"], "direct")
+                direct.append(time.perf_counter() - started)
+            results[name] = {"quantbuild_s": ours, "direct_s": direct}
+            rows.append([name, f"{statistics.median(ours):.3f}", f"{statistics.median(direct):.3f}",
+                         f"{statistics.median(ours) / statistics.median(direct):.2f}x"])
+    print(_table(["type", "quantbuild build_variant (s)", "llama-quantize direct (s)", "ratio"], rows))
+    _save("gguf_speed", results)
+
+
+def heldout_text(tokens: int) -> str:
+    """Prose and workflow text from the task generators with seeds disjoint from calibration
+    (seed 0 draws) and eval: about `tokens` tokens."""
+    from transformers import AutoTokenizer
+
+    from quantbuild.tasks.calibration_sources import generate
+
+    tokenizer = AutoTokenizer.from_pretrained(str(BASELINE))
+    texts, count, seed = [], 0, 1000
+    while count < tokens:
+        for source in ("domain_text", "workflow_prompts", "tool_calls", "long_context"):
+            for record in generate(source, 16, seed):
+                texts.append(record["text"])
+                count += len(tokenizer(record["text"], verbose=False)["input_ids"])
+        seed += 1
+    return "\n\n".join(texts)
+
+
+def _kld(model: Path, base_logits: Path, text: Path) -> dict:
+    from quantbuild.runtimes.llama_cpp import run_tool
+
+    output = run_tool("llama-perplexity", ["-m", str(model), "-f", str(text), "--kl-divergence-base",
+                                           str(base_logits), "--kl-divergence", "-c", "512", "-b", "512", "-t", "2",
+                                           "--no-repack"], "kld")
+    mean = re.search(r"Mean\s+KLD:\s+([-\d.]+)", output)
+    top = re.search(r"Same top p:\s+([\d.]+)", output)
+    return {"kld_mean": float(mean.group(1)), "same_top_pct": float(top.group(1)) if top else None}
+
+
+def _file_bpw(path: Path) -> float:
+    import math
+
+    from quantbuild.runtimes.gguf_file import _reader
+
+    tensors = _reader(path).tensors
+    params = sum(math.prod(int(d) for d in tensor.shape) for tensor in tensors)
+    return sum(tensor.n_bytes for tensor in tensors) * 8 / params
+
+
+def _base_logits(work: Path, tokens: int) -> tuple[Path, Path]:
+    from quantbuild.quantizers.gguf import BASE_FILE
+    from quantbuild.runtimes.llama_cpp import run_tool
+
+    text = work / "heldout.txt"
+    text.write_text(heldout_text(tokens), encoding="utf-8")
+    logits = work / "base.kld"
+    run_tool("llama-perplexity", ["-m", str(work / "base" / BASE_FILE), "-f", str(text), "--kl-divergence-base",
+                                  str(logits), "-c", "512", "-b", "512", "-t", "2", "--no-repack"], "base logits")
+    return text, logits
+
+
+def quality(args: argparse.Namespace) -> None:
+    from quantbuild.config import GgufConfig
+    from quantbuild.quantization import build_variant
+    from quantbuild.quantizers.gguf import MODEL_FILE
+
+    with tempfile.TemporaryDirectory() as folder:
+        work = Path(folder)
+        inputs = _prepare(work)
+        text, logits = _base_logits(work, args.tokens)
+        variants = {}
+        for preset in ("Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "IQ4_XS", "Q5_K_M"):
+            variants[f"{preset}"] = GgufConfig(type=preset)
+            variants[f"{preset} + imatrix"] = GgufConfig(type=preset, imatrix=True)
+        for target in args.targets:
+            variants[f"auto-mix {target}"] = GgufConfig(type="Q4_K_S", imatrix=True, target_bpw=target,
+                                                        mix_types=["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+        rows, results = [], {}
+        for name, variant in variants.items():
+            build_variant("bench", variant, inputs, work / "variant")
+            path = work / "variant" / "model" / MODEL_FILE
+            measured = {"file_bpw": round(_file_bpw(path), 4), **_kld(path, logits, text)}
+            results[name] = measured
+            rows.append([name, f"{measured['file_bpw']:.3f}", f"{measured['kld_mean']:.6f}",
+                         f"{measured['same_top_pct']:.2f}"])
+        rows.sort(key=lambda row: float(row[1]))
+    print(f"held-out tokens: ~{args.tokens} (llama-perplexity, 512-token chunks)")
+    print(_table(["variant", "file bpw", "mean KLD vs F16", "same top-1 %"], rows))
+    _save("gguf_quality", results)
+
+
+def imatrix(args: argparse.Namespace) -> None:
+    from quantbuild.config import GgufConfig
+    from quantbuild.quantization import build_variant
+    from quantbuild.quantizers.gguf import MODEL_FILE
+
+    rows, results = [], {}
+    with tempfile.TemporaryDirectory() as folder:
+        work = Path(folder)
+        inputs = _prepare(work, imatrix_samples=48)
+        text, logits = _base_logits(work, args.tokens)
+        for samples in (0, 48, 150, 300, 600):
+            if samples:
+                inputs = _prepare(work, imatrix_samples=samples)
+            tokens = json.loads((work / "base" / "gguf_base_record.json").read_text())["imatrix"]["tokens_used"]
+            for preset in ("Q4_K_M", "IQ4_XS", "Q3_K_S"):
+                build_variant("bench", GgufConfig(type=preset, imatrix=bool(samples)), inputs, work / "variant")
+                measured = _kld(work / "variant" / "model" / MODEL_FILE, logits, text)
+                results[f"{preset}@{samples}"] = {"imatrix_tokens": tokens if samples else 0, **measured}
+                rows.append([preset, samples, tokens if samples else 0, f"{measured['kld_mean']:.6f}"])
+    print(_table(["type", "imatrix samples", "imatrix tokens", "mean KLD vs F16"], rows))
+    _save("gguf_imatrix", results)
+
+
+def throughput(args: argparse.Namespace) -> None:
+    from quantbuild.config import EvalConfig, LatencyConfig, MemoryConfig
+    from quantbuild.evaluation.runner import evaluate, evaluate_gguf
+    from quantbuild.quantizers.gguf import BASE_FILE
+
+    config = EvalConfig(limit=args.items, batch_size=16, latency=LatencyConfig(prompt_lengths=[64], repeats=3),
+                        memory=MemoryConfig(context_lengths=[256]))
+    rows, results = [], {}
+    with tempfile.TemporaryDirectory() as folder:
+        work = Path(folder)
+        from quantbuild.gguf_base import build_base
+
+        build_base(BASELINE, _calibration(), ROOT / "data" / "calibration", "f16", needed=True, imatrix=False,
+                   repack=False, out=work / "base")
+        timings: dict[str, list[float]] = {"llama.cpp (F16 GGUF)": [], "torch (transformers, float32)": []}
+        for _ in range(args.repeats):
+            started = time.perf_counter()
+            evaluate_gguf(work / "base" / BASE_FILE, "f16", config, ROOT / "data" / "eval", work / "a", None, False)
+            timings["llama.cpp (F16 GGUF)"].append(time.perf_counter() - started)
+            started = time.perf_counter()
+            evaluate(BASELINE, config, ROOT / "data" / "eval", work / "b", None)
+            timings["torch (transformers, float32)"].append(time.perf_counter() - started)
+    items = args.items * 5
+    reference = statistics.median(timings["torch (transformers, float32)"])
+    for name, values in timings.items():
+        median = statistics.median(values)
+        results[name] = {"seconds": values, "items": items}
+        rows.append([name, f"{median:.2f}", f"{items / median:.1f}", f"{reference / median:.1f}x"])
+    print(f"{items} items ({args.items} per family, 5 families) + latency + memory suites, medians of {args.repeats}")
+    print(_table(["runtime", "seconds", "items/s", "speed-up vs torch"], rows))
+    _save("gguf_throughput", results)
+
+
+def _save(name: str, results: dict) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / f"{name}.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=("speed", "quality", "imatrix", "throughput"))
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--tokens", type=int, default=60000)
+    parser.add_argument("--items", type=int, default=16)
+    parser.add_argument("--targets", type=float, nargs="+", default=[3.0, 3.5, 4.0, 4.5, 5.0])
+    args = parser.parse_args()
+    {"speed": speed, "quality": quality, "imatrix": imatrix, "throughput": throughput}[args.what](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,266 @@
+"""GGUF through llama.cpp: conversion with the bundled tokenizer, token-ID equality with HF,
+the gguf method (file types, imatrix, auto-mix) building the same bytes twice and the same
+tensors as llama-quantize called directly, lineage inside the file, the runtime adapter,
+and one line for every bad input."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import BASELINE, REPO
+from quantbuild.calibration import compose_calibration, load_calibration
+from quantbuild.config import CalibrationConfig, GgufConfig, GgufOverrideConfig, SensitivityConfig
+from quantbuild.errors import ConfigError, IntegrityError, QuantbuildError
+from quantbuild.gguf_base import RECORD as BASE_RECORD
+from quantbuild.gguf_base import build_base
+from quantbuild.hashing import read_json, sha256_file
+from quantbuild.quantization import MODEL_DIR, RECORD, build_variant
+from quantbuild.quantizers import Inputs, model_layers
+from quantbuild.quantizers.gguf import BASE_FILE, IMATRIX_FILE, MODEL_FILE, TENSOR_TYPE_BITS, gguf_names
+from quantbuild.runtimes.gguf_file import PREFIX, metadata, tensor_digest, tensor_types
+from quantbuild.runtimes.llama_cpp import LlamaCppModel, memory_at, repack_allowed, run_tool
+from quantbuild.tasks.items import load_items
+from quantbuild.verify import verify_gguf
+
+pytestmark = pytest.mark.slow
+
+CALIBRATION = CalibrationConfig(sources={"workflow_prompts": 0.5, "tool_calls": 0.3, "domain_text": 0.2}, samples=6,
+                                seq_len=96, sensitivity=SensitivityConfig(samples=2, bits=3, group_size=64),
+                                imatrix_samples=40, imatrix_chunk=128)
+DATA = REPO / "data" / "calibration"
+
+
+def _build_base(out: Path) -> dict:
+    return build_base(BASELINE, CALIBRATION, DATA, "f16", needed=True, imatrix=True, repack=False, out=out)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("gguf") / "base"
+    _build_base(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, base) -> Inputs:
+    out = tmp_path_factory.mktemp("calibration")
+    compose_calibration(CALIBRATION, DATA, BASELINE, out)
+    from quantbuild.sensitivity import load_sensitivity
+
+    return Inputs(BASELINE, load_calibration(out), load_sensitivity(out), gguf_base=base,
+                  lineage={"baseline": {"name": "workflow-llama-8m"}, "build_fingerprint_sha256": "f" * 64})
+
+
+VARIANTS = {
+    "q8_0": GgufConfig(type="Q8_0"),
+    "q4_k_m_imat": GgufConfig(type="Q4_K_M", imatrix=True),
+    "iq4_xs_imat": GgufConfig(type="IQ4_XS", imatrix=True),
+    "mix_3p8": GgufConfig(type="Q4_K_S", imatrix=True, target_bpw=3.8),
+    "q4_k_s_overrides": GgufConfig(type="Q4_K_S", token_embd_type="Q8_0",
+                                   overrides=[GgufOverrideConfig(pattern=r"blk\.0\..*", type="Q6_K")]),
+}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, inputs) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("variants")
+    for name, variant in VARIANTS.items():
+        build_variant(name, variant, inputs, root / name)
+    return {name: root / name for name in VARIANTS}
+
+
+def test_bundled_tokenizer_converts_with_the_starcoder_pre_tokenizer(base):
+    record = read_json(base / BASE_RECORD)
+    assert record["pre_tokenizer"] == "starcoder" and record["pre_tokenizer_named_by_quantbuild"]
+    assert metadata(base / BASE_FILE)["tokenizer.ggml.pre"] == "starcoder"
+
+
+def test_hf_and_llama_cpp_token_ids_are_identical_on_every_bundled_file(base):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(BASELINE))
+    files = sorted((REPO / "data" / "eval").glob("*.jsonl")) + sorted(DATA.glob("*.jsonl"))
+    checked = 0
+    with LlamaCppModel(base / BASE_FILE, n_ctx=256) as model:
+        for path in files:
+            for line in path.read_text(encoding="utf-8").splitlines():
+                record = json.loads(line)
+                text = record.get("prompt") or record["text"]
+                assert model.tokenize(text) == tokenizer(text)["input_ids"], f"{path.name}: {record.get('id')}"
+                checked += 1
+    assert checked == 2204
+
+
+def test_conversion_and_imatrix_are_byte_identical_across_runs(base, tmp_path):
+    _build_base(tmp_path / "again")
+    assert sha256_file(tmp_path / "again" / BASE_FILE) == sha256_file(base / BASE_FILE)
+    assert sha256_file(tmp_path / "again" / IMATRIX_FILE) == sha256_file(base / IMATRIX_FILE)
+    imatrix = read_json(base / BASE_RECORD)["imatrix"]
+    assert imatrix["tokens_used"] == imatrix["chunks"] * 128 and imatrix["tokens"] >= imatrix["tokens_used"]
+    assert set(imatrix["composition"]) == {"workflow_prompts", "tool_calls", "domain_text"}
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_each_variant_builds_the_same_gguf_twice(name, built, inputs, tmp_path):
+    build_variant(name, VARIANTS[name], inputs, tmp_path / name)
+    first = read_json(built[name] / RECORD)["files"]
+    assert read_json(tmp_path / name / RECORD)["files"] == first
+
+
+def test_quantize_gives_the_tensors_llama_quantize_gives_called_directly(built, base, tmp_path):
+    direct = tmp_path / "direct.gguf"
+    run_tool("llama-quantize", ["--imatrix", str(base / IMATRIX_FILE), str(base / BASE_FILE), str(direct), "Q4_K_M"],
+             "direct")
+    assert tensor_digest(built["q4_k_m_imat"] / MODEL_DIR / MODEL_FILE) == tensor_digest(direct)
+
+
+def test_types_overrides_and_token_embedding_type_land_in_the_file(built):
+    types = tensor_types(built["q4_k_s_overrides"] / MODEL_DIR / MODEL_FILE)
+    assert types["token_embd.weight"] == "Q8_0"
+    assert {types[f"blk.0.{t}.weight"] for t in ("attn_q", "attn_k", "ffn_down", "ffn_up")} == {"Q6_K"}
+    assert types["blk.1.attn_q.weight"] == "Q4_K"
+    assert tensor_types(built["q8_0"] / MODEL_DIR / MODEL_FILE)["blk.3.ffn_up.weight"] == "Q8_0"
+
+
+def test_auto_mix_stays_within_its_target_and_promotes_the_most_sensitive(built, inputs):
+    record = read_json(built["mix_3p8"] / RECORD)
+    assert record["bits_per_weight"] <= 3.8
+    layers = record["layers"]
+    types = {entry["type"] for entry in layers.values()}
+    assert len(types) >= 2 and types <= {"Q3_K", "Q4_K", "Q5_K", "Q6_K"}
+    kld = {name: entry["kld"] for name, entry in inputs.sensitivity["layers"].items()}
+    promoted = [name for name, entry in layers.items() if entry["type"] != "Q3_K"]
+    kept = [name for name, entry in layers.items() if entry["type"] == "Q3_K"]
+    # the promoted layers are, on average, the more sensitive ones
+    assert sum(kld[n] for n in promoted) / len(promoted) > sum(kld[n] for n in kept) / len(kept)
+
+
+def test_the_file_carries_its_lineage_and_verifies_alone(built):
+    path = built["iq4_xs_imat"] / MODEL_DIR / MODEL_FILE
+    values = metadata(path)
+    assert values[f"{PREFIX}variant"]["parameters"]["type"] == "IQ4_XS"
+    assert values[f"{PREFIX}imatrix"]["sha256"] and values[f"{PREFIX}baseline"]["name"] == "workflow-llama-8m"
+    assert values[f"{PREFIX}tensors_sha256"] == tensor_digest(path)
+    llama = {"any": "environment"}
+    from quantbuild.hashing import sha256_json
+
+    assert verify_gguf(path, current_llama_cpp=llama).exit_code == 2
+    assert values[f"{PREFIX}build_fingerprint_sha256"] == "f" * 64
+    assert not verify_gguf(path, current_llama_cpp=llama).problems
+    assert sha256_json(llama) != "f" * 64
+
+
+def test_a_tampered_or_truncated_gguf_is_one_line_and_exit_1(built, tmp_path):
+    source = built["q8_0"] / MODEL_DIR / MODEL_FILE
+    tampered = tmp_path / "tampered.gguf"
+    data = bytearray(source.read_bytes())
+    data[-1000] ^= 0xFF
+    tampered.write_bytes(bytes(data))
+    result = subprocess.run([str(Path(sys.executable).parent / "quantbuild"), "verify", str(tampered)],
+                            capture_output=True, text=True)
+    assert result.returncode == 1 and "tensor data differs from its metadata" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    header = tmp_path / "header.gguf"
+    header.write_bytes(b"GGUF" + b"\xff" * 60)
+    result = subprocess.run([str(Path(sys.executable).parent / "quantbuild"), "verify", str(header)],
+                            capture_output=True, text=True)
+    assert result.returncode == 1 and "not a valid GGUF file" in result.stderr
+    with pytest.raises(IntegrityError, match="cannot load this GGUF file"):
+        LlamaCppModel(header, n_ctx=64)
+
+
+def test_the_variant_loads_alone_in_llama_cpp_and_answers_every_family(built):
+    from quantbuild.evaluation.generation import MAX_NEW_TOKENS
+    from quantbuild.evaluation.scorers import score
+
+    right = {}
+    with LlamaCppModel(built["q4_k_m_imat"] / MODEL_DIR / MODEL_FILE, n_ctx=2048) as model:
+        for family in ("structured", "retrieval", "long_context", "reasoning"):
+            items = load_items(REPO / "data" / "eval" / f"{family}.jsonl")[:8]
+            outputs = [model.detokenize(model.generate(model.tokenize(item.prompt), MAX_NEW_TOKENS[family]))
+                       for item in items]
+            right[family] = sum(score(item, output)["correct"] for item, output in zip(items, outputs))
+    assert all(count >= 1 for count in right.values()), right
+
+
+def test_kv_bytes_per_token_are_the_same_for_every_variant_of_one_kv_type(built, base):
+    kv = {name: memory_at(path / MODEL_DIR / MODEL_FILE, 512, "f16", 2, False)["kv_cache"]
+          for name, path in built.items()}
+    kv["baseline"] = memory_at(base / BASE_FILE, 512, "f16", 2, False)["kv_cache"]
+    assert len(set(kv.values())) == 1, kv
+    assert memory_at(base / BASE_FILE, 512, "q8_0", 2, False)["kv_cache"] < kv["baseline"]
+
+
+def test_tensor_type_bits_match_gguf_py():
+    import gguf
+
+    for name, bits in TENSOR_TYPE_BITS.items():
+        block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name]]
+        assert bits == size * 8 / block, name
+
+
+def test_repack_is_off_on_the_cpus_where_it_crashed():
+    assert not repack_allowed(["avx2", "avx512f"]) and not repack_allowed(["amx_int8"])
+    assert repack_allowed(["avx", "avx2", "fma"])
+
+
+def test_layer_names_map_to_gguf_tensors():
+    names = gguf_names(BASELINE, model_layers(BASELINE))
+    assert names["model.layers.3.mlp.down_proj"] == "blk.3.ffn_down.weight"
+    assert names["model.layers.0.self_attn.o_proj"] == "blk.0.attn_output.weight"
+
+
+@pytest.mark.parametrize(("variant", "message"), [
+    (GgufConfig(type="Q9_K"), "type='Q9_K' is not a llama.cpp type quantbuild allows"),
+    (GgufConfig(type="Q4_K_M", output_type="Q7"), "output_type='Q7' is not a llama.cpp type"),
+    (GgufConfig(type="IQ2_XS"), "imatrix=False is not allowed for type IQ2_XS"),
+    (GgufConfig(type="Q4_K_M", kv_cache_type="q2"), "kv_cache_type='q2' is not allowed"),
+    (GgufConfig(type="Q4_K_S", target_bpw=3.0), "target_bpw=3.0 is below the smallest plan, 3.4375"),
+    (GgufConfig(type="Q4_K_S", target_bpw=4.0, mix_types=["Q6_K", "Q3_K"]), "mix_types=['Q6_K', 'Q3_K'] is not allowed"),
+    (GgufConfig(type="Q4_K_M", overrides=[GgufOverrideConfig(pattern=r"blk\.99\..*", type="Q8_0")]), "matches no layer"),
+])
+def test_bad_gguf_variants_fail_before_any_work(variant, message, inputs, tmp_path):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]").replace(".", r"\.")):
+        build_variant("bad", variant, inputs, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_an_imatrix_made_for_another_model_is_one_line_and_leaves_the_old_variant(built, inputs, tmp_path):
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    other = tmp_path / "other"
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=4096, hidden_size=512, intermediate_size=1024, num_hidden_layers=8,
+                         num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=1024)
+    LlamaForCausalLM(config).save_pretrained(str(other))
+    AutoTokenizer.from_pretrained(str(BASELINE)).save_pretrained(str(other))
+    other_base = tmp_path / "other-base"
+    build_base(other, CALIBRATION, DATA, "f16", needed=True, imatrix=True, repack=False, out=other_base)
+    mixed = tmp_path / "mixed-base"
+    shutil.copytree(inputs.gguf_base, mixed)
+    shutil.copyfile(other_base / IMATRIX_FILE, mixed / IMATRIX_FILE)
+    out = tmp_path / "variant"
+    shutil.copytree(built["q4_k_m_imat"], out)
+    before = sha256_file(out / MODEL_DIR / MODEL_FILE)
+    from dataclasses import replace
+
+    with pytest.raises(QuantbuildError, match="llama-quantize failed") as failure:
+        build_variant("q4_k_m_imat", VARIANTS["q4_k_m_imat"], replace(inputs, gguf_base=mixed), out)
+    assert "\n" not in str(failure.value)
+    assert sha256_file(out / MODEL_DIR / MODEL_FILE) == before
+
+
+def test_an_architecture_the_converter_does_not_know_is_one_line(tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(BASELINE, model)
+    config = json.loads((model / "config.json").read_text())
+    config["architectures"] = ["MadeUpForCausalLM"]
+    (model / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="architecture 'MadeUpForCausalLM' is not supported by llama.cpp's converter"):
+        build_base(model, CALIBRATION, DATA, "f16", needed=True, imatrix=False, repack=False, out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
