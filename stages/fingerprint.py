@@ -20,9 +20,11 @@ def main(config: Config) -> None:
         write_json(out / f"{scope}.json", values)
     for name, values in method_files(prints, method_names()).items():
         write_json(out / "methods" / name, values)
-    # The baseline is measured on the ladder's runtime: its stage depends on that scope only.
-    ladder_method = next(iter(config.quant.variants.values())).method
-    write_json(out / "methods" / "baseline.runtime.json", prints[scopes_of(ladder_method)[1]])
+    # The baseline is measured, and the bundle packaged, on the ladder's runtime: those stages
+    # depend on its scopes only.
+    build, runtime = scopes_of(next(iter(config.quant.variants.values())).method)
+    write_json(out / "methods" / "ladder.build.json", prints[build])
+    write_json(out / "methods" / "ladder.runtime.json", prints[runtime])
 
 
 if __name__ == "__main__":

@@ -40,8 +40,12 @@ def _describe(variant: dict[str, Any]) -> str:
     parameters = variant["parameters"]
     if variant["method"] == "gguf":
         imatrix = " with an importance matrix" if parameters.get("imatrix") else ""
-        mix = f", auto-mix within {parameters['target_bpw']} bits per weight" if parameters.get("target_bpw") else ""
-        return f"llama.cpp {parameters['type']} GGUF{imatrix}{mix} (KV cache {parameters['kv_cache_type']})"
+        if parameters.get("target_bpw"):
+            kind = (f"auto-mix (per-tensor {'/'.join(parameters['mix_types'])} within {parameters['target_bpw']} "
+                    f"bits per weight over the decoder; other tensors as {parameters['type']})")
+        else:
+            kind = parameters["type"]
+        return f"llama.cpp {kind} GGUF{imatrix} (KV cache {parameters['kv_cache_type']})"
     return f"{variant['method'].upper()} {parameters['bits']}-bit (group size {parameters['group_size']})"
 
 

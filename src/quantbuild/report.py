@@ -35,6 +35,12 @@ def release_summary(config: Config) -> str:
     for family in sorted(measured["families"]):
         b, v = baseline["families"][family], measured["families"][family]
         lines.append(f"  {family:<14} {b['score']:.3f} -> {v['score']:.3f}  (n={v['n']}, 95% CI {v['ci_low']:.3f}-{v['ci_high']:.3f})")
+    checks = {check["budget"]: check for check in manifest["gate"]["checks"]}
+    runtime = manifest.get("deploy_runtime", "torch")
+    operational = [f"{name.split('@')[0].replace('_', ' ')} {check['measured']:.3f}"
+                   for name, check in sorted(checks.items()) if name.startswith(("latency_p99_ratio", "memory_ratio"))]
+    if operational:
+        lines.append(f"  on {runtime}, vs the baseline on {runtime}: " + ", ".join(operational))
     size = sum(entry["size"] for entry in manifest["files"].values())
     lines.append(f"package: {bundle} ({size / 1e6:.2f} MB); check it with `quantbuild verify {bundle}`")
     return "\n".join(lines)

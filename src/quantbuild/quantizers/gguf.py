@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 from quantbuild.errors import ConfigError
 from quantbuild.quantizers import Inputs, Method, matching_layers, measurements
-from quantbuild.quantizers.planner import Level, noise_model_kld, promote
+from quantbuild.quantizers.planner import Level, noise_model_kld, promote, require_sensitivity
 
 MODEL_FILE = "model.gguf"
 BASE_FILE = "base.gguf"
@@ -110,14 +110,7 @@ def _plan(key: str, variant: Any, layers: dict, sensitivity: Optional[dict], bas
 def _auto_mix(key: str, variant: Any, layers: dict, plan: dict, sensitivity: Optional[dict]) -> None:
     """Every layer not overridden gets a type from `mix_types`, chosen greedily by estimated
     KL divergence removed per extra stored bit, within `target_bpw` over the decoder."""
-    if sensitivity is None:
-        raise ConfigError(f"params.yaml: {key}.target_bpw={variant.target_bpw} needs the per-layer sensitivity the "
-                          f"calibrate stage measures (allowed: 0, or set calibration.sensitivity.samples > 0)")
-    measured = sensitivity["layers"]
-    unknown = sorted(set(layers) - set(measured))
-    if unknown:
-        raise ConfigError(f"calibration sensitivity: no measurement for layer {unknown[0]} (it was measured on "
-                          f"another model; rerun the calibrate stage)")
+    measured = require_sensitivity(f"{key}.target_bpw={variant.target_bpw}", layers, sensitivity)
     config = sensitivity["config"]
     measured_bits = config["bits"] + (16 / config["group_size"] if config["group_size"] > 0 else 0)
     weights = {name: out * inp for name, (out, inp) in layers.items()}

@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 from quantbuild.errors import ConfigError
 from quantbuild.quantizers import GPTQ_BITS, GPTQ_GROUPS, Inputs, Method, allowed, matching_layers
-from quantbuild.quantizers.planner import Level, promote
+from quantbuild.quantizers.planner import Level, promote, require_sensitivity
 
 
 def layer_bits_per_weight(shape: tuple[int, int], bits: int, group_size: int) -> float:
@@ -58,14 +58,7 @@ def _check(key: str, variant: Any) -> None:
 
 
 def _promote(key: str, variant: Any, layers: dict, plan: dict, sensitivity: Optional[dict]) -> None:
-    if sensitivity is None:
-        raise ConfigError(f"params.yaml: {key}.target_bits={variant.target_bits} needs the per-layer sensitivity "
-                          f"the calibrate stage measures (allowed: 0, or set calibration.sensitivity.samples > 0)")
-    measured = sensitivity["layers"]
-    unknown = sorted(set(layers) - set(measured))
-    if unknown:
-        raise ConfigError(f"calibration sensitivity: no measurement for layer {unknown[0]} (it was measured on "
-                          f"another model; rerun the calibrate stage)")
+    measured = require_sensitivity(f"{key}.target_bits={variant.target_bits}", layers, sensitivity)
     total = sum(out * inp for out, inp in layers.values())
     used = plan_bits_per_weight(plan, layers)
     if used > variant.target_bits:

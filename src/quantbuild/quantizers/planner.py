@@ -14,6 +14,22 @@ from dataclasses import dataclass
 from typing import Callable, Hashable, Optional
 
 
+def require_sensitivity(setting: str, layers: dict, sensitivity: Optional[dict]) -> dict:
+    """The calibrate stage's per-layer measurements for every layer in `layers`; `setting`
+    (e.g. `quant.variants.x.target_bits=3.5`) names what needs them in the error."""
+    from quantbuild.errors import ConfigError
+
+    if sensitivity is None:
+        raise ConfigError(f"params.yaml: {setting} needs the per-layer sensitivity the calibrate stage measures "
+                          f"(allowed: 0, or set calibration.sensitivity.samples > 0)")
+    measured = sensitivity["layers"]
+    unknown = sorted(set(layers) - set(measured))
+    if unknown:
+        raise ConfigError(f"calibration sensitivity: no measurement for layer {unknown[0]} (it was measured on "
+                          f"another model; rerun the calibrate stage)")
+    return measured
+
+
 @dataclass(frozen=True)
 class Level:
     """One precision a layer may take: its name in the format, its stored bits per weight."""

@@ -98,8 +98,14 @@ def fingerprint(isa: list[str]) -> dict[str, Any]:
         built_from = sdist_dir().name
     except RuntimeUnavailable:
         return {"installed": False}
+    try:
+        # the compiled feature set (ISA paths, OpenMP, repack kernels): a rebuild with other
+        # flags changes numbers while every version stays the same
+        features = system_info().strip()
+    except QuantbuildError:
+        features = "unavailable"
     return {"installed": True, "llama_cpp_python": llama_version, "built_from": built_from, "llama_cpp_commit": commit,
-            "gguf_py": _gguf_py_version(), "repack": repack_allowed(isa),
+            "gguf_py": _gguf_py_version(), "backend": features, "repack": repack_allowed(isa),
             "repack_reason": "llama.cpp default" if repack_allowed(isa)
             else "off: the CPU repack path crashed on AMX/AVX-512 CPUs"}
 
