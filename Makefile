@@ -66,7 +66,7 @@ bench: install
 	python bench/pipeline.py
 	python bench/quantize.py speed
 	python bench/quantize.py quality
-	python bench/gguf.py
+	python bench/gguf_variants.py
 
 # A signing key pair for bundles (keys/ is git-ignored; never commit the .key).
 keys: install

@@ -190,23 +190,21 @@ def require_base(folder: Optional[Path], imatrix: bool) -> tuple[Path, Optional[
 def effective_bits(model_dir: Path, plan: dict, layers: dict) -> dict[str, Any]:
     """Bits per weight of the decoder's linear layers as stored (their llama.cpp types), the
     whole file's bits per parameter, and each layer's type and reason."""
-    import math
+    from quantbuild.runtimes.gguf_file import layout
 
-    from quantbuild.runtimes.gguf_file import _reader
-
-    tensors = {tensor.name: tensor for tensor in _reader(model_dir / MODEL_FILE).tensors}
+    tensors = {tensor.name: tensor for tensor in layout(model_dir / MODEL_FILE).tensors}
     report, stored, total = {}, 0.0, 0
     for name, entry in sorted(plan.items()):
         tensor = tensors[entry["gguf_name"]]
         weights = layers[name][0] * layers[name][1]
-        bits = tensor.n_bytes * 8 / weights
-        stored += tensor.n_bytes * 8
+        bits = tensor.nbytes * 8 / weights
+        stored += tensor.nbytes * 8
         total += weights
-        report[name] = {"gguf_name": entry["gguf_name"], "type": tensor.tensor_type.name,
+        report[name] = {"gguf_name": entry["gguf_name"], "type": tensor.type_name,
                         "reason": entry["reason"] if entry["type"] else f"file type ({entry['reason']})",
                         "bits_per_weight": round(bits, 4)}
-    params = sum(math.prod(int(d) for d in tensor.shape) for tensor in tensors.values())
-    file_bits = sum(tensor.n_bytes for tensor in tensors.values()) * 8 / max(1, params)
+    params = sum(tensor.elements for tensor in tensors.values())
+    file_bits = sum(tensor.nbytes for tensor in tensors.values()) * 8 / max(1, params)
     return {"bits_per_weight": round(stored / max(1, total), 4), "nominal_bits": round(stored / max(1, total), 4),
             "file_bits_per_weight": round(file_bits, 4), "quantized_weights": total, "layers": report}
 

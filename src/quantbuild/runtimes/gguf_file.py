@@ -23,7 +23,10 @@ import hashlib
 import io
 import json
 import logging
+import math
+import struct
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -127,35 +130,132 @@ def convert(baseline: Path, out: Path, outtype: str = "f16", model_name: str | N
         model.write()
 
 
-def _reader(path: Path) -> Any:
+# GGUF value types (gguf-py's GGUFValueType), and the struct format of the fixed-size ones.
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+MAGIC = b"GGUF"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dims: tuple[int, ...]
+    type_name: str
+    offset: int  # absolute, in the file
+    nbytes: int
+
+    @property
+    def elements(self) -> int:
+        return math.prod(self.dims)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A GGUF file's header as byte ranges: key/values (scalars and strings decoded, arrays
+    summarised), tensor infos, where each tensor's bytes lie. Read without materialising
+    the vocabulary (gguf-py's reader builds every token: seconds for a large vocab)."""
+
+    version: int
+    values: dict[str, Any]
+    kv_bytes: bytes
+    tensor_info_bytes: bytes
+    tensors: list[TensorInfo]
+    alignment: int
+    data_start: int
+
+
+class _Cursor:
+    def __init__(self, data: Any, path: Path) -> None:
+        self.data, self.at, self.path = data, 0, path
+
+    def take(self, size: int) -> Any:
+        if self.at + size > len(self.data):
+            raise IntegrityError(f"{self.path}: not a valid GGUF file (truncated header at byte {self.at})")
+        chunk = self.data[self.at : self.at + size]
+        self.at += size
+        return chunk
+
+    def unpack(self, fmt: str) -> Any:
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
+
+    def string(self) -> str:
+        size = self.unpack("<Q")
+        try:
+            return bytes(self.take(size)).decode("utf-8")
+        except UnicodeDecodeError:
+            raise IntegrityError(f"{self.path}: not a valid GGUF file (a key or string is not UTF-8)") from None
+
+    def value(self, kind: int) -> Any:
+        if kind in _SCALARS:
+            return self.unpack(_SCALARS[kind])
+        if kind == _STRING:
+            return self.string()
+        if kind == _ARRAY:
+            item, count = self.unpack("<I"), self.unpack("<Q")
+            if item in _SCALARS:
+                width = struct.calcsize(_SCALARS[item])
+                raw = self.take(width * count)
+                return list(struct.unpack(f"<{count}{_SCALARS[item][1]}", raw)) if count <= 64 else \
+                    {"array_of": item, "count": count}
+            values = [self.value(item) for _ in range(count)]
+            return values if count <= 64 else {"array_of": item, "count": count}
+        raise IntegrityError(f"{self.path}: not a valid GGUF file (unknown value type {kind} at byte {self.at})")
+
+
+def layout(path: Path) -> Layout:
+    """Parse the header of `path`; anything malformed is an IntegrityError naming the file."""
+    import mmap
+
+    import gguf
+
     if not path.is_file():
         raise IntegrityError(f"{path}: GGUF file not found")
-    try:
-        import gguf
-    except ImportError:
-        _vendored()
-        import gguf
-    try:
-        return gguf.GGUFReader(str(path))
-    except Exception as err:  # gguf-py raises ValueError, struct.error, IndexError... on bad bytes
-        raise IntegrityError(f"{path}: not a valid GGUF file ({type(err).__name__}: {err})") from None
-
-
-def _field_value(field: Any) -> Any:
-    try:
-        return field.contents()
-    except Exception:  # a field gguf-py cannot decode is reported, not fatal
-        return None
+    with path.open("rb") as handle:
+        try:
+            data = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        except ValueError:
+            raise IntegrityError(f"{path}: not a valid GGUF file (empty)") from None
+    with data:
+        cursor = _Cursor(data, path)
+        if bytes(cursor.take(4)) != MAGIC:
+            raise IntegrityError(f"{path}: not a valid GGUF file (bad magic; big-endian GGUF is not supported)")
+        version, tensor_count, kv_count = cursor.unpack("<I"), cursor.unpack("<Q"), cursor.unpack("<Q")
+        if version not in (2, 3) or tensor_count > 10**7 or kv_count > 10**7:
+            raise IntegrityError(f"{path}: not a valid GGUF file (version {version}, {tensor_count} tensors, "
+                                 f"{kv_count} keys)")
+        kv_start, values = cursor.at, {}
+        for _ in range(kv_count):
+            key = cursor.string()
+            values[key] = cursor.value(cursor.unpack("<I"))
+        kv_end = cursor.at
+        alignment = int(values.get("general.alignment", 32))
+        infos = []
+        for _ in range(tensor_count):
+            name = cursor.string()
+            dims = tuple(cursor.unpack("<Q") for _ in range(cursor.unpack("<I")))
+            kind, offset = cursor.unpack("<I"), cursor.unpack("<Q")
+            infos.append((name, dims, kind, offset))
+        info_end = cursor.at
+        data_start = -(-info_end // alignment) * alignment
+        tensors = []
+        for name, dims, kind, offset in infos:
+            try:
+                quant = gguf.GGMLQuantizationType(kind)
+                block, size = gguf.GGML_QUANT_SIZES[quant]
+            except (ValueError, KeyError):
+                raise IntegrityError(f"{path}: not a valid GGUF file (tensor {name} has unknown type {kind})") from None
+            nbytes = math.prod(dims) // block * size
+            if data_start + offset + nbytes > len(data):
+                raise IntegrityError(f"{path}: not a valid GGUF file (tensor {name} runs past the end of the file)")
+            tensors.append(TensorInfo(name, dims, quant.name, data_start + offset, nbytes))
+        return Layout(version, values, bytes(data[kv_start:kv_end]), bytes(data[kv_end:info_end]), tensors,
+                      alignment, data_start)
 
 
 def metadata(path: Path) -> dict[str, Any]:
-    """Every key/value of the file (quantbuild's JSON strings decoded)."""
-    reader = _reader(path)
+    """Every key/value of the file (large arrays summarised; quantbuild's JSON decoded)."""
     values = {}
-    for name, field in reader.fields.items():
-        if name.startswith("GGUF."):
-            continue
-        value = _field_value(field)
+    for name, value in layout(path).values.items():
         if name.startswith(PREFIX) and isinstance(value, str) and (value[:1] in ("{", "[") or value == "null"):
             try:
                 value = json.loads(value)
@@ -167,52 +267,54 @@ def metadata(path: Path) -> dict[str, Any]:
 
 def tensor_types(path: Path) -> dict[str, str]:
     """Tensor name -> llama.cpp type name, in file order."""
-    return {tensor.name: tensor.tensor_type.name for tensor in _reader(path).tensors}
+    return {tensor.name: tensor.type_name for tensor in layout(path).tensors}
 
 
-def tensor_digest(path: Path) -> str:
-    """sha256 over every tensor's name, type, shape and data bytes, in file order."""
+def tensor_digest(path: Path, tensors: list[TensorInfo] | None = None) -> str:
+    """sha256 over every tensor's name, type, dims and data bytes, in file order."""
     digest = hashlib.sha256()
-    for tensor in _reader(path).tensors:
-        header = f"{tensor.name}|{tensor.tensor_type.name}|{','.join(map(str, tensor.shape.tolist()))}|"
-        digest.update(header.encode())
-        digest.update(memoryview(tensor.data).cast("B"))
+    with path.open("rb") as handle:
+        for tensor in tensors if tensors is not None else layout(path).tensors:
+            digest.update(f"{tensor.name}|{tensor.type_name}|{','.join(map(str, tensor.dims))}|".encode())
+            handle.seek(tensor.offset)
+            remaining = tensor.nbytes
+            while remaining:
+                block = handle.read(min(remaining, 1 << 22))
+                digest.update(block)
+                remaining -= len(block)
     return digest.hexdigest()
 
 
-def write_with_lineage(source: Path, out: Path, lineage: dict[str, Any]) -> str:
-    """Copy `source` to `out` with `quantbuild.<key>` = JSON of each lineage value added, plus
-    the schema and the tensors' digest; returns that digest. Tensors are copied byte for byte."""
-    import gguf
+def _kv_string(key: str, value: str) -> bytes:
+    encoded_key, encoded = key.encode(), value.encode()
+    return (struct.pack("<Q", len(encoded_key)) + encoded_key + struct.pack("<I", _STRING)
+            + struct.pack("<Q", len(encoded)) + encoded)
 
-    reader = _reader(source)
-    digest = tensor_digest(source)
-    architecture = _field_value(reader.fields[gguf.Keys.General.ARCHITECTURE])
-    writer = gguf.GGUFWriter(str(out), arch=architecture, endianess=reader.endianess)
-    alignment = reader.fields.get(gguf.Keys.General.ALIGNMENT)
-    if alignment is not None:
-        writer.data_alignment = int(_field_value(alignment))
-    for name, field in reader.fields.items():
-        if name == gguf.Keys.General.ARCHITECTURE or name.startswith("GGUF.") or name.startswith(PREFIX):
-            continue
-        kind = field.types[0]
-        sub_type = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(name, _field_value(field), kind, sub_type=sub_type)
+
+def write_with_lineage(source: Path, out: Path, lineage: dict[str, Any]) -> str:
+    """Copy `source` to `out` with `quantbuild.<key>` (strings as they are, anything else as
+    JSON) added for each lineage value, plus the schema and the tensors' digest; returns that
+    digest. Key/values, tensor infos and tensor bytes are copied byte for byte (tensor
+    offsets are relative to the data section, so they hold)."""
+    import shutil
+
+    source_layout = layout(source)
+    if any(key.startswith(PREFIX) for key in source_layout.values):
+        raise IntegrityError(f"{source}: already carries quantbuild lineage")
+    digest = tensor_digest(source, source_layout.tensors)
     added = {"schema": SCHEMA, **{key: value if isinstance(value, str)
                                   else json.dumps(value, sort_keys=True, separators=(",", ":"))
                                   for key, value in sorted(lineage.items())}}
-    for key, value in added.items():
-        writer.add_string(f"{PREFIX}{key}", value)
-    writer.add_string(TENSORS_KEY, digest)
-    for tensor in reader.tensors:
-        writer.add_tensor_info(tensor.name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes,
-                               tensor.tensor_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    for tensor in reader.tensors:
-        writer.write_tensor_data(tensor.data, tensor_endianess=reader.endianess)
-    writer.close()
+    entries = [_kv_string(f"{PREFIX}{key}", value) for key, value in added.items()]
+    entries.append(_kv_string(TENSORS_KEY, digest))
+    header = (MAGIC + struct.pack("<I", source_layout.version) + struct.pack("<Q", len(source_layout.tensors))
+              + struct.pack("<Q", len(source_layout.values) + len(entries)) + source_layout.kv_bytes + b"".join(entries)
+              + source_layout.tensor_info_bytes)
+    padding = -len(header) % source_layout.alignment
+    with source.open("rb") as reader, out.open("wb") as writer:
+        writer.write(header + b"\0" * padding)
+        reader.seek(source_layout.data_start)
+        shutil.copyfileobj(reader, writer, 1 << 22)
     return digest
 
 

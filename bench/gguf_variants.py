@@ -1,9 +1,9 @@
 """llama.cpp / GGUF benchmarks (numbers for the closing note and bench/README.md).
 
-    python bench/gguf.py speed      [--repeats 5]
-    python bench/gguf.py quality    [--tokens 60000]
-    python bench/gguf.py imatrix    [--tokens 60000]
-    python bench/gguf.py throughput [--items 16]
+    python bench/gguf_variants.py speed      [--repeats 5]
+    python bench/gguf_variants.py quality    [--tokens 60000]
+    python bench/gguf_variants.py imatrix    [--tokens 60000]
+    python bench/gguf_variants.py throughput [--items 16]
 
 speed: quantbuild's gguf quantize (`build_variant`: checks, plan, llama-quantize, the
 lineage rewrite, hashing, the record) against `llama-quantize` called directly on the same
@@ -43,7 +43,21 @@ def _calibration(samples: int = 48, imatrix_samples: int = 600):
                              sensitivity=SensitivityConfig(samples=4, bits=3, group_size=64))
 
 
-def _prepare(work: Path, imatrix_samples: int = 600):
+def random_model(folder: Path, hidden: int = 768, intermediate: int = 2048, layers: int = 12) -> Path:
+    """A random-initialised Llama (~91M parameters at the defaults) with the bundled tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=4096, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                         num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,
+                         max_position_embeddings=1024)
+    LlamaForCausalLM(config).to(torch.float16).save_pretrained(str(folder))
+    AutoTokenizer.from_pretrained(str(BASELINE)).save_pretrained(str(folder))
+    return folder
+
+
+def _prepare(work: Path, imatrix_samples: int = 600, baseline: Path = BASELINE):
     """Base GGUF + imatrix + calibration/sensitivity, as the pipeline makes them."""
     from quantbuild.calibration import compose_calibration, load_calibration
     from quantbuild.gguf_base import build_base
@@ -51,10 +65,10 @@ def _prepare(work: Path, imatrix_samples: int = 600):
     from quantbuild.sensitivity import load_sensitivity
 
     calibration = _calibration(imatrix_samples=imatrix_samples)
-    build_base(BASELINE, calibration, ROOT / "data" / "calibration", "f16", needed=True, imatrix=True, repack=False,
+    build_base(baseline, calibration, ROOT / "data" / "calibration", "f16", needed=True, imatrix=True, repack=False,
                out=work / "base")
-    compose_calibration(calibration, ROOT / "data" / "calibration", BASELINE, work / "calibration")
-    return Inputs(BASELINE, load_calibration(work / "calibration"), load_sensitivity(work / "calibration"),
+    compose_calibration(calibration, ROOT / "data" / "calibration", baseline, work / "calibration")
+    return Inputs(baseline, load_calibration(work / "calibration"), load_sensitivity(work / "calibration"),
                   gguf_base=work / "base", lineage={})
 
 
@@ -65,32 +79,41 @@ def _table(headers: list[str], rows: list[list]) -> str:
 
 
 def speed(args: argparse.Namespace) -> None:
+    rows, results = [], {}
+    for model in args.models:
+        with tempfile.TemporaryDirectory() as folder:
+            for name, ours, direct in _speed_runs(model, Path(folder), args.repeats):
+                results[f"{model} {name}"] = {"quantbuild_s": ours, "direct_s": direct}
+                rows.append([model, name, f"{statistics.median(ours):.3f}", f"{statistics.median(direct):.3f}",
+                             f"{statistics.median(ours) / statistics.median(direct):.2f}x"])
+    print(_table(["model", "type", "quantbuild build_variant (s)", "llama-quantize direct (s)", "ratio"], rows))
+    _save("gguf_speed", results)
+
+
+def _speed_runs(model: str, work: Path, repeats: int) -> list[tuple[str, list[float], list[float]]]:
+    """Interleaved timings of quantbuild's build_variant and llama-quantize on the same files."""
     from quantbuild.config import GgufConfig
     from quantbuild.quantization import build_variant
     from quantbuild.quantizers.gguf import BASE_FILE, IMATRIX_FILE
     from quantbuild.runtimes.llama_cpp import run_tool
 
-    with tempfile.TemporaryDirectory() as folder:
-        work = Path(folder)
-        inputs = _prepare(work)
-        rows, results = [], {}
-        for name, variant, extra in [("Q8_0", GgufConfig(type="Q8_0"), []),
-                                     ("Q4_K_M imatrix", GgufConfig(type="Q4_K_M", imatrix=True),
-                                      ["--imatrix", str(work / "base" / IMATRIX_FILE)])]:
-            ours, direct = [], []
-            for index in range(args.repeats):
-                started = time.perf_counter()
-                build_variant("bench", variant, inputs, work / "variant")
-                ours.append(time.perf_counter() - started)
-                started = time.perf_counter()
-                run_tool("llama-quantize", [*extra, str(work / "base" / BASE_FILE), str(work / "direct.gguf"),
-                                            variant.type, "2"], "direct")
-                direct.append(time.perf_counter() - started)
-            results[name] = {"quantbuild_s": ours, "direct_s": direct}
-            rows.append([name, f"{statistics.median(ours):.3f}", f"{statistics.median(direct):.3f}",
-                         f"{statistics.median(ours) / statistics.median(direct):.2f}x"])
-    print(_table(["type", "quantbuild build_variant (s)", "llama-quantize direct (s)", "ratio"], rows))
-    _save("gguf_speed", results)
+    baseline = BASELINE if model == "baseline" else random_model(work / "random")
+    inputs = _prepare(work, imatrix_samples=600 if model == "baseline" else 48, baseline=baseline)
+    runs = []
+    for name, variant, extra in [("Q8_0", GgufConfig(type="Q8_0"), []),
+                                 ("Q4_K_M imatrix", GgufConfig(type="Q4_K_M", imatrix=True),
+                                  ["--imatrix", str(work / "base" / IMATRIX_FILE)])]:
+        ours, direct = [], []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            build_variant("bench", variant, inputs, work / "variant")
+            ours.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            run_tool("llama-quantize", [*extra, str(work / "base" / BASE_FILE), str(work / "direct.gguf"),
+                                        variant.type, "2"], "direct")
+            direct.append(time.perf_counter() - started)
+        runs.append((name, ours, direct))
+    return runs
 
 
 def heldout_text(tokens: int) -> str:
@@ -123,13 +146,10 @@ def _kld(model: Path, base_logits: Path, text: Path) -> dict:
 
 
 def _file_bpw(path: Path) -> float:
-    import math
+    from quantbuild.runtimes.gguf_file import layout
 
-    from quantbuild.runtimes.gguf_file import _reader
-
-    tensors = _reader(path).tensors
-    params = sum(math.prod(int(d) for d in tensor.shape) for tensor in tensors)
-    return sum(tensor.n_bytes for tensor in tensors) * 8 / params
+    tensors = layout(path).tensors
+    return sum(tensor.nbytes for tensor in tensors) * 8 / sum(tensor.elements for tensor in tensors)
 
 
 def _base_logits(work: Path, tokens: int) -> tuple[Path, Path]:
@@ -242,6 +262,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=60000)
     parser.add_argument("--items", type=int, default=16)
     parser.add_argument("--targets", type=float, nargs="+", default=[3.0, 3.5, 4.0, 4.5, 5.0])
+    parser.add_argument("--models", nargs="+", default=["baseline", "random-100m"], choices=("baseline", "random-100m"))
     args = parser.parse_args()
     {"speed": speed, "quality": quality, "imatrix": imatrix, "throughput": throughput}[args.what](args)
 
