@@ -270,12 +270,20 @@ def tensor_types(path: Path) -> dict[str, str]:
     return {tensor.name: tensor.type_name for tensor in layout(path).tensors}
 
 
-def tensor_digest(path: Path, tensors: list[TensorInfo] | None = None) -> str:
-    """sha256 over every tensor's name, type, dims and data bytes, in file order."""
+def _in_data_order(tensors: list[TensorInfo]) -> list[TensorInfo]:
+    return sorted(tensors, key=lambda tensor: tensor.offset)
+
+
+def _tensor_header(tensor: TensorInfo) -> bytes:
+    return f"{tensor.name}|{tensor.type_name}|{','.join(map(str, tensor.dims))}|".encode()
+
+
+def tensor_digest(path: Path) -> str:
+    """sha256 over every tensor's name, type, dims and data bytes, in the order of the data."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
-        for tensor in tensors if tensors is not None else layout(path).tensors:
-            digest.update(f"{tensor.name}|{tensor.type_name}|{','.join(map(str, tensor.dims))}|".encode())
+        for tensor in _in_data_order(layout(path).tensors):
+            digest.update(_tensor_header(tensor))
             handle.seek(tensor.offset)
             remaining = tensor.nbytes
             while remaining:
@@ -295,27 +303,40 @@ def write_with_lineage(source: Path, out: Path, lineage: dict[str, Any]) -> str:
     """Copy `source` to `out` with `quantbuild.<key>` (strings as they are, anything else as
     JSON) added for each lineage value, plus the schema and the tensors' digest; returns that
     digest. Key/values, tensor infos and tensor bytes are copied byte for byte (tensor
-    offsets are relative to the data section, so they hold)."""
-    import shutil
-
+    offsets are relative to the data section, so they hold), in one pass: the digest is
+    hashed while the tensors are copied and written into its fixed-width slot afterwards."""
     source_layout = layout(source)
     if any(key.startswith(PREFIX) for key in source_layout.values):
         raise IntegrityError(f"{source}: already carries quantbuild lineage")
-    digest = tensor_digest(source, source_layout.tensors)
     added = {"schema": SCHEMA, **{key: value if isinstance(value, str)
                                   else json.dumps(value, sort_keys=True, separators=(",", ":"))
                                   for key, value in sorted(lineage.items())}}
-    entries = [_kv_string(f"{PREFIX}{key}", value) for key, value in added.items()]
-    entries.append(_kv_string(TENSORS_KEY, digest))
+    entries = b"".join(_kv_string(f"{PREFIX}{key}", value) for key, value in added.items())
+    placeholder = "0" * 64
     header = (MAGIC + struct.pack("<I", source_layout.version) + struct.pack("<Q", len(source_layout.tensors))
-              + struct.pack("<Q", len(source_layout.values) + len(entries)) + source_layout.kv_bytes + b"".join(entries)
-              + source_layout.tensor_info_bytes)
-    padding = -len(header) % source_layout.alignment
+              + struct.pack("<Q", len(source_layout.values) + len(added) + 1) + source_layout.kv_bytes + entries
+              + _kv_string(TENSORS_KEY, placeholder))
+    digest_at = len(header) - len(placeholder)
+    header += source_layout.tensor_info_bytes
+    digest = hashlib.sha256()
     with source.open("rb") as reader, out.open("wb") as writer:
-        writer.write(header + b"\0" * padding)
+        writer.write(header + b"\0" * (-len(header) % source_layout.alignment))
         reader.seek(source_layout.data_start)
-        shutil.copyfileobj(reader, writer, 1 << 22)
-    return digest
+        position = source_layout.data_start
+        for tensor in _in_data_order(source_layout.tensors):
+            writer.write(reader.read(tensor.offset - position))  # alignment padding between tensors
+            digest.update(_tensor_header(tensor))
+            remaining = tensor.nbytes
+            while remaining:
+                block = reader.read(min(remaining, 1 << 22))
+                digest.update(block)
+                writer.write(block)
+                remaining -= len(block)
+            position = tensor.offset + tensor.nbytes
+        writer.write(reader.read())
+        writer.seek(digest_at)
+        writer.write(digest.hexdigest().encode())
+    return digest.hexdigest()
 
 
 def check_lineage(path: Path) -> list[str]:
