@@ -66,7 +66,11 @@ bench: install
 	python bench/pipeline.py
 	python bench/quantize.py speed
 	python bench/quantize.py quality
-	python bench/gguf_variants.py
+	python bench/gguf_variants.py speed
+	python bench/gguf_variants.py quality
+	python bench/gguf_variants.py imatrix
+	python bench/gguf_variants.py throughput
+	python bench/gguf_variants.py noise
 
 # A signing key pair for bundles (keys/ is git-ignored; never commit the .key).
 keys: install

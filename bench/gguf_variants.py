@@ -4,6 +4,7 @@
     python bench/gguf_variants.py quality    [--tokens 60000]
     python bench/gguf_variants.py imatrix    [--tokens 60000]
     python bench/gguf_variants.py throughput [--items 16]
+    python bench/gguf_variants.py noise      [--repeats 8]
 
 speed: quantbuild's gguf quantize (`build_variant`: checks, plan, llama-quantize, the
 lineage rewrite, hashing, the record) against `llama-quantize` called directly on the same
@@ -16,6 +17,8 @@ imatrix: the same KLD for Q4_K_M / IQ4_XS with no imatrix and with imatrices fro
 slices of the calibration mix (how big it must be before it helps).
 throughput: the evaluation suites on the same baseline in llama.cpp (its F16 GGUF) and on
 the torch path (transformers, float32), same items, same process.
+noise: the gate's latency check of the baseline against itself, over repeated suites: the
+margin a "no slower" latency budget has to allow on this machine.
 """
 
 from __future__ import annotations
@@ -137,12 +140,17 @@ def heldout_text(tokens: int) -> str:
 def _kld(model: Path, base_logits: Path, text: Path) -> dict:
     from quantbuild.runtimes.llama_cpp import run_tool
 
-    output = run_tool("llama-perplexity", ["-m", str(model), "-f", str(text), "--kl-divergence-base",
-                                           str(base_logits), "--kl-divergence", "-c", "512", "-b", "512", "-t", "2",
-                                           "--no-repack"], "kld")
-    mean = re.search(r"Mean\s+KLD:\s+([-\d.]+)", output)
-    top = re.search(r"Same top p:\s+([\d.]+)", output)
-    return {"kld_mean": float(mean.group(1)), "same_top_pct": float(top.group(1)) if top else None}
+    # llama.cpp logs through an asynchronous writer, and its closing statistics were missing
+    # from the captured output now and then: the (deterministic) run is repeated until they show.
+    for _ in range(4):
+        output = run_tool("llama-perplexity", ["-m", str(model), "-f", str(text), "--kl-divergence-base",
+                                               str(base_logits), "--kl-divergence", "-c", "512", "-b", "512", "-t", "2",
+                                               "--no-repack"], "kld")
+        mean = re.search(r"Mean\s+KLD:\s+([-\d.]+)", output)
+        top = re.search(r"Same top p:\s+([\d.]+)", output)
+        if mean and top:
+            return {"kld_mean": float(mean.group(1)), "same_top_pct": float(top.group(1))}
+    raise RuntimeError(f"llama-perplexity printed no KLD statistics for {model}:\n{output[-2000:]}")
 
 
 def _file_bpw(path: Path) -> float:
@@ -177,9 +185,12 @@ def quality(args: argparse.Namespace) -> None:
         for preset in ("Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "IQ4_XS", "Q5_K_M"):
             variants[f"{preset}"] = GgufConfig(type=preset)
             variants[f"{preset} + imatrix"] = GgufConfig(type=preset, imatrix=True)
+        k_quants, with_iq4 = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"], ["Q2_K", "Q3_K", "IQ4_XS", "Q5_K", "Q6_K"]
         for target in args.targets:
-            variants[f"auto-mix {target}"] = GgufConfig(type="Q4_K_S", imatrix=True, target_bpw=target,
-                                                        mix_types=["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+            variants[f"auto-mix {target} K + imatrix"] = GgufConfig(type="Q4_K_S", imatrix=True, target_bpw=target,
+                                                                    mix_types=k_quants)
+            variants[f"auto-mix {target} K"] = GgufConfig(type="Q4_K_S", target_bpw=target, mix_types=k_quants)
+            variants[f"auto-mix {target} K/IQ4_XS"] = GgufConfig(type="Q4_K_S", target_bpw=target, mix_types=with_iq4)
         rows, results = [], {}
         for name, variant in variants.items():
             build_variant("bench", variant, inputs, work / "variant")
@@ -218,36 +229,78 @@ def imatrix(args: argparse.Namespace) -> None:
 
 
 def throughput(args: argparse.Namespace) -> None:
-    from quantbuild.config import EvalConfig, LatencyConfig, MemoryConfig
+    """The suites on llama.cpp against the torch path, for the baseline and for a 4-bit
+    variant of each runtime (GGUF Q4_K_M; GPTQ 4-bit g128, scored dequantized and timed on
+    GPTQModel's kernels, the path the GGUF ladder replaces on CPUs)."""
+    from dataclasses import replace
+
+    from quantbuild.config import EvalConfig, GgufConfig, GptqConfig, LatencyConfig, MemoryConfig
     from quantbuild.evaluation.runner import evaluate, evaluate_gguf
-    from quantbuild.quantizers.gguf import BASE_FILE
+    from quantbuild.quantization import build_variant
+    from quantbuild.quantizers.gguf import BASE_FILE, MODEL_FILE
 
     config = EvalConfig(limit=args.items, batch_size=16, latency=LatencyConfig(prompt_lengths=[64], repeats=3),
                         memory=MemoryConfig(context_lengths=[256]))
+    data = ROOT / "data" / "eval"
     rows, results = [], {}
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
-        from quantbuild.gguf_base import build_base
+        inputs = _prepare(work, imatrix_samples=48)
+        build_variant("q4", GgufConfig(type="Q4_K_M"), replace(inputs, lineage={}), work / "q4")
+        build_variant("gptq", GptqConfig(bits=4, group_size=128), inputs, work / "gptq")
+        runs = {
+            "baseline, llama.cpp (F16 GGUF)": lambda out: evaluate_gguf(work / "base" / BASE_FILE, "f16", config, data,
+                                                                       out, None, False),
+            "baseline, torch (transformers float32)": lambda out: evaluate(BASELINE, config, data, out, None),
+            "4-bit, llama.cpp (Q4_K_M)": lambda out: evaluate_gguf(work / "q4" / "model" / MODEL_FILE, "f16", config,
+                                                                  data, out, None, False),
+            "4-bit, torch (GPTQ, GPTQModel kernels for latency)": lambda out: evaluate(work / "gptq" / "model", config,
+                                                                                      data, out, None),
+        }
+        for name, run in runs.items():
+            repeats = 1 if "GPTQ" in name else args.repeats
+            seconds = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                run(work / "eval")
+                seconds.append(time.perf_counter() - started)
+            results[name] = {"seconds": seconds, "items": args.items * 5}
+            rows.append([name, repeats, f"{statistics.median(seconds):.2f}",
+                         f"{args.items * 5 / statistics.median(seconds):.1f}"])
+    print(f"{args.items * 5} items ({args.items} per family, 5 families) + latency (64-token prompts) + memory suites")
+    print(_table(["model, runtime", "runs", "seconds (median)", "items/s"], rows))
+    _save("gguf_throughput", results)
 
+
+def noise(args: argparse.Namespace) -> None:
+    """The gate's latency checks run on the baseline against itself: the p99 ratio of two
+    independent suites (max_latency_p99_ratio) and the interleaved ratio of medians
+    (max_latency_paired_ratio), each over `repeats` trials with params.yaml's eval.latency."""
+    from quantbuild.config import load_config
+    from quantbuild.evaluation.llama import _latency, paired_latency
+    from quantbuild.gate import latency_ratio
+    from quantbuild.gguf_base import build_base
+    from quantbuild.quantizers.gguf import BASE_FILE
+    from quantbuild.runtimes.llama_cpp import LlamaCppModel
+
+    config = load_config(ROOT / "params.yaml").eval
+    rows, results = [], {}
+    with tempfile.TemporaryDirectory() as folder:
+        work = Path(folder)
         build_base(BASELINE, _calibration(), ROOT / "data" / "calibration", "f16", needed=True, imatrix=False,
                    repack=False, out=work / "base")
-        timings: dict[str, list[float]] = {"llama.cpp (F16 GGUF)": [], "torch (transformers, float32)": []}
-        for _ in range(args.repeats):
-            started = time.perf_counter()
-            evaluate_gguf(work / "base" / BASE_FILE, "f16", config, ROOT / "data" / "eval", work / "a", None, False)
-            timings["llama.cpp (F16 GGUF)"].append(time.perf_counter() - started)
-            started = time.perf_counter()
-            evaluate(BASELINE, config, ROOT / "data" / "eval", work / "b", None)
-            timings["torch (transformers, float32)"].append(time.perf_counter() - started)
-    items = args.items * 5
-    reference = statistics.median(timings["torch (transformers, float32)"])
-    for name, values in timings.items():
-        median = statistics.median(values)
-        results[name] = {"seconds": values, "items": items}
-        rows.append([name, f"{median:.2f}", f"{items / median:.1f}", f"{reference / median:.1f}x"])
-    print(f"{items} items ({args.items} per family, 5 families) + latency + memory suites, medians of {args.repeats}")
-    print(_table(["runtime", "seconds", "items/s", "speed-up vs torch"], rows))
-    _save("gguf_throughput", results)
+        with LlamaCppModel(work / "base" / BASE_FILE, n_ctx=1024, threads=2) as first, \
+                LlamaCppModel(work / "base" / BASE_FILE, n_ctx=1024, threads=2) as second:
+            separate = [latency_ratio(_latency(first, config), _latency(second, config)) for _ in range(args.repeats)]
+            paired = [paired_latency(second, first, config)["worst_ratio_p50"] for _ in range(args.repeats)]
+    for name, ratios in (("p99, separate suites (max_latency_p99_ratio)", separate),
+                         ("median, interleaved (max_latency_paired_ratio)", paired)):
+        results[name] = ratios
+        rows.append([name, f"{max(ratios):.3f}", f"{statistics.median(ratios):.3f}", f"{min(ratios):.3f}"])
+    print(f"baseline F16 GGUF against itself, {args.repeats} trials, {config.latency.repeats} timed runs per prompt "
+          f"length {config.latency.prompt_lengths}; worst ratio over lengths and TTFT/decode")
+    print(_table(["check", "worst", "median", "best"], rows))
+    _save("gguf_latency_noise", results)
 
 
 def _save(name: str, results: dict) -> None:
@@ -257,14 +310,14 @@ def _save(name: str, results: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("speed", "quality", "imatrix", "throughput"))
+    parser.add_argument("what", choices=("speed", "quality", "imatrix", "throughput", "noise"))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=60000)
     parser.add_argument("--items", type=int, default=16)
     parser.add_argument("--targets", type=float, nargs="+", default=[3.0, 3.5, 4.0, 4.5, 5.0])
     parser.add_argument("--models", nargs="+", default=["baseline", "random-100m"], choices=("baseline", "random-100m"))
     args = parser.parse_args()
-    {"speed": speed, "quality": quality, "imatrix": imatrix, "throughput": throughput}[args.what](args)
+    {"speed": speed, "quality": quality, "imatrix": imatrix, "throughput": throughput, "noise": noise}[args.what](args)
 
 
 if __name__ == "__main__":

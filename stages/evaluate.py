@@ -35,8 +35,9 @@ def main(config: Config) -> None:
             path, kv_type = Path(paths.gguf_base) / BASE_FILE, "f16"
         else:
             path, kv_type = Path(paths.quantized) / name / MODEL_DIR / MODEL_FILE, config.quant.variants[name].kv_cache_type
+        base = Path(paths.gguf_base) / BASE_FILE
         metrics = evaluate_gguf(path, kv_type, config.eval, Path(paths.eval_data), out, reference,
-                                repack_allowed(cpu_info()["isa"]))
+                                repack_allowed(cpu_info()["isa"]), baseline=None if name == BASELINE else base)
     else:
         model_dir = Path(paths.baseline) if name == BASELINE else Path(paths.quantized) / name / MODEL_DIR
         metrics = evaluate(model_dir, config.eval, Path(paths.eval_data), out, reference)

@@ -169,8 +169,13 @@ def test_a_tampered_or_truncated_gguf_is_one_line_and_exit_1(built, tmp_path):
     result = subprocess.run([str(Path(sys.executable).parent / "quantbuild"), "verify", str(header)],
                             capture_output=True, text=True)
     assert result.returncode == 1 and "not a valid GGUF file" in result.stderr
-    with pytest.raises(IntegrityError, match="cannot load this GGUF file"):
+    with pytest.raises(IntegrityError, match="not a valid GGUF file"):
         LlamaCppModel(header, n_ctx=64)
+
+
+def test_a_valid_gguf_that_is_no_model_is_one_line(base):
+    with pytest.raises(IntegrityError, match="llama.cpp cannot load this GGUF file"):
+        LlamaCppModel(base / IMATRIX_FILE, n_ctx=64)
 
 
 def test_the_variant_loads_alone_in_llama_cpp_and_answers_every_family(built):

@@ -229,6 +229,9 @@ class GateConfig:
     min_top1_agreement: float = 0.9
     max_family_drop: Dict[str, float] = field(default_factory=dict)
     max_latency_p99_ratio: Optional[float] = None
+    # Where the runtime times a variant interleaved with its baseline in one process (llama.cpp):
+    # the worst variant/baseline ratio of median TTFT and median decode time; null = unchecked.
+    max_latency_paired_ratio: Optional[float] = None
     max_peak_memory_mb: Optional[float] = None
     memory_context: int = 1024
     # A measured operational win: the variant's model memory (weights, KV cache, runtime
@@ -438,6 +441,9 @@ def _check_ranges(config: Config) -> None:
         _require(0 <= drop <= 1, f"gate.max_family_drop.{family}", drop, "0..1 (absolute drop in score)")
     if gate.max_latency_p99_ratio is not None:
         _require(gate.max_latency_p99_ratio > 0, "gate.max_latency_p99_ratio", gate.max_latency_p99_ratio, "> 0 or null")
+    if gate.max_latency_paired_ratio is not None:
+        _require(gate.max_latency_paired_ratio > 0, "gate.max_latency_paired_ratio", gate.max_latency_paired_ratio,
+                 "> 0 or null")
     if gate.max_memory_ratio is not None:
         _require(gate.max_memory_ratio > 0, "gate.max_memory_ratio", gate.max_memory_ratio, "> 0 or null")
     if gate.max_peak_memory_mb is not None or gate.max_memory_ratio is not None:

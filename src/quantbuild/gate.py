@@ -36,6 +36,9 @@ def check_variant(baseline: dict, variant: dict, gate: GateConfig) -> list[dict[
     if gate.max_latency_p99_ratio is not None:
         checks.append(_check("latency_p99_ratio", latency_ratio(baseline["latency"], variant["latency"]),
                              gate.max_latency_p99_ratio))
+    if gate.max_latency_paired_ratio is not None and "latency_vs_baseline" in variant:
+        checks.append(_check("latency_paired_ratio", variant["latency_vs_baseline"]["worst_ratio_p50"],
+                             gate.max_latency_paired_ratio))
     if gate.max_peak_memory_mb is not None:
         peak = variant["memory"]["by_context"][str(gate.memory_context)]["peak_mb"]
         checks.append(_check(f"peak_memory_mb@{gate.memory_context}", peak, gate.max_peak_memory_mb))

@@ -11,7 +11,6 @@ and is deleted; the record keeps its digest, token count and composition only.
 
 from __future__ import annotations
 
-import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -57,6 +56,7 @@ def compute_imatrix(base: Path, calibration: CalibrationConfig, data_dir: Path, 
     from transformers import AutoTokenizer
 
     from quantbuild.calibration import draw_texts
+    from quantbuild.runtimes.gguf_file import metadata
     from quantbuild.runtimes.llama_cpp import run_tool
 
     texts, composition = draw_texts(calibration, data_dir, calibration.imatrix_samples)
@@ -78,9 +78,9 @@ def compute_imatrix(base: Path, calibration: CalibrationConfig, data_dir: Path, 
                 "-t", "2", "--no-ppl", "--output-frequency", "1000000"]
         if not repack:
             args.append("--no-repack")
-        output = run_tool("llama-imatrix", args, "gguf importance matrix", cwd=Path(folder))
-    chunks = re.search(r"computing over (\d+) chunks", output)
-    used_chunks = int(chunks.group(1)) if chunks else None
+        run_tool("llama-imatrix", args, "gguf importance matrix", cwd=Path(folder))
+    # The matrix records how many chunks it saw (llama.cpp's log is not a reliable source).
+    used_chunks = int(metadata(out)["imatrix.chunk_count"])
     return {"sha256": sha256_file(out), "text_sha256": text_sha256, "tokens": tokens,
-            "tokens_used": used_chunks * chunk if used_chunks else None, "chunks": used_chunks, "chunk_size": chunk,
+            "tokens_used": used_chunks * chunk, "chunks": used_chunks, "chunk_size": chunk,
             "samples": len(texts), "seed": calibration.seed, "composition": composition}

@@ -32,10 +32,11 @@ def _context(model_tokens: list[int], config: EvalConfig) -> int:
 
 
 def measure(path: Path, kv_type: str, config: EvalConfig, items: dict[str, list[Item]],
-            stored: Optional[dict], repack: bool) -> dict[str, Any]:
+            stored: Optional[dict], repack: bool, baseline: Optional[Path] = None) -> dict[str, Any]:
     """{"lm": metrics, "reference": tensors or None, "records": [...], "generative": [...],
-    "latency": {...}, "memory": {...}} for the GGUF file at `path`."""
-    from quantbuild.runtimes.llama_cpp import LlamaCppModel, memory_at, positions
+    "latency": {...}, "latency_vs_baseline": {...} or None, "memory": {...}} for the GGUF
+    file at `path`; with `baseline`, latency is also timed interleaved against it."""
+    from quantbuild.runtimes.llama_cpp import LlamaCppModel, positions
 
     workers = threads(config)
     lm_texts = [item.prompt for item in items.get("language_modelling", [])]
@@ -62,6 +63,11 @@ def measure(path: Path, kv_type: str, config: EvalConfig, items: dict[str, list[
             records.append({"id": item.id, "output": output, **score(item, output)})
         result["generative"], result["records"] = generative, records
         result["latency"] = _latency(model, config)
+        result["latency_vs_baseline"] = None
+        if baseline is not None:
+            with LlamaCppModel(baseline, n_ctx=model.n_ctx, kv_type="f16", threads=workers,
+                               repack=repack) as reference:
+                result["latency_vs_baseline"] = paired_latency(model, reference, config)
     result["memory"] = _memory(path, kv_type, config, workers, repack)
     result["threads"] = workers
     return result
@@ -79,6 +85,37 @@ def _latency(model: Any, config: EvalConfig) -> dict[str, dict[str, float]]:
         runs = [model.timed(tokens, config.latency.new_tokens) for _ in range(config.latency.repeats)]
         results[str(length)] = summarise_runs([(run.ttft_s, run.decode_s_per_token) for run in runs])
     return results
+
+
+def paired_latency(model: Any, baseline: Any, config: EvalConfig) -> dict[str, Any]:
+    """Variant/baseline ratios of median TTFT and median decode time per token, from runs
+    interleaved in one process (the order alternating each round), per prompt length.
+
+    Timings across processes and minutes differ by up to 3x at p99 on this 2-core machine
+    (bench/gguf_variants.py noise); interleaved medians of the same model agree within 5%.
+    """
+    import statistics
+
+    rng = random.Random(1)
+    by_length, worst = {}, 0.0
+    for length in config.latency.prompt_lengths:
+        tokens = [rng.randrange(3, model.n_vocab) for _ in range(length)]
+        runs: dict[str, list[Any]] = {"variant": [], "baseline": []}
+        for _ in range(config.latency.warmup):
+            model.timed(tokens, config.latency.new_tokens)
+            baseline.timed(tokens, config.latency.new_tokens)
+        for index in range(config.latency.repeats):
+            order = [("variant", model), ("baseline", baseline)]
+            for name, side in order if index % 2 == 0 else reversed(order):
+                runs[name].append(side.timed(tokens, config.latency.new_tokens))
+        ratios = {}
+        for key, label in (("ttft_s", "ttft"), ("decode_s_per_token", "decode")):
+            variant = statistics.median(getattr(run, key) for run in runs["variant"])
+            reference = statistics.median(getattr(run, key) for run in runs["baseline"])
+            ratios[f"{label}_ratio_p50"] = round(variant / reference, 4)
+        by_length[str(length)] = {**ratios, "runs": config.latency.repeats}
+        worst = max(worst, *ratios.values())
+    return {"by_length": by_length, "worst_ratio_p50": round(worst, 4)}
 
 
 def _memory(path: Path, kv_type: str, config: EvalConfig, workers: int, repack: bool) -> dict[str, Any]:

@@ -91,16 +91,19 @@ def _measure_torch(model_dir: Path, model: Any, tokenizer: Any, config: EvalConf
 
 
 def evaluate_gguf(path: Path, kv_type: str, config: EvalConfig, data_dir: Path, out: Path,
-                  reference: Path | None, repack: bool) -> dict:
-    """llama.cpp runtime: the same outputs as `evaluate`, every suite measured in llama.cpp."""
+                  reference: Path | None, repack: bool, baseline: Path | None = None) -> dict:
+    """llama.cpp runtime: the same outputs as `evaluate`, every suite measured in llama.cpp;
+    with `baseline` (its GGUF) latency is also timed interleaved against it."""
     from quantbuild.evaluation import llama
 
     items, digests = load_eval_items(config, data_dir)
     stored = distributions.load_reference(reference) if reference is not None else None
     with staged_dir(out) as staging:
-        measured = llama.measure(path, kv_type, config, items, stored, repack)
+        measured = llama.measure(path, kv_type, config, items, stored, repack, baseline)
         head = {"eval_files_sha256": digests, "runtime": "llama.cpp", "deploy_runtime": "llama.cpp",
                 "llama_cpp": {"kv_cache_type": kv_type, "threads": measured["threads"], "repack": repack}}
+        if measured["latency_vs_baseline"] is not None:
+            head["latency_vs_baseline"] = measured["latency_vs_baseline"]
         return _write(staging, config, head, measured["lm"], measured["reference"], measured["generative"],
                       measured["records"], measured["latency"], measured["memory"])
 

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator
 
 from quantbuild.errors import ConfigError, IntegrityError, QuantbuildError
 
@@ -195,8 +195,9 @@ class LlamaCppModel:
         lib = self._lib = _bindings()
         if kv_type not in KV_TYPES:
             raise ConfigError(f"llama.cpp: kv cache type {kv_type!r} is not allowed (allowed: {' | '.join(KV_TYPES)})")
-        if not path.is_file():
-            raise IntegrityError(f"{path}: GGUF file not found")
+        from quantbuild.runtimes.gguf_file import layout
+
+        layout(path)  # a malformed header or a tensor past the end is one line here, not a crash in C
         start = len(_LOG)
         params = lib.llama_model_default_params()
         params.use_extra_bufts = repack
@@ -286,9 +287,10 @@ class LlamaCppModel:
         return logits.astype(np.float32)
 
     def _next(self) -> int:
-        pointer = self._lib.llama_get_logits_ith(self.ctx, -1)
+        """The argmax token of the last decoded position."""
         import numpy as np
 
+        pointer = self._lib.llama_get_logits_ith(self.ctx, -1)
         return int(np.ctypeslib.as_array(pointer, shape=(self.n_vocab,)).argmax())
 
     def generate(self, tokens: list[int], max_new_tokens: int) -> list[int]:
@@ -337,7 +339,3 @@ def positions(model: LlamaCppModel, sequences: list[list[int]]) -> Iterator[tupl
 
     for tokens in sequences:
         yield torch.from_numpy(model.logprobs(tokens)), torch.tensor(tokens[1:], dtype=torch.long)
-
-
-def kv_type_id(name: str) -> Optional[int]:
-    return KV_TYPES.get(name)
