@@ -28,7 +28,7 @@ def gpu_params() -> dict:
 
 def test_committed_params_validate():
     config = load_config(REPO / "params.yaml")
-    assert list(config.quant.variants) == ["gguf_q8_0", "gguf_q6_k", "gguf_q4_k_m", "gguf_iq4_xs_imat", "gguf_mix_3p5"]
+    assert list(config.quant.variants) == ["gguf_q8_0", "gguf_q6_k", "gguf_q4_k_m_imat", "gguf_iq4_xs_imat", "gguf_mix_3p5"]
 
 
 def test_gpu_ladder_validates_with_one_typed_config_per_method(gpu_params):
@@ -60,11 +60,11 @@ def _edit(params: dict, dotted: str, value) -> dict:
     [
         ("calibration.samples", "many", "calibration.samples"),
         ("eval.colour", "blue", "eval.colour"),
-        ("quant.variants.gguf_q4_k_m.type", "Q9_K", "quant.variants.gguf_q4_k_m.type='Q9_K' is not a llama.cpp type"),
+        ("quant.variants.gguf_q4_k_m_imat.type", "Q9_K", "quant.variants.gguf_q4_k_m_imat.type='Q9_K' is not a llama.cpp type"),
         ("quant.variants.gguf_q8_0.method", "magic",
          "method='magic' is not allowed (allowed: awq | bnb | gguf | gptq | mixed | rtn)"),
-        ("quant.variants.gguf_q4_k_m.bits", 4,
-         "quant.variants.gguf_q4_k_m.bits is not a key of method gguf (a key of awq | bnb | gptq | mixed | rtn;"),
+        ("quant.variants.gguf_q4_k_m_imat.bits", 4,
+         "quant.variants.gguf_q4_k_m_imat.bits is not a key of method gguf (a key of awq | bnb | gptq | mixed | rtn;"),
         ("model.source", "ftp", "model.source='ftp' is not allowed (allowed: path | hf)"),
         ("gate.min_top1_agreement", 1.5, "gate.min_top1_agreement=1.5"),
         ("gate.max_family_drop", {"poetry": 0.1}, "gate.max_family_drop.poetry"),

@@ -98,3 +98,19 @@ def test_gate_checks_latency_and_memory_budgets():
     checks = {v: {c["budget"]: c for c in decision["variants"][v]["checks"]} for v in variants}
     assert checks["int8"]["latency_p99_ratio"]["measured"] == 5.0 and not checks["int8"]["latency_p99_ratio"]["pass"]
     assert not checks["int4"]["peak_memory_mb@1024"]["pass"]
+
+
+def test_gate_requires_a_measured_operational_win_on_the_runtime():
+    gate = GateConfig(max_perplexity_increase_pct=5, max_kld_mean=0.05, max_kld_p99=0.5, min_top1_agreement=0.9,
+                      max_latency_paired_ratio=1.1, max_memory_ratio=0.95, memory_context=1024)
+
+    def paired(ratio: float, peak: float) -> dict:
+        return {**metrics(2.0, 0.001, 0.95, peak=peak), "latency_vs_baseline": {"worst_ratio_p50": ratio}}
+
+    # int3 is slower interleaved with the baseline, int4 saves no memory: int8 is the one released.
+    variants = {"int8": paired(1.02, 60.0), "int4": paired(0.98, 97.0), "int3": paired(1.4, 50.0)}
+    decision = select(metrics(2.0, 0.0, 0.95, peak=100.0), variants, RECORDS, gate)
+    assert decision["chosen"] == "int8"
+    checks = {v: {c["budget"]: c for c in decision["variants"][v]["checks"]} for v in variants}
+    assert not checks["int3"]["latency_paired_ratio"]["pass"] and checks["int3"]["memory_ratio@1024"]["pass"]
+    assert checks["int4"]["memory_ratio@1024"]["measured"] == 0.97 and not checks["int4"]["memory_ratio@1024"]["pass"]

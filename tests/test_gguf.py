@@ -269,3 +269,26 @@ def test_an_architecture_the_converter_does_not_know_is_one_line(tmp_path):
     with pytest.raises(ConfigError, match="architecture 'MadeUpForCausalLM' is not supported by llama.cpp's converter"):
         build_base(model, CALIBRATION, DATA, "f16", needed=True, imatrix=False, repack=False, out=tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_variant_is_evaluated_in_llama_cpp_against_its_baseline_with_its_kv_type(built, base, tmp_path):
+    from quantbuild.config import EvalConfig, LatencyConfig, MemoryConfig
+    from quantbuild.evaluation.runner import REFERENCE, evaluate_gguf
+
+    config = EvalConfig(limit=2, latency=LatencyConfig(prompt_lengths=[16], new_tokens=4, warmup=0, repeats=3),
+                        memory=MemoryConfig(context_lengths=[64, 256]))
+    data = REPO / "data" / "eval"
+    reference = evaluate_gguf(base / BASE_FILE, "f16", config, data, tmp_path / "baseline", None, False)
+    assert (tmp_path / "baseline" / REFERENCE).is_file() and reference["kld_mean"] == 0.0
+    metrics = evaluate_gguf(built["q4_k_m_imat"] / MODEL_DIR / MODEL_FILE, "q8_0", config, data, tmp_path / "variant",
+                            tmp_path / "baseline" / REFERENCE, False, baseline=base / BASE_FILE)
+    assert metrics["deploy_runtime"] == "llama.cpp" and metrics["llama_cpp"]["kv_cache_type"] == "q8_0"
+    assert set(metrics["families"]) == {"structured", "retrieval", "long_context", "reasoning"}
+    assert 0 < metrics["kld_mean"] < 0.05 and metrics["tokens"] == reference["tokens"]
+    paired = metrics["latency_vs_baseline"]
+    assert set(paired["by_length"]) == {"16"} and paired["worst_ratio_p50"] > 0
+    memory = metrics["memory"]["by_context"]
+    # the KV cache grows with the context; q8_0 holds it in about half the bytes of f16
+    assert memory["256"]["kv_cache_mb"] == 4 * memory["64"]["kv_cache_mb"]
+    assert memory["256"]["kv_cache_mb"] < reference["memory"]["by_context"]["256"]["kv_cache_mb"] * 0.6
+    assert memory["256"]["weights_mb"] < reference["memory"]["by_context"]["256"]["weights_mb"] / 2
