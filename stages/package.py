@@ -57,7 +57,8 @@ def main(config: Config) -> None:
         lineage["imatrix"] = base["imatrix"] if config.quant.variants[chosen].imatrix else None
         lineage["base_gguf"] = {key: base[key] for key in ("base_type", "base_sha256", "tensors_sha256", "pre_tokenizer")}
     build_bundle(Path(paths.package), bundle_name, quantized / MODEL_DIR, lineage, signing_key)
-    result = verify(Path(paths.package) / bundle_name, lineage["fingerprints"]["runtime"], public_key)
+    result = verify(Path(paths.package) / bundle_name, lineage["fingerprints"]["runtime"],
+                    public_key if signing_key else None)
     if result.exit_code:
         raise IntegrityError(f"the bundle just written does not verify: {result.problems}")
     signed = f", signed ({signing_key})" if signing_key else ""

@@ -73,6 +73,11 @@ def _edit(params: dict, dotted: str, value) -> dict:
         ("gate.memory_context", 333, "gate.memory_context=333 is not allowed (allowed: one of eval.memory.context_lengths"),
         ("eval.memory.budget_mb", -1, "eval.memory.budget_mb=-1"),
         ("calibration.sources", {"tool_calls": 0}, "calibration.sources.tool_calls=0"),
+        ("calibration.sources", {"tool_calls": float("inf")}, "calibration.sources.tool_calls=inf is not allowed"),
+        ("calibration.sources", {"../../etc/passwd": 1.0}, "calibration.sources.'../../etc/passwd'"),
+        ("model.files", {"../outside.json": "a" * 64}, "model.files.'../outside.json'='../outside.json' is not allowed"),
+        ("model.files", {"/etc/passwd": "a" * 64}, "model.files.'/etc/passwd'"),
+        ("model.files", {"con\x00fig.json": "a" * 64}, "no '..', no absolute path, no backslash or NUL"),
     ],
 )
 def test_bad_values_are_one_line_errors_naming_the_key(params, key, value, message):
@@ -159,3 +164,13 @@ def test_dvc_hydra_composition_finds_the_schema_through_the_plugin(tmp_path):
     assert list(composed["quant"]["variants"]) == ["rtn_4bit_g64", "gptq_3bit_g64"]
     assert composed["paths"]["baseline"] == "artifacts/baseline"  # defaults come from the dataclass schema
     validate_raw(composed)
+
+
+def test_an_unknown_group_option_in_compose_is_one_line():
+    from typer.testing import CliRunner
+
+    from quantbuild.cli import app
+
+    result = CliRunner().invoke(app, ["compose", "quant=[nope]", "--conf", str(REPO / "conf"), "--out", "/dev/null"])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [f"quantbuild: {REPO / 'conf'}: In 'config': Could not load 'quant/nope'."]

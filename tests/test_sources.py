@@ -66,3 +66,13 @@ def test_missing_file_and_missing_folder(source, tmp_path):
     with pytest.raises(IntegrityError, match="folder not found"):
         fetch(model_for(source).__class__(name="m", source="path", path=str(tmp_path / "nope"),
                                           files={"a": "0" * 64}), tmp_path / "out")
+
+
+def test_a_pinned_config_json_that_is_not_a_model_config_is_refused_at_fetch(source, tmp_path):
+    (source / "config.json").write_text("{not json")
+    with pytest.raises(IntegrityError, match=r"config.json: not valid JSON"):
+        fetch(model_for(source), tmp_path / "out")
+    (source / "config.json").write_text("[1, 2]")
+    with pytest.raises(IntegrityError, match=r"config.json: not a model config"):
+        fetch(model_for(source), tmp_path / "out")
+    assert not (tmp_path / "out").exists()

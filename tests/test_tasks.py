@@ -90,6 +90,19 @@ def test_bad_lines_are_rejected_with_file_and_line(tmp_path, line, message):
     assert f"{path}:2" in str(err.value) and message in str(err.value)
 
 
+def test_bytes_that_are_not_utf8_are_one_line_naming_file_and_line(tmp_path):
+    from quantbuild.tasks.calibration_sources import load_source
+
+    good = b'{"id": "ok", "family": "reasoning", "prompt": "p", "expected": "1", "scorer": "exact"}\n'
+    path = tmp_path / "golden.jsonl"
+    path.write_bytes(good + b'{"id": "b\xff", "family": "reasoning"}\n')
+    with pytest.raises(DataError, match=rf"{path}:2: not UTF-8 \(byte 0xff"):
+        load_items(path)
+    (tmp_path / "source.jsonl").write_bytes(b'{"text": "fine"}\n\xfe\n')
+    with pytest.raises(DataError, match="source.jsonl:2: not UTF-8"):
+        load_source(tmp_path / "source.jsonl")
+
+
 def test_empty_and_missing_files_are_rejected(tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(DataError, match="no items"):

@@ -239,3 +239,67 @@ def test_lineage_of_a_missing_bundle_or_one_without_manifest_is_one_line(tmp_pat
     (tmp_path / "empty").mkdir()
     empty = CliRunner().invoke(app, ["lineage", str(tmp_path / "empty")])
     assert empty.exit_code == 1 and "no manifest.json (not a quantbuild bundle)" in empty.output
+
+
+def test_a_signed_bundle_cannot_be_downgraded_to_unsigned(signed, keys):
+    """Weights changed, manifest digests updated, signature and signing record removed."""
+    from quantbuild.hashing import sha256_file
+
+    flip_byte(signed)
+    manifest = json.loads((signed / MANIFEST).read_text())
+    manifest["files"]["model.safetensors"]["sha256"] = sha256_file(signed / "model.safetensors")
+    del manifest["signing"]
+    (signed / MANIFEST).write_text(json.dumps(manifest))
+    (signed / SIGNATURE).unlink()
+    result = verify(signed, public_key=keys / "a.pub")
+    assert result.exit_code == 1
+    assert result.problems == [f"{MANIFEST}: the bundle is not signed, and a public key ({keys / 'a.pub'}) was given: "
+                               f"an unsigned bundle cannot verify against a key"]
+
+
+def test_a_fifo_inside_the_bundle_is_not_a_regular_file(bundle):
+    os.mkfifo(bundle / "pipe")
+    result = verify(bundle)
+    assert result.exit_code == 1 and result.problems == ["pipe: not a regular file (a bundle holds regular files only)"]
+
+
+def test_a_manifest_reached_through_a_symlink_is_refused(bundle, tmp_path):
+    elsewhere = tmp_path / "elsewhere.json"
+    shutil.move(bundle / MANIFEST, elsewhere)
+    (bundle / MANIFEST).symlink_to(elsewhere)
+    result = verify(bundle)
+    assert result.exit_code == 1 and "is a symlink" in result.problems[0]
+
+
+def test_duplicate_keys_and_wrong_types_in_the_manifest_are_one_line(bundle):
+    text = (bundle / MANIFEST).read_text()
+    (bundle / MANIFEST).write_text(text.replace('"files": {', '"files": {"config.json": {"sha256": "' + "0" * 64
+                                                + '", "size": 1}, ', 1))
+    result = verify(bundle)
+    assert result.exit_code == 1 and "duplicate key 'config.json'" in result.problems[0]
+    manifest = json.loads(text)
+    manifest["files"]["config.json"]["size"] = "big"
+    (bundle / MANIFEST).write_text(json.dumps(manifest))
+    result = verify(bundle)
+    assert result.problems == [f"{bundle / MANIFEST}: files.config.json must be "
+                               '{"sha256": 64 hex digits, "size": an integer}']
+    manifest["files"]["config.json"]["size"] = 8
+    manifest["signing"] = "yes"
+    (bundle / MANIFEST).write_text(json.dumps(manifest))
+    assert verify(bundle).problems == [f"{bundle / MANIFEST}: signing must be a JSON object"]
+
+
+def test_the_dirty_tree_message_names_the_whole_file(tmp_path):
+    import subprocess
+
+    from quantbuild.errors import QuantbuildError
+    from quantbuild.registry import require_clean
+
+    for command in (["init", "-q"], ["config", "user.email", "t@t"], ["config", "user.name", "t"]):
+        subprocess.run(["git", *command], cwd=tmp_path, check=True)
+    (tmp_path / "params.yaml").write_text("a: 1\n")
+    subprocess.run(["git", "add", "-A"], cwd=tmp_path, check=True)
+    subprocess.run(["git", "commit", "-qm", "x"], cwd=tmp_path, check=True)
+    (tmp_path / "params.yaml").write_text("a: 2\n")
+    with pytest.raises(QuantbuildError, match=r"uncommitted changes \(params\.yaml\)"):
+        require_clean(tmp_path, "release")

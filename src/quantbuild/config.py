@@ -8,6 +8,7 @@ naming the key and what is allowed.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -271,14 +272,23 @@ def register() -> None:
 
 
 def compose(conf_dir: Path, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Compose `conf/` with Hydra (what DVC's Hydra integration writes to params.yaml)."""
+    """Compose `conf/` with Hydra (what DVC's Hydra integration writes to params.yaml); an
+    unknown group option, a bad override or a key of another method is one ConfigError line."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from hydra.errors import HydraException
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
     register()
-    with initialize_config_dir(config_dir=str(conf_dir.resolve()), version_base="1.3"):
-        composed = hydra_compose(config_name="config", overrides=overrides or [])
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir.resolve()), version_base="1.3"):
+            composed = hydra_compose(config_name="config", overrides=overrides or [])
+    except (HydraException, OmegaConfBaseException) as err:
+        cause = err.__cause__ if isinstance(err.__cause__, OmegaConfBaseException) else err
+        reason = (str(getattr(cause, "msg", cause)).strip().splitlines() or ["composition failed"])[0]
+        key = getattr(cause, "full_key", None)
+        raise ConfigError(f"{conf_dir}: {key + ': ' if key else ''}{reason}") from None
     return OmegaConf.to_container(composed, resolve=True)
 
 
@@ -355,6 +365,14 @@ EVAL_RUNTIMES = ("dequantized", "kernel")
 EVAL_FAMILIES = ("language_modelling", "structured", "retrieval", "long_context", "reasoning")
 
 
+def _confined(name: str) -> bool:
+    """A name that, joined to its folder, stays inside it."""
+    from pathlib import PurePosixPath
+
+    pure = PurePosixPath(name)
+    return bool(name) and not pure.is_absolute() and ".." not in pure.parts and "\\" not in name and "\0" not in name
+
+
 def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
     if not ok:
         raise ConfigError(f"params.yaml: {key}={value!r} is not allowed (allowed: {allowed})")
@@ -374,12 +392,16 @@ def _check_ranges(config: Config) -> None:
                  "model.revision", model.revision, "a 40-hex commit")
     _require(bool(model.files), "model.files", dict(model.files), "a map of every file to its sha256")
     for name, digest in model.files.items():
+        _require(_confined(name), f"model.files.{name!r}", name,
+                 "a relative path inside the model folder: no '..', no absolute path, no backslash or NUL")
         _require(len(digest) == 64 and all(c in "0123456789abcdef" for c in digest),
                  f"model.files.{name}", digest, "a 64-hex sha256")
     calibration = config.calibration
     _require(bool(calibration.sources), "calibration.sources", {}, "at least one source with a positive weight")
     for name, weight in calibration.sources.items():
-        _require(weight > 0, f"calibration.sources.{name}", weight, "a weight > 0")
+        _require(math.isfinite(weight) and weight > 0, f"calibration.sources.{name}", weight, "a finite weight > 0")
+        _require(_confined(name) and "/" not in name, f"calibration.sources.{name!r}", name,
+                 "a file name in paths.calibration_data, without a folder")
     _require(1 <= calibration.samples <= 100000, "calibration.samples", calibration.samples, "1..100000")
     _require(16 <= calibration.seq_len <= 32768, "calibration.seq_len", calibration.seq_len, "16..32768")
     sensitivity = calibration.sensitivity

@@ -49,7 +49,8 @@ def dvc(repo: Path, *args: str) -> subprocess.CompletedProcess:
 def require_clean(repo: Path, action: str) -> None:
     changed = git(repo, "status", "--porcelain", "--untracked-files=no")
     if changed:
-        first = changed.splitlines()[0][3:]
+        # `git` strips the output, so the first line may have lost its leading status blank.
+        first = changed.splitlines()[0].split(maxsplit=1)[-1]
         raise ReleaseError(f"{action}: the working tree has uncommitted changes ({first}"
                            f"{' and more' if len(changed.splitlines()) > 1 else ''}); commit or stash them first")
 

@@ -30,6 +30,19 @@ def _check_safetensors(path: Path) -> None:
         raise IntegrityError(f"{path.name}: not a valid safetensors file ({err})") from None
 
 
+def _check_config(path: Path) -> None:
+    """A pinned config.json must be a JSON object naming its architecture: the stages after
+    fetch load it, and a bad one must fail here, in one line, not later in a traceback."""
+    import json
+
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise IntegrityError(f"{path.name}: not valid JSON ({err})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise IntegrityError(f"{path.name}: not a model config (expected a JSON object with a 'model_type' string)")
+
+
 def _source_folder(model: ModelConfig) -> Path:
     if model.source == "path":
         folder = Path(model.path or "")
@@ -65,6 +78,8 @@ def fetch(model: ModelConfig, out: Path) -> dict:
             raise IntegrityError(f"{name}: sha256 mismatch (expected {expected}, got {actual})")
         if name.endswith(".safetensors"):
             _check_safetensors(path)
+        if name == "config.json":
+            _check_config(path)
     record = {
         "name": model.name,
         "source": model.source,

@@ -55,10 +55,17 @@ def verify(bundle: Path, current_runtime: dict | None = None, public_key: Path |
         for path in sorted(bundle.rglob("*")):
             name = path.relative_to(bundle).as_posix()
             expected = name == MANIFEST or name in listed or (signed and name == SIGNATURE)
-            if (path.is_file() or path.is_symlink()) and not expected:
+            if not (path.is_dir() and not path.is_symlink()) and not (path.is_file() and not path.is_symlink()):
+                result.problems.append(f"{name}: not a regular file (a bundle holds regular files only)")
+            elif path.is_file() and not expected:
                 result.problems.append(f"{name}: extra file not in the manifest")
         if signed:
             result.problems.extend(check_signature(bundle, manifest["signing"], public_key))
+        elif public_key is not None:
+            # No downgrade: whoever checks with a key expects a signature; a bundle whose
+            # signature (and signing record) were stripped after its bytes changed must not pass.
+            result.problems.append(f"{MANIFEST}: the bundle is not signed, and a public key ({public_key}) was given: "
+                                   f"an unsigned bundle cannot verify against a key")
     except IntegrityError as err:
         result.problems.append(str(err))
         return result

@@ -36,8 +36,10 @@ def load_source(path: Path) -> list[str]:
     """Texts of one calibration file; a missing, empty or malformed file is a DataError."""
     if not path.is_file():
         raise DataError(f"{path}: calibration source not found")
+    from quantbuild.tasks.items import read_text_lines
+
     texts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_text_lines(path), start=1):
         if not line.strip():
             continue
         try:

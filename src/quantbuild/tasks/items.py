@@ -108,26 +108,35 @@ def _check_schema(schema: Any, where: str) -> None:
         raise DataError(f"{where}: 'schema' is not a valid JSON Schema: {err.message}") from None
 
 
+def read_text_lines(path: Path) -> list[str]:
+    """The file's lines; bytes that are not UTF-8 are a DataError naming the file and line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 (byte 0x{data[err.start]:02x} at offset {err.start})") from None
+
+
 def load_items(path: Path) -> list[Item]:
     """Read and validate a JSONL file; any bad line is a DataError naming file and line."""
     if not path.is_file():
         raise DataError(f"{path}: eval file not found")
     items: list[Item] = []
     seen: set[str] = set()
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{where}: invalid JSON ({err.msg})") from None
-            item = parse_item(record, where)
-            if item.id in seen:
-                raise DataError(f"{where}: duplicate id '{item.id}'")
-            seen.add(item.id)
-            items.append(item)
+    for number, line in enumerate(read_text_lines(path), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{where}: invalid JSON ({err.msg})") from None
+        item = parse_item(record, where)
+        if item.id in seen:
+            raise DataError(f"{where}: duplicate id '{item.id}'")
+        seen.add(item.id)
+        items.append(item)
     if not items:
         raise DataError(f"{path}: no items (the file is empty)")
     return items
