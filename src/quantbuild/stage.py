@@ -1,19 +1,64 @@
 """The edge every stage runs behind: load and validate params.yaml, run, turn user errors
-into one message and a non-zero exit (never a traceback for a problem in the input)."""
+into one message and a non-zero exit (never a traceback for a problem in the input).
+
+Libraries print banners, progress bars and warnings to stderr while they load (torchao's
+optional kernels, torch's pytree notices, transformers' weight loading); a stage keeps
+them in `logs/<stage>.log` so the terminal shows the one line each stage prints, and
+errors. A real bug's traceback goes to both.
+"""
 
 from __future__ import annotations
 
+import os
 import sys
+import traceback
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator, TextIO
 
 from quantbuild.config import Config, load_config
 from quantbuild.errors import QuantbuildError
 
+LOGS = Path("logs")
+
+
+@contextmanager
+def _stderr_to(log: Path) -> Iterator[TextIO]:
+    """Point file descriptor 2 (Python and C alike) at `log`; yield the terminal's stderr."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    terminal = os.fdopen(os.dup(saved), "w", buffering=1)
+    with log.open("w", encoding="utf-8") as handle:
+        os.dup2(handle.fileno(), 2)
+        try:
+            yield terminal
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def stage_name() -> str:
+    module = Path(sys.argv[0]).stem
+    return "@".join([module, *sys.argv[1:2]]) if len(sys.argv) > 1 else module
+
 
 def run_stage(body: Callable[[Config], None], params: Path = Path("params.yaml")) -> None:
-    try:
-        body(load_config(params))
-    except QuantbuildError as err:
-        print(f"quantbuild: {err}", file=sys.stderr)
-        sys.exit(err.exit_code)
+    log = LOGS / f"{stage_name()}.log"
+    with _stderr_to(log) as terminal:
+        try:
+            body(load_config(params))
+        except QuantbuildError as err:
+            print(f"quantbuild: {err}", file=terminal)
+            code = err.exit_code
+        except BaseException:
+            details = traceback.format_exc()
+            print(details, file=sys.stderr)
+            print(f"{details}(library output: {log})", file=terminal)
+            code = 1
+        else:
+            code = 0
+        terminal.close()
+    if code:
+        sys.exit(code)
