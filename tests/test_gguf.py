@@ -276,7 +276,7 @@ def test_a_variant_is_evaluated_in_llama_cpp_against_its_baseline_with_its_kv_ty
     from quantbuild.evaluation.runner import REFERENCE, evaluate_gguf
 
     config = EvalConfig(limit=2, latency=LatencyConfig(prompt_lengths=[16], new_tokens=4, warmup=0, repeats=3),
-                        memory=MemoryConfig(context_lengths=[64, 256]))
+                        memory=MemoryConfig(context_lengths=[256, 1024]))
     data = REPO / "data" / "eval"
     reference = evaluate_gguf(base / BASE_FILE, "f16", config, data, tmp_path / "baseline", None, False)
     assert (tmp_path / "baseline" / REFERENCE).is_file() and reference["kld_mean"] == 0.0
@@ -288,7 +288,8 @@ def test_a_variant_is_evaluated_in_llama_cpp_against_its_baseline_with_its_kv_ty
     paired = metrics["latency_vs_baseline"]
     assert set(paired["by_length"]) == {"16"} and paired["worst_ratio_p50"] > 0
     memory = metrics["memory"]["by_context"]
-    # the KV cache grows with the context; q8_0 holds it in about half the bytes of f16
-    assert memory["256"]["kv_cache_mb"] == 4 * memory["64"]["kv_cache_mb"]
-    assert memory["256"]["kv_cache_mb"] < reference["memory"]["by_context"]["256"]["kv_cache_mb"] * 0.6
-    assert memory["256"]["weights_mb"] < reference["memory"]["by_context"]["256"]["weights_mb"] / 2
+    # the KV cache grows with the context (llama.cpp pads small ones to 256 cells); q8_0 holds
+    # it in about half the bytes of f16
+    assert memory["1024"]["kv_cache_mb"] == 4 * memory["256"]["kv_cache_mb"]
+    assert memory["1024"]["kv_cache_mb"] < reference["memory"]["by_context"]["1024"]["kv_cache_mb"] * 0.6
+    assert memory["1024"]["weights_mb"] < reference["memory"]["by_context"]["1024"]["weights_mb"] / 2
