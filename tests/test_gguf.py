@@ -290,6 +290,6 @@ def test_a_variant_is_evaluated_in_llama_cpp_against_its_baseline_with_its_kv_ty
     memory = metrics["memory"]["by_context"]
     # the KV cache grows with the context (llama.cpp pads small ones to 256 cells); q8_0 holds
     # it in about half the bytes of f16
-    assert memory["1024"]["kv_cache_mb"] == 4 * memory["256"]["kv_cache_mb"]
+    assert memory["1024"]["kv_cache_mb"] == pytest.approx(4 * memory["256"]["kv_cache_mb"], rel=0.01)
     assert memory["1024"]["kv_cache_mb"] < reference["memory"]["by_context"]["1024"]["kv_cache_mb"] * 0.6
     assert memory["1024"]["weights_mb"] < reference["memory"]["by_context"]["1024"]["weights_mb"] / 2
