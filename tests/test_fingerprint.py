@@ -14,8 +14,20 @@ def test_stable_and_anonymous():
     assert first == second
     text = json.dumps(first)
     assert socket.gethostname() not in text
-    assert set(first) == {"build", "runtime"}
+    assert set(first) == {"build", "runtime", "llama_cpp"}
     assert first["build"]["packages"]["gptqmodel"] != "absent"
+    llama = first["llama_cpp"]["llama_cpp"]
+    assert llama["installed"] and llama["llama_cpp_python"] == "0.3.36" and llama["llama_cpp_commit"] != "unknown"
+    assert "CPU" in llama["backend"] and isinstance(llama["repack"], bool)
+
+
+def test_each_method_depends_on_its_own_scope():
+    from quantbuild.fingerprint import method_files
+
+    prints = fingerprints()
+    files = method_files(prints, ["gguf", "gptq"])
+    assert files["gguf.build.json"] == files["gguf.runtime.json"] == prints["llama_cpp"]
+    assert files["gptq.build.json"] == prints["build"] and files["gptq.runtime.json"] == prints["runtime"]
 
 
 def test_fake_dist_info_on_pythonpath_is_seen_as_drift(tmp_path):

@@ -255,6 +255,18 @@ def test_signed_release_audit_and_rollback(repo):
     assert flagged.returncode == 1 and "FLAGGED" in flagged.stdout and "model.gguf: not in the DVC cache" in flagged.stdout
 
 
+def test_rollback_ignores_lock_entries_of_variants_no_longer_in_the_pipeline(repo):
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    lock["stages"]["quantize@gone"] = {"cmd": "python -m stages.quantize gone", "outs": [
+        {"path": "artifacts/quantized/gone", "hash": "md5", "md5": "0" * 32 + ".dir", "size": 1, "nfiles": 1}]}
+    (repo / "dvc.lock").write_text(yaml.safe_dump(lock, sort_keys=False))
+    commit_all(repo, "r3: a lock that still lists a variant removed from the ladder")
+    quantbuild(repo, "release", "--version", "v1.2.0", "--no-push", check=True)
+    rolled = quantbuild(repo, "rollback", "v1.2.0")
+    assert rolled.returncode == 0, rolled.stdout + rolled.stderr
+    assert "verify" in rolled.stdout and ": ok" in rolled.stdout
+
+
 def _fake_version(tmp_path: Path, name: str, dist: str) -> dict:
     folder = tmp_path / f"fake-{name}" / f"{dist}-9.9.9.dist-info"
     folder.mkdir(parents=True)

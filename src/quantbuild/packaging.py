@@ -15,7 +15,7 @@ from quantbuild.provenance import PROVENANCE, statement
 
 CARD = "README.md"
 MODELFILE = "Modelfile"
-LINEAGE_STAGES = ("fetch", "calibrate", "quantize@{v}", "evaluate@{v}", "evaluate_baseline", "select")
+LINEAGE_STAGES = ("fetch", "calibrate", "gguf_base", "quantize@{v}", "evaluate@{v}", "evaluate_baseline", "select")
 
 
 def git_state(repo: Path) -> dict[str, Any]:

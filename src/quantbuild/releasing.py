@@ -17,9 +17,9 @@ import yaml
 
 from quantbuild.config import Config
 from quantbuild.hashing import read_json, sha256_file
-from quantbuild.registry import (ReleaseError, dvc, find_object, git, lock_at, object_stores, package_out,
-                                 read_released_manifest, register, releases, released_files, require_clean,
-                                 resolve)
+from quantbuild.registry import (PACKAGE_STAGE, ReleaseError, dvc, find_object, git, lock_at, object_stores,
+                                 package_out, read_released_manifest, register, releases, released_files,
+                                 require_clean, resolve)
 from quantbuild.verify import verify
 
 # Stages whose "changed" status does not make a release stale: the fingerprint stage is
@@ -123,11 +123,24 @@ def _current_manifest(repo: Path) -> Optional[dict[str, Any]]:
     return read_released_manifest(repo, out)[0] if out else None
 
 
-def _missing_objects(repo: Path, lock: dict[str, Any]) -> list[str]:
+def _restore_outputs(repo: Path, stages: list[str]) -> bool:
+    """`dvc checkout` (then `dvc pull`) of `stages`, or of the whole pipeline when empty."""
+    return dvc(repo, "checkout", "--force", *stages).returncode == 0 or \
+        dvc(repo, "pull", "--force", *stages).returncode == 0
+
+
+def _needed_stages(lock: dict[str, Any], manifest: Optional[dict[str, Any]]) -> list[str]:
+    """The stages whose outputs a release needs: the package and those that produced the
+    bundle (its manifest's dvc_lock); not every entry a long-lived dvc.lock still keeps for
+    variants no longer in the pipeline."""
+    recorded = set((manifest or {}).get("dvc_lock", {})) | {PACKAGE_STAGE}
+    return sorted(name for name in lock.get("stages", {}) if name in recorded and name not in ALWAYS_CHANGED)
+
+
+def _missing_objects(repo: Path, lock: dict[str, Any], stages: list[str]) -> list[str]:
     missing = []
-    for name, stage in lock.get("stages", {}).items():
-        if name in ALWAYS_CHANGED:  # uncached by design: regenerated on every run
-            continue
+    for name in stages:
+        stage = lock["stages"][name]
         for out in stage.get("outs", []):
             md5 = out.get("md5")
             if not md5:
@@ -152,24 +165,25 @@ def rollback(repo: Path, artifact: str, ref: str, public_key: Optional[Path]) ->
     # Objects are looked up in the cache and a folder remote here; another remote (S3, SSH)
     # can only be asked by `dvc pull` itself.
     remote_elsewhere = _has_remote(repo) and len(object_stores(repo)) == 1
-    missing = _missing_objects(repo, lock)
+    needed = _needed_stages(lock, target)
+    missing = _missing_objects(repo, lock, needed)
     if (target is None or missing) and not remote_elsewhere:
         raise ReleaseError(f"rollback to {label}: objects missing from the DVC cache and remote "
                            f"({(missing or problems)[0]}); nothing was changed")
     before = _current_manifest(repo)
     git(repo, "restore", f"--source={commit}", "--staged", "--worktree", "--", "dvc.lock", "params.yaml", "conf")
-    checked_out = dvc(repo, "checkout", "--force")
-    if checked_out.returncode != 0:
-        pulled = dvc(repo, "pull", "--force")
-        if pulled.returncode != 0:
-            raise ReleaseError(f"rollback to {label}: dvc checkout and dvc pull failed "
-                               f"({(pulled.stderr or pulled.stdout).strip().splitlines()[-1]}); undo with "
-                               f"`git restore --source=HEAD --staged --worktree -- dvc.lock params.yaml conf`")
+    partial = not _restore_outputs(repo, [])
+    if partial and not _restore_outputs(repo, needed):
+        raise ReleaseError(f"rollback to {label}: dvc checkout and dvc pull of {', '.join(needed)} failed; undo with "
+                           f"`git restore --source=HEAD --staged --worktree -- dvc.lock params.yaml conf`")
     target = target or _current_manifest(repo)
     bundle = repo / out["path"] / target["bundle"]
     result = verify(bundle, public_key=public_key)
     lines = [f"rolled back to {label} (commit {commit[:10]}): dvc.lock, params.yaml and conf/ restored, outputs checked out"]
     lines += _changes(before, target)
+    if partial:
+        lines.append("note: outputs of stages the release does not need could not be restored (their objects are "
+                     "gone); `dvc repro` rebuilds them")
     status = {0: "ok", 1: "INTEGRITY FAILURE", 2: "runtime drift"}[result.exit_code]
     lines.append(f"verify {bundle}: {status}")
     lines += [f"  {problem}" for problem in result.problems]
