@@ -77,3 +77,19 @@ def staged_dir(final: Path) -> Iterator[Path]:
         os.replace(final, previous)
     os.replace(staging, final)
     shutil.rmtree(previous, ignore_errors=True)
+
+
+def remove_staging_debris(root: Path) -> list[Path]:
+    """Remove the `.NAME.partial` / `.NAME.previous` folders a killed stage left under `root`.
+
+    DVC may restore a killed stage from its run-cache without running it, so debris is not
+    left to the stage that made it: every stage clears it when it starts (DVC runs one stage
+    of a repository at a time).
+    """
+    removed = []
+    for pattern in (".*.partial", ".*.previous"):
+        for path in sorted(root.rglob(pattern)) if root.is_dir() else []:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+    return removed

@@ -18,6 +18,7 @@ from typing import Callable, Iterator, TextIO
 
 from quantbuild.config import Config, load_config
 from quantbuild.errors import QuantbuildError
+from quantbuild.hashing import remove_staging_debris
 
 LOGS = Path("logs")
 
@@ -48,7 +49,9 @@ def run_stage(body: Callable[[Config], None], params: Path = Path("params.yaml")
     log = LOGS / f"{stage_name()}.log"
     with _stderr_to(log) as terminal:
         try:
-            body(load_config(params))
+            config = load_config(params)
+            remove_staging_debris(Path(config.paths.artifacts))
+            body(config)
         except QuantbuildError as err:
             print(f"quantbuild: {err}", file=terminal)
             code = err.exit_code
