@@ -13,7 +13,6 @@ LLAMA_CPP_PYTHON := 0.3.36
 LLAMA_DIR := $(VENV)/llama.cpp
 LLAMA_SRC := $(LLAMA_DIR)/llama_cpp_python-$(LLAMA_CPP_PYTHON)
 LLAMA_TOOLS := llama-quantize llama-imatrix llama-perplexity
-CMAKE_VERSION := 4.4.4
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 
 .PHONY: install demo test bench keys clean
@@ -25,8 +24,6 @@ $(VENV)/.created:
 
 $(LLAMA_SRC)/.extracted: $(VENV)/.created
 	rm -rf $(LLAMA_DIR) && mkdir -p $(LLAMA_DIR)
-	# CMake from PyPI, pinned: the build needs nothing from the system but a C/C++ compiler.
-	$(VENV)/bin/python -m pip install --quiet cmake==$(CMAKE_VERSION)
 	$(VENV)/bin/python -m pip download --quiet --no-deps --no-binary :all: --dest $(LLAMA_DIR) \
 		llama-cpp-python==$(LLAMA_CPP_PYTHON)
 	tar -xzf $(LLAMA_DIR)/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz -C $(LLAMA_DIR)
@@ -35,11 +32,11 @@ $(LLAMA_SRC)/.extracted: $(VENV)/.created
 # The shared libraries the bindings load, and the tools quantbuild runs (quantize, imatrix,
 # perplexity), from the vendored tree; the log goes to build.log.
 $(LLAMA_DIR)/.built: $(LLAMA_SRC)/.extracted
-	$(VENV)/bin/cmake -S $(LLAMA_SRC)/vendor/llama.cpp -B $(LLAMA_DIR)/build -DCMAKE_BUILD_TYPE=Release \
+	cmake -S $(LLAMA_SRC)/vendor/llama.cpp -B $(LLAMA_DIR)/build -DCMAKE_BUILD_TYPE=Release \
 		-DBUILD_SHARED_LIBS=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \
 		-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_TOOLS=ON \
 		> $(LLAMA_DIR)/build.log 2>&1
-	$(VENV)/bin/cmake --build $(LLAMA_DIR)/build -j $(JOBS) --target llama $(LLAMA_TOOLS) >> $(LLAMA_DIR)/build.log 2>&1 \
+	cmake --build $(LLAMA_DIR)/build -j $(JOBS) --target llama $(LLAMA_TOOLS) >> $(LLAMA_DIR)/build.log 2>&1 \
 		|| (tail -30 $(LLAMA_DIR)/build.log; exit 1)
 	touch $@
 
