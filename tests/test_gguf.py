@@ -293,3 +293,19 @@ def test_a_variant_is_evaluated_in_llama_cpp_against_its_baseline_with_its_kv_ty
     assert memory["1024"]["kv_cache_mb"] == pytest.approx(4 * memory["256"]["kv_cache_mb"], rel=0.01)
     assert memory["1024"]["kv_cache_mb"] < reference["memory"]["by_context"]["1024"]["kv_cache_mb"] * 0.6
     assert memory["1024"]["weights_mb"] < reference["memory"]["by_context"]["1024"]["weights_mb"] / 2
+
+
+def test_lineage_of_a_lone_gguf_reads_its_metadata_and_checks_its_tensors(built, tmp_path):
+    from quantbuild.lineage import OK, broken, gguf_lineage
+
+    path = built["iq4_xs_imat"] / MODEL_DIR / MODEL_FILE
+    tree = gguf_lineage(path)
+    links = {link["link"]: link for link in tree["children"]}
+    assert tree["status"] == OK and links["quantized weights"]["status"] == OK
+    assert links["quantized weights"]["facts"]["parameters"]["type"] == "IQ4_XS"
+    assert links["importance matrix"]["facts"]["sha256"] and links["baseline"]["facts"]["name"] == "workflow-llama-8m"
+    tampered = tmp_path / "tampered.gguf"
+    data = bytearray(path.read_bytes())
+    data[-500] ^= 0xFF
+    tampered.write_bytes(bytes(data))
+    assert broken(gguf_lineage(tampered))

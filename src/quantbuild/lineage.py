@@ -107,13 +107,13 @@ def lineage(bundle: Path, project: Path = Path("."), public_key: Path | None = N
 def gguf_lineage(path: Path) -> dict[str, Any]:
     """The chain a lone `.gguf` carries in its metadata: variant, baseline, calibration,
     importance matrix, base GGUF and the build fingerprint, with its tensors checked."""
-    from quantbuild.runtimes.gguf_file import PREFIX, check_lineage, metadata
+    from quantbuild.runtimes.gguf_file import PREFIX, metadata
     from quantbuild.verify import verify_gguf
 
     values = metadata(path)
     lineage = {key[len(PREFIX):]: value for key, value in values.items() if key.startswith(PREFIX)}
-    result = verify_gguf(path)
-    problems = check_lineage(path)
+    result = verify_gguf(path)  # the tensors against their digest, and the environment
+    problems = result.problems
     variant, baseline = lineage.get("variant") or {}, lineage.get("baseline") or {}
     calibration, imatrix = lineage.get("calibration") or {}, lineage.get("imatrix")
     links = [
