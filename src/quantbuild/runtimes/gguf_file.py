@@ -175,6 +175,11 @@ class _Cursor:
         self.at += size
         return chunk
 
+    def skip(self, size: int) -> None:
+        if self.at + size > len(self.data):
+            raise IntegrityError(f"{self.path}: not a valid GGUF file (truncated header at byte {self.at})")
+        self.at += size
+
     def unpack(self, fmt: str) -> Any:
         return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
 
@@ -192,13 +197,20 @@ class _Cursor:
             return self.string()
         if kind == _ARRAY:
             item, count = self.unpack("<I"), self.unpack("<Q")
+            if count > 64:  # a vocabulary, merges, scores: stepped over, not decoded
+                if item in _SCALARS:
+                    self.skip(struct.calcsize(_SCALARS[item]) * count)
+                elif item == _STRING:
+                    for _ in range(count):
+                        self.skip(self.unpack("<Q"))
+                else:
+                    for _ in range(count):
+                        self.value(item)
+                return {"array_of": item, "count": count}
             if item in _SCALARS:
-                width = struct.calcsize(_SCALARS[item])
-                raw = self.take(width * count)
-                return list(struct.unpack(f"<{count}{_SCALARS[item][1]}", raw)) if count <= 64 else \
-                    {"array_of": item, "count": count}
-            values = [self.value(item) for _ in range(count)]
-            return values if count <= 64 else {"array_of": item, "count": count}
+                raw = self.take(struct.calcsize(_SCALARS[item]) * count)
+                return list(struct.unpack(f"<{count}{_SCALARS[item][1]}", raw))
+            return [self.value(item) for _ in range(count)]
         raise IntegrityError(f"{self.path}: not a valid GGUF file (unknown value type {kind} at byte {self.at})")
 
 
