@@ -292,7 +292,7 @@ def noise(args: argparse.Namespace) -> None:
         with LlamaCppModel(work / "base" / BASE_FILE, n_ctx=1024, threads=2) as first, \
                 LlamaCppModel(work / "base" / BASE_FILE, n_ctx=1024, threads=2) as second:
             separate = [latency_ratio(_latency(first, config), _latency(second, config)) for _ in range(args.repeats)]
-            paired = [paired_latency(second, first, config)["worst_ratio_p50"] for _ in range(args.repeats)]
+            paired = [paired_latency(second, first, config)["worst"]["ratio"] for _ in range(args.repeats)]
     for name, ratios in (("p99, separate suites (max_latency_p99_ratio)", separate),
                          ("median, interleaved (max_latency_paired_ratio)", paired)):
         results[name] = ratios

@@ -7,10 +7,11 @@ then verify the bundle it just wrote.
 from dataclasses import asdict
 from pathlib import Path
 
+from quantbuild.behaviour import BEHAVIOUR, PROBES
 from quantbuild.calibration import RECORD as CALIBRATION_RECORD
 from quantbuild.config import Config
 from quantbuild.errors import IntegrityError
-from quantbuild.evaluation.runner import METRICS
+from quantbuild.evaluation.runner import MEASUREMENTS
 from quantbuild.fingerprint import scopes_of
 from quantbuild.gguf_base import RECORD as GGUF_BASE_RECORD
 from quantbuild.hashing import read_json
@@ -43,8 +44,8 @@ def main(config: Config) -> None:
                          "runtime": read_json(Path(paths.fingerprint) / f"{runtime_scope}.json"),
                          "runtime_scope": runtime_scope},
         "deploy_runtime": runtime_of(record["method"]),
-        "evaluation": {"baseline": read_json(Path(paths.eval) / "baseline" / METRICS),
-                       "variant": read_json(Path(paths.eval) / chosen / METRICS)},
+        "evaluation": {"baseline": read_json(Path(paths.eval) / "baseline" / MEASUREMENTS),
+                       "variant": read_json(Path(paths.eval) / chosen / MEASUREMENTS)},
         "gate": {"chosen": chosen, **decision["variants"][chosen]},
         "git": git_state(Path.cwd()),
         "dvc_lock": dvc_lock_entries(Path("dvc.lock"), chosen),
@@ -56,7 +57,13 @@ def main(config: Config) -> None:
         base = read_json(Path(paths.gguf_base) / GGUF_BASE_RECORD)
         lineage["imatrix"] = base["imatrix"] if config.quant.variants[chosen].imatrix else None
         lineage["base_gguf"] = {key: base[key] for key in ("base_type", "base_sha256", "tensors_sha256", "pre_tokenizer")}
-    build_bundle(Path(paths.package), bundle_name, quantized / MODEL_DIR, lineage, signing_key)
+    # The behavioural probes as the variant answered them where it was validated.
+    evaluated = Path(paths.eval) / chosen
+    probes = (evaluated / BEHAVIOUR, evaluated / PROBES)
+    behaviour = read_json(probes[0])
+    lineage["behaviour"] = {key: behaviour[key] for key in ("runtime", "probes_sha256", "probe_tokens_sha256",
+                                                            "tolerance", "spread")}
+    build_bundle(Path(paths.package), bundle_name, quantized / MODEL_DIR, lineage, signing_key, extra=probes)
     result = verify(Path(paths.package) / bundle_name, lineage["fingerprints"]["runtime"],
                     public_key if signing_key else None)
     if result.exit_code:

@@ -1,4 +1,4 @@
-"""Stage select: the release gate. Writes decision.json; fails if no variant passes.
+"""Stage select: the release gate. Writes decision.json; fails if nothing may be released.
 
     python -m stages.select
 """
@@ -6,23 +6,28 @@
 from pathlib import Path
 
 from quantbuild.config import Config
-from quantbuild.evaluation.runner import METRICS
+from quantbuild.evaluation.runner import MEASUREMENTS, OUTCOMES
 from quantbuild.gate import require_release, select
 from quantbuild.hashing import read_json, write_json
 from quantbuild.quantization import RECORD
 from quantbuild.stage import run_stage
 
 
+def _measured(folder: Path) -> dict:
+    return {**read_json(folder / MEASUREMENTS), "outcomes": read_json(folder / OUTCOMES)}
+
+
 def main(config: Config) -> None:
     paths = config.paths
-
-    baseline = read_json(Path(paths.eval) / "baseline" / METRICS)
+    baseline = _measured(Path(paths.eval) / "baseline")
     names = sorted(config.quant.variants)
-    variants = {name: read_json(Path(paths.eval) / name / METRICS) for name in names}
+    variants = {name: _measured(Path(paths.eval) / name) for name in names}
     records = {name: read_json(Path(paths.quantized) / name / RECORD) for name in names}
     decision = select(baseline, variants, records, config.gate)
     write_json(Path(paths.release) / "decision.json", decision)
-    print(f"release gate: chose {require_release(decision)}")
+    chosen = require_release(decision)
+    note = " (baseline precision: no quantized variant showed a win)" if decision["fell_back"] else ""
+    print(f"release gate: chose {chosen}{note}")
 
 
 if __name__ == "__main__":

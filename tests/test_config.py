@@ -28,7 +28,7 @@ def gpu_params() -> dict:
 
 def test_committed_params_validate():
     config = load_config(REPO / "params.yaml")
-    assert list(config.quant.variants) == ["gguf_q8_0", "gguf_q6_k", "gguf_q4_k_m_imat", "gguf_iq4_xs_imat", "gguf_mix_3p5"]
+    assert list(config.quant.variants) == ["gguf_f16", "gguf_q8_0", "gguf_q6_k", "gguf_q4_k_m_imat", "gguf_iq4_xs_imat", "gguf_mix_3p5"]
 
 
 def test_gpu_ladder_validates_with_one_typed_config_per_method(gpu_params):
@@ -118,7 +118,7 @@ def test_a_ladder_may_not_mix_runtimes(params, gpu_params):
     gptq = gpu_params["quant"]["variants"]["gptq_4bit_g128"]
     with pytest.raises(ConfigError) as err:
         validate_raw(_edit(params, "quant.variants.gptq_4bit_g128", gptq))
-    assert "quant.variants: gguf_q8_0 deploys on llama.cpp but gptq_4bit_g128 on torch" in str(err.value)
+    assert "quant.variants: gguf_f16 deploys on llama.cpp but gptq_4bit_g128 on torch" in str(err.value)
     assert "\n" not in str(err.value)
 
 

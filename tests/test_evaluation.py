@@ -1,12 +1,14 @@
 """Scorers, intervals, compact reference distributions and the release gate."""
 
+from dataclasses import replace
+
 import pytest
 
 from conftest import BASELINE, REPO
 from quantbuild.config import GateConfig
 from quantbuild.errors import GateError
 from quantbuild.evaluation.scorers import score
-from quantbuild.evaluation.stats import percentile, wilson_interval
+from quantbuild.evaluation.stats import median_interval, paired_drop_interval, percentile, wilson_interval
 from quantbuild.gate import require_release, select, violations
 from quantbuild.tasks.items import Item, load_items
 
@@ -57,60 +59,145 @@ def test_reference_distribution_kld_is_zero_against_itself():
     assert worse["kld_mean"] > 1e-3 and worse["kld_p99"] >= worse["kld_mean"]
 
 
-def metrics(ppl, kld, structured, ttft=10.0, peak=100.0):
+N_ITEMS = 300
+
+
+def outcomes(correct: int, lost: tuple[int, ...] = ()) -> dict:
+    """Per-item outcomes of one family: the first `correct` of N_ITEMS right, minus `lost`."""
+    return {f"s{i:03d}": float(i < correct and i not in lost) for i in range(N_ITEMS)}
+
+
+def metrics(ppl, kld, structured=None, ttft=10.0, peak=100.0, ratio=(0.9, 0.85, 0.95), runtime="llama.cpp"):
+    """A variant's measured metrics as the evaluate stage writes them, with outcomes added."""
+    structured = structured if structured is not None else outcomes(285)
+    score = sum(structured.values()) / len(structured)
     return {"perplexity": ppl, "kld_mean": kld, "kld_p99": kld * 5, "top1_agreement": 1 - kld,
-            "families": {"structured": {"score": structured}},
-            "latency": {"128": {"ttft_ms_p99": ttft, "decode_ms_per_token_p99": 2.0}},
+            "deploy_runtime": runtime,
+            "families": {"structured": {"score": score}}, "outcomes": {"structured": structured},
+            "latency": {"128": {"ttft_ms_p50": ttft, "ttft_ms_p99": ttft, "decode_ms_per_token_p50": 2.0,
+                                "decode_ms_per_token_p99": 2.0}},
+            "latency_vs_baseline": {"worst": {"ratio": ratio[0], "ci_low": ratio[1], "ci_high": ratio[2],
+                                              "at": "decode@128"}},
             "memory": {"by_context": {"1024": {"peak_mb": peak}}}}
 
 
+BASE = metrics(2.0, 0.0, peak=120.0, ratio=(1.0, 1.0, 1.0))
 GATE = GateConfig(max_perplexity_increase_pct=5, max_kld_mean=0.05, max_kld_p99=0.5, min_top1_agreement=0.9,
-                  max_family_drop={"structured": 0.02})
-RECORDS = {"int8": {"size_bytes": 900, "bits_per_weight": 8.2}, "int4": {"size_bytes": 600, "bits_per_weight": 4.4},
-           "int3": {"size_bytes": 500, "bits_per_weight": 3.4}}
+                  max_family_drop={"structured": 0.02}, max_memory_ratio=0.95, memory_context=1024)
+RECORDS = {"int8": {"method": "gguf", "size_bytes": 900, "bits_per_weight": 8.2},
+           "int4": {"method": "gguf", "size_bytes": 600, "bits_per_weight": 4.4},
+           "int3": {"method": "gguf", "size_bytes": 500, "bits_per_weight": 3.4},
+           "f16": {"method": "gguf", "size_bytes": 1600, "bits_per_weight": 16.0}}
+
+
+def checks_of(decision: dict, name: str) -> dict:
+    return {check["budget"]: check for check in decision["variants"][name]["checks"]}
 
 
 def test_gate_picks_the_most_compressed_variant_that_passes():
-    variants = {"int8": metrics(2.0, 0.001, 0.95), "int4": metrics(2.05, 0.01, 0.94), "int3": metrics(2.4, 0.2, 0.7)}
-    decision = select(metrics(2.0, 0.0, 0.95), variants, RECORDS, GATE)
+    variants = {"int8": metrics(2.0, 0.001), "int4": metrics(2.05, 0.01), "int3": metrics(2.4, 0.2, outcomes(200))}
+    decision = select(BASE, variants, RECORDS, GATE)
     assert decision["chosen"] == "int4"
     assert decision["order_most_compressed_first"] == ["int3", "int4", "int8"]
     failed = {c["budget"] for c in decision["variants"]["int3"]["checks"] if not c["pass"]}
     assert failed == {"perplexity_increase_pct", "kld_mean", "kld_p99", "top1_agreement", "structured_drop"}
+    assert decision["variants"]["int3"]["reason"].startswith("quality: perplexity_increase_pct = 20")
+    assert decision["variants"]["int8"]["reason"] == "passes, but int4 is smaller"
+    assert decision["variants"]["int4"]["reason"].startswith("released")
+    assert decision["variants"]["int4"]["target"] == "llama.cpp"
 
 
-def test_gate_with_no_passing_variant_lists_violations():
-    variants = {"int8": metrics(2.2, 0.001, 0.95), "int4": metrics(2.3, 0.01, 0.90), "int3": metrics(2.4, 0.2, 0.7)}
-    decision = select(metrics(2.0, 0.0, 0.95), variants, RECORDS, GATE)
+def test_gate_with_no_passing_variant_and_no_fallback_lists_violations():
+    gate = replace(GATE, fallback="none")
+    variants = {"int8": metrics(2.2, 0.001), "int4": metrics(2.3, 0.01), "int3": metrics(2.4, 0.2)}
+    decision = select(BASE, variants, RECORDS, gate)
     assert decision["chosen"] is None
-    assert violations(decision) == ["int8: perplexity_increase_pct = 10.0 violates <= 5"]
+    assert violations(decision) == ["int8: perplexity_increase_pct = 10 vs <= 5"]
     with pytest.raises(GateError, match="no variant passes"):
         require_release(decision)
 
 
-def test_gate_checks_latency_and_memory_budgets():
-    gate = GateConfig(max_perplexity_increase_pct=5, max_kld_mean=0.05, max_kld_p99=0.5, min_top1_agreement=0.9,
-                      max_latency_p99_ratio=3.0, max_peak_memory_mb=500.0, memory_context=1024)
-    variants = {"int8": metrics(2.0, 0.001, 0.95, ttft=50.0), "int4": metrics(2.0, 0.001, 0.95, peak=900.0),
-                "int3": metrics(2.0, 0.001, 0.95, ttft=20.0)}
-    decision = select(metrics(2.0, 0.0, 0.95), variants, RECORDS, gate)
+def test_a_slower_variant_is_rejected_and_a_smaller_not_slower_one_released():
+    # int3: smaller, but its interleaved decode ratio's interval lies above 1.0 + margin.
+    variants = {"int3": metrics(2.0, 0.001, peak=60.0, ratio=(1.4, 1.3, 1.5)),
+                "int4": metrics(2.0, 0.001, peak=80.0, ratio=(1.03, 0.97, 1.08))}
+    decision = select(BASE, variants, RECORDS, GATE)
+    assert decision["chosen"] == "int4"
+    slow = checks_of(decision, "int3")["latency_ratio"]
+    assert not slow["pass"] and slow["interval"] == [1.3, 1.5] and slow["limit"] == 1.05
+    assert decision["variants"]["int3"]["reason"].startswith("no operational win: latency_ratio = 1.4")
+    assert decision["variants"]["int3"]["wins"] == {"memory_ratio": True, "latency_ratio": False}
+    assert decision["variants"]["int4"]["wins"] == {"memory_ratio": True, "latency_ratio": True}
+
+
+def test_a_variant_that_saves_no_memory_is_not_released():
+    variants = {"int4": metrics(2.0, 0.001, peak=118.0)}
+    decision = select(BASE, variants, RECORDS, replace(GATE, fallback="none"))
+    assert decision["chosen"] is None
+    assert decision["variants"]["int4"]["reason"].startswith("no operational win: memory_ratio@1024 = 0.9833")
+
+
+def test_without_a_win_the_gate_keeps_the_baseline_precision_variant():
+    variants = {"int4": metrics(2.0, 0.001, peak=118.0), "f16": metrics(2.0, 0.0, peak=120.0, ratio=(1.0, 0.98, 1.02))}
+    decision = select(BASE, variants, RECORDS, GATE)
+    assert decision["chosen"] == "f16" and decision["fell_back"]
+    assert decision["variants"]["f16"]["reason"].startswith("released at baseline precision")
+    # ...but never when a quantized variant wins, even though f16 passes its quality checks.
+    decision = select(BASE, {**variants, "int4": metrics(2.0, 0.001, peak=80.0)}, RECORDS, GATE)
+    assert decision["chosen"] == "int4" and not decision["fell_back"]
+    assert decision["variants"]["f16"]["reason"] == "not needed: a quantized variant passed"
+
+
+def test_one_changed_item_gets_the_verdict_of_no_change():
+    """The interval, not the point estimate, decides: one item of 300 is noise."""
+    gate = replace(GATE, max_family_drop={}, must_not_degrade=["structured"])
+    same = select(BASE, {"int4": metrics(2.0, 0.001, outcomes(285))}, RECORDS, gate)
+    one = select(BASE, {"int4": metrics(2.0, 0.001, outcomes(285, lost=(7,)))}, RECORDS, gate)
+    assert same["chosen"] == one["chosen"] == "int4"
+    assert checks_of(one, "int4")["structured_drop"]["measured"] == pytest.approx(1 / 300, abs=1e-6)
+    # A budget of 2 points decides the same way for 0 and 1 changed answers...
+    for decision in (select(BASE, {"int4": metrics(2.0, 0.001, outcomes(285, lost=lost))}, RECORDS, GATE)
+                     for lost in ((), (7,))):
+        assert decision["chosen"] == "int4"
+    # ...and a real drop (15 answers lost, 5 points) fails both rules.
+    real = metrics(2.0, 0.001, outcomes(285, lost=tuple(range(15))))
+    for rules in (gate, GATE):
+        check = checks_of(select(BASE, {"int4": real}, RECORDS, rules), "int4")["structured_drop"]
+        assert not check["pass"] and check["interval"][0] > 0
+
+
+def test_a_variant_not_measured_on_its_target_cannot_be_released():
+    variants = {"int4": metrics(2.0, 0.001, peak=80.0, runtime="torch")}
+    decision = select(BASE, variants, RECORDS, replace(GATE, fallback="none"))
+    assert decision["chosen"] is None
+    assert decision["variants"]["int4"]["reason"] == ("not validated on its target: measured on torch, "
+                                                      "ships for llama.cpp")
+
+
+def test_gate_on_items_scored_differently_is_an_error():
+    other = metrics(2.0, 0.001, {f"x{i}": 1.0 for i in range(N_ITEMS)})
+    with pytest.raises(GateError, match="different items"):
+        select(BASE, {"int4": other}, RECORDS, GATE)
+
+
+def test_absolute_limits_are_checked_when_configured():
+    gate = replace(GATE, max_latency_p99_ratio=3.0, max_peak_memory_mb=90.0)
+    variants = {"int8": metrics(2.0, 0.001, ttft=50.0, peak=80.0), "int4": metrics(2.0, 0.001, peak=100.0),
+                "int3": metrics(2.0, 0.001, ttft=20.0, peak=80.0)}
+    decision = select(BASE, variants, RECORDS, gate)
     assert decision["chosen"] == "int3"
-    checks = {v: {c["budget"]: c for c in decision["variants"][v]["checks"]} for v in variants}
-    assert checks["int8"]["latency_p99_ratio"]["measured"] == 5.0 and not checks["int8"]["latency_p99_ratio"]["pass"]
-    assert not checks["int4"]["peak_memory_mb@1024"]["pass"]
+    assert checks_of(decision, "int8")["latency_p99_ratio"]["measured"] == 5.0
+    assert not checks_of(decision, "int8")["latency_p99_ratio"]["pass"]
+    assert not checks_of(decision, "int4")["peak_memory_mb@1024"]["pass"]
 
 
-def test_gate_requires_a_measured_operational_win_on_the_runtime():
-    gate = GateConfig(max_perplexity_increase_pct=5, max_kld_mean=0.05, max_kld_p99=0.5, min_top1_agreement=0.9,
-                      max_latency_paired_ratio=1.1, max_memory_ratio=0.95, memory_context=1024)
-
-    def paired(ratio: float, peak: float) -> dict:
-        return {**metrics(2.0, 0.001, 0.95, peak=peak), "latency_vs_baseline": {"worst_ratio_p50": ratio}}
-
-    # int3 is slower interleaved with the baseline, int4 saves no memory: int8 is the one released.
-    variants = {"int8": paired(1.02, 60.0), "int4": paired(0.98, 97.0), "int3": paired(1.4, 50.0)}
-    decision = select(metrics(2.0, 0.0, 0.95, peak=100.0), variants, RECORDS, gate)
-    assert decision["chosen"] == "int8"
-    checks = {v: {c["budget"]: c for c in decision["variants"][v]["checks"]} for v in variants}
-    assert not checks["int3"]["latency_paired_ratio"]["pass"] and checks["int3"]["memory_ratio@1024"]["pass"]
-    assert checks["int4"]["memory_ratio@1024"]["measured"] == 0.97 and not checks["int4"]["memory_ratio@1024"]["pass"]
+def test_paired_drop_interval_and_median_interval():
+    same = [True] * 200 + [False] * 100
+    drop, low, high = paired_drop_interval(same, same)
+    assert drop == 0 and low < 0 < high < 0.01
+    lost = [True] * 10 + same[10:]
+    assert paired_drop_interval(same[:], [False] * 10 + same[10:])[1] > 0  # 10 of 300 lost: a real drop
+    assert paired_drop_interval(lost, lost)[0] == 0
+    assert median_interval(list(range(1, 10))) == (5, 2, 8)
+    assert median_interval(list(range(1, 22))) == (11, 6, 16)
+    assert median_interval([3.0, 1.0]) == (2.0, 1.0, 3.0)

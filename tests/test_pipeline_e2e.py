@@ -162,7 +162,7 @@ def test_impossible_gate_fails_with_violations_and_packages_nothing(repo):
         result = dvc(repo, "repro")
         assert result.returncode != 0
         output = result.stderr + result.stdout
-        assert "no variant passes every budget" in output and "violates" in output
+        assert "no variant passes every check" in output and "violates" in output
         assert "package" not in stages_run(result.stdout)
         decision = yaml.safe_load((repo / "artifacts" / "release" / "decision.json").read_text())
         assert decision["chosen"] is None

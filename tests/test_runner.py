@@ -22,8 +22,13 @@ def small_config(**extra) -> EvalConfig:
 def test_baseline_evaluation_writes_metrics_plots_and_no_text(tmp_path):
     metrics = runner.evaluate(BASELINE, small_config(), REPO / "data" / "eval", tmp_path / "out", None)
     out = tmp_path / "out"
-    assert sorted(p.name for p in out.iterdir()) == ["families.json", "latency.json", "memory.json", "metrics.json",
-                                                     "reference.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["behaviour.json", "families.json", "latency.json",
+                                                     "measurements.json", "memory.json", "metrics.json",
+                                                     "outcomes.json", "probes.safetensors", "reference.safetensors"]
+    # dvc metrics show: headline numbers, no digests
+    headline = json.loads((out / runner.METRICS).read_text())
+    assert "eval_files_sha256" not in headline and headline["score"]["reasoning"] == metrics["families"]["reasoning"]["score"]
+    assert set(json.loads((out / runner.OUTCOMES).read_text())["reasoning"].values()) <= {0.0, 1.0}
     assert metrics["families"]["reasoning"]["n"] == 3 and 0 <= metrics["families"]["reasoning"]["ci_low"] <= 1
     assert set(metrics["latency"]) == {"8", "32"}
     assert metrics["latency"]["32"]["ttft_ms_p99"] >= metrics["latency"]["32"]["ttft_ms_p50"] > 0

@@ -4,9 +4,11 @@ signatures (OpenSSF model-signing, EC keys) and the in-toto provenance statement
 import json
 import os
 import shutil
+import subprocess
 
 import pytest
 
+from conftest import REPO
 from quantbuild.fingerprint import fingerprints
 from quantbuild.manifest import MANIFEST
 from quantbuild.packaging import build_bundle
@@ -222,11 +224,30 @@ def test_lineage_json_checks_each_link(bundle):
     tree = json.loads(result.output)
     assert tree["link"] == "package" and tree["status"] == "ok"
     links = {link["link"]: link for link in tree["children"]}
-    assert set(links) == {"quantized weights", "baseline", "calibration set", "params", "fingerprints", "dvc.lock",
-                          "commit"}
+    assert set(links) == {"quantized weights", "baseline", "calibration set", "params", "fingerprints", "behaviour",
+                          "dvc.lock", "commit"}
+    assert links["behaviour"]["status"] == "not checked"  # this bundle carries no probes
     assert links["calibration set"]["facts"]["digest"] == "d" * 64
     assert links["commit"]["status"] == "differs"  # the fake commit is not in this repository
     assert result.exit_code == 1
+
+
+def test_lineage_text_is_compact_and_a_dirty_build_is_a_warning_not_ok(bundle):
+    from typer.testing import CliRunner
+
+    from quantbuild.cli import app
+    from quantbuild.manifest import MANIFEST
+
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
+    manifest = json.loads((bundle / MANIFEST).read_text())
+    manifest["git"] = {"commit": head, "dirty": True}
+    (bundle / MANIFEST).write_text(json.dumps(manifest))
+    tree = json.loads(CliRunner().invoke(app, ["lineage", str(bundle), "--json"]).output)
+    commit = next(link for link in tree["children"] if link["link"] == "commit")
+    assert commit["status"] == "warning" and "uncommitted changes" in commit["detail"]
+    text = CliRunner().invoke(app, ["lineage", str(bundle)]).output
+    assert len(text.splitlines()) <= 2 * (len(tree["children"]) + 1), text
+    assert "commit warning" in text and "{" not in text
 
 
 def test_lineage_of_a_missing_bundle_or_one_without_manifest_is_one_line(tmp_path):

@@ -70,28 +70,43 @@ PUBLIC_KEY = typer.Option(None, "--public-key", help="PEM public key to check a 
 def verify(path: Path, as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
            public_key: Optional[Path] = PUBLIC_KEY,
            manifest: Optional[Path] = typer.Option(None, help="for a lone .gguf: a bundle's manifest.json to check "
-                                                               "its bytes against")) -> None:
-    """Re-hash a bundle against its manifest, check its signature, compare the runtime it was validated on.
-    A lone .gguf is checked against the lineage in its own metadata."""
+                                                               "its bytes against"),
+           behaviour: bool = typer.Option(False, "--behaviour", help="also rerun the bundle's behavioural probes on "
+                                                                     "this runtime (exit 2 on numerical drift)"),
+           probes: Optional[Path] = typer.Option(None, help="for a lone .gguf with --behaviour: the folder holding "
+                                                            "its behaviour.json and probes.safetensors (default: "
+                                                            "the file's folder)"),
+           threads: Optional[int] = typer.Option(None, help="threads for --behaviour (default: all cores)")) -> None:
+    """Re-hash a bundle against its manifest, check its signature, compare the runtime it was validated on;
+    with --behaviour, rerun its probes and compare what the model computes. A lone .gguf is checked against
+    the lineage in its own metadata."""
     from quantbuild.verify import verify as verify_bundle
-    from quantbuild.verify import verify_gguf
+    from quantbuild.verify import verify_behaviour, verify_gguf
 
     if path.suffix == ".gguf":
         result = verify_gguf(path, manifest)
     else:
         result = verify_bundle(path, public_key=_public_key(public_key))
+    if behaviour and not result.problems:
+        verify_behaviour(result, path, probes or (path.parent if path.suffix == ".gguf" else path), threads)
     if as_json:
         typer.echo(json.dumps(result.as_dict(), indent=2))
     else:
         for problem in result.problems:
             typer.echo(f"integrity: {problem}", err=True)
         for key, old, new in result.drifted:
-            typer.echo(f"drift: {key}: {old} -> {new}", err=True)
+            if key.startswith("numerical drift"):
+                typer.echo(f"{key} = {new}, tolerance {old}", err=True)
+            else:
+                typer.echo(f"drift: {key}: {old} -> {new}", err=True)
         if result.drifted and not result.problems:
             typer.echo("the runtime differs from the one this bundle was validated on: run `dvc repro` to revalidate",
                        err=True)
         if result.exit_code == 0:
-            typer.echo(f"ok: {path} matches its manifest and this runtime")
+            checked = (f" and its {result.behaviour['probes']} behavioural probes (KLD "
+                       f"{result.behaviour['measured']['kld_mean']:.2g}, greedy match "
+                       f"{result.behaviour['measured']['greedy_match']:.0%})") if result.behaviour else ""
+            typer.echo(f"ok: {path} matches its manifest and this runtime{checked}")
     raise typer.Exit(result.exit_code)
 
 

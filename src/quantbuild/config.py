@@ -222,22 +222,38 @@ class EvalConfig:
     memory: MemoryConfig = field(default_factory=MemoryConfig)
 
 
+FALLBACKS = ("baseline", "none")
+
+
 @dataclass
 class GateConfig:
     max_perplexity_increase_pct: float = 5.0
     max_kld_mean: float = 0.05
     max_kld_p99: float = 0.5
     min_top1_agreement: float = 0.9
+    # Per family: a budget on the drop in score (baseline - variant on the same items). It
+    # applies to the upper end of the drop's paired 95% interval.
     max_family_drop: Dict[str, float] = field(default_factory=dict)
+    # Families that may not degrade at all: they fail when the paired interval shows a drop
+    # (its lower end above zero).
+    must_not_degrade: List[str] = field(default_factory=list)
+    # A tail ceiling from the latency suites, each run in its own stage (noisy: reaches 3x on
+    # the baseline against itself); null = unchecked.
     max_latency_p99_ratio: Optional[float] = None
-    # Where the runtime times a variant interleaved with its baseline in one process (llama.cpp):
-    # the worst variant/baseline ratio of median TTFT and median decode time; null = unchecked.
-    max_latency_paired_ratio: Optional[float] = None
+    # "Not slower": the variant/baseline ratio of TTFT and of decode time per token, timed
+    # interleaved in one process on the deploy runtime. Fails when the interval's lower end
+    # exceeds the limit plus `latency_noise_margin`; null = unchecked.
+    max_latency_paired_ratio: Optional[float] = 1.0
+    latency_noise_margin: float = 0.05
     max_peak_memory_mb: Optional[float] = None
     memory_context: int = 1024
     # A measured operational win: the variant's model memory (weights, KV cache, runtime
     # buffers at memory_context) over the baseline's, on the same runtime; null = unchecked.
     max_memory_ratio: Optional[float] = None
+    # When no quantized variant passes: `baseline` releases the ladder's baseline-precision
+    # variant (a GGUF F16/BF16/F32, validated on the same runtime) if it has one; `none`
+    # releases nothing and the select stage fails.
+    fallback: str = "baseline"
 
 
 @dataclass
@@ -468,6 +484,13 @@ def _check_ranges(config: Config) -> None:
                  "> 0 or null")
     if gate.max_memory_ratio is not None:
         _require(gate.max_memory_ratio > 0, "gate.max_memory_ratio", gate.max_memory_ratio, "> 0 or null")
+    for family in gate.must_not_degrade:
+        _require(family in config.eval.families and family != "language_modelling",
+                 "gate.must_not_degrade", family, "generative families listed in eval.families")
+        _require(family not in gate.max_family_drop, "gate.must_not_degrade", family,
+                 "families without a budget in gate.max_family_drop (a family has one rule)")
+    _require(0 <= gate.latency_noise_margin < 1, "gate.latency_noise_margin", gate.latency_noise_margin, "0 <= m < 1")
+    _require(gate.fallback in FALLBACKS, "gate.fallback", gate.fallback, " | ".join(FALLBACKS))
     if gate.max_peak_memory_mb is not None or gate.max_memory_ratio is not None:
         _require(gate.memory_context in config.eval.memory.context_lengths, "gate.memory_context",
                  gate.memory_context, f"one of eval.memory.context_lengths {config.eval.memory.context_lengths}")

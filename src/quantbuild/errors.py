@@ -29,5 +29,9 @@ class DriftError(QuantbuildError):
     exit_code = 2
 
 
+class RuntimeUnavailable(QuantbuildError):
+    """The runtime a variant deploys on is not installed or not built on this machine."""
+
+
 class GateError(QuantbuildError):
     """No variant passes the release gate."""

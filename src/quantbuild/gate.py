@@ -1,51 +1,130 @@
-"""The release gate: budgets relative to the baseline measured in the same run.
+"""The release gate: a variant is released only for a win measured on its deploy target.
 
-Every variant gets every budget checked (measured value, limit, pass/fail); the gate walks
-the variants from the most compressed to the least and picks the first that passes all.
-If none passes, `GateError` lists each violation of the best candidate.
+Every variant is measured on the runtime it ships for, against the baseline measured on
+that runtime in the same run, and gets three kinds of checks:
+
+- quality: perplexity, KLD, top-1 agreement, and per family the drop in score with a paired
+  95% interval (baseline and variant answer the same items). A budgeted family fails when
+  the interval's upper end exceeds its budget; a `must_not_degrade` family fails when the
+  interval shows a real drop (its lower end above zero). One item more or less does not flip
+  a verdict that the interval decides.
+- win: smaller model memory at the gate's context than the baseline (weights, KV cache,
+  runtime buffers, as the runtime reports them), and "not slower": TTFT and decode time per
+  token timed interleaved with the baseline, failing only when the ratio's interval lies
+  above the limit plus the noise margin, so load on the machine cannot flip the decision.
+- limit: absolute ceilings (peak memory, a p99 tail ratio) where configured.
+
+The gate walks the variants from the most compressed to the least and releases the first
+that passes everything. If none does, it keeps the higher precision: the ladder's
+baseline-precision variant (`fallback: baseline`, when it passes the quality checks) or
+nothing (`fallback: none`, and the select stage fails).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from quantbuild.config import GateConfig
 from quantbuild.errors import GateError
+from quantbuild.evaluation.stats import paired_drop_interval
+from quantbuild.runtimes import runtime_of
+
+RULE = ("release the smallest variant that, on its deploy target against the baseline measured there, passes every "
+        "quality check and shows an operational win (less model memory, not slower within noise); if none does, keep "
+        "the higher precision")
+BASELINE_PRECISION_BITS = 16.0
 
 
-def _check(budget: str, measured: float, limit: float, higher_is_better: bool = False) -> dict[str, Any]:
-    passed = measured >= limit if higher_is_better else measured <= limit
-    return {"budget": budget, "measured": round(measured, 6), "limit": limit,
-            "direction": ">=" if higher_is_better else "<=", "pass": bool(passed)}
+def _check(budget: str, kind: str, measured: float, limit: float, higher_is_better: bool = False,
+           interval: Optional[tuple[float, float]] = None, applies_to: str = "value") -> dict[str, Any]:
+    """One check. `applies_to` names what is compared with the limit: the value, or one end
+    of its interval (`ci_low`, `ci_high`)."""
+    tested = {"value": measured, "ci_low": interval[0] if interval else measured,
+              "ci_high": interval[1] if interval else measured}[applies_to]
+    passed = tested >= limit if higher_is_better else tested <= limit
+    check = {"budget": budget, "kind": kind, "measured": round(measured, 6), "limit": round(limit, 6),
+             "direction": ">=" if higher_is_better else "<=", "applies_to": applies_to, "pass": bool(passed)}
+    if interval is not None:
+        check["interval"] = [round(interval[0], 6), round(interval[1], 6)]
+    return check
+
+
+def describe(check: dict[str, Any]) -> str:
+    """`name = value [low, high] violates <= limit (on the interval's upper end)`."""
+    if not isinstance(check["measured"], (int, float)):
+        return f"{check['budget']} = {check['measured']} vs {check['direction']} {check['limit']}"
+    interval = f" [{check['interval'][0]:.4g}, {check['interval'][1]:.4g}]" if "interval" in check else ""
+    where = {"ci_low": " (interval's lower end)", "ci_high": " (interval's upper end)"}.get(check.get("applies_to"), "")
+    return f"{check['budget']} = {check['measured']:.4g}{interval} vs {check['direction']} {check['limit']:.4g}{where}"
+
+
+def _family_checks(baseline: dict, variant: dict, gate: GateConfig) -> list[dict[str, Any]]:
+    checks = []
+    rules = {**{family: ("budget", limit) for family, limit in gate.max_family_drop.items()},
+             **{family: ("must_not_degrade", 0.0) for family in gate.must_not_degrade}}
+    for family, (rule, limit) in sorted(rules.items()):
+        before = baseline["outcomes"].get(family, {})
+        after = variant["outcomes"].get(family, {})
+        if sorted(before) != sorted(after):
+            raise GateError(f"gate: {family}: the baseline and the variant were scored on different items "
+                            f"(re-run `dvc repro` so both are evaluated on the same eval data)")
+        ids = sorted(before)
+        drop, low, high = paired_drop_interval([before[i] >= 1 for i in ids], [after[i] >= 1 for i in ids])
+        if rule == "budget":
+            checks.append(_check(f"{family}_drop", "quality", drop, limit, interval=(low, high), applies_to="ci_high"))
+        else:
+            checks.append(_check(f"{family}_drop", "quality", drop, 0.0, interval=(low, high), applies_to="ci_low"))
+        checks[-1].update({"rule": rule, "n": len(ids)})
+    return checks
+
+
+def _latency_win(baseline: dict, variant: dict, gate: GateConfig) -> Optional[dict[str, Any]]:
+    if gate.max_latency_paired_ratio is None:
+        return None
+    limit = gate.max_latency_paired_ratio + gate.latency_noise_margin
+    paired = variant.get("latency_vs_baseline")
+    if paired is not None:
+        worst = paired["worst"]
+        check = _check("latency_ratio", "win", worst["ratio"], limit,
+                       interval=(worst["ci_low"], worst["ci_high"]), applies_to="ci_low")
+        check.update({"at": worst.get("at"), "timing": "interleaved with the baseline in one process"})
+        return check
+    # Runtimes without interleaved timing: median ratios of the two latency stages, no interval.
+    ratios = [(variant["latency"][length][key] / baseline["latency"][length][key], f"{key}@{length}")
+              for length in sorted(baseline["latency"], key=int)
+              for key in ("ttft_ms_p50", "decode_ms_per_token_p50") if baseline["latency"][length].get(key)]
+    ratio, where = max(ratios)
+    check = _check("latency_ratio", "win", ratio, limit)
+    check.update({"at": where, "timing": "separate stages (no interval)"})
+    return check
 
 
 def check_variant(baseline: dict, variant: dict, gate: GateConfig) -> list[dict[str, Any]]:
-    """Every budget of `gate` applied to one variant's metrics."""
+    """Every check of `gate` applied to one variant's metrics (with their `outcomes`)."""
     checks = []
     if "perplexity" in baseline:
         increase = (variant["perplexity"] / baseline["perplexity"] - 1) * 100
         checks += [
-            _check("perplexity_increase_pct", increase, gate.max_perplexity_increase_pct),
-            _check("kld_mean", variant["kld_mean"], gate.max_kld_mean),
-            _check("kld_p99", variant["kld_p99"], gate.max_kld_p99),
-            _check("top1_agreement", variant["top1_agreement"], gate.min_top1_agreement, higher_is_better=True),
+            _check("perplexity_increase_pct", "quality", increase, gate.max_perplexity_increase_pct),
+            _check("kld_mean", "quality", variant["kld_mean"], gate.max_kld_mean),
+            _check("kld_p99", "quality", variant["kld_p99"], gate.max_kld_p99),
+            _check("top1_agreement", "quality", variant["top1_agreement"], gate.min_top1_agreement,
+                   higher_is_better=True),
         ]
-    for family, limit in sorted(gate.max_family_drop.items()):
-        drop = baseline["families"][family]["score"] - variant["families"][family]["score"]
-        checks.append(_check(f"{family}_drop", drop, limit))
-    if gate.max_latency_p99_ratio is not None:
-        checks.append(_check("latency_p99_ratio", latency_ratio(baseline["latency"], variant["latency"]),
-                             gate.max_latency_p99_ratio))
-    if gate.max_latency_paired_ratio is not None and "latency_vs_baseline" in variant:
-        checks.append(_check("latency_paired_ratio", variant["latency_vs_baseline"]["worst_ratio_p50"],
-                             gate.max_latency_paired_ratio))
-    if gate.max_peak_memory_mb is not None:
-        peak = variant["memory"]["by_context"][str(gate.memory_context)]["peak_mb"]
-        checks.append(_check(f"peak_memory_mb@{gate.memory_context}", peak, gate.max_peak_memory_mb))
+    checks += _family_checks(baseline, variant, gate)
+    context = str(gate.memory_context)
     if gate.max_memory_ratio is not None:
-        context = str(gate.memory_context)
         ratio = variant["memory"]["by_context"][context]["peak_mb"] / baseline["memory"]["by_context"][context]["peak_mb"]
-        checks.append(_check(f"memory_ratio@{gate.memory_context}", ratio, gate.max_memory_ratio))
+        checks.append(_check(f"memory_ratio@{gate.memory_context}", "win", ratio, gate.max_memory_ratio))
+    latency = _latency_win(baseline, variant, gate)
+    if latency is not None:
+        checks.append(latency)
+    if gate.max_latency_p99_ratio is not None:
+        checks.append(_check("latency_p99_ratio", "limit", latency_ratio(baseline["latency"], variant["latency"]),
+                             gate.max_latency_p99_ratio))
+    if gate.max_peak_memory_mb is not None:
+        peak = variant["memory"]["by_context"][context]["peak_mb"]
+        checks.append(_check(f"peak_memory_mb@{gate.memory_context}", "limit", peak, gate.max_peak_memory_mb))
     return checks
 
 
@@ -60,41 +139,91 @@ def latency_ratio(baseline: dict, variant: dict) -> float:
     return max(ratios)
 
 
-def select(baseline: dict, variants: dict[str, dict], records: dict[str, dict], gate: GateConfig) -> dict:
-    """The gate decision; raises GateError (after building the decision) when none passes.
+def _target_check(baseline: dict, variant: dict, method: str) -> dict[str, Any]:
+    """Validated on its target: the variant and the baseline were both measured on the
+    runtime the variant's format deploys on."""
+    target = runtime_of(method)
+    measured_on = variant.get("deploy_runtime")
+    ok = measured_on == target and baseline.get("deploy_runtime") == target
+    return {"budget": "validated_on_target", "kind": "target", "measured": measured_on,
+            "baseline_measured_on": baseline.get("deploy_runtime"), "limit": target, "direction": "==",
+            "applies_to": "value", "pass": bool(ok)}
 
-    `variants` maps name -> metrics, `records` name -> quantize record (size, bits).
+
+def select(baseline: dict, variants: dict[str, dict], records: dict[str, dict], gate: GateConfig) -> dict:
+    """The gate decision (with `chosen` None when nothing may be released).
+
+    `baseline` and `variants` map to metrics with each one's per-item `outcomes` added;
+    `records` maps name -> quantize record (method, size, bits).
     """
     order = sorted(variants, key=lambda name: (records[name]["size_bytes"], records[name]["bits_per_weight"], name))
-    decision: dict[str, Any] = {"chosen": None, "order_most_compressed_first": order, "variants": {}}
+    decision: dict[str, Any] = {"chosen": None, "rule": RULE, "fallback": gate.fallback, "fell_back": False,
+                                "order_most_compressed_first": order, "variants": {}}
     for name in order:
-        checks = check_variant(baseline, variants[name], gate)
-        passed = all(check["pass"] for check in checks)
+        record = records[name]
+        checks = [_target_check(baseline, variants[name], record.get("method", "")),
+                  *check_variant(baseline, variants[name], gate)]
+        baseline_precision = record["bits_per_weight"] >= BASELINE_PRECISION_BITS
+        failed = [check for check in checks if not check["pass"]]
         decision["variants"][name] = {
-            "pass": passed,
-            "size_bytes": records[name]["size_bytes"],
-            "bits_per_weight": records[name]["bits_per_weight"],
+            "target": runtime_of(record.get("method", "")),
+            "pass": not failed,
+            "size_bytes": record["size_bytes"],
+            "bits_per_weight": record["bits_per_weight"],
+            "baseline_precision": baseline_precision,
+            "wins": {check["budget"].split("@")[0]: check["pass"] for check in checks if check["kind"] == "win"},
             "checks": checks,
         }
-        if passed and decision["chosen"] is None:
-            decision["chosen"] = name
+    quantized = [name for name in order if not decision["variants"][name]["baseline_precision"]]
+    passing = [name for name in quantized if decision["variants"][name]["pass"]]
+    if passing:
+        decision["chosen"] = passing[0]
+    elif gate.fallback == "baseline":
+        keepable = [name for name in order if decision["variants"][name]["baseline_precision"]
+                    and all(c["pass"] for c in decision["variants"][name]["checks"] if c["kind"] in ("quality", "target"))]
+        if keepable:
+            decision["chosen"], decision["fell_back"] = keepable[0], True
+    for name in order:
+        decision["variants"][name]["reason"] = _reason(name, decision)
     return decision
 
 
+def _reason(name: str, decision: dict) -> str:
+    """The binding reason for this variant's outcome, in one line."""
+    entry, chosen = decision["variants"][name], decision["chosen"]
+    failed = [check for check in entry["checks"] if not check["pass"]]
+    if name == chosen and decision["fell_back"]:
+        return "released at baseline precision: no quantized variant passed every check and showed a win"
+    if name == chosen:
+        return "released: the smallest variant that passes every check"
+    if entry["baseline_precision"] and not failed:
+        return "not needed: a quantized variant passed" if chosen else "baseline precision"
+    if entry["baseline_precision"] and chosen is not None:
+        return "not needed: a quantized variant passed"
+    if failed:
+        binding = next(check for kind in ("target", "quality", "win", "limit") for check in failed
+                       if check["kind"] == kind)
+        what = {"target": "not validated on its target", "quality": "quality", "win": "no operational win",
+                "limit": "over a limit"}[binding["kind"]]
+        extra = f" (+{len(failed) - 1} more)" if len(failed) > 1 else ""
+        if binding["kind"] == "target":
+            return f"{what}: measured on {binding['measured']}, ships for {binding['limit']}"
+        return f"{what}: {describe(binding)}{extra}"
+    return f"passes, but {chosen} is smaller"
+
+
 def violations(decision: dict) -> list[str]:
-    """One line per violated budget of the best candidate (fewest violations, then largest)."""
+    """One line per violated check of the best candidate (fewest violations, then largest)."""
     def failures(name: str) -> list[dict]:
         return [check for check in decision["variants"][name]["checks"] if not check["pass"]]
 
     best = min(reversed(decision["order_most_compressed_first"]), key=lambda name: len(failures(name)))
-    return [
-        f"{best}: {check['budget']} = {check['measured']} violates {check['direction']} {check['limit']}"
-        for check in failures(best)
-    ]
+    return [f"{best}: {describe(check)}" for check in failures(best)]
 
 
 def require_release(decision: dict) -> str:
     if decision["chosen"] is None:
         lines = violations(decision)
-        raise GateError("release gate: no variant passes every budget\n" + "\n".join(lines))
+        raise GateError("release gate: no variant passes every check, and no baseline-precision fallback "
+                        f"(gate.fallback={decision.get('fallback', 'none')})\n" + "\n".join(lines))
     return decision["chosen"]

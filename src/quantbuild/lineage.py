@@ -18,7 +18,7 @@ from quantbuild.manifest import read_manifest
 from quantbuild.registry import git
 from quantbuild.verify import verify
 
-OK, DIFFERS, UNCHECKED = "ok", "differs", "not checked"
+OK, DIFFERS, UNCHECKED, WARNING = "ok", "differs", "not checked", "warning"
 
 
 def _link(name: str, status: str, detail: str, facts: dict[str, Any], children: list | None = None) -> dict:
@@ -80,10 +80,13 @@ def lineage(bundle: Path, project: Path = Path("."), public_key: Path | None = N
     commit = manifest["git"]["commit"]
     if not commit:
         commit_status, commit_detail = UNCHECKED, "not recorded (built outside git)"
-    elif git(project, "rev-parse", "--verify", "--quiet", f"{commit}^{{commit}}", check=False):
-        commit_status, commit_detail = OK, "in this repository's history"
-    else:
+    elif not git(project, "rev-parse", "--verify", "--quiet", f"{commit}^{{commit}}", check=False):
         commit_status, commit_detail = DIFFERS, "not in this repository's history"
+    elif manifest["git"]["dirty"]:
+        commit_status, commit_detail = WARNING, ("in this repository's history, but built from a tree with "
+                                                 "uncommitted changes: the commit alone does not rebuild it")
+    else:
+        commit_status, commit_detail = OK, "in this repository's history"
     fingerprints = manifest["fingerprints"]
     links = [
         weights,
@@ -95,6 +98,8 @@ def lineage(bundle: Path, project: Path = Path("."), public_key: Path | None = N
         _link("fingerprints", OK if not result.drifted else DIFFERS,
               "runtime matches this machine" if not result.drifted else f"{len(result.drifted)} runtime keys drifted",
               {"build": fingerprints["build"], "runtime": fingerprints["runtime"]}),
+        _behaviour_link(bundle, manifest) if not result.problems else
+        _link("behaviour", UNCHECKED, "the bundle failed its integrity check", {}),
         _link("dvc.lock", lock_status, lock_detail, {"stages": sorted(manifest.get("dvc_lock", {}))}),
         _link("commit", commit_status, commit_detail, {"commit": commit, "dirty": manifest["git"]["dirty"]}),
     ]
@@ -102,6 +107,26 @@ def lineage(bundle: Path, project: Path = Path("."), public_key: Path | None = N
     return _link("package", OK if not result.problems else DIFFERS, integrity,
                  {"bundle": str(bundle), "schema": manifest["schema"], "signed": "signing" in manifest,
                   "files": {name: entry["sha256"] for name, entry in manifest["files"].items()}}, links)
+
+
+def _behaviour_link(bundle: Path, manifest: dict[str, Any]) -> dict:
+    """The bundle's behavioural probes rerun on this runtime: what the model computes now
+    against what it computed where it was validated."""
+    from quantbuild.behaviour import BEHAVIOUR
+    from quantbuild.verify import VerifyResult, verify_behaviour
+
+    if not (bundle / BEHAVIOUR).is_file():
+        return _link("behaviour", UNCHECKED, "no behavioural probes in this bundle", {})
+    checked = VerifyResult(bundle=str(bundle))
+    outcome = verify_behaviour(checked, bundle, bundle)
+    if checked.problems:
+        return _link("behaviour", DIFFERS, "; ".join(checked.problems), {})
+    drift = [f"{key[len('numerical drift: '):]} {new} (tolerance {old})" for key, old, new in checked.drifted]
+    detail = ("numerical drift: " + ", ".join(drift)) if drift else \
+        f"{outcome['probes']} probes match on this runtime (KLD {outcome['measured']['kld_mean']:.2g})"
+    return _link("behaviour", DIFFERS if drift else OK, detail,
+                 {"measured": outcome["measured"], "tolerance": outcome["tolerance"],
+                  "recorded": manifest.get("behaviour", {}).get("spread")})
 
 
 def gguf_lineage(path: Path) -> dict[str, Any]:
@@ -140,22 +165,32 @@ def gguf_lineage(path: Path) -> dict[str, Any]:
                  links)
 
 
+def _brief(value: Any) -> str:
+    if isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value):
+        return value[:12]
+    if isinstance(value, dict):
+        return f"{len(value)} entries" if len(value) > 3 else ", ".join(f"{k}={_brief(v)}" for k, v in value.items())
+    if isinstance(value, list):
+        return f"{len(value)} items" if len(value) > 4 else ", ".join(_brief(v) for v in value)
+    return str(value)
+
+
 def render(tree: dict[str, Any]) -> Any:
-    """A rich Tree of the chain (facts summarised; `--json` has them all)."""
+    """A compact rich Tree of the chain: one line per link, its scalar facts beside it
+    (digests shortened; `--json` has everything)."""
     from rich.tree import Tree
 
-    colour = {OK: "green", DIFFERS: "red", UNCHECKED: "yellow"}
+    colour = {OK: "green", DIFFERS: "red", UNCHECKED: "yellow", WARNING: "yellow"}
 
     def label(link: dict) -> str:
-        return f"[bold]{link['link']}[/bold] [{colour[link['status']]}]{link['status']}[/] — {link['detail']}"
+        facts = [f"{key}={_brief(value)}" for key, value in link["facts"].items()
+                 if not isinstance(value, (dict, list)) and value is not None]
+        extra = f" [dim]({'; '.join(facts)})[/dim]" if facts else ""
+        return f"[bold]{link['link']}[/bold] [{colour[link['status']]}]{link['status']}[/] — {link['detail']}{extra}"
 
-    root = Tree(label(tree))
+    root = Tree(label({**tree, "facts": {}}))
     for link in tree["children"]:
-        branch = root.add(label(link))
-        for key, value in link["facts"].items():
-            if isinstance(value, dict) and len(value) > 6:
-                value = f"{len(value)} entries"
-            branch.add(f"{key}: {value}")
+        root.add(label(link))
     return root
 
 

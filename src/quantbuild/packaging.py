@@ -150,7 +150,7 @@ def modelfile(manifest: dict[str, Any]) -> str:
 
 
 def build_bundle(out: Path, bundle_name: str, model_dir: Path, lineage: dict[str, Any],
-                 signing_key: Path | None = None) -> dict[str, Any]:
+                 signing_key: Path | None = None, extra: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Copy the model into `out/<bundle_name>/`, write its card and provenance, then the
     manifest, then (with `signing_key`) the signature over all of them."""
     from quantbuild.signing import sign_bundle, signing_record
@@ -159,7 +159,7 @@ def build_bundle(out: Path, bundle_name: str, model_dir: Path, lineage: dict[str
     with staged_dir(out) as staging:
         bundle = staging / bundle_name
         bundle.mkdir()
-        for source in sorted(model_dir.iterdir()):
+        for source in [*sorted(model_dir.iterdir()), *extra]:
             if source.is_file():
                 shutil.copyfile(source, bundle / source.name)
         manifest: dict[str, Any] = {"schema": SCHEMA, "bundle": bundle_name, **lineage}

@@ -10,39 +10,76 @@ from quantbuild.hashing import read_json
 from quantbuild.manifest import MANIFEST
 
 
+def _cell(check: dict | None) -> str:
+    """A check as a table cell: value, [interval], and a mark when it failed."""
+    if check is None:
+        return "-"
+    value = check["measured"]
+    text = f"{value:.3f}" if isinstance(value, float) else str(value)
+    if "interval" in check:
+        text += f" [{check['interval'][0]:.3f}, {check['interval'][1]:.3f}]"
+    return text if check["pass"] else f"{text} x"
+
+
+def decision_table(decision: dict, width: int = 150) -> str:
+    """Every variant of a decision in one table: target, size, quality, wins, verdict, reason."""
+    from io import StringIO
+
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False, show_edge=False)
+    for column in ("variant", "target", "MB", "bits/w", "quality", "memory", "latency", "reason"):
+        table.add_column(column, overflow="fold")
+    for name in decision["order_most_compressed_first"]:
+        entry = decision["variants"][name]
+        checks = entry["checks"]
+        quality = [check for check in checks if check["kind"] in ("quality", "target")]
+        failed_quality = [check["budget"] for check in quality if not check["pass"]]
+        by_kind = {check["budget"].split("@")[0]: check for check in checks}
+        mark = "*" if name == decision["chosen"] else " "
+        table.add_row(f"{mark}{name}", entry.get("target", "-"), f"{entry['size_bytes'] / 1e6:.2f}",
+                      f"{entry['bits_per_weight']:.3f}", "ok" if not failed_quality else "x " + ", ".join(failed_quality),
+                      _cell(by_kind.get("memory_ratio")), _cell(by_kind.get("latency_ratio")),
+                      entry.get("reason", "pass" if entry["pass"] else "fail"))
+    buffer = StringIO()
+    Console(file=buffer, width=width, no_color=True).print(table)
+    return buffer.getvalue().rstrip("\n")
+
+
 def release_summary(config: Config) -> str:
     decision_path = Path(config.paths.release) / "decision.json"
     if not decision_path.is_file():
         raise DataError(f"{decision_path}: no release decision yet (run `dvc repro`)")
     decision = read_json(decision_path)
-    lines = ["release summary", "==============="]
-    for name in decision["order_most_compressed_first"]:
-        entry = decision["variants"][name]
-        failed = [check["budget"] for check in entry["checks"] if not check["pass"]]
-        verdict = "pass" if entry["pass"] else "FAIL (" + ", ".join(failed) + ")"
-        lines.append(f"  {name:<20} {entry['size_bytes'] / 1e6:7.2f} MB  {entry['bits_per_weight']:6.3f} bits/weight  {verdict}")
+    lines = ["release summary", "===============",
+             f"rule: {decision.get('rule', 'the smallest variant that passes every budget')}",
+             "memory and latency: ratios to the baseline on the same runtime (latency: median of interleaved "
+             "runs [95% interval]); x = failed",
+             decision_table(decision)]
     chosen = decision["chosen"]
     if chosen is None:
-        lines.append("no variant passed the gate: nothing was packaged")
+        lines.append("no variant may be released: nothing was packaged")
         return "\n".join(lines)
     bundle = Path(config.paths.package) / f"{config.model.name}-{chosen}"
     manifest = read_json(bundle / MANIFEST)
     baseline, measured = manifest["evaluation"]["baseline"], manifest["evaluation"]["variant"]
-    lines.append(f"chosen: {chosen} ({manifest['variant']['method']}, {manifest['variant']['bits_per_weight']} bits/weight)")
+    fell_back = " - kept at baseline precision: no quantized variant showed a win" if decision.get("fell_back") else ""
+    lines.append(f"chosen: {chosen} ({manifest['variant']['method']}, {manifest['variant']['bits_per_weight']} "
+                 f"bits/weight, on {manifest.get('deploy_runtime', 'torch')}){fell_back}")
     lines.append(f"  perplexity {baseline.get('perplexity', 0):.4f} -> {measured.get('perplexity', 0):.4f}; "
                  f"KLD mean {measured.get('kld_mean', 0):.5f}, p99 {measured.get('kld_p99', 0):.5f}; "
                  f"top-1 agreement {measured.get('top1_agreement', 1):.4f}")
+    drops = {check["budget"][: -len("_drop")]: check for check in manifest["gate"]["checks"]
+             if check["budget"].endswith("_drop")}
     for family in sorted(measured["families"]):
         b, v = baseline["families"][family], measured["families"][family]
-        lines.append(f"  {family:<14} {b['score']:.3f} -> {v['score']:.3f}  (n={v['n']}, 95% CI {v['ci_low']:.3f}-{v['ci_high']:.3f})")
-    checks = {check["budget"]: check for check in manifest["gate"]["checks"]}
-    runtime = manifest.get("deploy_runtime", "torch")
-    labels = {"latency_paired_ratio": "latency (median, interleaved)", "memory_ratio": "model memory",
-              "latency_p99_ratio": "latency p99 (separate runs; a ceiling, noisy)"}
-    operational = [f"{label} {check['measured']:.3f}x" for key, label in labels.items()
-                   for name, check in checks.items() if name.split("@")[0] == key]
-    if operational:
-        lines.append(f"  on {runtime}, vs the baseline on {runtime}: " + ", ".join(operational))
+        check = drops.get(family)
+        rule = ""
+        if check is not None:
+            limit = "must not degrade" if check.get("rule") == "must_not_degrade" else f"budget {check['limit']:g}"
+            rule = f"; drop {check['measured']:+.3f} [{check['interval'][0]:+.3f}, {check['interval'][1]:+.3f}], {limit}"
+        lines.append(f"  {family:<14} {b['score']:.3f} -> {v['score']:.3f}  (n={v['n']}{rule})")
     size = sum(entry["size"] for entry in manifest["files"].values())
     lines.append(f"package: {bundle} ({size / 1e6:.2f} MB); check it with `quantbuild verify {bundle}`")
     return "\n".join(lines)
@@ -54,7 +91,7 @@ def _load_side(ref: str, config: Config) -> tuple[dict, dict | None]:
     if (bundle / MANIFEST).is_file():
         manifest = read_json(bundle / MANIFEST)
         return manifest["evaluation"]["variant"], manifest.get("gate")
-    path = Path(config.paths.eval) / ref / "metrics.json"
+    path = Path(config.paths.eval) / ref / "measurements.json"
     if not path.is_file():
         raise DataError(f"{ref}: neither a bundle folder nor an evaluated variant ({path} not found)")
     decision_path = Path(config.paths.release) / "decision.json"
@@ -109,7 +146,13 @@ def compare(left_ref: str, right_ref: str, config: Config) -> str:
         failed = [check["budget"] for check in gate["checks"] if not check["pass"]]
         return "pass" if gate["pass"] else "fail: " + ", ".join(failed)
 
+    def checks(gate: dict | None) -> dict:
+        return {check["budget"]: check for check in (gate or {}).get("checks", [])}
+
+    for budget in sorted(set(checks(left_gate)) | set(checks(right_gate))):
+        table.add_row(f"gate: {budget}", _cell(checks(left_gate).get(budget)), _cell(checks(right_gate).get(budget)))
     table.add_row("release gate", verdict(left_gate), verdict(right_gate))
+    table.add_row("reason", (left_gate or {}).get("reason", "-"), (right_gate or {}).get("reason", "-"))
     buffer = StringIO()
     Console(file=buffer, width=140).print(table)
     return buffer.getvalue()

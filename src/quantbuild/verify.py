@@ -22,6 +22,7 @@ class VerifyResult:
     bundle: str
     problems: list[str] = field(default_factory=list)
     drifted: list[tuple[str, object, object]] = field(default_factory=list)
+    behaviour: dict | None = None
 
     @property
     def exit_code(self) -> int:
@@ -34,6 +35,7 @@ class VerifyResult:
             "exit_code": self.exit_code,
             "problems": self.problems,
             "drift": [{"key": key, "recorded": old, "current": new} for key, old, new in self.drifted],
+            **({"behaviour": self.behaviour} if self.behaviour is not None else {}),
         }
 
 
@@ -104,3 +106,35 @@ def verify_gguf(path: Path, manifest_path: Path | None = None, current_llama_cpp
     if recorded != sha256_json(current):
         result.drifted.append(("llama_cpp fingerprint (sha256)", recorded, sha256_json(current)))
     return result
+
+
+def verify_behaviour(result: VerifyResult, model: Path, probes: Path, threads: int | None = None) -> dict:
+    """Rerun the behavioural probes stored in `probes/` on `model` (a GGUF file, or a model
+    folder for the torch runtimes) on this runtime, after an integrity check that passed;
+    each measure outside its tolerance is numerical drift (exit 2)."""
+    from quantbuild import behaviour
+    from quantbuild.errors import DataError
+
+    try:
+        info, _ = behaviour.load(probes)
+        if info["runtime"] == "llama.cpp":
+            from quantbuild.fingerprint import cpu_info
+            from quantbuild.runtimes.llama_cpp import repack_allowed
+
+            path = model if model.suffix == ".gguf" else model / "model.gguf"
+            opener = behaviour.llama_opener(path, info["kv_cache_type"], repack_allowed(cpu_info()["isa"]))
+        else:
+            from transformers import AutoTokenizer
+
+            from quantbuild.quantizers.gptqmodel_backend import load_checkpoint
+
+            opener = behaviour.torch_opener(load_checkpoint(model, info.get("load_runtime", "kernel")),
+                                            AutoTokenizer.from_pretrained(str(model)))
+        outcome = behaviour.check(opener, probes, threads=threads)
+    except (IntegrityError, DataError) as err:
+        result.problems.append(str(err))
+        return {}
+    for measure, value, tolerance in outcome["drift"]:
+        result.drifted.append((f"numerical drift: {measure}", tolerance, round(value, 9)))
+    result.behaviour = outcome
+    return outcome

@@ -19,6 +19,7 @@ from quantbuild.evaluation import distributions
 from quantbuild.evaluation.generation import MAX_NEW_TOKENS
 from quantbuild.evaluation.latency import summarise_runs
 from quantbuild.evaluation.scorers import score
+from quantbuild.evaluation.stats import median_interval
 from quantbuild.tasks.items import Item
 
 
@@ -88,34 +89,38 @@ def _latency(model: Any, config: EvalConfig) -> dict[str, dict[str, float]]:
 
 
 def paired_latency(model: Any, baseline: Any, config: EvalConfig) -> dict[str, Any]:
-    """Variant/baseline ratios of median TTFT and median decode time per token, from runs
-    interleaved in one process (the order alternating each round), per prompt length.
+    """Variant/baseline ratios of TTFT and of decode time per token, timed interleaved in one
+    process (the order alternating each round), per prompt length: the median of the
+    per-round ratios and its distribution-free 95% interval.
 
-    Timings across processes and minutes differ by up to 3x at p99 on this 2-core machine
-    (bench/gguf_variants.py noise); interleaved medians of the same model agree within 5%.
+    Each round times the variant and the baseline back to back, so load on the machine hits
+    both sides of a ratio alike; across processes and minutes timings differ by up to 3x at
+    p99 on this 2-core machine (bench/gguf_variants.py noise).
     """
-    import statistics
-
     rng = random.Random(1)
-    by_length, worst = {}, 0.0
+    by_length: dict[str, Any] = {}
+    worst = {"ratio": 0.0, "ci_low": 0.0, "ci_high": 0.0}
     for length in config.latency.prompt_lengths:
         tokens = [rng.randrange(3, model.n_vocab) for _ in range(length)]
-        runs: dict[str, list[Any]] = {"variant": [], "baseline": []}
         for _ in range(config.latency.warmup):
             model.timed(tokens, config.latency.new_tokens)
             baseline.timed(tokens, config.latency.new_tokens)
+        rounds = []
         for index in range(config.latency.repeats):
-            order = [("variant", model), ("baseline", baseline)]
-            for name, side in order if index % 2 == 0 else reversed(order):
-                runs[name].append(side.timed(tokens, config.latency.new_tokens))
-        ratios = {}
+            order = [model, baseline] if index % 2 == 0 else [baseline, model]
+            timed = {id(side): side.timed(tokens, config.latency.new_tokens) for side in order}
+            rounds.append((timed[id(model)], timed[id(baseline)]))
+        entry: dict[str, Any] = {"runs": config.latency.repeats}
         for key, label in (("ttft_s", "ttft"), ("decode_s_per_token", "decode")):
-            variant = statistics.median(getattr(run, key) for run in runs["variant"])
-            reference = statistics.median(getattr(run, key) for run in runs["baseline"])
-            ratios[f"{label}_ratio_p50"] = round(variant / reference, 4)
-        by_length[str(length)] = {**ratios, "runs": config.latency.repeats}
-        worst = max(worst, *ratios.values())
-    return {"by_length": by_length, "worst_ratio_p50": round(worst, 4)}
+            ratios = [getattr(variant, key) / getattr(reference, key) for variant, reference in rounds]
+            middle, low, high = median_interval(ratios)
+            entry[label] = {"ratio": round(middle, 4), "ci_low": round(low, 4), "ci_high": round(high, 4)}
+            # The binding ratio is the one whose interval reaches highest.
+            if (low, middle) > (worst["ci_low"], worst["ratio"]):
+                worst = {"ratio": round(middle, 4), "ci_low": round(low, 4), "ci_high": round(high, 4),
+                         "at": f"{label}@{length}"}
+        by_length[str(length)] = entry
+    return {"by_length": by_length, "worst": worst}
 
 
 def _memory(path: Path, kv_type: str, config: EvalConfig, workers: int, repack: bool) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from quantbuild import behaviour
 from quantbuild.config import EvalConfig
 from quantbuild.errors import DataError
 from quantbuild.evaluation import distributions
@@ -23,12 +24,18 @@ from quantbuild.evaluation.suites import run_generative, summarise
 from quantbuild.hashing import sha256_file, staged_dir, write_json
 from quantbuild.tasks.items import Item, load_items
 
+# Everything measured (the gate, the summary and the bundle read this one).
+MEASUREMENTS = "measurements.json"
+# The headline numbers only, flat, for `dvc metrics show` (no digests, no per-length tables).
 METRICS = "metrics.json"
 FAMILIES = "families.json"
 LATENCY = "latency.json"
 MEMORY = "memory.json"
 REFERENCE = "reference.safetensors"
 GENERATIONS = "generations.jsonl"
+# Per item: its id and whether it was answered correctly (no text), so the gate can pair
+# the baseline's and a variant's answers item by item.
+OUTCOMES = "outcomes.json"
 
 
 def load_eval_items(config: EvalConfig, data_dir: Path) -> tuple[dict[str, list[Item]], dict[str, str]]:
@@ -57,8 +64,9 @@ def load_model(folder: Path, runtime: str = "kernel") -> Any:
 
 
 def evaluate(model_dir: Path, config: EvalConfig, data_dir: Path, out: Path, reference: Path | None) -> dict:
-    """Torch runtime: write metrics.json, families.json, latency.json, memory.json (and
-    reference.safetensors for the baseline)."""
+    """Torch runtime: write measurements.json, metrics.json, families.json, latency.json,
+    memory.json, outcomes.json and the behavioural probes (and reference.safetensors for the
+    baseline)."""
     from transformers import AutoTokenizer
 
     items, digests = load_eval_items(config, data_dir)
@@ -87,7 +95,12 @@ def _measure_torch(model_dir: Path, model: Any, tokenizer: Any, config: EvalConf
                               config.latency.warmup, config.latency.repeats, seed=0)
     memory = measure_memory(model, config.memory.context_lengths, config.memory.budget_mb, model_dir, seed=0)
     head = {"eval_files_sha256": digests, "runtime": config.runtime, "deploy_runtime": "torch"}
-    return _write(staging, config, head, lm, tensors, generative, records, latency, memory)
+    metrics = _write(staging, config, head, lm, tensors, generative, records, latency, memory)
+    # The behavioural fingerprint the bundle will carry, on the deployed (kernel) runtime.
+    behaviour.record(behaviour.torch_opener(model, tokenizer), "torch",
+                     {"load_runtime": config.latency.runtime, "device": str(next(model.parameters()).device)},
+                     staging)
+    return metrics
 
 
 def evaluate_gguf(path: Path, kv_type: str, config: EvalConfig, data_dir: Path, out: Path,
@@ -104,8 +117,12 @@ def evaluate_gguf(path: Path, kv_type: str, config: EvalConfig, data_dir: Path, 
                 "llama_cpp": {"kv_cache_type": kv_type, "threads": measured["threads"], "repack": repack}}
         if measured["latency_vs_baseline"] is not None:
             head["latency_vs_baseline"] = measured["latency_vs_baseline"]
-        return _write(staging, config, head, measured["lm"], measured["reference"], measured["generative"],
-                      measured["records"], measured["latency"], measured["memory"])
+        metrics = _write(staging, config, head, measured["lm"], measured["reference"], measured["generative"],
+                         measured["records"], measured["latency"], measured["memory"])
+        # The behavioural fingerprint the bundle will carry: the probes as this runtime answers them.
+        behaviour.record(behaviour.llama_opener(path, kv_type, repack), "llama.cpp",
+                         {"kv_cache_type": kv_type, "repack": repack}, staging)
+        return metrics
 
 
 def _write(staging: Path, config: EvalConfig, head: dict, lm: dict | None, tensors: dict | None,
@@ -122,9 +139,14 @@ def _write(staging: Path, config: EvalConfig, head: dict, lm: dict | None, tenso
         metrics["families"][family] = {"score": round(summary["correct"], 6), "n": int(summary["n"]),
                                        "ci_low": round(low, 6), "ci_high": round(high, 6), **extra}
     _long_context_cells(generative, records, metrics)
+    outcomes: dict[str, dict[str, float]] = {}
+    for item, record in zip(generative, records):
+        outcomes.setdefault(item.family, {})[item.id] = record["correct"]
+    write_json(staging / OUTCOMES, {family: dict(sorted(values.items())) for family, values in sorted(outcomes.items())})
     metrics["latency"] = latency
     metrics["memory"] = memory
-    write_json(staging / METRICS, metrics)
+    write_json(staging / MEASUREMENTS, metrics)
+    write_json(staging / METRICS, headline(metrics))
     write_json(staging / FAMILIES, [{"family": family, "score": values["score"]}
                                     for family, values in sorted(metrics["families"].items())])
     write_json(staging / LATENCY, [{"prompt_tokens": int(length), **values}
@@ -136,6 +158,21 @@ def _write(staging: Path, config: EvalConfig, head: dict, lm: dict | None, tenso
             for record in records:
                 handle.write(json.dumps(record, ensure_ascii=False) + "\n")
     return metrics
+
+
+def headline(metrics: dict) -> dict:
+    """What `dvc metrics show` tabulates: scores, KLD, model memory, speed; no digests."""
+    memory = metrics["memory"]
+    largest = max(memory["by_context"], key=int)
+    first = min(metrics["latency"], key=int)
+    values: dict[str, Any] = {key: metrics[key] for key in ("perplexity", "kld_mean", "kld_p99", "top1_agreement")
+                              if key in metrics}
+    values["score"] = {family: entry["score"] for family, entry in sorted(metrics["families"].items())}
+    values[f"memory_mb@{largest}"] = memory["by_context"][largest]["peak_mb"]
+    values[f"decode_tok_s@{first}"] = metrics["latency"][first]["decode_tokens_per_s_p50"]
+    if "latency_vs_baseline" in metrics:
+        values["latency_ratio"] = metrics["latency_vs_baseline"]["worst"]["ratio"]
+    return values
 
 
 def _long_context_cells(items: list[Item], records: list[dict], metrics: dict) -> None:

@@ -15,3 +15,20 @@ TORCH = "torch"
 
 def runtime_of(method: str) -> str:
     return LLAMA_CPP if method == "gguf" else TORCH
+
+
+def require_target(runtime: str) -> None:
+    """Fail in one line, before any work, when this machine cannot run `runtime`."""
+    from quantbuild.errors import RuntimeUnavailable
+
+    if runtime == LLAMA_CPP:
+        from quantbuild.runtimes.llama_cpp import require_available
+
+        require_available()
+    elif runtime == TORCH:
+        try:
+            import torch  # noqa: F401
+        except ImportError as err:
+            raise RuntimeUnavailable(f"target torch: not available here ({err}; run `make install`)") from None
+    else:
+        raise RuntimeUnavailable(f"target {runtime!r}: unknown (known: {LLAMA_CPP}, {TORCH})")

@@ -24,7 +24,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
 
-from quantbuild.errors import ConfigError, IntegrityError, QuantbuildError
+from quantbuild.errors import ConfigError, IntegrityError, QuantbuildError, RuntimeUnavailable
 
 PACKAGE = "llama-cpp-python"
 TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity")
@@ -33,9 +33,6 @@ KV_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}
 # ISA flags of the CPUs whose repack path crashed here (see the module docstring).
 REPACK_UNSAFE_ISA = ("amx_int8", "amx_bf16", "amx_tile", "avx512f")
 
-
-class RuntimeUnavailable(QuantbuildError):
-    """The runtime a variant deploys on is not installed or not built on this machine."""
 
 
 def version() -> str:
@@ -137,6 +134,14 @@ def run_tool(name: str, args: list[str], what: str, cwd: Path | None = None) -> 
 
 _LOG: list[str] = []
 _LOG_CALLBACK: Any = None
+
+
+def require_available() -> None:
+    """Raise RuntimeUnavailable, naming what is missing, unless this machine can run the
+    llama.cpp target: the pinned bindings load and the tools are built."""
+    for name in TOOLS:
+        tool(name)
+    _bindings()
 
 
 def _bindings() -> Any:

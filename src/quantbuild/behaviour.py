@@ -1,0 +1,232 @@
+"""Behavioural fingerprint: what the model computes, not what the versions say.
+
+A kernel, driver or dispatch change (llama.cpp picks AVX2, AVX-512, AMX or a repacked
+layout at run time; a library rebuilt with other flags) can change the numbers while every
+version string stays the same. So every evaluated variant records a fixed set of probes on
+the runtime it was validated on, and every bundle carries them:
+
+- the probes: synthetic prompts from the task-family generators with their own seed (no
+  eval, calibration or user text), stored as token IDs only;
+- per probe and position, the top-k log-probabilities, and the greedy continuation;
+- tolerances set from the runtime's own spread (the same probes rerun at other thread
+  counts), with a floor below which differences are rounding.
+
+`check` reruns the probes on the current runtime and compares: KL divergence against the
+stored top-k, top-1 agreement, and exact greedy-token match. Outside tolerance is numerical
+drift: revalidate (`dvc repro`) before trusting the artifact on this runtime.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from quantbuild.errors import DataError, IntegrityError
+from quantbuild.hashing import read_json, sha256_file, sha256_json, write_json
+
+PROBES = "probes.safetensors"
+BEHAVIOUR = "behaviour.json"
+SCHEMA = 1
+# Probe prompts: this many per family, from the generators at a seed no data file uses.
+PROBE_SEED = 91_000_003
+PROBES_PER_FAMILY = 2
+PROBE_FAMILIES = ("language_modelling", "structured", "retrieval", "reasoning")
+MAX_PROBE_TOKENS = 96
+NEW_TOKENS = 16
+TOP_K = 8
+# Below these the spread is rounding: tolerances are never tighter.
+KLD_FLOOR = 1e-5
+TOP1_SLACK = 0.01
+
+
+def probe_prompts() -> list[tuple[str, str, str]]:
+    """(id, family, text) of the probe prompts: synthetic, seeded, the same on every machine."""
+    from quantbuild.tasks import GENERATORS
+
+    prompts = []
+    for family in PROBE_FAMILIES:
+        for index, item in enumerate(GENERATORS[family](PROBES_PER_FAMILY, PROBE_SEED)):
+            prompts.append((f"probe-{family}-{index}", family, item.prompt))
+    return prompts
+
+
+class TorchProbeModel:
+    """A transformers model (dense, GPTQModel or bitsandbytes) behind the probe interface
+    llama.cpp's `LlamaCppModel` has: tokenize, per-position log-probabilities, greedy."""
+
+    def __init__(self, model: Any, tokenizer: Any):
+        self.model, self.tokenizer = model, tokenizer
+
+    def __enter__(self) -> "TorchProbeModel":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer(text)["input_ids"]
+
+    def logprobs(self, tokens: list[int]) -> Any:
+        import torch
+
+        device = next(self.model.parameters()).device
+        with torch.inference_mode():
+            logits = self.model(input_ids=torch.tensor([tokens], device=device)).logits[0, :-1].float()
+        return torch.log_softmax(logits, dim=-1).cpu().numpy()
+
+    def generate(self, tokens: list[int], max_new_tokens: int) -> list[int]:
+        import torch
+
+        device = next(self.model.parameters()).device
+        generated: list[int] = []
+        with torch.inference_mode():
+            out = self.model(input_ids=torch.tensor([tokens], device=device), use_cache=True)
+            for _ in range(max_new_tokens):
+                token = int(out.logits[0, -1].argmax())
+                if token == self.tokenizer.eos_token_id:
+                    break
+                generated.append(token)
+                out = self.model(input_ids=torch.tensor([[token]], device=device),
+                                 past_key_values=out.past_key_values, use_cache=True)
+        return generated
+
+
+def llama_opener(path: Path, kv_type: str, repack: bool) -> Callable[[int], Any]:
+    """threads -> a llama.cpp model of the GGUF at `path`, as the variant was evaluated."""
+    from quantbuild.runtimes.llama_cpp import LlamaCppModel
+
+    return lambda threads: LlamaCppModel(path, n_ctx=256, kv_type=kv_type, threads=threads, repack=repack)
+
+
+def torch_opener(model: Any, tokenizer: Any) -> Callable[[int], Any]:
+    """threads -> the loaded torch model at that many intra-op threads."""
+    import torch
+
+    def opened(threads: int) -> TorchProbeModel:
+        torch.set_num_threads(threads)
+        return TorchProbeModel(model, tokenizer)
+
+    return opened
+
+
+def _run(model: Any, sequences: list[list[int]]) -> tuple[dict, list[list[int]]]:
+    """(top-k tensors over every position of every probe, greedy continuations)."""
+    from quantbuild.evaluation.distributions import reference_from
+    from quantbuild.runtimes.llama_cpp import positions
+
+    tensors, _ = reference_from(positions(model, sequences), TOP_K)
+    return tensors, [model.generate(tokens, NEW_TOKENS) for tokens in sequences]
+
+
+def _compare(tensors: dict, greedy: list[list[int]], model: Any, sequences: list[list[int]]) -> dict[str, float]:
+    from quantbuild.evaluation.distributions import compare_from
+    from quantbuild.runtimes.llama_cpp import positions
+
+    measured = compare_from(positions(model, sequences), tensors)
+    now = [model.generate(tokens, NEW_TOKENS) for tokens in sequences]
+    matches = sum(1 for old, new in zip(greedy, now) if old == new)
+    return {"kld_mean": measured["kld_mean"], "kld_max": measured["kld_p99"],
+            "top1_agreement": measured["top1_agreement"], "greedy_match": matches / len(sequences)}
+
+
+def _threads() -> int:
+    return os.cpu_count() or 1
+
+
+def record(opener: Callable[[int], Any], runtime: str, settings: dict[str, Any], out: Path) -> dict[str, Any]:
+    """Record the probes as the model `opener` opens answers them, into `out/`
+    (probes.safetensors, behaviour.json), with tolerances from reruns at other thread counts."""
+    from quantbuild.evaluation.distributions import save_reference
+
+    prompts = probe_prompts()
+    workers = _threads()
+    with opener(workers) as model:
+        sequences = [model.tokenize(text)[:MAX_PROBE_TOKENS] for _, _, text in prompts]
+        tensors, greedy = _run(model, sequences)
+        spread = [_compare(tensors, greedy, model, sequences)]
+    thread_counts = sorted({1, max(1, workers // 2), workers})
+    for threads in thread_counts:
+        if threads != workers:
+            with opener(threads) as model:
+                spread.append(_compare(tensors, greedy, model, sequences))
+    if runtime == "torch":
+        opener(workers)  # leave torch at the thread count it had
+    tensors = {**tensors, **_pack("prompt", sequences), **_pack("greedy", greedy)}
+    out.mkdir(parents=True, exist_ok=True)
+    save_reference({name: value.contiguous() for name, value in tensors.items()}, out / PROBES)
+    worst = {"kld_mean": max(s["kld_mean"] for s in spread), "kld_max": max(s["kld_max"] for s in spread),
+             "top1_agreement": min(s["top1_agreement"] for s in spread),
+             "greedy_match": min(s["greedy_match"] for s in spread)}
+    info = {
+        "schema": SCHEMA,
+        "runtime": runtime,
+        **settings,
+        "probes": [{"id": probe_id, "family": family, "prompt_tokens": len(tokens), "greedy_tokens": len(out_tokens)}
+                   for (probe_id, family, _), tokens, out_tokens in zip(prompts, sequences, greedy)],
+        "probe_seed": PROBE_SEED,
+        # digests, never the text: what the probes were and what they tokenized to
+        "probe_text_sha256": sha256_json([text for _, _, text in prompts]),
+        "probe_tokens_sha256": sha256_json(sequences),
+        "probes_sha256": sha256_file(out / PROBES),
+        "top_k": TOP_K,
+        "spread": {"threads": thread_counts, "runs": len(spread), **{k: round(v, 9) for k, v in worst.items()}},
+        "tolerance": {
+            "kld_mean": max(KLD_FLOOR, 10 * worst["kld_mean"]),
+            "top1_agreement": max(0.0, round(worst["top1_agreement"] - TOP1_SLACK, 6)),
+            "greedy_match": worst["greedy_match"],
+        },
+    }
+    write_json(out / BEHAVIOUR, info)
+    return info
+
+
+def _pack(name: str, rows: list[list[int]]) -> dict:
+    """Ragged token lists as one flat int32 tensor plus offsets."""
+    import torch
+
+    offsets = [0]
+    for row in rows:
+        offsets.append(offsets[-1] + len(row))
+    flat = [token for row in rows for token in row]
+    return {f"{name}_tokens": torch.tensor(flat, dtype=torch.int32),
+            f"{name}_offsets": torch.tensor(offsets, dtype=torch.int64)}
+
+
+def _unpack(tensors: dict, name: str) -> list[list[int]]:
+    flat, offsets = tensors[f"{name}_tokens"].tolist(), tensors[f"{name}_offsets"].tolist()
+    return [flat[start:end] for start, end in zip(offsets, offsets[1:])]
+
+
+def load(folder: Path) -> tuple[dict, dict]:
+    """(behaviour.json, probe tensors) of a bundle or eval folder; DataError when absent."""
+    from quantbuild.evaluation.distributions import load_reference
+
+    info_path, probes_path = folder / BEHAVIOUR, folder / PROBES
+    if not info_path.is_file() or not probes_path.is_file():
+        raise DataError(f"{folder}: no behavioural probes ({BEHAVIOUR}, {PROBES}); package it again with this "
+                        f"quantbuild to record them")
+    info = read_json(info_path)
+    if sha256_file(probes_path) != info.get("probes_sha256"):
+        raise IntegrityError(f"{probes_path}: sha256 does not match behaviour.json's probes_sha256")
+    return info, load_reference(probes_path)
+
+
+def check(opener: Callable[[int], Any], folder: Path, threads: Optional[int] = None) -> dict[str, Any]:
+    """Rerun the probes stored in `folder` on the model `opener` opens, on this runtime; the
+    measures, the tolerances and the measures outside them (`drift`)."""
+    info, tensors = load(folder)
+    sequences, greedy = _unpack(tensors, "prompt"), _unpack(tensors, "greedy")
+    stored = {"topk_ids": tensors["topk_ids"], "topk_logprobs": tensors["topk_logprobs"]}
+    with opener(threads or _threads()) as model:
+        measured = _compare(stored, greedy, model, sequences)
+    tolerance = info["tolerance"]
+    drift = []
+    if measured["kld_mean"] > tolerance["kld_mean"]:
+        drift.append(("kld_mean", measured["kld_mean"], f"<= {tolerance['kld_mean']:.3g}"))
+    if measured["top1_agreement"] < tolerance["top1_agreement"]:
+        drift.append(("top1_agreement", measured["top1_agreement"], f">= {tolerance['top1_agreement']:.4g}"))
+    if measured["greedy_match"] < tolerance["greedy_match"]:
+        drift.append(("greedy_match", measured["greedy_match"], f">= {tolerance['greedy_match']:.4g}"))
+    return {"measured": {key: round(value, 9) for key, value in measured.items()}, "tolerance": tolerance,
+            "probes": len(sequences), "runtime": info["runtime"], "drift": drift}
