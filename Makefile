@@ -15,7 +15,7 @@ LLAMA_SRC := $(LLAMA_DIR)/llama_cpp_python-$(LLAMA_CPP_PYTHON)
 LLAMA_TOOLS := llama-quantize llama-imatrix llama-perplexity
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: install demo test bench keys clean
+.PHONY: install demo test bench keys clean browser
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
@@ -58,8 +58,16 @@ install: $(VENV)/.installed
 demo: install
 	dvc repro
 	quantbuild summary
+	quantbuild report
 
-test: install
+# The HTML report's test renders it in Debian's chromium: installed here where apt-get can
+# (as root, as in CI); elsewhere that one test is skipped, saying so.
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+		&& apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+		|| echo "chromium is not installed: the report's browser test will be skipped"
+
+test: install browser
 	pytest
 
 bench: install

@@ -7,17 +7,18 @@ import sys
 import pytest
 import yaml
 
-from conftest import BASELINE, REPO
+from conftest import BASELINE, REPO, committed, committed_conf
 from quantbuild.config import (AwqConfig, BnbConfig, GptqConfig, MixedConfig, RtnConfig, compose, load_config,
                                validate_raw)
 from quantbuild.errors import ConfigError
 from quantbuild.quantizers import check_against_model, uniform_plan
 
 
-def test_params_yaml_is_the_composition_of_conf():
-    composed = compose(REPO / "conf")
-    committed = yaml.safe_load((REPO / "params.yaml").read_text())
-    assert composed == committed, "params.yaml is out of sync with conf/: run `quantbuild compose`"
+def test_params_yaml_is_the_composition_of_conf(tmp_path):
+    """As committed: a user's working params.yaml (their keys, an experiment) is theirs."""
+    composed = compose(committed_conf(tmp_path))
+    assert composed == yaml.safe_load(committed("params.yaml")), \
+        "params.yaml is out of sync with conf/: run `quantbuild compose`"
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def gpu_params() -> dict:
 
 
 def test_committed_params_validate():
-    config = load_config(REPO / "params.yaml")
+    config = validate_raw(yaml.safe_load(committed("params.yaml")))
     assert list(config.quant.variants) == ["gguf_f16", "gguf_q8_0", "gguf_q6_k", "gguf_q4_k_m_imat", "gguf_iq4_xs_imat", "gguf_mix_3p5"]
 
 

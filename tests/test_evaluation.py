@@ -112,7 +112,7 @@ def test_gate_with_no_passing_variant_and_no_fallback_lists_violations():
     variants = {"int8": metrics(2.2, 0.001), "int4": metrics(2.3, 0.01), "int3": metrics(2.4, 0.2)}
     decision = select(BASE, variants, RECORDS, gate)
     assert decision["chosen"] is None
-    assert violations(decision) == ["int8: perplexity_increase_pct = 10 vs <= 5"]
+    assert violations(decision) == ["int8: perplexity_increase_pct = 10 violates <= 5"]
     with pytest.raises(GateError, match="no variant passes"):
         require_release(decision)
 

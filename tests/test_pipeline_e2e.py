@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, committed
 from quantbuild.config import compose
 
 pytestmark = pytest.mark.slow
@@ -55,7 +55,8 @@ def repo(tmp_path_factory) -> Path:
         if (REPO / name).is_file() and not name.startswith("dvc.lock"):
             (root / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, root / name)
-    params = yaml.safe_load((root / "params.yaml").read_text())
+    # The committed configuration, never the user's working params.yaml (keys, experiments).
+    params = yaml.safe_load(committed("params.yaml"))
     params["calibration"].update(samples=6, seq_len=96, sensitivity={"samples": 2, "bits": 3, "group_size": 64},
                                  imatrix_samples=40, imatrix_chunk=128)
     # Two GGUF variants of the default ladder (one with the importance matrix) keep this at
@@ -66,8 +67,10 @@ def repo(tmp_path_factory) -> Path:
     params["eval"]["latency"].update(prompt_lengths=[16], new_tokens=2, warmup=0, repeats=1)
     params["eval"]["memory"].update(context_lengths=[32])
     # Four items per family are noise; these budgets still check that the gate runs.
+    # One timed round of two tokens decides nothing: the latency check runs, with a wide limit.
     params["gate"] = {"max_perplexity_increase_pct": 50.0, "max_kld_mean": 1.0, "max_kld_p99": 10.0,
-                      "min_top1_agreement": 0.5, "max_family_drop": {"structured": 0.5}}
+                      "min_top1_agreement": 0.5, "max_family_drop": {"structured": 0.5},
+                      "max_latency_paired_ratio": 10.0, "max_memory_ratio": 0.95, "memory_context": 32}
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for command in (["git", "init", "-q"], ["git", "config", "user.name", "t"], ["git", "config", "user.email", "t@t"],
                     ["git", "add", "-A"],
@@ -86,6 +89,14 @@ def test_full_pipeline_packages_a_verified_bundle(repo):
     assert "Request:" not in (repo / BUNDLE / "manifest.json").read_text()  # digests only, never text
     compare = run(repo, str(BIN / "quantbuild"), "compare", "baseline", QUANTIZED)
     assert compare.returncode == 0 and "release gate" in compare.stdout and "structured score" in compare.stdout
+    # The released bundle loads and answers its probes in its target runtime, as it did when validated.
+    behaviour = run(repo, str(BIN / "quantbuild"), "verify", BUNDLE, "--behaviour")
+    assert behaviour.returncode == 0 and "behavioural probes" in behaviour.stdout, behaviour.stderr
+    decision = json.loads((repo / "artifacts" / "release" / "decision.json").read_text())
+    assert decision["chosen"] == QUANTIZED and decision["variants"][QUANTIZED]["target"] == "llama.cpp"
+    assert all(entry["reason"] for entry in decision["variants"].values())
+    summary = run(repo, str(BIN / "quantbuild"), "summary")
+    assert summary.returncode == 0 and "released: the smallest variant" in summary.stdout
 
 
 def test_nothing_changed_runs_only_fingerprint(repo):
@@ -298,3 +309,47 @@ def test_llama_cpp_drift_reruns_exactly_the_llama_cpp_stages(repo, tmp_path):
     assert llama_stages <= ran
     assert not ran & {"fetch", "calibrate"}
     assert run(repo, str(BIN / "quantbuild"), "verify", BUNDLE, env=env).returncode == 0
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+HEADLESS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (make test installs it where apt-get can)")
+def test_the_offline_report_renders_in_a_headless_browser(repo, tmp_path):
+    from PIL import Image
+
+    result = quantbuild(repo, "report", "--out", str(tmp_path / "report.html"))
+    assert result.returncode == 0, result.stderr
+    page = (tmp_path / "report.html").read_text()
+    # self-contained: nothing to fetch (no script, no stylesheet or image from anywhere)
+    assert "<script" not in page and "src=" not in page and "href=" not in page and "@import" not in page
+    url = (tmp_path / "report.html").as_uri()
+    profile = tmp_path / "profile"
+    dom = subprocess.run([CHROMIUM, *HEADLESS, f"--user-data-dir={profile}", "--dump-dom", url],
+                         capture_output=True, text=True, timeout=120).stdout
+    for chart in ("pareto", "families", "latency", "memory"):
+        assert f'id="{chart}"' in dom
+    decision = json.loads((repo / "artifacts" / "release" / "decision.json").read_text())
+    assert dom.count('class="point"') >= 2 * len(decision["variants"]) and 'class="chosen"' in dom
+    shot = tmp_path / "report.png"
+    subprocess.run([CHROMIUM, *HEADLESS, f"--user-data-dir={profile}", f"--screenshot={shot}",
+                    "--window-size=1400,1400", "--hide-scrollbars", url], capture_output=True, timeout=120, check=True)
+    image = Image.open(shot).convert("L")
+    pixels = list(image.getdata())
+    drawn = sum(1 for value in pixels if value < 200) / len(pixels)
+    # charts drew: axes, series, points and text cover a real share of the page
+    assert drawn > 0.01, drawn
+    # the chosen variant's colour appears (the first palette colour is some variant's series)
+    colours = Image.open(shot).convert("RGB").getcolors(maxcolors=1 << 20)
+    assert len(colours) > 20
+
+
+def test_a_failed_experiment_leaves_params_yaml_as_it_was(repo):
+    before = (repo / "params.yaml").read_bytes()
+    result = quantbuild(repo, "exp", "-S", "eval.limit=-3")
+    assert result.returncode != 0
+    assert "eval.limit=-3 is not allowed" in result.stderr + result.stdout
+    assert "params.yaml is restored" in result.stderr
+    assert (repo / "params.yaml").read_bytes() == before

@@ -1,9 +1,11 @@
 """The `quantbuild` command line.
 
     quantbuild compose [OVERRIDES...]   write params.yaml from conf/ (what DVC does on exp run)
-    quantbuild verify PATH [--json]     0 ok, 1 integrity failure, 2 environment drift
-    quantbuild lineage PATH [--json]    the chain behind a bundle, each link checked (exit 1 if broken)
+    quantbuild exp -S KEY=VALUE ...     dvc exp run, restoring params.yaml when the run fails
+    quantbuild verify [PATH] [--json] [--behaviour]   0 ok, 1 integrity failure, 2 drift (runtime or numerical)
+    quantbuild lineage [PATH] [--json]  the chain behind a bundle, each link checked (exit 1 if broken)
     quantbuild summary                  the release summary of the last `dvc repro`
+    quantbuild report [--out FILE]      one offline HTML page: charts of the ladder and the decision
     quantbuild compare A B              side-by-side metrics and gate outcome of two variants or bundles
     quantbuild pin FOLDER               print a model pin file (sha256 of every file)
     quantbuild keygen                   create an elliptic-curve signing key pair
@@ -66,8 +68,31 @@ PUBLIC_KEY = typer.Option(None, "--public-key", help="PEM public key to check a 
                                                      "(default: package.public_key in params.yaml)")
 
 
+def _released(path: Optional[Path], params: Path = Path("params.yaml")) -> Path:
+    """`path`, or the bundle the last `dvc repro` released (artifacts/release/decision.json)."""
+    if path is not None:
+        return path
+    from quantbuild.config import load_config
+    from quantbuild.hashing import read_json
+
+    try:
+        config = load_config(params)
+        decision = Path(config.paths.release) / "decision.json"
+        if not decision.is_file():
+            raise QuantbuildError(f"{decision}: nothing released yet (run `dvc repro`, or name a bundle)")
+        chosen = read_json(decision)["chosen"]
+        if chosen is None:
+            raise QuantbuildError(f"{decision}: the last gate released nothing (name a bundle)")
+    except QuantbuildError as err:
+        _fail(err)
+    return Path(config.paths.package) / f"{config.model.name}-{chosen}"
+
+
+RELEASED = typer.Argument(None, help="a bundle folder or a .gguf (default: the bundle the last `dvc repro` released)")
+
+
 @app.command()
-def verify(path: Path, as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+def verify(path: Optional[Path] = RELEASED, as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
            public_key: Optional[Path] = PUBLIC_KEY,
            manifest: Optional[Path] = typer.Option(None, help="for a lone .gguf: a bundle's manifest.json to check "
                                                                "its bytes against"),
@@ -83,6 +108,7 @@ def verify(path: Path, as_json: bool = typer.Option(False, "--json", help="machi
     from quantbuild.verify import verify as verify_bundle
     from quantbuild.verify import verify_behaviour, verify_gguf
 
+    path = _released(path)
     if path.suffix == ".gguf":
         result = verify_gguf(path, manifest)
     else:
@@ -123,6 +149,20 @@ def summary(params: Path = typer.Option(Path("params.yaml"))) -> None:
 
 
 @app.command()
+def report(out: Path = typer.Option(Path("artifacts/report.html"), help="where to write the page"),
+           params: Path = typer.Option(Path("params.yaml"))) -> None:
+    """Write one self-contained HTML page (works offline): size vs quality, per-family scores with
+    intervals, latency and memory against the gate's limits, and the decision table."""
+    from quantbuild.config import load_config
+    from quantbuild.report_html import write_report
+
+    try:
+        typer.echo(f"wrote {write_report(load_config(params), out)} (open it in a browser; no network needed)")
+    except QuantbuildError as err:
+        _fail(err)
+
+
+@app.command()
 def compare(
     left: str = typer.Argument(..., help="a variant name, 'baseline', or a bundle folder"),
     right: str = typer.Argument(..., help="a variant name, 'baseline', or a bundle folder"),
@@ -136,6 +176,21 @@ def compare(
         typer.echo(compare_metrics(left, right, load_config(params)))
     except QuantbuildError as err:
         _fail(err)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def exp(ctx: typer.Context) -> None:
+    """`dvc exp run ARGS...`, leaving the workspace as it was when the run fails: DVC writes the
+    composed params.yaml before the first stage, and keeps it after a failure."""
+    import subprocess
+
+    params = Path("params.yaml")
+    before = params.read_bytes() if params.is_file() else None
+    code = subprocess.run(["dvc", "exp", "run", *ctx.args]).returncode
+    if code != 0 and before is not None and params.read_bytes() != before:
+        params.write_bytes(before)
+        typer.echo("quantbuild: the experiment failed; params.yaml is restored to what it was", err=True)
+    raise typer.Exit(code)
 
 
 @app.command()
@@ -164,7 +219,7 @@ def pin(
 
 
 @app.command()
-def lineage(path: Path, as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+def lineage(path: Optional[Path] = RELEASED, as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
             public_key: Optional[Path] = PUBLIC_KEY) -> None:
     """The chain package -> weights -> baseline + calibration + params + fingerprints + commit
     (for a lone .gguf: what its own metadata records)."""
@@ -173,6 +228,7 @@ def lineage(path: Path, as_json: bool = typer.Option(False, "--json", help="mach
     from quantbuild.lineage import broken, gguf_lineage, render
     from quantbuild.lineage import lineage as build_lineage
 
+    path = _released(path)
     try:
         tree = gguf_lineage(path) if path.suffix == ".gguf" else build_lineage(path, Path("."), _public_key(public_key))
     except QuantbuildError as err:

@@ -50,12 +50,12 @@ def _check(budget: str, kind: str, measured: float, limit: float, higher_is_bett
 
 
 def describe(check: dict[str, Any]) -> str:
-    """`name = value [low, high] violates <= limit (on the interval's upper end)`."""
+    """`name = value [low, high] violates <= limit (interval's upper end)` for a failed check."""
     if not isinstance(check["measured"], (int, float)):
-        return f"{check['budget']} = {check['measured']} vs {check['direction']} {check['limit']}"
+        return f"{check['budget']} = {check['measured']} violates {check['direction']} {check['limit']}"
     interval = f" [{check['interval'][0]:.4g}, {check['interval'][1]:.4g}]" if "interval" in check else ""
     where = {"ci_low": " (interval's lower end)", "ci_high": " (interval's upper end)"}.get(check.get("applies_to"), "")
-    return f"{check['budget']} = {check['measured']:.4g}{interval} vs {check['direction']} {check['limit']:.4g}{where}"
+    return f"{check['budget']} = {check['measured']:.4g}{interval} violates {check['direction']} {check['limit']:.4g}{where}"
 
 
 def _family_checks(baseline: dict, variant: dict, gate: GateConfig) -> list[dict[str, Any]]:

@@ -1,0 +1,292 @@
+"""`quantbuild report`: one self-contained HTML page of the last release decision.
+
+Inline SVG drawn here, inline CSS, no script and no external resource: it renders offline,
+from a file, in any browser. Four charts and the decision table:
+
+- size vs quality: artifact size against KL divergence to the baseline, the Pareto front of
+  the ladder, the chosen variant marked;
+- every family's score with its 95% interval, every variant on one chart beside the baseline;
+- latency: each variant's interleaved TTFT/decode ratio to the baseline with its interval,
+  and the gate's limit and noise margin;
+- model memory by context length, every variant, with the memory budget and the gate's
+  memory limit at its context.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+from quantbuild.config import Config
+from quantbuild.errors import DataError
+from quantbuild.evaluation.runner import MEASUREMENTS
+from quantbuild.hashing import read_json
+from quantbuild.quantization import RECORD
+
+WIDTH, HEIGHT = 640, 360
+LEFT, RIGHT, TOP, BOTTOM = 112, 170, 30, 50
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+           "#17becf")
+BASELINE_COLOUR = "#000000"
+
+
+def _e(text: Any) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def _ticks(low: float, high: float, count: int = 5) -> list[float]:
+    if high <= low:
+        high = low + 1
+    step = 10 ** math.floor(math.log10((high - low) / count))
+    for factor in (1, 2, 5, 10):
+        if (high - low) / (step * factor) <= count:
+            step *= factor
+            break
+    first = math.ceil(low / step) * step
+    return [round(first + index * step, 10) for index in range(int((high - first) / step) + 1)]
+
+
+class Chart:
+    """An SVG plot area with linear (or log10) axes."""
+
+    def __init__(self, title: str, x_label: str, y_label: str, x_range: tuple[float, float],
+                 y_range: tuple[float, float], log_y: bool = False):
+        self.title, self.x_label, self.y_label, self.log_y = title, x_label, y_label, log_y
+        self.x_range = x_range
+        self.y_range = tuple(math.log10(v) for v in y_range) if log_y else y_range
+        self.parts: list[str] = []
+        self.legend: list[tuple[str, str, str]] = []
+
+    def x(self, value: float) -> float:
+        low, high = self.x_range
+        return LEFT + (value - low) / ((high - low) or 1) * (WIDTH - LEFT - RIGHT)
+
+    def y(self, value: float) -> float:
+        low, high = self.y_range
+        value = math.log10(max(value, 1e-12)) if self.log_y else value
+        return HEIGHT - BOTTOM - (value - low) / ((high - low) or 1) * (HEIGHT - TOP - BOTTOM)
+
+    def add(self, svg: str) -> None:
+        self.parts.append(svg)
+
+    def key(self, label: str, colour: str, shape: str = "circle") -> None:
+        self.legend.append((label, colour, shape))
+
+    def render(self, chart_id: str, y_categories: list[str] | None = None,
+               y_format: Callable[[float], str] = lambda v: f"{v:g}") -> str:
+        axes = [f'<text x="{WIDTH / 2 - RIGHT / 2 + LEFT / 2}" y="18" class="title">{_e(self.title)}</text>',
+                f'<line x1="{LEFT}" y1="{HEIGHT - BOTTOM}" x2="{WIDTH - RIGHT}" y2="{HEIGHT - BOTTOM}" class="axis"/>',
+                f'<line x1="{LEFT}" y1="{TOP}" x2="{LEFT}" y2="{HEIGHT - BOTTOM}" class="axis"/>',
+                f'<text x="{(LEFT + WIDTH - RIGHT) / 2}" y="{HEIGHT - 12}" class="label">{_e(self.x_label)}</text>',
+                f'<text x="14" y="{(TOP + HEIGHT - BOTTOM) / 2}" class="label" '
+                f'transform="rotate(-90 14 {(TOP + HEIGHT - BOTTOM) / 2})">{_e(self.y_label)}</text>']
+        for tick in _ticks(*self.x_range):
+            axes.append(f'<text x="{self.x(tick):.1f}" y="{HEIGHT - BOTTOM + 16}" class="tick">{tick:g}</text>')
+        if y_categories is None:
+            low, high = self.y_range
+            ticks = [10 ** t for t in range(math.ceil(low), math.floor(high) + 1)] if self.log_y else _ticks(low, high)
+            for tick in ticks:
+                axes.append(f'<line x1="{LEFT}" y1="{self.y(tick):.1f}" x2="{WIDTH - RIGHT}" y2="{self.y(tick):.1f}" '
+                            f'class="grid"/>')
+                axes.append(f'<text x="{LEFT - 6}" y="{self.y(tick) + 4:.1f}" class="ytick">{_e(y_format(tick))}</text>')
+        legend = []
+        for index, (label, colour, shape) in enumerate(self.legend):
+            top = TOP + 6 + index * 18
+            mark = (f'<rect x="{WIDTH - RIGHT + 12}" y="{top - 5}" width="10" height="10" fill="{colour}"/>'
+                    if shape == "square" else
+                    f'<line x1="{WIDTH - RIGHT + 10}" y1="{top}" x2="{WIDTH - RIGHT + 24}" y2="{top}" stroke="{colour}" '
+                    f'stroke-dasharray="4 3" stroke-width="2"/>' if shape == "line" else
+                    f'<circle cx="{WIDTH - RIGHT + 17}" cy="{top}" r="5" fill="{colour}"/>')
+            legend.append(f'{mark}<text x="{WIDTH - RIGHT + 30}" y="{top + 4}" class="legend">{_e(label)}</text>')
+        body = "".join(axes + self.parts + legend)
+        return (f'<figure><svg id="{chart_id}" viewBox="0 0 {WIDTH} {HEIGHT}" '
+                f'width="{WIDTH}" height="{HEIGHT}" role="img" aria-label="{_e(self.title)}">{body}</svg></figure>')
+
+
+def _load(config: Config) -> tuple[dict, dict, dict]:
+    paths = config.paths
+    decision_path = Path(paths.release) / "decision.json"
+    if not decision_path.is_file():
+        raise DataError(f"{decision_path}: no release decision yet (run `dvc repro`)")
+    decision = read_json(decision_path)
+    names = decision["order_most_compressed_first"]
+    measured = {}
+    for name in ["baseline", *names]:
+        path = Path(paths.eval) / name / MEASUREMENTS
+        if not path.is_file():
+            raise DataError(f"{path}: not found (run `dvc repro`)")
+        measured[name] = read_json(path)
+    records = {name: read_json(Path(paths.quantized) / name / RECORD) for name in names}
+    return decision, measured, records
+
+
+def _colours(names: list[str]) -> dict[str, str]:
+    return {name: PALETTE[index % len(PALETTE)] for index, name in enumerate(names)}
+
+
+def pareto_chart(decision: dict, measured: dict, records: dict, colours: dict) -> str:
+    names = decision["order_most_compressed_first"]
+    points = {name: (records[name]["size_bytes"] / 1e6, max(measured[name].get("kld_mean", 0.0), 1e-7)) for name in names}
+    xs = [x for x, _ in points.values()]
+    ys = [y for _, y in points.values()]
+    chart = Chart("Size vs quality (lower left is better)", "artifact size (MB)", "KL divergence to the baseline (mean, log)",
+                  (0, max(xs) * 1.1), (min(ys) / 2, max(ys) * 2), log_y=True)
+    front, best = [], math.inf
+    for name in sorted(names, key=lambda n: points[n]):
+        if points[name][1] < best:
+            front.append(name)
+            best = points[name][1]
+    path = " ".join(f"{chart.x(points[n][0]):.1f},{chart.y(points[n][1]):.1f}" for n in front)
+    chart.add(f'<polyline points="{path}" class="front"/>')
+    chart.key("Pareto front", "#999999", "line")
+    for name in names:
+        x, y = chart.x(points[name][0]), chart.y(points[name][1])
+        entry = decision["variants"][name]
+        fill = colours[name] if entry["pass"] else "white"
+        chart.add(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="6" fill="{fill}" stroke="{colours[name]}" stroke-width="2" '
+                  f'class="point"><title>{_e(name)}: {points[name][0]:.2f} MB, KLD {points[name][1]:.2g}, '
+                  f'{_e(entry.get("reason", ""))}</title></circle>')
+        if name == decision["chosen"]:
+            chart.add(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="12" fill="none" stroke="#000" stroke-width="2" '
+                      f'class="chosen"/><text x="{x + 14:.1f}" y="{y - 10:.1f}" class="note">chosen</text>')
+        chart.key(name + ("" if entry["pass"] else " (fails)"), colours[name])
+    return chart.render("pareto", y_format=lambda v: f"{v:.0e}")
+
+
+def family_chart(decision: dict, measured: dict, colours: dict) -> str:
+    names = ["baseline", *decision["order_most_compressed_first"]]
+    families = sorted(measured["baseline"]["families"])
+    rows = len(families) * (len(names) + 1)
+    chart = Chart("Score per family, 95% interval", "score", "", (0, 1.04), (0, rows))
+    for index, family in enumerate(families):
+        top = index * (len(names) + 1)
+        chart.add(f'<text x="{LEFT - 6}" y="{chart.y(rows - top - (len(names) + 1) / 2) + 4:.1f}" '
+                  f'class="ytick">{_e(family)}</text>')
+        for offset, name in enumerate(names):
+            entry = measured[name]["families"].get(family)
+            if entry is None:
+                continue
+            y = chart.y(rows - top - offset - 1)
+            colour = BASELINE_COLOUR if name == "baseline" else colours[name]
+            chart.add(f'<line x1="{chart.x(entry["ci_low"]):.1f}" y1="{y:.1f}" x2="{chart.x(entry["ci_high"]):.1f}" '
+                      f'y2="{y:.1f}" stroke="{colour}" stroke-width="2"/>'
+                      f'<circle cx="{chart.x(entry["score"]):.1f}" cy="{y:.1f}" r="4" fill="{colour}" class="point">'
+                      f'<title>{_e(name)} {_e(family)}: {entry["score"]:.3f} [{entry["ci_low"]:.3f}, '
+                      f'{entry["ci_high"]:.3f}] n={entry["n"]}</title></circle>')
+    chart.key("baseline", BASELINE_COLOUR)
+    for name in names[1:]:
+        chart.key(name, colours[name])
+    return chart.render("families", y_categories=families)
+
+
+def latency_chart(decision: dict, measured: dict, colours: dict, limit: float | None, margin: float) -> str:
+    names = [name for name in decision["order_most_compressed_first"] if "latency_vs_baseline" in measured[name]]
+    worst = {name: measured[name]["latency_vs_baseline"]["worst"] for name in names}
+    high = max([w["ci_high"] for w in worst.values()] + [(limit or 1.0) + margin, 1.1])
+    low = min([w["ci_low"] for w in worst.values()] + [0.8])
+    chart = Chart("Latency vs the baseline, interleaved (worst of TTFT/decode)", "ratio to the baseline (lower is faster)",
+                  "", (low * 0.95, high * 1.05), (0, len(names) + 1))
+    for index, name in enumerate(names):
+        y = chart.y(len(names) - index)
+        w = worst[name]
+        chart.add(f'<line x1="{chart.x(w["ci_low"]):.1f}" y1="{y:.1f}" x2="{chart.x(w["ci_high"]):.1f}" y2="{y:.1f}" '
+                  f'stroke="{colours[name]}" stroke-width="3"/>'
+                  f'<circle cx="{chart.x(w["ratio"]):.1f}" cy="{y:.1f}" r="5" fill="{colours[name]}" class="point">'
+                  f'<title>{_e(name)}: {w["ratio"]:.3f} [{w["ci_low"]:.3f}, {w["ci_high"]:.3f}] at {_e(w.get("at"))}'
+                  f'</title></circle><text x="{LEFT - 6}" y="{y + 4:.1f}" class="ytick">{_e(name)}</text>')
+    if limit is not None:
+        for value, label, colour in ((limit, f"limit {limit:g}", "#555"), (limit + margin, f"+ noise margin {margin:g}",
+                                                                             "#d62728")):
+            chart.add(f'<line x1="{chart.x(value):.1f}" y1="{TOP}" x2="{chart.x(value):.1f}" y2="{HEIGHT - BOTTOM}" '
+                      f'stroke="{colour}" stroke-dasharray="4 3" class="limit"/>')
+            chart.key(label, colour, "line")
+    return chart.render("latency", y_categories=names)
+
+
+def memory_chart(decision: dict, measured: dict, colours: dict, budget: float, gate_context: int,
+                 max_ratio: float | None) -> str:
+    names = ["baseline", *decision["order_most_compressed_first"]]
+    series = {name: sorted((int(k), v["peak_mb"]) for k, v in measured[name]["memory"]["by_context"].items())
+              for name in names}
+    contexts = [c for points in series.values() for c, _ in points]
+    peaks = [p for points in series.values() for _, p in points]
+    chart = Chart("Model memory by context (weights + KV cache + buffers)", "context length (tokens)", "MB",
+                  (0, max(contexts) * 1.05), (0, max(peaks + [budget]) * 1.1))
+    for name, points in series.items():
+        colour = BASELINE_COLOUR if name == "baseline" else colours[name]
+        path = " ".join(f"{chart.x(c):.1f},{chart.y(p):.1f}" for c, p in points)
+        chart.add(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="2" class="series"/>')
+        for c, p in points:
+            chart.add(f'<circle cx="{chart.x(c):.1f}" cy="{chart.y(p):.1f}" r="3" fill="{colour}" class="point">'
+                      f'<title>{_e(name)}: {p:.2f} MB at {c}</title></circle>')
+        chart.key(name, colour)
+    chart.add(f'<line x1="{LEFT}" y1="{chart.y(budget):.1f}" x2="{WIDTH - RIGHT}" y2="{chart.y(budget):.1f}" '
+              f'stroke="#d62728" stroke-dasharray="4 3" class="limit"/>')
+    chart.key(f"budget {budget:g} MB", "#d62728", "line")
+    base = dict(series["baseline"]).get(gate_context)
+    if max_ratio is not None and base is not None:
+        chart.add(f'<line x1="{chart.x(gate_context) - 8:.1f}" y1="{chart.y(base * max_ratio):.1f}" '
+                  f'x2="{chart.x(gate_context) + 8:.1f}" y2="{chart.y(base * max_ratio):.1f}" stroke="#555" '
+                  f'stroke-width="3" class="limit"/>')
+        chart.key(f"gate limit @{gate_context}", "#555", "square")
+    return chart.render("memory")
+
+
+def decision_rows(decision: dict) -> str:
+    rows = []
+    for name in decision["order_most_compressed_first"]:
+        entry = decision["variants"][name]
+        checks = "".join(f'<li class="{"pass" if c["pass"] else "fail"}">{_e(c["budget"])}: {_e(c["measured"])}'
+                         f'{" " + _e(c["interval"]) if "interval" in c else ""} {_e(c["direction"])} {_e(c["limit"])}</li>'
+                         for c in entry["checks"])
+        chosen = ' class="chosen"' if name == decision["chosen"] else ""
+        rows.append(f'<tr{chosen}><td>{_e(name)}</td><td>{_e(entry.get("target", "-"))}</td>'
+                    f'<td>{entry["size_bytes"] / 1e6:.2f}</td><td>{entry["bits_per_weight"]:.3f}</td>'
+                    f'<td>{"pass" if entry["pass"] else "fail"}</td><td>{_e(entry.get("reason", ""))}</td>'
+                    f'<td><details><summary>{len(entry["checks"])} checks</summary><ul>{checks}</ul></details></td></tr>')
+    return "".join(rows)
+
+
+STYLE = """
+body { font-family: sans-serif; margin: 24px; color: #222; max-width: 1340px; }
+h1 { font-size: 22px; } .rule { color: #444; max-width: 900px; }
+.charts { display: flex; flex-wrap: wrap; gap: 12px; } figure { margin: 0; border: 1px solid #ddd; }
+.title { font-size: 14px; font-weight: bold; text-anchor: middle; } .label { font-size: 12px; text-anchor: middle; }
+.tick { font-size: 11px; text-anchor: middle; } .ytick { font-size: 11px; text-anchor: end; }
+.legend { font-size: 11px; } .note { font-size: 11px; } .axis { stroke: #333; } .grid { stroke: #eee; }
+.front { fill: none; stroke: #999; stroke-dasharray: 4 3; stroke-width: 1.5; }
+table { border-collapse: collapse; margin-top: 16px; font-size: 13px; }
+td, th { border: 1px solid #ddd; padding: 4px 8px; text-align: left; vertical-align: top; }
+tr.chosen { background: #eef6ee; font-weight: bold; } li.fail { color: #b00; } li.pass { color: #333; }
+"""
+
+
+def render(config: Config) -> str:
+    decision, measured, records = _load(config)
+    colours = _colours(decision["order_most_compressed_first"])
+    gate = config.gate
+    chosen = decision["chosen"] or "nothing"
+    charts = [pareto_chart(decision, measured, records, colours), family_chart(decision, measured, colours),
+              latency_chart(decision, measured, colours, gate.max_latency_paired_ratio, gate.latency_noise_margin),
+              memory_chart(decision, measured, colours, config.eval.memory.budget_mb, gate.memory_context,
+                           gate.max_memory_ratio)]
+    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>quantbuild release report: '
+            f'{_e(config.model.name)}</title><style>{STYLE}</style></head><body>'
+            f'<h1>{_e(config.model.name)}: released {_e(chosen)}</h1>'
+            f'<p class="rule">Rule: {_e(decision.get("rule", ""))}. Every variant measured on its deploy target '
+            f'against the baseline measured there in the same run.</p>'
+            f'<div class="charts">{"".join(charts)}</div>'
+            f'<table><thead><tr><th>variant</th><th>target</th><th>MB</th><th>bits/weight</th><th>gate</th>'
+            f'<th>reason</th><th>checks</th></tr></thead><tbody>{decision_rows(decision)}</tbody></table>'
+            f'</body></html>\n')
+
+
+def write_report(config: Config, out: Path) -> Path:
+    page = render(config)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temporary = out.with_name(f".{out.name}.tmp")
+    temporary.write_text(page, encoding="utf-8")
+    temporary.replace(out)
+    return out
