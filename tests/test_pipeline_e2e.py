@@ -353,3 +353,14 @@ def test_a_failed_experiment_leaves_params_yaml_as_it_was(repo):
     assert "eval.limit=-3 is not allowed" in result.stderr + result.stdout
     assert "params.yaml is restored" in result.stderr
     assert (repo / "params.yaml").read_bytes() == before
+
+
+def test_the_model_card_snippet_runs_from_the_repo_root_without_network(repo):
+    card = (repo / BUNDLE / "README.md").read_text()
+    snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    assert "Path('" in snippet and ".resolve()" in snippet
+    result = run(repo, sys.executable, "-c", snippet, env={"HF_HUB_OFFLINE": "1", "NO_PROXY": "*",
+                                                           "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() != ""
+    assert "Validated in" in card and "llama.cpp" in card

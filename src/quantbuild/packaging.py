@@ -86,6 +86,12 @@ def model_card(manifest: dict[str, Any]) -> str:
         f"- libraries: {', '.join(f'{k} {v}' for k, v in sorted(variant['libraries'].items()))}",
         f"- git commit: {manifest['git']['commit']}",
         "",
+        "## Validated in",
+        "",
+        f"{runtime}: scores, latency, memory and the behavioural probes above were measured there"
+        + (f" (llama-cpp-python {variant['libraries'].get('llama-cpp-python', '?')})" if runtime == "llama.cpp" else "")
+        + ". `quantbuild verify BUNDLE --behaviour` reruns the probes on your machine.",
+        "",
         "## Run it",
         "",
         *RUN_INSTRUCTIONS.get(variant["method"], RUN_INSTRUCTIONS["gptq"])(manifest["bundle"]),
@@ -103,32 +109,62 @@ def model_card(manifest: dict[str, Any]) -> str:
 
 def _gguf_instructions(bundle: str) -> list[str]:
     return [
-        f"The folder `artifacts/package/{bundle}/` (below: `BUNDLE`) holds `model.gguf`; its own metadata carries",
-        "quantbuild's lineage (`quantbuild verify BUNDLE/model.gguf` checks it without the bundle).",
+        f"`model.gguf` in this folder (`artifacts/package/{bundle}/` in the project that built it; below,",
+        "`BUNDLE` is this folder's path, absolute or relative to where you run the command). The file's own",
+        "metadata carries quantbuild's lineage (`quantbuild verify BUNDLE/model.gguf` checks it alone).",
+        "",
+        "Runs in every llama.cpp-based runtime; only llama.cpp itself (below) was validated:",
         "",
         "- llama.cpp: `llama-cli -m BUNDLE/model.gguf -p \"...\" -n 64` or `llama-server -m BUNDLE/model.gguf`",
         f"- Ollama: `cd BUNDLE && ollama create {bundle} -f Modelfile && ollama run {bundle}`",
         "- LM Studio: `lms import BUNDLE/model.gguf`, then load it from My Models",
-        "- Python (llama-cpp-python): `from llama_cpp import Llama; Llama(model_path='BUNDLE/model.gguf')`",
+        "- Python (`pip install llama-cpp-python==0.3.36`), from any folder, no network:",
+        "",
+        "```python",
+        "from pathlib import Path",
+        "",
+        "import llama_cpp.llama_cpp as C",
+        "from llama_cpp import Llama",
+        "",
+        "defaults = C.llama_model_default_params",
+        "",
+        "def no_repack():  # as validated: llama.cpp's weight repack crashed on AMX/AVX-512 CPUs",
+        "    params = defaults()",
+        "    params.use_extra_bufts = False",
+        "    return params",
+        "",
+        "C.llama_model_default_params = no_repack",
+        f"bundle = Path('artifacts/package/{bundle}').resolve()  # or wherever this folder is",
+        "llm = Llama(model_path=str(bundle / 'model.gguf'), n_ctx=1024, verbose=False)",
+        "print(llm('Question: what is 2 + 3?\\nAnswer:', max_tokens=8, temperature=0)['choices'][0]['text'])",
+        "```",
         "",
         "On CPUs with AMX or AVX-512, load without weight repacking (`--no-repack`; in the C API",
         "`use_extra_bufts = false`): llama.cpp's repack path crashed on them where this was validated.",
     ]
 
 
-def _python_instructions(lines: list[str]) -> Callable[[str], list[str]]:
+def _python_instructions(lines: list[str], needs: str) -> Callable[[str], list[str]]:
     def render(bundle: str) -> list[str]:
-        return ["```python", *lines, f"model = load('artifacts/package/{bundle}')  # the bundle folder's path", "```"]
+        return [f"Needs {needs}. A path, never a Hub id: resolve it, and load with `local_files_only`.", "",
+                "```python", "from pathlib import Path", *lines,
+                f"model = load(Path('artifacts/package/{bundle}').resolve())  # or wherever this folder is", "```"]
 
     return render
 
 
-_GPTQMODEL_LOAD = ["from gptqmodel import GPTQModel", "def load(path): return GPTQModel.load(path, device='cpu')  # or 'cuda'"]
+_GPTQMODEL_LOAD = ["from gptqmodel import GPTQModel", "",
+                   "def load(path): return GPTQModel.load(str(path), device='cpu', local_files_only=True)  # or 'cuda'"]
+_GPTQMODEL_NEEDS = "`pip install gptqmodel==7.6.0 torch==2.13.0` (validated through GPTQModel's loader and kernels)"
 RUN_INSTRUCTIONS: dict[str, Callable[[str], list[str]]] = {
-    "gptq": _python_instructions(_GPTQMODEL_LOAD), "rtn": _python_instructions(_GPTQMODEL_LOAD),
-    "mixed": _python_instructions(_GPTQMODEL_LOAD), "awq": _python_instructions(_GPTQMODEL_LOAD),
-    "bnb": _python_instructions(["from transformers import AutoModelForCausalLM  # needs bitsandbytes",
-                                 "def load(path): return AutoModelForCausalLM.from_pretrained(path, device_map='cpu')"]),
+    "gptq": _python_instructions(_GPTQMODEL_LOAD, _GPTQMODEL_NEEDS),
+    "rtn": _python_instructions(_GPTQMODEL_LOAD, _GPTQMODEL_NEEDS),
+    "mixed": _python_instructions(_GPTQMODEL_LOAD, _GPTQMODEL_NEEDS),
+    "awq": _python_instructions(_GPTQMODEL_LOAD, _GPTQMODEL_NEEDS),
+    "bnb": _python_instructions(["from transformers import AutoModelForCausalLM", "",
+                                 "def load(path): return AutoModelForCausalLM.from_pretrained(str(path), "
+                                 "device_map='cpu', local_files_only=True)"],
+                                "`pip install transformers bitsandbytes==0.50.2 torch==2.13.0`"),
     "gguf": _gguf_instructions,
 }
 
