@@ -56,7 +56,7 @@ $(VENV)/.installed: pyproject.toml $(LLAMA_SRC)/.extracted
 install: $(VENV)/.installed
 
 demo: install
-	dvc repro
+	dvc repro --quiet
 	quantbuild summary
 	quantbuild report
 

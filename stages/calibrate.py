@@ -7,14 +7,14 @@ from pathlib import Path
 
 from quantbuild.calibration import compose_calibration
 from quantbuild.config import Config
-from quantbuild.stage import run_stage
+from quantbuild.stage import run_stage, say
 
 
 def main(config: Config) -> None:
     paths = config.paths
     record = compose_calibration(config.calibration, Path(paths.calibration_data), Path(paths.baseline),
                                  Path(paths.calibration))
-    print(f"calibration: {record['samples']} samples, {record['tokens']} tokens, digest {record['digest'][:12]}")
+    say(f"calibration: {record['samples']} samples, {record['tokens']} tokens, digest {record['digest'][:12]}")
 
 
 if __name__ == "__main__":

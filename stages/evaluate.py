@@ -17,7 +17,7 @@ from quantbuild.quantization import MODEL_DIR
 from quantbuild.quantizers.gguf import BASE_FILE, MODEL_FILE
 from quantbuild.runtimes import LLAMA_CPP
 from quantbuild.runtimes.llama_cpp import repack_allowed
-from quantbuild.stage import run_stage
+from quantbuild.stage import run_stage, say
 
 BASELINE = "baseline"
 
@@ -40,9 +40,10 @@ def main(config: Config) -> None:
                                 repack_allowed(cpu_info()["isa"]), baseline=None if name == BASELINE else base)
     else:
         model_dir = Path(paths.baseline) if name == BASELINE else Path(paths.quantized) / name / MODEL_DIR
-        metrics = evaluate(model_dir, config.eval, Path(paths.eval_data), out, reference)
+        metrics = evaluate(model_dir, config.eval, Path(paths.eval_data), out, reference,
+                           baseline=None if name == BASELINE else Path(paths.baseline))
     scores = ", ".join(f"{family} {values['score']:.3f}" for family, values in sorted(metrics["families"].items()))
-    print(f"{name} ({metrics['deploy_runtime']}): perplexity {metrics.get('perplexity', float('nan')):.4f}, {scores}")
+    say(f"{name} ({metrics['deploy_runtime']}): perplexity {metrics.get('perplexity', float('nan')):.4f}, {scores}")
 
 
 if __name__ == "__main__":

@@ -7,12 +7,12 @@ from pathlib import Path
 
 from quantbuild.config import Config
 from quantbuild.sources import fetch
-from quantbuild.stage import run_stage
+from quantbuild.stage import run_stage, say
 
 
 def main(config: Config) -> None:
     record = fetch(config.model, Path(config.paths.baseline))
-    print(f"fetched {record['name']}: {len(record['files'])} files match their pins")
+    say(f"fetched {record['name']}: {len(record['files'])} files match their pins")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from quantbuild.config import Config
 from quantbuild.fingerprint import cpu_info
 from quantbuild.gguf_base import build_base
 from quantbuild.runtimes.llama_cpp import repack_allowed
-from quantbuild.stage import run_stage
+from quantbuild.stage import run_stage, say
 
 
 def main(config: Config) -> None:
@@ -20,11 +20,11 @@ def main(config: Config) -> None:
                         needed=bool(gguf), imatrix=any(variant.imatrix for variant in gguf),
                         repack=repack_allowed(cpu_info()["isa"]), out=Path(paths.gguf_base))
     if not record["converted"]:
-        print(f"gguf_base: skipped ({record['reason']})")
+        say(f"gguf_base: skipped ({record['reason']})")
         return
     imatrix = record["imatrix"]
     matrix = f", imatrix over {imatrix['tokens_used']} tokens ({imatrix['chunks']} chunks)" if imatrix else ""
-    print(f"gguf_base: {config.gguf.base_type.upper()} GGUF, pre-tokenizer {record['pre_tokenizer']}{matrix}")
+    say(f"gguf_base: {config.gguf.base_type.upper()} GGUF, pre-tokenizer {record['pre_tokenizer']}{matrix}")
 
 
 if __name__ == "__main__":

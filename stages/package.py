@@ -20,7 +20,7 @@ from quantbuild.packaging import build_bundle, dvc_lock_entries, git_state
 from quantbuild.quantization import MODEL_DIR, RECORD
 from quantbuild.runtimes import runtime_of
 from quantbuild.sources import RECORD as FETCH_RECORD
-from quantbuild.stage import run_stage
+from quantbuild.stage import run_stage, say
 from quantbuild.verify import verify
 
 
@@ -69,7 +69,7 @@ def main(config: Config) -> None:
     if result.exit_code:
         raise IntegrityError(f"the bundle just written does not verify: {result.problems}")
     signed = f", signed ({signing_key})" if signing_key else ""
-    print(f"packaged {Path(paths.package) / bundle_name}{signed}")
+    say(f"packaged {Path(paths.package) / bundle_name}{signed}")
 
 
 if __name__ == "__main__":

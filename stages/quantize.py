@@ -19,7 +19,7 @@ from quantbuild.quantization import build_variant
 from quantbuild.quantizers import Inputs
 from quantbuild.sensitivity import load_sensitivity
 from quantbuild.sources import RECORD as FETCH_RECORD
-from quantbuild.stage import run_stage
+from quantbuild.stage import run_stage, say
 
 
 def main(config: Config) -> None:
@@ -43,7 +43,7 @@ def main(config: Config) -> None:
             "manifest_schema": SCHEMA,
         })
     record = build_variant(name, variant, inputs, Path(paths.quantized) / name)
-    print(f"{name}: {record['method']} {record['bits_per_weight']} bits/weight, {record['size_bytes']} bytes, "
+    say(f"{name}: {record['method']} {record['bits_per_weight']} bits/weight, {record['size_bytes']} bytes, "
           f"{record['wall_seconds']} s")
 
 

@@ -10,7 +10,7 @@ from quantbuild.evaluation.runner import MEASUREMENTS, OUTCOMES
 from quantbuild.gate import require_release, select
 from quantbuild.hashing import read_json, write_json
 from quantbuild.quantization import RECORD
-from quantbuild.stage import run_stage
+from quantbuild.stage import run_stage, say
 
 
 def _measured(folder: Path) -> dict:
@@ -27,7 +27,7 @@ def main(config: Config) -> None:
     write_json(Path(paths.release) / "decision.json", decision)
     chosen = require_release(decision)
     note = " (baseline precision: no quantized variant showed a win)" if decision["fell_back"] else ""
-    print(f"release gate: chose {chosen}{note}")
+    say(f"release gate: chose {chosen}{note}")
 
 
 if __name__ == "__main__":

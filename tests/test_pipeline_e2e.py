@@ -99,6 +99,27 @@ def test_full_pipeline_packages_a_verified_bundle(repo):
     assert summary.returncode == 0 and "released: the smallest variant" in summary.stdout
 
 
+# README commands that read a built project without changing it: each must work verbatim
+# (the demo's released variant is renamed to this smaller build's).
+README_SAFE = ("quantbuild verify", "quantbuild lineage", "quantbuild summary", "quantbuild compare",
+               "quantbuild report", "dvc metrics show")
+DEMO_RELEASED = "gguf_mix_3p5"
+
+
+def readme_commands() -> list[str]:
+    text = (REPO / "README.md").read_text()
+    lines = [line.strip() for block in re.findall(r"```bash\n(.*?)```", text, re.S) for line in block.splitlines()]
+    return [line for line in lines if line.startswith(README_SAFE)]
+
+
+def test_readme_commands_work_as_written(repo):
+    commands = readme_commands()
+    assert len(commands) >= 10 and any(c.startswith("quantbuild verify artifacts/") for c in commands)
+    for command in commands:
+        result = run(repo, "bash", "-c", command.replace(DEMO_RELEASED, QUANTIZED))
+        assert result.returncode == 0, f"README: {command}\n{result.stdout[-1500:]}\n{result.stderr[-1500:]}"
+
+
 def test_nothing_changed_runs_only_fingerprint(repo):
     result = dvc(repo, "repro", check=True)
     assert stages_run(result.stdout) == {"fingerprint"}
@@ -254,7 +275,11 @@ def test_signed_release_audit_and_rollback(repo):
     assert yaml.safe_load((repo / "params.yaml").read_text())["calibration"]["seed"] != 7
     lineage = json.loads(quantbuild(repo, "lineage", BUNDLE, "--json").stdout)
     assert {link["link"]: link["status"] for link in lineage["children"]}["dvc.lock"] == "ok"
+    assert "registry: prod now points at workflow-llama-8m@v1.0.0" in rolled.stdout
     commit_all(repo, "rollback to v1.0.0")
+    # audit tells the truth: prod is the version rolled back to
+    audit = json.loads(quantbuild(repo, "audit", "--json", check=True).stdout)
+    assert [(row["version"], row["stages"]) for row in audit] == [("v1.0.0", ["prod"]), ("v1.1.0", [])]
 
     # A release whose stored bytes are damaged in the cache and gone from the remote is flagged.
     md5 = next(entry["md5"] for entry in yaml.safe_load(run(repo, "git", "show", "HEAD~1:dvc.lock").stdout)

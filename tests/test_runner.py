@@ -82,3 +82,47 @@ def test_wrong_family_in_a_family_file(tmp_path):
     shutil.copy(data / "structured.jsonl", data / "reasoning.jsonl")
     with pytest.raises(DataError, match="belongs to another family"):
         runner.load_eval_items(small_config(), data)
+
+
+def test_torch_variants_are_timed_interleaved_with_their_baseline(tmp_path):
+    metrics = runner.evaluate(BASELINE, small_config(families=["reasoning"]), REPO / "data" / "eval",
+                              tmp_path / "out", None, baseline=BASELINE)
+    worst = metrics["latency_vs_baseline"]["worst"]
+    assert worst["ci_low"] <= worst["ratio"] <= worst["ci_high"] and set(metrics["latency_vs_baseline"]["by_length"]) == {
+        "8", "32"}
+    # model memory is the weights and the KV cache the runtime holds, not the process
+    memory = metrics["memory"]["by_context"]["64"]
+    assert memory["peak_mb"] == pytest.approx(memory["weights_mb"] + memory["kv_cache_mb"], abs=0.01)
+
+
+def test_a_patched_linear_layer_in_the_torch_runtime_is_numerical_drift(tmp_path):
+    """Same versions, same weights on disk, other arithmetic in one layer: caught."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from quantbuild import behaviour
+
+    tokenizer = AutoTokenizer.from_pretrained(str(BASELINE))
+    model = AutoModelForCausalLM.from_pretrained(str(BASELINE), dtype=torch.float32).eval()
+    info = behaviour.record(behaviour.torch_opener(model, tokenizer), "torch", {"load_runtime": "kernel"},
+                            tmp_path / "probes")
+    assert info["spread"]["threads"][0] == 1
+    same = behaviour.check(behaviour.torch_opener(model, tokenizer), tmp_path / "probes", threads=1)
+    assert same["drift"] == [], same
+    import torch.nn.functional as F
+
+    def bf16(module):  # a bfloat16 GEMM kernel where the validated runtime ran float32
+        return lambda x: F.linear(x.to(torch.bfloat16), module.weight.to(torch.bfloat16)).to(torch.float32)
+
+    patched = {name: module for name, module in model.named_modules()
+               if isinstance(module, torch.nn.Linear) and ".layers." in f".{name}"}
+    for module in patched.values():
+        module.forward = bf16(module)
+    try:
+        drifted = behaviour.check(behaviour.torch_opener(model, tokenizer), tmp_path / "probes")
+    finally:
+        for module in patched.values():
+            del module.forward
+    # KLD stays tiny (~2e-7): the greedy continuations are what move
+    assert [measure for measure, _, _ in drifted["drift"]] == ["greedy_match"], drifted
+    assert behaviour.check(behaviour.torch_opener(model, tokenizer), tmp_path / "probes")["drift"] == []

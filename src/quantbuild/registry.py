@@ -185,16 +185,17 @@ def stage_history(repo: Path, artifact: str, stage: str) -> list[str]:
     return versions
 
 
-def resolve(repo: Path, ref: str, artifact: str) -> tuple[str, str]:
-    """(commit, description) for a GTO version (`v1.2.0`, `name@v1.2.0`), a stage
-    (`prod`, `prod@previous`, `prod@~N`) or any git revision."""
+def resolve(repo: Path, ref: str, artifact: str) -> tuple[str, str, Optional[tuple[str, str]]]:
+    """(commit, description, (stage, version) when `ref` names a stage) for a GTO version
+    (`v1.2.0`, `name@v1.2.0`), a stage (`prod`, `prod@previous`, `prod@~N`) or any git
+    revision."""
     versions = {release.version: release for release in releases(repo) if release.artifact == artifact}
     name, _, version = ref.rpartition("@") if "@v" in ref else ("", "", ref)
     if SEMVER.match(version) and (not name or name == artifact):
         if version not in versions:
             raise ReleaseError(f"rollback target {ref!r}: {artifact} has no version {version} "
                                f"(registered: {', '.join(versions) or 'none'})")
-        return versions[version].commit, f"{artifact}@{version}"
+        return versions[version].commit, f"{artifact}@{version}", None
     stage, _, back = ref.partition("@")
     steps = {"": 0, "current": 0, "previous": 1}.get(back, int(back[1:]) if re.fullmatch(r"~\d+", back) else -1)
     history = stage_history(repo, artifact, stage)
@@ -202,12 +203,22 @@ def resolve(repo: Path, ref: str, artifact: str) -> tuple[str, str]:
         if steps >= len(history):
             raise ReleaseError(f"rollback target {ref!r}: stage {stage} has only {len(history)} assignment(s) "
                                f"({', '.join(history)})")
-        return versions[history[steps]].commit, f"{artifact}@{history[steps]} ({ref})"
+        return versions[history[steps]].commit, f"{artifact}@{history[steps]} ({ref})", (stage, history[steps])
     commit = git(repo, "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}", check=False)
     if not commit:
         raise ReleaseError(f"rollback target {ref!r} does not exist (not a version of {artifact}, "
                            f"a stage with assignments, or a git revision)")
-    return commit, ref
+    return commit, ref, None
+
+
+def move_stage(repo: Path, artifact: str, stage: str, version: str) -> None:
+    """Point `stage` back at `version` (a GTO assignment: a tag, no commit)."""
+    from gto import api
+
+    try:
+        api.assign(str(repo), artifact, stage, version=version, message=f"rollback: {artifact} {version} -> {stage}")
+    except Exception as err:  # GTO raises its own exception types for every refusal
+        raise ReleaseError(f"gto: {str(err).splitlines()[0]}") from None
 
 
 def register(repo: Path, artifact: str, version: Optional[str], stage: Optional[str], message: str) -> str:

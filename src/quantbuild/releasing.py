@@ -19,7 +19,7 @@ from quantbuild.config import Config
 from quantbuild.hashing import read_json, sha256_file
 from quantbuild.registry import (PACKAGE_STAGE, ReleaseError, dvc, find_object, git, lock_at, object_stores,
                                  package_out, read_released_manifest, register, releases, released_files,
-                                 require_clean, resolve)
+                                 move_stage, require_clean, resolve, stage_history)
 from quantbuild.verify import verify
 
 # Stages whose "changed" status does not make a release stale: the fingerprint stage is
@@ -155,7 +155,7 @@ def _missing_objects(repo: Path, lock: dict[str, Any], stages: list[str]) -> lis
 
 
 def rollback(repo: Path, artifact: str, ref: str, public_key: Optional[Path]) -> tuple[str, int]:
-    commit, label = resolve(repo, ref, artifact)
+    commit, label, stage_move = resolve(repo, ref, artifact)
     require_clean(repo, "rollback")
     lock = lock_at(repo, commit)
     out = package_out(lock)
@@ -188,6 +188,11 @@ def rollback(repo: Path, artifact: str, ref: str, public_key: Optional[Path]) ->
     lines.append(f"verify {bundle}: {status}")
     lines += [f"  {problem}" for problem in result.problems]
     lines += [f"  drift: {key}: {old} -> {new}" for key, old, new in result.drifted]
+    if stage_move is not None and result.exit_code != 1:
+        stage, version = stage_move
+        if stage_history(repo, artifact, stage)[:1] != [version]:
+            move_stage(repo, artifact, stage, version)
+            lines.append(f"registry: {stage} now points at {artifact}@{version} (`quantbuild audit` shows it)")
     lines.append(f"commit the restored files to make this the new HEAD: git commit -am 'rollback to {label}'")
     return "\n".join(lines), result.exit_code
 

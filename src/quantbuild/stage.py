@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +22,12 @@ from quantbuild.errors import QuantbuildError
 from quantbuild.hashing import remove_staging_debris
 
 LOGS = Path("logs")
+_STARTED = [time.perf_counter()]
+
+
+def say(line: str) -> None:
+    """The stage's one line on the terminal: what it produced, and how long it took."""
+    print(f"{line}  [{time.perf_counter() - _STARTED[0]:.1f} s]", flush=True)
 
 
 @contextmanager
@@ -47,6 +54,7 @@ def stage_name() -> str:
 
 def run_stage(body: Callable[[Config], None], params: Path = Path("params.yaml")) -> None:
     log = LOGS / f"{stage_name()}.log"
+    _STARTED[0] = time.perf_counter()
     with _stderr_to(log) as terminal:
         try:
             config = load_config(params)

@@ -17,9 +17,8 @@ from typing import Any, Optional
 from quantbuild.config import EvalConfig
 from quantbuild.evaluation import distributions
 from quantbuild.evaluation.generation import MAX_NEW_TOKENS
-from quantbuild.evaluation.latency import summarise_runs
+from quantbuild.evaluation.latency import paired_latency, summarise_runs
 from quantbuild.evaluation.scorers import score
-from quantbuild.evaluation.stats import median_interval
 from quantbuild.tasks.items import Item
 
 
@@ -86,41 +85,6 @@ def _latency(model: Any, config: EvalConfig) -> dict[str, dict[str, float]]:
         runs = [model.timed(tokens, config.latency.new_tokens) for _ in range(config.latency.repeats)]
         results[str(length)] = summarise_runs([(run.ttft_s, run.decode_s_per_token) for run in runs])
     return results
-
-
-def paired_latency(model: Any, baseline: Any, config: EvalConfig) -> dict[str, Any]:
-    """Variant/baseline ratios of TTFT and of decode time per token, timed interleaved in one
-    process (the order alternating each round), per prompt length: the median of the
-    per-round ratios and its distribution-free 95% interval.
-
-    Each round times the variant and the baseline back to back, so load on the machine hits
-    both sides of a ratio alike; across processes and minutes timings differ by up to 3x at
-    p99 on this 2-core machine (bench/gguf_variants.py noise).
-    """
-    rng = random.Random(1)
-    by_length: dict[str, Any] = {}
-    worst = {"ratio": 0.0, "ci_low": 0.0, "ci_high": 0.0}
-    for length in config.latency.prompt_lengths:
-        tokens = [rng.randrange(3, model.n_vocab) for _ in range(length)]
-        for _ in range(config.latency.warmup):
-            model.timed(tokens, config.latency.new_tokens)
-            baseline.timed(tokens, config.latency.new_tokens)
-        rounds = []
-        for index in range(config.latency.repeats):
-            order = [model, baseline] if index % 2 == 0 else [baseline, model]
-            timed = {id(side): side.timed(tokens, config.latency.new_tokens) for side in order}
-            rounds.append((timed[id(model)], timed[id(baseline)]))
-        entry: dict[str, Any] = {"runs": config.latency.repeats}
-        for key, label in (("ttft_s", "ttft"), ("decode_s_per_token", "decode")):
-            ratios = [getattr(variant, key) / getattr(reference, key) for variant, reference in rounds]
-            middle, low, high = median_interval(ratios)
-            entry[label] = {"ratio": round(middle, 4), "ci_low": round(low, 4), "ci_high": round(high, 4)}
-            # The binding ratio is the one whose interval reaches highest.
-            if (low, middle) > (worst["ci_low"], worst["ratio"]):
-                worst = {"ratio": round(middle, 4), "ci_low": round(low, 4), "ci_high": round(high, 4),
-                         "at": f"{label}@{length}"}
-        by_length[str(length)] = entry
-    return {"by_length": by_length, "worst": worst}
 
 
 def _memory(path: Path, kv_type: str, config: EvalConfig, workers: int, repack: bool) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from quantbuild import behaviour
 from quantbuild.config import EvalConfig
 from quantbuild.errors import DataError
 from quantbuild.evaluation import distributions
-from quantbuild.evaluation.latency import measure_latency
+from quantbuild.evaluation.latency import TorchTimer, measure_latency, paired_latency
 from quantbuild.evaluation.memory import measure_memory
 from quantbuild.evaluation.stats import wilson_interval
 from quantbuild.evaluation.suites import run_generative, summarise
@@ -63,8 +63,10 @@ def load_model(folder: Path, runtime: str = "kernel") -> Any:
     return load_checkpoint(folder, runtime)
 
 
-def evaluate(model_dir: Path, config: EvalConfig, data_dir: Path, out: Path, reference: Path | None) -> dict:
-    """Torch runtime: write measurements.json, metrics.json, families.json, latency.json,
+def evaluate(model_dir: Path, config: EvalConfig, data_dir: Path, out: Path, reference: Path | None,
+             baseline: Path | None = None) -> dict:
+    """Torch runtime (with `baseline`, its folder, latency is also timed interleaved against
+    it in this process): write measurements.json, metrics.json, families.json, latency.json,
     memory.json, outcomes.json and the behavioural probes (and reference.safetensors for the
     baseline)."""
     from transformers import AutoTokenizer
@@ -74,11 +76,11 @@ def evaluate(model_dir: Path, config: EvalConfig, data_dir: Path, out: Path, ref
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     model = load_model(model_dir, config.runtime)
     with staged_dir(out) as staging:
-        return _measure_torch(model_dir, model, tokenizer, config, items, digests, stored, staging)
+        return _measure_torch(model_dir, model, tokenizer, config, items, digests, stored, staging, baseline)
 
 
 def _measure_torch(model_dir: Path, model: Any, tokenizer: Any, config: EvalConfig, items: dict, digests: dict,
-                   stored: dict | None, staging: Path) -> dict:
+                   stored: dict | None, staging: Path, baseline: Path | None) -> dict:
     lm, tensors = None, None
     lm_texts = [item.prompt for item in items.get("language_modelling", [])]
     if lm_texts:
@@ -95,6 +97,10 @@ def _measure_torch(model_dir: Path, model: Any, tokenizer: Any, config: EvalConf
                               config.latency.warmup, config.latency.repeats, seed=0)
     memory = measure_memory(model, config.memory.context_lengths, config.memory.budget_mb, model_dir, seed=0)
     head = {"eval_files_sha256": digests, "runtime": config.runtime, "deploy_runtime": "torch"}
+    if baseline is not None:
+        reference_model = load_model(baseline, config.latency.runtime)
+        head["latency_vs_baseline"] = paired_latency(TorchTimer(model), TorchTimer(reference_model), config)
+        del reference_model
     metrics = _write(staging, config, head, lm, tensors, generative, records, latency, memory)
     # The behavioural fingerprint the bundle will carry, on the deployed (kernel) runtime.
     behaviour.record(behaviour.torch_opener(model, tokenizer), "torch",
