@@ -15,20 +15,13 @@ tolerance they trip.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "bench" / "out"
-sys.path.insert(0, str(ROOT / "src"))
+from benchlib import ROOT, save, table
 
 
-def _table(headers: list[str], rows: list[list]) -> str:
-    widths = [max(len(str(x)) for x in [h, *[r[i] for r in rows]]) for i, h in enumerate(headers)]
-    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
 
 
 def _row(label: str, outcome: dict) -> list:
@@ -102,9 +95,8 @@ def main() -> None:
             behaviour.check(behaviour.torch_opener(dense, tokenizer), torch_probes))
     print(f"\nprobes: {len(info['probes'])}, tolerance {info['tolerance']}, spread recorded at evaluate "
           f"{info['spread']}")
-    print(_table(["run", "KLD mean", "KLD p99", "top-1", "greedy match", "tolerance tripped"], rows))
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "behaviour.json").write_text(json.dumps(results, indent=2, sort_keys=True, default=str) + "\n")
+    print(table(["run", "KLD mean", "KLD p99", "top-1", "greedy match", "tolerance tripped"], rows))
+    save("behaviour", results)
 
 
 if __name__ == "__main__":

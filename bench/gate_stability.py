@@ -19,22 +19,15 @@ rounds, for the smallest variant against the baseline.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "bench" / "out"
-sys.path.insert(0, str(ROOT / "src"))
+from benchlib import ROOT, save, table
 
 
-def _table(headers: list[str], rows: list[list]) -> str:
-    widths = [max(len(str(x)) for x in [h, *[r[i] for r in rows]]) for i, h in enumerate(headers)]
-    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
 
 
 def _artifacts() -> tuple:
@@ -111,9 +104,9 @@ def decisions(args: argparse.Namespace) -> None:
     finally:
         load.kill()
     print(f"\n{args.runs} runs beside a CPU-bound process, {config.eval.latency.repeats} interleaved rounds each")
-    print(_table(["run", "chosen (gate before)", "chosen (gate now)", "worst latency ratio [95% interval] per variant"],
+    print(table(["run", "chosen (gate before)", "chosen (gate now)", "worst latency ratio [95% interval] per variant"],
                  rows))
-    _save("gate_stability", results)
+    save("gate_stability", results)
 
 
 def widths(args: argparse.Namespace) -> None:
@@ -135,13 +128,10 @@ def widths(args: argparse.Namespace) -> None:
             rows.append([repeats, f"{statistics.median(spans):.3f}", f"{max(spans):.3f}",
                          f"{min(t['ratio'] for t in trials):.3f}-{max(t['ratio'] for t in trials):.3f}"])
     print(f"{smallest} vs the baseline F16 GGUF, {args.trials} trials per round count")
-    print(_table(["rounds", "interval width (median)", "interval width (max)", "ratio range"], rows))
-    _save("gate_latency_widths", results)
+    print(table(["rounds", "interval width (median)", "interval width (max)", "ratio range"], rows))
+    save("gate_latency_widths", results)
 
 
-def _save(name: str, results) -> None:
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / f"{name}.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
 
 
 def main() -> None:

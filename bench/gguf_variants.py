@@ -32,9 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "bench" / "out"
-sys.path.insert(0, str(ROOT / "src"))
+from benchlib import ROOT, save, table
 BASELINE = ROOT / "data" / "baseline" / "workflow-llama-8m"
 SOURCES = {"workflow_prompts": 0.4, "tool_calls": 0.25, "long_context": 0.15, "domain_text": 0.2}
 
@@ -75,10 +73,6 @@ def _prepare(work: Path, imatrix_samples: int = 600, baseline: Path = BASELINE):
                   gguf_base=work / "base", lineage={})
 
 
-def _table(headers: list[str], rows: list[list]) -> str:
-    widths = [max(len(str(x)) for x in [h, *[r[i] for r in rows]]) for i, h in enumerate(headers)]
-    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
 
 
 def speed(args: argparse.Namespace) -> None:
@@ -89,8 +83,8 @@ def speed(args: argparse.Namespace) -> None:
                 results[f"{model} {name}"] = {"quantbuild_s": ours, "direct_s": direct}
                 rows.append([model, name, f"{statistics.median(ours):.3f}", f"{statistics.median(direct):.3f}",
                              f"{statistics.median(ours) / statistics.median(direct):.2f}x"])
-    print(_table(["model", "type", "quantbuild build_variant (s)", "llama-quantize direct (s)", "ratio"], rows))
-    _save("gguf_speed", results)
+    print(table(["model", "type", "quantbuild build_variant (s)", "llama-quantize direct (s)", "ratio"], rows))
+    save("gguf_speed", results)
 
 
 def _speed_runs(model: str, work: Path, repeats: int) -> list[tuple[str, list[float], list[float]]]:
@@ -201,8 +195,8 @@ def quality(args: argparse.Namespace) -> None:
                          f"{measured['same_top_pct']:.2f}"])
         rows.sort(key=lambda row: float(row[1]))
     print(f"held-out tokens: ~{args.tokens} (llama-perplexity, 512-token chunks)")
-    print(_table(["variant", "file bpw", "mean KLD vs F16", "same top-1 %"], rows))
-    _save("gguf_quality", results)
+    print(table(["variant", "file bpw", "mean KLD vs F16", "same top-1 %"], rows))
+    save("gguf_quality", results)
 
 
 def imatrix(args: argparse.Namespace) -> None:
@@ -224,8 +218,8 @@ def imatrix(args: argparse.Namespace) -> None:
                 measured = _kld(work / "variant" / "model" / MODEL_FILE, logits, text)
                 results[f"{preset}@{samples}"] = {"imatrix_tokens": tokens if samples else 0, **measured}
                 rows.append([preset, samples, tokens if samples else 0, f"{measured['kld_mean']:.6f}"])
-    print(_table(["type", "imatrix samples", "imatrix tokens", "mean KLD vs F16"], rows))
-    _save("gguf_imatrix", results)
+    print(table(["type", "imatrix samples", "imatrix tokens", "mean KLD vs F16"], rows))
+    save("gguf_imatrix", results)
 
 
 def throughput(args: argparse.Namespace) -> None:
@@ -268,8 +262,8 @@ def throughput(args: argparse.Namespace) -> None:
             rows.append([name, repeats, f"{statistics.median(seconds):.2f}",
                          f"{args.items * 5 / statistics.median(seconds):.1f}"])
     print(f"{args.items * 5} items ({args.items} per family, 5 families) + latency (64-token prompts) + memory suites")
-    print(_table(["model, runtime", "runs", "seconds (median)", "items/s"], rows))
-    _save("gguf_throughput", results)
+    print(table(["model, runtime", "runs", "seconds (median)", "items/s"], rows))
+    save("gguf_throughput", results)
 
 
 def noise(args: argparse.Namespace) -> None:
@@ -299,13 +293,10 @@ def noise(args: argparse.Namespace) -> None:
         rows.append([name, f"{max(ratios):.3f}", f"{statistics.median(ratios):.3f}", f"{min(ratios):.3f}"])
     print(f"baseline F16 GGUF against itself, {args.repeats} trials, {config.latency.repeats} timed runs per prompt "
           f"length {config.latency.prompt_lengths}; worst ratio over lengths and TTFT/decode")
-    print(_table(["check", "worst", "median", "best"], rows))
-    _save("gguf_latency_noise", results)
+    print(table(["check", "worst", "median", "best"], rows))
+    save("gguf_latency_noise", results)
 
 
-def _save(name: str, results: dict) -> None:
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / f"{name}.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
 
 
 def main() -> None:

@@ -1,0 +1,25 @@
+"""What the bench scripts share: paths, a Markdown table, saving results as JSON."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "bench" / "out"
+sys.path.insert(0, str(ROOT / "src"))
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    """A Markdown table, columns padded to their widest cell."""
+    widths = [max(len(str(x)) for x in [h, *[r[i] for r in rows]]) for i, h in enumerate(headers)]
+    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def save(name: str, results: Any) -> None:
+    """bench/out/<name>.json (git-ignored): the raw numbers behind a printed table."""
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / f"{name}.json").write_text(json.dumps(results, indent=2, sort_keys=True, default=str) + "\n")
