@@ -216,7 +216,8 @@ def move_stage(repo: Path, artifact: str, stage: str, version: str) -> None:
     from gto import api
 
     try:
-        api.assign(str(repo), artifact, stage, version=version, message=f"rollback: {artifact} {version} -> {stage}")
+        api.assign(str(repo), artifact, stage, version=version, force=True,
+                   message=f"rollback: {artifact} {version} -> {stage}")
     except Exception as err:  # GTO raises its own exception types for every refusal
         raise ReleaseError(f"gto: {str(err).splitlines()[0]}") from None
 
