@@ -16,12 +16,12 @@ from quantbuild.fingerprint import scopes_of
 from quantbuild.gguf_base import RECORD as GGUF_BASE_RECORD
 from quantbuild.hashing import read_json
 from quantbuild.gate import require_release
-from quantbuild.packaging import build_bundle, dvc_lock_entries, git_state
+from quantbuild.release.packaging import build_bundle, dvc_lock_entries, git_state
 from quantbuild.quantization import MODEL_DIR, RECORD
 from quantbuild.runtimes import runtime_of
 from quantbuild.sources import RECORD as FETCH_RECORD
 from quantbuild.stage import run_stage, say
-from quantbuild.verify import verify
+from quantbuild.release.verify import verify
 
 
 def main(config: Config) -> None:

@@ -14,7 +14,7 @@ from quantbuild.determinism import make_deterministic
 from quantbuild.errors import ConfigError
 from quantbuild.fingerprint import scopes_of
 from quantbuild.hashing import read_json, sha256_json
-from quantbuild.manifest import SCHEMA
+from quantbuild.release.manifest import SCHEMA
 from quantbuild.quantization import build_variant
 from quantbuild.quantizers import Inputs
 from quantbuild.sensitivity import load_sensitivity

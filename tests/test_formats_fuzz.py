@@ -60,8 +60,8 @@ def test_any_bytes_are_items_or_one_data_error(tmp_path, data):
 def test_any_manifest_edit_is_ok_or_one_line_problems(tmp_path_factory, mutation):
     from test_verify import make_bundle
 
-    from quantbuild.manifest import MANIFEST
-    from quantbuild.verify import verify
+    from quantbuild.release.manifest import MANIFEST
+    from quantbuild.release.verify import verify
 
     root = tmp_path_factory.mktemp("fuzz")
     bundle = make_bundle(root)

@@ -24,7 +24,7 @@ from quantbuild.quantizers.gguf import BASE_FILE, IMATRIX_FILE, MODEL_FILE, TENS
 from quantbuild.runtimes.gguf_file import PREFIX, metadata, tensor_digest, tensor_types
 from quantbuild.runtimes.llama_cpp import LlamaCppModel, memory_at, repack_allowed, run_tool
 from quantbuild.tasks.items import load_items
-from quantbuild.verify import verify_gguf
+from quantbuild.release.verify import verify_gguf
 
 pytestmark = pytest.mark.slow
 
@@ -297,7 +297,7 @@ def test_a_variant_is_evaluated_in_llama_cpp_against_its_baseline_with_its_kv_ty
 
 
 def test_lineage_of_a_lone_gguf_reads_its_metadata_and_checks_its_tensors(built, tmp_path):
-    from quantbuild.lineage import OK, broken, gguf_lineage
+    from quantbuild.release.lineage import OK, broken, gguf_lineage
 
     path = built["iq4_xs_imat"] / MODEL_DIR / MODEL_FILE
     tree = gguf_lineage(path)
@@ -437,7 +437,7 @@ def test_probes_hold_no_eval_or_calibration_text(probed):
 
 def _bundle_with_probes(built: dict, probed: Path, out: Path) -> Path:
     from quantbuild.fingerprint import fingerprints
-    from quantbuild.packaging import build_bundle
+    from quantbuild.release.packaging import build_bundle
     from test_verify import LINEAGE
 
     lineage = {**LINEAGE, "variant": {**LINEAGE["variant"], "method": "gguf", "variant": "q4_k_m_imat",
@@ -451,7 +451,7 @@ def _bundle_with_probes(built: dict, probed: Path, out: Path) -> Path:
 def test_verify_behaviour_exit_codes_on_a_bundle_and_a_lone_gguf(built, probed, tmp_path):
     """0 unchanged; 2 naming the measure when the weights were altered and the manifest
     re-hashed (integrity passes); 1 when the probes themselves were altered."""
-    from quantbuild.manifest import MANIFEST
+    from quantbuild.release.manifest import MANIFEST
 
     bundle = _bundle_with_probes(built, probed, tmp_path / "package")
 

@@ -10,11 +10,11 @@ import pytest
 
 from conftest import REPO
 from quantbuild.fingerprint import fingerprints
-from quantbuild.manifest import MANIFEST
-from quantbuild.packaging import build_bundle
-from quantbuild.provenance import PREDICATE_TYPE, PROVENANCE, STATEMENT_TYPE
-from quantbuild.signing import SIGNATURE, generate_keypair
-from quantbuild.verify import verify
+from quantbuild.release.manifest import MANIFEST
+from quantbuild.release.packaging import build_bundle
+from quantbuild.release.provenance import PREDICATE_TYPE, PROVENANCE, STATEMENT_TYPE
+from quantbuild.release.signing import SIGNATURE, generate_keypair
+from quantbuild.release.verify import verify
 
 LINEAGE = {
     "model": {"name": "m", "source": "path", "location": "x", "revision": None, "files": {"model.safetensors": "b" * 64}},
@@ -86,7 +86,7 @@ def escape_manifest(bundle):
 
 def unknown_schema(bundle):
     manifest = json.loads((bundle / MANIFEST).read_text())
-    manifest["schema"] = "quantbuild.manifest/v99"
+    manifest["schema"] = "quantbuild.release.manifest/v99"
     (bundle / MANIFEST).write_text(json.dumps(manifest))
 
 
@@ -105,7 +105,7 @@ def symlink_out(bundle):
         (lambda b: (b / "extra.bin").write_bytes(b"x"), "extra.bin: extra file not in the manifest"),
         (edit_manifest, "config.json: sha256 mismatch"),
         (escape_manifest, "escapes the bundle"),
-        (unknown_schema, "unknown manifest schema 'quantbuild.manifest/v99'"),
+        (unknown_schema, "unknown manifest schema 'quantbuild.release.manifest/v99'"),
         (symlink_out, "config.json: is a symlink"),
         (lambda b: (b / MANIFEST).unlink(), "no manifest.json"),
     ],
@@ -164,7 +164,7 @@ def test_signed_bundle_verifies_with_its_public_key(signed, keys):
 
 
 def _resign_with(bundle, key):
-    from quantbuild.signing import sign_bundle
+    from quantbuild.release.signing import sign_bundle
 
     (bundle / SIGNATURE).unlink()
     sign_bundle(bundle, key)
@@ -236,7 +236,7 @@ def test_lineage_text_is_compact_and_a_dirty_build_is_a_warning_not_ok(bundle):
     from typer.testing import CliRunner
 
     from quantbuild.cli import app
-    from quantbuild.manifest import MANIFEST
+    from quantbuild.release.manifest import MANIFEST
 
     head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
     manifest = json.loads((bundle / MANIFEST).read_text())
@@ -314,7 +314,7 @@ def test_the_dirty_tree_message_names_the_whole_file(tmp_path):
     import subprocess
 
     from quantbuild.errors import QuantbuildError
-    from quantbuild.registry import require_clean
+    from quantbuild.release.registry import require_clean
 
     for command in (["init", "-q"], ["config", "user.email", "t@t"], ["config", "user.name", "t"]):
         subprocess.run(["git", *command], cwd=tmp_path, check=True)

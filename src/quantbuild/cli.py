@@ -105,8 +105,8 @@ def verify(path: Optional[Path] = RELEASED, as_json: bool = typer.Option(False, 
     """Re-hash a bundle against its manifest, check its signature, compare the runtime it was validated on;
     with --behaviour, rerun its probes and compare what the model computes. A lone .gguf is checked against
     the lineage in its own metadata."""
-    from quantbuild.verify import verify as verify_bundle
-    from quantbuild.verify import verify_behaviour, verify_gguf
+    from quantbuild.release.verify import verify as verify_bundle
+    from quantbuild.release.verify import verify_behaviour, verify_gguf
 
     path = _released(path)
     if path.suffix == ".gguf":
@@ -225,8 +225,8 @@ def lineage(path: Optional[Path] = RELEASED, as_json: bool = typer.Option(False,
     (for a lone .gguf: what its own metadata records)."""
     from rich.console import Console
 
-    from quantbuild.lineage import broken, gguf_lineage, render
-    from quantbuild.lineage import lineage as build_lineage
+    from quantbuild.release.lineage import broken, gguf_lineage, render
+    from quantbuild.release.lineage import lineage as build_lineage
 
     path = _released(path)
     try:
@@ -246,7 +246,7 @@ def keygen(
     name: str = typer.Option("quantbuild-signing", help="file stem: NAME.key (private) and NAME.pub"),
 ) -> None:
     """Create an elliptic-curve (P-256) key pair for signing bundles; never commit the .key."""
-    from quantbuild.signing import generate_keypair
+    from quantbuild.release.signing import generate_keypair
 
     private, public = out / f"{name}.key", out / f"{name}.pub"
     try:
@@ -266,7 +266,7 @@ def release(
 ) -> None:
     """Register the packaged bundle of the committed pipeline state with GTO."""
     from quantbuild.config import load_config
-    from quantbuild.releasing import release as run_release
+    from quantbuild.release.releasing import release as run_release
 
     try:
         typer.echo(run_release(Path("."), load_config(params), version, stage or None, push))
@@ -277,8 +277,8 @@ def release(
 @app.command()
 def audit(as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
     """Every release in the git history; flags those whose digests no longer match the DVC cache/remote."""
-    from quantbuild.releasing import audit as run_audit
-    from quantbuild.releasing import audit_table
+    from quantbuild.release.releasing import audit as run_audit
+    from quantbuild.release.releasing import audit_table
 
     try:
         rows = run_audit(Path("."))
@@ -293,7 +293,7 @@ def rollback(ref: str = typer.Argument(..., help="v1.2.0, NAME@v1.2.0, prod, pro
              params: Path = typer.Option(Path("params.yaml")), public_key: Optional[Path] = PUBLIC_KEY) -> None:
     """Restore a release's dvc.lock, params.yaml and conf/, check its outputs out, verify it."""
     from quantbuild.config import load_config
-    from quantbuild.releasing import rollback as run_rollback
+    from quantbuild.release.releasing import rollback as run_rollback
 
     try:
         message, code = run_rollback(Path("."), load_config(params).model.name, ref, _public_key(public_key))

@@ -7,7 +7,7 @@ from pathlib import Path
 from quantbuild.config import Config
 from quantbuild.errors import DataError
 from quantbuild.hashing import read_json
-from quantbuild.manifest import MANIFEST
+from quantbuild.release.manifest import MANIFEST
 
 
 def _cell(check: dict | None) -> str:

@@ -17,10 +17,10 @@ import yaml
 
 from quantbuild.config import Config
 from quantbuild.hashing import read_json, sha256_file
-from quantbuild.registry import (PACKAGE_STAGE, ReleaseError, dvc, find_object, git, lock_at, object_stores,
+from quantbuild.release.registry import (PACKAGE_STAGE, ReleaseError, dvc, find_object, git, lock_at, object_stores,
                                  package_out, read_released_manifest, register, releases, released_files,
                                  move_stage, require_clean, resolve, stage_history)
-from quantbuild.verify import verify
+from quantbuild.release.verify import verify
 
 # Stages whose "changed" status does not make a release stale: the fingerprint stage is
 # always_changed by design; drift it detects shows up in the stages that depend on it.

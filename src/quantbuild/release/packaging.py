@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from quantbuild.hashing import sha256_file, staged_dir, write_json
-from quantbuild.manifest import MANIFEST, SCHEMA
-from quantbuild.provenance import PROVENANCE, statement
+from quantbuild.release.manifest import MANIFEST, SCHEMA
+from quantbuild.release.provenance import PROVENANCE, statement
 
 CARD = "README.md"
 MODELFILE = "Modelfile"
@@ -19,7 +19,7 @@ LINEAGE_STAGES = ("fetch", "calibrate", "gguf_base", "quantize@{v}", "evaluate@{
 
 
 def git_state(repo: Path) -> dict[str, Any]:
-    from quantbuild.registry import git
+    from quantbuild.release.registry import git
 
     commit = git(repo, "rev-parse", "HEAD", check=False)
     return {"commit": commit or None, "dirty": bool(git(repo, "status", "--porcelain", "--untracked-files=no", check=False))}
@@ -189,7 +189,7 @@ def build_bundle(out: Path, bundle_name: str, model_dir: Path, lineage: dict[str
                  signing_key: Path | None = None, extra: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Copy the model into `out/<bundle_name>/`, write its card and provenance, then the
     manifest, then (with `signing_key`) the signature over all of them."""
-    from quantbuild.signing import sign_bundle, signing_record
+    from quantbuild.release.signing import sign_bundle, signing_record
 
     signing = signing_record(signing_key) if signing_key is not None else None
     with staged_dir(out) as staging:

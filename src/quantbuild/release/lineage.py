@@ -14,9 +14,9 @@ from typing import Any
 import yaml
 
 from quantbuild.hashing import read_json
-from quantbuild.manifest import read_manifest
-from quantbuild.registry import git
-from quantbuild.verify import verify
+from quantbuild.release.manifest import read_manifest
+from quantbuild.release.registry import git
+from quantbuild.release.verify import verify
 
 OK, DIFFERS, UNCHECKED, WARNING = "ok", "differs", "not checked", "warning"
 
@@ -113,7 +113,7 @@ def _behaviour_link(bundle: Path, manifest: dict[str, Any]) -> dict:
     """The bundle's behavioural probes rerun on this runtime: what the model computes now
     against what it computed where it was validated."""
     from quantbuild.behaviour import BEHAVIOUR
-    from quantbuild.verify import VerifyResult, verify_behaviour
+    from quantbuild.release.verify import VerifyResult, verify_behaviour
 
     if not (bundle / BEHAVIOUR).is_file():
         return _link("behaviour", UNCHECKED, "no behavioural probes in this bundle", {})
@@ -133,7 +133,7 @@ def gguf_lineage(path: Path) -> dict[str, Any]:
     """The chain a lone `.gguf` carries in its metadata: variant, baseline, calibration,
     importance matrix, base GGUF and the build fingerprint, with its tensors checked."""
     from quantbuild.runtimes.gguf_file import PREFIX, metadata
-    from quantbuild.verify import verify_gguf
+    from quantbuild.release.verify import verify_gguf
 
     values = metadata(path)
     lineage = {key[len(PREFIX):]: value for key, value in values.items() if key.startswith(PREFIX)}

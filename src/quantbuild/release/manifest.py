@@ -1,6 +1,6 @@
 """The bundle manifest: a versioned record of every packaged file and the whole lineage.
 
-Schema `quantbuild.manifest/v1`. Readers refuse other versions loudly rather than guess.
+Schema `quantbuild.release.manifest/v1`. Readers refuse other versions loudly rather than guess.
 Paths inside a manifest are POSIX paths relative to the bundle; anything absolute, with
 `..`, or resolving outside the bundle (a symlink) is rejected.
 """
@@ -13,7 +13,7 @@ from typing import Any
 
 from quantbuild.errors import IntegrityError
 
-SCHEMA = "quantbuild.manifest/v1"
+SCHEMA = "quantbuild.release.manifest/v1"
 MANIFEST = "manifest.json"
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 from quantbuild.errors import IntegrityError
 from quantbuild.fingerprint import drift, fingerprints
 from quantbuild.hashing import sha256_file
-from quantbuild.manifest import MANIFEST, read_manifest, safe_relative
-from quantbuild.signing import SIGNATURE, check_signature
+from quantbuild.release.manifest import MANIFEST, read_manifest, safe_relative
+from quantbuild.release.signing import SIGNATURE, check_signature
 
 
 @dataclass

@@ -21,7 +21,7 @@ import yaml
 
 from quantbuild.errors import QuantbuildError
 from quantbuild.hashing import sha256_bytes
-from quantbuild.manifest import MANIFEST, SCHEMA
+from quantbuild.release.manifest import MANIFEST, SCHEMA
 
 PACKAGE_STAGE = "package"
 SEMVER = re.compile(r"^v\d+\.\d+\.\d+$")
