@@ -218,6 +218,26 @@ def bundle_digests(repo: Path) -> dict[str, str]:
     return {path.name: sha256_file(path) for path in sorted((repo / BUNDLE).iterdir())}
 
 
+def test_corrupted_weights_in_the_workspace_are_refused_at_package_with_the_bundle_untouched(repo):
+    """What `dvc checkout` of a rotten cache object leaves behind: package re-hashes first."""
+    weights = repo / "artifacts" / "quantized" / QUANTIZED / "model" / "model.gguf"
+    original = weights.read_bytes()
+    before = bundle_digests(repo)
+    flipped = bytearray(original)
+    flipped[len(flipped) // 2] ^= 0xFF
+    weights.unlink()
+    weights.write_bytes(bytes(flipped))
+    try:
+        result = dvc(repo, "repro", "-f", "-s", "package")
+        assert result.returncode != 0
+        assert "sha256 differs from its quantize record" in result.stdout + result.stderr
+        assert bundle_digests(repo) == before
+    finally:
+        weights.unlink()
+        weights.write_bytes(original)
+    dvc(repo, "repro", check=True)
+
+
 def test_signed_release_audit_and_rollback(repo):
     # r1: sign the bundle with a fresh key pair, commit, release v1.0.0 to prod.
     assert quantbuild(repo, "keygen", "--out", "keys").returncode == 0
@@ -232,6 +252,8 @@ def test_signed_release_audit_and_rollback(repo):
     commit_all(repo, "r1")
     released = quantbuild(repo, "release", "--version", "v1.0.0", check=True)
     assert "workflow-llama-8m@v1.0.0" in released.stdout
+    tag = run(repo, "git", "for-each-ref", "refs/tags/workflow-llama-8m@v1.0.0", "--format=%(contents)").stdout
+    assert "manifest sha256 " in tag and tag.strip().endswith("signed")
     r1 = json.loads((repo / BUNDLE / "manifest.json").read_text())
     r1_files = bundle_digests(repo)
     assert set(run(repo, "git", "tag").stdout.split()) == {"workflow-llama-8m@v1.0.0", "workflow-llama-8m#prod#1"}
@@ -249,8 +271,8 @@ def test_signed_release_audit_and_rollback(repo):
     assert r2_files["model.gguf"] != r1_files["model.gguf"]
 
     audit = json.loads(quantbuild(repo, "audit", "--json", check=True).stdout)
-    assert [(row["version"], row["stages"], row["problems"]) for row in audit] == [
-        ("v1.0.0", [], []), ("v1.1.0", ["prod"], [])]
+    assert [(row["version"], row["stages"], row["problems"], row["signed"]) for row in audit] == [
+        ("v1.0.0", [], [], True), ("v1.1.0", ["prod"], [], True)]
     assert audit[0]["digests"]["model.gguf"] == r1_files["model.gguf"]
     assert audit[1]["commit"] == run(repo, "git", "rev-parse", "HEAD").stdout.strip()
 
@@ -286,6 +308,16 @@ def test_signed_release_audit_and_rollback(repo):
                ["stages"][f"quantize@{QUANTIZED}"]["outs"])
     listing = json.loads((repo / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]).read_text())
     weights = next(entry["md5"] for entry in listing if entry["relpath"].endswith("model.gguf"))
+    # A flipped byte in the cache copy (the remote's intact): flagged, then repaired from the remote.
+    cached = repo / ".dvc" / "cache" / "files" / "md5" / weights[:2] / weights[2:]
+    rotten = bytearray(cached.read_bytes())
+    rotten[100] ^= 0xFF
+    cached.chmod(0o644)
+    cached.write_bytes(bytes(rotten))
+    flagged = quantbuild(repo, "audit")
+    assert flagged.returncode == 1 and "corrupted in the cache" in flagged.stdout, flagged.stdout
+    repaired = quantbuild(repo, "audit", "--repair")
+    assert repaired.returncode == 0 and "restored in the cache" in repaired.stderr, repaired.stdout + repaired.stderr
     for root in (repo / ".dvc" / "cache" / "files" / "md5", remote):
         (root / weights[:2] / weights[2:]).unlink(missing_ok=True)
     flagged = quantbuild(repo, "audit")

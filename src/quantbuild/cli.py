@@ -275,12 +275,19 @@ def release(
 
 
 @app.command()
-def audit(as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
-    """Every release in the git history; flags those whose digests no longer match the DVC cache/remote."""
+def audit(as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+          repair: bool = typer.Option(False, "--repair", help="first replace corrupted DVC cache/remote objects of "
+                                                              "every release with an intact copy")) -> None:
+    """Every release in the git history; flags those whose digests no longer match the DVC cache/remote,
+    whose manifest is not the one released, or that were released signed and are now unsigned."""
     from quantbuild.release.releasing import audit as run_audit
-    from quantbuild.release.releasing import audit_table
+    from quantbuild.release.releasing import audit_table, repair_releases
 
     try:
+        if repair:
+            done = repair_releases(Path("."))
+            for line in done or ["nothing to repair: every stored copy is intact (or none is)"]:
+                typer.echo(f"repair: {line}", err=True)
         rows = run_audit(Path("."))
     except QuantbuildError as err:
         _fail(err)

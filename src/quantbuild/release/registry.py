@@ -13,9 +13,10 @@ import hashlib
 import json
 import re
 import subprocess
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import yaml
 
@@ -69,6 +70,36 @@ def package_out(lock: dict[str, Any]) -> Optional[dict[str, Any]]:
     return outs[0] if outs else None
 
 
+@contextmanager
+def repository_lock(repo: Path, action: str) -> Iterator[None]:
+    """One command that rewrites artifacts or the registry at a time (release, rollback,
+    audit --repair), and none while a `dvc` command holds DVC's own lock (a repro, checkout
+    or gc): refused at once, in one line, with nothing changed."""
+    import fcntl
+
+    folder = repo / ".dvc" / "tmp"
+    folder.mkdir(parents=True, exist_ok=True)
+    dvc_lock = folder / "lock"
+    if dvc_lock.exists():
+        with dvc_lock.open("a") as handle:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+            except OSError:
+                raise ReleaseError(f"{action}: a dvc command (repro, checkout, gc) is running in this repository "
+                                   f"(it holds {dvc_lock}); nothing was changed, try again when it ends") from None
+    with (folder / "quantbuild.lock").open("a") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise ReleaseError(f"{action}: another quantbuild release, rollback or repair is running in this "
+                               f"repository; nothing was changed") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
 def _dvc_config(repo: Path) -> dict[str, Any]:
     import configparser
 
@@ -90,12 +121,57 @@ def object_stores(repo: Path) -> list[tuple[str, Path]]:
     return stores
 
 
-def find_object(repo: Path, md5: str) -> Optional[Path]:
-    for _, root in object_stores(repo):
+def _md5_of(path: Path) -> str:
+    digest = hashlib.md5()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def object_copies(repo: Path, md5: str) -> list[tuple[str, Path, bool]]:
+    """(store label, path, intact) of every copy of a DVC object: intact when its bytes still
+    hash to the md5 it is stored under (DVC itself does not re-check: iterative/dvc#9641)."""
+    copies = []
+    for label, root in object_stores(repo):
         path = root / "files" / "md5" / md5[:2] / md5[2:]
         if path.is_file():
-            return path
-    return None
+            copies.append((label, path, _md5_of(path) == md5.removesuffix(".dir")))
+    return copies
+
+
+def find_object(repo: Path, md5: str) -> Optional[Path]:
+    """An intact copy of a DVC object (the cache first, then a folder remote), or None."""
+    return next((path for _, path, intact in object_copies(repo, md5) if intact), None)
+
+
+def describe_missing(repo: Path, md5: str, name: str) -> str:
+    """Why no intact copy of `md5` was found: corrupt where, or absent."""
+    corrupt = [label for label, _, intact in object_copies(repo, md5) if not intact]
+    if corrupt:
+        return (f"{name}: the stored object {md5} is corrupted in the {' and the '.join(corrupt)} "
+                f"(`quantbuild audit --repair` restores it from an intact copy)")
+    return f"{name}: object {md5} is in neither the DVC cache nor the remote"
+
+
+def repair(repo: Path, md5: str) -> Optional[str]:
+    """Replace corrupt copies of `md5` with an intact one; what was done, or None."""
+    copies = object_copies(repo, md5)
+    good = next((path for _, path, intact in copies if intact), None)
+    bad = [(label, path) for label, path, intact in copies if not intact]
+    if not bad:
+        return None
+    if good is None:
+        return f"{md5}: corrupted in the {', '.join(label for label, _ in bad)} and no intact copy anywhere"
+    import os
+    import shutil
+
+    for _, path in bad:
+        temporary = path.with_name(f".{path.name}.repair")
+        shutil.copyfile(good, temporary)
+        os.chmod(temporary, 0o444)
+        os.replace(temporary, path)
+    return f"{md5}: restored in the {', '.join(label for label, _ in bad)} from an intact copy"
 
 
 def released_files(repo: Path, out: dict[str, Any]) -> tuple[dict[str, str], list[str]]:
@@ -103,14 +179,17 @@ def released_files(repo: Path, out: dict[str, Any]) -> tuple[dict[str, str], lis
     md5 = out.get("md5", "")
     listing = find_object(repo, md5) if md5.endswith(".dir") else None
     if listing is None:
-        return {}, [f"{out.get('path')}: listing {md5} is in neither the DVC cache nor the remote"]
-    return {entry["relpath"]: entry["md5"] for entry in json.loads(listing.read_text())}, []
+        return {}, [describe_missing(repo, md5, f"{out.get('path')} listing")]
+    try:
+        return {entry["relpath"]: entry["md5"] for entry in json.loads(listing.read_text())}, []
+    except (ValueError, KeyError, TypeError) as err:
+        return {}, [f"{out.get('path')} listing {md5}: not a DVC listing ({err})"]
 
 
 def read_released_manifest(repo: Path, out: dict[str, Any]) -> tuple[Optional[dict], list[str]]:
-    """The manifest a release recorded, read from the cache/remote, and every digest problem:
-    objects missing, objects whose bytes no longer hash to their name, manifest sha256s
-    that do not match the stored files."""
+    """The manifest a release recorded, read from the cache/remote (an intact copy only), and
+    every digest problem: objects missing or corrupted, manifest sha256s that do not match
+    the stored files."""
     files, problems = released_files(repo, out)
     manifests = sorted(name for name in files if name.endswith(f"/{MANIFEST}"))
     if not manifests:
@@ -118,22 +197,42 @@ def read_released_manifest(repo: Path, out: dict[str, Any]) -> tuple[Optional[di
     bundle_dir = manifests[0].rsplit("/", 1)[0]
     manifest_object = find_object(repo, files[manifests[0]])
     if manifest_object is None:
-        return None, [f"{manifests[0]}: object {files[manifests[0]]} is in neither the DVC cache nor the remote"]
-    manifest = json.loads(manifest_object.read_text())
-    if manifest.get("schema") != SCHEMA:
-        return None, [f"{manifests[0]}: unknown manifest schema {manifest.get('schema')!r}"]
+        return None, [describe_missing(repo, files[manifests[0]], manifests[0])]
+    try:
+        manifest = json.loads(manifest_object.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        return None, [f"{manifests[0]}: not a readable manifest ({err})"]
+    if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
+        return None, [f"{manifests[0]}: unknown manifest schema"]
+    manifest["_sha256"] = sha256_bytes(manifest_object.read_bytes())
     for name, entry in sorted(manifest.get("files", {}).items()):
         md5 = files.get(f"{bundle_dir}/{name}")
-        stored = find_object(repo, md5) if md5 else None
+        copies = object_copies(repo, md5) if md5 else []
+        stored = next((path for _, path, intact in copies if intact), None)
         if stored is None:
-            problems.append(f"{name}: not in the DVC cache or remote")
+            problems.append(describe_missing(repo, md5, name) if md5 else f"{name}: not in the DVC cache or remote")
             continue
-        data = stored.read_bytes()
-        if hashlib.md5(data).hexdigest() != md5:
-            problems.append(f"{name}: the stored object {md5} is corrupted")
-        elif sha256_bytes(data) != entry["sha256"]:
+        corrupt = [label for label, _, intact in copies if not intact]
+        if corrupt:
+            problems.append(f"{name}: the stored object {md5} is corrupted in the {' and the '.join(corrupt)} (an "
+                            f"intact copy exists: `quantbuild audit --repair` restores it)")
+        if sha256_bytes(stored.read_bytes()) != entry["sha256"]:
             problems.append(f"{name}: sha256 differs from the manifest")
     return manifest, problems
+
+
+def release_record(repo: Path, artifact: str, version: str) -> dict[str, Any]:
+    """What `quantbuild release` wrote into the version's tag: the manifest's sha256 and
+    whether the bundle was signed (empty for a release made without them)."""
+    message = git(repo, "for-each-ref", f"refs/tags/{artifact}@{version}", "--format=%(contents)", check=False)
+    record: dict[str, Any] = {}
+    digest = re.search(r"manifest sha256 ([0-9a-f]{64})", message or "")
+    if digest:
+        record["manifest_sha256"] = digest.group(1)
+    signed = re.search(r"\b(signed|unsigned)\b", message or "")
+    if signed:
+        record["signed"] = signed.group(1) == "signed"
+    return record
 
 
 # --- GTO -----------------------------------------------------------------------------
@@ -212,12 +311,19 @@ def resolve(repo: Path, ref: str, artifact: str) -> tuple[str, str, Optional[tup
 
 
 def move_stage(repo: Path, artifact: str, stage: str, version: str) -> None:
-    """Point `stage` back at `version` (a GTO assignment: a tag, no commit)."""
+    """Point `stage` back at `version`: assign it again, and unassign the versions the stage
+    held (GTO tags, no commit), so GTO and `quantbuild audit` show `version` there."""
     from gto import api
 
     try:
+        held = api.find_versions_in_stage(str(repo), artifact, stage) or []
+        held = [getattr(entry, "version", entry) for entry in (held if isinstance(held, list) else [held])]
         api.assign(str(repo), artifact, stage, version=version, force=True,
                    message=f"rollback: {artifact} {version} -> {stage}")
+        for other in held:
+            if other != version:
+                api.unassign(str(repo), artifact, version=other, stage=stage,
+                             message=f"rollback: {artifact} {other} leaves {stage}")
     except Exception as err:  # GTO raises its own exception types for every refusal
         raise ReleaseError(f"gto: {str(err).splitlines()[0]}") from None
 

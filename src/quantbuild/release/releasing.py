@@ -18,8 +18,9 @@ import yaml
 from quantbuild.config import Config
 from quantbuild.hashing import read_json, sha256_file
 from quantbuild.release.registry import (PACKAGE_STAGE, ReleaseError, dvc, find_object, git, lock_at, object_stores,
-                                 package_out, read_released_manifest, register, releases, released_files,
-                                 move_stage, require_clean, resolve, stage_history)
+                                 package_out, read_released_manifest, register, release_record, releases, released_files,
+                                 describe_missing, move_stage, repair, repository_lock, require_clean, resolve,
+                                 stage_history)
 from quantbuild.release.verify import verify
 
 # Stages whose "changed" status does not make a release stale: the fingerprint stage is
@@ -36,6 +37,11 @@ def _stale_stages(repo: Path) -> list[str]:
 
 
 def release(repo: Path, config: Config, version: Optional[str], stage: Optional[str], push: bool) -> str:
+    with repository_lock(repo, "release"):
+        return _release(repo, config, version, stage, push)
+
+
+def _release(repo: Path, config: Config, version: Optional[str], stage: Optional[str], push: bool) -> str:
     require_clean(repo, "release")
     if not git(repo, "ls-files", "dvc.lock", check=False):
         raise ReleaseError("release: dvc.lock is not committed; run `dvc repro` and commit dvc.lock first")
@@ -58,8 +64,9 @@ def release(repo: Path, config: Config, version: Optional[str], stage: Optional[
         if pushed.returncode != 0:
             raise ReleaseError(f"release: dvc push failed: {(pushed.stderr or pushed.stdout).strip().splitlines()[-1]}")
     manifest = read_json(bundle / "manifest.json")
+    signed = "signed" if "signing" in manifest else "unsigned"
     message = (f"{bundle.name}: {manifest['variant']['method']} {manifest['variant']['bits_per_weight']} bits/weight, "
-               f"manifest sha256 {sha256_file(bundle / 'manifest.json')}")
+               f"manifest sha256 {sha256_file(bundle / 'manifest.json')}, {signed}")
     registered = register(repo, config.model.name, version, stage, message)
     head = git(repo, "rev-parse", "HEAD")
     lines = [f"released {config.model.name}@{registered} at commit {head[:10]}: {bundle}"]
@@ -82,6 +89,18 @@ def _scores(manifest: dict[str, Any]) -> dict[str, Any]:
     return scores
 
 
+def record_problems(record: dict[str, Any], manifest: dict[str, Any]) -> list[str]:
+    """A stored manifest against what its release recorded: the same bytes, and still signed
+    if it was released signed (a signature cannot be stripped along with its record)."""
+    problems = []
+    if record.get("manifest_sha256") not in (None, manifest.get("_sha256")):
+        problems.append("manifest.json: not the manifest this version was released with (its sha256 differs "
+                        "from the release record)")
+    if record.get("signed") and "signing" not in manifest:
+        problems.append("manifest.json: released signed, now unsigned (signature downgrade)")
+    return problems
+
+
 def audit(repo: Path) -> list[dict[str, Any]]:
     rows = []
     for found in releases(repo):
@@ -94,7 +113,10 @@ def audit(repo: Path) -> list[dict[str, Any]]:
         else:
             manifest, problems = read_released_manifest(repo, out)
             row["problems"] += problems
+            record = release_record(repo, found.artifact, found.version)
+            row["signed"] = record.get("signed")
             if manifest is not None:
+                row["problems"] += record_problems(record, manifest)
                 row.update(variant=manifest["variant"]["variant"], bundle=manifest["bundle"], scores=_scores(manifest),
                            digests={name: entry["sha256"] for name, entry in manifest["files"].items()
                                     if name.endswith((".safetensors", ".gguf"))})
@@ -137,24 +159,59 @@ def _needed_stages(lock: dict[str, Any], manifest: Optional[dict[str, Any]]) -> 
     return sorted(name for name in lock.get("stages", {}) if name in recorded and name not in ALWAYS_CHANGED)
 
 
-def _missing_objects(repo: Path, lock: dict[str, Any], stages: list[str]) -> list[str]:
-    missing = []
+def _stage_objects(repo: Path, lock: dict[str, Any], stages: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
+    """((name, md5) of every object the stages' outputs consist of, problems reading listings)."""
+    objects, problems = [], []
     for name in stages:
-        stage = lock["stages"][name]
-        for out in stage.get("outs", []):
+        for out in lock["stages"][name].get("outs", []):
             md5 = out.get("md5")
             if not md5:
                 continue
+            objects.append((out["path"], md5))
             if md5.endswith(".dir"):
-                files, problems = released_files(repo, out)
-                missing += problems
-                missing += [f"{out['path']}/{name}" for name, file_md5 in files.items() if find_object(repo, file_md5) is None]
-            elif find_object(repo, md5) is None:
-                missing.append(out["path"])
-    return missing
+                files, unreadable = released_files(repo, out)
+                problems += unreadable
+                objects += [(f"{out['path']}/{relpath}", file_md5) for relpath, file_md5 in files.items()]
+    return objects, problems
+
+
+def _missing_objects(repo: Path, lock: dict[str, Any], stages: list[str]) -> list[str]:
+    """Objects of the stages with no intact copy anywhere (missing, or corrupted everywhere)."""
+    objects, problems = _stage_objects(repo, lock, stages)
+    return problems + [describe_missing(repo, md5, name) for name, md5 in objects if find_object(repo, md5) is None]
+
+
+def _repair_objects(repo: Path, lock: dict[str, Any], stages: list[str]) -> list[str]:
+    """Replace corrupted copies of the stages' objects with intact ones; what was done."""
+    objects, _ = _stage_objects(repo, lock, stages)
+    return [done for _, md5 in objects for done in [repair(repo, md5)] if done]
+
+
+def repair_releases(repo: Path) -> list[str]:
+    """`quantbuild audit --repair`: every released commit's package and lineage objects, and
+    the workspace's, restored from an intact copy where a copy is corrupted."""
+    with repository_lock(repo, "audit --repair"):
+        done: list[str] = []
+        commits = [found.commit for found in releases(repo)]
+        for lock in [lock_at(repo, commit) for commit in commits] + [_workspace_lock(repo)]:
+            stages = [name for name in lock.get("stages", {})]
+            for line in _repair_objects(repo, lock, stages):
+                if line not in done:
+                    done.append(line)
+        return done
+
+
+def _workspace_lock(repo: Path) -> dict[str, Any]:
+    path = repo / "dvc.lock"
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
 
 
 def rollback(repo: Path, artifact: str, ref: str, public_key: Optional[Path]) -> tuple[str, int]:
+    with repository_lock(repo, "rollback"):
+        return _rollback(repo, artifact, ref, public_key)
+
+
+def _rollback(repo: Path, artifact: str, ref: str, public_key: Optional[Path]) -> tuple[str, int]:
     commit, label, stage_move = resolve(repo, ref, artifact)
     require_clean(repo, "rollback")
     lock = lock_at(repo, commit)
@@ -170,6 +227,8 @@ def rollback(repo: Path, artifact: str, ref: str, public_key: Optional[Path]) ->
     if (target is None or missing) and not remote_elsewhere:
         raise ReleaseError(f"rollback to {label}: objects missing from the DVC cache and remote "
                            f"({(missing or problems)[0]}); nothing was changed")
+    # Corrupted cache copies would be checked out as they are: replace them from intact ones.
+    repaired = _repair_objects(repo, lock, needed)
     before = _current_manifest(repo)
     git(repo, "restore", f"--source={commit}", "--staged", "--worktree", "--", "dvc.lock", "params.yaml", "conf")
     partial = not _restore_outputs(repo, [])
@@ -180,6 +239,7 @@ def rollback(repo: Path, artifact: str, ref: str, public_key: Optional[Path]) ->
     bundle = repo / out["path"] / target["bundle"]
     result = verify(bundle, public_key=public_key)
     lines = [f"rolled back to {label} (commit {commit[:10]}): dvc.lock, params.yaml and conf/ restored, outputs checked out"]
+    lines += [f"repaired: {line}" for line in repaired]
     lines += _changes(before, target)
     if partial:
         lines.append("note: outputs of stages the release does not need could not be restored (their objects are "
