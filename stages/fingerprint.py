@@ -10,13 +10,13 @@ from quantbuild.config import Config
 from quantbuild.fingerprint import fingerprints, method_files, scopes_of
 from quantbuild.hashing import write_json
 from quantbuild.quantizers import method_names
-from quantbuild.runtimes import require_target, runtime_of
+from quantbuild.runtimes import require_target, target_of
 from quantbuild.stage import run_stage
 
 
 def main(config: Config) -> None:
     # Every variant's deploy target must run here: said in one line before any work.
-    for target in sorted({runtime_of(variant.method) for variant in config.quant.variants.values()}):
+    for target in sorted({target_of(variant) for variant in config.quant.variants.values()}):
         require_target(target)
     out = Path(config.paths.fingerprint)
     prints = fingerprints()

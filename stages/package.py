@@ -18,7 +18,7 @@ from quantbuild.hashing import read_json, sha256_file
 from quantbuild.gate import require_release
 from quantbuild.release.packaging import build_bundle, dvc_lock_entries, git_state
 from quantbuild.quantization import MODEL_DIR, RECORD
-from quantbuild.runtimes import runtime_of
+from quantbuild.runtimes import METHOD_TARGETS, TARGET_RUNTIME
 from quantbuild.sources import RECORD as FETCH_RECORD
 from quantbuild.stage import run_stage, say
 from quantbuild.release.verify import verify
@@ -49,7 +49,8 @@ def main(config: Config) -> None:
         "fingerprints": {"build": read_json(Path(paths.fingerprint) / f"{build_scope}.json"),
                          "runtime": read_json(Path(paths.fingerprint) / f"{runtime_scope}.json"),
                          "runtime_scope": runtime_scope},
-        "deploy_runtime": runtime_of(record["method"]),
+        "deploy_runtime": TARGET_RUNTIME[record.get("target") or METHOD_TARGETS[record["method"]][0]],
+        "target": record.get("target") or METHOD_TARGETS[record["method"]][0],
         "evaluation": {"baseline": read_json(Path(paths.eval) / "baseline" / MEASUREMENTS),
                        "variant": read_json(Path(paths.eval) / chosen / MEASUREMENTS)},
         "gate": {"chosen": chosen, **decision["variants"][chosen]},

@@ -123,6 +123,37 @@ def test_a_ladder_may_not_mix_runtimes(params, gpu_params):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize(("variant", "target", "message"), [
+    ("gptq_3bit_g64", "vllm", "quant.variants.gptq_3bit_g64.target='vllm' cannot load it: vLLM's GPTQ kernels take "
+                              "bits 4 or 8, this variant has bits=3"),
+    ("mixed_auto_3p5", "vllm", "quant.variants.mixed_auto_3p5.target='vllm' cannot load the mixed format "
+                               "(allowed for mixed: gptqmodel)"),
+    ("bnb_nf4", "llama.cpp", "quant.variants.bnb_nf4.target='llama.cpp' cannot load the bnb format"),
+    ("gptq_4bit_g128", "tensorrt", "quant.variants.gptq_4bit_g128.target='tensorrt' cannot load the gptq format"),
+])
+def test_a_format_its_target_cannot_load_is_refused_at_config_time(gpu_params, variant, target, message):
+    with pytest.raises(ConfigError) as err:
+        validate_raw(_edit(gpu_params, f"quant.variants.{variant}.target", target))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_an_unavailable_target_stops_the_first_stage_in_one_line_before_any_work(gpu_params, tmp_path):
+    import subprocess
+    import sys
+
+    edited = _edit(gpu_params, "quant.variants", {"gptq_4bit_g128": {**gpu_params["quant"]["variants"]["gptq_4bit_g128"],
+                                                                     "target": "vllm"}})
+    edited["paths"] = {**edited["paths"], "fingerprint": str(tmp_path / "fingerprint")}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(edited))
+    result = subprocess.run([sys.executable, "-m", "stages.fingerprint"], cwd=tmp_path, capture_output=True, text=True,
+                            env={**__import__("os").environ, "PYTHONPATH": f"{REPO}{__import__('os').pathsep}"
+                                 f"{__import__('os').environ.get('PYTHONPATH', '')}"})
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "quantbuild: target vllm: not available here (it needs a CUDA GPU; this machine has none)"]
+    assert not (tmp_path / "fingerprint").exists()
+
+
 def test_group_size_must_divide_every_layer_width(gpu_params):
     variant = validate_raw(gpu_params).quant.variants["gptq_4bit_g128"]
     layers = {"model.layers.0.mlp.down_proj": (256, 768)}

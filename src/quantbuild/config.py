@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from quantbuild.errors import ConfigError
-from quantbuild.runtimes import runtime_of
+from quantbuild.runtimes import TARGET_RUNTIME, check_target, target_of
 
 SCHEMA_NAME = "quantbuild_schema"
 # conf/quant/*.yaml extend their method's schema: `defaults: [/quant_method@_here_: gptq]`.
@@ -98,6 +98,8 @@ class RtnConfig:
     bits: int = 4
     group_size: int = 128
     sym: bool = True
+    # The deploy target it ships for (null: the method's default); see quantbuild.runtimes.
+    target: Optional[str] = None
 
 
 @dataclass
@@ -110,6 +112,8 @@ class GptqConfig:
     sym: bool = True
     desc_act: bool = False
     damp_percent: float = 0.05
+    # The deploy target it ships for (null: the method's default); see quantbuild.runtimes.
+    target: Optional[str] = None
 
 
 @dataclass
@@ -120,6 +124,8 @@ class AwqConfig:
     bits: int = 4
     group_size: int = 128
     sym: bool = False
+    # The deploy target it ships for (null: the method's default); see quantbuild.runtimes.
+    target: Optional[str] = None
 
 
 @dataclass
@@ -131,6 +137,8 @@ class BnbConfig:
     group_size: int = 64
     quant_type: str = "nf4"
     double_quant: bool = False
+    # The deploy target it ships for (null: the method's default); see quantbuild.runtimes.
+    target: Optional[str] = None
 
 
 @dataclass
@@ -176,6 +184,8 @@ class GgufConfig:
     target_bpw: float = 0.0
     mix_types: List[str] = field(default_factory=lambda: ["Q3_K", "Q4_K", "Q5_K", "Q6_K"])
     kv_cache_type: str = "f16"
+    # The deploy target it ships for (null: the method's default); see quantbuild.runtimes.
+    target: Optional[str] = None
 
 
 METHOD_CONFIGS: Dict[str, type] = {
@@ -373,7 +383,7 @@ def load_config(params_path: Path = Path("params.yaml")) -> Config:
 
 def ladder_runtime(config: Config) -> str:
     """The one runtime every variant of the ladder deploys on (validated in _check_ranges)."""
-    return runtime_of(next(iter(config.quant.variants.values())).method)
+    return TARGET_RUNTIME[target_of(next(iter(config.quant.variants.values())))]
 
 
 SOURCES = ("path", "hf")
@@ -437,11 +447,12 @@ def _check_ranges(config: Config) -> None:
     _require("baseline" not in config.quant.variants, "quant.variants", "baseline", "any name but 'baseline'")
     for name, variant in config.quant.variants.items():
         check_variant(f"quant.variants.{name}", variant)
+        check_target(f"quant.variants.{name}", variant)
         target = "target_bpw" if variant.method == "gguf" else "target_bits"
         if getattr(variant, target, 0) > 0:
             _require(sensitivity.samples > 0, f"quant.variants.{name}.{target}", getattr(variant, target),
                      "0 (off) unless calibration.sensitivity.samples > 0 measures the layers' sensitivity")
-    runtimes = {name: runtime_of(variant.method) for name, variant in config.quant.variants.items()}
+    runtimes = {name: TARGET_RUNTIME[target_of(variant)] for name, variant in config.quant.variants.items()}
     if len(set(runtimes.values())) > 1:
         first = next(iter(runtimes))
         other = next(name for name, runtime in runtimes.items() if runtime != runtimes[first])

@@ -27,7 +27,7 @@ from typing import Any, Optional
 from quantbuild.config import GateConfig
 from quantbuild.errors import GateError
 from quantbuild.evaluation.stats import paired_drop_interval
-from quantbuild.runtimes import runtime_of
+from quantbuild.runtimes import METHOD_TARGETS, TARGET_RUNTIME
 
 RULE = ("release the smallest variant that, on its deploy target against the baseline measured there, passes every "
         "quality check and shows an operational win (less model memory, not slower within noise); if none does, keep "
@@ -139,10 +139,14 @@ def latency_ratio(baseline: dict, variant: dict) -> float:
     return max(ratios)
 
 
-def _target_check(baseline: dict, variant: dict, method: str) -> dict[str, Any]:
+def _target_of(record: dict) -> str:
+    return record.get("target") or METHOD_TARGETS.get(record.get("method", ""), ("gptqmodel",))[0]
+
+
+def _target_check(baseline: dict, variant: dict, record: dict) -> dict[str, Any]:
     """Validated on its target: the variant and the baseline were both measured on the
-    runtime the variant's format deploys on."""
-    target = runtime_of(method)
+    runtime of the target the variant ships for."""
+    target = TARGET_RUNTIME.get(_target_of(record), _target_of(record))
     measured_on = variant.get("deploy_runtime")
     ok = measured_on == target and baseline.get("deploy_runtime") == target
     return {"budget": "validated_on_target", "kind": "target", "measured": measured_on,
@@ -161,12 +165,12 @@ def select(baseline: dict, variants: dict[str, dict], records: dict[str, dict], 
                                 "order_most_compressed_first": order, "variants": {}}
     for name in order:
         record = records[name]
-        checks = [_target_check(baseline, variants[name], record.get("method", "")),
+        checks = [_target_check(baseline, variants[name], record),
                   *check_variant(baseline, variants[name], gate)]
         baseline_precision = record["bits_per_weight"] >= BASELINE_PRECISION_BITS
         failed = [check for check in checks if not check["pass"]]
         decision["variants"][name] = {
-            "target": runtime_of(record.get("method", "")),
+            "target": _target_of(record),
             "pass": not failed,
             "size_bytes": record["size_bytes"],
             "bits_per_weight": record["bits_per_weight"],

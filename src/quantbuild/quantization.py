@@ -17,6 +17,7 @@ from quantbuild.errors import ConfigError
 from quantbuild.fingerprint import libraries_of
 from quantbuild.hashing import digest_tree, staged_dir, write_json
 from quantbuild.quantizers import Inputs, check_against_model, check_variant, model_layers, plan_layers
+from quantbuild.runtimes import target_of
 
 MODEL_DIR = "model"
 RECORD = "quantize_record.json"
@@ -81,6 +82,7 @@ def build_variant(name: str, variant: Any, inputs: Inputs, out: Path) -> dict:
         record = {
             "variant": name,
             "method": method.name,
+            "target": target_of(variant),
             "parameters": asdict(variant),
             "libraries": libraries_of(method.name),
             "calibration_samples": len(calibration),

@@ -1,26 +1,61 @@
-"""Deploy runtimes: one adapter per runtime a variant ships for.
+"""Deploy targets and the runtimes that measure them.
 
-A variant's method decides its runtime (`runtime_of`): GGUF variants deploy on llama.cpp,
-every other format on the torch stack (GPTQModel's kernels, bitsandbytes, transformers).
-A ladder deploys on one runtime, and its baseline is measured on that runtime in the same
-pipeline run (for llama.cpp: the baseline's own F16 GGUF), so a variant is never judged
-against numbers from another runtime.
+Each variant names the target it ships for (`target`; by default its method's): llama.cpp
+for GGUF, GPTQModel's loader and kernels for GPTQ/AWQ/RTN/mixed checkpoints, bitsandbytes
+(through transformers) for bnb, or vLLM for the GPTQ/AWQ formats its kernels take. A target
+is measured on its runtime (`TARGET_RUNTIME`): llama.cpp, or the torch stack. A ladder
+deploys on one runtime, and its baseline is measured on that runtime in the same pipeline
+run (for llama.cpp: the baseline's own F16 GGUF), so a variant is never judged against
+numbers from another runtime. A format the target cannot load is refused at config time;
+a target this machine cannot run, before any work.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 LLAMA_CPP = "llama.cpp"
 TORCH = "torch"
+VLLM = "vllm"
+# target -> the runtime it is measured on
+TARGET_RUNTIME = {LLAMA_CPP: LLAMA_CPP, "gptqmodel": TORCH, "bitsandbytes": TORCH, VLLM: VLLM}
+# method -> the targets that load its format (the first is the default)
+METHOD_TARGETS = {"gguf": (LLAMA_CPP,), "gptq": ("gptqmodel", VLLM), "awq": ("gptqmodel", VLLM),
+                  "rtn": ("gptqmodel",), "mixed": ("gptqmodel",), "bnb": ("bitsandbytes",)}
+# vLLM's GPTQ/AWQ kernels (Marlin, GPTQ, AWQ) take these bit widths only.
+VLLM_BITS = (4, 8)
 
 
 def runtime_of(method: str) -> str:
-    return LLAMA_CPP if method == "gguf" else TORCH
+    """The runtime a method's default target is measured on."""
+    return TARGET_RUNTIME[METHOD_TARGETS.get(method, ("gptqmodel",))[0]]
 
 
-def require_target(runtime: str) -> None:
-    """Fail in one line, before any work, when this machine cannot run `runtime`."""
+def target_of(variant: Any) -> str:
+    """The target a variant ships for: its `target`, or its method's default."""
+    return getattr(variant, "target", None) or METHOD_TARGETS.get(variant.method, ("gptqmodel",))[0]
+
+
+def check_target(key: str, variant: Any) -> None:
+    """Refuse, in one line, a target that cannot load the variant's format."""
+    from quantbuild.errors import ConfigError
+
+    target = target_of(variant)
+    allowed = METHOD_TARGETS.get(variant.method, ())
+    if target not in allowed:
+        raise ConfigError(f"params.yaml: {key}.target={target!r} cannot load the {variant.method} format "
+                          f"(allowed for {variant.method}: {' | '.join(allowed)})")
+    if target == VLLM and getattr(variant, "bits", None) not in VLLM_BITS:
+        raise ConfigError(f"params.yaml: {key}.target='vllm' cannot load it: vLLM's {variant.method.upper()} kernels "
+                          f"take bits {' or '.join(map(str, VLLM_BITS))}, this variant has bits={variant.bits} "
+                          f"(allowed: bits 4 or 8, or target gptqmodel)")
+
+
+def require_target(target: str) -> None:
+    """Fail in one line, before any work, when this machine cannot run `target`."""
     from quantbuild.errors import RuntimeUnavailable
 
+    runtime = TARGET_RUNTIME.get(target, target)
     if runtime == LLAMA_CPP:
         from quantbuild.runtimes.llama_cpp import require_available
 
@@ -29,6 +64,17 @@ def require_target(runtime: str) -> None:
         try:
             import torch  # noqa: F401
         except ImportError as err:
-            raise RuntimeUnavailable(f"target torch: not available here ({err}; run `make install`)") from None
+            raise RuntimeUnavailable(f"target {target}: not available here ({err}; run `make install`)") from None
+    elif runtime == VLLM:
+        import importlib.util
+
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RuntimeUnavailable("target vllm: not available here (it needs a CUDA GPU; this machine has none)")
+        if importlib.util.find_spec("vllm") is None:
+            raise RuntimeUnavailable("target vllm: not available here (the vllm package is not installed)")
+        raise RuntimeUnavailable("target vllm: quantbuild does not measure on vLLM yet; ship this variant for "
+                                 "target gptqmodel, which it is validated on")
     else:
-        raise RuntimeUnavailable(f"target {runtime!r}: unknown (known: {LLAMA_CPP}, {TORCH})")
+        raise RuntimeUnavailable(f"target {target!r}: unknown (known: {', '.join(TARGET_RUNTIME)})")
