@@ -321,7 +321,7 @@ def test_signed_release_audit_and_rollback(repo):
     for root in (repo / ".dvc" / "cache" / "files" / "md5", remote):
         (root / weights[:2] / weights[2:]).unlink(missing_ok=True)
     flagged = quantbuild(repo, "audit")
-    assert flagged.returncode == 1 and "FLAGGED" in flagged.stdout and "model.gguf: not in the DVC cache" in flagged.stdout
+    assert flagged.returncode == 1 and "FLAGGED" in flagged.stdout and "model.gguf: object " in flagged.stdout and "is in neither the DVC cache nor the remote" in flagged.stdout
 
 
 def test_rollback_ignores_lock_entries_of_variants_no_longer_in_the_pipeline(repo):
