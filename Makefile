@@ -79,6 +79,10 @@ bench: install
 	python bench/gguf_variants.py imatrix
 	python bench/gguf_variants.py throughput
 	python bench/gguf_variants.py noise
+	python bench/gguf_variants.py agreement
+	python bench/gate_stability.py decisions
+	python bench/gate_stability.py widths
+	python bench/behaviour.py
 
 # A signing key pair for bundles (keys/ is git-ignored; never commit the .key).
 keys: install

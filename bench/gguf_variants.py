@@ -5,6 +5,7 @@
     python bench/gguf_variants.py imatrix    [--tokens 60000]
     python bench/gguf_variants.py throughput [--items 16]
     python bench/gguf_variants.py noise      [--repeats 8]
+    python bench/gguf_variants.py agreement  (after make demo)
 
 speed: quantbuild's gguf quantize (`build_variant`: checks, plan, llama-quantize, the
 lineage rewrite, hashing, the record) against `llama-quantize` called directly on the same
@@ -299,16 +300,52 @@ def noise(args: argparse.Namespace) -> None:
 
 
 
+def agreement(args: argparse.Namespace) -> None:
+    """quantbuild's language-modelling KLD (the evaluate stage's measurements.json) against
+    llama.cpp's own `llama-perplexity --kl-divergence` on the same GGUF files and text: the
+    eval texts joined by newlines, 512-token chunks."""
+    from quantbuild.config import load_config
+    from quantbuild.hashing import read_json
+    from quantbuild.runtimes.llama_cpp import run_tool
+    from quantbuild.tasks.items import load_items
+
+    config = load_config(ROOT / "params.yaml")
+    paths = config.paths
+    texts = [item.prompt for item in load_items(ROOT / paths.eval_data / "language_modelling.jsonl")]
+    texts = texts[: config.eval.limit] if config.eval.limit else texts
+    rows, results = [], {}
+    with tempfile.TemporaryDirectory() as folder:
+        work = Path(folder)
+        text, logits = work / "lm.txt", work / "base.kld"
+        text.write_text("\n".join(texts), encoding="utf-8")
+        run_tool("llama-perplexity", ["-m", str(ROOT / paths.gguf_base / "base.gguf"), "-f", str(text),
+                                      "--kl-divergence-base", str(logits), "-c", str(config.eval.kl_context), "-b",
+                                      str(config.eval.kl_context), "-t", "2", "--no-repack"], "base logits")
+        for name in sorted(config.quant.variants):
+            ours = read_json(ROOT / paths.eval / name / "measurements.json")
+            if ours.get("kld_mean") is None or not ours["kld_mean"] > 0:
+                continue
+            theirs = _kld(ROOT / paths.quantized / name / "model" / "model.gguf", logits, text)
+            results[name] = {"quantbuild": ours["kld_mean"], "llama_perplexity": theirs["kld_mean"],
+                             "quantbuild_items": ours.get("items_kld_mean")}
+            rows.append([name, f"{ours['kld_mean']:.6f}", f"{theirs['kld_mean']:.6f}",
+                         f"{ours['kld_mean'] / theirs['kld_mean']:.3f}", f"{ours.get('items_kld_mean', 0):.6f}"])
+    print(f"{len(texts)} eval texts, {config.eval.kl_context}-token chunks, second halves scored")
+    print(table(["variant", "quantbuild KLD", "llama-perplexity KLD", "ratio", "quantbuild per-item KLD"], rows))
+    save("gguf_kld_agreement", results)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("speed", "quality", "imatrix", "throughput", "noise"))
+    parser.add_argument("what", choices=("speed", "quality", "imatrix", "throughput", "noise", "agreement"))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=60000)
     parser.add_argument("--items", type=int, default=16)
     parser.add_argument("--targets", type=float, nargs="+", default=[3.0, 3.5, 4.0, 4.5, 5.0])
     parser.add_argument("--models", nargs="+", default=["baseline", "random-100m"], choices=("baseline", "random-100m"))
     args = parser.parse_args()
-    {"speed": speed, "quality": quality, "imatrix": imatrix, "throughput": throughput, "noise": noise}[args.what](args)
+    {"speed": speed, "quality": quality, "imatrix": imatrix, "throughput": throughput, "noise": noise,
+     "agreement": agreement}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -484,3 +484,41 @@ def test_verify_behaviour_exit_codes_on_a_bundle_and_a_lone_gguf(built, probed, 
     # Probes altered after packaging: the manifest catches it first (integrity, exit 1).
     (bundle / "behaviour.json").write_text("{}")
     assert run(str(bundle)).returncode == 1
+
+
+def test_kld_is_llama_perplexity_s_and_matches_a_full_vocabulary_kld(built, base, tmp_path):
+    """Chunks of kl_context tokens, BOS first, second half scored; the stored reference holds
+    whole distributions for this vocabulary, so the stage's KLD equals one computed here
+    from both models' full distributions (within 5%, for three variants)."""
+    import torch
+
+    from quantbuild.config import EvalConfig, LatencyConfig, MemoryConfig
+    from quantbuild.evaluation import kld
+    from quantbuild.evaluation.runner import REFERENCE, evaluate_gguf
+
+    config = EvalConfig(families=["language_modelling"], limit=24, kl_context=256,
+                        latency=LatencyConfig(prompt_lengths=[16], new_tokens=2, warmup=0, repeats=1),
+                        memory=MemoryConfig(context_lengths=[256]))
+    data = REPO / "data" / "eval"
+    reference = evaluate_gguf(base / BASE_FILE, "f16", config, data, tmp_path / "baseline", None, False)
+    assert reference["chunks"] >= 3 and reference["kld_mean"] == 0.0 and reference["items_tokens"] > 0
+    texts = [item.prompt for item in load_items(data / "language_modelling.jsonl")[:24]]
+
+    def full_logprobs(path: Path, pieces: list) -> list:
+        with LlamaCppModel(path, n_ctx=256, threads=2) as model:
+            return [torch.from_numpy(model.logprobs(chunk))[len(chunk) // 2:] for chunk in pieces]
+
+    with LlamaCppModel(base / BASE_FILE, n_ctx=256, threads=2) as model:
+        pieces = kld.chunks(model.tokenize("\n".join(texts)), 256,
+                            model.tokenize("", add_special=True)[0])
+    assert len(pieces) == reference["chunks"] and all(chunk[0] == pieces[0][0] for chunk in pieces)
+    baseline = full_logprobs(base / BASE_FILE, pieces)
+    for name in ("q8_0", "q4_k_m_imat", "iq4_xs_imat"):
+        path = built[name] / MODEL_DIR / MODEL_FILE
+        metrics = evaluate_gguf(path, "f16", config, data, tmp_path / name, tmp_path / "baseline" / REFERENCE, False)
+        variant = full_logprobs(path, pieces)
+        total = sum((p.exp() * (p - q)).sum().item() for p, q in zip(baseline, variant))
+        direct = total / sum(p.shape[0] for p in baseline)
+        assert metrics["kld_mean"] == pytest.approx(direct, rel=0.05), (name, metrics["kld_mean"], direct)
+        assert list(metrics["kld_by_position"]) == ["128-159", "160-191", "192-223", "224-254"]
+        assert metrics["items_kld_mean"] > 0 and metrics["tokens"] == reference["tokens"]

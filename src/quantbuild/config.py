@@ -223,6 +223,12 @@ class EvalConfig:
     limit: int = 64
     batch_size: int = 32
     kl_top_k: int = 32
+    # Language modelling as llama-perplexity --kl-divergence measures it: the texts as one
+    # stream, chunks of kl_context tokens (BOS first), the second half of each scored.
+    kl_context: int = 512
+    # The reference keeps whole distributions (exact KLD) up to this vocabulary size, else
+    # the top kl_top_k log-probabilities and the tail mass.
+    kl_full_vocab: int = 8192
     runtime: str = "dequantized"
     # llama.cpp threads for every suite (0 = one per core).
     threads: int = 0
@@ -464,6 +470,9 @@ def _check_ranges(config: Config) -> None:
     _require(config.eval.limit >= 0, "eval.limit", config.eval.limit, ">= 0 (0 = every item)")
     _require(config.eval.batch_size >= 1, "eval.batch_size", config.eval.batch_size, ">= 1")
     _require(1 <= config.eval.kl_top_k <= 1024, "eval.kl_top_k", config.eval.kl_top_k, "1..1024")
+    _require(16 <= config.eval.kl_context <= 32768, "eval.kl_context", config.eval.kl_context, "16..32768 tokens")
+    _require(0 <= config.eval.kl_full_vocab <= 262144, "eval.kl_full_vocab", config.eval.kl_full_vocab,
+             "0..262144 (0 = always top-k)")
     _require(config.eval.runtime in EVAL_RUNTIMES, "eval.runtime", config.eval.runtime, " | ".join(EVAL_RUNTIMES))
     latency, memory = config.eval.latency, config.eval.memory
     _require(latency.runtime in EVAL_RUNTIMES, "eval.latency.runtime", latency.runtime, " | ".join(EVAL_RUNTIMES))

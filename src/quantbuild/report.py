@@ -69,7 +69,9 @@ def release_summary(config: Config) -> str:
                  f"bits/weight, on {manifest.get('deploy_runtime', 'torch')}){fell_back}")
     lines.append(f"  perplexity {baseline.get('perplexity', 0):.4f} -> {measured.get('perplexity', 0):.4f}; "
                  f"KLD mean {measured.get('kld_mean', 0):.5f}, p99 {measured.get('kld_p99', 0):.5f}; "
-                 f"top-1 agreement {measured.get('top1_agreement', 1):.4f}")
+                 f"top-1 agreement {measured.get('top1_agreement', 1):.4f} (llama-perplexity's definition: "
+                 f"{measured.get('chunks', 0)} chunks, second halves)"
+                 + (f"; per item: KLD {measured['items_kld_mean']:.5f}" if "items_kld_mean" in measured else ""))
     drops = {check["budget"][: -len("_drop")]: check for check in manifest["gate"]["checks"]
              if check["budget"].endswith("_drop")}
     for family in sorted(measured["families"]):

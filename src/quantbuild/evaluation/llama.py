@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from quantbuild.config import EvalConfig
-from quantbuild.evaluation import distributions
+from quantbuild.evaluation import distributions, kld
 from quantbuild.evaluation.generation import MAX_NEW_TOKENS
 from quantbuild.evaluation.latency import paired_latency, summarise_runs
 from quantbuild.evaluation.scorers import score
@@ -36,7 +36,7 @@ def measure(path: Path, kv_type: str, config: EvalConfig, items: dict[str, list[
     """{"lm": metrics, "reference": tensors or None, "records": [...], "generative": [...],
     "latency": {...}, "latency_vs_baseline": {...} or None, "memory": {...}} for the GGUF
     file at `path`; with `baseline`, latency is also timed interleaved against it."""
-    from quantbuild.runtimes.llama_cpp import LlamaCppModel, positions
+    from quantbuild.runtimes.llama_cpp import LlamaCppModel
 
     workers = threads(config)
     lm_texts = [item.prompt for item in items.get("language_modelling", [])]
@@ -44,19 +44,18 @@ def measure(path: Path, kv_type: str, config: EvalConfig, items: dict[str, list[
                   for item in family_items]
     with LlamaCppModel(path, n_ctx=256, kv_type=kv_type, threads=workers, repack=repack) as probe:
         lm_tokens = [probe.tokenize(text) for text in lm_texts]
+        stream = probe.tokenize("\n".join(lm_texts), add_special=True) if lm_texts else []
+        bos = next(iter(probe.tokenize("", add_special=True)), None)
+        full = probe.n_vocab <= config.kl_full_vocab
         prompts = [probe.tokenize(item.prompt) for item in generative]
-    lengths = [len(t) for t in lm_tokens] + [len(t) + MAX_NEW_TOKENS.get(i.family, 64) for t, i in zip(prompts, generative)]
+    pieces = kld.chunks(stream, config.kl_context, bos)
+    lengths = [len(t) for t in [*lm_tokens, *pieces]] + [len(t) + MAX_NEW_TOKENS.get(i.family, 64)
+                                                         for t, i in zip(prompts, generative)]
     result: dict[str, Any] = {"reference": None, "lm": None}
     with LlamaCppModel(path, n_ctx=_context(lengths, config), kv_type=kv_type, threads=workers,
                        repack=repack) as model:
-        if lm_tokens:
-            if stored is None:
-                tensors, lm = distributions.reference_from(positions(model, lm_tokens), config.kl_top_k)
-                result["reference"] = tensors
-                lm.update({"kld_mean": 0.0, "kld_p99": 0.0, "top1_agreement": 1.0})
-            else:
-                lm = distributions.compare_from(positions(model, lm_tokens), stored)
-            result["lm"] = lm
+        if pieces:
+            result["reference"], result["lm"] = _language_modelling(model, lm_tokens, pieces, stored, full, config)
         records = []
         for item, tokens in zip(generative, prompts):
             output = model.detokenize(model.generate(tokens, MAX_NEW_TOKENS.get(item.family, 64)))
@@ -71,6 +70,27 @@ def measure(path: Path, kv_type: str, config: EvalConfig, items: dict[str, list[
     result["memory"] = _memory(path, kv_type, config, workers, repack)
     result["threads"] = workers
     return result
+
+
+def _language_modelling(model: Any, lm_tokens: list[list[int]], pieces: list[list[int]], stored: Optional[dict],
+                        full: bool, config: EvalConfig) -> tuple[Optional[dict], dict]:
+    """(reference tensors for the baseline or None, metrics): llama-perplexity's chunked
+    figures, and the per-item ones as items_*."""
+    import torch
+
+    from quantbuild.runtimes.llama_cpp import positions
+
+    def logprobs_of(chunk: list[int]) -> Any:
+        return torch.from_numpy(model.logprobs(chunk))
+
+    if stored is None:
+        tensors, lm = kld.reference(logprobs_of, pieces, config.kl_top_k, full)
+        item_tensors, items = distributions.reference_from(positions(model, lm_tokens), config.kl_top_k)
+        items.update({"kld_mean": 0.0, "kld_p99": 0.0, "top1_agreement": 1.0})
+        return kld.join(tensors, item_tensors), kld.with_items(lm, items)
+    chunked, item_reference = kld.split(stored)
+    items = distributions.compare_from(positions(model, lm_tokens), item_reference) if item_reference else None
+    return None, kld.with_items(kld.compare(logprobs_of, pieces, chunked), items)
 
 
 def _latency(model: Any, config: EvalConfig) -> dict[str, dict[str, float]]:

@@ -16,7 +16,7 @@ from typing import Any
 from quantbuild import behaviour
 from quantbuild.config import EvalConfig
 from quantbuild.errors import DataError
-from quantbuild.evaluation import distributions
+from quantbuild.evaluation import distributions, kld
 from quantbuild.evaluation.latency import TorchTimer, measure_latency, paired_latency
 from quantbuild.evaluation.memory import measure_memory
 from quantbuild.evaluation.stats import wilson_interval
@@ -83,12 +83,22 @@ def _measure_torch(model_dir: Path, model: Any, tokenizer: Any, config: EvalConf
                    stored: dict | None, staging: Path, baseline: Path | None) -> dict:
     lm, tensors = None, None
     lm_texts = [item.prompt for item in items.get("language_modelling", [])]
-    if lm_texts:
+    pieces = kld.chunks(tokenizer("\n".join(lm_texts))["input_ids"] if lm_texts else [],
+                        config.kl_context, tokenizer.bos_token_id)
+    if pieces:
+        full = len(tokenizer) <= config.kl_full_vocab
+        logprobs_of = _torch_logprobs(model)
         if stored is None:
-            tensors, lm = distributions.reference(model, tokenizer, lm_texts, config.kl_top_k, config.batch_size)
-            lm.update({"kld_mean": 0.0, "kld_p99": 0.0, "top1_agreement": 1.0})
+            chunked, lm = kld.reference(logprobs_of, pieces, config.kl_top_k, full)
+            item_tensors, items_lm = distributions.reference(model, tokenizer, lm_texts, config.kl_top_k,
+                                                             config.batch_size)
+            items_lm.update({"kld_mean": 0.0, "kld_p99": 0.0, "top1_agreement": 1.0})
+            tensors, lm = kld.join(chunked, item_tensors), kld.with_items(lm, items_lm)
         else:
-            lm = distributions.compare(model, tokenizer, lm_texts, stored, config.batch_size)
+            chunked, item_reference = kld.split(stored)
+            items_lm = (distributions.compare(model, tokenizer, lm_texts, item_reference, config.batch_size)
+                        if item_reference else None)
+            lm = kld.with_items(kld.compare(logprobs_of, pieces, chunked), items_lm)
     generative = [item for family, family_items in items.items() if family != "language_modelling" for item in family_items]
     records = run_generative(model, tokenizer, generative, config.batch_size)
     if config.latency.runtime != config.runtime:
@@ -107,6 +117,20 @@ def _measure_torch(model_dir: Path, model: Any, tokenizer: Any, config: EvalConf
                      {"load_runtime": config.latency.runtime, "device": str(next(model.parameters()).device)},
                      staging)
     return metrics
+
+
+def _torch_logprobs(model: Any) -> Any:
+    """chunk -> log-probabilities [len - 1, vocab] (float32, on the CPU) of a torch model."""
+    import torch
+
+    device = next(model.parameters()).device
+
+    def logprobs_of(chunk: list[int]) -> Any:
+        with torch.inference_mode():
+            logits = model(input_ids=torch.tensor([chunk], device=device)).logits[0, :-1].float()
+        return torch.log_softmax(logits, dim=-1).cpu()
+
+    return logprobs_of
 
 
 def evaluate_gguf(path: Path, kv_type: str, config: EvalConfig, data_dir: Path, out: Path,
@@ -136,7 +160,7 @@ def _write(staging: Path, config: EvalConfig, head: dict, lm: dict | None, tenso
     """Write every output into the staging folder (renamed into place by the caller)."""
     metrics: dict[str, Any] = {**head, "families": {}}
     if lm is not None:
-        metrics.update({key: round(value, 6) for key, value in lm.items()})
+        metrics.update({key: round(value, 6) if isinstance(value, float) else value for key, value in lm.items()})
     if tensors is not None:
         distributions.save_reference(tensors, staging / REFERENCE)
     for family, summary in summarise(generative, records).items():
@@ -171,8 +195,8 @@ def headline(metrics: dict) -> dict:
     memory = metrics["memory"]
     largest = max(memory["by_context"], key=int)
     first = min(metrics["latency"], key=int)
-    values: dict[str, Any] = {key: metrics[key] for key in ("perplexity", "kld_mean", "kld_p99", "top1_agreement")
-                              if key in metrics}
+    values: dict[str, Any] = {key: metrics[key] for key in ("perplexity", "kld_mean", "kld_p99", "top1_agreement",
+                                                             "items_kld_mean") if key in metrics}
     values["score"] = {family: entry["score"] for family, entry in sorted(metrics["families"].items())}
     values[f"memory_mb@{largest}"] = memory["by_context"][largest]["peak_mb"]
     values[f"decode_tok_s@{first}"] = metrics["latency"][first]["decode_tokens_per_s_p50"]

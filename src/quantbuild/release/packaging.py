@@ -71,7 +71,8 @@ def model_card(manifest: dict[str, Any]) -> str:
         "|---|---|---|",
         *rows,
         "",
-        f"KL divergence vs baseline: mean {measured.get('kld_mean', 0):.5f}, p99 {measured.get('kld_p99', 0):.5f}; "
+        f"KL divergence vs baseline (as llama-perplexity --kl-divergence measures it): mean "
+        f"{measured.get('kld_mean', 0):.5f}, p99 {measured.get('kld_p99', 0):.5f}; "
         f"top-1 agreement {measured.get('top1_agreement', 1):.4f}. Model memory by context (MiB): "
         + ", ".join(f"{ctx}: {values['peak_mb']}" for ctx, values in sorted(memory.get("by_context", {}).items(),
                                                                            key=lambda kv: int(kv[0]))) + ".",
