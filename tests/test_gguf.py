@@ -383,7 +383,9 @@ def test_an_unavailable_target_is_one_line_before_any_work(tmp_path, monkeypatch
     with pytest.raises(RuntimeUnavailable) as caught:
         require_target("llama.cpp")
     assert "\n" not in str(caught.value) and "llama-quantize is not built" in str(caught.value)
-    with pytest.raises(RuntimeUnavailable, match="target 'vllm': unknown"):
+    with pytest.raises(RuntimeUnavailable, match="target 'tensorrt': unknown"):
+        require_target("tensorrt")
+    with pytest.raises(RuntimeUnavailable, match="target vllm: not available here"):
         require_target("vllm")
 
 
