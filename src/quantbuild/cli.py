@@ -126,7 +126,10 @@ def verify(path: Optional[Path] = RELEASED, as_json: bool = typer.Option(False, 
             else:
                 typer.echo(f"drift: {key}: {old} -> {new}", err=True)
         if result.drifted and not result.problems:
-            typer.echo("the runtime differs from the one this bundle was validated on: run `dvc repro` to revalidate",
+            numerical = all(key.startswith("numerical drift") for key, _, _ in result.drifted)
+            typer.echo("what this model computes here differs from what it computed where it was validated: "
+                       "revalidate (`dvc repro`) before trusting it" if numerical else
+                       "the runtime differs from the one this bundle was validated on: run `dvc repro` to revalidate",
                        err=True)
         if result.exit_code == 0:
             checked = (f" and its {result.behaviour['probes']} behavioural probes (KLD "
