@@ -13,15 +13,15 @@ from quantbuild.config import Config
 from quantbuild.errors import IntegrityError
 from quantbuild.evaluation.runner import MEASUREMENTS
 from quantbuild.fingerprint import scopes_of
-from quantbuild.gguf_base import RECORD as GGUF_BASE_RECORD
-from quantbuild.hashing import read_json, sha256_file
 from quantbuild.gate import require_release
-from quantbuild.release.packaging import build_bundle, dvc_lock_entries, git_state
+from quantbuild.gguf_base import RECORD as GGUF_BASE_RECORD
+from quantbuild.hashing import read_json
 from quantbuild.quantization import MODEL_DIR, RECORD
+from quantbuild.release.packaging import build_bundle, dvc_lock_entries, git_state, require_recorded_bytes
+from quantbuild.release.verify import verify
 from quantbuild.runtimes import METHOD_TARGETS, TARGET_RUNTIME
 from quantbuild.sources import RECORD as FETCH_RECORD
 from quantbuild.stage import run_stage, say
-from quantbuild.release.verify import verify
 
 
 def main(config: Config) -> None:
@@ -31,12 +31,7 @@ def main(config: Config) -> None:
     chosen = require_release(decision)
     quantized = Path(paths.quantized) / chosen
     record = read_json(quantized / RECORD)
-    # Never trust the workspace's copy blindly: DVC checks rotten cache objects out unchecked.
-    for name, digest in sorted(record["files"].items()):
-        if sha256_file(quantized / MODEL_DIR / name) != digest:
-            raise IntegrityError(f"{quantized / MODEL_DIR / name}: sha256 differs from its quantize record (a corrupted "
-                                 f"DVC cache object checked out?); run `quantbuild audit --repair` and "
-                                 f"`dvc checkout`, or `dvc repro -f -s quantize@{chosen}`")
+    require_recorded_bytes(quantized / MODEL_DIR, record)
     calibration = read_json(Path(paths.calibration) / CALIBRATION_RECORD)
     build_scope, runtime_scope = scopes_of(record["method"])
     lineage = {

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
+from quantbuild.errors import IntegrityError
 from quantbuild.hashing import sha256_file, staged_dir, write_json
 from quantbuild.release.manifest import MANIFEST, SCHEMA
 from quantbuild.release.provenance import PROVENANCE, statement
@@ -215,3 +216,15 @@ def build_bundle(out: Path, bundle_name: str, model_dir: Path, lineage: dict[str
         if signing_key is not None:
             sign_bundle(bundle, signing_key)
     return manifest
+
+
+def require_recorded_bytes(model_dir: Path, record: dict[str, Any]) -> None:
+    """Every model file of a built variant still has the sha256 its quantize record holds.
+    DVC checks a rotten cache object out unchecked (iterative/dvc#9641), so the package stage
+    re-hashes what it is about to bundle."""
+    for name, digest in sorted(record["files"].items()):
+        path = model_dir / name
+        if not path.is_file() or sha256_file(path) != digest:
+            raise IntegrityError(f"{path}: sha256 differs from its quantize record (a corrupted DVC cache object "
+                                 f"checked out?); run `quantbuild audit --repair` and `dvc checkout`, or "
+                                 f"`dvc repro -f -s quantize@{record['variant']}`")
