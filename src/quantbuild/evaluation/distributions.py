@@ -41,41 +41,65 @@ def compare(model: Any, tokenizer: Any, texts: list[str], stored: dict, batch_si
     return compare_from(position_logprobs(model, tokenizer, texts, batch_size), stored)
 
 
-def reference_from(positions: Iterable[tuple[Any, Any]], top_k: int) -> tuple[dict, dict]:
-    """`reference` over any runtime's (log-probabilities, targets) batches."""
+def reference_from(positions: Iterable[tuple[Any, Any]], top_k: int, full: bool = False) -> tuple[dict, dict]:
+    """`reference` over any runtime's (log-probabilities, targets) batches: per position the
+    top-k log-probabilities, or with `full` the whole distribution (float16)."""
     import torch
 
-    ids, values, nll, count = [], [], 0.0, 0
+    ids, values, rows, nll, count = [], [], [], 0.0, 0
     for logprobs, targets in positions:
-        top = torch.topk(logprobs, top_k, dim=-1)
-        ids.append(top.indices.to(torch.int32))
-        values.append(top.values)
+        if full:
+            rows.append(logprobs.to(torch.float16))
+        else:
+            top = torch.topk(logprobs, top_k, dim=-1)
+            ids.append(top.indices.to(torch.int32))
+            values.append(top.values)
         nll -= logprobs.gather(-1, targets.unsqueeze(-1)).sum().item()
         count += targets.numel()
-    tensors = {"topk_ids": torch.cat(ids).contiguous(), "topk_logprobs": torch.cat(values).contiguous()}
+    if full:
+        tensors = {"logprobs": torch.cat(rows).contiguous()}
+    else:
+        tensors = {"topk_ids": torch.cat(ids).contiguous(), "topk_logprobs": torch.cat(values).contiguous()}
     return tensors, {"perplexity": math.exp(nll / count), "tokens": count}
 
 
-def compare_from(positions: Iterable[tuple[Any, Any]], stored: dict) -> dict:
-    """`compare` over any runtime's (log-probabilities, targets) batches."""
-    ref_ids, ref_logprobs = stored["topk_ids"].long(), stored["topk_logprobs"].float()
+def _row_kld(stored: dict, rows: slice, logprobs: Any) -> tuple[Any, Any]:
+    """(KL divergence per position, the reference's top-1 token) for the stored rows: exact
+    against a whole stored distribution, else over the top-k plus one tail bucket."""
+    import torch
+
+    if "logprobs" in stored:
+        p_log = torch.log_softmax(stored["logprobs"][rows].float(), dim=-1)
+        return (p_log.exp() * (p_log - logprobs)).sum(-1).clamp(min=0), p_log.argmax(-1)
+    ref_ids, ref_logprobs = stored["topk_ids"][rows].long(), stored["topk_logprobs"][rows].float()
+    p_top = ref_logprobs.exp()
+    q_top = logprobs.gather(-1, ref_ids)
+    p_rest = (1 - p_top.sum(-1)).clamp(min=1e-10)
+    q_rest = (1 - q_top.exp().sum(-1)).clamp(min=1e-10)
+    kld = (p_top * (ref_logprobs - q_top)).sum(-1) + p_rest * (p_rest.log() - q_rest.log())
+    return kld.clamp(min=0), ref_ids[:, 0]
+
+
+def compare_from(positions: Iterable[tuple[Any, Any]], stored: dict, per_batch: list | None = None) -> dict:
+    """`compare` over any runtime's (log-probabilities, targets) batches, against a stored
+    top-k or whole-distribution reference; each batch's per-position KLD is appended to
+    `per_batch` when given."""
+    size = stored["logprobs" if "logprobs" in stored else "topk_ids"].shape[0]
     klds, agree, nll, count, offset = [], 0, 0.0, 0, 0
     for logprobs, targets in positions:
         rows = slice(offset, offset + targets.numel())
         offset += targets.numel()
-        if offset > ref_ids.shape[0]:
-            raise ValueError(f"reference has {ref_ids.shape[0]} positions, evaluation produced more")
-        p_top = ref_logprobs[rows].exp()
-        q_top = logprobs.gather(-1, ref_ids[rows])
-        p_rest = (1 - p_top.sum(-1)).clamp(min=1e-10)
-        q_rest = (1 - q_top.exp().sum(-1)).clamp(min=1e-10)
-        kld = (p_top * (ref_logprobs[rows] - q_top)).sum(-1) + p_rest * (p_rest.log() - q_rest.log())
-        klds.extend(kld.clamp(min=0).tolist())
-        agree += int((logprobs.argmax(-1) == ref_ids[rows, 0]).sum().item())
+        if offset > size:
+            raise ValueError(f"reference has {size} positions, evaluation produced more")
+        kld, top = _row_kld(stored, rows, logprobs)
+        klds.extend(kld.tolist())
+        if per_batch is not None:
+            per_batch.append(kld)
+        agree += int((logprobs.argmax(-1) == top).sum().item())
         nll -= logprobs.gather(-1, targets.unsqueeze(-1)).sum().item()
         count += targets.numel()
-    if offset != ref_ids.shape[0]:
-        raise ValueError(f"reference has {ref_ids.shape[0]} positions, evaluation produced {offset}")
+    if offset != size:
+        raise ValueError(f"reference has {size} positions, evaluation produced {offset}")
     return {
         "perplexity": math.exp(nll / count),
         "tokens": count,

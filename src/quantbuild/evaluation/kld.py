@@ -18,11 +18,9 @@ The short per-item figures (each item on its own, from its first token) stay bes
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Iterator, Optional
 
 from quantbuild.evaluation.distributions import compare_from, reference_from
-from quantbuild.evaluation.stats import percentile
 
 BINS = 4
 
@@ -50,69 +48,47 @@ def scored(logprobs_of: Callable[[list[int]], Any], pieces: list[list[int]]) -> 
         yield logprobs_of(chunk)[first:], torch.tensor(chunk[first + 1:], dtype=torch.long)
 
 
-def reference(logprobs_of: Callable, pieces: list[list[int]], top_k: int, full: bool) -> tuple[dict, dict]:
+def _reference(logprobs_of: Callable, pieces: list[list[int]], top_k: int, full: bool) -> tuple[dict, dict]:
     """(tensors to store, metrics) for the baseline: its distribution at every scored position."""
-    if not full:
-        tensors, metrics = reference_from(scored(logprobs_of, pieces), top_k)
-    else:
-        import torch
-
-        rows, nll, count = [], 0.0, 0
-        for logprobs, targets in scored(logprobs_of, pieces):
-            rows.append(logprobs.to(torch.float16))
-            nll -= logprobs.gather(-1, targets.unsqueeze(-1)).sum().item()
-            count += targets.numel()
-        tensors = {"logprobs": torch.cat(rows).contiguous()}
-        metrics = {"perplexity": math.exp(nll / count), "tokens": count}
+    tensors, metrics = reference_from(scored(logprobs_of, pieces), top_k, full)
     return tensors, {**metrics, "kld_mean": 0.0, "kld_p99": 0.0, "top1_agreement": 1.0, "chunks": len(pieces)}
 
 
-def compare(logprobs_of: Callable, pieces: list[list[int]], stored: dict) -> dict:
-    """Perplexity, KL divergence (mean, p99, by position) and top-1 agreement against the
-    stored reference (exact where it holds whole distributions)."""
-    if "logprobs" not in stored:
-        metrics = compare_from(scored(logprobs_of, pieces), stored)
-        return {**metrics, "chunks": len(pieces)}
-    import torch
-
-    reference_rows = stored["logprobs"]
-    klds, by_bin, agree, nll, count, offset = [], {}, 0, 0.0, 0, 0
-    for chunk, (logprobs, targets) in zip(pieces, scored(logprobs_of, pieces)):
-        rows = slice(offset, offset + targets.numel())
-        offset += targets.numel()
-        if offset > reference_rows.shape[0]:
-            raise ValueError(f"reference has {reference_rows.shape[0]} positions, evaluation produced more")
-        p_log = torch.log_softmax(reference_rows[rows].float(), dim=-1)
-        kld = (p_log.exp() * (p_log - logprobs)).sum(-1).clamp(min=0)
-        klds.extend(kld.tolist())
+def _compare(logprobs_of: Callable, pieces: list[list[int]], stored: dict) -> dict:
+    """Perplexity, KL divergence (mean, p99, by position in the chunk) and top-1 agreement
+    against the stored reference."""
+    per_chunk: list = []
+    metrics = compare_from(scored(logprobs_of, pieces), stored, per_chunk)
+    by_bin: dict[str, list[float]] = {}
+    for chunk, kld in zip(pieces, per_chunk):
         first, size = len(chunk) // 2, len(chunk)
         width = max(1, -(-(size - 1 - first) // BINS))
         for row, value in enumerate(kld.tolist()):
             start = first + (row // width) * width
             by_bin.setdefault(f"{start}-{min(start + width, size - 1) - 1}", []).append(value)
-        agree += int((logprobs.argmax(-1) == p_log.argmax(-1)).sum().item())
-        nll -= logprobs.gather(-1, targets.unsqueeze(-1)).sum().item()
-        count += targets.numel()
-    if offset != reference_rows.shape[0]:
-        raise ValueError(f"reference has {reference_rows.shape[0]} positions, evaluation produced {offset}")
-    return {"perplexity": math.exp(nll / count), "tokens": count, "kld_mean": sum(klds) / len(klds),
-            "kld_p99": percentile(klds, 99), "top1_agreement": agree / count, "chunks": len(pieces),
-            "kld_by_position": {key: round(sum(values) / len(values), 8)
-                                for key, values in sorted(by_bin.items(), key=lambda kv: int(kv[0].split("-")[0]))}}
+    metrics["kld_by_position"] = {key: round(sum(values) / len(values), 8)
+                                  for key, values in sorted(by_bin.items(), key=lambda kv: int(kv[0].split("-")[0]))}
+    return {**metrics, "chunks": len(pieces)}
 
 
-def split(tensors: dict) -> tuple[dict, dict]:
-    """(chunked reference, per-item reference) of a stored reference file."""
-    items = {key[len("items_"):]: value for key, value in tensors.items() if key.startswith("items_")}
-    chunked = {key: value for key, value in tensors.items() if not key.startswith("items_")}
-    return chunked, items
+def measure(logprobs_of: Callable, pieces: list[list[int]], stored: Optional[dict], top_k: int, full: bool,
+            items_reference: Callable[[], tuple[dict, dict]], items_compare: Callable[[dict], dict]
+            ) -> tuple[Optional[dict], dict]:
+    """(reference tensors for the baseline, else None; metrics) on any runtime: the chunked
+    figures, and the per-item ones (`items_reference()` / `items_compare(stored)`, the
+    runtime's own item scoring) beside them as items_*."""
+    if stored is None:
+        tensors, metrics = _reference(logprobs_of, pieces, top_k, full)
+        item_tensors, items = items_reference()
+        items.update({"kld_mean": 0.0, "kld_p99": 0.0, "top1_agreement": 1.0})
+        return {**tensors, **{f"items_{key}": value for key, value in item_tensors.items()}}, _with_items(metrics, items)
+    chunked = {key: value for key, value in stored.items() if not key.startswith("items_")}
+    item_reference = {key[len("items_"):]: value for key, value in stored.items() if key.startswith("items_")}
+    items = items_compare(item_reference) if item_reference else None
+    return None, _with_items(_compare(logprobs_of, pieces, chunked), items)
 
 
-def join(chunked: dict, items: Optional[dict]) -> dict:
-    return {**chunked, **{f"items_{key}": value for key, value in (items or {}).items()}}
-
-
-def with_items(metrics: dict, items: Optional[dict]) -> dict:
+def _with_items(metrics: dict, items: Optional[dict]) -> dict:
     """The chunked metrics, with the per-item figures beside them as items_*."""
     extra = {f"items_{key}": items[key] for key in ("perplexity", "kld_mean", "kld_p99", "top1_agreement", "tokens")
              if items and key in items}

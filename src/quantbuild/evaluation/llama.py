@@ -80,17 +80,9 @@ def _language_modelling(model: Any, lm_tokens: list[list[int]], pieces: list[lis
 
     from quantbuild.runtimes.llama_cpp import positions
 
-    def logprobs_of(chunk: list[int]) -> Any:
-        return torch.from_numpy(model.logprobs(chunk))
-
-    if stored is None:
-        tensors, lm = kld.reference(logprobs_of, pieces, config.kl_top_k, full)
-        item_tensors, items = distributions.reference_from(positions(model, lm_tokens), config.kl_top_k)
-        items.update({"kld_mean": 0.0, "kld_p99": 0.0, "top1_agreement": 1.0})
-        return kld.join(tensors, item_tensors), kld.with_items(lm, items)
-    chunked, item_reference = kld.split(stored)
-    items = distributions.compare_from(positions(model, lm_tokens), item_reference) if item_reference else None
-    return None, kld.with_items(kld.compare(logprobs_of, pieces, chunked), items)
+    return kld.measure(lambda chunk: torch.from_numpy(model.logprobs(chunk)), pieces, stored, config.kl_top_k, full,
+                       lambda: distributions.reference_from(positions(model, lm_tokens), config.kl_top_k),
+                       lambda reference: distributions.compare_from(positions(model, lm_tokens), reference))
 
 
 def _latency(model: Any, config: EvalConfig) -> dict[str, dict[str, float]]:

@@ -86,19 +86,10 @@ def _measure_torch(model_dir: Path, model: Any, tokenizer: Any, config: EvalConf
     pieces = kld.chunks(tokenizer("\n".join(lm_texts))["input_ids"] if lm_texts else [],
                         config.kl_context, tokenizer.bos_token_id)
     if pieces:
-        full = len(tokenizer) <= config.kl_full_vocab
-        logprobs_of = _torch_logprobs(model)
-        if stored is None:
-            chunked, lm = kld.reference(logprobs_of, pieces, config.kl_top_k, full)
-            item_tensors, items_lm = distributions.reference(model, tokenizer, lm_texts, config.kl_top_k,
-                                                             config.batch_size)
-            items_lm.update({"kld_mean": 0.0, "kld_p99": 0.0, "top1_agreement": 1.0})
-            tensors, lm = kld.join(chunked, item_tensors), kld.with_items(lm, items_lm)
-        else:
-            chunked, item_reference = kld.split(stored)
-            items_lm = (distributions.compare(model, tokenizer, lm_texts, item_reference, config.batch_size)
-                        if item_reference else None)
-            lm = kld.with_items(kld.compare(logprobs_of, pieces, chunked), items_lm)
+        tensors, lm = kld.measure(
+            _torch_logprobs(model), pieces, stored, config.kl_top_k, len(tokenizer) <= config.kl_full_vocab,
+            lambda: distributions.reference(model, tokenizer, lm_texts, config.kl_top_k, config.batch_size),
+            lambda reference: distributions.compare(model, tokenizer, lm_texts, reference, config.batch_size))
     generative = [item for family, family_items in items.items() if family != "language_modelling" for item in family_items]
     records = run_generative(model, tokenizer, generative, config.batch_size)
     if config.latency.runtime != config.runtime:
