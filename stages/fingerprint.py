@@ -16,7 +16,7 @@ from quantbuild.stage import run_stage
 
 def main(config: Config) -> None:
     # Every variant's deploy target must run here: said in one line before any work.
-    for target in sorted({target_of(variant) for variant in config.quant.variants.values()}):
+    for target in sorted({target_of(variant.method, variant.target) for variant in config.quant.variants.values()}):
         require_target(target)
     out = Path(config.paths.fingerprint)
     prints = fingerprints()

@@ -19,7 +19,7 @@ from quantbuild.hashing import read_json
 from quantbuild.quantization import MODEL_DIR, RECORD
 from quantbuild.release.packaging import build_bundle, dvc_lock_entries, git_state, require_recorded_bytes
 from quantbuild.release.verify import verify
-from quantbuild.runtimes import METHOD_TARGETS, TARGET_RUNTIME
+from quantbuild.runtimes import TARGET_RUNTIME, target_of
 from quantbuild.sources import RECORD as FETCH_RECORD
 from quantbuild.stage import run_stage, say
 
@@ -31,6 +31,7 @@ def main(config: Config) -> None:
     chosen = require_release(decision)
     quantized = Path(paths.quantized) / chosen
     record = read_json(quantized / RECORD)
+    target = target_of(record["method"], record.get("target"))
     require_recorded_bytes(quantized / MODEL_DIR, record)
     calibration = read_json(Path(paths.calibration) / CALIBRATION_RECORD)
     build_scope, runtime_scope = scopes_of(record["method"])
@@ -44,8 +45,8 @@ def main(config: Config) -> None:
         "fingerprints": {"build": read_json(Path(paths.fingerprint) / f"{build_scope}.json"),
                          "runtime": read_json(Path(paths.fingerprint) / f"{runtime_scope}.json"),
                          "runtime_scope": runtime_scope},
-        "deploy_runtime": TARGET_RUNTIME[record.get("target") or METHOD_TARGETS[record["method"]][0]],
-        "target": record.get("target") or METHOD_TARGETS[record["method"]][0],
+        "deploy_runtime": TARGET_RUNTIME[target],
+        "target": target,
         "evaluation": {"baseline": read_json(Path(paths.eval) / "baseline" / MEASUREMENTS),
                        "variant": read_json(Path(paths.eval) / chosen / MEASUREMENTS)},
         "gate": {"chosen": chosen, **decision["variants"][chosen]},

@@ -389,7 +389,8 @@ def load_config(params_path: Path = Path("params.yaml")) -> Config:
 
 def ladder_runtime(config: Config) -> str:
     """The one runtime every variant of the ladder deploys on (validated in _check_ranges)."""
-    return TARGET_RUNTIME[target_of(next(iter(config.quant.variants.values())))]
+    first = next(iter(config.quant.variants.values()))
+    return TARGET_RUNTIME[target_of(first.method, first.target)]
 
 
 SOURCES = ("path", "hf")
@@ -458,7 +459,7 @@ def _check_ranges(config: Config) -> None:
         if getattr(variant, target, 0) > 0:
             _require(sensitivity.samples > 0, f"quant.variants.{name}.{target}", getattr(variant, target),
                      "0 (off) unless calibration.sensitivity.samples > 0 measures the layers' sensitivity")
-    runtimes = {name: TARGET_RUNTIME[target_of(variant)] for name, variant in config.quant.variants.items()}
+    runtimes = {name: TARGET_RUNTIME[target_of(variant.method, variant.target)] for name, variant in config.quant.variants.items()}
     if len(set(runtimes.values())) > 1:
         first = next(iter(runtimes))
         other = next(name for name, runtime in runtimes.items() if runtime != runtimes[first])

@@ -27,7 +27,7 @@ from typing import Any, Optional
 from quantbuild.config import GateConfig
 from quantbuild.errors import GateError
 from quantbuild.evaluation.stats import paired_drop_interval
-from quantbuild.runtimes import METHOD_TARGETS, TARGET_RUNTIME
+from quantbuild.runtimes import TARGET_RUNTIME, target_of
 
 RULE = ("release the smallest variant that, on its deploy target against the baseline measured there, passes every "
         "quality check and shows an operational win (less model memory, not slower within noise); if none does, keep "
@@ -139,14 +139,11 @@ def latency_ratio(baseline: dict, variant: dict) -> float:
     return max(ratios)
 
 
-def _target_of(record: dict) -> str:
-    return record.get("target") or METHOD_TARGETS.get(record.get("method", ""), ("gptqmodel",))[0]
-
-
 def _target_check(baseline: dict, variant: dict, record: dict) -> dict[str, Any]:
     """Validated on its target: the variant and the baseline were both measured on the
     runtime of the target the variant ships for."""
-    target = TARGET_RUNTIME.get(_target_of(record), _target_of(record))
+    shipped_for = target_of(record.get("method", ""), record.get("target"))
+    target = TARGET_RUNTIME.get(shipped_for, shipped_for)
     measured_on = variant.get("deploy_runtime")
     ok = measured_on == target and baseline.get("deploy_runtime") == target
     return {"budget": "validated_on_target", "kind": "target", "measured": measured_on,
@@ -170,7 +167,7 @@ def select(baseline: dict, variants: dict[str, dict], records: dict[str, dict], 
         baseline_precision = record["bits_per_weight"] >= BASELINE_PRECISION_BITS
         failed = [check for check in checks if not check["pass"]]
         decision["variants"][name] = {
-            "target": _target_of(record),
+            "target": target_of(record.get("method", ""), record.get("target")),
             "pass": not failed,
             "size_bytes": record["size_bytes"],
             "bits_per_weight": record["bits_per_weight"],

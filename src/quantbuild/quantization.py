@@ -82,7 +82,7 @@ def build_variant(name: str, variant: Any, inputs: Inputs, out: Path) -> dict:
         record = {
             "variant": name,
             "method": method.name,
-            "target": target_of(variant),
+            "target": target_of(variant.method, variant.target),
             "parameters": asdict(variant),
             "libraries": libraries_of(method.name),
             "calibration_samples": len(calibration),

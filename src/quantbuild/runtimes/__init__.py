@@ -12,7 +12,7 @@ a target this machine cannot run, before any work.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 LLAMA_CPP = "llama.cpp"
 TORCH = "torch"
@@ -26,21 +26,17 @@ METHOD_TARGETS = {"gguf": (LLAMA_CPP,), "gptq": ("gptqmodel", VLLM), "awq": ("gp
 VLLM_BITS = (4, 8)
 
 
-def runtime_of(method: str) -> str:
-    """The runtime a method's default target is measured on."""
-    return TARGET_RUNTIME[METHOD_TARGETS.get(method, ("gptqmodel",))[0]]
-
-
-def target_of(variant: Any) -> str:
-    """The target a variant ships for: its `target`, or its method's default."""
-    return getattr(variant, "target", None) or METHOD_TARGETS.get(variant.method, ("gptqmodel",))[0]
+def target_of(method: str, target: Optional[str] = None) -> str:
+    """The target a variant ships for (its config's or its quantize record's `target`), or
+    its method's default."""
+    return target or METHOD_TARGETS.get(method, ("gptqmodel",))[0]
 
 
 def check_target(key: str, variant: Any) -> None:
     """Refuse, in one line, a target that cannot load the variant's format."""
     from quantbuild.errors import ConfigError
 
-    target = target_of(variant)
+    target = target_of(variant.method, variant.target)
     allowed = METHOD_TARGETS.get(variant.method, ())
     if target not in allowed:
         raise ConfigError(f"params.yaml: {key}.target={target!r} cannot load the {variant.method} format "
