@@ -55,14 +55,21 @@ class TorchProbeModel:
     """A transformers model (dense, GPTQModel or bitsandbytes) behind the probe interface
     llama.cpp's `LlamaCppModel` has: tokenize, per-position log-probabilities, greedy."""
 
-    def __init__(self, model: Any, tokenizer: Any):
-        self.model, self.tokenizer = model, tokenizer
+    def __init__(self, model: Any, tokenizer: Any, threads: int):
+        self.model, self.tokenizer, self.threads = model, tokenizer, threads
+        self._before = 0
 
     def __enter__(self) -> "TorchProbeModel":
+        import torch
+
+        self._before = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        return None
+        import torch
+
+        torch.set_num_threads(self._before)
 
     def tokenize(self, text: str) -> list[int]:
         return self.tokenizer(text)["input_ids"]
@@ -100,14 +107,8 @@ def llama_opener(path: Path, kv_type: str, repack: bool) -> Callable[[int], Any]
 
 
 def torch_opener(model: Any, tokenizer: Any) -> Callable[[int], Any]:
-    """threads -> the loaded torch model at that many intra-op threads."""
-    import torch
-
-    def opened(threads: int) -> TorchProbeModel:
-        torch.set_num_threads(threads)
-        return TorchProbeModel(model, tokenizer)
-
-    return opened
+    """threads -> the loaded torch model, run at that many intra-op threads while open."""
+    return lambda threads: TorchProbeModel(model, tokenizer, threads)
 
 
 def _run(model: Any, sequences: list[list[int]]) -> tuple[dict, list[list[int]]]:
@@ -150,8 +151,6 @@ def record(opener: Callable[[int], Any], runtime: str, settings: dict[str, Any],
         if threads != workers:
             with opener(threads) as model:
                 spread.append(_compare(tensors, greedy, model, sequences))
-    if runtime == "torch":
-        opener(workers)  # leave torch at the thread count it had
     tensors = {**tensors, **_pack("prompt", sequences), **_pack("greedy", greedy)}
     out.mkdir(parents=True, exist_ok=True)
     save_reference({name: value.contiguous() for name, value in tensors.items()}, out / PROBES)
