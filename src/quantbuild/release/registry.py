@@ -15,13 +15,13 @@ import re
 import subprocess
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import yaml
 
 from quantbuild.errors import QuantbuildError
-from quantbuild.hashing import sha256_bytes
 from quantbuild.release.manifest import MANIFEST, SCHEMA
 
 PACKAGE_STAGE = "package"
@@ -121,28 +121,41 @@ def object_stores(repo: Path) -> list[tuple[str, Path]]:
     return stores
 
 
-def _md5_of(path: Path) -> str:
-    digest = hashlib.md5()
+@lru_cache(maxsize=4096)
+def _digests(path: Path, inode: int, size: int, mtime_ns: int, ctime_ns: int) -> tuple[str, str]:
+    """(md5, sha256) of a file in one pass. Keyed by inode, size and both timestamps as well:
+    any write changes the ctime, which nobody can set back, so a rewritten file is hashed
+    again, while the audit, rollback and repair of one command read each object once."""
+    md5, sha256 = hashlib.md5(), hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+            md5.update(block)
+            sha256.update(block)
+    return md5.hexdigest(), sha256.hexdigest()
+
+
+def file_digests(path: Path) -> tuple[str, str]:
+    """(md5, sha256) of a stored object."""
+    stat = path.stat()
+    return _digests(path, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+
+
+def _copies(repo: Path, md5: str) -> Iterator[tuple[str, Path, bool]]:
+    for label, root in object_stores(repo):
+        path = root / "files" / "md5" / md5[:2] / md5[2:]
+        if path.is_file():
+            yield label, path, file_digests(path)[0] == md5.removesuffix(".dir")
 
 
 def object_copies(repo: Path, md5: str) -> list[tuple[str, Path, bool]]:
     """(store label, path, intact) of every copy of a DVC object: intact when its bytes still
     hash to the md5 it is stored under (DVC itself does not re-check: iterative/dvc#9641)."""
-    copies = []
-    for label, root in object_stores(repo):
-        path = root / "files" / "md5" / md5[:2] / md5[2:]
-        if path.is_file():
-            copies.append((label, path, _md5_of(path) == md5.removesuffix(".dir")))
-    return copies
+    return list(_copies(repo, md5))
 
 
 def find_object(repo: Path, md5: str) -> Optional[Path]:
     """An intact copy of a DVC object (the cache first, then a folder remote), or None."""
-    return next((path for _, path, intact in object_copies(repo, md5) if intact), None)
+    return next((path for _, path, intact in _copies(repo, md5) if intact), None)
 
 
 def describe_missing(repo: Path, md5: str, name: str) -> str:
@@ -204,7 +217,7 @@ def read_released_manifest(repo: Path, out: dict[str, Any]) -> tuple[Optional[di
         return None, [f"{manifests[0]}: not a readable manifest ({err})"]
     if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
         return None, [f"{manifests[0]}: unknown manifest schema"]
-    manifest["_sha256"] = sha256_bytes(manifest_object.read_bytes())
+    manifest["_sha256"] = file_digests(manifest_object)[1]
     for name, entry in sorted(manifest.get("files", {}).items()):
         md5 = files.get(f"{bundle_dir}/{name}")
         copies = object_copies(repo, md5) if md5 else []
@@ -216,7 +229,7 @@ def read_released_manifest(repo: Path, out: dict[str, Any]) -> tuple[Optional[di
         if corrupt:
             problems.append(f"{name}: the stored object {md5} is corrupted in the {' and the '.join(corrupt)} (an "
                             f"intact copy exists: `quantbuild audit --repair` restores it)")
-        if sha256_bytes(stored.read_bytes()) != entry["sha256"]:
+        if file_digests(stored)[1] != entry["sha256"]:
             problems.append(f"{name}: sha256 differs from the manifest")
     return manifest, problems
 
