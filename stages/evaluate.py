@@ -8,15 +8,11 @@ runtime the ladder deploys on (llama.cpp for GGUF variants, whose baseline is it
 import sys
 from pathlib import Path
 
-from quantbuild.config import Config, ladder_runtime
+from quantbuild.config import Config
 from quantbuild.determinism import make_deterministic
 from quantbuild.errors import ConfigError
-from quantbuild.evaluation.runner import REFERENCE, evaluate, evaluate_gguf
-from quantbuild.fingerprint import cpu_info
+from quantbuild.evaluation.runner import evaluate_on_ladder
 from quantbuild.quantization import MODEL_DIR
-from quantbuild.quantizers.gguf import BASE_FILE, MODEL_FILE
-from quantbuild.runtimes import LLAMA_CPP
-from quantbuild.runtimes.llama_cpp import repack_allowed
 from quantbuild.stage import run_stage, say
 
 BASELINE = "baseline"
@@ -27,21 +23,10 @@ def main(config: Config) -> None:
     paths = config.paths
     if name != BASELINE and name not in config.quant.variants:
         raise ConfigError(f"evaluate: no variant {name!r} (defined: {', '.join(sorted(config.quant.variants))})")
-    reference = None if name == BASELINE else Path(paths.eval) / BASELINE / REFERENCE
-    out = Path(paths.eval) / name
     make_deterministic(config.seed)
-    if ladder_runtime(config) == LLAMA_CPP:
-        if name == BASELINE:
-            path, kv_type = Path(paths.gguf_base) / BASE_FILE, "f16"
-        else:
-            path, kv_type = Path(paths.quantized) / name / MODEL_DIR / MODEL_FILE, config.quant.variants[name].kv_cache_type
-        base = Path(paths.gguf_base) / BASE_FILE
-        metrics = evaluate_gguf(path, kv_type, config.eval, Path(paths.eval_data), out, reference,
-                                repack_allowed(cpu_info()["isa"]), baseline=None if name == BASELINE else base)
-    else:
-        model_dir = Path(paths.baseline) if name == BASELINE else Path(paths.quantized) / name / MODEL_DIR
-        metrics = evaluate(model_dir, config.eval, Path(paths.eval_data), out, reference,
-                           baseline=None if name == BASELINE else Path(paths.baseline))
+    model_dir = None if name == BASELINE else Path(paths.quantized) / name / MODEL_DIR
+    kv_type = "f16" if name == BASELINE else getattr(config.quant.variants[name], "kv_cache_type", "f16")
+    metrics = evaluate_on_ladder(config, model_dir, kv_type, Path(paths.eval) / name)
     scores = ", ".join(f"{family} {values['score']:.3f}" for family, values in sorted(metrics["families"].items()))
     say(f"{name} ({metrics['deploy_runtime']}): perplexity {metrics.get('perplexity', float('nan')):.4f}, {scores}")
 

@@ -1,4 +1,5 @@
-"""Stage select: the release gate. Writes decision.json; fails if nothing may be released.
+"""Stage select: the release gate over the ladder and the repair stage's kept builds.
+Writes decision.json; fails if nothing may be released.
 
     python -m stages.select
 """
@@ -6,24 +7,22 @@
 from pathlib import Path
 
 from quantbuild.config import Config
-from quantbuild.evaluation.runner import MEASUREMENTS, OUTCOMES
 from quantbuild.gate import require_release, select
 from quantbuild.hashing import read_json, write_json
 from quantbuild.quantization import RECORD
+from quantbuild.repair import REPAIR, locate, measured, repaired_variants
 from quantbuild.stage import run_stage, say
-
-
-def _measured(folder: Path) -> dict:
-    return {**read_json(folder / MEASUREMENTS), "outcomes": read_json(folder / OUTCOMES)}
 
 
 def main(config: Config) -> None:
     paths = config.paths
-    baseline = _measured(Path(paths.eval) / "baseline")
-    names = sorted(config.quant.variants)
-    variants = {name: _measured(Path(paths.eval) / name) for name in names}
-    records = {name: read_json(Path(paths.quantized) / name / RECORD) for name in names}
+    repair = read_json(Path(paths.repair) / REPAIR)
+    names = sorted(config.quant.variants) + sorted(repaired_variants(repair))
+    baseline = measured(Path(paths.eval) / "baseline")
+    variants = {name: measured(locate(paths, name)[1]) for name in names}
+    records = {name: read_json(locate(paths, name)[0] / RECORD) for name in names}
     decision = select(baseline, variants, records, config.gate)
+    decision["repair"] = repair
     write_json(Path(paths.release) / "decision.json", decision)
     chosen = require_release(decision)
     note = " (baseline precision: no quantized variant showed a win)" if decision["fell_back"] else ""

@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -25,11 +26,12 @@ from quantbuild.runtimes.gguf_file import PREFIX, metadata, tensor_digest, tenso
 from quantbuild.runtimes.llama_cpp import LlamaCppModel, memory_at, repack_allowed, run_tool
 from quantbuild.tasks.items import load_items
 from quantbuild.release.verify import verify_gguf
+from quantbuild.sensitivity import FAMILIES, Candidate, gguf_weights, load_sensitivity, write_sensitivity
 
 pytestmark = pytest.mark.slow
 
 CALIBRATION = CalibrationConfig(sources={"workflow_prompts": 0.5, "tool_calls": 0.3, "domain_text": 0.2}, samples=6,
-                                seq_len=96, sensitivity=SensitivityConfig(samples=2, bits=3, group_size=64),
+                                seq_len=96, sensitivity=SensitivityConfig(samples=2, family_items=2),
                                 imatrix_samples=40, imatrix_chunk=128)
 DATA = REPO / "data" / "calibration"
 
@@ -49,10 +51,20 @@ def base(tmp_path_factory) -> Path:
 def inputs(tmp_path_factory, base) -> Inputs:
     out = tmp_path_factory.mktemp("calibration")
     compose_calibration(CALIBRATION, DATA, BASELINE, out)
-    from quantbuild.sensitivity import load_sensitivity
-
-    return Inputs(BASELINE, load_calibration(out), load_sensitivity(out), gguf_base=base,
+    return Inputs(BASELINE, load_calibration(out), gguf_base=base,
                   lineage={"baseline": {"name": "workflow-llama-8m"}, "build_fingerprint_sha256": "f" * 64})
+
+
+@pytest.fixture(scope="module")
+def sensitivity(tmp_path_factory, inputs, base) -> Path:
+    """The sensitivity stage's tables for VARIANTS (mix_3p8: four llama.cpp types with the imatrix)."""
+    out = tmp_path_factory.mktemp("sensitivity") / "sensitivity"
+    write_sensitivity(BASELINE, inputs.calibration, VARIANTS, CALIBRATION.sensitivity, base, out)
+    return out
+
+
+def _inputs(inputs: Inputs, sensitivity: Path, name: str) -> Inputs:
+    return replace(inputs, sensitivity=load_sensitivity(sensitivity, name))
 
 
 VARIANTS = {
@@ -66,10 +78,10 @@ VARIANTS = {
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory, inputs) -> dict[str, Path]:
+def built(tmp_path_factory, inputs, sensitivity) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("variants")
     for name, variant in VARIANTS.items():
-        build_variant(name, variant, inputs, root / name)
+        build_variant(name, variant, _inputs(inputs, sensitivity, name), root / name)
     return {name: root / name for name in VARIANTS}
 
 
@@ -105,8 +117,8 @@ def test_conversion_and_imatrix_are_byte_identical_across_runs(base, tmp_path):
 
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
-def test_each_variant_builds_the_same_gguf_twice(name, built, inputs, tmp_path):
-    build_variant(name, VARIANTS[name], inputs, tmp_path / name)
+def test_each_variant_builds_the_same_gguf_twice(name, built, inputs, sensitivity, tmp_path):
+    build_variant(name, VARIANTS[name], _inputs(inputs, sensitivity, name), tmp_path / name)
     first = read_json(built[name] / RECORD)["files"]
     assert read_json(tmp_path / name / RECORD)["files"] == first
 
@@ -126,17 +138,48 @@ def test_types_overrides_and_token_embedding_type_land_in_the_file(built):
     assert tensor_types(built["q8_0"] / MODEL_DIR / MODEL_FILE)["blk.3.ffn_up.weight"] == "Q8_0"
 
 
-def test_auto_mix_stays_within_its_target_and_promotes_the_most_sensitive(built, inputs):
+def test_auto_mix_stays_within_its_target_and_promotes_the_most_sensitive(built, sensitivity):
     record = read_json(built["mix_3p8"] / RECORD)
     assert record["bits_per_weight"] <= 3.8
+    # The planner's bits are exactly what llama-quantize stored (measured equals planned to 1e-3).
+    assert abs(record["planned_bits_per_weight"] - record["bits_per_weight"]) < 1e-3
     layers = record["layers"]
     types = {entry["type"] for entry in layers.values()}
     assert len(types) >= 2 and types <= {"Q3_K", "Q4_K", "Q5_K", "Q6_K"}
-    kld = {name: entry["kld"] for name, entry in inputs.sensitivity["layers"].items()}
+    table = load_sensitivity(sensitivity, "mix_3p8")
+    assert table["candidates"] == ["Q3_K+imatrix", "Q4_K+imatrix", "Q5_K+imatrix", "Q6_K+imatrix"]
+    kld = {name: entry["kld"]["Q3_K+imatrix"]["calibration"] for name, entry in table["layers"].items()}
     promoted = [name for name, entry in layers.items() if entry["type"] != "Q3_K"]
     kept = [name for name, entry in layers.items() if entry["type"] == "Q3_K"]
-    # the promoted layers are, on average, the more sensitive ones
+    # the promoted layers are, on average, the more sensitive ones at the cheapest type
     assert sum(kld[n] for n in promoted) / len(promoted) > sum(kld[n] for n in kept) / len(kept)
+    assert record["sensitivity_sha256"] == table["sha256"]
+
+
+def test_sensitivity_is_measured_per_candidate_and_family_and_is_deterministic(sensitivity, inputs, base, tmp_path):
+    table = load_sensitivity(sensitivity, "mix_3p8")
+    assert load_sensitivity(sensitivity, "q8_0") is None  # a variant that plans nothing: a stub
+    assert set(table["probes"]) == {"calibration", *FAMILIES}
+    entry = table["layers"]["model.layers.7.mlp.down_proj"]["kld"]
+    assert set(entry["Q3_K+imatrix"]) == {"calibration", *FAMILIES}
+    # More bits, less divergence, on the calibration mix, for a sensitive layer.
+    assert entry["Q3_K+imatrix"]["calibration"] > entry["Q4_K+imatrix"]["calibration"] > entry["Q6_K+imatrix"]["calibration"]
+    write_sensitivity(BASELINE, inputs.calibration, {"mix_3p8": VARIANTS["mix_3p8"]}, CALIBRATION.sensitivity, base,
+                      tmp_path / "again")
+    assert sha256_file(tmp_path / "again" / "mix_3p8.json") == sha256_file(sensitivity / "mix_3p8.json")
+
+
+def test_candidate_weights_are_llama_quantize_s_read_back_in_hf_layout(base, inputs, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    layers = model_layers(BASELINE)
+    weights = gguf_weights(Candidate("gguf", "Q8_0"), BASELINE, base, layers, tmp_path)
+    hf = load_file(str(BASELINE / "model.safetensors"))
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.3.mlp.down_proj"):
+        reference = hf[f"{name}.weight"].float()
+        error = torch.linalg.norm(torch.from_numpy(weights[name]) - reference) / torch.linalg.norm(reference)
+        assert error < 0.01, name  # Q8_0 round trip, rotary permutation undone
 
 
 def test_the_file_carries_its_lineage_and_verifies_alone(built):

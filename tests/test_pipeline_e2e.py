@@ -57,7 +57,7 @@ def repo(tmp_path_factory) -> Path:
             shutil.copy2(REPO / name, root / name)
     # The committed configuration, never the user's working params.yaml (keys, experiments).
     params = yaml.safe_load(committed("params.yaml"))
-    params["calibration"].update(samples=6, seq_len=96, sensitivity={"samples": 2, "bits": 3, "group_size": 64},
+    params["calibration"].update(samples=6, seq_len=96, sensitivity={"samples": 2, "family_items": 2},
                                  imatrix_samples=40, imatrix_chunk=128)
     # Two GGUF variants of the default ladder (one with the importance matrix) keep this at
     # about a minute; test_quantization covers every method.
@@ -421,3 +421,51 @@ def test_the_model_card_snippet_runs_from_the_repo_root_without_network(repo):
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() != ""
     assert "Validated in" in card and "llama.cpp" in card
+
+
+def test_a_family_the_first_plan_fails_is_repaired_or_named_with_every_round_recorded(repo):
+    """The closed loop: a planned variant (an auto-mix that starts mostly Q2_K) misses a
+    family budget; the repair stage raises the layers most sensitive on that family, rebuilds
+    and re-gates, round by round. A budget of 0 on four items cannot be met by any variant
+    (the paired interval's upper end is above 0), so every round runs and the verdict names
+    the family; the last build competes in the gate and nothing is released."""
+    params_path = repo / "params.yaml"
+    original = params_path.read_text()
+    params = yaml.safe_load(original)
+    mix = compose(REPO / "conf", ["quant=[gguf_mix_3p5]"])["quant"]["variants"]["gguf_mix_3p5"]
+    params["quant"]["variants"]["gguf_mix_2p9"] = {**mix, "target_bpw": 2.9, "mix_types": ["Q2_K", "Q4_K", "Q8_0"]}
+    params["gate"]["max_family_drop"] = {"reasoning": 0.0}
+    params["gate"]["fallback"] = "none"
+    params["repair"] = {"max_rounds": 3, "max_bits_per_weight": 3.6, "step_bits": 0.35}
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        result = dvc(repo, "repro")
+        ran = stages_run(result.stdout)
+        assert {"sensitivity", "quantize@gguf_mix_2p9", "evaluate@gguf_mix_2p9", "repair", "select"} <= ran
+        assert f"quantize@{QUANTIZED}" not in ran  # other variants' tables are stubs that did not change
+        repair = json.loads((repo / "artifacts" / "repair" / "repair.json").read_text())
+        outcome = repair["variants"]["gguf_mix_2p9"]
+        assert outcome["failed_families"] == ["reasoning"]
+        rounds = outcome["rounds"]
+        # 2.9 -> 3.25 -> 3.6, then the ceiling: two rounds, each recorded.
+        assert [r["target_bits_per_weight"] for r in rounds] == [3.25, 3.6]
+        for previous, current in zip([None, *rounds], rounds):
+            assert current["objective"] == ["reasoning"] and current["promoted"]
+            assert current["bits_per_weight"] <= current["target_bits_per_weight"] + 1e-3
+            if previous:
+                assert current["bits_per_weight"] > previous["bits_per_weight"]
+            assert any("reasoning_drop" in line for line in current["failed"])
+            for step in current["promoted"]:
+                assert step["to"] != step["from"] and "reasoning KL" in step["reason"]
+        assert outcome["status"] == "unrepaired" and "could not repair reasoning" in outcome["verdict"]
+        assert "separate model variant" in outcome["advice"]
+        # Only the last round's build is kept, and it was gated like any variant.
+        kept = sorted(p.name for p in (repo / "artifacts" / "repair" / "quantized").iterdir())
+        assert kept == ["gguf_mix_2p9_r2"] == [outcome["final"]]
+        decision = json.loads((repo / "artifacts" / "release" / "decision.json").read_text())
+        assert decision["chosen"] is None and "gguf_mix_2p9_r2" in decision["variants"]
+        assert decision["repair"]["variants"]["gguf_mix_2p9"]["rounds"] == rounds
+        summary = quantbuild(repo, "summary")
+        assert "could not repair reasoning" in summary.stdout and "separate model variant" in summary.stdout
+    finally:
+        params_path.write_text(original)

@@ -4,6 +4,7 @@ reloads through the runtime users deploy with and generates; bad input fails bef
 
 import json
 import shutil
+from dataclasses import replace
 
 import pytest
 
@@ -16,20 +17,37 @@ from quantbuild.quantization import MODEL_DIR, RECORD, build_variant
 from quantbuild.quantizers import Inputs, model_layers
 from quantbuild.quantizers.gptqmodel_backend import load_checkpoint
 from quantbuild.quantizers.mixed import plan_bits_per_weight
-from quantbuild.sensitivity import load_sensitivity
+from quantbuild.sensitivity import load_sensitivity, write_sensitivity
 
 pytestmark = pytest.mark.slow
 
 PROMPT = "Question: What is 21 + 14?\nAnswer:"
 
 
+CALIBRATION = CalibrationConfig(sources={"workflow_prompts": 1.0, "tool_calls": 1.0}, samples=8, seq_len=128,
+                                sensitivity=SensitivityConfig(samples=2, family_items=2))
+
+
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
+def calibrated(tmp_path_factory):
     out = tmp_path_factory.mktemp("calibration")
-    config = CalibrationConfig(sources={"workflow_prompts": 1.0, "tool_calls": 1.0}, samples=8, seq_len=128,
-                               sensitivity=SensitivityConfig(samples=2, bits=3, group_size=64))
-    compose_calibration(config, REPO / "data" / "calibration", BASELINE, out)
-    return Inputs(BASELINE, load_calibration(out), load_sensitivity(out))
+    compose_calibration(CALIBRATION, REPO / "data" / "calibration", BASELINE, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def inputs(calibrated):
+    return Inputs(BASELINE, load_calibration(calibrated))
+
+
+@pytest.fixture(scope="module")
+def sensitivity(calibrated, tmp_path_factory):
+    """The sensitivity stage's tables for the planned variants below (GPTQModel at 3-bit g64
+    and 8-bit g128, the two levels mixed_auto chooses between)."""
+    out = tmp_path_factory.mktemp("sensitivity")
+    write_sensitivity(BASELINE, load_calibration(calibrated), {"mixed_auto": VARIANTS["mixed_auto"]},
+                      CALIBRATION.sensitivity, None, out)
+    return out
 
 
 VARIANTS = {
@@ -48,14 +66,15 @@ VARIANTS = {
 
 
 @pytest.fixture(scope="module")
-def built(inputs, tmp_path_factory):
+def built(inputs, sensitivity, tmp_path_factory):
     """Each variant built once (lazily), shared by the tests below."""
     root = tmp_path_factory.mktemp("built")
     records = {}
 
     def get(name):
         if name not in records:
-            records[name] = build_variant(name, VARIANTS[name], inputs, root / name)
+            with_table = replace(inputs, sensitivity=load_sensitivity(sensitivity, name))
+            records[name] = build_variant(name, VARIANTS[name], with_table, root / name)
         return records[name], root / name / MODEL_DIR
 
     return get
@@ -123,19 +142,24 @@ def test_mixed_overrides_give_the_matched_layers_their_precision(built):
     assert sorted(value["bits"] for value in dynamic.values()) == [8, 8]
 
 
-def test_mixed_auto_promotes_sensitive_layers_within_the_target(built, inputs):
+def test_mixed_auto_promotes_sensitive_layers_within_the_target(built, sensitivity):
     record, _ = built("mixed_auto")
+    table = load_sensitivity(sensitivity, "mixed_auto")
     layers = model_layers(BASELINE)
     promoted = [name for name, layer in record["layers"].items() if layer["reason"].startswith("promoted")]
     assert promoted and all(record["layers"][name]["bits"] == 8 for name in promoted)
     assert record["bits_per_weight"] <= 3.6
-    # The planner's analytic size is exactly what GPTQModel stored.
+    # The planner's bits are exactly what GPTQModel stored (measured equals planned to 1e-3).
+    assert abs(record["planned_bits_per_weight"] - record["bits_per_weight"]) < 1e-3
     plan = {name: {"bits": layer["bits"], "group_size": layer["group_size"]} for name, layer in record["layers"].items()}
     assert abs(plan_bits_per_weight(plan, layers) - record["bits_per_weight"]) < 1e-3
-    kld = inputs.sensitivity["layers"]
-    most = max(kld, key=lambda name: kld[name]["kld"] / kld[name]["weights"])
-    assert most in promoted
-    assert record["sensitivity_sha256"] == inputs.sensitivity["sha256"]
+    # Measured at both real GPTQ levels: the layer with the most KL removed per stored bit is promoted.
+    kld = table["layers"]
+    gain = {name: (kld[name]["kld"]["3b-g64"]["calibration"] - kld[name]["kld"]["8b-g128"]["calibration"])
+            / kld[name]["weights"] for name in kld}
+    assert max(gain, key=gain.get) in promoted
+    assert table["candidates"] == ["3b-g64", "8b-g128"]
+    assert record["sensitivity_sha256"] == table["sha256"]
 
 
 @pytest.mark.parametrize(
@@ -162,18 +186,25 @@ def test_mixed_auto_promotes_sensitive_layers_within_the_target(built, inputs):
          "promote_bits=3 is not allowed"),
     ],
 )
-def test_bad_variants_fail_before_any_work(variant, message, inputs, tmp_path):
+def test_bad_variants_fail_before_any_work(variant, message, inputs, sensitivity, tmp_path):
     with pytest.raises(ConfigError) as err:
-        build_variant("x", variant, inputs, tmp_path / "x")
+        build_variant("x", variant, replace(inputs, sensitivity=load_sensitivity(sensitivity, "mixed_auto")),
+                      tmp_path / "x")
     assert message in str(err.value)
     assert "\n" not in str(err.value)
     assert not (tmp_path / "x").exists() and not (tmp_path / ".x.partial").exists()
 
 
-def test_auto_mixed_without_sensitivity_fails_before_work(inputs, tmp_path):
+def test_auto_mixed_without_sensitivity_fails_before_work(inputs, sensitivity, tmp_path):
     variant = MixedConfig(bits=3, group_size=64, target_bits=3.6)
     with pytest.raises(ConfigError, match="target_bits=3.6 needs the per-layer sensitivity"):
         build_variant("x", variant, Inputs(BASELINE, inputs.calibration, None), tmp_path / "x")
+    # A table measured at other levels is refused, naming the level that is missing.
+    other = MixedConfig(bits=3, group_size=64, target_bits=3.6, promote_bits=4, promote_group_size=64)
+    with pytest.raises(ConfigError, match="4b-g64 was not measured"):
+        build_variant("x", other, replace(inputs, sensitivity=load_sensitivity(sensitivity, "mixed_auto")),
+                      tmp_path / "x")
+    assert not (tmp_path / "x").exists()
 
 
 @pytest.mark.parametrize("variant", [GptqConfig(bits=4, group_size=64), AwqConfig(bits=4, group_size=64),

@@ -48,8 +48,7 @@ def draw_texts(config: CalibrationConfig, data_dir: Path, samples: int) -> tuple
 
 
 def compose_calibration(config: CalibrationConfig, data_dir: Path, tokenizer_dir: Path, out: Path) -> dict:
-    """Write `tokens.safetensors` (flat int32 IDs + offsets), a record with digests and, where
-    `config.sensitivity.samples` > 0, the baseline's per-layer `sensitivity.json`
+    """Write `tokens.safetensors` (flat int32 IDs + offsets) and a record with digests
     (`tokenizer_dir` is the baseline folder)."""
     import numpy as np
     from safetensors.numpy import save_file
@@ -71,13 +70,6 @@ def compose_calibration(config: CalibrationConfig, data_dir: Path, tokenizer_dir
             "tokens_sha256": sha256_file(staging / TOKENS),
             "digest": sha256_bytes(flat.tobytes() + offsets.tobytes()),
         }
-        if config.sensitivity.samples:
-            from quantbuild.sensitivity import SENSITIVITY, measure
-
-            sensitivity = measure(tokenizer_dir, encoded, config.sensitivity)
-            write_json(staging / SENSITIVITY, sensitivity)
-            record["sensitivity"] = {"layers": len(sensitivity["layers"]), "tokens": sensitivity["tokens"],
-                                     **sensitivity["config"]}
         write_json(staging / RECORD, record)
     return record
 

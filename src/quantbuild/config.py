@@ -34,6 +34,8 @@ class PathsConfig:
     eval_data: str = "data/eval"
     calibration_data: str = "data/calibration"
     gguf_base: str = "artifacts/gguf"
+    sensitivity: str = "artifacts/sensitivity"
+    repair: str = "artifacts/repair"
 
 
 @dataclass
@@ -49,13 +51,13 @@ class ModelConfig:
 
 @dataclass
 class SensitivityConfig:
-    """Per-layer sensitivity: KL divergence of the output when only that layer is
-    round-to-nearest quantized at `bits`/`group_size`, over `samples` calibration samples
-    (0 = not measured)."""
+    """Per-layer sensitivity at each candidate format of the ladder's planned variants (the
+    sensitivity stage): the KL divergence when only that layer takes the format, over
+    `samples` calibration samples and, per task family, `family_items` generated items
+    (0 samples = not measured; planned variants then fail at config time)."""
 
     samples: int = 4
-    bits: int = 3
-    group_size: int = 64
+    family_items: int = 6
 
 
 @dataclass
@@ -273,6 +275,19 @@ class GateConfig:
 
 
 @dataclass
+class RepairConfig:
+    """The closed loop (repair stage): a planned variant (GGUF auto-mix, GPTQ mixed) that
+    fails only family budgets is re-planned from its own plan, raising the layers most
+    sensitive on the failing families by KL removed per extra stored bit, `step_bits` more
+    bits per weight a round, rebuilt and re-gated; at most `max_rounds` rounds and never
+    above `max_bits_per_weight` (0 rounds = off)."""
+
+    max_rounds: int = 3
+    max_bits_per_weight: float = 4.25
+    step_bits: float = 0.25
+
+
+@dataclass
 class PackageConfig:
     # A PEM elliptic-curve private key: when set, the bundle is signed (OpenSSF model-signing).
     signing_key: Optional[str] = None
@@ -290,6 +305,7 @@ class Config:
     quant: QuantConfig = field(default_factory=QuantConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     gate: GateConfig = field(default_factory=GateConfig)
+    repair: RepairConfig = field(default_factory=RepairConfig)
     package: PackageConfig = field(default_factory=PackageConfig)
 
 
@@ -440,9 +456,8 @@ def _check_ranges(config: Config) -> None:
     sensitivity = calibration.sensitivity
     _require(0 <= sensitivity.samples <= calibration.samples, "calibration.sensitivity.samples", sensitivity.samples,
              f"0..calibration.samples ({calibration.samples}); 0 = not measured")
-    _require(sensitivity.bits in (2, 3, 4, 8), "calibration.sensitivity.bits", sensitivity.bits, "2 | 3 | 4 | 8")
-    _require(sensitivity.group_size in (-1, 32, 64, 128), "calibration.sensitivity.group_size",
-             sensitivity.group_size, "-1 | 32 | 64 | 128")
+    _require(0 <= sensitivity.family_items <= 1000, "calibration.sensitivity.family_items",
+             sensitivity.family_items, "0..1000 (0 = no per-family measurement)")
     _require(1 <= calibration.imatrix_samples <= 1000000, "calibration.imatrix_samples", calibration.imatrix_samples,
              "1..1000000")
     _require(32 <= calibration.imatrix_chunk <= 32768, "calibration.imatrix_chunk", calibration.imatrix_chunk,
@@ -512,6 +527,11 @@ def _check_ranges(config: Config) -> None:
                  "families without a budget in gate.max_family_drop (a family has one rule)")
     _require(0 <= gate.latency_noise_margin < 1, "gate.latency_noise_margin", gate.latency_noise_margin, "0 <= m < 1")
     _require(gate.fallback in FALLBACKS, "gate.fallback", gate.fallback, " | ".join(FALLBACKS))
+    repair = config.repair
+    _require(0 <= repair.max_rounds <= 10, "repair.max_rounds", repair.max_rounds, "0..10 (0 = off)")
+    _require(1 < repair.max_bits_per_weight <= 16, "repair.max_bits_per_weight", repair.max_bits_per_weight,
+             "1 < bits <= 16")
+    _require(0 < repair.step_bits <= 8, "repair.step_bits", repair.step_bits, "0 < bits <= 8")
     if gate.max_peak_memory_mb is not None or gate.max_memory_ratio is not None:
         _require(gate.memory_context in config.eval.memory.context_lengths, "gate.memory_context",
                  gate.memory_context, f"one of eval.memory.context_lengths {config.eval.memory.context_lengths}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from quantbuild.errors import ConfigError
 from quantbuild.fingerprint import libraries_of
@@ -87,6 +87,7 @@ def build_variant(name: str, variant: Any, inputs: Inputs, out: Path) -> dict:
             "libraries": libraries_of(method.name),
             "calibration_samples": len(calibration),
             "sensitivity_sha256": (inputs.sensitivity or {}).get("sha256") if _uses_sensitivity(variant) else None,
+            **_planned(plan, layers, inputs.sensitivity if _uses_sensitivity(variant) else None),
             "size_bytes": size,
             "files": files,
             **(method.effective_bits or effective_bits)(model_dir, plan, layers),
@@ -96,5 +97,43 @@ def build_variant(name: str, variant: Any, inputs: Inputs, out: Path) -> dict:
     return record
 
 
+def _planned(plan: dict, layers: dict, sensitivity: dict | None) -> dict[str, Any]:
+    """What the planner intended: bits per weight as planned (to compare with what was
+    stored) and, in a repair round, the objective and the plan it started from."""
+    if not plan or any("planned_bits_per_weight" not in entry for entry in plan.values()):
+        return {}
+    weights = {name: layers[name][0] * layers[name][1] for name in plan}
+    planned = sum(plan[name]["planned_bits_per_weight"] * weights[name] for name in plan) / sum(weights.values())
+    extra = {key: sensitivity[key] for key in ("objective", "start") if sensitivity and sensitivity.get(key)}
+    return {"planned_bits_per_weight": round(planned, 6), **({"plan_request": extra} if extra else {})}
+
+
 def _uses_sensitivity(variant: Any) -> bool:
     return bool(getattr(variant, "target_bits", 0) or getattr(variant, "target_bpw", 0))
+
+
+def pipeline_inputs(config: Any, variant: Any, sensitivity: Optional[dict]) -> Inputs:
+    """What a pipeline build of `variant` reads: the baseline, the calibration mix, the
+    variant's sensitivity table and, for GGUF, the base GGUF and the lineage a lone .gguf
+    file carries in its own metadata (the file travels without its bundle)."""
+    from quantbuild.calibration import RECORD as CALIBRATION_RECORD
+    from quantbuild.calibration import load_calibration
+    from quantbuild.fingerprint import scopes_of
+    from quantbuild.hashing import read_json, sha256_json
+    from quantbuild.release.manifest import SCHEMA
+    from quantbuild.sources import RECORD as FETCH_RECORD
+
+    paths = config.paths
+    inputs = Inputs(baseline=Path(paths.baseline), calibration=load_calibration(Path(paths.calibration)),
+                    sensitivity=sensitivity, gguf_base=Path(paths.gguf_base))
+    if variant.method != "gguf":
+        return inputs
+    fetched = read_json(Path(paths.baseline) / FETCH_RECORD)
+    calibration = read_json(Path(paths.calibration) / CALIBRATION_RECORD)
+    build_scope = read_json(Path(paths.fingerprint) / f"{scopes_of(variant.method)[0]}.json")
+    return replace(inputs, lineage={
+        "baseline": {key: fetched.get(key) for key in ("name", "source", "location", "revision", "files")},
+        "calibration": {key: calibration[key] for key in ("digest", "samples", "tokens", "seed", "composition")},
+        "build_fingerprint_sha256": sha256_json(build_scope),
+        "manifest_schema": SCHEMA,
+    })

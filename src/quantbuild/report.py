@@ -57,6 +57,7 @@ def release_summary(config: Config) -> str:
              "memory and latency: ratios to the baseline on the same runtime (latency: median of interleaved "
              "runs [95% interval]); x = failed",
              decision_table(decision)]
+    lines += repair_lines(decision.get("repair"))
     chosen = decision["chosen"]
     if chosen is None:
         lines.append("no variant may be released: nothing was packaged")
@@ -85,6 +86,23 @@ def release_summary(config: Config) -> str:
     size = sum(entry["size"] for entry in manifest["files"].values())
     lines.append(f"package: {bundle} ({size / 1e6:.2f} MB); check it with `quantbuild verify {bundle}`")
     return "\n".join(lines)
+
+
+def repair_lines(repair: dict | None) -> list[str]:
+    """The closed loop, per planned variant that needed it: the verdict, each round, advice."""
+    lines = []
+    for name, outcome in sorted(((repair or {}).get("variants") or {}).items()):
+        if outcome["status"] == "not needed":
+            continue
+        lines.append(f"repair {name}: {outcome['verdict']}")
+        for step in outcome.get("rounds", []):
+            failed = f"; fails {'; '.join(step['failed'])}" if step["failed"] else "; passes"
+            lines.append(f"  round {step['round']}: {step['variant']} {step['bits_per_weight']} bits/weight "
+                         f"(target {step['target_bits_per_weight']}), {len(step['promoted'])} layers promoted for "
+                         f"{', '.join(step['objective'])}{failed}")
+        if outcome.get("advice"):
+            lines.append(f"  {outcome['advice']}")
+    return lines
 
 
 def _load_side(ref: str, config: Config) -> tuple[dict, dict | None]:

@@ -1,67 +1,370 @@
-"""Per-layer sensitivity: how far quantizing one layer alone moves the model's output.
+"""Per-layer sensitivity at the formats a planner may choose, on the calibration mix and per
+task family.
 
-For every decoder linear layer, its weight is replaced by its round-to-nearest
-quantize-dequantize round trip (`bits`/`group_size` from `calibration.sensitivity`), the
-calibration samples are run, and the mean per-token KL(P_baseline || P_perturbed) over the
-full vocabulary is recorded; the weight is then restored. The mixed-precision method ranks
-layers by this number. Runs in float32, on CPU or the first GPU, deterministically.
+For every planned variant of the ladder (a GGUF auto-mix with `target_bpw`, a GPTQ `mixed`
+variant with `target_bits`) and every candidate format it may give a layer, each decoder
+linear layer alone is replaced by its real quantized weight, dequantized, and the KL
+divergence KL(P_baseline || P_quantized) is measured
 
-Memory: the baseline's log-probabilities are cached per sample (tokens x vocabulary
-floats), so `samples` should stay small for large-vocabulary models.
+- on the calibration mix (`calibration.sensitivity.samples` samples, every position), and
+- per task family, on the answer positions of `calibration.sensitivity.family_items` fresh
+  items of that family, generated from a seed disjoint from the eval and calibration seeds
+  (planning never sees the items the gate scores).
+
+The quantized weights come from the library that builds the variant, so the table describes
+the formats that ship: llama-quantize writes the whole decoder at one llama.cpp type from
+the base GGUF, with the variant's importance-matrix setting, and gguf-py reads it back;
+GPTQModel quantizes the baseline uniformly at one bit width and group size (with the
+variant's other GPTQ settings) and its torch kernel dequantizes. Each measurement runs the
+model in float32 from the perturbed layer's block onward, from cached hidden states, on CPU
+or the first GPU, deterministically.
+
+Output: one `<variant>.json` per ladder variant (a stub for variants that plan nothing, so
+that a quantize stage depends only on its own variant's table) and `sensitivity_record.json`.
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
+import time
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Optional
 
 from quantbuild.config import SensitivityConfig
-from quantbuild.hashing import sha256_file
+from quantbuild.errors import ConfigError
+from quantbuild.hashing import sha256_file, staged_dir, write_json
 
-SENSITIVITY = "sensitivity.json"
+RECORD = "sensitivity_record.json"
+# The task families the gate budgets (language modelling is the calibration mix's KL).
+FAMILIES = ("long_context", "reasoning", "retrieval", "structured")
+# Items for the per-family measurement: disjoint from data/eval (1001) and data/calibration (2001).
+FAMILY_SEED = 3001
+CALIBRATION = "calibration"
 
 
-def _logprobs(model: Any, samples: list[Any]) -> list[Any]:
+@dataclass(frozen=True)
+class Candidate:
+    """One format a planner may give a layer: a llama.cpp tensor type (with or without the
+    importance matrix) or a GPTQ bit width and group size (with the variant's other settings)."""
+
+    format: str
+    name: str
+    imatrix: bool = False
+    bits: int = 0
+    group_size: int = 0
+    gptq: tuple = ()
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}+imatrix" if self.imatrix else self.name
+
+
+def gptq_level(bits: int, group_size: int) -> str:
+    return f"{bits}b-g{group_size}"
+
+
+def candidates_of(variant: Any) -> list[Candidate]:
+    """The formats `variant`'s planner chooses among, cheapest first; [] when it plans nothing."""
+    if variant.method == "gguf" and getattr(variant, "target_bpw", 0):
+        return [Candidate("gguf", name, imatrix=bool(variant.imatrix)) for name in variant.mix_types]
+    if variant.method == "mixed" and getattr(variant, "target_bits", 0):
+        settings = (bool(variant.sym), bool(variant.desc_act), float(variant.damp_percent))
+        return [Candidate("gptq", gptq_level(bits, group), bits=bits, group_size=group, gptq=settings)
+                for bits, group in ((variant.bits, variant.group_size),
+                                    (variant.promote_bits, variant.promote_group_size))]
+    return []
+
+
+# --- probes: what is scored -----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Probe:
+    """Token IDs and the positions whose next-token distribution is compared."""
+
+    ids: list[int]
+    first: int  # the first scored position (predicting token first + 1)
+
+
+def probe_sets(tokenizer: Any, calibration: list[list[int]], config: SensitivityConfig) -> dict[str, list[Probe]]:
+    """`calibration`: the first `config.samples` samples, every position; one set per family:
+    `config.family_items` generated items, the positions that predict the answer."""
+    from quantbuild.tasks import GENERATORS, training_pair
+
+    sets = {CALIBRATION: [Probe(list(ids), 0) for ids in calibration[: config.samples] if len(ids) > 1]}
+    for family in FAMILIES:
+        probes = []
+        for item in GENERATORS[family](config.family_items, FAMILY_SEED):
+            prompt, target = training_pair(item)
+            start = len(tokenizer(prompt)["input_ids"])
+            ids = tokenizer(prompt + target)["input_ids"]
+            if len(ids) > start:
+                probes.append(Probe(ids, start - 1))
+        sets[family] = probes
+    return sets
+
+
+def probes_digest(sets: dict[str, list[Probe]]) -> dict[str, dict]:
+    from quantbuild.hashing import sha256_bytes
+
+    return {name: {"sequences": len(probes), "scored_tokens": sum(len(p.ids) - 1 - p.first for p in probes),
+                   "digest": sha256_bytes(json.dumps([[p.first, p.ids] for p in probes]).encode())}
+            for name, probes in sets.items()}
+
+
+# --- quantized weights of a candidate -------------------------------------------------------
+
+def unpermute(weight: Any, heads: int) -> Any:
+    """Undo the converter's rotary row permutation of a Q/K weight over `heads` heads."""
+    rows = weight.shape[0]
+    return weight.reshape(heads, rows // heads // 2, 2, -1).swapaxes(1, 2).reshape(weight.shape)
+
+
+def _gguf_tensor(path: Path, names: Iterable[str]) -> dict[str, Any]:
+    """Dequantized float32 tensors [rows, cols] of a GGUF file, by GGUF name."""
+    import numpy as np
+
+    from quantbuild.runtimes.gguf_file import _vendored, layout
+
+    _vendored()
+    import gguf
+
+    wanted = set(names)
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    tensors = {}
+    for tensor in layout(path).tensors:
+        if tensor.name in wanted:
+            raw = np.array(data[tensor.offset: tensor.offset + tensor.nbytes])
+            values = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[tensor.type_name])
+            tensors[tensor.name] = np.asarray(values, dtype=np.float32).reshape(tensor.dims[1], tensor.dims[0])
+    return tensors
+
+
+def gguf_layer_orientation(baseline: Path, gguf_base: Path, names: dict[str, str]) -> dict[str, Optional[int]]:
+    """Per layer: None if the base GGUF stores it as the HF weight, or the head count whose
+    rotary permutation the converter applied. Checked bit-exactly against the base GGUF."""
+    import numpy as np
     import torch
+    from safetensors import safe_open
 
-    with torch.inference_mode():
-        return [torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1) for ids in samples]
+    from quantbuild.quantizers.gguf import BASE_FILE
+
+    config = json.loads((baseline / "config.json").read_text())
+    stored = _gguf_tensor(gguf_base / BASE_FILE, names.values())
+    hf = {}
+    for path in sorted(baseline.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as handle:
+            for layer in names:
+                if f"{layer}.weight" in handle.keys():
+                    hf[layer] = handle.get_tensor(f"{layer}.weight").to(torch.float32).numpy()
+    orientation = {}
+    for layer, gguf_name in sorted(names.items()):
+        base, reference = stored[gguf_name], hf[layer]
+        if np.allclose(base, reference, rtol=1e-3, atol=1e-6):
+            orientation[layer] = None
+            continue
+        heads = sorted({config.get("num_attention_heads", 0), config.get("num_key_value_heads", 0)} - {0})
+        match = next((count for count in heads if base.shape == reference.shape and base.shape[0] % (2 * count) == 0
+                      and np.allclose(unpermute(base, count), reference, rtol=1e-3, atol=1e-6)), 0)
+        if not match:
+            raise ConfigError(f"sensitivity: the base GGUF's {gguf_name} matches {layer} in no known layout "
+                              f"(rerun the gguf_base stage)")
+        orientation[layer] = match
+    return orientation
 
 
-def measure(baseline: Path, calibration: list[list[int]], config: SensitivityConfig) -> dict:
-    """{"config", "samples", "tokens", "layers": {name: {"kld", "weights"}}} for every decoder linear."""
-    import torch
-    from transformers import AutoModelForCausalLM
+def gguf_weights(candidate: Candidate, baseline: Path, gguf_base: Path, layers: dict, work: Path) -> dict[str, Any]:
+    """Every decoder layer at `candidate`'s llama.cpp type, as llama-quantize writes it."""
+    import numpy as np
 
-    from quantbuild.quantizers.rtn import dequantize_weight, quantizable_linears, quantize_weight
+    from quantbuild.quantizers.gguf import _tensor_type_file, gguf_names, require_base
+    from quantbuild.runtimes.llama_cpp import run_tool
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(str(baseline), dtype=torch.float32).to(device).eval()
-    samples = [torch.tensor([ids], device=device) for ids in calibration[: config.samples] if len(ids) > 1]
-    reference = _logprobs(model, samples)
-    tokens = sum(int(ids.shape[1]) - 1 for ids in samples)
-    layers = {}
-    for name, module in quantizable_linears(model).items():
+    names = gguf_names(baseline, layers)
+    base, imatrix = require_base(gguf_base, candidate.imatrix)
+    plan = {layer: {"gguf_name": names[layer], "type": candidate.name} for layer in layers}
+    types_file, out = work / f"{candidate.key}.types.txt", work / f"{candidate.key}.gguf"
+    _tensor_type_file(plan, types_file)
+    args = (["--imatrix", str(imatrix)] if imatrix else []) + ["--tensor-type-file", str(types_file)]
+    run_tool("llama-quantize", [*args, str(base), str(out), "Q8_0", "2"], f"sensitivity {candidate.key}")
+    stored = _gguf_tensor(out, names.values())
+    out.unlink()
+    orientation = gguf_layer_orientation(baseline, gguf_base, names)
+    return {layer: np.ascontiguousarray(unpermute(stored[names[layer]], orientation[layer]) if orientation[layer]
+                                        else stored[names[layer]]) for layer in layers}
+
+
+def gptq_weights(candidate: Candidate, variant: Any, baseline: Path, calibration: list[list[int]],
+                 work: Path) -> dict[str, Any]:
+    """Every decoder layer as GPTQModel quantizes the baseline uniformly at `candidate`."""
+    from quantbuild.quantizers.gptq import gptq_config
+    from quantbuild.quantizers.gptqmodel_backend import load_quantized, quantize_and_save
+    from quantbuild.quantizers.rtn import quantizable_linears
+
+    uniform = replace(variant, bits=candidate.bits, group_size=candidate.group_size)
+    folder = work / candidate.key
+    quantize_and_save(baseline, gptq_config(uniform), calibration, folder)
+    model = load_quantized(folder, "dequantized")
+    return {name: module.weight.detach().float().cpu().numpy().copy()
+            for name, module in quantizable_linears(model).items()}
+
+
+# --- the measurement ------------------------------------------------------------------------
+
+BATCH = 4
+
+
+def _groups(probes: list[Probe]) -> list[list[Probe]]:
+    ordered = sorted(probes, key=lambda probe: (len(probe.ids), probe.ids))
+    return [ordered[start: start + BATCH] for start in range(0, len(ordered), BATCH)]
+
+
+def _significant(value: float) -> float:
+    return float(f"{value:.4g}")
+
+
+class _Scorer:
+    """The baseline in float32 with cached block inputs and reference log-probabilities;
+    `kld(layer, weight)` runs the model from that layer's block onward with it replaced."""
+
+    def __init__(self, baseline: Path, sets: dict[str, list[Probe]]):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from quantbuild.quantizers.rtn import quantizable_linears
+
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = AutoModelForCausalLM.from_pretrained(str(baseline), dtype=torch.float32).to(self.device).eval()
+        self.linears = quantizable_linears(self.model)
+        self.blocks = list(self.model.model.layers)
+        # Per probe set, batches of up to BATCH sequences of similar length (little padding).
+        self.batches = {name: [self._batch(group) for group in _groups(probes)] for name, probes in sets.items() if probes}
+        self.hidden: dict[str, list[list[Any]]] = {}
+        self.reference: dict[str, list[Any]] = {}
+        with torch.inference_mode():
+            for name, batches in self.batches.items():
+                self.hidden[name], self.reference[name] = [], []
+                for ids, mask, scored in batches:
+                    out = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+                    self.hidden[name].append(list(out.hidden_states[: len(self.blocks)]))
+                    self.reference[name].append(torch.log_softmax(out.logits.float()[scored], dim=-1))
+
+    def _batch(self, probes: list[Probe]) -> tuple[Any, Any, Any]:
+        import torch
+
+        width = max(len(p.ids) for p in probes)
+        ids = torch.zeros((len(probes), width), dtype=torch.long)
+        mask = torch.zeros((len(probes), width), dtype=torch.long)
+        scored = torch.zeros((len(probes), width), dtype=torch.bool)
+        for row, probe in enumerate(probes):
+            ids[row, : len(probe.ids)] = torch.tensor(probe.ids)
+            mask[row, : len(probe.ids)] = 1
+            scored[row, probe.first: len(probe.ids) - 1] = True
+        return ids.to(self.device), mask.to(self.device), scored.to(self.device)
+
+    def block_of(self, layer: str) -> int:
+        return next(index for index, block in enumerate(self.blocks)
+                    if any(module is self.linears[layer] for module in block.modules()))
+
+    def kld(self, layer: str, weight: Any) -> dict[str, float]:
+        import torch
+
+        module, start = self.linears[layer], self.block_of(layer)
         original = module.weight.detach().clone()
-        width = original.shape[1]
-        group = config.group_size if config.group_size == -1 or width % config.group_size == 0 else -1
-        with torch.no_grad():
-            codes, scale, zero = quantize_weight(original, config.bits, group, symmetric=True)
-            module.weight.copy_(dequantize_weight(codes, scale, zero))
-        total = 0.0
-        for base, perturbed in zip(reference, _logprobs(model, samples)):
-            total += float(torch.sum(base.exp() * (base - perturbed)))
-        with torch.no_grad():
-            module.weight.copy_(original)
-        layers[name] = {"kld": round(total / max(1, tokens), 8), "weights": int(original.numel())}
-    return {"config": {"samples": config.samples, "bits": config.bits, "group_size": config.group_size},
-            "samples": len(samples), "tokens": tokens, "layers": layers}
+        layers = self.model.model.layers
+        try:
+            with torch.no_grad():
+                module.weight.copy_(torch.as_tensor(weight, dtype=torch.float32))
+            self.model.model.layers = torch.nn.ModuleList(self.blocks[start:])
+            result = {}
+            with torch.inference_mode():
+                for name, batches in self.batches.items():
+                    total, positions = 0.0, 0
+                    for index, (_, mask, scored) in enumerate(batches):
+                        logits = self.model(inputs_embeds=self.hidden[name][index][start], attention_mask=mask).logits
+                        perturbed = torch.log_softmax(logits.float()[scored], dim=-1)
+                        base = self.reference[name][index]
+                        total += float(torch.sum(base.exp() * (base - perturbed)))
+                        positions += int(base.shape[0])
+                    result[name] = total / max(1, positions)
+            return result
+        finally:
+            self.model.model.layers = layers
+            with torch.no_grad():
+                module.weight.copy_(original)
 
 
-def load_sensitivity(folder: Path) -> dict | None:
-    """The calibrate stage's sensitivity with the file's sha256, or None where not measured."""
-    path = folder / SENSITIVITY
+def measure(baseline: Path, calibration: list[list[int]], variants: dict[str, Any], config: SensitivityConfig,
+            gguf_base: Optional[Path], log: Any = None) -> dict[str, dict]:
+    """Per variant: {"variant", "candidates", "probes", "layers": {layer: {"weights",
+    "kld": {candidate: {"calibration": x, family: y, ...}}}}}; a stub for variants that plan nothing."""
+    from transformers import AutoTokenizer
+
+    from quantbuild.quantizers import model_layers
+
+    layers = model_layers(baseline)
+    planned = {name: candidates_of(variant) for name, variant in sorted(variants.items())}
+    unique: dict[tuple, tuple[Candidate, Any]] = {}
+    for name, candidates in planned.items():
+        for candidate in candidates:
+            unique.setdefault((candidate.format, candidate.key, candidate.gptq), (candidate, variants[name]))
+    tables: dict[str, dict] = {}
+    probes_record: dict = {}
+    if unique:
+        tokenizer = AutoTokenizer.from_pretrained(str(baseline))
+        sets = probe_sets(tokenizer, calibration, config)
+        probes_record = probes_digest(sets)
+        scorer = _Scorer(baseline, sets)
+        with tempfile.TemporaryDirectory(prefix="quantbuild-sensitivity-") as scratch:
+            for key, (candidate, variant) in sorted(unique.items()):
+                started = time.perf_counter()
+                if candidate.format == "gguf":
+                    weights = gguf_weights(candidate, baseline, gguf_base, layers, Path(scratch))
+                else:
+                    weights = gptq_weights(candidate, variant, baseline, calibration, Path(scratch))
+                tables[key] = {layer: scorer.kld(layer, weights[layer]) for layer in layers}
+                if log:
+                    log(f"sensitivity {candidate.key}: {len(layers)} layers in {time.perf_counter() - started:.1f} s")
+    results = {}
+    for name, candidates in planned.items():
+        if not candidates:
+            results[name] = {"variant": name, "planned": False}
+            continue
+        results[name] = {
+            "variant": name, "planned": True, "format": candidates[0].format,
+            "candidates": [c.key for c in candidates],
+            "probes": probes_record,
+            "layers": {layer: {"weights": out * inp,
+                               "kld": {c.key: {k: _significant(v) for k, v in
+                                               tables[(c.format, c.key, c.gptq)][layer].items()}
+                                       for c in candidates}}
+                       for layer, (out, inp) in layers.items()},
+        }
+    return results
+
+
+def write_sensitivity(baseline: Path, calibration: list[list[int]], variants: dict[str, Any],
+                      config: SensitivityConfig, gguf_base: Optional[Path], out: Path, log: Any = None) -> dict:
+    started = time.perf_counter()
+    results = measure(baseline, calibration, variants, config, gguf_base, log)
+    with staged_dir(out) as staging:
+        files = {}
+        for name, table in results.items():
+            write_json(staging / f"{name}.json", table)
+            files[name] = {"planned": table["planned"], "sha256": sha256_file(staging / f"{name}.json")}
+        record = {"variants": files, "samples": config.samples, "family_items": config.family_items,
+                  "family_seed": FAMILY_SEED, "wall_seconds": round(time.perf_counter() - started, 1)}
+        write_json(staging / RECORD, record)
+    return record
+
+
+def load_sensitivity(folder: Path, variant: str) -> Optional[dict]:
+    """The variant's sensitivity table with the file's sha256, or None where none was measured."""
+    path = folder / f"{variant}.json"
     if not path.is_file():
         return None
-    return {**json.loads(path.read_text()), "sha256": sha256_file(path)}
+    table = json.loads(path.read_text())
+    if not table.get("planned"):
+        return None
+    return {**table, "sha256": sha256_file(path)}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from quantbuild import behaviour
 from quantbuild.config import EvalConfig
@@ -206,3 +206,24 @@ def _long_context_cells(items: list[Item], records: list[dict], metrics: dict) -
         metrics["families"]["long_context"]["by_length_depth"] = {
             key: round(sum(values) / len(values), 6) for key, values in sorted(cells.items())
         }
+
+
+def evaluate_on_ladder(config: Any, model_dir: Optional[Path], kv_cache_type: str, out: Path) -> dict:
+    """Evaluate the baseline (`model_dir` None) or a built variant's `model/` folder on the
+    runtime the ladder deploys on (llama.cpp for GGUF ladders, whose baseline is its GGUF),
+    against the baseline's stored reference."""
+    from quantbuild.config import ladder_runtime
+    from quantbuild.fingerprint import cpu_info
+    from quantbuild.quantizers.gguf import BASE_FILE, MODEL_FILE
+    from quantbuild.runtimes import LLAMA_CPP
+    from quantbuild.runtimes.llama_cpp import repack_allowed
+
+    paths = config.paths
+    reference = None if model_dir is None else Path(paths.eval) / "baseline" / REFERENCE
+    if ladder_runtime(config) == LLAMA_CPP:
+        base = Path(paths.gguf_base) / BASE_FILE
+        path, kv_type = (base, "f16") if model_dir is None else (model_dir / MODEL_FILE, kv_cache_type)
+        return evaluate_gguf(path, kv_type, config.eval, Path(paths.eval_data), out, reference,
+                             repack_allowed(cpu_info()["isa"]), baseline=None if model_dir is None else base)
+    return evaluate(model_dir or Path(paths.baseline), config.eval, Path(paths.eval_data), out, reference,
+                    baseline=None if model_dir is None else Path(paths.baseline))

@@ -22,8 +22,9 @@ GPTQ_GROUPS = (-1, 32, 64, 128)
 
 @dataclass(frozen=True)
 class Inputs:
-    """What a method may read: the baseline folder, calibration token IDs and the per-layer
-    sensitivity measured by the calibrate stage (None where it was not measured)."""
+    """What a method may read: the baseline folder, calibration token IDs and the variant's
+    per-layer sensitivity table from the sensitivity stage (None where it plans nothing); a
+    repair round adds its `objective` and `start` plan to that table."""
 
     baseline: Path
     calibration: list[list[int]]

@@ -17,7 +17,8 @@ from typing import Any, Optional
 
 from quantbuild.errors import ConfigError
 from quantbuild.quantizers import Inputs, Method, matching_layers, measurements
-from quantbuild.quantizers.planner import Level, noise_model_kld, promote, require_sensitivity
+from quantbuild.quantizers.planner import (Level, describe_promotions, divergence, objective_of, planned_bits_per_weight,
+                                          promote, require_sensitivity, start_of)
 
 MODEL_FILE = "model.gguf"
 BASE_FILE = "base.gguf"
@@ -108,34 +109,33 @@ def _plan(key: str, variant: Any, layers: dict, sensitivity: Optional[dict], bas
 
 
 def _auto_mix(key: str, variant: Any, layers: dict, plan: dict, sensitivity: Optional[dict]) -> None:
-    """Every layer not overridden gets a type from `mix_types`, chosen greedily by estimated
+    """Every layer not overridden gets a type from `mix_types`, chosen greedily by measured
     KL divergence removed per extra stored bit, within `target_bpw` over the decoder."""
-    measured = require_sensitivity(f"{key}.target_bpw={variant.target_bpw}", layers, sensitivity)
-    config = sensitivity["config"]
-    measured_bits = config["bits"] + (16 / config["group_size"] if config["group_size"] > 0 else 0)
+    from quantbuild.sensitivity import Candidate
+
+    keys = {name: Candidate("gguf", name, imatrix=bool(variant.imatrix)).key for name in variant.mix_types}
     weights = {name: out * inp for name, (out, inp) in layers.items()}
-    mix = [Level(name, TENSOR_TYPE_BITS[name]) for name in variant.mix_types]
+    mix = [Level(name, TENSOR_TYPE_BITS[name], keys[name]) for name in variant.mix_types]
     levels = {name: mix if plan[name]["reason"] == "variant" else [Level(plan[name]["type"],
                                                                          TENSOR_TYPE_BITS[plan[name]["type"]])]
               for name in layers}
-    total = sum(weights.values())
-    floor = sum(levels[name][0].bits_per_weight * weights[name] for name in layers) / total
-    if floor > variant.target_bpw:
+    start = {name: start_of(sensitivity or {}, name, levels[name]) for name in layers}
+    floor = planned_bits_per_weight(levels, start, weights)
+    if floor > variant.target_bpw + 1e-9:
         raise ConfigError(f"params.yaml: {key}.target_bpw={variant.target_bpw} is below the smallest plan, "
                           f"{floor:.4f} bits per weight (allowed: >= {floor:.4f}, or cheaper mix_types)")
-
-    def gain(name: str, current: Level, upper: Level) -> float:
-        kld = measured[name]["kld"]
-        return (noise_model_kld(kld, measured_bits, current.bits_per_weight)
-                - noise_model_kld(kld, measured_bits, upper.bits_per_weight))
-
-    chosen, gains = promote(levels, weights, {name: 0 for name in layers}, variant.target_bpw * total, gain)
+    measured = require_sensitivity(f"{key}.target_bpw={variant.target_bpw}", layers, sensitivity,
+                                   [keys[name] for name in variant.mix_types])
+    objective = objective_of(sensitivity)
+    chosen, made = promote(levels, weights, start, variant.target_bpw * sum(weights.values()),
+                           lambda name, level: divergence(measured[name], level.key, objective))
+    reasons = describe_promotions(made, objective)
     for name in layers:
+        level = levels[name][chosen[name]]
+        plan[name]["planned_bits_per_weight"] = level.bits_per_weight
         if plan[name]["reason"] == "variant":
-            level = levels[name][chosen[name]]
-            reason = (f"auto-mix (sensitivity kld {measured[name]['kld']:.3g})" if chosen[name]
-                      else "auto-mix (cheapest)")
-            plan[name].update(type=level.precision, reason=reason)
+            plan[name].update(type=level.precision, reason=reasons.get(name, "auto-mix (start)" if start[name]
+                                                                        else "auto-mix (cheapest)"))
 
 
 def _tensor_type_file(plan: dict, path: Path) -> bool:

@@ -19,7 +19,8 @@ from typing import Any, Optional
 
 from quantbuild.errors import ConfigError
 from quantbuild.quantizers import GPTQ_BITS, GPTQ_GROUPS, Inputs, Method, allowed, matching_layers
-from quantbuild.quantizers.planner import Level, promote, require_sensitivity
+from quantbuild.quantizers.planner import (Level, describe_promotions, divergence, objective_of, planned_bits_per_weight,
+                                          promote, require_sensitivity, start_of)
 
 
 def layer_bits_per_weight(shape: tuple[int, int], bits: int, group_size: int) -> float:
@@ -58,28 +59,35 @@ def _check(key: str, variant: Any) -> None:
 
 
 def _promote(key: str, variant: Any, layers: dict, plan: dict, sensitivity: Optional[dict]) -> None:
-    measured = require_sensitivity(f"{key}.target_bits={variant.target_bits}", layers, sensitivity)
-    total = sum(out * inp for out, inp in layers.values())
-    used = plan_bits_per_weight(plan, layers)
-    if used > variant.target_bits:
+    from quantbuild.sensitivity import gptq_level
+
+    base, promoted = (variant.bits, variant.group_size), (variant.promote_bits, variant.promote_group_size)
+    weights = {name: out * inp for name, (out, inp) in layers.items()}
+    levels = {}
+    for name in layers:
+        current = (plan[name]["bits"], plan[name]["group_size"])
+        if plan[name]["reason"] == "variant":
+            levels[name] = [Level(level, layer_bits_per_weight(layers[name], *level), gptq_level(*level))
+                            for level in (base, promoted)]
+        else:
+            levels[name] = [Level(current, layer_bits_per_weight(layers[name], *current))]
+    start = {name: start_of(sensitivity or {}, name, levels[name]) for name in layers}
+    used = planned_bits_per_weight(levels, start, weights)
+    if used > variant.target_bits + 1e-9:
         raise ConfigError(f"params.yaml: {key}.target_bits={variant.target_bits} is below the {used:.4f} "
                           f"bits per weight the plan needs before promotion (allowed: >= {used:.4f})")
-    promoted = (variant.promote_bits, variant.promote_group_size)
-    levels, weights = {}, {}
-    for name, (out_features, in_features) in layers.items():
-        current = (plan[name]["bits"], plan[name]["group_size"])
-        options = [Level(current, layer_bits_per_weight(layers[name], *current))]
-        if plan[name]["reason"] == "variant":
-            options.append(Level(promoted, layer_bits_per_weight(layers[name], *promoted)))
-        levels[name], weights[name] = options, out_features * in_features
-    # Most output divergence removed per extra stored bit first (one promotion level, so the
-    # measured divergence itself is the gain).
-    chosen, _ = promote(levels, weights, {name: 0 for name in layers}, variant.target_bits * total,
-                        lambda name, current, upper: measured[name]["kld"])
-    for name, index in chosen.items():
-        if index:
-            plan[name] = {"bits": variant.promote_bits, "group_size": variant.promote_group_size,
-                          "reason": f"promoted (sensitivity kld {measured[name]['kld']:.3g})"}
+    measured = require_sensitivity(f"{key}.target_bits={variant.target_bits}", layers, sensitivity,
+                                   [gptq_level(*base), gptq_level(*promoted)])
+    objective = objective_of(sensitivity)
+    chosen, made = promote(levels, weights, start, variant.target_bits * sum(weights.values()),
+                           lambda name, level: divergence(measured[name], level.key, objective))
+    reasons = describe_promotions(made, objective)
+    for name in layers:
+        level = levels[name][chosen[name]]
+        plan[name]["planned_bits_per_weight"] = level.bits_per_weight
+        if plan[name]["reason"] == "variant" and level.precision != base:
+            plan[name].update(bits=level.precision[0], group_size=level.precision[1],
+                              reason=reasons.get(name, "promoted (start)"))
 
 
 def _plan(key: str, variant: Any, layers: dict, sensitivity: Optional[dict], baseline: Path) -> dict:

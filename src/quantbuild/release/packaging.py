@@ -16,7 +16,8 @@ from quantbuild.release.provenance import PROVENANCE, statement
 
 CARD = "README.md"
 MODELFILE = "Modelfile"
-LINEAGE_STAGES = ("fetch", "calibrate", "gguf_base", "quantize@{v}", "evaluate@{v}", "evaluate_baseline", "select")
+LINEAGE_STAGES = ("fetch", "calibrate", "gguf_base", "sensitivity", "quantize@{v}", "evaluate@{v}", "evaluate_baseline",
+                  "repair", "select")
 
 
 def git_state(repo: Path) -> dict[str, Any]:

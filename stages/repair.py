@@ -1,0 +1,24 @@
+"""Stage repair: the closed loop. Planned variants that fail a family's budget at the gate
+are re-planned for that family, rebuilt and re-gated (src/quantbuild/repair.py).
+
+    python -m stages.repair
+"""
+
+import sys
+from pathlib import Path
+
+from quantbuild.config import Config
+from quantbuild.determinism import make_deterministic
+from quantbuild.repair import repair_ladder
+from quantbuild.stage import run_stage, say
+
+
+def main(config: Config) -> None:
+    make_deterministic(config.seed)
+    result = repair_ladder(config, Path(config.paths.repair), log=lambda line: print(line, file=sys.stderr))
+    lines = [f"{name}: {outcome['verdict']}" for name, outcome in sorted(result["variants"].items())]
+    say("repair: " + ("; ".join(lines) if lines else "no planned variant"))
+
+
+if __name__ == "__main__":
+    run_stage(main)
