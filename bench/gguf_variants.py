@@ -42,7 +42,7 @@ def _calibration(samples: int = 48, imatrix_samples: int = 600):
     from quantbuild.config import CalibrationConfig, SensitivityConfig
 
     return CalibrationConfig(sources=SOURCES, samples=samples, seq_len=512, imatrix_samples=imatrix_samples,
-                             sensitivity=SensitivityConfig(samples=4, bits=3, group_size=64))
+                             sensitivity=SensitivityConfig(samples=4, family_items=6))
 
 
 def random_model(folder: Path, hidden: int = 768, intermediate: int = 2048, layers: int = 12) -> Path:
@@ -59,19 +59,31 @@ def random_model(folder: Path, hidden: int = 768, intermediate: int = 2048, laye
     return folder
 
 
-def _prepare(work: Path, imatrix_samples: int = 600, baseline: Path = BASELINE):
-    """Base GGUF + imatrix + calibration/sensitivity, as the pipeline makes them."""
+def _prepare(work: Path, imatrix_samples: int = 600, baseline: Path = BASELINE, planned: dict | None = None):
+    """Base GGUF + imatrix + calibration, as the pipeline makes them, and the sensitivity
+    stage's tables for the `planned` variants (in work/sensitivity)."""
     from quantbuild.calibration import compose_calibration, load_calibration
     from quantbuild.gguf_base import build_base
     from quantbuild.quantizers import Inputs
-    from quantbuild.sensitivity import load_sensitivity
+    from quantbuild.sensitivity import write_sensitivity
 
     calibration = _calibration(imatrix_samples=imatrix_samples)
     build_base(baseline, calibration, ROOT / "data" / "calibration", "f16", needed=True, imatrix=True, repack=False,
                out=work / "base")
     compose_calibration(calibration, ROOT / "data" / "calibration", baseline, work / "calibration")
-    return Inputs(baseline, load_calibration(work / "calibration"), load_sensitivity(work / "calibration"),
-                  gguf_base=work / "base", lineage={})
+    inputs = Inputs(baseline, load_calibration(work / "calibration"), gguf_base=work / "base", lineage={})
+    if planned:
+        write_sensitivity(baseline, inputs.calibration, planned, calibration.sensitivity, work / "base",
+                          work / "sensitivity")
+    return inputs
+
+
+def _with_table(inputs, work: Path, key: str):
+    from dataclasses import replace
+
+    from quantbuild.sensitivity import load_sensitivity
+
+    return replace(inputs, sensitivity=load_sensitivity(work / "sensitivity", key))
 
 
 
@@ -167,37 +179,73 @@ def _base_logits(work: Path, tokens: int) -> tuple[Path, Path]:
     return text, logits
 
 
+STOCK = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_0", "IQ4_XS", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K",
+         "Q8_0")
+
+
 def quality(args: argparse.Namespace) -> None:
+    """Stock llama.cpp presets (with and without quantbuild's importance matrix) against
+    quantbuild's planned auto-mixes at several targets, by llama.cpp's own KLD tool on the
+    same held-out tokens; then the Pareto comparison from 3 to 5 bits per weight."""
     from quantbuild.config import GgufConfig
     from quantbuild.quantization import build_variant
     from quantbuild.quantizers.gguf import MODEL_FILE
 
+    stock, planned = {}, {}
+    for preset in STOCK:
+        stock[preset] = GgufConfig(type=preset)
+        stock[f"{preset} + imatrix"] = GgufConfig(type=preset, imatrix=True)
+    mixes = {"K/IQ4_XS": ["Q2_K", "Q3_K", "IQ4_XS", "Q5_K", "Q6_K"],
+             "K/IQ4_XS/Q8_0": ["Q2_K", "Q3_K", "IQ4_XS", "Q5_K", "Q6_K", "Q8_0"]}
+    for target in args.targets:
+        for label, types in mixes.items():
+            planned[f"plan_{target}_{len(types)}"] = (f"planned {target} {label}",
+                                                      GgufConfig(type="Q4_K_S", target_bpw=target, mix_types=types))
+            planned[f"plan_{target}_{len(types)}_imat"] = (f"planned {target} {label} + imatrix",
+                                                           GgufConfig(type="Q4_K_S", imatrix=True, target_bpw=target,
+                                                                      mix_types=types))
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
-        inputs = _prepare(work)
+        started = time.perf_counter()
+        inputs = _prepare(work, planned={key: variant for key, (_, variant) in planned.items()})
+        print(f"sensitivity of {len(planned)} planned variants: {time.perf_counter() - started:.0f} s", flush=True)
         text, logits = _base_logits(work, args.tokens)
-        variants = {}
-        for preset in ("Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "IQ4_XS", "Q5_K_M"):
-            variants[f"{preset}"] = GgufConfig(type=preset)
-            variants[f"{preset} + imatrix"] = GgufConfig(type=preset, imatrix=True)
-        k_quants, with_iq4 = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"], ["Q2_K", "Q3_K", "IQ4_XS", "Q5_K", "Q6_K"]
-        for target in args.targets:
-            variants[f"auto-mix {target} K + imatrix"] = GgufConfig(type="Q4_K_S", imatrix=True, target_bpw=target,
-                                                                    mix_types=k_quants)
-            variants[f"auto-mix {target} K"] = GgufConfig(type="Q4_K_S", target_bpw=target, mix_types=k_quants)
-            variants[f"auto-mix {target} K/IQ4_XS"] = GgufConfig(type="Q4_K_S", target_bpw=target, mix_types=with_iq4)
-        rows, results = [], {}
-        for name, variant in variants.items():
-            build_variant("bench", variant, inputs, work / "variant")
+        results = {}
+        runs = [(name, variant, inputs) for name, variant in stock.items()]
+        runs += [(label, variant, _with_table(inputs, work, key)) for key, (label, variant) in planned.items()]
+        for name, variant, variant_inputs in runs:
+            record = build_variant("bench", variant, variant_inputs, work / "variant")
             path = work / "variant" / "model" / MODEL_FILE
-            measured = {"file_bpw": round(_file_bpw(path), 4), **_kld(path, logits, text)}
-            results[name] = measured
-            rows.append([name, f"{measured['file_bpw']:.3f}", f"{measured['kld_mean']:.6f}",
-                         f"{measured['same_top_pct']:.2f}"])
-        rows.sort(key=lambda row: float(row[1]))
-    print(f"held-out tokens: ~{args.tokens} (llama-perplexity, 512-token chunks)")
-    print(table(["variant", "file bpw", "mean KLD vs F16", "same top-1 %"], rows))
+            results[name] = {"file_bpw": round(_file_bpw(path), 4), "decoder_bpw": record["bits_per_weight"],
+                             "planned": name.startswith("planned"), **_kld(path, logits, text)}
+    rows = [[name, f"{m['file_bpw']:.3f}", f"{m['decoder_bpw']:.3f}", f"{m['kld_mean']:.6f}",
+             f"{m['same_top_pct']:.2f}"] for name, m in sorted(results.items(), key=lambda item: item[1]["file_bpw"])]
+    print(f"held-out tokens: ~{args.tokens} (llama-perplexity --kl-divergence, 512-token chunks)")
+    print(table(["variant", "file bpw", "decoder bpw", "mean KLD vs F16", "same top-1 %"], rows))
+    print(pareto_table(results, 3.0, 5.0))
     save("gguf_quality", results)
+
+
+def pareto_table(results: dict, low: float, high: float) -> str:
+    """Per stock preset between `low` and `high` file bpw: the best planned variant no larger
+    than it, and whether that variant has the lower KLD (planned dominates)."""
+    planned = {name: m for name, m in results.items() if m["planned"]}
+    rows, wins = [], 0
+    stock = sorted(((name, m) for name, m in results.items() if not m["planned"] and low <= m["file_bpw"] <= high),
+                   key=lambda item: item[1]["file_bpw"])
+    for name, measured in stock:
+        fits = [(m["kld_mean"], other) for other, m in planned.items() if m["file_bpw"] <= measured["file_bpw"]]
+        if not fits:
+            rows.append([name, f"{measured['file_bpw']:.3f}", f"{measured['kld_mean']:.6f}", "-", "-", "no"])
+            continue
+        kld, best = min(fits)
+        better = kld < measured["kld_mean"]
+        wins += better
+        rows.append([name, f"{measured['file_bpw']:.3f}", f"{measured['kld_mean']:.6f}", best,
+                     f"{planned[best]['file_bpw']:.3f} / {kld:.6f}", "yes" if better else "no"])
+    header = ["stock preset", "file bpw", "KLD", "best planned at <= its bpw", "its bpw / KLD", "planned better"]
+    return (f"\nPareto, {low}-{high} bits per weight: a planned variant no larger and with lower KLD than "
+            f"{wins} of {len(stock)} stock presets\n" + table(header, rows))
 
 
 def imatrix(args: argparse.Namespace) -> None:
