@@ -42,7 +42,7 @@ def _calibration(samples: int = 48, imatrix_samples: int = 600):
     from quantbuild.config import CalibrationConfig, SensitivityConfig
 
     return CalibrationConfig(sources=SOURCES, samples=samples, seq_len=512, imatrix_samples=imatrix_samples,
-                             sensitivity=SensitivityConfig(samples=4, family_items=6))
+                             sensitivity=SensitivityConfig(samples=4, family_tokens=1536))
 
 
 def random_model(folder: Path, hidden: int = 768, intermediate: int = 2048, layers: int = 12) -> Path:

@@ -31,7 +31,7 @@ from quantbuild.sensitivity import FAMILIES, Candidate, gguf_weights, load_sensi
 pytestmark = pytest.mark.slow
 
 CALIBRATION = CalibrationConfig(sources={"workflow_prompts": 0.5, "tool_calls": 0.3, "domain_text": 0.2}, samples=6,
-                                seq_len=96, sensitivity=SensitivityConfig(samples=2, family_items=2),
+                                seq_len=96, sensitivity=SensitivityConfig(samples=2, family_tokens=256),
                                 imatrix_samples=40, imatrix_chunk=128)
 DATA = REPO / "data" / "calibration"
 

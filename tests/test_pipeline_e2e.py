@@ -57,7 +57,7 @@ def repo(tmp_path_factory) -> Path:
             shutil.copy2(REPO / name, root / name)
     # The committed configuration, never the user's working params.yaml (keys, experiments).
     params = yaml.safe_load(committed("params.yaml"))
-    params["calibration"].update(samples=6, seq_len=96, sensitivity={"samples": 2, "family_items": 2},
+    params["calibration"].update(samples=6, seq_len=96, sensitivity={"samples": 2, "family_tokens": 256},
                                  imatrix_samples=40, imatrix_chunk=128)
     # Two GGUF variants of the default ladder (one with the importance matrix) keep this at
     # about a minute; test_quantization covers every method.

@@ -25,7 +25,7 @@ PROMPT = "Question: What is 21 + 14?\nAnswer:"
 
 
 CALIBRATION = CalibrationConfig(sources={"workflow_prompts": 1.0, "tool_calls": 1.0}, samples=8, seq_len=128,
-                                sensitivity=SensitivityConfig(samples=2, family_items=2))
+                                sensitivity=SensitivityConfig(samples=2, family_tokens=256))
 
 
 @pytest.fixture(scope="module")

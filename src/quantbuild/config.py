@@ -53,11 +53,12 @@ class ModelConfig:
 class SensitivityConfig:
     """Per-layer sensitivity at each candidate format of the ladder's planned variants (the
     sensitivity stage): the KL divergence when only that layer takes the format, over
-    `samples` calibration samples and, per task family, `family_items` generated items
-    (0 samples = not measured; planned variants then fail at config time)."""
+    `samples` calibration samples and, per task family, the answer positions of generated
+    items filling `family_tokens` tokens (0 samples = not measured; planned variants then
+    fail at config time; 0 family tokens = no per-family measurement)."""
 
     samples: int = 4
-    family_items: int = 6
+    family_tokens: int = 1536
 
 
 @dataclass
@@ -456,8 +457,8 @@ def _check_ranges(config: Config) -> None:
     sensitivity = calibration.sensitivity
     _require(0 <= sensitivity.samples <= calibration.samples, "calibration.sensitivity.samples", sensitivity.samples,
              f"0..calibration.samples ({calibration.samples}); 0 = not measured")
-    _require(0 <= sensitivity.family_items <= 1000, "calibration.sensitivity.family_items",
-             sensitivity.family_items, "0..1000 (0 = no per-family measurement)")
+    _require(0 <= sensitivity.family_tokens <= 65536, "calibration.sensitivity.family_tokens",
+             sensitivity.family_tokens, "0..65536 (0 = no per-family measurement)")
     _require(1 <= calibration.imatrix_samples <= 1000000, "calibration.imatrix_samples", calibration.imatrix_samples,
              "1..1000000")
     _require(32 <= calibration.imatrix_chunk <= 32768, "calibration.imatrix_chunk", calibration.imatrix_chunk,

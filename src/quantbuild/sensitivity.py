@@ -7,9 +7,9 @@ linear layer alone is replaced by its real quantized weight, dequantized, and th
 divergence KL(P_baseline || P_quantized) is measured
 
 - on the calibration mix (`calibration.sensitivity.samples` samples, every position), and
-- per task family, on the answer positions of `calibration.sensitivity.family_items` fresh
-  items of that family, generated from a seed disjoint from the eval and calibration seeds
-  (planning never sees the items the gate scores).
+- per task family, on the answer positions of fresh items of that family (as many as fit
+  in `calibration.sensitivity.family_tokens` tokens), generated from a seed disjoint from
+  the eval and calibration seeds (planning never sees the items the gate scores).
 
 The quantized weights come from the library that builds the variant, so the table describes
 the formats that ship: llama-quantize writes the whole decoder at one llama.cpp type from
@@ -41,6 +41,7 @@ RECORD = "sensitivity_record.json"
 FAMILIES = ("long_context", "reasoning", "retrieval", "structured")
 # Items for the per-family measurement: disjoint from data/eval (1001) and data/calibration (2001).
 FAMILY_SEED = 3001
+MAX_FAMILY_ITEMS = 512
 CALIBRATION = "calibration"
 
 
@@ -89,18 +90,26 @@ class Probe:
 
 def probe_sets(tokenizer: Any, calibration: list[list[int]], config: SensitivityConfig) -> dict[str, list[Probe]]:
     """`calibration`: the first `config.samples` samples, every position; one set per family:
-    `config.family_items` generated items, the positions that predict the answer."""
+    generated items, in order, until their tokens reach `config.family_tokens` (so a family of
+    short answers gets as many scored positions as it needs, one of long contexts as few
+    items as its length allows), the positions that predict the answer."""
     from quantbuild.tasks import GENERATORS, training_pair
 
     sets = {CALIBRATION: [Probe(list(ids), 0) for ids in calibration[: config.samples] if len(ids) > 1]}
+    if not config.family_tokens:
+        return sets
     for family in FAMILIES:
-        probes = []
-        for item in GENERATORS[family](config.family_items, FAMILY_SEED):
+        probes: list[Probe] = []
+        tokens = 0
+        for item in GENERATORS[family](MAX_FAMILY_ITEMS, FAMILY_SEED):
             prompt, target = training_pair(item)
             start = len(tokenizer(prompt)["input_ids"])
             ids = tokenizer(prompt + target)["input_ids"]
             if len(ids) > start:
                 probes.append(Probe(ids, start - 1))
+                tokens += len(ids)
+            if tokens >= config.family_tokens:
+                break
         sets[family] = probes
     return sets
 
@@ -212,12 +221,19 @@ def gptq_weights(candidate: Candidate, variant: Any, baseline: Path, calibration
 
 # --- the measurement ------------------------------------------------------------------------
 
-BATCH = 4
+BATCH_TOKENS = 1024
 
 
 def _groups(probes: list[Probe]) -> list[list[Probe]]:
+    """Probes sorted by length, batched while the padded batch stays within BATCH_TOKENS."""
     ordered = sorted(probes, key=lambda probe: (len(probe.ids), probe.ids))
-    return [ordered[start: start + BATCH] for start in range(0, len(ordered), BATCH)]
+    groups: list[list[Probe]] = []
+    for probe in ordered:
+        if groups and (len(groups[-1]) + 1) * len(probe.ids) <= BATCH_TOKENS:
+            groups[-1].append(probe)
+        else:
+            groups.append([probe])
+    return groups
 
 
 def _significant(value: float) -> float:
@@ -238,7 +254,7 @@ class _Scorer:
         self.model = AutoModelForCausalLM.from_pretrained(str(baseline), dtype=torch.float32).to(self.device).eval()
         self.linears = quantizable_linears(self.model)
         self.blocks = list(self.model.model.layers)
-        # Per probe set, batches of up to BATCH sequences of similar length (little padding).
+        # Per probe set, batches of sequences of similar length (little padding).
         self.batches = {name: [self._batch(group) for group in _groups(probes)] for name, probes in sets.items() if probes}
         self.hidden: dict[str, list[list[Any]]] = {}
         self.reference: dict[str, list[Any]] = {}
@@ -353,7 +369,7 @@ def write_sensitivity(baseline: Path, calibration: list[list[int]], variants: di
         for name, table in results.items():
             write_json(staging / f"{name}.json", table)
             files[name] = {"planned": table["planned"], "sha256": sha256_file(staging / f"{name}.json")}
-        record = {"variants": files, "samples": config.samples, "family_items": config.family_items,
+        record = {"variants": files, "samples": config.samples, "family_tokens": config.family_tokens,
                   "family_seed": FAMILY_SEED, "wall_seconds": round(time.perf_counter() - started, 1)}
         write_json(staging / RECORD, record)
     return record
