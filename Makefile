@@ -47,7 +47,7 @@ $(VENV)/.installed: pyproject.toml $(LLAMA_SRC)/.extracted
 	&& $(VENV)/bin/python -m pip install --quiet $(LLAMA_SRC)/vendor/llama.cpp/gguf-py \
 	&& CMAKE_ARGS="-DLLAMA_BUILD=OFF" $(VENV)/bin/python -m pip install --quiet --no-binary llama-cpp-python \
 		$(LLAMA_DIR)/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz \
-	&& $(VENV)/bin/python -m pip install --quiet -e '.[test]'; installed=$$?; \
+	&& $(VENV)/bin/python -m pip install --quiet -e '.[test,ray]'; installed=$$?; \
 	wait $$build && test $$installed -eq 0
 	lib=$$($(VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/llama_cpp/lib; \
 	mkdir -p $$lib && cp -P $(LLAMA_DIR)/build/bin/*.so* $$lib/

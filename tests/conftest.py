@@ -62,3 +62,44 @@ def params() -> dict:
     import yaml
 
     return yaml.safe_load(committed("params.yaml"))
+
+
+def small_project(root: Path) -> Path:
+    """A git repository holding this working tree (tracked and untracked-not-ignored files,
+    no dvc.lock) with the committed configuration at small settings: a two-variant GGUF
+    ladder, four items per family, loose budgets. Nothing is built yet."""
+    import shutil
+    import subprocess
+
+    import yaml
+
+    from quantbuild.config import compose
+
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for name in files:
+        if (REPO / name).is_file() and not name.startswith("dvc.lock"):
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, root / name)
+    # The committed configuration, never the user's working params.yaml (keys, experiments).
+    params = yaml.safe_load(committed("params.yaml"))
+    params["calibration"].update(samples=6, seq_len=96, sensitivity={"samples": 2, "family_tokens": 256},
+                                 imatrix_samples=40, imatrix_chunk=128)
+    # Two GGUF variants of the default ladder (one with the importance matrix) keep this at
+    # about a minute; test_quantization covers every method.
+    ladder = compose(REPO / "conf", ["quant=[gguf_q8_0,gguf_q4_k_m_imat]"])["quant"]["variants"]
+    params["quant"]["variants"] = ladder
+    params["eval"].update(limit=4, batch_size=8)
+    params["eval"]["latency"].update(prompt_lengths=[16], new_tokens=2, warmup=0, repeats=1)
+    params["eval"]["memory"].update(context_lengths=[32])
+    # Four items per family are noise; these budgets still check that the gate runs.
+    # One timed round of two tokens decides nothing: the latency check runs, with a wide limit.
+    params["gate"] = {"max_perplexity_increase_pct": 50.0, "max_kld_mean": 1.0, "max_kld_p99": 10.0,
+                      "min_top1_agreement": 0.5, "max_family_drop": {"structured": 0.5},
+                      "max_latency_paired_ratio": 10.0, "max_memory_ratio": 0.95, "memory_context": 32}
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for command in (["git", "init", "-q"], ["git", "config", "user.name", "t"], ["git", "config", "user.email", "t@t"],
+                    ["git", "add", "-A"],
+                    ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"]):
+        subprocess.run(command, cwd=root, check=True, capture_output=True)
+    return root

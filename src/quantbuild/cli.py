@@ -197,6 +197,33 @@ def exp(ctx: typer.Context) -> None:
 
 
 @app.command()
+def fanout(
+    address: Optional[str] = typer.Option(None, help="a Ray cluster (ray://HOST:10001, HOST:6379 or auto); "
+                                                     "default: a local cluster"),
+    workers: int = typer.Option(2, help="CPUs of the local cluster (without --address)"),
+    remote: Optional[str] = typer.Option(None, help="the DVC remote the workers share (default: the repo's default "
+                                                    "remote)"),
+    repo: Optional[str] = typer.Option(None, help="where workers clone the repository from (default: this folder)"),
+    params: Path = typer.Option(Path("params.yaml")),
+) -> None:
+    """Build the ladder's stages on a Ray cluster through a shared DVC remote; afterwards
+    `dvc repro` here restores every stage and runs only fingerprint (needs quantbuild[ray])."""
+    from quantbuild.config import load_config
+    from quantbuild.fanout import fanout as fan_out
+
+    try:
+        if workers < 1:
+            raise QuantbuildError(f"--workers={workers} is not allowed (allowed: >= 1)")
+        config = load_config(params)
+        record = fan_out(Path.cwd(), sorted(config.quant.variants), address, workers, remote, repo,
+                         log=typer.echo)
+    except QuantbuildError as err:
+        _fail(err)
+    typer.echo(f"fanout: {len(record['tasks'])} tasks in {record['seconds']} s through {record['remote']}; "
+               f"`dvc repro` here now restores every stage (only fingerprint runs)")
+
+
+@app.command()
 def pin(
     folder: Optional[Path] = typer.Argument(None, help="a local model folder"),
     hf: Optional[str] = typer.Option(None, help="a Hub repo id instead of a folder"),

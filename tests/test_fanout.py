@@ -1,0 +1,100 @@
+"""`quantbuild fanout`: a two-variant ladder built by tasks on a local Ray cluster of two
+workers through a folder DVC remote. Afterwards the driver's `dvc repro` runs no stage but
+fingerprint and its package is byte-identical to a one-machine build; a cluster whose
+environment differs from the driver's is refused, naming the drift."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import small_project
+from quantbuild.hashing import sha256_file
+
+pytest.importorskip("ray")
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent
+BUNDLE = "artifacts/package/workflow-llama-8m-gguf_q4_k_m_imat"
+
+
+def run(cwd: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    full = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", **(env or {})}
+    return subprocess.run(list(args), cwd=cwd, capture_output=True, text=True, env=full)
+
+
+def clone(source: Path, target: Path) -> Path:
+    assert run(source.parent, "git", "clone", "-q", str(source), str(target)).returncode == 0
+    return target
+
+
+def digests(root: Path) -> dict[str, str]:
+    return {path.name: sha256_file(path) for path in sorted((root / BUNDLE).iterdir())}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    return small_project(tmp_path_factory.mktemp("fanout") / "origin")
+
+
+@pytest.fixture(scope="module")
+def single(project, tmp_path_factory) -> Path:
+    """The same commit built on one machine by `dvc repro`."""
+    root = clone(project, tmp_path_factory.mktemp("single") / "repo")
+    result = run(root, str(BIN / "dvc"), "repro")
+    assert result.returncode == 0, result.stderr[-2000:]
+    return root
+
+
+def test_a_ladder_fanned_out_over_two_workers_restores_without_running_and_packages_the_same_bytes(
+        project, single, tmp_path):
+    driver = clone(project, tmp_path / "driver")
+    remote = tmp_path / "remote"
+    result = run(driver, str(BIN / "quantbuild"), "fanout", "--workers", "2", "--remote", str(remote))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    # The upstream task, one task per variant, the finishing task.
+    assert "fanout: quantize@gguf_q8_0 evaluate@gguf_q8_0 on" in result.stdout
+    assert "fanout: quantize@gguf_q4_k_m_imat evaluate@gguf_q4_k_m_imat on" in result.stdout
+    assert "only fingerprint runs" in result.stdout
+    repro = run(driver, str(BIN / "dvc"), "repro")
+    assert repro.returncode == 0, repro.stderr[-2000:]
+    assert set(re.findall(r"Running stage '([^']+)'", repro.stdout)) == {"fingerprint"}
+    assert digests(driver) == digests(single)
+    assert run(driver, str(BIN / "quantbuild"), "verify", BUNDLE).returncode == 0
+
+
+def test_uncommitted_changes_are_refused_before_any_task(project, tmp_path):
+    driver = clone(project, tmp_path / "driver")
+    params = driver / "params.yaml"
+    params.write_text(params.read_text().replace("seed: 0", "seed: 1", 1))
+    result = run(driver, str(BIN / "quantbuild"), "fanout", "--workers", "1", "--remote", str(tmp_path / "r"))
+    assert result.returncode == 1
+    assert "params.yaml has uncommitted changes" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_cluster_with_a_drifted_environment_is_refused_naming_the_drift(project, tmp_path):
+    """A Ray cluster started in an environment with another llama-cpp-python: its workers'
+    fingerprint differs from the driver's, so the first task refuses before building."""
+    fake = tmp_path / "fake" / "llama_cpp_python-9.9.9.dist-info"
+    fake.mkdir(parents=True)
+    (fake / "METADATA").write_text("Metadata-Version: 2.1\nName: llama-cpp-python\nVersion: 9.9.9\n")
+    drifted = {"PYTHONPATH": str(fake.parent)}
+    port = "6391"
+    started = run(tmp_path, str(BIN / "ray"), "start", "--head", "--num-cpus", "1", "--port", port,
+                  "--include-dashboard", "false", "--disable-usage-stats", env=drifted)
+    assert started.returncode == 0, started.stderr[-2000:]
+    try:
+        driver = clone(project, tmp_path / "driver")
+        result = run(driver, str(BIN / "quantbuild"), "fanout", "--address", f"127.0.0.1:{port}", "--remote",
+                     str(tmp_path / "remote"))
+        assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+        assert "differs from the driver's" in result.stderr and "llama_cpp_python" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+        assert not (driver / "dvc.lock").exists() and not (driver / "artifacts" / "package").exists()
+    finally:
+        run(tmp_path, str(BIN / "ray"), "stop", "--force")
