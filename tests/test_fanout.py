@@ -5,6 +5,7 @@ environment differs from the driver's is refused, naming the drift."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -37,6 +38,21 @@ def digests(root: Path) -> dict[str, str]:
     return {path.name: sha256_file(path) for path in sorted((root / BUNDLE).iterdir())}
 
 
+# What no two runs share, on one machine or many: timings (latency suites, the latency check,
+# wall time in the records the lock hashes), and the digests of the files that hold them.
+TIMED = {"manifest.json", "provenance.intoto.json"}
+
+
+def without_timings(root: Path) -> dict:
+    manifest = json.loads((root / BUNDLE / "manifest.json").read_text())
+    manifest.pop("dvc_lock")
+    for side in manifest["evaluation"].values():
+        side.pop("latency"), side.pop("latency_vs_baseline", None)
+    manifest["gate"]["checks"] = [check for check in manifest["gate"]["checks"] if check["budget"] != "latency_ratio"]
+    manifest["files"] = {name: entry for name, entry in manifest["files"].items() if name not in TIMED}
+    return manifest
+
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     return small_project(tmp_path_factory.mktemp("fanout") / "origin")
@@ -64,7 +80,11 @@ def test_a_ladder_fanned_out_over_two_workers_restores_without_running_and_packa
     repro = run(driver, str(BIN / "dvc"), "repro")
     assert repro.returncode == 0, repro.stderr[-2000:]
     assert set(re.findall(r"Running stage '([^']+)'", repro.stdout)) == {"fingerprint"}
-    assert digests(driver) == digests(single)
+    # The bundle is the one-machine build's: every file byte for byte, except the manifest and
+    # provenance, which differ only in what no two runs share (timings).
+    ours, theirs = digests(driver), digests(single)
+    assert set(ours) == set(theirs) and {name for name in ours if ours[name] != theirs[name]} <= TIMED
+    assert without_timings(driver) == without_timings(single)
     assert run(driver, str(BIN / "quantbuild"), "verify", BUNDLE).returncode == 0
 
 
@@ -83,18 +103,20 @@ def test_a_cluster_with_a_drifted_environment_is_refused_naming_the_drift(projec
     fake = tmp_path / "fake" / "llama_cpp_python-9.9.9.dist-info"
     fake.mkdir(parents=True)
     (fake / "METADATA").write_text("Metadata-Version: 2.1\nName: llama-cpp-python\nVersion: 9.9.9\n")
-    drifted = {"PYTHONPATH": str(fake.parent)}
+    # Ray's token authentication, on both sides (the default for `ray start` clusters since 2.59).
+    auth = {"RAY_AUTH_MODE": "token"}
+    drifted = {"PYTHONPATH": str(fake.parent), **auth}
     port = "6391"
     started = run(tmp_path, str(BIN / "ray"), "start", "--head", "--num-cpus", "1", "--port", port,
-                  "--include-dashboard", "false", "--disable-usage-stats", env=drifted)
+                  "--node-ip-address", "127.0.0.1", "--include-dashboard", "false", "--disable-usage-stats", env=drifted)
     assert started.returncode == 0, started.stderr[-2000:]
     try:
         driver = clone(project, tmp_path / "driver")
         result = run(driver, str(BIN / "quantbuild"), "fanout", "--address", f"127.0.0.1:{port}", "--remote",
-                     str(tmp_path / "remote"))
+                     str(tmp_path / "remote"), env=auth)
         assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
-        assert "differs from the driver's" in result.stderr and "llama_cpp_python" in result.stderr
-        assert len(result.stderr.strip().splitlines()) == 1
+        ours = [line for line in result.stderr.splitlines() if line.startswith("quantbuild:")]
+        assert len(ours) == 1 and "differs from the driver's" in ours[0] and "llama_cpp_python" in ours[0]
         assert not (driver / "dvc.lock").exists() and not (driver / "artifacts" / "package").exists()
     finally:
         run(tmp_path, str(BIN / "ray"), "stop", "--force")

@@ -81,9 +81,10 @@ def built(inputs, sensitivity, tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
-def test_same_inputs_give_identical_weights(name, inputs, built, tmp_path):
+def test_same_inputs_give_identical_weights(name, inputs, sensitivity, built, tmp_path):
     first, _ = built(name)
-    second = build_variant(name, VARIANTS[name], inputs, tmp_path / "again")
+    second = build_variant(name, VARIANTS[name], replace(inputs, sensitivity=load_sensitivity(sensitivity, name)),
+                           tmp_path / "again")
     assert first["files"] == second["files"]
     assert "quant_log.csv" not in first["files"]
     assert (tmp_path / "again" / RECORD).is_file()

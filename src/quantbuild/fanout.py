@@ -26,6 +26,7 @@ default, the pipeline runs on one machine with `dvc repro`.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import shutil
@@ -143,12 +144,16 @@ def fanout(root: Path, variants: list[str], address: Optional[str], workers: int
     if "://" not in remote_url:
         Path(remote_url).mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    _run([*_dvc(root), "repro", "--single-item", "fingerprint"], root, "fanout fingerprint", env)
+    # The driver's environment, the reference (the stage's command alone: dvc.lock stays as it is).
+    _run([sys.executable, "-m", "stages.fingerprint"], root, "fanout fingerprint", env)
     expected = fingerprint_files(root)
     source = repo_url or str(root)
     started = time.perf_counter()
-    ray.init(address=address, num_cpus=None if address else workers, include_dashboard=False,
-             log_to_driver=False, ignore_reinit_error=True)
+    try:
+        ray.init(address=address, num_cpus=None if address else workers, include_dashboard=False,
+                 log_to_driver=False, ignore_reinit_error=True, logging_level=logging.ERROR)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        raise ConfigError(f"fanout: no Ray cluster at {address}: {str(err).strip().splitlines()[0]}") from None
     task = ray.remote(num_cpus=1, max_retries=0)(run_task)
     record: dict[str, Any] = {"commit": commit, "remote": remote_url, "tasks": []}
     try:
@@ -163,9 +168,9 @@ def fanout(root: Path, variants: list[str], address: Optional[str], workers: int
                 lock = result.pop("lock") or lock
                 record["tasks"].append(result)
     except ray.exceptions.RayTaskError as err:
-        cause = err.as_instanceof_cause() if hasattr(err, "as_instanceof_cause") else err
+        cause = getattr(err, "cause", None)
         if isinstance(cause, QuantbuildError):
-            raise type(cause)(str(cause).splitlines()[0]) from None
+            raise type(cause)(str(cause)) from None
         raise QuantbuildError(f"fanout: a task failed: {str(err).strip().splitlines()[-1]}") from None
     finally:
         ray.shutdown()
