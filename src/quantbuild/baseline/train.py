@@ -116,7 +116,8 @@ def _step_seconds(model, batch: int, seq_len: int, device: str) -> float:
 
 
 def train(tokenizer_dir: Path, out: Path, steps: int, batch: int, seq_len: int, lr: float, seed: int,
-          workers: int, time_budget: float = 0.0) -> dict:
+          workers: int, time_budget: float = 0.0, architecture: dict | None = None,
+          max_shard_size: str = "5GB") -> dict:
     """Train and save the model to `out`; with `time_budget` (seconds), `steps` is replaced by
     the largest multiple of 100 that a timing probe says fits (the record keeps the count,
     so the run is reproducible with `--steps`)."""
@@ -126,7 +127,8 @@ def train(tokenizer_dir: Path, out: Path, steps: int, batch: int, seq_len: int, 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     config = baseline_config(len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                             **(architecture or {}))
     if time_budget:
         step_seconds = _step_seconds(LlamaForCausalLM(config).to(device), batch, seq_len, device)
         steps = max(100, int(time_budget / step_seconds) // 100 * 100)
@@ -166,14 +168,14 @@ def train(tokenizer_dir: Path, out: Path, steps: int, batch: int, seq_len: int, 
             print(json.dumps(log[-1]), flush=True)
     model = model.to(torch.float16).eval()
     model.generation_config.do_sample = False
-    model.save_pretrained(str(out), safe_serialization=True)
+    model.save_pretrained(str(out), safe_serialization=True, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(str(out))
     return {
         "steps": steps, "batch": batch, "seq_len": seq_len, "lr": lr, "seed": seed,
         "tokens": steps * batch * seq_len, "data_seconds": round(data_seconds, 1),
         "train_seconds": round(time.time() - train_started, 1), "parameters": model.num_parameters(),
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-        "torch": torch.__version__, "log": log,
+        "torch": torch.__version__, "architecture": architecture or {}, "log": log,
     }
 
 
@@ -188,9 +190,18 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--time-budget", type=float, default=0.0, help="seconds; sizes --steps by a probe")
+    # A larger sibling of the bundled architecture (e.g. --hidden 512 --layers 9 --intermediate 1536).
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--intermediate", type=int, default=768)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--max-shard-size", default="5GB", help="safetensors shard size, e.g. 13MB")
     args = parser.parse_args()
+    architecture = {"hidden_size": args.hidden, "num_hidden_layers": args.layers,
+                    "intermediate_size": args.intermediate, "num_attention_heads": args.heads,
+                    "num_key_value_heads": args.heads}
     record = train(args.tokenizer, args.out, args.steps, args.batch, args.seq_len, args.lr, args.seed,
-                   args.workers, args.time_budget)
+                   args.workers, args.time_budget, architecture, args.max_shard_size)
     (args.out / "training_record.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
