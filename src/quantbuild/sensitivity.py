@@ -152,7 +152,8 @@ def _gguf_tensor(path: Path, names: Iterable[str]) -> dict[str, Any]:
 
 def gguf_layer_orientation(baseline: Path, gguf_base: Path, names: dict[str, str]) -> dict[str, Optional[int]]:
     """Per layer: None if the base GGUF stores it as the HF weight, or the head count whose
-    rotary permutation the converter applied. Checked bit-exactly against the base GGUF."""
+    rotary permutation the converter applied; read off the base GGUF (the same weights at
+    F16/BF16/F32), and an error where neither layout matches."""
     import numpy as np
     import torch
     from safetensors import safe_open
