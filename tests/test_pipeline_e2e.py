@@ -440,5 +440,9 @@ def test_a_family_the_first_plan_fails_is_repaired_or_named_with_every_round_rec
         assert decision["repair"]["variants"]["gguf_mix_2p9"]["rounds"] == rounds
         summary = quantbuild(repo, "summary")
         assert "could not repair reasoning" in summary.stdout and "separate model variant" in summary.stdout
+        # The repair build is reported and compared like any variant.
+        compare = quantbuild(repo, "compare", "baseline", "gguf_mix_2p9_r2")
+        assert compare.returncode == 0 and "reasoning_drop" in compare.stdout, compare.stderr
+        assert quantbuild(repo, "report", "--out", str(repo / "repair-report.html")).returncode == 0
     finally:
         params_path.write_text(original)

@@ -111,7 +111,9 @@ def _load_side(ref: str, config: Config) -> tuple[dict, dict | None]:
     if (bundle / MANIFEST).is_file():
         manifest = read_json(bundle / MANIFEST)
         return manifest["evaluation"]["variant"], manifest.get("gate")
-    path = Path(config.paths.eval) / ref / "measurements.json"
+    from quantbuild.repair import locate
+
+    path = locate(config.paths, ref)[1] / "measurements.json"
     if not path.is_file():
         raise DataError(f"{ref}: neither a bundle folder nor an evaluated variant ({path} not found)")
     decision_path = Path(config.paths.release) / "decision.json"

@@ -112,13 +112,15 @@ def _load(config: Config) -> tuple[dict, dict, dict]:
         raise DataError(f"{decision_path}: no release decision yet (run `dvc repro`)")
     decision = read_json(decision_path)
     names = decision["order_most_compressed_first"]
+    from quantbuild.repair import locate
+
     measured = {}
     for name in ["baseline", *names]:
-        path = Path(paths.eval) / name / MEASUREMENTS
+        path = locate(paths, name)[1] / MEASUREMENTS
         if not path.is_file():
             raise DataError(f"{path}: not found (run `dvc repro`)")
         measured[name] = read_json(path)
-    records = {name: read_json(Path(paths.quantized) / name / RECORD) for name in names}
+    records = {name: read_json(locate(paths, name)[0] / RECORD) for name in names}
     return decision, measured, records
 
 
