@@ -50,7 +50,7 @@ def _run(command: list[str], cwd: Path, what: str, env: Optional[dict] = None) -
     if result.returncode != 0:
         lines = [line for line in (result.stderr + result.stdout).splitlines() if line.strip()]
         raise QuantbuildError(f"{what}: {' '.join(command[:3])} failed: {(lines or ['no output'])[-1].strip()}")
-    return result.stdout
+    return result.stdout + result.stderr
 
 
 def fingerprint_files(root: Path) -> dict[str, Any]:
@@ -98,9 +98,12 @@ def run_task(repo_url: str, commit: str, remote_url: str, stages: list[str], exp
         subprocess.run([*dvc, "fetch", "--run-cache", "--quiet"], cwd=root, capture_output=True, env=env)
         output = _run([*dvc, "repro", *stages], root, f"fanout {' '.join(stages)}", env)
         _run([*dvc, "push", "--run-cache", "--quiet"], root, "fanout push", env)
-        ran = sorted({line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")})
+        # DVC announces every stage it reproduces; one it restores from the run-cache is also
+        # "cached - skipping run".
         restored = sorted({line.split("'")[1] for line in output.splitlines()
                            if line.startswith("Stage '") and "is cached" in line})
+        ran = sorted({line.split("'")[1] for line in output.splitlines()
+                      if line.startswith("Running stage '")} - set(restored))
         lock = (root / "dvc.lock").read_text() if want_lock else None
         return {"stages": stages, "ran": ran, "restored": restored, "worker": platform.node(),
                 "seconds": round(time.perf_counter() - started, 1), "lock": lock}
@@ -163,8 +166,8 @@ def fanout(root: Path, variants: list[str], address: Optional[str], workers: int
             final = number == len(waves) - 1
             results = ray.get([task.remote(source, commit, remote_url, stages, expected, final) for stages in wave])
             for result in results:
-                log(f"fanout: {' '.join(result['stages'])} on {result['worker']}: ran {len(result['ran'])}, "
-                    f"restored {len(result['restored'])} ({result['seconds']} s)")
+                log(f"fanout: {' '.join(result['stages'])} on {result['worker']}: ran {', '.join(result['ran'])}; "
+                    f"restored {len(result['restored'])} from the run-cache ({result['seconds']} s)")
                 lock = result.pop("lock") or lock
                 record["tasks"].append(result)
     except ray.exceptions.RayTaskError as err:
