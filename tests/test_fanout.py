@@ -55,7 +55,16 @@ def without_timings(root: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
-    return small_project(tmp_path_factory.mktemp("fanout") / "origin")
+    """The small project, its gate without the latency check: one timed round decides
+    nothing, and the two builds compared here must not choose differently by load alone."""
+    import yaml
+
+    root = small_project(tmp_path_factory.mktemp("fanout") / "origin")
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["gate"]["max_latency_paired_ratio"] = None
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert run(root, "git", "commit", "-qam", "no latency check").returncode == 0
+    return root
 
 
 @pytest.fixture(scope="module")
