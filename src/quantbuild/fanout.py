@@ -94,9 +94,10 @@ def run_task(repo_url: str, commit: str, remote_url: str, stages: list[str], exp
             raise DriftError(f"worker {platform.node()}: its environment differs from the driver's, so it may not "
                              f"build for it: {'; '.join(drifted[:3])}" + (f" (+{len(drifted) - 3} more)"
                                                                             if len(drifted) > 3 else ""))
-        # Upstream outputs and their run-cache entries, where other tasks pushed them.
+        # The run-cache entries other tasks pushed (a first task finds none); `repro --pull`
+        # then fetches the outputs of each stage it restores from them.
         subprocess.run([*dvc, "fetch", "--run-cache", "--quiet"], cwd=root, capture_output=True, env=env)
-        output = _run([*dvc, "repro", *stages], root, f"fanout {' '.join(stages)}", env)
+        output = _run([*dvc, "repro", "--pull", *stages], root, f"fanout {' '.join(stages)}", env)
         _run([*dvc, "push", "--run-cache", "--quiet"], root, "fanout push", env)
         # DVC announces every stage it reproduces; one it restores from the run-cache is also
         # "cached - skipping run".
