@@ -19,8 +19,9 @@ def main(config: Config) -> None:
     repair = read_json(Path(paths.repair) / REPAIR)
     names = sorted(config.quant.variants) + sorted(repaired_variants(repair))
     baseline = measured(Path(paths.eval) / "baseline")
-    variants = {name: measured(locate(paths, name)[1]) for name in names}
-    records = {name: read_json(locate(paths, name)[0] / RECORD) for name in names}
+    folders = {name: locate(paths, name) for name in names}
+    variants = {name: measured(evaluated) for name, (_, evaluated) in folders.items()}
+    records = {name: read_json(built / RECORD) for name, (built, _) in folders.items()}
     decision = select(baseline, variants, records, config.gate)
     decision["repair"] = repair
     write_json(Path(paths.release) / "decision.json", decision)

@@ -71,8 +71,13 @@ def fingerprint_drift(expected: dict[str, Any], current: dict[str, Any]) -> list
     return lines
 
 
-def _dvc(root: Path) -> list[str]:
+def _dvc() -> list[str]:
     return [str(Path(sys.executable).parent / "dvc")]
+
+
+def _env() -> dict[str, str]:
+    """This environment with its Python's scripts first on PATH (DVC runs `python -m stages.X`)."""
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
 
 
 def run_task(repo_url: str, commit: str, remote_url: str, stages: list[str], expected: dict[str, Any],
@@ -83,10 +88,10 @@ def run_task(repo_url: str, commit: str, remote_url: str, stages: list[str], exp
     scratch = Path(tempfile.mkdtemp(prefix="quantbuild-fanout-"))
     try:
         root = scratch / "repo"
-        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+        env = _env()
         _run(["git", "clone", "--quiet", repo_url, str(root)], scratch, "fanout clone")
         _run(["git", "checkout", "--quiet", commit], root, "fanout checkout")
-        dvc = _dvc(root)
+        dvc = _dvc()
         _run([*dvc, "remote", "add", "--local", "--force", "--default", "fanout", remote_url], root, "fanout remote", env)
         _run([*dvc, "repro", "--single-item", "fingerprint"], root, "fanout fingerprint", env)
         drifted = fingerprint_drift(expected, fingerprint_files(root))
@@ -132,7 +137,8 @@ def default_remote_url(root: Path) -> str:
             raise ConfigError("fanout: no default DVC remote (workers exchange stages through one): "
                               "`dvc remote add -d NAME URL`, or pass --remote")
         url = config["remote"][name]["url"]
-    return url if "://" in url else str((root / url).resolve()) if not os.path.isabs(url) else url
+    # DVC resolves a local remote's path against its config file already; keep URLs as they are.
+    return url if "://" in url or os.path.isabs(url) else str((root / url).resolve())
 
 
 def fanout(root: Path, variants: list[str], address: Optional[str], workers: int, remote: Optional[str],
@@ -147,7 +153,7 @@ def fanout(root: Path, variants: list[str], address: Optional[str], workers: int
     remote_url = remote or default_remote_url(root)
     if "://" not in remote_url:
         Path(remote_url).mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = _env()
     # The driver's environment, the reference (the stage's command alone: dvc.lock stays as it is).
     _run([sys.executable, "-m", "stages.fingerprint"], root, "fanout fingerprint", env)
     expected = fingerprint_files(root)
@@ -179,7 +185,7 @@ def fanout(root: Path, variants: list[str], address: Optional[str], workers: int
     finally:
         ray.shutdown()
     (root / "dvc.lock").write_text(lock)
-    _run([*_dvc(root), "remote", "add", "--local", "--force", "fanout", remote_url], root, "fanout remote", env)
-    _run([*_dvc(root), "pull", "--remote", "fanout", "--quiet"], root, "fanout pull", env)
+    _run([*_dvc(), "remote", "add", "--local", "--force", "fanout", remote_url], root, "fanout remote", env)
+    _run([*_dvc(), "pull", "--remote", "fanout", "--quiet"], root, "fanout pull", env)
     record["seconds"] = round(time.perf_counter() - started, 1)
     return record

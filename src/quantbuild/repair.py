@@ -74,7 +74,8 @@ def repair_variant(config: Any, name: str, baseline: dict, entry: dict, record: 
     from quantbuild.evaluation.runner import evaluate_on_ladder
 
     variant, settings, paths = config.quant.variants[name], config.repair, config.paths
-    families, _ = family_failures(entry)
+    failed_at_first, _ = family_failures(entry)
+    families = failed_at_first
     sensitivity = load_sensitivity(Path(paths.sensitivity), name)
     field = _target_field(variant)
     start, target = _precisions(record), float(getattr(variant, field))
@@ -120,7 +121,7 @@ def repair_variant(config: Any, name: str, baseline: dict, entry: dict, record: 
     if not verdict:
         verdict = f"could not repair {', '.join(families)} in repair.max_rounds={settings.max_rounds} rounds"
     repaired_ok = bool(rounds and rounds[-1]["pass"])
-    return {"status": "repaired" if repaired_ok else "unrepaired", "failed_families": family_failures(entry)[0],
+    return {"status": "repaired" if repaired_ok else "unrepaired", "failed_families": failed_at_first,
             "rounds": rounds, "final": kept, "verdict": verdict,
             **({} if repaired_ok else {"advice": SEPARATE_VARIANT})}
 

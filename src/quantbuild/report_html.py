@@ -114,13 +114,14 @@ def _load(config: Config) -> tuple[dict, dict, dict]:
     names = decision["order_most_compressed_first"]
     from quantbuild.repair import locate
 
+    folders = {name: locate(paths, name) for name in ["baseline", *names]}
     measured = {}
-    for name in ["baseline", *names]:
-        path = locate(paths, name)[1] / MEASUREMENTS
+    for name, (_, evaluated) in folders.items():
+        path = evaluated / MEASUREMENTS
         if not path.is_file():
             raise DataError(f"{path}: not found (run `dvc repro`)")
         measured[name] = read_json(path)
-    records = {name: read_json(locate(paths, name)[0] / RECORD) for name in names}
+    records = {name: read_json(folders[name][0] / RECORD) for name in names}
     return decision, measured, records
 
 

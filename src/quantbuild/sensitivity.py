@@ -184,8 +184,10 @@ def gguf_layer_orientation(baseline: Path, gguf_base: Path, names: dict[str, str
     return orientation
 
 
-def gguf_weights(candidate: Candidate, baseline: Path, gguf_base: Path, layers: dict, work: Path) -> dict[str, Any]:
-    """Every decoder layer at `candidate`'s llama.cpp type, as llama-quantize writes it."""
+def gguf_weights(candidate: Candidate, baseline: Path, gguf_base: Path, layers: dict, work: Path,
+                 orientation: Optional[dict[str, Optional[int]]] = None) -> dict[str, Any]:
+    """Every decoder layer at `candidate`'s llama.cpp type, as llama-quantize writes it
+    (`orientation`: `gguf_layer_orientation`'s answer, when the caller has it already)."""
     import numpy as np
 
     from quantbuild.quantizers.gguf import _tensor_type_file, gguf_names, require_base
@@ -200,7 +202,7 @@ def gguf_weights(candidate: Candidate, baseline: Path, gguf_base: Path, layers: 
     run_tool("llama-quantize", [*args, str(base), str(out), "Q8_0", "2"], f"sensitivity {candidate.key}")
     stored = _gguf_tensor(out, names.values())
     out.unlink()
-    orientation = gguf_layer_orientation(baseline, gguf_base, names)
+    orientation = orientation or gguf_layer_orientation(baseline, gguf_base, names)
     return {layer: np.ascontiguousarray(unpermute(stored[names[layer]], orientation[layer]) if orientation[layer]
                                         else stored[names[layer]]) for layer in layers}
 
@@ -333,11 +335,16 @@ def measure(baseline: Path, calibration: list[list[int]], variants: dict[str, An
         sets = probe_sets(tokenizer, calibration, config)
         probes_record = probes_digest(sets)
         scorer = _Scorer(baseline, sets)
+        orientation = None
         with tempfile.TemporaryDirectory(prefix="quantbuild-sensitivity-") as scratch:
             for key, (candidate, variant) in sorted(unique.items()):
                 started = time.perf_counter()
                 if candidate.format == "gguf":
-                    weights = gguf_weights(candidate, baseline, gguf_base, layers, Path(scratch))
+                    if orientation is None:  # read off the base GGUF once for every candidate type
+                        from quantbuild.quantizers.gguf import gguf_names
+
+                        orientation = gguf_layer_orientation(baseline, gguf_base, gguf_names(baseline, layers))
+                    weights = gguf_weights(candidate, baseline, gguf_base, layers, Path(scratch), orientation)
                 else:
                     weights = gptq_weights(candidate, variant, baseline, calibration, Path(scratch))
                 tables[key] = {layer: scorer.kld(layer, weights[layer]) for layer in layers}

@@ -17,8 +17,7 @@ from typing import Any, Optional
 
 from quantbuild.errors import ConfigError
 from quantbuild.quantizers import Inputs, Method, matching_layers, measurements
-from quantbuild.quantizers.planner import (Level, describe_promotions, divergence, objective_of, planned_bits_per_weight,
-                                          promote, require_sensitivity, start_of)
+from quantbuild.quantizers.planner import Level, plan_levels
 
 MODEL_FILE = "model.gguf"
 BASE_FILE = "base.gguf"
@@ -114,22 +113,14 @@ def _auto_mix(key: str, variant: Any, layers: dict, plan: dict, sensitivity: Opt
     from quantbuild.sensitivity import Candidate
 
     keys = {name: Candidate("gguf", name, imatrix=bool(variant.imatrix)).key for name in variant.mix_types}
-    weights = {name: out * inp for name, (out, inp) in layers.items()}
     mix = [Level(name, TENSOR_TYPE_BITS[name], keys[name]) for name in variant.mix_types]
     levels = {name: mix if plan[name]["reason"] == "variant" else [Level(plan[name]["type"],
                                                                          TENSOR_TYPE_BITS[plan[name]["type"]])]
               for name in layers}
-    start = {name: start_of(sensitivity or {}, name, levels[name]) for name in layers}
-    floor = planned_bits_per_weight(levels, start, weights)
-    if floor > variant.target_bpw + 1e-9:
-        raise ConfigError(f"params.yaml: {key}.target_bpw={variant.target_bpw} is below the smallest plan, "
-                          f"{floor:.4f} bits per weight (allowed: >= {floor:.4f}, or cheaper mix_types)")
-    measured = require_sensitivity(f"{key}.target_bpw={variant.target_bpw}", layers, sensitivity,
-                                   [keys[name] for name in variant.mix_types])
-    objective = objective_of(sensitivity)
-    chosen, made = promote(levels, weights, start, variant.target_bpw * sum(weights.values()),
-                           lambda name, level: divergence(measured[name], level.key, objective))
-    reasons = describe_promotions(made, objective)
+    start, chosen, reasons = plan_levels(
+        f"{key}.target_bpw={variant.target_bpw}", layers, levels, variant.target_bpw, sensitivity,
+        lambda floor: (f"params.yaml: {key}.target_bpw={variant.target_bpw} is below the smallest plan, "
+                       f"{floor:.4f} bits per weight (allowed: >= {floor:.4f}, or cheaper mix_types)"))
     for name in layers:
         level = levels[name][chosen[name]]
         plan[name]["planned_bits_per_weight"] = level.bits_per_weight

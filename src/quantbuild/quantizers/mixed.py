@@ -19,8 +19,7 @@ from typing import Any, Optional
 
 from quantbuild.errors import ConfigError
 from quantbuild.quantizers import GPTQ_BITS, GPTQ_GROUPS, Inputs, Method, allowed, matching_layers
-from quantbuild.quantizers.planner import (Level, describe_promotions, divergence, objective_of, planned_bits_per_weight,
-                                          promote, require_sensitivity, start_of)
+from quantbuild.quantizers.planner import Level, plan_levels
 
 
 def layer_bits_per_weight(shape: tuple[int, int], bits: int, group_size: int) -> float:
@@ -62,7 +61,6 @@ def _promote(key: str, variant: Any, layers: dict, plan: dict, sensitivity: Opti
     from quantbuild.sensitivity import gptq_level
 
     base, promoted = (variant.bits, variant.group_size), (variant.promote_bits, variant.promote_group_size)
-    weights = {name: out * inp for name, (out, inp) in layers.items()}
     levels = {}
     for name in layers:
         current = (plan[name]["bits"], plan[name]["group_size"])
@@ -71,17 +69,10 @@ def _promote(key: str, variant: Any, layers: dict, plan: dict, sensitivity: Opti
                             for level in (base, promoted)]
         else:
             levels[name] = [Level(current, layer_bits_per_weight(layers[name], *current))]
-    start = {name: start_of(sensitivity or {}, name, levels[name]) for name in layers}
-    used = planned_bits_per_weight(levels, start, weights)
-    if used > variant.target_bits + 1e-9:
-        raise ConfigError(f"params.yaml: {key}.target_bits={variant.target_bits} is below the {used:.4f} "
-                          f"bits per weight the plan needs before promotion (allowed: >= {used:.4f})")
-    measured = require_sensitivity(f"{key}.target_bits={variant.target_bits}", layers, sensitivity,
-                                   [gptq_level(*base), gptq_level(*promoted)])
-    objective = objective_of(sensitivity)
-    chosen, made = promote(levels, weights, start, variant.target_bits * sum(weights.values()),
-                           lambda name, level: divergence(measured[name], level.key, objective))
-    reasons = describe_promotions(made, objective)
+    _, chosen, reasons = plan_levels(
+        f"{key}.target_bits={variant.target_bits}", layers, levels, variant.target_bits, sensitivity,
+        lambda used: (f"params.yaml: {key}.target_bits={variant.target_bits} is below the {used:.4f} "
+                      f"bits per weight the plan needs before promotion (allowed: >= {used:.4f})"))
     for name in layers:
         level = levels[name][chosen[name]]
         plan[name]["planned_bits_per_weight"] = level.bits_per_weight

@@ -119,6 +119,25 @@ def start_of(sensitivity: dict, name: str, options: list[Level]) -> int:
     return next((index for index, level in enumerate(options) if level.precision == wanted), 0)
 
 
+def plan_levels(setting: str, layers: dict, levels: dict[str, list[Level]], target_bits: float,
+                sensitivity: Optional[dict], too_small: Callable[[float], str]
+                ) -> tuple[dict[str, int], dict[str, int], dict[str, str]]:
+    """(start, chosen level index, reason per promoted layer) for a mix within `target_bits`
+    per weight: every layer starts where `start_of` says, a target below that plan is a
+    ConfigError (`too_small(bits)` its message), then greedy promotion on the measured table."""
+    weights = {name: out * inp for name, (out, inp) in layers.items()}
+    start = {name: start_of(sensitivity or {}, name, levels[name]) for name in layers}
+    floor = planned_bits_per_weight(levels, start, weights)
+    if floor > target_bits + 1e-9:
+        raise ConfigError(too_small(floor))
+    candidates = list(dict.fromkeys(level.key for options in levels.values() for level in options if level.key))
+    measured = require_sensitivity(setting, layers, sensitivity, candidates)
+    objective = objective_of(sensitivity)
+    chosen, made = promote(levels, weights, start, target_bits * sum(weights.values()),
+                           lambda name, level: divergence(measured[name], level.key, objective))
+    return start, chosen, describe_promotions(made, objective)
+
+
 def describe_promotions(made: list[Promotion], objective: dict[str, float]) -> dict[str, str]:
     """Per promoted layer, why: from which level to which, and the divergence removed."""
     probes = "+".join(sorted(objective))
