@@ -6,11 +6,11 @@ scopes under methods/ (always runs; cheap).
 
 from pathlib import Path
 
-from quantbuild.config import Config
+from quantbuild.config import Config, ladder_runtime
 from quantbuild.fingerprint import fingerprints, method_files, scopes_of
 from quantbuild.hashing import write_json
 from quantbuild.quantizers import method_names
-from quantbuild.runtimes import require_target, target_of
+from quantbuild.runtimes import TORCH, require_target, target_of, torch_runtime
 from quantbuild.stage import run_stage
 
 
@@ -19,7 +19,9 @@ def main(config: Config) -> None:
     for target in sorted({target_of(variant.method, variant.target) for variant in config.quant.variants.values()}):
         require_target(target)
     out = Path(config.paths.fingerprint)
-    prints = fingerprints()
+    # A torch ladder's device and kernels (eval.device, eval.gpu_kernels) are part of its
+    # runtime scope: a variant measured through another kernel is measured again.
+    prints = fingerprints(torch_runtime(config.eval) if ladder_runtime(config) == TORCH else None)
     for scope, values in prints.items():
         write_json(out / f"{scope}.json", values)
     for name, values in method_files(prints, method_names()).items():

@@ -233,6 +233,13 @@ class EvalConfig:
     # the top kl_top_k log-probabilities and the tail mass.
     kl_full_vocab: int = 8192
     runtime: str = "dequantized"
+    # Where the torch runtime measures: auto (a CUDA GPU where torch sees one, else the CPU),
+    # cpu, or cuda (refused before any work on a machine without one).
+    device: str = "auto"
+    # GPTQModel's kernel per checkpoint format on a CUDA GPU (on a CPU it uses its torch
+    # kernels). Triton, because the automatic choice on Hopper (Machete) compiles at first
+    # load and downloads CUTLASS for it, which an offline machine cannot.
+    gpu_kernels: Dict[str, str] = field(default_factory=lambda: {"gptq": "gptq_triton", "awq": "awq_gemm_triton"})
     # llama.cpp threads for every suite (0 = one per core).
     threads: int = 0
     store_generations: bool = False
@@ -412,6 +419,9 @@ def ladder_runtime(config: Config) -> str:
 
 SOURCES = ("path", "hf")
 EVAL_RUNTIMES = ("dequantized", "kernel")
+EVAL_DEVICES = ("auto", "cpu", "cuda")
+# checkpoint formats GPTQModel loads (quantize_config.json `quant_method`)
+GPU_KERNEL_FORMATS = ("gptq", "awq")
 EVAL_FAMILIES = ("language_modelling", "structured", "retrieval", "long_context", "reasoning")
 
 
@@ -491,6 +501,12 @@ def _check_ranges(config: Config) -> None:
     _require(0 <= config.eval.kl_full_vocab <= 262144, "eval.kl_full_vocab", config.eval.kl_full_vocab,
              "0..262144 (0 = always top-k)")
     _require(config.eval.runtime in EVAL_RUNTIMES, "eval.runtime", config.eval.runtime, " | ".join(EVAL_RUNTIMES))
+    _require(config.eval.device in EVAL_DEVICES, "eval.device", config.eval.device, " | ".join(EVAL_DEVICES))
+    for checkpoint, kernel in config.eval.gpu_kernels.items():
+        _require(checkpoint in GPU_KERNEL_FORMATS, "eval.gpu_kernels", checkpoint, " | ".join(GPU_KERNEL_FORMATS))
+        _require(isinstance(kernel, str) and kernel.startswith(f"{checkpoint}_"), f"eval.gpu_kernels.{checkpoint}",
+                 kernel, f"a GPTQModel backend for {checkpoint} checkpoints ({checkpoint}_...: gptq_triton, "
+                 "awq_gemm_triton, ...)")
     latency, memory = config.eval.latency, config.eval.memory
     _require(latency.runtime in EVAL_RUNTIMES, "eval.latency.runtime", latency.runtime, " | ".join(EVAL_RUNTIMES))
     _require(all(length >= 1 for length in latency.prompt_lengths), "eval.latency.prompt_lengths",

@@ -73,18 +73,25 @@ def gpu_info() -> list[dict[str, str]]:
     return gpus
 
 
-def fingerprints() -> dict[str, dict]:
-    """{"build": ..., "runtime": ..., "llama_cpp": ...}; JSON-able dicts, stable across runs."""
+def fingerprints(torch_runtime: dict | None = None) -> dict[str, dict]:
+    """{"build": ..., "runtime": ..., "llama_cpp": ...}; JSON-able dicts, stable across runs.
+
+    `torch_runtime` (`runtimes.torch_runtime`: device, dtype, kernel per format) joins the
+    runtime scope where given: the pipeline's fingerprint stage gives it, and `verify` gives
+    the one a bundle was validated with, so only the machine and libraries are compared."""
     from quantbuild.runtimes import llama_cpp
 
     cpu = cpu_info()
     device = {"cpu": cpu, "gpu": gpu_info()}
     python = platform.python_version()
+    runtime = {"python": python, "packages": package_versions(RUNTIME_PACKAGES), "device": device,
+               "determinism": DETERMINISM}
+    if torch_runtime is not None:
+        runtime["torch_runtime"] = torch_runtime
     return {
         "build": {"python": python, "packages": package_versions(BUILD_PACKAGES), "device": device,
                   "determinism": DETERMINISM},
-        "runtime": {"python": python, "packages": package_versions(RUNTIME_PACKAGES), "device": device,
-                    "determinism": DETERMINISM},
+        "runtime": runtime,
         LLAMA_CPP_SCOPE: {"python": python, "llama_cpp": llama_cpp.fingerprint(cpu["isa"]), "device": device},
     }
 

@@ -19,16 +19,21 @@ def _one_run(model: Any, input_ids: Any, new_tokens: int) -> tuple[float, float]
     """(seconds to first token, seconds per decoded token after it) for one greedy run."""
     import torch
 
+    # CUDA kernels run asynchronously: the clock is read only once the device has finished.
+    sync = torch.cuda.synchronize if input_ids.is_cuda else (lambda: None)
     with torch.inference_mode():
+        sync()
         started = time.perf_counter()
         out = model(input_ids=input_ids, use_cache=True)
         token = out.logits[:, -1:].argmax(-1)
+        sync()
         first = time.perf_counter() - started
         past = out.past_key_values
         decode_started = time.perf_counter()
         for _ in range(new_tokens - 1):
             out = model(input_ids=token, past_key_values=past, use_cache=True)
             past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        sync()
         per_token = (time.perf_counter() - decode_started) / max(1, new_tokens - 1)
     return first, per_token
 

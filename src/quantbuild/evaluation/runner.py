@@ -22,6 +22,7 @@ from quantbuild.evaluation.memory import measure_memory
 from quantbuild.evaluation.stats import wilson_interval
 from quantbuild.evaluation.suites import run_generative, summarise
 from quantbuild.hashing import sha256_file, staged_dir, write_json
+from quantbuild.quantizers.gptqmodel_backend import kernel_names
 from quantbuild.tasks.items import Item, load_items
 
 # Everything measured (the gate, the summary and the bundle read this one).
@@ -57,10 +58,12 @@ def load_eval_items(config: EvalConfig, data_dir: Path) -> tuple[dict[str, list[
     return items, digests
 
 
-def load_model(folder: Path, runtime: str = "kernel") -> Any:
+def load_model(folder: Path, config: EvalConfig, runtime: str) -> Any:
+    """`folder` through the torch runtime on `eval.device`, with `eval.gpu_kernels` on CUDA."""
     from quantbuild.quantizers.gptqmodel_backend import load_checkpoint
+    from quantbuild.runtimes import torch_device
 
-    return load_checkpoint(folder, runtime)
+    return load_checkpoint(folder, runtime, torch_device(config.device), config.gpu_kernels)
 
 
 def evaluate(model_dir: Path, config: EvalConfig, data_dir: Path, out: Path, reference: Path | None,
@@ -74,7 +77,7 @@ def evaluate(model_dir: Path, config: EvalConfig, data_dir: Path, out: Path, ref
     items, digests = load_eval_items(config, data_dir)
     stored = distributions.load_reference(reference) if reference is not None else None
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model = load_model(model_dir, config.runtime)
+    model = load_model(model_dir, config, config.runtime)
     with staged_dir(out) as staging:
         return _measure_torch(model_dir, model, tokenizer, config, items, digests, stored, staging, baseline)
 
@@ -93,20 +96,23 @@ def _measure_torch(model_dir: Path, model: Any, tokenizer: Any, config: EvalConf
     generative = [item for family, family_items in items.items() if family != "language_modelling" for item in family_items]
     records = run_generative(model, tokenizer, generative, config.batch_size)
     if config.latency.runtime != config.runtime:
-        model = load_model(model_dir, config.latency.runtime)
+        model = load_model(model_dir, config, config.latency.runtime)
     latency = measure_latency(model, len(tokenizer), config.latency.prompt_lengths, config.latency.new_tokens,
                               config.latency.warmup, config.latency.repeats, seed=0)
     memory = measure_memory(model, config.memory.context_lengths, config.memory.budget_mb, model_dir, seed=0)
-    head = {"eval_files_sha256": digests, "runtime": config.runtime, "deploy_runtime": "torch"}
+    device = str(next(model.parameters()).device)
+    head = {"eval_files_sha256": digests, "runtime": config.runtime, "deploy_runtime": "torch",
+            "torch": {"device": device, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+                      "kernels": kernel_names(model)}}
     if baseline is not None:
-        reference_model = load_model(baseline, config.latency.runtime)
+        reference_model = load_model(baseline, config, config.latency.runtime)
         head["latency_vs_baseline"] = paired_latency(TorchTimer(model), TorchTimer(reference_model), config)
         del reference_model
     metrics = _write(staging, config, head, lm, tensors, generative, records, latency, memory)
     # The behavioural fingerprint the bundle will carry, on the deployed (kernel) runtime.
     behaviour.record(behaviour.torch_opener(model, tokenizer), "torch",
-                     {"load_runtime": config.latency.runtime, "device": str(next(model.parameters()).device)},
-                     staging)
+                     {"load_runtime": config.latency.runtime, "device": device,
+                      "gpu_kernels": dict(sorted(config.gpu_kernels.items()))}, staging)
     return metrics
 
 

@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from quantbuild.errors import RuntimeUnavailable
+
 # Files GPTQModel writes that carry timings, not weights: kept out of the artifact so the
 # same inputs give the same artifact hashes.
 NONDETERMINISTIC_FILES = ("quant_log.csv",)
@@ -71,14 +73,16 @@ def dense_weight(module: Any) -> Any:
                            group_size=module.group_size).float().t()
 
 
-def load_quantized(folder: Path, runtime: str = "kernel") -> Any:
+def load_quantized(folder: Path, runtime: str = "kernel", device: str = "cpu",
+                   kernels: dict[str, str] | None = None) -> Any:
     """The transformers model behind GPTQModel's loader, in eval mode.
 
-    `kernel`: GPTQModel's own kernels, as deployed. `dequantized`: the same checkpoint
-    loaded by GPTQModel, each quantized layer replaced by a float32 Linear holding exactly
-    its dequantized weight. On CPUs without fast fp16/bf16 GEMM (no AVX512-FP16/AMX) the
-    8-bit torch kernels run ~50x slower than fp32; the dequantized runtime gives the same
-    weights at usable speed, with fp32 instead of fp16 accumulation.
+    `kernel`: GPTQModel's own kernels, as deployed: on a CUDA `device` the backend `kernels`
+    names for the checkpoint's format (float16), on a CPU GPTQModel's own choice.
+    `dequantized`: the same checkpoint loaded by GPTQModel, each quantized layer replaced by
+    a float32 Linear holding exactly its dequantized weight. On CPUs without fast fp16/bf16
+    GEMM (no AVX512-FP16/AMX) the 8-bit torch kernels run ~50x slower than fp32; the
+    dequantized runtime gives the same weights at usable speed, with fp32 accumulation.
     """
     ensure_cpu_workers()
     import json
@@ -86,9 +90,20 @@ def load_quantized(folder: Path, runtime: str = "kernel") -> Any:
     import torch
     from gptqmodel import GPTQModel
 
-    if runtime == "kernel":
-        return GPTQModel.load(str(folder), device="cpu").model.eval()
     method = json.loads((folder / "quantize_config.json").read_text()).get("quant_method", "gptq")
+    if runtime == "kernel":
+        if device != "cuda":
+            return GPTQModel.load(str(folder), device="cpu").model.eval()
+        backend = (kernels or {}).get(method)
+        if backend is None:
+            raise RuntimeUnavailable(f"{folder}: eval.gpu_kernels names no kernel for {method} checkpoints")
+        try:
+            loaded = GPTQModel.load(str(folder), device="cuda", backend=backend, dtype=torch.float16)
+        except (ValueError, NotImplementedError, TypeError, RuntimeError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise RuntimeUnavailable(f"{folder}: GPTQModel kernel {backend!r} cannot load this {method} checkpoint "
+                                     f"on CUDA ({first}); choose another in eval.gpu_kernels.{method}") from None
+        return loaded.model.eval()
     model = GPTQModel.load(str(folder), device="cpu", backend=TORCH_BACKENDS.get(method, "gptq_torch"),
                            dtype=torch.float16).model
     replacements = [(name, module) for name, module in model.named_modules() if hasattr(module, "qweight")]
@@ -100,16 +115,18 @@ def load_quantized(folder: Path, runtime: str = "kernel") -> Any:
                 linear.bias.copy_(module.bias.float())
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, linear)
-    return model.float().eval()
+    return model.float().to(device).eval()
 
 
-def load_checkpoint(folder: Path, runtime: str = "kernel") -> Any:
-    """Any artifact quantbuild builds, through the runtime a user deploys it with.
+def load_checkpoint(folder: Path, runtime: str = "kernel", device: str = "cpu",
+                    kernels: dict[str, str] | None = None) -> Any:
+    """Any artifact quantbuild builds, through the runtime a user deploys it with, on `device`.
 
-    GPTQ/AWQ checkpoints (`quantize_config.json`) load through GPTQModel; bitsandbytes
-    checkpoints (`quantization_config.quant_method: bitsandbytes` in config.json) through
-    transformers with bitsandbytes' kernels, which run on CPU in float32, so `runtime`
-    does not change them; anything else is a dense transformers checkpoint.
+    GPTQ/AWQ checkpoints (`quantize_config.json`) load through GPTQModel (`load_quantized`);
+    bitsandbytes checkpoints (`quantization_config.quant_method: bitsandbytes` in
+    config.json) through transformers with bitsandbytes' kernels, so `runtime` does not
+    change them; anything else is a dense transformers checkpoint. On the CPU they compute
+    in float32; on a CUDA GPU in float16, as they deploy there.
     """
     import json
 
@@ -117,9 +134,13 @@ def load_checkpoint(folder: Path, runtime: str = "kernel") -> Any:
     from transformers import AutoModelForCausalLM
 
     if is_gptqmodel_checkpoint(folder):
-        return load_quantized(folder, runtime)
-    quantization = json.loads((folder / "config.json").read_text()).get("quantization_config") or {}
-    if quantization.get("quant_method") == "bitsandbytes":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        return AutoModelForCausalLM.from_pretrained(str(folder), device_map=device, dtype=torch.float32).eval()
-    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+        return load_quantized(folder, runtime, device, kernels)
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    return AutoModelForCausalLM.from_pretrained(str(folder), device_map=device, dtype=dtype).eval()
+
+
+def kernel_names(model: Any) -> list[str]:
+    """The classes that run the model's quantized layers (GPTQModel's QuantLinear kernels,
+    bitsandbytes' Linear4bit/Linear8bitLt), as measured: what the evaluation really ran."""
+    return sorted({type(module).__name__ for module in model.modules()
+                   if hasattr(module, "qweight") or type(module).__name__ in ("Linear4bit", "Linear8bitLt")})

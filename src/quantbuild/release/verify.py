@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from quantbuild.errors import IntegrityError
+from quantbuild.errors import IntegrityError, RuntimeUnavailable
 from quantbuild.fingerprint import drift, fingerprints
 from quantbuild.hashing import sha256_file
 from quantbuild.release.manifest import MANIFEST, read_manifest, safe_relative
@@ -73,7 +73,8 @@ def verify(bundle: Path, current_runtime: dict | None = None, public_key: Path |
         return result
     recorded = manifest.get("fingerprints", {}).get("runtime", {})
     scope = manifest.get("fingerprints", {}).get("runtime_scope", "runtime")
-    current = current_runtime if current_runtime is not None else fingerprints()[scope]
+    current = (current_runtime if current_runtime is not None
+               else fingerprints(recorded.get("torch_runtime"))[scope])
     result.drifted = drift(recorded, current)
     return result
 
@@ -127,12 +128,19 @@ def verify_behaviour(result: VerifyResult, model: Path, probes: Path, threads: i
             from transformers import AutoTokenizer
 
             from quantbuild.quantizers.gptqmodel_backend import load_checkpoint
+            from quantbuild.runtimes import torch_device
 
-            opener = behaviour.torch_opener(load_checkpoint(model, info.get("load_runtime", "kernel")),
-                                            AutoTokenizer.from_pretrained(str(model)))
+            # on the device and kernels the probes were recorded with (a GPU bundle on a
+            # machine without one is drift, not a crash)
+            device = torch_device("cuda" if str(info.get("device", "cpu")).startswith("cuda") else "cpu")
+            loaded = load_checkpoint(model, info.get("load_runtime", "kernel"), device, info.get("gpu_kernels"))
+            opener = behaviour.torch_opener(loaded, AutoTokenizer.from_pretrained(str(model)))
         outcome = behaviour.check(opener, probes, threads=threads)
     except (IntegrityError, DataError) as err:
         result.problems.append(str(err))
+        return {}
+    except RuntimeUnavailable as err:
+        result.drifted.append(("runtime: the probes' device", info.get("device"), str(err)))
         return {}
     for measure, value, tolerance in outcome["drift"]:
         result.drifted.append((f"numerical drift: {measure}", tolerance, round(value, 9)))

@@ -74,3 +74,33 @@ def require_target(target: str) -> None:
                                  "target gptqmodel, which it is validated on")
     else:
         raise RuntimeUnavailable(f"target {target!r}: unknown (known: {', '.join(TARGET_RUNTIME)})")
+
+
+def torch_device(setting: str) -> str:
+    """The device the torch runtime measures on for `eval.device` (auto | cpu | cuda): auto
+    is a CUDA GPU where torch sees one. `cuda` on a machine without one fails in one line."""
+    import torch
+
+    from quantbuild.errors import RuntimeUnavailable
+
+    available = torch.cuda.is_available()
+    if setting == "cuda" and not available:
+        raise RuntimeUnavailable("eval.device=cuda: not available here (torch sees no CUDA GPU; "
+                                 "use eval.device=auto or cpu)")
+    return "cuda" if setting == "cuda" or (setting == "auto" and available) else "cpu"
+
+
+def torch_runtime(eval_config: Any) -> dict[str, Any]:
+    """How the torch runtime loads and runs artifacts: device, dtype, and each format's kernel.
+
+    It belongs to the runtime fingerprint: the same weights measured through another kernel
+    or dtype give other numbers, so a change here re-runs evaluation like a library upgrade.
+    """
+    device = torch_device(eval_config.device)
+    if device == "cuda":
+        kernels = {"gptqmodel": dict(sorted(eval_config.gpu_kernels.items())), "bitsandbytes": "cuda",
+                   "dense": "torch float16"}
+    else:
+        kernels = {"gptqmodel": "torch (GPTQModel's CPU choice)", "bitsandbytes": "cpu", "dense": "torch float32"}
+    return {"device": device, "quality": eval_config.runtime, "latency": eval_config.latency.runtime,
+            "kernels": kernels}
