@@ -37,9 +37,10 @@ def prepare(model: str, limit: int, repeats: int) -> None:
     (ROOT / "conf" / "model" / f"{model}.yaml").write_text(
         "# Written by bench/gpu_ladder.py prepare: a random-initialised Llama for the GPU ladder.\n" + pin)
     # Random weights answer no item right, baseline and variants alike: the family budgets
-    # would judge noise, so the gate keeps its distribution, latency and memory checks only.
+    # would judge noise, so those budgets are 1 (any drop): the gate keeps its distribution, latency and memory checks.
     overrides = [f"model={model}", "quant=cuda", "eval=gpu", f"eval.limit={limit}",
-                 f"eval.latency.repeats={repeats}", "gate.max_family_drop={}", "gate.must_not_degrade=[]"]
+                 f"eval.latency.repeats={repeats}", "gate.must_not_degrade=[]",
+                 *(f"gate.max_family_drop.{family}=1.0" for family in ("retrieval", "long_context", "reasoning"))]
     subprocess.run([sys.executable, "-c", "from quantbuild.cli import main; main()", "compose", *overrides],
                    cwd=ROOT, check=True)
     print("composed params.yaml:", " ".join(overrides))
