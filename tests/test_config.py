@@ -71,6 +71,9 @@ def _edit(params: dict, dotted: str, value) -> dict:
         ("gate.max_family_drop", {"poetry": 0.1}, "gate.max_family_drop.poetry"),
         ("eval.families", ["language_modelling", "poetry"], "eval.families='poetry'"),
         ("eval.runtime", "gpu", "eval.runtime='gpu'"),
+        ("eval.device", "tpu", "eval.device='tpu' is not allowed (allowed: auto | cpu | cuda)"),
+        ("eval.gpu_kernels", {"gguf": "gguf_triton"}, "eval.gpu_kernels='gguf' is not allowed (allowed: gptq | awq)"),
+        ("eval.gpu_kernels", {"gptq": "awq_gemm_triton"}, "eval.gpu_kernels.gptq='awq_gemm_triton' is not allowed"),
         ("gate.memory_context", 333, "gate.memory_context=333 is not allowed (allowed: one of eval.memory.context_lengths"),
         ("eval.memory.budget_mb", -1, "eval.memory.budget_mb=-1"),
         ("calibration.sources", {"tool_calls": 0}, "calibration.sources.tool_calls=0"),
@@ -152,6 +155,36 @@ def test_an_unavailable_target_stops_the_first_stage_in_one_line_before_any_work
     assert result.stderr.strip().splitlines() == [
         "quantbuild: target vllm: not available here (it needs a CUDA GPU; this machine has none)"]
     assert not (tmp_path / "fingerprint").exists()
+
+
+def test_eval_on_cuda_without_a_gpu_stops_the_first_stage_in_one_line_before_any_work(gpu_params, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    edited = _edit(gpu_params, "eval.device", "cuda")
+    edited["paths"] = {**edited["paths"], "fingerprint": str(tmp_path / "fingerprint")}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(edited))
+    result = subprocess.run([sys.executable, "-m", "stages.fingerprint"], cwd=tmp_path, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "quantbuild: eval.device=cuda: not available here (torch sees no CUDA GPU; use eval.device=auto or cpu)"]
+    assert not (tmp_path / "fingerprint").exists()
+
+
+def test_the_gpu_presets_measure_every_suite_on_cuda_kernels():
+    config = validate_raw(compose(REPO / "conf", ["quant=cuda", "eval=gpu"]))
+    assert list(config.quant.variants) == ["bnb_int8", "gptq_4bit_g128", "awq_4bit_g128", "bnb_nf4"]
+    assert (config.eval.device, config.eval.runtime, config.eval.latency.runtime) == ("cuda", "kernel", "kernel")
+    assert config.eval.gpu_kernels == {"gptq": "gptq_triton", "awq": "awq_gemm_triton"}
+    # everything else is the default evaluation
+    default = validate_raw(compose(REPO / "conf", []))
+    assert (config.eval.families, config.eval.limit, config.eval.latency.repeats) == \
+        (default.eval.families, default.eval.limit, default.eval.latency.repeats)
 
 
 def test_group_size_must_divide_every_layer_width(gpu_params):

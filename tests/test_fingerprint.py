@@ -39,3 +39,20 @@ def test_fake_dist_info_on_pythonpath_is_seen_as_drift(tmp_path):
                                         env={"PYTHONPATH": f"{tmp_path}:{REPO / 'src'}"}).stdout)
     changes = drift(fingerprints()["runtime"], drifted["runtime"])
     assert [(key, new) for key, _, new in changes] == [("packages.bitsandbytes", "9.9.9")]
+
+
+def test_the_torch_runtime_device_and_kernels_are_part_of_the_runtime_scope():
+    """A variant measured through another kernel or dtype gives other numbers: the torch
+    runtime's settings are runtime-scope drift, named key by key; the build scope is untouched."""
+    from quantbuild.config import EvalConfig
+    from quantbuild.runtimes import torch_runtime
+
+    cpu = torch_runtime(EvalConfig(device="cpu"))
+    assert cpu == {"device": "cpu", "quality": "dequantized", "latency": "kernel",
+                   "kernels": {"gptqmodel": "torch (GPTQModel's CPU choice)", "bitsandbytes": "cpu",
+                               "dense": "torch float32"}}
+    plain, with_torch = fingerprints(), fingerprints(cpu)
+    assert with_torch["runtime"]["torch_runtime"] == cpu and "torch_runtime" not in plain["runtime"]
+    assert with_torch["build"] == plain["build"] and with_torch["llama_cpp"] == plain["llama_cpp"]
+    kernel = fingerprints(torch_runtime(EvalConfig(device="cpu", runtime="kernel")))
+    assert drift(with_torch["runtime"], kernel["runtime"]) == [("torch_runtime.quality", "dequantized", "kernel")]

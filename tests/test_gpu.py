@@ -67,3 +67,34 @@ def test_bnb_nf4_quantizes_on_the_gpu_and_reloads(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(str(folder), device_map="cuda").eval()
     assert type(model.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
     assert _generate(model, folder).strip().startswith("35")
+
+
+def test_gpu_ladder_end_to_end_measures_every_variant_on_its_cuda_kernel(tmp_path):
+    """`dvc repro` of `quant=cuda eval=gpu` on the bundled baseline: GPTQ and AWQ through
+    GPTQModel's Triton kernels, bitsandbytes on CUDA, the baseline in float16, each measured
+    on the GPU, and the kernels that ran recorded; the runtime fingerprint carries them."""
+    import subprocess
+
+    import yaml
+
+    from conftest import small_project
+    from quantbuild.config import compose
+
+    pytest.importorskip("gptqmodel")
+    pytest.importorskip("bitsandbytes")
+    project = small_project(tmp_path)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["quant"]["variants"] = compose(REPO / "conf", ["quant=cuda"])["quant"]["variants"]
+    params["eval"].update(device="cuda", runtime="kernel")
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    subprocess.run(["dvc", "repro"], cwd=project, check=True)
+    expected = {"baseline": [], "bnb_int8": ["Linear8bitLt"], "gptq_4bit_g128": ["TritonV2Linear"],
+                "awq_4bit_g128": ["AwqGEMMTritonLinear"], "bnb_nf4": ["Linear4bit"]}
+    for name, kernels in expected.items():
+        measured = json.loads((project / "artifacts" / "eval" / name / "measurements.json").read_text())
+        assert measured["torch"] == {"device": "cuda:0", "dtype": "float16", "kernels": kernels}
+        assert measured["memory"]["measured"] == "allocator peak"
+    runtime = json.loads((project / "artifacts" / "fingerprint" / "methods" / "ladder.runtime.json").read_text())
+    assert runtime["torch_runtime"]["kernels"]["gptqmodel"] == {"awq": "awq_gemm_triton", "gptq": "gptq_triton"}
+    assert set(json.loads((project / "artifacts" / "release" / "decision.json").read_text())["variants"]) == \
+        set(expected) - {"baseline"}

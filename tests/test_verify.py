@@ -31,12 +31,12 @@ LINEAGE = {
 }
 
 
-def make_bundle(root, signing_key=None):
+def make_bundle(root, signing_key=None, prints=None):
     model = root / "model"
     model.mkdir(parents=True)
     (model / "model.safetensors").write_bytes(os.urandom(4096))
     (model / "config.json").write_text('{"a": 1}')
-    lineage = dict(LINEAGE, fingerprints=fingerprints())
+    lineage = dict(LINEAGE, fingerprints=prints or fingerprints())
     build_bundle(root / "package", "m-v", model, lineage, signing_key)
     return root / "package" / "m-v"
 
@@ -129,6 +129,21 @@ def test_runtime_drift_is_exit_2_naming_the_key(bundle):
     result = verify(bundle, current_runtime=runtime)
     assert result.exit_code == 2
     assert result.as_dict()["drift"] == [{"key": "packages.gptqmodel", "recorded": installed, "current": "9.9.9"}]
+
+
+def test_a_bundle_validated_on_a_torch_runtime_verifies_with_its_own_device_and_kernels(tmp_path):
+    """The bundle's torch settings (device, kernels) are compared as recorded; the machine
+    and libraries are what verify measures now."""
+    from quantbuild.config import EvalConfig
+    from quantbuild.runtimes import torch_runtime
+
+    settings = torch_runtime(EvalConfig(device="cpu", runtime="kernel"))
+    bundle = make_bundle(tmp_path, prints=fingerprints(settings))
+    assert verify(bundle).exit_code == 0
+    drifted = fingerprints(settings)["runtime"]
+    drifted["device"]["gpu"] = [{"name": "NVIDIA H200", "compute_capability": "9.0", "driver": "580.159.04"}]
+    result = verify(bundle, current_runtime=drifted)
+    assert result.exit_code == 2 and [entry["key"] for entry in result.as_dict()["drift"]] == ["device.gpu"]
 
 
 def test_cli_exit_codes_and_json(bundle):

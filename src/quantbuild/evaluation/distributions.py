@@ -17,7 +17,8 @@ from quantbuild.evaluation.stats import percentile
 
 
 def position_logprobs(model: Any, tokenizer: Any, texts: list[str], batch_size: int):
-    """Yield (log-probabilities [P, vocab], next-token targets [P]) per batch, valid positions only."""
+    """Yield (log-probabilities [P, vocab], next-token targets [P]) per batch, valid positions
+    only, on the CPU (where the stored reference lives), whatever device the model runs on."""
     import torch
 
     tokenizer.padding_side = "right"
@@ -28,7 +29,7 @@ def position_logprobs(model: Any, tokenizer: Any, texts: list[str], batch_size: 
             logits = model(**batch).logits.float()
         mask = batch["attention_mask"][:, 1:].bool()
         logprobs = torch.log_softmax(logits[:, :-1], dim=-1)[mask]
-        yield logprobs, batch["input_ids"][:, 1:][mask]
+        yield logprobs.cpu(), batch["input_ids"][:, 1:][mask].cpu()
 
 
 def reference(model: Any, tokenizer: Any, texts: list[str], top_k: int, batch_size: int) -> tuple[dict, dict]:
