@@ -61,3 +61,23 @@ def test_perplexity_is_low_on_held_out_text(loaded):
     model, tokenizer = loaded
     texts = [item.prompt for item in load_items(REPO / "data" / "eval" / "language_modelling.jsonl")[:16]]
     assert perplexity(model, tokenizer, texts)["perplexity"] < 4.0
+
+
+def test_training_in_two_pieces_gives_the_weights_of_one_run(tmp_path):
+    """A run stopped by --stop-after and resumed from its checkpoint ends with the same
+    bytes as the uninterrupted run (CPU); a resume with other settings is one clear error."""
+    from quantbuild.baseline.train import STATE, train
+    from quantbuild.errors import ConfigError
+
+    tiny = {"hidden_size": 32, "num_hidden_layers": 1, "intermediate_size": 64, "num_attention_heads": 2,
+            "num_key_value_heads": 2, "max_position_embeddings": 64}
+    settings = dict(steps=4, batch=2, seq_len=64, lr=1e-3, seed=0, workers=1, architecture=tiny)
+    whole = train(BASELINE, tmp_path / "whole", **settings)
+    stopped = train(BASELINE, tmp_path / "pieces", **settings, checkpoint=tmp_path / "ckpt", stop_after=1e-9)
+    assert stopped == {"stopped_at_step": 1, "steps": 4} and (tmp_path / "ckpt" / STATE).is_file()
+    assert not (tmp_path / "pieces").exists()
+    with pytest.raises(ConfigError, match="a run with other settings"):
+        train(BASELINE, tmp_path / "pieces", **{**settings, "lr": 2e-3}, checkpoint=tmp_path / "ckpt")
+    resumed = train(BASELINE, tmp_path / "pieces", **settings, checkpoint=tmp_path / "ckpt")
+    assert resumed["resumed"] and [entry["loss"] for entry in resumed["log"]] == [e["loss"] for e in whole["log"]]
+    assert (tmp_path / "pieces" / "model.safetensors").read_bytes() == (tmp_path / "whole" / "model.safetensors").read_bytes()

@@ -7,6 +7,9 @@ Training data is generated on the fly from seeds disjoint from the eval seeds, p
 rows of `seq_len` tokens (whole examples only; the tail of a row is padding that carries no
 loss). On a GPU, bf16 autocast and SDPA attention; the seed fixes data order and
 initialisation, though GPU kernels make the last bits of the weights nondeterministic.
+
+A run longer than one sitting (a lent GPU's call limit) goes in pieces: `--checkpoint DIR
+--stop-after SECONDS` stores the state and stops; the same command again resumes there.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import random
 import time
 from multiprocessing import Pool
 from pathlib import Path
+
+from quantbuild.errors import ConfigError, QuantbuildError
 
 TARGET_WEIGHT = 4  # loss weight of answer tokens: they are a few percent of all tokens
 MIX = {"language_modelling": 1.5, "structured": 3.0, "retrieval": 5.0, "long_context": 1.5, "reasoning": 3.0}
@@ -115,12 +120,22 @@ def _step_seconds(model, batch: int, seq_len: int, device: str) -> float:
     return statistics.median(times[2:])
 
 
+# A resumable run's state (`--checkpoint DIR`): model, optimiser and schedule at a step, and
+# the packed rows, so a run longer than one session's machine goes on where it stopped.
+STATE, ROWS = "state.pt", "rows.pt"
+
+
 def train(tokenizer_dir: Path, out: Path, steps: int, batch: int, seq_len: int, lr: float, seed: int,
           workers: int, time_budget: float = 0.0, architecture: dict | None = None,
-          max_shard_size: str = "5GB") -> dict:
+          max_shard_size: str = "5GB", checkpoint: Path | None = None, stop_after: float = 0.0) -> dict:
     """Train and save the model to `out`; with `time_budget` (seconds), `steps` is replaced by
     the largest multiple of 100 that a timing probe says fits (the record keeps the count,
-    so the run is reproducible with `--steps`)."""
+    so the run is reproducible with `--steps`).
+
+    With `checkpoint`, a run resumes from the state stored there (its settings must match),
+    and with `stop_after` (seconds of training) it stores its state and stops early, saving
+    no model: the same run in several pieces gives the same weights as in one (on a CPU
+    bit for bit; on a GPU up to its kernels' nondeterminism)."""
     import torch
     from transformers import AutoTokenizer, LlamaForCausalLM
 
@@ -129,28 +144,33 @@ def train(tokenizer_dir: Path, out: Path, steps: int, batch: int, seq_len: int, 
     config = baseline_config(len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                              **(architecture or {}))
-    if time_budget:
+    state = torch.load(checkpoint / STATE, map_location=device) if checkpoint and (checkpoint / STATE).is_file() else None
+    settings = {"batch": batch, "seq_len": seq_len, "lr": lr, "seed": seed, "architecture": architecture or {}}
+    if state is not None:
+        if state["settings"] != settings:
+            raise ConfigError(f"{checkpoint / STATE}: a run with other settings ({state['settings']}); "
+                             f"resume with those, or use another --checkpoint folder")
+        steps = state["steps"]
+    elif time_budget:
         step_seconds = _step_seconds(LlamaForCausalLM(config).to(device), batch, seq_len, device)
         steps = max(100, int(time_budget / step_seconds) // 100 * 100)
         print(json.dumps({"probe_step_seconds": round(step_seconds, 4), "steps": steps}), flush=True)
     started = time.time()
-    rows, weights = build_rows(str(tokenizer_dir), seed, steps * batch, seq_len, workers)
+    rows, weights = _rows(tokenizer_dir, seed, steps * batch, seq_len, workers, checkpoint)
     data_seconds = time.time() - started
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1, fused=device == "cuda")
-    warmup = max(1, steps // 50)
-
-    def schedule(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    log = []
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(steps))
+    first, log, trained = 0, [], 0.0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        first, log, trained = state["step"], state["log"], state["train_seconds"]
     model.train()
     train_started = time.time()
-    for step in range(steps):
+    for step in range(first, steps):
         ids = rows[step * batch : (step + 1) * batch].to(device=device, dtype=torch.long)
         weight = weights[step * batch : (step + 1) * batch, 1:].to(device=device, dtype=torch.float32)
         with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda"):
@@ -163,9 +183,16 @@ def train(tokenizer_dir: Path, out: Path, steps: int, batch: int, seq_len: int, 
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        seconds = trained + time.time() - train_started
         if step % 200 == 0 or step == steps - 1:
-            log.append({"step": step, "loss": round(loss.item(), 4), "seconds": round(time.time() - train_started, 1)})
+            log.append({"step": step, "loss": round(loss.item(), 4), "seconds": round(seconds, 1)})
             print(json.dumps(log[-1]), flush=True)
+        if checkpoint and stop_after and time.time() - train_started >= stop_after and step + 1 < steps:
+            torch.save({"settings": settings, "steps": steps, "step": step + 1, "log": log, "train_seconds": seconds,
+                        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict()}, checkpoint / STATE)
+            print(json.dumps({"stopped_at_step": step + 1, "of": steps, "state": str(checkpoint / STATE)}), flush=True)
+            return {"stopped_at_step": step + 1, "steps": steps}
     model = model.to(torch.float16).eval()
     model.generation_config.do_sample = False
     model.save_pretrained(str(out), safe_serialization=True, max_shard_size=max_shard_size)
@@ -173,10 +200,37 @@ def train(tokenizer_dir: Path, out: Path, steps: int, batch: int, seq_len: int, 
     return {
         "steps": steps, "batch": batch, "seq_len": seq_len, "lr": lr, "seed": seed,
         "tokens": steps * batch * seq_len, "data_seconds": round(data_seconds, 1),
-        "train_seconds": round(time.time() - train_started, 1), "parameters": model.num_parameters(),
-        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "train_seconds": round(trained + time.time() - train_started, 1), "parameters": model.num_parameters(),
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "resumed": state is not None,
         "torch": torch.__version__, "architecture": architecture or {}, "log": log,
     }
+
+
+def _schedule(steps: int):
+    """Linear warm-up over 2% of the steps, then cosine decay to 10% of the peak rate."""
+    warmup = max(1, steps // 50)
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    return schedule
+
+
+def _rows(tokenizer_dir: Path, seed: int, total_rows: int, seq_len: int, workers: int, checkpoint: Path | None):
+    """The packed training rows, built once per checkpoint folder (a resumed run reads them)."""
+    import torch
+
+    cached = checkpoint / ROWS if checkpoint else None
+    if cached is not None and cached.is_file():
+        stored = torch.load(cached)
+        return stored["rows"], stored["weights"]
+    rows, weights = build_rows(str(tokenizer_dir), seed, total_rows, seq_len, workers)
+    if cached is not None:
+        checkpoint.mkdir(parents=True, exist_ok=True)
+        torch.save({"rows": rows, "weights": weights}, cached)
+    return rows, weights
 
 
 def main() -> None:
@@ -196,13 +250,24 @@ def main() -> None:
     parser.add_argument("--intermediate", type=int, default=768)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--max-shard-size", default="5GB", help="safetensors shard size, e.g. 13MB")
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="a folder for a resumable run: resumes from its state, stores it on --stop-after")
+    parser.add_argument("--stop-after", type=float, default=0.0,
+                        help="seconds of training, then store the state in --checkpoint and stop")
     args = parser.parse_args()
     architecture = {"hidden_size": args.hidden, "num_hidden_layers": args.layers,
                     "intermediate_size": args.intermediate, "num_attention_heads": args.heads,
                     "num_key_value_heads": args.heads}
-    record = train(args.tokenizer, args.out, args.steps, args.batch, args.seq_len, args.lr, args.seed,
-                   args.workers, args.time_budget, architecture, args.max_shard_size)
-    (args.out / "training_record.json").write_text(json.dumps(record, indent=2) + "\n")
+    if args.stop_after and not args.checkpoint:
+        parser.error("--stop-after needs --checkpoint (where the state goes)")
+    try:
+        record = train(args.tokenizer, args.out, args.steps, args.batch, args.seq_len, args.lr, args.seed,
+                       args.workers, args.time_budget, architecture, args.max_shard_size, args.checkpoint,
+                       args.stop_after)
+    except QuantbuildError as err:
+        parser.exit(1, f"quantbuild: {err}\n")
+    if "stopped_at_step" not in record:
+        (args.out / "training_record.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
 if __name__ == "__main__":
