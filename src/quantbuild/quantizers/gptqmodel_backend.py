@@ -125,8 +125,9 @@ def load_checkpoint(folder: Path, runtime: str = "kernel", device: str = "cpu",
     GPTQ/AWQ checkpoints (`quantize_config.json`) load through GPTQModel (`load_quantized`);
     bitsandbytes checkpoints (`quantization_config.quant_method: bitsandbytes` in
     config.json) through transformers with bitsandbytes' kernels, so `runtime` does not
-    change them; anything else is a dense transformers checkpoint. On the CPU they compute
-    in float32; on a CUDA GPU in float16, as they deploy there.
+    change them; anything else is a dense transformers checkpoint. They compute in float32,
+    except on a CUDA GPU's `kernel` runtime: float16, as they deploy there (so a baseline and
+    its dequantized variants are compared at one precision, and so are their kernels).
     """
     import json
 
@@ -135,7 +136,7 @@ def load_checkpoint(folder: Path, runtime: str = "kernel", device: str = "cpu",
 
     if is_gptqmodel_checkpoint(folder):
         return load_quantized(folder, runtime, device, kernels)
-    dtype = torch.float16 if device == "cuda" else torch.float32
+    dtype = torch.float16 if device == "cuda" and runtime == "kernel" else torch.float32
     return AutoModelForCausalLM.from_pretrained(str(folder), device_map=device, dtype=dtype).eval()
 
 

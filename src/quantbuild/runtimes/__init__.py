@@ -99,7 +99,7 @@ def torch_runtime(eval_config: Any) -> dict[str, Any]:
     device = torch_device(eval_config.device)
     if device == "cuda":
         kernels = {"gptqmodel": dict(sorted(eval_config.gpu_kernels.items())), "bitsandbytes": "cuda",
-                   "dense": "torch float16"}
+                   "dense": "torch float16 (kernel), float32 (dequantized)"}
     else:
         kernels = {"gptqmodel": "torch (GPTQModel's CPU choice)", "bitsandbytes": "cpu", "dense": "torch float32"}
     return {"device": device, "quality": eval_config.runtime, "latency": eval_config.latency.runtime,
