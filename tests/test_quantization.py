@@ -15,7 +15,7 @@ from quantbuild.config import (AwqConfig, BnbConfig, CalibrationConfig, GptqConf
 from quantbuild.errors import ConfigError
 from quantbuild.quantization import MODEL_DIR, RECORD, build_variant
 from quantbuild.quantizers import Inputs, model_layers
-from quantbuild.quantizers.gptqmodel_backend import load_checkpoint
+from quantbuild.quantizers.gptqmodel_backend import kernel_names, load_checkpoint
 from quantbuild.quantizers.mixed import plan_bits_per_weight
 from quantbuild.sensitivity import load_sensitivity, write_sensitivity
 
@@ -109,6 +109,14 @@ def test_artifact_reloads_through_its_runtime_and_generates(name, built):
     for runtime in runtimes:
         model = load_checkpoint(folder, runtime)
         assert generate_greedy(model, tokenizer, [PROMPT], max_new_tokens=6)[0].strip() == "35", (name, runtime)
+        # what the evaluation records as the kernels that ran: the quantized layers' classes,
+        # none on the dequantized runtime (float32 Linear layers)
+        kernels = kernel_names(model)
+        if runtime == "dequantized":
+            assert kernels == [], name
+        else:
+            assert kernels and all(kernel.endswith(("Linear", "Linear4bit", "Linear8bitLt")) for kernel in kernels), \
+                (name, kernels)
 
 
 def test_checkpoints_declare_their_format(built):
