@@ -24,8 +24,6 @@ from pathlib import Path
 
 from benchlib import OUT, ROOT, save, table
 
-sys.path.insert(0, str(ROOT / "bench"))
-
 
 def prepare(model: str, limit: int, repeats: int) -> None:
     from quantize import model_folder
@@ -37,7 +35,8 @@ def prepare(model: str, limit: int, repeats: int) -> None:
     (ROOT / "conf" / "model" / f"{model}.yaml").write_text(
         "# Written by bench/gpu_ladder.py prepare: a random-initialised Llama for the GPU ladder.\n" + pin)
     # Random weights answer no item right, baseline and variants alike: the family budgets
-    # would judge noise, so those budgets are 1 (any drop): the gate keeps its distribution, latency and memory checks.
+    # would judge noise, so they are 1 (any drop); the gate keeps its distribution, latency
+    # and memory checks.
     overrides = [f"model={model}", "quant=cuda", "eval=gpu", f"eval.limit={limit}",
                  f"eval.latency.repeats={repeats}", "gate.must_not_degrade=[]",
                  *(f"gate.max_family_drop.{family}=1.0" for family in ("retrieval", "long_context", "reasoning"))]
@@ -93,7 +92,7 @@ def report() -> None:
         failed = [check["budget"] for check in verdict.get("checks", []) if not check["pass"]]
         rows.append([name, record.get("bits_per_weight", 16), record.get("wall_seconds", ""),
                      record.get("peak_gpu_mb", ""), ", ".join(measured.get("torch", {}).get("kernels", [])) or "dense",
-                     round(weights_mb, 1), measured.get("kld_mean", 0), decode, bound if bound != bound else round(bound), f"{decode / bound:.3f}",
+                     round(weights_mb, 1), measured.get("kld_mean", 0), decode, f"{bound:.0f}", f"{decode / bound:.3f}",
                      measured["latency"][first]["ttft_ms_p50"], memory[max(memory, key=int)]["peak_mb"],
                      paired.get("ratio", ""), "" if not verdict else "pass" if verdict["pass"] else
                      "fails " + ", ".join(failed)])

@@ -339,3 +339,26 @@ def test_the_dirty_tree_message_names_the_whole_file(tmp_path):
     (tmp_path / "params.yaml").write_text("a: 2\n")
     with pytest.raises(QuantbuildError, match=r"uncommitted changes \(params\.yaml\)"):
         require_clean(tmp_path, "release")
+
+
+def test_probes_recorded_on_a_gpu_are_drift_on_a_machine_without_one(tmp_path):
+    """verify --behaviour reloads a torch bundle on the device its probes were recorded on;
+    without that device it is runtime drift (exit 2) naming it, not a crash."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from conftest import BASELINE
+    from quantbuild import behaviour
+    from quantbuild.release.verify import VerifyResult, verify_behaviour
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    tokenizer = AutoTokenizer.from_pretrained(str(BASELINE))
+    model = AutoModelForCausalLM.from_pretrained(str(BASELINE), dtype=torch.float32).eval()
+    behaviour.record(behaviour.torch_opener(model, tokenizer), "torch",
+                     {"load_runtime": "kernel", "device": "cuda:0", "gpu_kernels": {"gptq": "gptq_triton"}},
+                     tmp_path / "probes")
+    result = VerifyResult(bundle=str(tmp_path))
+    assert verify_behaviour(result, BASELINE, tmp_path / "probes") == {}
+    assert result.exit_code == 2 and result.problems == []
+    assert result.drifted == [("runtime: the probes' device", "cuda:0", "cpu (torch sees no CUDA GPU here)")]

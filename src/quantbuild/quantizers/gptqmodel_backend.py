@@ -129,8 +129,6 @@ def load_checkpoint(folder: Path, runtime: str = "kernel", device: str = "cpu",
     except on a CUDA GPU's `kernel` runtime: float16, as they deploy there (so a baseline and
     its dequantized variants are compared at one precision, and so are their kernels).
     """
-    import json
-
     import torch
     from transformers import AutoModelForCausalLM
 

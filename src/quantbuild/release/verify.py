@@ -130,17 +130,21 @@ def verify_behaviour(result: VerifyResult, model: Path, probes: Path, threads: i
             from quantbuild.quantizers.gptqmodel_backend import load_checkpoint
             from quantbuild.runtimes import torch_device
 
-            # on the device and kernels the probes were recorded with (a GPU bundle on a
-            # machine without one is drift, not a crash)
-            device = torch_device("cuda" if str(info.get("device", "cpu")).startswith("cuda") else "cpu")
-            loaded = load_checkpoint(model, info.get("load_runtime", "kernel"), device, info.get("gpu_kernels"))
+            # on the device and kernels the probes were recorded with: a GPU bundle on a
+            # machine without one, or a kernel that no longer loads, is drift, not a crash
+            recorded = str(info.get("device", "cpu"))
+            if recorded.startswith("cuda") and torch_device("auto") != "cuda":
+                result.drifted.append(("runtime: the probes' device", recorded, "cpu (torch sees no CUDA GPU here)"))
+                return {}
+            loaded = load_checkpoint(model, info.get("load_runtime", "kernel"), recorded.split(":")[0],
+                                     info.get("gpu_kernels"))
             opener = behaviour.torch_opener(loaded, AutoTokenizer.from_pretrained(str(model)))
         outcome = behaviour.check(opener, probes, threads=threads)
     except (IntegrityError, DataError) as err:
         result.problems.append(str(err))
         return {}
     except RuntimeUnavailable as err:
-        result.drifted.append(("runtime: the probes' device", info.get("device"), str(err)))
+        result.drifted.append(("runtime: the probes' kernels", info.get("gpu_kernels"), str(err)))
         return {}
     for measure, value, tolerance in outcome["drift"]:
         result.drifted.append((f"numerical drift: {measure}", tolerance, round(value, 9)))
