@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from conftest import BASELINE, REPO, committed, committed_conf
-from quantbuild.config import (AwqConfig, BnbConfig, GptqConfig, MixedConfig, RtnConfig, compose, load_config,
-                               validate_raw)
+from quantbuild.config import (AwqConfig, BnbConfig, GptqConfig, MixedConfig, RtnConfig, compose, ladder_runtime,
+                               load_config, validate_raw)
 from quantbuild.errors import ConfigError
 from quantbuild.quantizers import check_against_model, uniform_plan
 
@@ -63,9 +63,9 @@ def _edit(params: dict, dotted: str, value) -> dict:
         ("eval.colour", "blue", "eval.colour"),
         ("quant.variants.gguf_q4_k_m_imat.type", "Q9_K", "quant.variants.gguf_q4_k_m_imat.type='Q9_K' is not a llama.cpp type"),
         ("quant.variants.gguf_q8_0.method", "magic",
-         "method='magic' is not allowed (allowed: awq | bnb | gguf | gptq | mixed | rtn)"),
+         "method='magic' is not allowed (allowed: awq | bnb | dense | gguf | gptq | mixed | rtn)"),
         ("quant.variants.gguf_q4_k_m_imat.bits", 4,
-         "quant.variants.gguf_q4_k_m_imat.bits is not a key of method gguf (a key of awq | bnb | gptq | mixed | rtn;"),
+         "quant.variants.gguf_q4_k_m_imat.bits is not a key of method gguf (a key of awq | bnb | dense | gptq | mixed | rtn;"),
         ("model.source", "ftp", "model.source='ftp' is not allowed (allowed: path | hf)"),
         ("gate.min_top1_agreement", 1.5, "gate.min_top1_agreement=1.5"),
         ("gate.max_family_drop", {"poetry": 0.1}, "gate.max_family_drop.poetry"),
@@ -97,7 +97,7 @@ def test_bad_values_are_one_line_errors_naming_the_key(params, key, value, messa
         ("quant.variants.gptq_4bit_g128.bits", 5, "bits=5 is not supported by gptq (allowed: 2, 3, 4, 8)"),
         ("quant.variants.rtn_int8.group_size", 48, "group_size=48 is not supported by rtn"),
         ("quant.variants.rtn_int8.method", "magic",
-         "method='magic' is not allowed (allowed: awq | bnb | gguf | gptq | mixed | rtn)"),
+         "method='magic' is not allowed (allowed: awq | bnb | dense | gguf | gptq | mixed | rtn)"),
         # A key of another method: refused by the variant's own schema, naming the method that has it.
         ("quant.variants.gptq_4bit_g128.quant_type", "nf4",
          "quant.variants.gptq_4bit_g128.quant_type is not a key of method gptq (a key of bnb; gptq takes: "),
@@ -178,7 +178,9 @@ def test_eval_on_cuda_without_a_gpu_stops_the_first_stage_in_one_line_before_any
 
 def test_the_gpu_presets_measure_every_suite_on_cuda_kernels():
     config = validate_raw(compose(REPO / "conf", ["quant=cuda", "eval=gpu"]))
-    assert list(config.quant.variants) == ["bnb_int8", "gptq_4bit_g128", "awq_4bit_g128", "bnb_nf4"]
+    assert list(config.quant.variants) == ["dense_f16", "bnb_int8", "gptq_4bit_g128", "awq_4bit_g128", "bnb_nf4"]
+    # the higher-precision format the gate keeps when nothing wins, on the same runtime
+    assert ladder_runtime(config) == "torch" and config.quant.variants["dense_f16"].dtype == "float16"
     assert (config.eval.device, config.eval.runtime, config.eval.latency.runtime) == ("cuda", "kernel", "kernel")
     assert config.eval.gpu_kernels == {"gptq": "gptq_triton", "awq": "awq_gemm_triton"}
     # everything else is the default evaluation

@@ -88,7 +88,7 @@ def test_gpu_ladder_end_to_end_measures_every_variant_on_its_cuda_kernel(tmp_pat
     params["eval"].update(device="cuda", runtime="kernel")
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     subprocess.run(["dvc", "repro"], cwd=project, check=True)
-    expected = {"baseline": [], "bnb_int8": ["Linear8bitLt"], "gptq_4bit_g128": ["TritonV2Linear"],
+    expected = {"baseline": [], "dense_f16": [], "bnb_int8": ["Linear8bitLt"], "gptq_4bit_g128": ["TritonV2Linear"],
                 "awq_4bit_g128": ["AwqGEMMTritonLinear"], "bnb_nf4": ["Linear4bit"]}
     for name, kernels in expected.items():
         measured = json.loads((project / "artifacts" / "eval" / name / "measurements.json").read_text())

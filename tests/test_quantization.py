@@ -10,8 +10,8 @@ import pytest
 
 from conftest import BASELINE, REPO
 from quantbuild.calibration import compose_calibration, load_calibration
-from quantbuild.config import (AwqConfig, BnbConfig, CalibrationConfig, GptqConfig, MixedConfig, OverrideConfig,
-                               RtnConfig, SensitivityConfig)
+from quantbuild.config import (AwqConfig, BnbConfig, CalibrationConfig, DenseConfig, GptqConfig, MixedConfig,
+                               OverrideConfig, RtnConfig, SensitivityConfig)
 from quantbuild.errors import ConfigError
 from quantbuild.quantization import MODEL_DIR, RECORD, build_variant
 from quantbuild.quantizers import Inputs, model_layers
@@ -139,6 +139,34 @@ def test_bnb_artifact_loads_without_the_original_weights(built, tmp_path):
     shutil.copytree(folder, alone)
     model = AutoModelForCausalLM.from_pretrained(str(alone), device_map="cpu")
     assert type(model.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
+
+
+def test_dense_variant_is_the_baseline_at_float16_and_computes_what_it_computes(inputs, tmp_path):
+    """What a torch ladder keeps when nothing wins: the baseline's weights as float16
+    safetensors (16 bits per weight, the same bytes twice), loading without any quantization
+    library and giving the baseline's logits; a dtype it cannot store is one line, no work."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    first = build_variant("dense_f16", DenseConfig(), inputs, tmp_path / "a")
+    second = build_variant("dense_f16", DenseConfig(), inputs, tmp_path / "b")
+    assert first["files"] == second["files"] and first["bits_per_weight"] == first["nominal_bits"] == 16.0
+    assert first["target"] == "transformers"
+    folder = tmp_path / "a" / MODEL_DIR
+    assert not (folder / "quantize_config.json").exists()
+    assert "quantization_config" not in json.loads((folder / "config.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    ids = tokenizer([PROMPT], return_tensors="pt").input_ids
+    baseline = AutoModelForCausalLM.from_pretrained(str(BASELINE), dtype=torch.float32).eval()
+    dense = load_checkpoint(folder, "kernel")
+    with torch.inference_mode():
+        assert torch.equal(dense(ids).logits, baseline(ids).logits)
+    assert kernel_names(dense) == []
+    with pytest.raises(ConfigError) as err:
+        build_variant("x", DenseConfig(dtype="float8"), inputs, tmp_path / "x")
+    assert str(err.value) == ("params.yaml: quant.variants.x.dtype='float8' is not supported by dense "
+                              "(allowed: float16 | bfloat16)")
+    assert not (tmp_path / "x").exists()
 
 
 def test_mixed_overrides_give_the_matched_layers_their_precision(built):

@@ -191,9 +191,22 @@ class GgufConfig:
     target: Optional[str] = None
 
 
+@dataclass
+class DenseConfig:
+    """The baseline at its own precision on the torch runtime (float16 | bfloat16): what a
+    torch ladder's gate keeps when no quantized variant passes (gate.fallback: baseline)."""
+
+    method: str = "dense"
+    bits: int = 16
+    group_size: int = -1
+    dtype: str = "float16"
+    # The deploy target it ships for (null: the method's default); see quantbuild.runtimes.
+    target: Optional[str] = None
+
+
 METHOD_CONFIGS: Dict[str, type] = {
     "rtn": RtnConfig, "gptq": GptqConfig, "awq": AwqConfig, "bnb": BnbConfig, "mixed": MixedConfig,
-    "gguf": GgufConfig,
+    "gguf": GgufConfig, "dense": DenseConfig,
 }
 
 

@@ -135,10 +135,12 @@ def train(tokenizer_dir: Path, out: Path, steps: int, batch: int, seq_len: int, 
     With `checkpoint`, a run resumes from the state stored there (its settings must match),
     and with `stop_after` (seconds of training) it stores its state and stops early, saving
     no model: the same run in several pieces gives the same weights as in one (on a CPU
-    bit for bit; on a GPU up to its kernels' nondeterminism)."""
+    bit for bit; on a GPU up to its kernels' nondeterminism). `stop_after` counts from this
+    call's start, data preparation included, so a piece fits a machine's call limit."""
     import torch
     from transformers import AutoTokenizer, LlamaForCausalLM
 
+    called = time.time()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     config = baseline_config(len(tokenizer), pad_token_id=tokenizer.pad_token_id,
@@ -187,7 +189,7 @@ def train(tokenizer_dir: Path, out: Path, steps: int, batch: int, seq_len: int, 
         if step % 200 == 0 or step == steps - 1:
             log.append({"step": step, "loss": round(loss.item(), 4), "seconds": round(seconds, 1)})
             print(json.dumps(log[-1]), flush=True)
-        if checkpoint and stop_after and time.time() - train_started >= stop_after and step + 1 < steps:
+        if checkpoint and stop_after and time.time() - called >= stop_after and step + 1 < steps:
             torch.save({"settings": settings, "steps": steps, "step": step + 1, "log": log, "train_seconds": seconds,
                         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict()}, checkpoint / STATE)
@@ -253,7 +255,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="a folder for a resumable run: resumes from its state, stores it on --stop-after")
     parser.add_argument("--stop-after", type=float, default=0.0,
-                        help="seconds of training, then store the state in --checkpoint and stop")
+                        help="seconds (from the start, data included), then store the state in --checkpoint and stop")
     args = parser.parse_args()
     architecture = {"hidden_size": args.hidden, "num_hidden_layers": args.layers,
                     "intermediate_size": args.intermediate, "num_attention_heads": args.heads,

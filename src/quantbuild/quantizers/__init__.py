@@ -70,9 +70,9 @@ def measurements(started: float) -> dict[str, float]:
 
 
 def _registry() -> dict[str, Method]:
-    from quantbuild.quantizers import awq, bnb, gguf, gptq, mixed, rtn
+    from quantbuild.quantizers import awq, bnb, dense, gguf, gptq, mixed, rtn
 
-    return {module.METHOD.name: module.METHOD for module in (rtn, gptq, awq, bnb, mixed, gguf)}
+    return {module.METHOD.name: module.METHOD for module in (rtn, gptq, awq, bnb, mixed, gguf, dense)}
 
 
 def allowed(values: tuple) -> str:

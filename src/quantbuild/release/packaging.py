@@ -168,6 +168,10 @@ RUN_INSTRUCTIONS: dict[str, Callable[[str], list[str]]] = {
                                  "def load(path): return AutoModelForCausalLM.from_pretrained(str(path), "
                                  "device_map='cpu', local_files_only=True)"],
                                 "`pip install transformers bitsandbytes==0.50.2 torch==2.13.0`"),
+    "dense": _python_instructions(["from transformers import AutoModelForCausalLM", "",
+                                   "def load(path): return AutoModelForCausalLM.from_pretrained(str(path), "
+                                   "device_map='cpu', local_files_only=True)  # or 'cuda'"],
+                                  "`pip install transformers torch==2.13.0`"),
     "gguf": _gguf_instructions,
 }
 

@@ -18,10 +18,11 @@ LLAMA_CPP = "llama.cpp"
 TORCH = "torch"
 VLLM = "vllm"
 # target -> the runtime it is measured on
-TARGET_RUNTIME = {LLAMA_CPP: LLAMA_CPP, "gptqmodel": TORCH, "bitsandbytes": TORCH, VLLM: VLLM}
+TARGET_RUNTIME = {LLAMA_CPP: LLAMA_CPP, "gptqmodel": TORCH, "bitsandbytes": TORCH, "transformers": TORCH, VLLM: VLLM}
 # method -> the targets that load its format (the first is the default)
 METHOD_TARGETS = {"gguf": (LLAMA_CPP,), "gptq": ("gptqmodel", VLLM), "awq": ("gptqmodel", VLLM),
-                  "rtn": ("gptqmodel",), "mixed": ("gptqmodel",), "bnb": ("bitsandbytes",)}
+                  "rtn": ("gptqmodel",), "mixed": ("gptqmodel",), "bnb": ("bitsandbytes",),
+                  "dense": ("transformers",)}
 # vLLM's GPTQ/AWQ kernels (Marlin, GPTQ, AWQ) take these bit widths only.
 VLLM_BITS = (4, 8)
 
