@@ -81,3 +81,39 @@ def test_training_in_two_pieces_gives_the_weights_of_one_run(tmp_path):
     resumed = train(BASELINE, tmp_path / "pieces", **settings, checkpoint=tmp_path / "ckpt")
     assert resumed["resumed"] and [entry["loss"] for entry in resumed["log"]] == [e["loss"] for e in whole["log"]]
     assert (tmp_path / "pieces" / "model.safetensors").read_bytes() == (tmp_path / "whole" / "model.safetensors").read_bytes()
+
+
+def test_data_parallel_training_makes_the_one_process_update(tmp_path):
+    """torchrun with two processes (gloo on this CPU) splits each step's batch over the ranks
+    and normalises the loss over the whole step: the same loss curve and the same weights as
+    one process, up to the order of floating-point sums; rank 0 alone writes the model."""
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors.torch import load_file
+
+    def cli(batch: int) -> list[str]:
+        return ["-m", "quantbuild.baseline.train", "--tokenizer", str(BASELINE), "--steps", "4", "--batch", str(batch),
+                "--seq-len", "64", "--lr", "1e-3", "--workers", "1", "--hidden", "32", "--layers", "1",
+                "--intermediate", "64", "--heads", "2"]
+
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    args = cli(4)
+    one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([*torchrun, *args, "--out", str(tmp_path / "two"), "--checkpoint", str(tmp_path / "ckpt")],
+                         capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-2000:]
+    records = [json.loads((tmp_path / name / "training_record.json").read_text()) for name in ("one", "two")]
+    assert [r["processes"] for r in records] == [1, 2]
+    assert [e["loss"] for e in records[0]["log"]] == pytest.approx([e["loss"] for e in records[1]["log"]], abs=2e-4)
+    weights = [load_file(str(tmp_path / name / "model.safetensors")) for name in ("one", "two")]
+    assert weights[0].keys() == weights[1].keys()
+    for name, tensor in weights[0].items():
+        assert torch.allclose(tensor.float(), weights[1][name].float(), atol=2e-3), name
+    # an uneven split is refused in one line before any work
+    odd = subprocess.run([*torchrun, *cli(3), "--out", str(tmp_path / "odd"), "--checkpoint", str(tmp_path / "ckpt-odd")],
+                         capture_output=True, text=True)
+    assert odd.returncode != 0 and "needs --checkpoint" in odd.stderr and "divisible by 2 (got 3)" in odd.stderr
+    assert not (tmp_path / "odd").exists()

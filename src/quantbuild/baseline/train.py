@@ -10,6 +10,8 @@ initialisation, though GPU kernels make the last bits of the weights nondetermin
 
 A run longer than one sitting (a lent GPU's call limit) goes in pieces: `--checkpoint DIR
 --stop-after SECONDS` stores the state and stops; the same command again resumes there.
+On several GPUs of one host, data parallel: `torchrun --nproc_per_node N -m
+quantbuild.baseline.train ... --checkpoint DIR` (the same global batch, split over the ranks).
 """
 
 from __future__ import annotations
@@ -125,6 +127,35 @@ def _step_seconds(model, batch: int, seq_len: int, device: str) -> float:
 STATE, ROWS = "state.pt", "rows.pt"
 
 
+def _distributed():
+    """(rank, world size) under `torchrun --nproc_per_node N` (NCCL on GPUs, one per rank;
+    gloo on a CPU), else (0, 1)."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world
+
+
+def _agree(value: float, world: int, op: str = "sum") -> float:
+    """`value` reduced over the ranks (sum or max); itself on one process."""
+    if world == 1:
+        return value
+    import torch
+    import torch.distributed as dist
+
+    tensor = torch.tensor([float(value)], device="cuda" if torch.cuda.is_available() else "cpu")
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return tensor.item()
+
+
 def train(tokenizer_dir: Path, out: Path, steps: int, batch: int, seq_len: int, lr: float, seed: int,
           workers: int, time_budget: float = 0.0, architecture: dict | None = None,
           max_shard_size: str = "5GB", checkpoint: Path | None = None, stop_after: float = 0.0) -> dict:
@@ -136,12 +167,22 @@ def train(tokenizer_dir: Path, out: Path, steps: int, batch: int, seq_len: int, 
     and with `stop_after` (seconds of training) it stores its state and stops early, saving
     no model: the same run in several pieces gives the same weights as in one (on a CPU
     bit for bit; on a GPU up to its kernels' nondeterminism). `stop_after` counts from this
-    call's start, data preparation included, so a piece fits a machine's call limit."""
+    call's start, data preparation included, so a piece fits a machine's call limit.
+
+    Under torchrun with N processes (data parallel), each rank computes `batch / N` rows of
+    every step and the loss is normalised over the whole step's answer-weighted tokens, so
+    the update is the one-process update up to the order of floating-point sums; rank 0
+    packs the rows into `checkpoint` (required) and is the one that writes."""
     import torch
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     called = time.time()
+    rank, world = _distributed()
+    if world > 1 and (checkpoint is None or batch % world):
+        raise ConfigError(f"data parallel over {world} processes needs --checkpoint (the ranks share the packed rows "
+                          f"through it) and --batch divisible by {world} (got {batch})")
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    local = batch // world
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     config = baseline_config(len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -154,11 +195,16 @@ def train(tokenizer_dir: Path, out: Path, steps: int, batch: int, seq_len: int, 
                              f"resume with those, or use another --checkpoint folder")
         steps = state["steps"]
     elif time_budget:
-        step_seconds = _step_seconds(LlamaForCausalLM(config).to(device), batch, seq_len, device)
+        step_seconds = _agree(_step_seconds(LlamaForCausalLM(config).to(device), local, seq_len, device), world, "max")
         steps = max(100, int(time_budget / step_seconds) // 100 * 100)
-        print(json.dumps({"probe_step_seconds": round(step_seconds, 4), "steps": steps}), flush=True)
+        if rank == 0:
+            print(json.dumps({"probe_step_seconds": round(step_seconds, 4), "steps": steps}), flush=True)
     started = time.time()
-    rows, weights = _rows(tokenizer_dir, seed, steps * batch, seq_len, workers, checkpoint)
+    if rank == 0:
+        rows, weights = _rows(tokenizer_dir, seed, steps * batch, seq_len, workers, checkpoint)
+    _agree(0, world)  # the other ranks read the rows rank 0 packed
+    if rank != 0:
+        rows, weights = _rows(tokenizer_dir, seed, steps * batch, seq_len, workers, checkpoint)
     data_seconds = time.time() - started
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).to(device)
@@ -170,41 +216,58 @@ def train(tokenizer_dir: Path, out: Path, steps: int, batch: int, seq_len: int, 
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         first, log, trained = state["step"], state["log"], state["train_seconds"]
+    forward = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        forward = DistributedDataParallel(model)
     model.train()
     train_started = time.time()
     for step in range(first, steps):
-        ids = rows[step * batch : (step + 1) * batch].to(device=device, dtype=torch.long)
-        weight = weights[step * batch : (step + 1) * batch, 1:].to(device=device, dtype=torch.float32)
+        begin = step * batch + rank * local
+        ids = rows[begin : begin + local].to(device=device, dtype=torch.long)
+        weight = weights[begin : begin + local, 1:].to(device=device, dtype=torch.float32)
         with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda"):
-            logits = model(input_ids=ids).logits
+            logits = forward(input_ids=ids).logits
         token_loss = torch.nn.functional.cross_entropy(
             logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
-        loss = (token_loss * weight).sum() / weight.sum()
-        loss.backward()
+        weighted = (token_loss * weight).sum()
+        total = _agree(weight.sum().item(), world) if world > 1 else weight.sum()
+        # DDP averages the ranks' gradients: times `world`, the sum over the step's tokens.
+        (weighted / total * world).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         seconds = trained + time.time() - train_started
         if step % 200 == 0 or step == steps - 1:
-            log.append({"step": step, "loss": round(loss.item(), 4), "seconds": round(seconds, 1)})
-            print(json.dumps(log[-1]), flush=True)
-        if checkpoint and stop_after and time.time() - called >= stop_after and step + 1 < steps:
-            torch.save({"settings": settings, "steps": steps, "step": step + 1, "log": log, "train_seconds": seconds,
-                        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict()}, checkpoint / STATE)
-            print(json.dumps({"stopped_at_step": step + 1, "of": steps, "state": str(checkpoint / STATE)}), flush=True)
+            loss = _agree(weighted.item(), world) / float(total)
+            log.append({"step": step, "loss": round(loss, 4), "seconds": round(seconds, 1)})
+            if rank == 0:
+                print(json.dumps(log[-1]), flush=True)
+        stop = checkpoint and stop_after and step + 1 < steps and \
+            _agree(time.time() - called >= stop_after, world, "max")
+        if stop:
+            if rank == 0:
+                torch.save({"settings": settings, "steps": steps, "step": step + 1, "log": log, "train_seconds": seconds,
+                            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict()}, checkpoint / STATE)
+                print(json.dumps({"stopped_at_step": step + 1, "of": steps, "state": str(checkpoint / STATE)}), flush=True)
+            _agree(0, world)
             return {"stopped_at_step": step + 1, "steps": steps}
     model = model.to(torch.float16).eval()
     model.generation_config.do_sample = False
-    model.save_pretrained(str(out), safe_serialization=True, max_shard_size=max_shard_size)
-    tokenizer.save_pretrained(str(out))
+    if rank == 0:
+        model.save_pretrained(str(out), safe_serialization=True, max_shard_size=max_shard_size)
+        tokenizer.save_pretrained(str(out))
+    _agree(0, world)
     return {
         "steps": steps, "batch": batch, "seq_len": seq_len, "lr": lr, "seed": seed,
         "tokens": steps * batch * seq_len, "data_seconds": round(data_seconds, 1),
         "train_seconds": round(trained + time.time() - train_started, 1), "parameters": model.num_parameters(),
-        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "resumed": state is not None,
-        "torch": torch.__version__, "architecture": architecture or {}, "log": log,
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "processes": world,
+        "resumed": state is not None, "torch": torch.__version__, "architecture": architecture or {}, "log": log,
+        "rank": rank,
     }
 
 
@@ -268,7 +331,12 @@ def main() -> None:
                        args.stop_after)
     except QuantbuildError as err:
         parser.exit(1, f"quantbuild: {err}\n")
-    if "stopped_at_step" not in record:
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if "stopped_at_step" not in record and record.pop("rank") == 0:
         (args.out / "training_record.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
