@@ -1,7 +1,7 @@
 """llama.cpp / GGUF benchmarks (numbers for the closing note and bench/README.md).
 
     python bench/gguf_variants.py speed      [--repeats 5]
-    python bench/gguf_variants.py quality    [--tokens 60000]
+    python bench/gguf_variants.py quality    [--tokens 60000] [--model FOLDER]
     python bench/gguf_variants.py imatrix    [--tokens 60000]
     python bench/gguf_variants.py throughput [--items 16]
     python bench/gguf_variants.py noise      [--repeats 8]
@@ -207,7 +207,7 @@ def quality(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
         started = time.perf_counter()
-        inputs = _prepare(work, planned={key: variant for key, (_, variant) in planned.items()})
+        inputs = _prepare(work, baseline=args.model, planned={key: variant for key, (_, variant) in planned.items()})
         print(f"sensitivity of {len(planned)} planned variants: {time.perf_counter() - started:.0f} s", flush=True)
         text, logits = _base_logits(work, args.tokens)
         results = {}
@@ -223,7 +223,7 @@ def quality(args: argparse.Namespace) -> None:
     print(f"held-out tokens: ~{args.tokens} (llama-perplexity --kl-divergence, 512-token chunks)")
     print(table(["variant", "file bpw", "decoder bpw", "mean KLD vs F16", "same top-1 %"], rows))
     print(pareto_table(results, 3.0, 5.0))
-    save("gguf_quality", results)
+    save("gguf_quality" if args.model == BASELINE else f"gguf_quality_{args.model.name}", results)
 
 
 def pareto_table(results: dict, low: float, high: float) -> str:
@@ -390,6 +390,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=60000)
     parser.add_argument("--items", type=int, default=16)
     parser.add_argument("--targets", type=float, nargs="+", default=[3.0, 3.5, 4.0, 4.5, 5.0])
+    parser.add_argument("--model", type=Path, default=BASELINE, help="quality: the model folder (default: the bundled one)")
     parser.add_argument("--models", nargs="+", default=["baseline", "random-100m"], choices=("baseline", "random-100m"))
     args = parser.parse_args()
     {"speed": speed, "quality": quality, "imatrix": imatrix, "throughput": throughput, "noise": noise,
