@@ -3,15 +3,28 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 BASELINE = REPO / "data" / "baseline" / "workflow-llama-8m"
+# The venv's commands (dvc, quantbuild, the stages' python), first on PATH for subprocesses.
+BIN = Path(sys.executable).parent
 
 # Quiet, single-process, deterministic library behaviour for every test.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def run(cwd: Path, *args: str, env: dict | None = None, check: bool = False) -> subprocess.CompletedProcess:
+    """A command in `cwd` with the venv first on PATH; `check` fails the test with its output."""
+    full_env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", **(env or {})}
+    result = subprocess.run(list(args), cwd=cwd, capture_output=True, text=True, env=full_env)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
 
 
 def has_cuda() -> bool:

@@ -6,27 +6,18 @@ environment differs from the driver's is refused, naming the drift."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import small_project
+from conftest import BIN, run, small_project
 from quantbuild.hashing import sha256_file
 
 pytest.importorskip("ray")
 pytestmark = pytest.mark.slow
 
-BIN = Path(sys.executable).parent
 BUNDLE = "artifacts/package/workflow-llama-8m-gguf_q4_k_m_imat"
-
-
-def run(cwd: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    full = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", **(env or {})}
-    return subprocess.run(list(args), cwd=cwd, capture_output=True, text=True, env=full)
 
 
 def clone(source: Path, target: Path) -> Path:

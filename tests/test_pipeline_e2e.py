@@ -19,22 +19,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, committed, small_project
+from conftest import BIN, REPO, run, small_project
 from quantbuild.config import compose
 
 pytestmark = pytest.mark.slow
 
-BIN = Path(sys.executable).parent
 BUNDLE = "artifacts/package/workflow-llama-8m-gguf_q4_k_m_imat"
 QUANTIZED = "gguf_q4_k_m_imat"
-
-
-def run(repo: Path, *args: str, env: dict | None = None, check: bool = False) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", **(env or {})}
-    result = subprocess.run(list(args), cwd=repo, capture_output=True, text=True, env=full_env)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return result
 
 
 def stages_run(output: str) -> set[str]:

@@ -6,26 +6,14 @@ Before `dense`, such a ladder ended in select with "no baseline-precision fallba
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import REPO, small_project
+from conftest import BIN, REPO, run, small_project
 from quantbuild.config import compose
 
 pytestmark = pytest.mark.slow
-
-BIN = Path(sys.executable).parent
-
-
-def _run(repo: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
-    return subprocess.run(list(args), cwd=repo, capture_output=True, text=True, env=env)
-
 
 def test_a_torch_ladder_without_a_passing_variant_releases_its_dense_float16_variant(tmp_path):
     pytest.importorskip("bitsandbytes")
@@ -39,7 +27,7 @@ def test_a_torch_ladder_without_a_passing_variant_releases_its_dense_float16_var
     params["gate"]["max_kld_mean"] = 0.0
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
-    result = _run(repo, str(BIN / "dvc"), "repro")
+    result = run(repo, str(BIN / "dvc"), "repro")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     decision = json.loads((repo / "artifacts" / "release" / "decision.json").read_text())
@@ -56,5 +44,5 @@ def test_a_torch_ladder_without_a_passing_variant_releases_its_dense_float16_var
     assert (bundle / "model.safetensors").is_file()
     card = (bundle / "README.md").read_text()
     assert "AutoModelForCausalLM.from_pretrained" in card
-    verified = _run(repo, str(BIN / "quantbuild"), "verify", str(bundle))
+    verified = run(repo, str(BIN / "quantbuild"), "verify", str(bundle))
     assert verified.returncode == 0, verified.stdout + verified.stderr

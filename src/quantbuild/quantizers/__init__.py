@@ -69,6 +69,16 @@ def measurements(started: float) -> dict[str, float]:
     return measured
 
 
+def save_with_transformers(baseline: Path, out: Path, **load: Any) -> None:
+    """The baseline loaded by transformers with `load` (a quantization config, a dtype, a
+    device map) and saved with its tokenizer into `out`: what reloads with
+    `AutoModelForCausalLM.from_pretrained` alone."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    AutoModelForCausalLM.from_pretrained(str(baseline), **load).save_pretrained(str(out))
+    AutoTokenizer.from_pretrained(str(baseline)).save_pretrained(str(out))
+
+
 def _registry() -> dict[str, Method]:
     from quantbuild.quantizers import awq, bnb, dense, gguf, gptq, mixed, rtn
 

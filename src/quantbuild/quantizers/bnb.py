@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from quantbuild.errors import ConfigError
-from quantbuild.quantizers import Inputs, Method, measurements
+from quantbuild.quantizers import Inputs, Method, measurements, save_with_transformers
 
 QUANT_TYPES = ("nf4", "fp4")
 BLOCK_SIZE = {4: 64, 8: -1}
@@ -44,20 +44,12 @@ def bnb_config(variant: Any) -> Any:
                               bnb_4bit_compute_dtype=torch.float32)
 
 
-def quantize_with_transformers(baseline: Path, config: Any, out: Path, device: str = "cpu") -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(str(baseline), quantization_config=config, device_map=device)
-    model.save_pretrained(str(out))
-    AutoTokenizer.from_pretrained(str(baseline)).save_pretrained(str(out))
-
-
 def _quantize(variant: Any, inputs: Inputs, plan: dict, out: Path) -> dict:
     import torch
 
     started = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    quantize_with_transformers(inputs.baseline, bnb_config(variant), out, device)
+    save_with_transformers(inputs.baseline, out, quantization_config=bnb_config(variant), device_map=device)
     return measurements(started)
 
 

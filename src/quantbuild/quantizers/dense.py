@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from quantbuild.errors import ConfigError
-from quantbuild.quantizers import Inputs, Method, measurements
+from quantbuild.quantizers import Inputs, Method, measurements, save_with_transformers
 
 DTYPES = ("float16", "bfloat16")
 
@@ -25,12 +25,9 @@ def _check(key: str, variant: Any) -> None:
 
 def _quantize(variant: Any, inputs: Inputs, plan: dict, out: Path) -> dict:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     started = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(str(inputs.baseline), dtype=getattr(torch, variant.dtype))
-    model.save_pretrained(str(out))
-    AutoTokenizer.from_pretrained(str(inputs.baseline)).save_pretrained(str(out))
+    save_with_transformers(inputs.baseline, out, dtype=getattr(torch, variant.dtype))
     return measurements(started)
 
 

@@ -158,20 +158,17 @@ def _python_instructions(lines: list[str], needs: str) -> Callable[[str], list[s
 
 _GPTQMODEL_LOAD = ["from gptqmodel import GPTQModel", "",
                    "def load(path): return GPTQModel.load(str(path), device='cpu', local_files_only=True)  # or 'cuda'"]
+_TRANSFORMERS_LOAD = ["from transformers import AutoModelForCausalLM", "",
+                      "def load(path): return AutoModelForCausalLM.from_pretrained(str(path), "
+                      "device_map='cpu', local_files_only=True)"]
 _GPTQMODEL_NEEDS = "`pip install gptqmodel==7.6.0 torch==2.13.0` (validated through GPTQModel's loader and kernels)"
 RUN_INSTRUCTIONS: dict[str, Callable[[str], list[str]]] = {
     "gptq": _python_instructions(_GPTQMODEL_LOAD, _GPTQMODEL_NEEDS),
     "rtn": _python_instructions(_GPTQMODEL_LOAD, _GPTQMODEL_NEEDS),
     "mixed": _python_instructions(_GPTQMODEL_LOAD, _GPTQMODEL_NEEDS),
     "awq": _python_instructions(_GPTQMODEL_LOAD, _GPTQMODEL_NEEDS),
-    "bnb": _python_instructions(["from transformers import AutoModelForCausalLM", "",
-                                 "def load(path): return AutoModelForCausalLM.from_pretrained(str(path), "
-                                 "device_map='cpu', local_files_only=True)"],
-                                "`pip install transformers bitsandbytes==0.50.2 torch==2.13.0`"),
-    "dense": _python_instructions(["from transformers import AutoModelForCausalLM", "",
-                                   "def load(path): return AutoModelForCausalLM.from_pretrained(str(path), "
-                                   "device_map='cpu', local_files_only=True)  # or 'cuda'"],
-                                  "`pip install transformers torch==2.13.0`"),
+    "bnb": _python_instructions(_TRANSFORMERS_LOAD, "`pip install transformers bitsandbytes==0.50.2 torch==2.13.0`"),
+    "dense": _python_instructions(_TRANSFORMERS_LOAD, "`pip install transformers torch==2.13.0`"),
     "gguf": _gguf_instructions,
 }
 
