@@ -117,3 +117,34 @@ def test_data_parallel_training_makes_the_one_process_update(tmp_path):
                          capture_output=True, text=True)
     assert odd.returncode != 0 and "needs --checkpoint" in odd.stderr and "divisible by 2 (got 3)" in odd.stderr
     assert not (tmp_path / "odd").exists()
+
+
+def test_training_mix_overrides_are_checked_and_change_the_data():
+    """`--mix retrieval=8` weighs the retrieval family up in the packed rows; an unknown family,
+    a weight that is not positive, or a malformed pair is one clear error."""
+    import subprocess
+    import sys
+
+    from quantbuild.baseline.train import MIX, build_rows, parse_mix, training_mix
+    from quantbuild.errors import ConfigError
+
+    assert training_mix(None) == MIX
+    assert training_mix(parse_mix(["retrieval=8"])) == {**MIX, "retrieval": 8.0}
+    for bad, message in ((["retrival=8"], "unknown task family 'retrival'"), (["retrieval=0"], "must be a positive"),
+                         (["retrieval=nan"], "must be a positive")):
+        with pytest.raises(ConfigError, match=message):
+            training_mix(parse_mix(bad))
+    with pytest.raises(ConfigError, match="expected FAMILY=WEIGHT"):
+        parse_mix(["retrieval:8"])
+
+    def documents_per_row(mix):
+        rows, _ = build_rows(str(BASELINE), seed=0, total_rows=16, seq_len=256, workers=1, mix=mix)
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(BASELINE))
+        return sum(tokenizer.decode(row.long()).count("Documents:") for row in rows)
+
+    assert documents_per_row({**MIX, "retrieval": 50.0}) > 1.5 * documents_per_row(MIX)
+    cli = subprocess.run([sys.executable, "-m", "quantbuild.baseline.train", "--tokenizer", str(BASELINE), "--out",
+                          "/nonexistent/never", "--steps", "1", "--mix", "retrieval=-1"], capture_output=True, text=True)
+    assert cli.returncode == 1 and cli.stderr.strip().splitlines()[-1].startswith("quantbuild: --mix: the weight")

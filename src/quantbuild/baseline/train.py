@@ -54,7 +54,7 @@ def baseline_config(vocab_size: int, **overrides):
     return LlamaConfig(**values)
 
 
-def _rows_for_chunk(args: tuple[str, int, int, int, int]):
+def _rows_for_chunk(args: tuple[str, int, int, int, int, dict[str, float]]):
     """Pack freshly sampled examples into rows of exactly `seq_len` tokens (pad id 0), with a
     per-token loss weight: 0 for padding, 1 for prompts, `TARGET_WEIGHT` for answers."""
     import numpy as np
@@ -62,7 +62,7 @@ def _rows_for_chunk(args: tuple[str, int, int, int, int]):
 
     from quantbuild.tasks import sample_training_item, training_pair
 
-    tokenizer_dir, seed, chunk, rows, seq_len = args
+    tokenizer_dir, seed, chunk, rows, seq_len, mix = args
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     rng = random.Random(f"train:{seed}:{chunk}")
     packed: list[list[int]] = []
@@ -70,7 +70,7 @@ def _rows_for_chunk(args: tuple[str, int, int, int, int]):
     current: list[int] = []
     current_weights: list[int] = []
     while len(packed) < rows:
-        pairs = [training_pair(sample_training_item(rng, MIX)) for _ in range(256)]
+        pairs = [training_pair(sample_training_item(rng, mix)) for _ in range(256)]
         prompts = tokenizer([prompt for prompt, _ in pairs])["input_ids"]
         targets = tokenizer([target for _, target in pairs], add_special_tokens=False)["input_ids"]
         for prompt_ids, target_ids in zip(prompts, targets):
@@ -89,11 +89,12 @@ def _rows_for_chunk(args: tuple[str, int, int, int, int]):
     return np.asarray(packed, dtype=np.int16), np.asarray(weights, dtype=np.uint8)
 
 
-def build_rows(tokenizer_dir: str, seed: int, total_rows: int, seq_len: int, workers: int):
+def build_rows(tokenizer_dir: str, seed: int, total_rows: int, seq_len: int, workers: int,
+               mix: dict[str, float] | None = None):
     import torch
 
     per_chunk = 512
-    jobs = [(tokenizer_dir, seed, chunk, per_chunk, seq_len) for chunk in range(math.ceil(total_rows / per_chunk))]
+    jobs = [(tokenizer_dir, seed, chunk, per_chunk, seq_len, mix or MIX) for chunk in range(math.ceil(total_rows / per_chunk))]
     with Pool(workers) as pool:
         chunks = pool.map(_rows_for_chunk, jobs)
     rows = torch.cat([torch.from_numpy(ids) for ids, _ in chunks])[:total_rows]
@@ -158,7 +159,8 @@ def _agree(value: float, world: int, op: str = "sum") -> float:
 
 def train(tokenizer_dir: Path, out: Path, steps: int, batch: int, seq_len: int, lr: float, seed: int,
           workers: int, time_budget: float = 0.0, architecture: dict | None = None,
-          max_shard_size: str = "5GB", checkpoint: Path | None = None, stop_after: float = 0.0) -> dict:
+          max_shard_size: str = "5GB", checkpoint: Path | None = None, stop_after: float = 0.0,
+          mix: dict[str, float] | None = None) -> dict:
     """Train and save the model to `out`; with `time_budget` (seconds), `steps` is replaced by
     the largest multiple of 100 that a timing probe says fits (the record keeps the count,
     so the run is reproducible with `--steps`).
@@ -172,7 +174,10 @@ def train(tokenizer_dir: Path, out: Path, steps: int, batch: int, seq_len: int, 
     Under torchrun with N processes (data parallel), each rank computes `batch / N` rows of
     every step and the loss is normalised over the whole step's answer-weighted tokens, so
     the update is the one-process update up to the order of floating-point sums; rank 0
-    packs the rows into `checkpoint` (required) and is the one that writes."""
+    packs the rows into `checkpoint` (required) and is the one that writes.
+
+    `mix` overrides the relative weights of the task families in the training data (`MIX`),
+    e.g. {"retrieval": 8.0}; an unknown family or a weight that is not positive is refused."""
     import torch
     from transformers import AutoTokenizer, LlamaForCausalLM
 
@@ -181,6 +186,7 @@ def train(tokenizer_dir: Path, out: Path, steps: int, batch: int, seq_len: int, 
     if world > 1 and (checkpoint is None or batch % world):
         raise ConfigError(f"data parallel over {world} processes needs --checkpoint (the ranks share the packed rows "
                           f"through it) and --batch divisible by {world} (got {batch})")
+    mix = training_mix(mix)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     local = batch // world
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
@@ -189,6 +195,8 @@ def train(tokenizer_dir: Path, out: Path, steps: int, batch: int, seq_len: int, 
                              **(architecture or {}))
     state = torch.load(checkpoint / STATE, map_location=device) if checkpoint and (checkpoint / STATE).is_file() else None
     settings = {"batch": batch, "seq_len": seq_len, "lr": lr, "seed": seed, "architecture": architecture or {}}
+    if mix != MIX:  # a run on the default mix keeps the settings of checkpoints made before `mix` existed
+        settings["mix"] = mix
     if state is not None:
         if state["settings"] != settings:
             raise ConfigError(f"{checkpoint / STATE}: a run with other settings ({state['settings']}); "
@@ -201,10 +209,10 @@ def train(tokenizer_dir: Path, out: Path, steps: int, batch: int, seq_len: int, 
             print(json.dumps({"probe_step_seconds": round(step_seconds, 4), "steps": steps}), flush=True)
     started = time.time()
     if rank == 0:
-        rows, weights = _rows(tokenizer_dir, seed, steps * batch, seq_len, workers, checkpoint)
+        rows, weights = _rows(tokenizer_dir, seed, steps * batch, seq_len, workers, checkpoint, mix)
     _agree(0, world)  # the other ranks read the rows rank 0 packed
     if rank != 0:
-        rows, weights = _rows(tokenizer_dir, seed, steps * batch, seq_len, workers, checkpoint)
+        rows, weights = _rows(tokenizer_dir, seed, steps * batch, seq_len, workers, checkpoint, mix)
     data_seconds = time.time() - started
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).to(device)
@@ -266,9 +274,34 @@ def train(tokenizer_dir: Path, out: Path, steps: int, batch: int, seq_len: int, 
         "tokens": steps * batch * seq_len, "data_seconds": round(data_seconds, 1),
         "train_seconds": round(trained + time.time() - train_started, 1), "parameters": model.num_parameters(),
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "processes": world,
-        "resumed": state is not None, "torch": torch.__version__, "architecture": architecture or {}, "log": log,
+        "resumed": state is not None, "torch": torch.__version__, "architecture": architecture or {}, "mix": mix,
+        "log": log,
         "rank": rank,
     }
+
+
+def training_mix(overrides: dict[str, float] | None) -> dict[str, float]:
+    """`MIX` with `overrides` applied, checked: every family known, every weight positive."""
+    mix = dict(MIX)
+    for family, weight in sorted((overrides or {}).items()):
+        if family not in MIX:
+            raise ConfigError(f"--mix: unknown task family {family!r} (one of {', '.join(sorted(MIX))})")
+        if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight > 0):
+            raise ConfigError(f"--mix: the weight of {family} must be a positive number, got {weight!r}")
+        mix[family] = float(weight)
+    return mix
+
+
+def parse_mix(pairs: list[str]) -> dict[str, float]:
+    """`["retrieval=8"]` -> {"retrieval": 8.0}; a malformed pair is one ConfigError."""
+    mix = {}
+    for pair in pairs:
+        family, _, weight = pair.partition("=")
+        try:
+            mix[family] = float(weight)
+        except ValueError:
+            raise ConfigError(f"--mix: expected FAMILY=WEIGHT, got {pair!r}") from None
+    return mix
 
 
 def _schedule(steps: int):
@@ -283,7 +316,8 @@ def _schedule(steps: int):
     return schedule
 
 
-def _rows(tokenizer_dir: Path, seed: int, total_rows: int, seq_len: int, workers: int, checkpoint: Path | None):
+def _rows(tokenizer_dir: Path, seed: int, total_rows: int, seq_len: int, workers: int, checkpoint: Path | None,
+          mix: dict[str, float]):
     """The packed training rows, built once per checkpoint folder (a resumed run reads them)."""
     import torch
 
@@ -291,7 +325,7 @@ def _rows(tokenizer_dir: Path, seed: int, total_rows: int, seq_len: int, workers
     if cached is not None and cached.is_file():
         stored = torch.load(cached)
         return stored["rows"], stored["weights"]
-    rows, weights = build_rows(str(tokenizer_dir), seed, total_rows, seq_len, workers)
+    rows, weights = build_rows(str(tokenizer_dir), seed, total_rows, seq_len, workers, mix)
     if cached is not None:
         checkpoint.mkdir(parents=True, exist_ok=True)
         torch.save({"rows": rows, "weights": weights}, cached)
@@ -319,6 +353,8 @@ def main() -> None:
                         help="a folder for a resumable run: resumes from its state, stores it on --stop-after")
     parser.add_argument("--stop-after", type=float, default=0.0,
                         help="seconds (from the start, data included), then store the state in --checkpoint and stop")
+    parser.add_argument("--mix", nargs="*", default=[], metavar="FAMILY=WEIGHT",
+                        help=f"override task-family weights of the training data (default {MIX})")
     args = parser.parse_args()
     architecture = {"hidden_size": args.hidden, "num_hidden_layers": args.layers,
                     "intermediate_size": args.intermediate, "num_attention_heads": args.heads,
@@ -328,7 +364,7 @@ def main() -> None:
     try:
         record = train(args.tokenizer, args.out, args.steps, args.batch, args.seq_len, args.lr, args.seed,
                        args.workers, args.time_budget, architecture, args.max_shard_size, args.checkpoint,
-                       args.stop_after)
+                       args.stop_after, parse_mix(args.mix))
     except QuantbuildError as err:
         parser.exit(1, f"quantbuild: {err}\n")
     finally:
