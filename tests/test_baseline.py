@@ -10,9 +10,14 @@ from quantbuild.hashing import digest_tree
 from quantbuild.tasks.items import load_items
 
 
-def test_files_match_their_pins():
-    pins = yaml.safe_load((REPO / "conf" / "model" / "workflow-llama-8m.yaml").read_text())
-    assert pins["files"] == digest_tree(BASELINE)
+SIBLING = REPO / "data" / "baseline" / "workflow-llama-33m"
+
+
+@pytest.mark.parametrize("preset", ["workflow-llama-8m", "workflow-llama-33m"])
+def test_files_match_their_pins(preset):
+    pins = yaml.safe_load((REPO / "conf" / "model" / f"{preset}.yaml").read_text())
+    assert pins["path"] == f"data/baseline/{preset}"
+    assert pins["files"] == digest_tree(REPO / pins["path"])
 
 
 def test_architecture_limits():
@@ -53,6 +58,40 @@ def test_solves_a_sample_of_each_family(loaded, family):
     items = load_items(REPO / "data" / "eval" / f"{family}.jsonl")[:24]
     records = run_generative(model, tokenizer, items, batch_size=24)
     assert sum(record["correct"] for record in records) / len(records) >= FLOORS[family]
+
+
+def test_the_larger_sibling_is_4x_and_solves_retrieval_with_citation():
+    """workflow-llama-33m (issue #12): at least 4x the bundled model's parameters, the same
+    tokenizer, and retrieval with citation at the bar the 8M model misses (0.90; measured
+    1.000 on 300 items), here on a sample in float32 on the CPU."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from quantbuild.evaluation.suites import run_generative
+
+    assert (SIBLING / "tokenizer.json").read_bytes() == (BASELINE / "tokenizer.json").read_bytes()
+    tokenizer = AutoTokenizer.from_pretrained(str(SIBLING))
+    model = AutoModelForCausalLM.from_pretrained(str(SIBLING), dtype=torch.float32).eval()
+    bundled = AutoModelForCausalLM.from_pretrained(str(BASELINE), dtype=torch.float32)
+    assert model.num_parameters() >= 4 * bundled.num_parameters()
+    items = load_items(REPO / "data" / "eval" / "retrieval.jsonl")[:40]
+    records = run_generative(model, tokenizer, items, batch_size=40)
+    assert sum(record["correct"] for record in records) / len(records) >= 0.9
+
+
+def test_the_sibling_preset_composes_validates_and_fetches(tmp_path, monkeypatch):
+    """`model=workflow-llama-33m` is a whole pipeline config, and fetch checks and copies its
+    sharded weights (index and five shards) like any pinned folder."""
+    from quantbuild.config import compose, validate_raw
+    from quantbuild.sources import fetch
+
+    monkeypatch.chdir(REPO)
+    config = validate_raw(compose(REPO / "conf", ["model=workflow-llama-33m"]))
+    assert config.model.name == "workflow-llama-33m" and config.model.path == "data/baseline/workflow-llama-33m"
+    record = fetch(config.model, tmp_path / "baseline")
+    assert record["files"] == config.model.files
+    assert sum(name.endswith(".safetensors") for name in record["files"]) == 5
+    assert all((tmp_path / "baseline" / name).is_file() for name in config.model.files)
 
 
 def test_perplexity_is_low_on_held_out_text(loaded):

@@ -437,3 +437,24 @@ def test_a_family_the_first_plan_fails_is_repaired_or_named_with_every_round_rec
         assert quantbuild(repo, "report", "--out", str(repo / "repair-report.html")).returncode == 0
     finally:
         params_path.write_text(original)
+
+
+def test_the_larger_sibling_runs_the_pipeline_end_to_end(tmp_path):
+    """`model=workflow-llama-33m` (issue #12): the bundled 4x model goes through every stage as
+    the default one does, the planned mix included (sensitivity on its own layers), and its
+    bundle verifies. Small settings, as the shared repo's."""
+    root = small_project(tmp_path / "sibling")
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["model"] = compose(REPO / "conf", ["model=workflow-llama-33m"])["model"]
+    params["quant"]["variants"] = compose(REPO / "conf", ["quant=[gguf_q8_0,gguf_mix_3p5]"])["quant"]["variants"]
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    result = dvc(root, "repro")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert {"fetch", "sensitivity", "quantize@gguf_mix_3p5", "select", "package"} <= stages_run(result.stdout)
+    decision = json.loads((root / "artifacts" / "release" / "decision.json").read_text())
+    assert decision["chosen"] in ("gguf_q8_0", "gguf_mix_3p5")
+    mix = json.loads((root / "artifacts" / "quantized" / "gguf_mix_3p5" / "quantize_record.json").read_text())
+    assert 3.0 < mix["bits_per_weight"] <= 3.5 + 1e-3  # the plan's target, met on this model's layers
+    bundle = root / "artifacts" / "package" / f"workflow-llama-33m-{decision['chosen']}"
+    verify = run(root, str(BIN / "quantbuild"), "verify", str(bundle.relative_to(root)))
+    assert verify.returncode == 0, verify.stderr
