@@ -31,6 +31,15 @@ def _row(label: str, outcome: dict) -> list:
             f"{measured['greedy_match']:.3f}", tripped]
 
 
+def check_gguf(model: Path, kv: str, probes: Path, threads: int | None = None) -> dict:
+    """The probes rerun on the GGUF file `model` in llama.cpp with the KV cache in `kv`."""
+    from quantbuild import behaviour
+    from quantbuild.runtimes.llama_cpp import LlamaCppModel
+
+    with LlamaCppModel(model, n_ctx=256, kv_type=kv) as runtime:
+        return behaviour.check(runtime, probes, threads=threads)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
@@ -41,8 +50,9 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from quantbuild import behaviour
-    from quantbuild.config import load_config
+    from quantbuild.validation import load_config
     from quantbuild.hashing import read_json
+    from quantbuild.runtimes.torch_stack import TorchRuntime
 
     config = load_config(ROOT / "params.yaml")
     decision = read_json(ROOT / config.paths.release / "decision.json")
@@ -63,36 +73,36 @@ def main() -> None:
     for threads in (1, 2):
         for repeat in range(args.repeats):
             add(f"{chosen}, unchanged, {threads} thread(s), run {repeat + 1}",
-                behaviour.check(behaviour.llama_opener(model, kv, False), probes, threads=threads))
+                check_gguf(model, kv, probes, threads))
     for other_kv in ("q8_0", "q4_0"):
         add(f"{chosen}, KV cache {other_kv} instead of {kv}",
-            behaviour.check(behaviour.llama_opener(model, other_kv, False), probes))
+            check_gguf(model, other_kv, probes))
     for other in sorted(decision["variants"]):
         if other != chosen and decision["variants"][other]["bits_per_weight"] < 16:
             weights = ROOT / config.paths.quantized / other / "model" / "model.gguf"
-            add(f"{other}'s weights under {chosen}'s name", behaviour.check(behaviour.llama_opener(weights, kv, False),
-                                                                            probes))
+            add(f"{other}'s weights under {chosen}'s name", check_gguf(weights, kv, probes))
     baseline = ROOT / config.paths.baseline
     tokenizer = AutoTokenizer.from_pretrained(str(baseline))
     dense = AutoModelForCausalLM.from_pretrained(str(baseline), dtype=torch.float32).eval()
     with tempfile.TemporaryDirectory() as folder:
         torch_probes = Path(folder)
-        behaviour.record(behaviour.torch_opener(dense, tokenizer), "torch", {}, torch_probes)
+        runtime = TorchRuntime(dense, tokenizer)
+        behaviour.record(runtime, torch_probes)
         for threads in (1, 2):
             add(f"torch baseline, unchanged, {threads} thread(s)",
-                behaviour.check(behaviour.torch_opener(dense, tokenizer), torch_probes, threads=threads))
+                behaviour.check(runtime, torch_probes, threads=threads))
         layers = {name: module for name, module in dense.named_modules()
                   if isinstance(module, torch.nn.Linear) and ".layers." in f".{name}"}
         first = dense.model.layers[0].mlp.down_proj
         first.forward = lambda x, f=first.forward: f(x.to(torch.bfloat16).to(torch.float32))
         add("torch baseline, bf16 rounding of one layer's input",
-            behaviour.check(behaviour.torch_opener(dense, tokenizer), torch_probes))
+            behaviour.check(runtime, torch_probes))
         del first.forward
         for module in layers.values():
             module.forward = (lambda m: lambda x: F.linear(x.to(torch.bfloat16),
                                                            m.weight.to(torch.bfloat16)).to(torch.float32))(module)
         add("torch baseline, bf16 GEMM in every decoder layer",
-            behaviour.check(behaviour.torch_opener(dense, tokenizer), torch_probes))
+            behaviour.check(runtime, torch_probes))
     print(f"\nprobes: {len(info['probes'])}, tolerance {info['tolerance']}, spread recorded at evaluate "
           f"{info['spread']}")
     print(table(["run", "KLD mean", "KLD p99", "top-1", "greedy match", "tolerance tripped"], rows))

@@ -64,8 +64,8 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from quantbuild.evaluation import distributions
-    from quantbuild.evaluation.generation import MAX_NEW_TOKENS
-    from quantbuild.evaluation.suites import run_generative
+    from quantbuild.evaluation.suites import MAX_NEW_TOKENS, run_generative
+    from quantbuild.runtimes.torch_stack import TorchRuntime
     from quantbuild.tasks.items import load_items
 
     torch.manual_seed(0)
@@ -76,12 +76,13 @@ def main() -> None:
     items = [item for family in families for item in load_items(ROOT / "data" / "eval" / f"{family}.jsonl")[: args.items]]
     texts = [item.prompt for item in load_items(ROOT / "data" / "eval" / "language_modelling.jsonl")[: args.items * 4]]
     tokens = sum(len(ids) - 1 for ids in tokenizer(texts)["input_ids"])
-    reference, _ = distributions.reference(model, tokenizer, texts, 32, args.batch_size)
+    runtime = TorchRuntime(model, tokenizer, batch_size=args.batch_size)
+    reference, _ = distributions.reference_from(runtime.text_positions(texts), 32)
 
-    ours_gen = median_time(lambda: run_generative(model, tokenizer, items, args.batch_size), args.repeats)
+    ours_gen = median_time(lambda: run_generative(runtime, items), args.repeats)
     plain_gen = median_time(lambda: plain_generate(model, tokenizer, items, args.batch_size, MAX_NEW_TOKENS), args.repeats)
-    ours_ref = median_time(lambda: distributions.reference(model, tokenizer, texts, 32, args.batch_size), args.repeats)
-    ours_cmp = median_time(lambda: distributions.compare(model, tokenizer, texts, reference, args.batch_size), args.repeats)
+    ours_ref = median_time(lambda: distributions.reference_from(runtime.text_positions(texts), 32), args.repeats)
+    ours_cmp = median_time(lambda: distributions.compare_from(runtime.text_positions(texts), reference), args.repeats)
     plain_ppl = median_time(lambda: plain_perplexity(model, tokenizer, texts, args.batch_size), args.repeats)
 
     print(f"{'suite':<44} {'quantbuild':>12} {'plain loop':>12} {'overhead':>9}")

@@ -19,6 +19,7 @@ rounds, for the smallest variant against the baseline.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -31,7 +32,7 @@ from benchlib import ROOT, save, table
 
 
 def _artifacts() -> tuple:
-    from quantbuild.config import load_config
+    from quantbuild.validation import load_config
     from quantbuild.hashing import read_json
 
     config = load_config(ROOT / "params.yaml")
@@ -75,23 +76,23 @@ def _old_rule(baseline: dict, variants: dict, records: dict, gate) -> str | None
 
 
 def decisions(args: argparse.Namespace) -> None:
-    from quantbuild.evaluation.llama import _latency, paired_latency, threads
+    from quantbuild.evaluation.latency import measure_latency, paired_latency
     from quantbuild.gate import select
     from quantbuild.runtimes.llama_cpp import LlamaCppModel
 
     config, base, models, measured, records = _artifacts()
-    workers = threads(config.eval)
+    workers = config.eval.threads or os.cpu_count() or 1
     rows, results = [], []
     load = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         for run in range(args.runs):
             timed = {}
             with LlamaCppModel(base, n_ctx=1024, threads=workers) as reference:
-                baseline = {**measured["baseline"], "latency": _latency(reference, config.eval)}
+                baseline = {**measured["baseline"], "latency": measure_latency(reference, config.eval)}
                 for name, path in models.items():
                     kv = config.quant.variants[name].kv_cache_type
                     with LlamaCppModel(path, n_ctx=1024, kv_type=kv, threads=workers) as model:
-                        timed[name] = {**measured[name], "latency": _latency(model, config.eval),
+                        timed[name] = {**measured[name], "latency": measure_latency(model, config.eval),
                                        "latency_vs_baseline": paired_latency(model, reference, config.eval)}
             now = select(baseline, timed, records, config.gate)
             before = _old_rule(baseline, timed, records, config.gate)
@@ -110,7 +111,7 @@ def decisions(args: argparse.Namespace) -> None:
 
 
 def widths(args: argparse.Namespace) -> None:
-    from quantbuild.evaluation.llama import paired_latency, threads
+    from quantbuild.evaluation.latency import paired_latency
 
     from quantbuild.runtimes.llama_cpp import LlamaCppModel
 
@@ -118,8 +119,9 @@ def widths(args: argparse.Namespace) -> None:
     smallest = min((name for name in records if records[name]["bits_per_weight"] < 16),
                    key=lambda name: records[name]["size_bytes"])
     rows, results = [], {}
-    with LlamaCppModel(base, n_ctx=1024, threads=threads(config.eval)) as reference, \
-            LlamaCppModel(models[smallest], n_ctx=1024, threads=threads(config.eval)) as model:
+    workers = config.eval.threads or os.cpu_count() or 1
+    with LlamaCppModel(base, n_ctx=1024, threads=workers) as reference, \
+            LlamaCppModel(models[smallest], n_ctx=1024, threads=workers) as model:
         for repeats in (3, 5, 9, 15, 21):
             eval_config = replace(config.eval, latency=replace(config.eval.latency, repeats=repeats))
             trials = [paired_latency(model, reference, eval_config)["worst"] for _ in range(args.trials)]

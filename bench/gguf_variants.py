@@ -104,8 +104,8 @@ def _speed_runs(model: str, work: Path, repeats: int) -> list[tuple[str, list[fl
     """Interleaved timings of quantbuild's build_variant and llama-quantize on the same files."""
     from quantbuild.config import GgufConfig
     from quantbuild.quantization import build_variant
-    from quantbuild.quantizers.gguf import BASE_FILE, IMATRIX_FILE
-    from quantbuild.runtimes.llama_cpp import run_tool
+    from quantbuild.gguf_artifacts import BASE_FILE, IMATRIX_FILE
+    from quantbuild.runtimes.llama_build import run_tool
 
     baseline = BASELINE if model == "baseline" else random_model(work / "random")
     inputs = _prepare(work, imatrix_samples=600 if model == "baseline" else 48, baseline=baseline)
@@ -145,7 +145,7 @@ def heldout_text(tokens: int) -> str:
 
 
 def _kld(model: Path, base_logits: Path, text: Path) -> dict:
-    from quantbuild.runtimes.llama_cpp import run_tool
+    from quantbuild.runtimes.llama_build import run_tool
 
     # llama.cpp logs through an asynchronous writer, and its closing statistics were missing
     # from the captured output now and then: the (deterministic) run is repeated until they show.
@@ -168,8 +168,8 @@ def _file_bpw(path: Path) -> float:
 
 
 def _base_logits(work: Path, tokens: int) -> tuple[Path, Path]:
-    from quantbuild.quantizers.gguf import BASE_FILE
-    from quantbuild.runtimes.llama_cpp import run_tool
+    from quantbuild.gguf_artifacts import BASE_FILE
+    from quantbuild.runtimes.llama_build import run_tool
 
     text = work / "heldout.txt"
     text.write_text(heldout_text(tokens), encoding="utf-8")
@@ -189,7 +189,7 @@ def quality(args: argparse.Namespace) -> None:
     same held-out tokens; then the Pareto comparison from 3 to 5 bits per weight."""
     from quantbuild.config import GgufConfig
     from quantbuild.quantization import build_variant
-    from quantbuild.quantizers.gguf import MODEL_FILE
+    from quantbuild.gguf_artifacts import MODEL_FILE
 
     stock, planned = {}, {}
     for preset in STOCK:
@@ -251,7 +251,7 @@ def pareto_table(results: dict, low: float, high: float) -> str:
 def imatrix(args: argparse.Namespace) -> None:
     from quantbuild.config import GgufConfig
     from quantbuild.quantization import build_variant
-    from quantbuild.quantizers.gguf import MODEL_FILE
+    from quantbuild.gguf_artifacts import MODEL_FILE
 
     rows, results = [], {}
     with tempfile.TemporaryDirectory() as folder:
@@ -278,9 +278,9 @@ def throughput(args: argparse.Namespace) -> None:
     from dataclasses import replace
 
     from quantbuild.config import EvalConfig, GgufConfig, GptqConfig, LatencyConfig, MemoryConfig
-    from quantbuild.evaluation.runner import evaluate, evaluate_gguf
+    from quantbuild.evaluation.runner import evaluate, gguf_spec, torch_spec
+    from quantbuild.gguf_artifacts import BASE_FILE, MODEL_FILE
     from quantbuild.quantization import build_variant
-    from quantbuild.quantizers.gguf import BASE_FILE, MODEL_FILE
 
     config = EvalConfig(limit=args.items, batch_size=16, latency=LatencyConfig(prompt_lengths=[64], repeats=3),
                         memory=MemoryConfig(context_lengths=[256]))
@@ -292,13 +292,16 @@ def throughput(args: argparse.Namespace) -> None:
         build_variant("q4", GgufConfig(type="Q4_K_M"), replace(inputs, lineage={}), work / "q4")
         build_variant("gptq", GptqConfig(bits=4, group_size=128), inputs, work / "gptq")
         runs = {
-            "baseline, llama.cpp (F16 GGUF)": lambda out: evaluate_gguf(work / "base" / BASE_FILE, "f16", config, data,
-                                                                       out, None, False),
-            "baseline, torch (transformers float32)": lambda out: evaluate(BASELINE, config, data, out, None),
-            "4-bit, llama.cpp (Q4_K_M)": lambda out: evaluate_gguf(work / "q4" / "model" / MODEL_FILE, "f16", config,
-                                                                  data, out, None, False),
-            "4-bit, torch (GPTQ, GPTQModel kernels for latency)": lambda out: evaluate(work / "gptq" / "model", config,
-                                                                                      data, out, None),
+            "baseline, llama.cpp (F16 GGUF)": lambda out: evaluate(
+                gguf_spec(work / "base" / BASE_FILE, "f16", config, False), config, data, out, None),
+            "baseline, torch (transformers float32)": lambda out: evaluate(
+                torch_spec(BASELINE, config), config, data, out, None,
+                deployed=torch_spec(BASELINE, config, config.latency.runtime)),
+            "4-bit, llama.cpp (Q4_K_M)": lambda out: evaluate(
+                gguf_spec(work / "q4" / "model" / MODEL_FILE, "f16", config, False), config, data, out, None),
+            "4-bit, torch (GPTQ, GPTQModel kernels for latency)": lambda out: evaluate(
+                torch_spec(work / "gptq" / "model", config), config, data, out, None,
+                deployed=torch_spec(work / "gptq" / "model", config, config.latency.runtime)),
         }
         for name, run in runs.items():
             repeats = 1 if "GPTQ" in name else args.repeats
@@ -319,11 +322,11 @@ def noise(args: argparse.Namespace) -> None:
     """The gate's latency checks run on the baseline against itself: the p99 ratio of two
     independent suites (max_latency_p99_ratio) and the interleaved ratio of medians
     (max_latency_paired_ratio), each over `repeats` trials with params.yaml's eval.latency."""
-    from quantbuild.config import load_config
-    from quantbuild.evaluation.llama import _latency, paired_latency
+    from quantbuild.validation import load_config
+    from quantbuild.evaluation.latency import measure_latency, paired_latency
     from quantbuild.gate import latency_ratio
     from quantbuild.gguf_base import build_base
-    from quantbuild.quantizers.gguf import BASE_FILE
+    from quantbuild.gguf_artifacts import BASE_FILE
     from quantbuild.runtimes.llama_cpp import LlamaCppModel
 
     config = load_config(ROOT / "params.yaml").eval
@@ -334,7 +337,7 @@ def noise(args: argparse.Namespace) -> None:
                    repack=False, out=work / "base")
         with LlamaCppModel(work / "base" / BASE_FILE, n_ctx=1024, threads=2) as first, \
                 LlamaCppModel(work / "base" / BASE_FILE, n_ctx=1024, threads=2) as second:
-            separate = [latency_ratio(_latency(first, config), _latency(second, config)) for _ in range(args.repeats)]
+            separate = [latency_ratio(measure_latency(first, config), measure_latency(second, config)) for _ in range(args.repeats)]
             paired = [paired_latency(second, first, config)["worst"]["ratio"] for _ in range(args.repeats)]
     for name, ratios in (("p99, separate suites (max_latency_p99_ratio)", separate),
                          ("median, interleaved (max_latency_paired_ratio)", paired)):
@@ -352,9 +355,9 @@ def agreement(args: argparse.Namespace) -> None:
     """quantbuild's language-modelling KLD (the evaluate stage's measurements.json) against
     llama.cpp's own `llama-perplexity --kl-divergence` on the same GGUF files and text: the
     eval texts joined by newlines, 512-token chunks."""
-    from quantbuild.config import load_config
+    from quantbuild.validation import load_config
     from quantbuild.hashing import read_json
-    from quantbuild.runtimes.llama_cpp import run_tool
+    from quantbuild.runtimes.llama_build import run_tool
     from quantbuild.tasks.items import load_items
 
     config = load_config(ROOT / "params.yaml")

@@ -154,7 +154,7 @@ def one(args: argparse.Namespace) -> None:
     variant = variant_config(METHODS[args.method])
     out = Path(tempfile.mkdtemp(prefix="qb-bench-"))
     # Import the libraries before the clock starts, in both modes: imports are not quantization.
-    from quantbuild.quantizers.gptqmodel_backend import ensure_cpu_workers
+    from quantbuild.runtimes.gptqmodel_loader import ensure_cpu_workers
 
     ensure_cpu_workers()
     import transformers  # noqa: F401
@@ -237,8 +237,8 @@ QUALITY = {
 
 def quality(limit: int) -> None:
     from quantbuild.calibration import load_calibration
-    from quantbuild.config import load_config
-    from quantbuild.evaluation.runner import evaluate
+    from quantbuild.validation import load_config
+    from quantbuild.evaluation.runner import evaluate, torch_spec
     from quantbuild.quantization import MODEL_DIR, build_variant
     from quantbuild.quantizers import Inputs
     from quantbuild.sensitivity import load_sensitivity
@@ -254,7 +254,11 @@ def quality(limit: int) -> None:
                     load_sensitivity(artifacts / "calibration"))
     work = OUT / "quality"
     reference = work / "baseline"
-    baseline_metrics = evaluate(artifacts / "baseline", eval_config, ROOT / "data" / "eval", reference, None)
+    def evaluate_torch(folder: Path, out: Path, stored: Path | None) -> dict:
+        return evaluate(torch_spec(folder, eval_config), eval_config, ROOT / "data" / "eval", out, stored,
+                        deployed=torch_spec(folder, eval_config, eval_config.latency.runtime))
+
+    baseline_metrics = evaluate_torch(artifacts / "baseline", reference, None)
     rows = [("baseline", 16.0, baseline_metrics)]
     target = None
     for name, fields in QUALITY.items():
@@ -263,8 +267,7 @@ def quality(limit: int) -> None:
         record = build_variant(name, variant_config(fields), inputs, work / "q" / name)
         if name == "gptq_3bit_g32":
             target = record["bits_per_weight"]
-        metrics = evaluate(work / "q" / name / MODEL_DIR, eval_config, ROOT / "data" / "eval", work / name,
-                           reference / "reference.safetensors")
+        metrics = evaluate_torch(work / "q" / name / MODEL_DIR, work / name, reference / "reference.safetensors")
         rows.append((name, record["bits_per_weight"], metrics))
         print(f"built and evaluated {name}", file=sys.stderr, flush=True)
     families = sorted(baseline_metrics["families"])

@@ -6,11 +6,11 @@ scopes under methods/ (always runs; cheap).
 
 from pathlib import Path
 
-from quantbuild.config import Config, ladder_runtime
+from quantbuild.config import Config
 from quantbuild.fingerprint import fingerprints, method_files, scopes_of
 from quantbuild.hashing import write_json
 from quantbuild.quantizers import method_names
-from quantbuild.runtimes import TORCH, require_target, target_of, torch_runtime
+from quantbuild.runtimes import TORCH, ladder_runtime, require_target, target_of, torch_runtime
 from quantbuild.stage import run_stage
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from quantbuild.config import Config
 from quantbuild.fingerprint import cpu_info
 from quantbuild.gguf_base import build_base
-from quantbuild.runtimes.llama_cpp import repack_allowed
+from quantbuild.runtimes.llama_build import repack_allowed
 from quantbuild.stage import run_stage, say
 
 

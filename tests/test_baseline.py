@@ -7,6 +7,7 @@ import yaml
 
 from conftest import BASELINE, REPO
 from quantbuild.hashing import digest_tree
+from quantbuild.runtimes.torch_stack import TorchRuntime
 from quantbuild.tasks.items import load_items
 
 
@@ -56,7 +57,7 @@ def test_solves_a_sample_of_each_family(loaded, family):
 
     model, tokenizer = loaded
     items = load_items(REPO / "data" / "eval" / f"{family}.jsonl")[:24]
-    records = run_generative(model, tokenizer, items, batch_size=24)
+    records = run_generative(TorchRuntime(model, tokenizer, batch_size=24), items)
     assert sum(record["correct"] for record in records) / len(records) >= FLOORS[family]
 
 
@@ -75,14 +76,15 @@ def test_the_larger_sibling_is_4x_and_solves_retrieval_with_citation(loaded):
     bundled, _ = loaded
     assert model.num_parameters() >= 4 * bundled.num_parameters()
     items = load_items(REPO / "data" / "eval" / "retrieval.jsonl")[:40]
-    records = run_generative(model, tokenizer, items, batch_size=40)
+    records = run_generative(TorchRuntime(model, tokenizer, batch_size=40), items)
     assert sum(record["correct"] for record in records) / len(records) >= 0.9
 
 
 def test_the_sibling_preset_composes_validates_and_fetches(tmp_path, monkeypatch):
     """`model=workflow-llama-33m` is a whole pipeline config, and fetch checks and copies its
     sharded weights (index and five shards) like any pinned folder."""
-    from quantbuild.config import compose, validate_raw
+    from quantbuild.config import compose
+    from quantbuild.validation import validate_raw
     from quantbuild.sources import fetch
 
     monkeypatch.chdir(REPO)
@@ -99,7 +101,7 @@ def test_perplexity_is_low_on_held_out_text(loaded):
 
     model, tokenizer = loaded
     texts = [item.prompt for item in load_items(REPO / "data" / "eval" / "language_modelling.jsonl")[:16]]
-    assert perplexity(model, tokenizer, texts)["perplexity"] < 4.0
+    assert perplexity(TorchRuntime(model, tokenizer, batch_size=16), texts)["perplexity"] < 4.0
 
 
 def test_training_in_two_pieces_gives_the_weights_of_one_run(tmp_path):

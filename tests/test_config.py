@@ -8,8 +8,9 @@ import pytest
 import yaml
 
 from conftest import BASELINE, REPO, committed, committed_conf
-from quantbuild.config import (AwqConfig, BnbConfig, GptqConfig, MixedConfig, RtnConfig, compose, ladder_runtime,
-                               load_config, validate_raw)
+from quantbuild.config import AwqConfig, BnbConfig, GptqConfig, MixedConfig, RtnConfig, compose
+from quantbuild.runtimes import ladder_runtime
+from quantbuild.validation import load_config, validate_raw
 from quantbuild.errors import ConfigError
 from quantbuild.quantizers import check_against_model, uniform_plan
 

@@ -45,17 +45,19 @@ def test_reference_distribution_kld_is_zero_against_itself():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from quantbuild.evaluation import distributions
+    from quantbuild.runtimes.torch_stack import TorchRuntime
 
     tokenizer = AutoTokenizer.from_pretrained(str(BASELINE))
     model = AutoModelForCausalLM.from_pretrained(str(BASELINE), dtype=torch.float32).eval()
     texts = [item.prompt for item in load_items(REPO / "data" / "eval" / "language_modelling.jsonl")[:4]]
-    tensors, metrics = distributions.reference(model, tokenizer, texts, top_k=8, batch_size=4)
-    same = distributions.compare(model, tokenizer, texts, tensors, batch_size=2)
+    tensors, metrics = distributions.reference_from(TorchRuntime(model, tokenizer, batch_size=4).text_positions(texts),
+                                                    top_k=8)
+    same = distributions.compare_from(TorchRuntime(model, tokenizer, batch_size=2).text_positions(texts), tensors)
     assert same["kld_mean"] < 1e-6 and same["top1_agreement"] == 1.0
     assert same["perplexity"] == pytest.approx(metrics["perplexity"], rel=1e-5)
     with torch.no_grad():
         model.model.layers[0].mlp.down_proj.weight.zero_()
-    worse = distributions.compare(model, tokenizer, texts, tensors, batch_size=4)
+    worse = distributions.compare_from(TorchRuntime(model, tokenizer, batch_size=4).text_positions(texts), tensors)
     assert worse["kld_mean"] > 1e-3 and worse["kld_p99"] >= worse["kld_mean"]
 
 

@@ -21,9 +21,11 @@ from quantbuild.gguf_base import build_base
 from quantbuild.hashing import read_json, sha256_file
 from quantbuild.quantization import MODEL_DIR, RECORD, build_variant
 from quantbuild.quantizers import Inputs, model_layers
-from quantbuild.quantizers.gguf import BASE_FILE, IMATRIX_FILE, MODEL_FILE, TENSOR_TYPE_BITS, gguf_names
+from quantbuild.gguf_artifacts import BASE_FILE, IMATRIX_FILE, MODEL_FILE
+from quantbuild.quantizers.gguf import TENSOR_TYPE_BITS, gguf_names
 from quantbuild.runtimes.gguf_file import PREFIX, metadata, tensor_digest, tensor_types
-from quantbuild.runtimes.llama_cpp import LlamaCppModel, memory_at, repack_allowed, run_tool
+from quantbuild.runtimes.llama_build import repack_allowed, run_tool
+from quantbuild.runtimes.llama_cpp import LlamaCppModel, memory_at
 from quantbuild.tasks.items import load_items
 from quantbuild.release.verify import verify_gguf
 from quantbuild.sensitivity import FAMILIES, Candidate, gguf_weights, load_sensitivity, write_sensitivity
@@ -39,6 +41,14 @@ DATA = REPO / "data" / "calibration"
 def _build_base(out: Path) -> dict:
     return build_base(BASELINE, CALIBRATION, DATA, "f16", needed=True, imatrix=True, repack=False, out=out)
 
+
+
+def evaluate_gguf(path: Path, kv_type: str, config, data: Path, out: Path, reference, baseline=None) -> dict:
+    """The evaluate stage's evaluation of one GGUF file (no weight repacking, as on this CPU)."""
+    from quantbuild.evaluation.runner import evaluate, gguf_spec
+
+    return evaluate(gguf_spec(path, kv_type, config, False), config, data, out, reference,
+                    baseline=None if baseline is None else gguf_spec(baseline, "f16", config, False))
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
@@ -222,7 +232,7 @@ def test_a_valid_gguf_that_is_no_model_is_one_line(base):
 
 
 def test_the_variant_loads_alone_in_llama_cpp_and_answers_every_family(built):
-    from quantbuild.evaluation.generation import MAX_NEW_TOKENS
+    from quantbuild.evaluation.suites import MAX_NEW_TOKENS
     from quantbuild.evaluation.scorers import score
 
     right = {}
@@ -316,15 +326,15 @@ def test_an_architecture_the_converter_does_not_know_is_one_line(tmp_path):
 
 def test_a_variant_is_evaluated_in_llama_cpp_against_its_baseline_with_its_kv_type(built, base, tmp_path):
     from quantbuild.config import EvalConfig, LatencyConfig, MemoryConfig
-    from quantbuild.evaluation.runner import REFERENCE, evaluate_gguf
+    from quantbuild.evaluation.runner import REFERENCE
 
     config = EvalConfig(limit=2, latency=LatencyConfig(prompt_lengths=[16], new_tokens=4, warmup=0, repeats=3),
                         memory=MemoryConfig(context_lengths=[256, 1024]))
     data = REPO / "data" / "eval"
-    reference = evaluate_gguf(base / BASE_FILE, "f16", config, data, tmp_path / "baseline", None, False)
+    reference = evaluate_gguf(base / BASE_FILE, "f16", config, data, tmp_path / "baseline", None)
     assert (tmp_path / "baseline" / REFERENCE).is_file() and reference["kld_mean"] == 0.0
     metrics = evaluate_gguf(built["q4_k_m_imat"] / MODEL_DIR / MODEL_FILE, "q8_0", config, data, tmp_path / "variant",
-                            tmp_path / "baseline" / REFERENCE, False, baseline=base / BASE_FILE)
+                            tmp_path / "baseline" / REFERENCE, baseline=base / BASE_FILE)
     assert metrics["deploy_runtime"] == "llama.cpp" and metrics["llama_cpp"]["kv_cache_type"] == "q8_0"
     assert set(metrics["families"]) == {"structured", "retrieval", "long_context", "reasoning"}
     assert 0 < metrics["kld_mean"] < 0.05 and metrics["tokens"] == reference["tokens"]
@@ -357,19 +367,19 @@ def test_lineage_of_a_lone_gguf_reads_its_metadata_and_checks_its_tensors(built,
 
 def _evaluate_ladder(built: dict, base: Path, config, out: Path) -> tuple[dict, dict, dict]:
     """(baseline, variants, records) as the select stage reads them, for q8_0 and q4_k_m_imat."""
-    from quantbuild.evaluation.runner import OUTCOMES, REFERENCE, evaluate_gguf
+    from quantbuild.evaluation.runner import OUTCOMES, REFERENCE
 
     data = REPO / "data" / "eval"
 
     def measured(metrics: dict, folder: Path) -> dict:
         return {**metrics, "outcomes": read_json(folder / OUTCOMES)}
 
-    baseline = measured(evaluate_gguf(base / BASE_FILE, "f16", config, data, out / "baseline", None, False),
+    baseline = measured(evaluate_gguf(base / BASE_FILE, "f16", config, data, out / "baseline", None),
                         out / "baseline")
     variants, records = {}, {}
     for name in ("q8_0", "q4_k_m_imat"):
         metrics = evaluate_gguf(built[name] / MODEL_DIR / MODEL_FILE, "f16", config, data, out / name,
-                                out / "baseline" / REFERENCE, False, baseline=base / BASE_FILE)
+                                out / "baseline" / REFERENCE, baseline=base / BASE_FILE)
         variants[name], records[name] = measured(metrics, out / name), read_json(built[name] / RECORD)
     return baseline, variants, records
 
@@ -420,9 +430,9 @@ def test_model_memory_is_the_runtime_s_and_kv_bytes_per_token_match_across_varia
 
 def test_an_unavailable_target_is_one_line_before_any_work(tmp_path, monkeypatch):
     from quantbuild.errors import RuntimeUnavailable
-    from quantbuild.runtimes import llama_cpp, require_target
+    from quantbuild.runtimes import llama_build, require_target
 
-    monkeypatch.setattr(llama_cpp, "home", lambda: tmp_path / "nowhere")
+    monkeypatch.setattr(llama_build, "home", lambda: tmp_path / "nowhere")
     with pytest.raises(RuntimeUnavailable) as caught:
         require_target("llama.cpp")
     assert "\n" not in str(caught.value) and "llama-quantize is not built" in str(caught.value)
@@ -439,8 +449,8 @@ def probed(built, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("probes")
     model = built["q4_k_m_imat"] / MODEL_DIR / MODEL_FILE
-    behaviour.record(behaviour.llama_opener(model, "f16", False), "llama.cpp", {"kv_cache_type": "f16", "repack": False},
-                     out)
+    with LlamaCppModel(model, n_ctx=256, kv_type="f16", threads=2) as runtime:
+        behaviour.record(runtime, out)
     return out
 
 
@@ -451,7 +461,8 @@ def test_probes_pass_on_the_runtime_they_were_recorded_on_at_any_thread_count(bu
     assert info["spread"]["threads"][0] == 1 and info["tolerance"]["kld_mean"] >= behaviour.KLD_FLOOR
     model = built["q4_k_m_imat"] / MODEL_DIR / MODEL_FILE
     for threads in (1, 2, 2):
-        outcome = behaviour.check(behaviour.llama_opener(model, "f16", False), probed, threads=threads)
+        with LlamaCppModel(model, n_ctx=256, kv_type="f16") as runtime:
+            outcome = behaviour.check(runtime, probed, threads=threads)
         assert outcome["drift"] == [] and outcome["measured"]["greedy_match"] == 1.0, outcome
     # small: kilobytes, covered by the manifest like every bundle file
     assert sum(path.stat().st_size for path in probed.iterdir()) < 64 * 1024
@@ -462,7 +473,8 @@ def test_a_changed_kernel_path_with_the_same_versions_is_numerical_drift(built, 
     from quantbuild import behaviour
 
     model = built["q4_k_m_imat"] / MODEL_DIR / MODEL_FILE
-    outcome = behaviour.check(behaviour.llama_opener(model, "q8_0", False), probed)
+    with LlamaCppModel(model, n_ctx=256, kv_type="q8_0") as runtime:
+        outcome = behaviour.check(runtime, probed)
     assert "kld_mean" in [measure for measure, _, _ in outcome["drift"]], outcome
 
 
@@ -535,23 +547,21 @@ def test_kld_is_llama_perplexity_s_and_matches_a_full_vocabulary_kld(built, base
     """Chunks of kl_context tokens, BOS first, second half scored; the stored reference holds
     whole distributions for this vocabulary, so the stage's KLD equals one computed here
     from both models' full distributions (within 5%, for three variants)."""
-    import torch
-
     from quantbuild.config import EvalConfig, LatencyConfig, MemoryConfig
     from quantbuild.evaluation import kld
-    from quantbuild.evaluation.runner import REFERENCE, evaluate_gguf
+    from quantbuild.evaluation.runner import REFERENCE
 
     config = EvalConfig(families=["language_modelling"], limit=24, kl_context=256,
                         latency=LatencyConfig(prompt_lengths=[16], new_tokens=2, warmup=0, repeats=1),
                         memory=MemoryConfig(context_lengths=[256]))
     data = REPO / "data" / "eval"
-    reference = evaluate_gguf(base / BASE_FILE, "f16", config, data, tmp_path / "baseline", None, False)
+    reference = evaluate_gguf(base / BASE_FILE, "f16", config, data, tmp_path / "baseline", None)
     assert reference["chunks"] >= 3 and reference["kld_mean"] == 0.0 and reference["items_tokens"] > 0
     texts = [item.prompt for item in load_items(data / "language_modelling.jsonl")[:24]]
 
     def full_logprobs(path: Path, pieces: list) -> list:
         with LlamaCppModel(path, n_ctx=256, threads=2) as model:
-            return [torch.from_numpy(model.logprobs(chunk))[len(chunk) // 2:] for chunk in pieces]
+            return [model.logprobs(chunk)[len(chunk) // 2:] for chunk in pieces]
 
     with LlamaCppModel(base / BASE_FILE, n_ctx=256, threads=2) as model:
         pieces = kld.chunks(model.tokenize("\n".join(texts)), 256,
@@ -560,7 +570,7 @@ def test_kld_is_llama_perplexity_s_and_matches_a_full_vocabulary_kld(built, base
     baseline = full_logprobs(base / BASE_FILE, pieces)
     for name in ("q8_0", "q4_k_m_imat", "iq4_xs_imat"):
         path = built[name] / MODEL_DIR / MODEL_FILE
-        metrics = evaluate_gguf(path, "f16", config, data, tmp_path / name, tmp_path / "baseline" / REFERENCE, False)
+        metrics = evaluate_gguf(path, "f16", config, data, tmp_path / name, tmp_path / "baseline" / REFERENCE)
         variant = full_logprobs(path, pieces)
         total = sum((p.exp() * (p - q)).sum().item() for p, q in zip(baseline, variant))
         direct = total / sum(p.shape[0] for p in baseline)

@@ -15,7 +15,8 @@ from quantbuild.config import (AwqConfig, BnbConfig, CalibrationConfig, DenseCon
 from quantbuild.errors import ConfigError
 from quantbuild.quantization import MODEL_DIR, RECORD, build_variant
 from quantbuild.quantizers import Inputs, model_layers
-from quantbuild.quantizers.gptqmodel_backend import kernel_names, load_checkpoint
+from quantbuild.runtimes.gptqmodel_loader import kernel_names
+from quantbuild.runtimes.torch_stack import TorchRuntime, load_checkpoint
 from quantbuild.quantizers.mixed import plan_bits_per_weight
 from quantbuild.sensitivity import load_sensitivity, write_sensitivity
 
@@ -101,14 +102,12 @@ def test_same_inputs_give_identical_weights(name, inputs, sensitivity, built, tm
 def test_artifact_reloads_through_its_runtime_and_generates(name, built):
     from transformers import AutoTokenizer
 
-    from quantbuild.evaluation.generation import generate_greedy
-
     _, folder = built(name)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     runtimes = ["kernel"] if VARIANTS[name].method == "bnb" else ["kernel", "dequantized"]
     for runtime in runtimes:
         model = load_checkpoint(folder, runtime)
-        assert generate_greedy(model, tokenizer, [PROMPT], max_new_tokens=6)[0].strip() == "35", (name, runtime)
+        assert TorchRuntime(model, tokenizer).complete([PROMPT], max_new_tokens=6)[0].strip() == "35", (name, runtime)
         # what the evaluation records as the kernels that ran: the quantized layers' classes,
         # none on the dequantized runtime (float32 Linear layers)
         kernels = kernel_names(model)

@@ -10,6 +10,8 @@ from conftest import BASELINE, REPO
 from quantbuild.config import EvalConfig, LatencyConfig, MemoryConfig
 from quantbuild.errors import DataError
 from quantbuild.evaluation import runner
+from quantbuild.runtimes import protocol
+from quantbuild.runtimes.torch_stack import TorchRuntime
 
 
 def small_config(**extra) -> EvalConfig:
@@ -20,7 +22,8 @@ def small_config(**extra) -> EvalConfig:
 
 
 def test_baseline_evaluation_writes_metrics_plots_and_no_text(tmp_path):
-    metrics = runner.evaluate(BASELINE, small_config(), REPO / "data" / "eval", tmp_path / "out", None)
+    metrics = runner.evaluate(runner.torch_spec(BASELINE, small_config()), small_config(), REPO / "data" / "eval",
+                              tmp_path / "out", None)
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir()) == ["behaviour.json", "families.json", "latency.json",
                                                      "measurements.json", "memory.json", "metrics.json",
@@ -39,8 +42,8 @@ def test_baseline_evaluation_writes_metrics_plots_and_no_text(tmp_path):
 
 
 def test_generations_are_stored_only_when_configured(tmp_path):
-    runner.evaluate(BASELINE, small_config(store_generations=True, families=["reasoning"]),
-                    REPO / "data" / "eval", tmp_path / "out", None)
+    config = small_config(store_generations=True, families=["reasoning"])
+    runner.evaluate(runner.torch_spec(BASELINE, config), config, REPO / "data" / "eval", tmp_path / "out", None)
     lines = (tmp_path / "out" / runner.GENERATIONS).read_text().splitlines()
     assert len(lines) == 3 and "output" in json.loads(lines[0])
 
@@ -48,8 +51,9 @@ def test_generations_are_stored_only_when_configured(tmp_path):
 def test_golden_prompts_are_their_own_family(tmp_path):
     golden = tmp_path / "golden.jsonl"
     golden.write_text("".join(line + "\n" for line in (REPO / "data" / "eval" / "reasoning.jsonl").read_text().splitlines()[:2]))
-    metrics = runner.evaluate(BASELINE, small_config(families=["reasoning"], golden=str(golden)),
-                              REPO / "data" / "eval", tmp_path / "out", None)
+    config = small_config(families=["reasoning"], golden=str(golden))
+    metrics = runner.evaluate(runner.torch_spec(BASELINE, config), config, REPO / "data" / "eval", tmp_path / "out",
+                              None)
     assert metrics["families"]["golden"]["n"] == 2
     assert "golden" in metrics["eval_files_sha256"]
 
@@ -70,9 +74,9 @@ def test_bad_eval_data_fails_before_any_model_is_loaded(tmp_path, monkeypatch, c
     def no_model(*args, **kwargs):
         raise AssertionError("a model was loaded before the eval data was validated")
 
-    monkeypatch.setattr(runner, "load_model", no_model)
+    monkeypatch.setattr(protocol.importlib, "import_module", no_model)
     with pytest.raises(DataError, match=message):
-        runner.evaluate(BASELINE, small_config(), data, tmp_path / "out", None)
+        runner.evaluate(runner.torch_spec(BASELINE, small_config()), small_config(), data, tmp_path / "out", None)
     assert not (tmp_path / "out").exists()
 
 
@@ -85,8 +89,9 @@ def test_wrong_family_in_a_family_file(tmp_path):
 
 
 def test_torch_variants_are_timed_interleaved_with_their_baseline(tmp_path):
-    metrics = runner.evaluate(BASELINE, small_config(families=["reasoning"]), REPO / "data" / "eval",
-                              tmp_path / "out", None, baseline=BASELINE)
+    config = small_config(families=["reasoning"])
+    spec = runner.torch_spec(BASELINE, config)
+    metrics = runner.evaluate(spec, config, REPO / "data" / "eval", tmp_path / "out", None, baseline=spec)
     worst = metrics["latency_vs_baseline"]["worst"]
     assert worst["ci_low"] <= worst["ratio"] <= worst["ci_high"] and set(metrics["latency_vs_baseline"]["by_length"]) == {
         "8", "32"}
@@ -104,10 +109,10 @@ def test_a_patched_linear_layer_in_the_torch_runtime_is_numerical_drift(tmp_path
 
     tokenizer = AutoTokenizer.from_pretrained(str(BASELINE))
     model = AutoModelForCausalLM.from_pretrained(str(BASELINE), dtype=torch.float32).eval()
-    info = behaviour.record(behaviour.torch_opener(model, tokenizer), "torch", {"load_runtime": "kernel"},
-                            tmp_path / "probes")
+    runtime = TorchRuntime(model, tokenizer)
+    info = behaviour.record(runtime, tmp_path / "probes")
     assert info["spread"]["threads"][0] == 1
-    same = behaviour.check(behaviour.torch_opener(model, tokenizer), tmp_path / "probes", threads=1)
+    same = behaviour.check(runtime, tmp_path / "probes", threads=1)
     assert same["drift"] == [], same
     import torch.nn.functional as F
 
@@ -119,10 +124,10 @@ def test_a_patched_linear_layer_in_the_torch_runtime_is_numerical_drift(tmp_path
     for module in patched.values():
         module.forward = bf16(module)
     try:
-        drifted = behaviour.check(behaviour.torch_opener(model, tokenizer), tmp_path / "probes")
+        drifted = behaviour.check(runtime, tmp_path / "probes")
     finally:
         for module in patched.values():
             del module.forward
     # KLD stays tiny (~2e-7): the greedy continuations are what move
     assert [measure for measure, _, _ in drifted["drift"]] == ["greedy_match"], drifted
-    assert behaviour.check(behaviour.torch_opener(model, tokenizer), tmp_path / "probes")["drift"] == []
+    assert behaviour.check(runtime, tmp_path / "probes")["drift"] == []

@@ -349,15 +349,18 @@ def test_probes_recorded_on_a_gpu_are_drift_on_a_machine_without_one(tmp_path):
 
     from conftest import BASELINE
     from quantbuild import behaviour
+    from quantbuild.hashing import read_json, write_json
     from quantbuild.release.verify import VerifyResult, verify_behaviour
+    from quantbuild.runtimes.torch_stack import TorchRuntime
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a CUDA GPU")
     tokenizer = AutoTokenizer.from_pretrained(str(BASELINE))
     model = AutoModelForCausalLM.from_pretrained(str(BASELINE), dtype=torch.float32).eval()
-    behaviour.record(behaviour.torch_opener(model, tokenizer), "torch",
-                     {"load_runtime": "kernel", "device": "cuda:0", "gpu_kernels": {"gptq": "gptq_triton"}},
-                     tmp_path / "probes")
+    behaviour.record(TorchRuntime(model, tokenizer, kernels={"gptq": "gptq_triton"}), tmp_path / "probes")
+    # as a GPU evaluation records them: on cuda:0
+    info = read_json(tmp_path / "probes" / behaviour.BEHAVIOUR)
+    write_json(tmp_path / "probes" / behaviour.BEHAVIOUR, {**info, "device": "cuda:0"})
     result = VerifyResult(bundle=str(tmp_path))
     assert verify_behaviour(result, BASELINE, tmp_path / "probes") == {}
     assert result.exit_code == 2 and result.problems == []

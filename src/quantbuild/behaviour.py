@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from quantbuild.errors import DataError, IntegrityError
 from quantbuild.hashing import read_json, sha256_file, sha256_json, write_json
+from quantbuild.runtimes.protocol import Runtime, sequence_positions
 
 PROBES = "probes.safetensors"
 BEHAVIOUR = "behaviour.json"
@@ -51,80 +52,18 @@ def probe_prompts() -> list[tuple[str, str, str]]:
     return prompts
 
 
-class TorchProbeModel:
-    """A transformers model (dense, GPTQModel or bitsandbytes) behind the probe interface
-    llama.cpp's `LlamaCppModel` has: tokenize, per-position log-probabilities, greedy."""
-
-    def __init__(self, model: Any, tokenizer: Any, threads: int):
-        self.model, self.tokenizer, self.threads = model, tokenizer, threads
-        self._before = 0
-
-    def __enter__(self) -> "TorchProbeModel":
-        import torch
-
-        self._before = torch.get_num_threads()
-        torch.set_num_threads(self.threads)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        import torch
-
-        torch.set_num_threads(self._before)
-
-    def tokenize(self, text: str) -> list[int]:
-        return self.tokenizer(text)["input_ids"]
-
-    def logprobs(self, tokens: list[int]) -> Any:
-        import torch
-
-        device = next(self.model.parameters()).device
-        with torch.inference_mode():
-            logits = self.model(input_ids=torch.tensor([tokens], device=device)).logits[0, :-1].float()
-        return torch.log_softmax(logits, dim=-1).cpu().numpy()
-
-    def generate(self, tokens: list[int], max_new_tokens: int) -> list[int]:
-        import torch
-
-        device = next(self.model.parameters()).device
-        generated: list[int] = []
-        with torch.inference_mode():
-            out = self.model(input_ids=torch.tensor([tokens], device=device), use_cache=True)
-            for _ in range(max_new_tokens):
-                token = int(out.logits[0, -1].argmax())
-                if token == self.tokenizer.eos_token_id:
-                    break
-                generated.append(token)
-                out = self.model(input_ids=torch.tensor([[token]], device=device),
-                                 past_key_values=out.past_key_values, use_cache=True)
-        return generated
-
-
-def llama_opener(path: Path, kv_type: str, repack: bool) -> Callable[[int], Any]:
-    """threads -> a llama.cpp model of the GGUF at `path`, as the variant was evaluated."""
-    from quantbuild.runtimes.llama_cpp import LlamaCppModel
-
-    return lambda threads: LlamaCppModel(path, n_ctx=256, kv_type=kv_type, threads=threads, repack=repack)
-
-
-def torch_opener(model: Any, tokenizer: Any) -> Callable[[int], Any]:
-    """threads -> the loaded torch model, run at that many intra-op threads while open."""
-    return lambda threads: TorchProbeModel(model, tokenizer, threads)
-
-
-def _run(model: Any, sequences: list[list[int]]) -> tuple[dict, list[list[int]]]:
+def _run(model: Runtime, sequences: list[list[int]]) -> tuple[dict, list[list[int]]]:
     """(top-k tensors over every position of every probe, greedy continuations)."""
     from quantbuild.evaluation.distributions import reference_from
-    from quantbuild.runtimes.llama_cpp import positions
 
-    tensors, _ = reference_from(positions(model, sequences), TOP_K)
+    tensors, _ = reference_from(sequence_positions(model, sequences), TOP_K)
     return tensors, [model.generate(tokens, NEW_TOKENS) for tokens in sequences]
 
 
-def _compare(tensors: dict, greedy: list[list[int]], model: Any, sequences: list[list[int]]) -> dict[str, float]:
+def _compare(tensors: dict, greedy: list[list[int]], model: Runtime, sequences: list[list[int]]) -> dict[str, float]:
     from quantbuild.evaluation.distributions import compare_from
-    from quantbuild.runtimes.llama_cpp import positions
 
-    measured = compare_from(positions(model, sequences), tensors)
+    measured = compare_from(sequence_positions(model, sequences), tensors)
     now = [model.generate(tokens, NEW_TOKENS) for tokens in sequences]
     matches = sum(1 for old, new in zip(greedy, now) if old == new)
     return {"kld_mean": measured["kld_mean"], "kld_max": measured["kld_p99"],
@@ -135,21 +74,22 @@ def _threads() -> int:
     return os.cpu_count() or 1
 
 
-def record(opener: Callable[[int], Any], runtime: str, settings: dict[str, Any], out: Path) -> dict[str, Any]:
-    """Record the probes as the model `opener` opens answers them, into `out/`
-    (probes.safetensors, behaviour.json), with tolerances from reruns at other thread counts."""
+def record(runtime: Runtime, out: Path) -> dict[str, Any]:
+    """Record the probes as `runtime` answers them, into `out/` (probes.safetensors,
+    behaviour.json, with the runtime's probe settings), with tolerances from reruns at
+    other thread counts."""
     from quantbuild.evaluation.distributions import save_reference
 
     prompts = probe_prompts()
     workers = _threads()
-    with opener(workers) as model:
+    with runtime.at_threads(workers) as model:
         sequences = [model.tokenize(text)[:MAX_PROBE_TOKENS] for _, _, text in prompts]
         tensors, greedy = _run(model, sequences)
         spread = [_compare(tensors, greedy, model, sequences)]
     thread_counts = sorted({1, max(1, workers // 2), workers})
     for threads in thread_counts:
         if threads != workers:
-            with opener(threads) as model:
+            with runtime.at_threads(threads) as model:
                 spread.append(_compare(tensors, greedy, model, sequences))
     tensors = {**tensors, **_pack("prompt", sequences), **_pack("greedy", greedy)}
     out.mkdir(parents=True, exist_ok=True)
@@ -159,8 +99,8 @@ def record(opener: Callable[[int], Any], runtime: str, settings: dict[str, Any],
              "greedy_match": min(s["greedy_match"] for s in spread)}
     info = {
         "schema": SCHEMA,
-        "runtime": runtime,
-        **settings,
+        "runtime": runtime.name,
+        **runtime.probe_settings(),
         "probes": [{"id": probe_id, "family": family, "prompt_tokens": len(tokens), "greedy_tokens": len(out_tokens)}
                    for (probe_id, family, _), tokens, out_tokens in zip(prompts, sequences, greedy)],
         "probe_seed": PROBE_SEED,
@@ -211,13 +151,14 @@ def load(folder: Path) -> tuple[dict, dict]:
     return info, load_reference(probes_path)
 
 
-def check(opener: Callable[[int], Any], folder: Path, threads: Optional[int] = None) -> dict[str, Any]:
-    """Rerun the probes stored in `folder` on the model `opener` opens, on this runtime; the
-    measures, the tolerances and the measures outside them (`drift`)."""
+def check(runtime: Runtime, folder: Path, threads: Optional[int] = None) -> dict[str, Any]:
+    """Rerun the probes stored in `folder` on `runtime` (the artifact loaded with the
+    settings they were recorded with); the measures, the tolerances and the measures
+    outside them (`drift`)."""
     info, tensors = load(folder)
     sequences, greedy = _unpack(tensors, "prompt"), _unpack(tensors, "greedy")
     stored = {"topk_ids": tensors["topk_ids"], "topk_logprobs": tensors["topk_logprobs"]}
-    with opener(threads or _threads()) as model:
+    with runtime.at_threads(threads or _threads()) as model:
         measured = _compare(stored, greedy, model, sequences)
     tolerance = info["tolerance"]
     drift = []

@@ -43,7 +43,7 @@ def compose(
     import yaml
 
     from quantbuild.config import compose as compose_conf
-    from quantbuild.config import validate_raw
+    from quantbuild.validation import validate_raw
 
     try:
         composed = compose_conf(conf, overrides or [])
@@ -72,7 +72,7 @@ def _released(path: Optional[Path], params: Path = Path("params.yaml")) -> Path:
     """`path`, or the bundle the last `dvc repro` released (artifacts/release/decision.json)."""
     if path is not None:
         return path
-    from quantbuild.config import load_config
+    from quantbuild.validation import load_config
     from quantbuild.hashing import read_json
 
     try:
@@ -142,7 +142,7 @@ def verify(path: Optional[Path] = RELEASED, as_json: bool = typer.Option(False, 
 @app.command()
 def summary(params: Path = typer.Option(Path("params.yaml"))) -> None:
     """Print the release summary: variant chosen, size, key scores, package path."""
-    from quantbuild.config import load_config
+    from quantbuild.validation import load_config
     from quantbuild.report import release_summary
 
     try:
@@ -156,7 +156,7 @@ def report(out: Path = typer.Option(Path("artifacts/report.html"), help="where t
            params: Path = typer.Option(Path("params.yaml"))) -> None:
     """Write one self-contained HTML page (works offline): size vs quality, per-family scores with
     intervals, latency and memory against the gate's limits, and the decision table."""
-    from quantbuild.config import load_config
+    from quantbuild.validation import load_config
     from quantbuild.report_html import write_report
 
     try:
@@ -172,7 +172,7 @@ def compare(
     params: Path = typer.Option(Path("params.yaml")),
 ) -> None:
     """Side-by-side metrics of two variants (or two released bundles) and their gate outcome."""
-    from quantbuild.config import load_config
+    from quantbuild.validation import load_config
     from quantbuild.report import compare as compare_metrics
 
     try:
@@ -208,7 +208,7 @@ def fanout(
 ) -> None:
     """Build the ladder's stages on a Ray cluster through a shared DVC remote; afterwards
     `dvc repro` here restores every stage and runs only fingerprint (needs quantbuild[ray])."""
-    from quantbuild.config import load_config
+    from quantbuild.validation import load_config
     from quantbuild.fanout import fanout as fan_out
 
     try:
@@ -295,7 +295,7 @@ def release(
     params: Path = typer.Option(Path("params.yaml")),
 ) -> None:
     """Register the packaged bundle of the committed pipeline state with GTO."""
-    from quantbuild.config import load_config
+    from quantbuild.validation import load_config
     from quantbuild.release.releasing import release as run_release
 
     try:
@@ -329,7 +329,7 @@ def audit(as_json: bool = typer.Option(False, "--json", help="machine-readable o
 def rollback(ref: str = typer.Argument(..., help="v1.2.0, NAME@v1.2.0, prod, prod@previous, prod@~2 or a git revision"),
              params: Path = typer.Option(Path("params.yaml")), public_key: Optional[Path] = PUBLIC_KEY) -> None:
     """Restore a release's dvc.lock, params.yaml and conf/, check its outputs out, verify it."""
-    from quantbuild.config import load_config
+    from quantbuild.validation import load_config
     from quantbuild.release.releasing import rollback as run_rollback
 
     try:

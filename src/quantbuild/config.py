@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from quantbuild.errors import ConfigError
-from quantbuild.runtimes import TARGET_RUNTIME, check_target, target_of
 
 SCHEMA_NAME = "quantbuild_schema"
 # conf/quant/*.yaml extend their method's schema: `defaults: [/quant_method@_here_: gptq]`.
@@ -393,8 +392,10 @@ def _typed_variant(name: str, raw: Any) -> Any:
         raise _omegaconf_error(err, f"{key}.") from None
 
 
-def validate_raw(raw: Any) -> Config:
-    """Validate a composed config (a plain dict) against the schema and the value ranges."""
+def parse(raw: Any) -> Config:
+    """A composed config (a plain dict) checked against the schema and this module's own
+    value ranges. The rules that need the method registry or the deploy targets are
+    `quantbuild.validation`'s, which every caller goes through."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
@@ -411,8 +412,8 @@ def validate_raw(raw: Any) -> Config:
     return config
 
 
-def load_config(params_path: Path = Path("params.yaml")) -> Config:
-    """Load and validate the whole of `params.yaml`; a problem is one ConfigError line."""
+def read_params(params_path: Path = Path("params.yaml")) -> Any:
+    """`params.yaml` as a plain dict; a missing or malformed file is one ConfigError line."""
     import yaml
 
     if not params_path.is_file():
@@ -421,13 +422,7 @@ def load_config(params_path: Path = Path("params.yaml")) -> Config:
         raw = yaml.safe_load(params_path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{params_path}: not valid YAML ({str(err).splitlines()[0]})") from None
-    return validate_raw(raw)
-
-
-def ladder_runtime(config: Config) -> str:
-    """The one runtime every variant of the ladder deploys on (validated in _check_ranges)."""
-    first = next(iter(config.quant.variants.values()))
-    return TARGET_RUNTIME[target_of(first.method, first.target)]
+    return raw
 
 
 SOURCES = ("path", "hf")
@@ -452,8 +447,6 @@ def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
 
 
 def _check_ranges(config: Config) -> None:
-    from quantbuild.quantizers import check_variant
-
     model = config.model
     _require(model.source in SOURCES, "model.source", model.source, " | ".join(SOURCES))
     if model.source == "path":
@@ -492,19 +485,10 @@ def _check_ranges(config: Config) -> None:
     _require(bool(config.quant.variants), "quant.variants", {}, "at least one variant")
     _require("baseline" not in config.quant.variants, "quant.variants", "baseline", "any name but 'baseline'")
     for name, variant in config.quant.variants.items():
-        check_variant(f"quant.variants.{name}", variant)
-        check_target(f"quant.variants.{name}", variant)
         target = "target_bpw" if variant.method == "gguf" else "target_bits"
         if getattr(variant, target, 0) > 0:
             _require(sensitivity.samples > 0, f"quant.variants.{name}.{target}", getattr(variant, target),
                      "0 (off) unless calibration.sensitivity.samples > 0 measures the layers' sensitivity")
-    runtimes = {name: TARGET_RUNTIME[target_of(variant.method, variant.target)] for name, variant in config.quant.variants.items()}
-    if len(set(runtimes.values())) > 1:
-        first = next(iter(runtimes))
-        other = next(name for name, runtime in runtimes.items() if runtime != runtimes[first])
-        raise ConfigError(f"params.yaml: quant.variants: {first} deploys on {runtimes[first]} but {other} on "
-                          f"{runtimes[other]} (allowed: one runtime per ladder, measured against its own baseline; "
-                          f"run the other ladder as its own experiment)")
     for family in config.eval.families:
         _require(family in EVAL_FAMILIES, "eval.families", family, " | ".join(EVAL_FAMILIES))
     _require(config.eval.limit >= 0, "eval.limit", config.eval.limit, ">= 0 (0 = every item)")

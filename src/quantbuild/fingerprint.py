@@ -133,7 +133,7 @@ def drift(recorded: dict, current: dict) -> list[tuple[str, object, object]]:
 def libraries_of(method: str) -> dict[str, str]:
     """The library versions a method's artifacts are built with (for records and manifests)."""
     if method == "gguf":
-        from quantbuild.runtimes import llama_cpp
+        from quantbuild.runtimes.llama_build import vendored_commit
 
-        return {**package_versions(("llama-cpp-python", "gguf")), "llama.cpp": llama_cpp.vendored_commit()}
+        return {**package_versions(("llama-cpp-python", "gguf")), "llama.cpp": vendored_commit()}
     return package_versions(BUILD_PACKAGES)

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from quantbuild.config import CalibrationConfig
+from quantbuild.gguf_artifacts import BASE_FILE, IMATRIX_FILE, RECORD
 from quantbuild.hashing import sha256_bytes, sha256_file, staged_dir, write_json
 
-RECORD = "gguf_base_record.json"
 
 
 def build_base(baseline: Path, calibration: CalibrationConfig, data_dir: Path, base_type: str, needed: bool,
@@ -28,8 +28,6 @@ def build_base(baseline: Path, calibration: CalibrationConfig, data_dir: Path, b
     With `needed` false (the ladder has no gguf variant) only the record is written, so a
     ladder on another runtime neither converts nor depends on llama.cpp.
     """
-    from quantbuild.quantizers.gguf import BASE_FILE, IMATRIX_FILE
-
     with staged_dir(out) as staging:
         if not needed:
             record: dict[str, Any] = {"converted": False, "reason": "no gguf variant in the ladder"}
@@ -57,7 +55,7 @@ def compute_imatrix(base: Path, calibration: CalibrationConfig, data_dir: Path, 
 
     from quantbuild.calibration import draw_texts
     from quantbuild.runtimes.gguf_file import metadata
-    from quantbuild.runtimes.llama_cpp import run_tool
+    from quantbuild.runtimes.llama_build import run_tool
 
     texts, composition = draw_texts(calibration, data_dir, calibration.imatrix_samples)
     text = "\n\n".join(texts)

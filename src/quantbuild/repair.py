@@ -29,7 +29,8 @@ from quantbuild.evaluation.runner import MEASUREMENTS, OUTCOMES
 from quantbuild.gate import describe, select
 from quantbuild.hashing import read_json, staged_dir, write_json
 from quantbuild.quantization import MODEL_DIR, RECORD, build_variant, pipeline_inputs
-from quantbuild.sensitivity import candidates_of, load_sensitivity
+from quantbuild.quantizers.planner import candidates_of
+from quantbuild.sensitivity import load_sensitivity
 
 REPAIR = "repair.json"
 QUANTIZED, EVALUATED = "quantized", "eval"

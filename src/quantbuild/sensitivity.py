@@ -33,6 +33,8 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from quantbuild.config import SensitivityConfig
+from quantbuild.gguf_artifacts import BASE_FILE, require_base
+from quantbuild.quantizers.planner import Candidate, candidates_of
 from quantbuild.errors import ConfigError
 from quantbuild.hashing import sha256_file, staged_dir, write_json
 
@@ -43,39 +45,6 @@ FAMILIES = ("long_context", "reasoning", "retrieval", "structured")
 FAMILY_SEED = 3001
 MAX_FAMILY_ITEMS = 512
 CALIBRATION = "calibration"
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """One format a planner may give a layer: a llama.cpp tensor type (with or without the
-    importance matrix) or a GPTQ bit width and group size (with the variant's other settings)."""
-
-    format: str
-    name: str
-    imatrix: bool = False
-    bits: int = 0
-    group_size: int = 0
-    gptq: tuple = ()
-
-    @property
-    def key(self) -> str:
-        return f"{self.name}+imatrix" if self.imatrix else self.name
-
-
-def gptq_level(bits: int, group_size: int) -> str:
-    return f"{bits}b-g{group_size}"
-
-
-def candidates_of(variant: Any) -> list[Candidate]:
-    """The formats `variant`'s planner chooses among, cheapest first; [] when it plans nothing."""
-    if variant.method == "gguf" and getattr(variant, "target_bpw", 0):
-        return [Candidate("gguf", name, imatrix=bool(variant.imatrix)) for name in variant.mix_types]
-    if variant.method == "mixed" and getattr(variant, "target_bits", 0):
-        settings = (bool(variant.sym), bool(variant.desc_act), float(variant.damp_percent))
-        return [Candidate("gptq", gptq_level(bits, group), bits=bits, group_size=group, gptq=settings)
-                for bits, group in ((variant.bits, variant.group_size),
-                                    (variant.promote_bits, variant.promote_group_size))]
-    return []
 
 
 # --- probes: what is scored -----------------------------------------------------------------
@@ -134,9 +103,10 @@ def _gguf_tensor(path: Path, names: Iterable[str]) -> dict[str, Any]:
     """Dequantized float32 tensors [rows, cols] of a GGUF file, by GGUF name."""
     import numpy as np
 
-    from quantbuild.runtimes.gguf_file import _vendored, layout
+    from quantbuild.runtimes.gguf_file import layout
+    from quantbuild.runtimes.llama_build import vendored_converter
 
-    _vendored()
+    vendored_converter()
     import gguf
 
     wanted = set(names)
@@ -158,7 +128,6 @@ def gguf_layer_orientation(baseline: Path, gguf_base: Path, names: dict[str, str
     import torch
     from safetensors import safe_open
 
-    from quantbuild.quantizers.gguf import BASE_FILE
 
     config = json.loads((baseline / "config.json").read_text())
     stored = _gguf_tensor(gguf_base / BASE_FILE, names.values())
@@ -190,14 +159,14 @@ def gguf_weights(candidate: Candidate, baseline: Path, gguf_base: Path, layers: 
     (`orientation`: `gguf_layer_orientation`'s answer, when the caller has it already)."""
     import numpy as np
 
-    from quantbuild.quantizers.gguf import _tensor_type_file, gguf_names, require_base
-    from quantbuild.runtimes.llama_cpp import run_tool
+    from quantbuild.quantizers.gguf import gguf_names, tensor_type_file
+    from quantbuild.runtimes.llama_build import run_tool
 
     names = gguf_names(baseline, layers)
     base, imatrix = require_base(gguf_base, candidate.imatrix)
     plan = {layer: {"gguf_name": names[layer], "type": candidate.name} for layer in layers}
     types_file, out = work / f"{candidate.key}.types.txt", work / f"{candidate.key}.gguf"
-    _tensor_type_file(plan, types_file)
+    tensor_type_file(plan, types_file)
     args = (["--imatrix", str(imatrix)] if imatrix else []) + ["--tensor-type-file", str(types_file)]
     run_tool("llama-quantize", [*args, str(base), str(out), "Q8_0", "2"], f"sensitivity {candidate.key}")
     stored = _gguf_tensor(out, names.values())
@@ -211,7 +180,8 @@ def gptq_weights(candidate: Candidate, variant: Any, baseline: Path, calibration
                  work: Path) -> dict[str, Any]:
     """Every decoder layer as GPTQModel quantizes the baseline uniformly at `candidate`."""
     from quantbuild.quantizers.gptq import gptq_config
-    from quantbuild.quantizers.gptqmodel_backend import load_quantized, quantize_and_save
+    from quantbuild.quantizers.gptqmodel_backend import quantize_and_save
+    from quantbuild.runtimes.gptqmodel_loader import load_quantized
     from quantbuild.quantizers.rtn import quantizable_linears
 
     uniform = replace(variant, bits=candidate.bits, group_size=candidate.group_size)

@@ -17,7 +17,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, TextIO
 
-from quantbuild.config import Config, load_config
+from quantbuild.config import Config
+from quantbuild.validation import load_config
 from quantbuild.errors import QuantbuildError
 from quantbuild.hashing import remove_staging_debris
 

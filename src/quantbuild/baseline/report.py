@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from quantbuild.evaluation.suites import perplexity, run_generative, summarise
+from quantbuild.runtimes.torch_stack import TorchRuntime
 from quantbuild.tasks.items import load_items
 
 GENERATIVE = ("structured", "retrieval", "long_context", "reasoning")
@@ -20,9 +21,10 @@ GENERATIVE = ("structured", "retrieval", "long_context", "reasoning")
 def measure(model, tokenizer, eval_dir: Path, limit: int, batch_size: int) -> dict:
     lm_texts = [item.prompt for item in load_items(eval_dir / "language_modelling.jsonl")[:limit]]
     items = [item for family in GENERATIVE for item in load_items(eval_dir / f"{family}.jsonl")[:limit]]
-    records = run_generative(model, tokenizer, items, batch_size)
+    runtime = TorchRuntime(model, tokenizer, batch_size=batch_size)
+    records = run_generative(runtime, items)
     result = summarise(items, records)
-    result["language_modelling"] = perplexity(model, tokenizer, lm_texts, batch_size)
+    result["language_modelling"] = perplexity(runtime, lm_texts)
     long_items = [(item, record) for item, record in zip(items, records) if item.family == "long_context"]
     for length in sorted({item.meta["tokens"] for item, _ in long_items}):
         cell = [record["correct"] for item, record in long_items if item.meta["tokens"] == length]

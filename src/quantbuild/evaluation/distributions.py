@@ -16,35 +16,10 @@ from typing import Any, Iterable
 from quantbuild.evaluation.stats import percentile
 
 
-def position_logprobs(model: Any, tokenizer: Any, texts: list[str], batch_size: int):
-    """Yield (log-probabilities [P, vocab], next-token targets [P]) per batch, valid positions
-    only, on the CPU (where the stored reference lives), whatever device the model runs on."""
-    import torch
-
-    tokenizer.padding_side = "right"
-    device = next(model.parameters()).device
-    for start in range(0, len(texts), batch_size):
-        batch = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True).to(device)
-        with torch.inference_mode():
-            logits = model(**batch).logits.float()
-        mask = batch["attention_mask"][:, 1:].bool()
-        logprobs = torch.log_softmax(logits[:, :-1], dim=-1)[mask]
-        yield logprobs.cpu(), batch["input_ids"][:, 1:][mask].cpu()
-
-
-def reference(model: Any, tokenizer: Any, texts: list[str], top_k: int, batch_size: int) -> tuple[dict, dict]:
-    """(tensors to store, metrics): the baseline's top-k per position and its perplexity."""
-    return reference_from(position_logprobs(model, tokenizer, texts, batch_size), top_k)
-
-
-def compare(model: Any, tokenizer: Any, texts: list[str], stored: dict, batch_size: int) -> dict:
-    """Perplexity of `model`, and KL divergence / top-1 agreement against the stored reference."""
-    return compare_from(position_logprobs(model, tokenizer, texts, batch_size), stored)
-
-
 def reference_from(positions: Iterable[tuple[Any, Any]], top_k: int, full: bool = False) -> tuple[dict, dict]:
-    """`reference` over any runtime's (log-probabilities, targets) batches: per position the
-    top-k log-probabilities, or with `full` the whole distribution (float16)."""
+    """(tensors to store, metrics) over any runtime's (log-probabilities, targets) batches:
+    per position the top-k log-probabilities, or with `full` the whole distribution
+    (float16), and the perplexity."""
     import torch
 
     ids, values, rows, nll, count = [], [], [], 0.0, 0
@@ -82,9 +57,9 @@ def _row_kld(stored: dict, rows: slice, logprobs: Any) -> tuple[Any, Any]:
 
 
 def compare_from(positions: Iterable[tuple[Any, Any]], stored: dict, per_batch: list | None = None) -> dict:
-    """`compare` over any runtime's (log-probabilities, targets) batches, against a stored
-    top-k or whole-distribution reference; each batch's per-position KLD is appended to
-    `per_batch` when given."""
+    """Perplexity, and KL divergence / top-1 agreement against a stored top-k or
+    whole-distribution reference, over any runtime's (log-probabilities, targets) batches;
+    each batch's per-position KLD is appended to `per_batch` when given."""
     size = stored["logprobs" if "logprobs" in stored else "topk_ids"].shape[0]
     klds, agree, nll, count, offset = [], 0, 0.0, 0, 0
     for logprobs, targets in positions:

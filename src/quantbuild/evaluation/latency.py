@@ -1,56 +1,29 @@
 """Latency suite: time to first token and decode rate at several prompt lengths.
 
-A plain KV-cached greedy loop (prefill, then one token at a time) so the two phases are
-timed separately; warm-up runs are discarded; p50/p95/p99 over the timed runs. Latency is
-measured on the runtime the artifact deploys with (`eval.latency_runtime`).
+Each runtime times a KV-cached greedy run (prefill, then one token at a time) so the two
+phases are timed separately; warm-up runs are discarded; p50/p95/p99 over the timed runs.
+Latency is measured on the runtime the artifact deploys with (`eval.latency.runtime`).
 """
 
 from __future__ import annotations
 
 import random
-import time
-from types import SimpleNamespace
 from typing import Any
 
 from quantbuild.evaluation.stats import median_interval, percentile
 
 
-def _one_run(model: Any, input_ids: Any, new_tokens: int) -> tuple[float, float]:
-    """(seconds to first token, seconds per decoded token after it) for one greedy run."""
-    import torch
-
-    # CUDA kernels run asynchronously: the clock is read only once the device has finished.
-    sync = torch.cuda.synchronize if input_ids.is_cuda else (lambda: None)
-    with torch.inference_mode():
-        sync()
-        started = time.perf_counter()
-        out = model(input_ids=input_ids, use_cache=True)
-        token = out.logits[:, -1:].argmax(-1)
-        sync()
-        first = time.perf_counter() - started
-        past = out.past_key_values
-        decode_started = time.perf_counter()
-        for _ in range(new_tokens - 1):
-            out = model(input_ids=token, past_key_values=past, use_cache=True)
-            past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        sync()
-        per_token = (time.perf_counter() - decode_started) / max(1, new_tokens - 1)
-    return first, per_token
-
-
-def measure_latency(model: Any, vocab_size: int, prompt_lengths: list[int], new_tokens: int, warmup: int,
-                    repeats: int, seed: int) -> dict[str, dict[str, float]]:
-    """Per prompt length: TTFT and per-token decode time percentiles (ms), decode tokens/s."""
-    import torch
-
-    generator = torch.Generator().manual_seed(seed)
-    device = next(model.parameters()).device
+def measure_latency(runtime: Any, config: Any) -> dict[str, dict[str, float]]:
+    """Per prompt length: TTFT and per-token decode time percentiles (ms) and decode tokens/s
+    over `repeats` timed runs after `warmup` discarded ones, on seeded random prompts."""
+    rng = random.Random(0)
     results = {}
-    for length in prompt_lengths:
-        input_ids = torch.randint(3, vocab_size, (1, length), generator=generator).to(device)
-        for _ in range(warmup):
-            _one_run(model, input_ids, new_tokens)
-        results[str(length)] = summarise_runs([_one_run(model, input_ids, new_tokens) for _ in range(repeats)])
+    for length in config.latency.prompt_lengths:
+        tokens = [rng.randrange(3, runtime.n_vocab) for _ in range(length)]
+        for _ in range(config.latency.warmup):
+            runtime.timed(tokens, config.latency.new_tokens)
+        runs = [runtime.timed(tokens, config.latency.new_tokens) for _ in range(config.latency.repeats)]
+        results[str(length)] = summarise_runs([(run.ttft_s, run.decode_s_per_token) for run in runs])
     return results
 
 
@@ -66,27 +39,11 @@ def summarise_runs(runs: list[tuple[float, float]]) -> dict[str, float]:
     }
 
 
-class TorchTimer:
-    """A torch model behind the `timed` interface of llama.cpp's model, so both runtimes
-    time a variant interleaved with its baseline the same way."""
-
-    def __init__(self, model: Any):
-        self.model = model
-        self.n_vocab = model.config.vocab_size
-
-    def timed(self, tokens: list[int], new_tokens: int) -> Any:
-        import torch
-
-        device = next(self.model.parameters()).device
-        first, per_token = _one_run(self.model, torch.tensor([tokens], device=device), new_tokens)
-        return SimpleNamespace(ttft_s=first, decode_s_per_token=per_token)
-
-
 def paired_latency(model: Any, baseline: Any, config: Any) -> dict[str, Any]:
     """Variant/baseline ratios of TTFT and of decode time per token, timed interleaved in one
     process (the order alternating each round), per prompt length: the median of the
     per-round ratios and its distribution-free 95% interval. `model` and `baseline` are any
-    runtime's models with `timed(tokens, new_tokens)` and `n_vocab` (llama.cpp's, `TorchTimer`).
+    runtimes (the `Runtime` protocol's `timed` and `n_vocab`).
 
     Each round times the variant and the baseline back to back, so load on the machine hits
     both sides of a ratio alike; across processes and minutes timings differ by up to 3x at

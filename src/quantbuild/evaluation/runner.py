@@ -1,9 +1,10 @@
 """Evaluate the baseline or one variant on the configured families, on its deploy runtime.
 
 Every eval file is read and validated before any model is loaded, so a bad line costs
-seconds, not a model load. The model is loaded through the runtime a user deploys with:
-llama.cpp for GGUF files (`evaluate_gguf`); for the torch stack (`evaluate`) transformers
-for the baseline, GPTQModel's loader (transformers + its kernels) for GPTQ checkpoints.
+seconds, not a model load. The model is loaded through the runtime a user deploys with
+(llama.cpp for GGUF files; transformers with GPTQModel's or bitsandbytes' kernels for
+checkpoints), and every suite reaches it only through the `Runtime` protocol: one body
+for every runtime.
 """
 
 from __future__ import annotations
@@ -17,12 +18,15 @@ from quantbuild import behaviour
 from quantbuild.config import EvalConfig
 from quantbuild.errors import DataError
 from quantbuild.evaluation import distributions, kld
-from quantbuild.evaluation.latency import TorchTimer, measure_latency, paired_latency
-from quantbuild.evaluation.memory import measure_memory
+from quantbuild.evaluation.latency import measure_latency, paired_latency
 from quantbuild.evaluation.stats import wilson_interval
-from quantbuild.evaluation.suites import run_generative, summarise
+from quantbuild.evaluation.suites import MAX_NEW_TOKENS, run_generative, summarise
+from quantbuild.fingerprint import cpu_info
+from quantbuild.gguf_artifacts import BASE_FILE, MODEL_FILE
 from quantbuild.hashing import sha256_file, staged_dir, write_json
-from quantbuild.quantizers.gptqmodel_backend import kernel_names
+from quantbuild.runtimes import ladder_runtime, torch_device
+from quantbuild.runtimes.llama_build import repack_allowed
+from quantbuild.runtimes.protocol import LLAMA_CPP, TORCH, LoadSpec, Runtime, open_runtime
 from quantbuild.tasks.items import Item, load_items
 
 # Everything measured (the gate, the summary and the bundle read this one).
@@ -58,98 +62,64 @@ def load_eval_items(config: EvalConfig, data_dir: Path) -> tuple[dict[str, list[
     return items, digests
 
 
-def load_model(folder: Path, config: EvalConfig, runtime: str) -> Any:
-    """`folder` through the torch runtime on `eval.device`, with `eval.gpu_kernels` on CUDA."""
-    from quantbuild.quantizers.gptqmodel_backend import load_checkpoint
-    from quantbuild.runtimes import torch_device
+def evaluate(spec: LoadSpec, config: EvalConfig, data_dir: Path, out: Path, reference: Optional[Path],
+             baseline: Optional[LoadSpec] = None, deployed: Optional[LoadSpec] = None) -> dict:
+    """Evaluate the artifact `spec` loads, on its runtime, and write measurements.json,
+    metrics.json, families.json, latency.json, memory.json, outcomes.json and the
+    behavioural probes into `out` (and reference.safetensors for the baseline).
 
-    return load_checkpoint(folder, runtime, torch_device(config.device), config.gpu_kernels)
-
-
-def evaluate(model_dir: Path, config: EvalConfig, data_dir: Path, out: Path, reference: Path | None,
-             baseline: Path | None = None) -> dict:
-    """Torch runtime (with `baseline`, its folder, latency is also timed interleaved against
-    it in this process): write measurements.json, metrics.json, families.json, latency.json,
-    memory.json, outcomes.json and the behavioural probes (and reference.safetensors for the
-    baseline)."""
-    from transformers import AutoTokenizer
-
-    items, digests = load_eval_items(config, data_dir)
-    stored = distributions.load_reference(reference) if reference is not None else None
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model = load_model(model_dir, config, config.runtime)
-    with staged_dir(out) as staging:
-        return _measure_torch(model_dir, model, tokenizer, config, items, digests, stored, staging, baseline)
-
-
-def _measure_torch(model_dir: Path, model: Any, tokenizer: Any, config: EvalConfig, items: dict, digests: dict,
-                   stored: dict | None, staging: Path, baseline: Path | None) -> dict:
-    lm, tensors = None, None
-    lm_texts = [item.prompt for item in items.get("language_modelling", [])]
-    pieces = kld.chunks(tokenizer("\n".join(lm_texts))["input_ids"] if lm_texts else [],
-                        config.kl_context, tokenizer.bos_token_id)
-    if pieces:
-        tensors, lm = kld.measure(
-            _torch_logprobs(model), pieces, stored, config.kl_top_k, len(tokenizer) <= config.kl_full_vocab,
-            lambda: distributions.reference(model, tokenizer, lm_texts, config.kl_top_k, config.batch_size),
-            lambda reference: distributions.compare(model, tokenizer, lm_texts, reference, config.batch_size))
-    generative = [item for family, family_items in items.items() if family != "language_modelling" for item in family_items]
-    records = run_generative(model, tokenizer, generative, config.batch_size)
-    if config.latency.runtime != config.runtime:
-        model = load_model(model_dir, config, config.latency.runtime)
-    latency = measure_latency(model, len(tokenizer), config.latency.prompt_lengths, config.latency.new_tokens,
-                              config.latency.warmup, config.latency.repeats, seed=0)
-    memory = measure_memory(model, config.memory.context_lengths, config.memory.budget_mb, model_dir, seed=0)
-    device = str(next(model.parameters()).device)
-    head = {"eval_files_sha256": digests, "runtime": config.runtime, "deploy_runtime": "torch",
-            "torch": {"device": device, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-                      "kernels": kernel_names(model)}}
-    if baseline is not None:
-        reference_model = load_model(baseline, config, config.latency.runtime)
-        head["latency_vs_baseline"] = paired_latency(TorchTimer(model), TorchTimer(reference_model), config)
-        del reference_model
-    metrics = _write(staging, config, head, lm, tensors, generative, records, latency, memory)
-    # The behavioural fingerprint the bundle will carry, on the deployed (kernel) runtime.
-    behaviour.record(behaviour.torch_opener(model, tokenizer), "torch",
-                     {"load_runtime": config.latency.runtime, "device": device,
-                      "gpu_kernels": dict(sorted(config.gpu_kernels.items()))}, staging)
-    return metrics
-
-
-def _torch_logprobs(model: Any) -> Any:
-    """chunk -> log-probabilities [len - 1, vocab] (float32, on the CPU) of a torch model."""
-    import torch
-
-    device = next(model.parameters()).device
-
-    def logprobs_of(chunk: list[int]) -> Any:
-        with torch.inference_mode():
-            logits = model(input_ids=torch.tensor([chunk], device=device)).logits[0, :-1].float()
-        return torch.log_softmax(logits, dim=-1).cpu()
-
-    return logprobs_of
-
-
-def evaluate_gguf(path: Path, kv_type: str, config: EvalConfig, data_dir: Path, out: Path,
-                  reference: Path | None, repack: bool, baseline: Path | None = None) -> dict:
-    """llama.cpp runtime: the same outputs as `evaluate`, every suite measured in llama.cpp;
-    with `baseline` (its GGUF) latency is also timed interleaved against it."""
-    from quantbuild.evaluation import llama
-
+    Quality (language modelling against the stored `reference`, the generative families)
+    is measured on `spec`; latency, memory and the probes on `deployed` (the runtime as
+    deployed, where it loads the artifact another way, e.g. GPTQModel's kernels after a
+    dequantized quality pass), by default `spec` itself. With `baseline`, latency is also
+    timed interleaved against the baseline loaded the same way, in this process.
+    """
     items, digests = load_eval_items(config, data_dir)
     stored = distributions.load_reference(reference) if reference is not None else None
     with staged_dir(out) as staging:
-        measured = llama.measure(path, kv_type, config, items, stored, repack, baseline)
-        head = {"eval_files_sha256": digests, "runtime": "llama.cpp", "deploy_runtime": "llama.cpp",
-                "llama_cpp": {"kv_cache_type": kv_type, "threads": measured["threads"], "repack": repack}}
-        if measured["latency_vs_baseline"] is not None:
-            head["latency_vs_baseline"] = measured["latency_vs_baseline"]
-        metrics = _write(staging, config, head, measured["lm"], measured["reference"], measured["generative"],
-                         measured["records"], measured["latency"], measured["memory"])
-        # The behavioural fingerprint the bundle will carry: the probes as this runtime answers them.
-        behaviour.record(behaviour.llama_opener(path, kv_type, repack), "llama.cpp",
-                         {"kv_cache_type": kv_type, "repack": repack}, staging)
+        runtime = open_runtime(spec)
+        try:
+            quality_runtime = runtime.describe()["runtime"]
+            generative = [item for family, family_items in items.items() if family != "language_modelling"
+                          for item in family_items]
+            lm_texts = [item.prompt for item in items.get("language_modelling", [])]
+            pieces = kld.chunks(runtime.tokenize("\n".join(lm_texts)) if lm_texts else [], config.kl_context,
+                                runtime.bos_token())
+            runtime.reserve(_longest(runtime, config, lm_texts, pieces, generative))
+            tensors, lm = None, None
+            if pieces:
+                tensors, lm = kld.measure(
+                    runtime.logprobs, pieces, stored, config.kl_top_k, runtime.n_vocab <= config.kl_full_vocab,
+                    lambda: distributions.reference_from(runtime.text_positions(lm_texts), config.kl_top_k),
+                    lambda stored_items: distributions.compare_from(runtime.text_positions(lm_texts), stored_items))
+            records = run_generative(runtime, generative)
+            if deployed is not None and deployed != spec:
+                runtime.close()
+                runtime = open_runtime(deployed)
+                runtime.reserve(_longest(runtime, config, lm_texts, pieces, generative))
+            latency = measure_latency(runtime, config)
+            memory = runtime.memory(config.memory.context_lengths, config.memory.budget_mb)
+            head = {"eval_files_sha256": digests, **runtime.describe(), "runtime": quality_runtime}
+            if baseline is not None:
+                with open_runtime(baseline) as reference_runtime:
+                    reference_runtime.reserve(_longest(runtime, config, lm_texts, pieces, generative))
+                    head["latency_vs_baseline"] = paired_latency(runtime, reference_runtime, config)
+            metrics = _write(staging, config, head, lm, tensors, generative, records, latency, memory)
+            # The behavioural fingerprint the bundle will carry: the probes as this runtime answers them.
+            behaviour.record(runtime, staging)
+        finally:
+            runtime.close()
         return metrics
+
+
+def _longest(runtime: Runtime, config: EvalConfig, lm_texts: list[str], pieces: list[list[int]],
+             generative: list[Item]) -> int:
+    """The longest sequence the suites run: an item or chunk of language modelling, a
+    prompt with its generation budget, a latency prompt with its new tokens."""
+    lengths = [len(runtime.tokenize(text)) for text in lm_texts] + [len(piece) for piece in pieces]
+    lengths += [len(runtime.tokenize(item.prompt)) + MAX_NEW_TOKENS.get(item.family, 64) for item in generative]
+    lengths += [length + config.latency.new_tokens for length in config.latency.prompt_lengths]
+    return max(lengths)
 
 
 def _write(staging: Path, config: EvalConfig, head: dict, lm: dict | None, tensors: dict | None,
@@ -214,22 +184,32 @@ def _long_context_cells(items: list[Item], records: list[dict], metrics: dict) -
         }
 
 
+def gguf_spec(path: Path, kv_type: str, config: EvalConfig, repack: bool) -> LoadSpec:
+    """A GGUF file in llama.cpp as the ladder evaluates it."""
+    return LoadSpec(LLAMA_CPP, path, kv_type=kv_type, repack=repack, threads=config.threads)
+
+
+def torch_spec(folder: Path, config: EvalConfig, load_runtime: Optional[str] = None) -> LoadSpec:
+    """A checkpoint folder on the torch runtime on `eval.device` (`eval.gpu_kernels` on
+    CUDA), quality measured on `eval.runtime` unless `load_runtime` names another."""
+    return LoadSpec(TORCH, folder, load_runtime=load_runtime or config.runtime, device=torch_device(config.device),
+                    kernels=dict(config.gpu_kernels), batch_size=config.batch_size)
+
+
 def evaluate_on_ladder(config: Any, model_dir: Optional[Path], kv_cache_type: str, out: Path) -> dict:
     """Evaluate the baseline (`model_dir` None) or a built variant's `model/` folder on the
     runtime the ladder deploys on (llama.cpp for GGUF ladders, whose baseline is its GGUF),
     against the baseline's stored reference."""
-    from quantbuild.config import ladder_runtime
-    from quantbuild.fingerprint import cpu_info
-    from quantbuild.quantizers.gguf import BASE_FILE, MODEL_FILE
-    from quantbuild.runtimes import LLAMA_CPP
-    from quantbuild.runtimes.llama_cpp import repack_allowed
-
     paths = config.paths
     reference = None if model_dir is None else Path(paths.eval) / "baseline" / REFERENCE
     if ladder_runtime(config) == LLAMA_CPP:
-        base = Path(paths.gguf_base) / BASE_FILE
-        path, kv_type = (base, "f16") if model_dir is None else (model_dir / MODEL_FILE, kv_cache_type)
-        return evaluate_gguf(path, kv_type, config.eval, Path(paths.eval_data), out, reference,
-                             repack_allowed(cpu_info()["isa"]), baseline=None if model_dir is None else base)
-    return evaluate(model_dir or Path(paths.baseline), config.eval, Path(paths.eval_data), out, reference,
-                    baseline=None if model_dir is None else Path(paths.baseline))
+        repack = repack_allowed(cpu_info()["isa"])
+        base = gguf_spec(Path(paths.gguf_base) / BASE_FILE, "f16", config.eval, repack)
+        spec = base if model_dir is None else gguf_spec(model_dir / MODEL_FILE, kv_cache_type, config.eval, repack)
+        return evaluate(spec, config.eval, Path(paths.eval_data), out, reference,
+                        baseline=None if model_dir is None else base)
+    spec = torch_spec(model_dir or Path(paths.baseline), config.eval)
+    deployed = torch_spec(spec.artifact, config.eval, config.eval.latency.runtime)
+    return evaluate(spec, config.eval, Path(paths.eval_data), out, reference,
+                    baseline=None if model_dir is None else replace(deployed, artifact=Path(paths.baseline)),
+                    deployed=deployed)

@@ -14,11 +14,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from quantbuild.quantizers import Inputs, Method
+from quantbuild.quantizers.base import Inputs, Method
 
 
 def _quantize(variant: Any, inputs: Inputs, plan: dict, out: Path) -> dict:
-    from quantbuild.quantizers.gptqmodel_backend import ensure_cpu_workers, quantize_and_save
+    from quantbuild.quantizers.gptqmodel_backend import quantize_and_save
+    from quantbuild.runtimes.gptqmodel_loader import ensure_cpu_workers
 
     ensure_cpu_workers()
     from gptqmodel import AWQConfig

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from quantbuild.errors import ConfigError
-from quantbuild.quantizers import Inputs, Method, measurements, save_with_transformers
+from quantbuild.quantizers.base import Inputs, Method, measurements, save_with_transformers
 
 QUANT_TYPES = ("nf4", "fp4")
 BLOCK_SIZE = {4: 64, 8: -1}

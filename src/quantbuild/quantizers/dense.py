@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from quantbuild.errors import ConfigError
-from quantbuild.quantizers import Inputs, Method, measurements, save_with_transformers
+from quantbuild.quantizers.base import Inputs, Method, measurements, save_with_transformers
 
 DTYPES = ("float16", "bfloat16")
 

@@ -16,12 +16,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 from quantbuild.errors import ConfigError
-from quantbuild.quantizers import Inputs, Method, matching_layers, measurements
-from quantbuild.quantizers.planner import Level, plan_levels
+from quantbuild.gguf_artifacts import MODEL_FILE, RECORD, require_base
+from quantbuild.quantizers.base import Inputs, Method, matching_layers, measurements
+from quantbuild.quantizers.planner import Candidate, Level, plan_levels
 
-MODEL_FILE = "model.gguf"
-BASE_FILE = "base.gguf"
-IMATRIX_FILE = "imatrix.gguf"
 # Stored bits per weight of each llama.cpp tensor type (block bytes * 8 / block size);
 # a test keeps this in step with gguf-py's GGML_QUANT_SIZES.
 TENSOR_TYPE_BITS = {
@@ -73,10 +71,11 @@ def gguf_names(baseline: Path, layers: dict) -> dict[str, str]:
     through gguf-py's tensor map for the converter's architecture."""
     import json
 
-    from quantbuild.runtimes.gguf_file import _vendored, check_architecture
+    from quantbuild.runtimes.gguf_file import check_architecture
+    from quantbuild.runtimes.llama_build import vendored_converter
 
     architecture = check_architecture(baseline)
-    _vendored()
+    vendored_converter()
     import gguf
     from conversion import get_model_class
 
@@ -110,8 +109,6 @@ def _plan(key: str, variant: Any, layers: dict, sensitivity: Optional[dict], bas
 def _auto_mix(key: str, variant: Any, layers: dict, plan: dict, sensitivity: Optional[dict]) -> None:
     """Every layer not overridden gets a type from `mix_types`, chosen greedily by measured
     KL divergence removed per extra stored bit, within `target_bpw` over the decoder."""
-    from quantbuild.sensitivity import Candidate
-
     keys = {name: Candidate("gguf", name, imatrix=bool(variant.imatrix)).key for name in variant.mix_types}
     mix = [Level(name, TENSOR_TYPE_BITS[name], keys[name]) for name in variant.mix_types]
     levels = {name: mix if plan[name]["reason"] == "variant" else [Level(plan[name]["type"],
@@ -129,7 +126,7 @@ def _auto_mix(key: str, variant: Any, layers: dict, plan: dict, sensitivity: Opt
                                                                         else "auto-mix (cheapest)"))
 
 
-def _tensor_type_file(plan: dict, path: Path) -> bool:
+def tensor_type_file(plan: dict, path: Path) -> bool:
     """llama-quantize's `--tensor-type-file`: one anchored pattern per explicitly typed tensor."""
     lines = [f"^{re.escape(entry['gguf_name'])}$={entry['type'].lower()}"
              for _, entry in sorted(plan.items()) if entry["type"]]
@@ -139,7 +136,7 @@ def _tensor_type_file(plan: dict, path: Path) -> bool:
 
 def _quantize(variant: Any, inputs: Inputs, plan: dict, out: Path) -> dict:
     from quantbuild.runtimes.gguf_file import write_with_lineage
-    from quantbuild.runtimes.llama_cpp import run_tool
+    from quantbuild.runtimes.llama_build import run_tool
 
     started = time.perf_counter()
     base, imatrix = require_base(inputs.gguf_base, variant.imatrix)
@@ -149,12 +146,11 @@ def _quantize(variant: Any, inputs: Inputs, plan: dict, out: Path) -> dict:
     if variant.output_type:
         args += ["--output-tensor-type", variant.output_type.lower()]
     types_file = out.parent / "tensor_types.txt"
-    if _tensor_type_file(plan, types_file):
+    if tensor_type_file(plan, types_file):
         args += ["--tensor-type-file", str(types_file)]
     quantized = out.parent / "quantized.gguf"
     output = run_tool("llama-quantize", [*args, str(base), str(quantized), variant.type, "2"],
                       f"gguf {variant.type}")
-    from quantbuild.gguf_base import RECORD
     from quantbuild.hashing import read_json
 
     record = read_json(inputs.gguf_base / RECORD)
@@ -166,16 +162,6 @@ def _quantize(variant: Any, inputs: Inputs, plan: dict, out: Path) -> dict:
     quantized.unlink()
     types_file.unlink()
     return {**measurements(started), "llama_quantize_log_lines": len(output.splitlines())}
-
-
-def require_base(folder: Optional[Path], imatrix: bool) -> tuple[Path, Optional[Path]]:
-    if folder is None or not (folder / BASE_FILE).is_file():
-        raise ConfigError(f"gguf: no baseline GGUF at {folder}/{BASE_FILE} (the gguf_base stage writes it: "
-                          f"run `dvc repro`)")
-    matrix = folder / IMATRIX_FILE
-    if imatrix and not matrix.is_file():
-        raise ConfigError(f"gguf: imatrix: true, but the gguf_base stage wrote no {matrix}")
-    return folder / BASE_FILE, (matrix if imatrix else None)
 
 
 def effective_bits(model_dir: Path, plan: dict, layers: dict) -> dict[str, Any]:

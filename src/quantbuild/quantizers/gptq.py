@@ -6,11 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from quantbuild.quantizers import GPTQ_BITS, GPTQ_GROUPS, Inputs, Method
+from quantbuild.quantizers.base import GPTQ_BITS, GPTQ_GROUPS, Inputs, Method
 
 
 def gptq_config(variant: Any, dynamic: dict | None = None) -> Any:
-    from quantbuild.quantizers.gptqmodel_backend import ensure_cpu_workers
+    from quantbuild.runtimes.gptqmodel_loader import ensure_cpu_workers
 
     ensure_cpu_workers()
     from gptqmodel import QuantizeConfig

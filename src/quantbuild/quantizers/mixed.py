@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from quantbuild.errors import ConfigError
-from quantbuild.quantizers import GPTQ_BITS, GPTQ_GROUPS, Inputs, Method, allowed, matching_layers
+from quantbuild.quantizers.base import GPTQ_BITS, GPTQ_GROUPS, Inputs, Method, allowed, matching_layers
 from quantbuild.quantizers.planner import Level, plan_levels
 
 
@@ -58,7 +58,7 @@ def _check(key: str, variant: Any) -> None:
 
 
 def _promote(key: str, variant: Any, layers: dict, plan: dict, sensitivity: Optional[dict]) -> None:
-    from quantbuild.sensitivity import gptq_level
+    from quantbuild.quantizers.planner import gptq_level
 
     base, promoted = (variant.bits, variant.group_size), (variant.promote_bits, variant.promote_group_size)
     levels = {}

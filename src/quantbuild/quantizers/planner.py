@@ -15,12 +15,45 @@ ExLlamaV3 does; promotions may skip levels, so a measurement that is not monoton
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Hashable, Optional
+from typing import Any, Callable, Hashable, Optional
 
 from quantbuild.errors import ConfigError
 
 # The first plan minimises the divergence on the calibration mix.
 DEFAULT_OBJECTIVE = {"calibration": 1.0}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One format a planner may give a layer: a llama.cpp tensor type (with or without the
+    importance matrix) or a GPTQ bit width and group size (with the variant's other settings)."""
+
+    format: str
+    name: str
+    imatrix: bool = False
+    bits: int = 0
+    group_size: int = 0
+    gptq: tuple = ()
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}+imatrix" if self.imatrix else self.name
+
+
+def gptq_level(bits: int, group_size: int) -> str:
+    return f"{bits}b-g{group_size}"
+
+
+def candidates_of(variant: Any) -> list[Candidate]:
+    """The formats `variant`'s planner chooses among, cheapest first; [] when it plans nothing."""
+    if variant.method == "gguf" and getattr(variant, "target_bpw", 0):
+        return [Candidate("gguf", name, imatrix=bool(variant.imatrix)) for name in variant.mix_types]
+    if variant.method == "mixed" and getattr(variant, "target_bits", 0):
+        settings = (bool(variant.sym), bool(variant.desc_act), float(variant.damp_percent))
+        return [Candidate("gptq", gptq_level(bits, group), bits=bits, group_size=group, gptq=settings)
+                for bits, group in ((variant.bits, variant.group_size),
+                                    (variant.promote_bits, variant.promote_group_size))]
+    return []
 
 
 def require_sensitivity(setting: str, layers: dict, sensitivity: Optional[dict], candidates: list[str]) -> dict:

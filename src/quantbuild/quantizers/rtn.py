@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from quantbuild.quantizers import GPTQ_BITS, GPTQ_GROUPS, Inputs, Method
+from quantbuild.quantizers.base import GPTQ_BITS, GPTQ_GROUPS, Inputs, Method
 
 
 def quantize_weight(weight: Any, bits: int, group_size: int, symmetric: bool) -> tuple[Any, Any, Any]:
@@ -70,7 +70,8 @@ def fake_quantize_model(model: Any, bits: int, group_size: int, symmetric: bool)
 def _quantize(variant: Any, inputs: Inputs, plan: dict, out: Path) -> dict:
     """RTN through GPTQModel's own weight-only RTN, written as a GPTQ-format checkpoint so
     every GPTQ-aware loader reads it; no calibration data is used."""
-    from quantbuild.quantizers.gptqmodel_backend import ensure_cpu_workers, quantize_and_save
+    from quantbuild.quantizers.gptqmodel_backend import quantize_and_save
+    from quantbuild.runtimes.gptqmodel_loader import ensure_cpu_workers
 
     ensure_cpu_workers()  # before gptqmodel is first imported
     from gptqmodel.quantization.config import RTNConfig

@@ -15,6 +15,10 @@ from quantbuild.fingerprint import drift, fingerprints
 from quantbuild.hashing import sha256_file
 from quantbuild.release.manifest import MANIFEST, read_manifest, safe_relative
 from quantbuild.release.signing import SIGNATURE, check_signature
+from quantbuild.gguf_artifacts import MODEL_FILE
+from quantbuild.runtimes import torch_device
+from quantbuild.runtimes.llama_build import repack_allowed
+from quantbuild.runtimes.protocol import LLAMA_CPP, TORCH, LoadSpec, open_runtime
 
 
 @dataclass
@@ -118,28 +122,22 @@ def verify_behaviour(result: VerifyResult, model: Path, probes: Path, threads: i
 
     try:
         info, _ = behaviour.load(probes)
-        if info["runtime"] == "llama.cpp":
+        if info["runtime"] == LLAMA_CPP:
             from quantbuild.fingerprint import cpu_info
-            from quantbuild.runtimes.llama_cpp import repack_allowed
 
-            path = model if model.suffix == ".gguf" else model / "model.gguf"
-            opener = behaviour.llama_opener(path, info["kv_cache_type"], repack_allowed(cpu_info()["isa"]))
+            path = model if model.suffix == ".gguf" else model / MODEL_FILE
+            spec = LoadSpec(LLAMA_CPP, path, kv_type=info["kv_cache_type"], repack=repack_allowed(cpu_info()["isa"]))
         else:
-            from transformers import AutoTokenizer
-
-            from quantbuild.quantizers.gptqmodel_backend import load_checkpoint
-            from quantbuild.runtimes import torch_device
-
             # on the device and kernels the probes were recorded with: a GPU bundle on a
             # machine without one, or a kernel that no longer loads, is drift, not a crash
             recorded = str(info.get("device", "cpu"))
             if recorded.startswith("cuda") and torch_device("auto") != "cuda":
                 result.drifted.append(("runtime: the probes' device", recorded, "cpu (torch sees no CUDA GPU here)"))
                 return {}
-            loaded = load_checkpoint(model, info.get("load_runtime", "kernel"), recorded.split(":")[0],
-                                     info.get("gpu_kernels"))
-            opener = behaviour.torch_opener(loaded, AutoTokenizer.from_pretrained(str(model)))
-        outcome = behaviour.check(opener, probes, threads=threads)
+            spec = LoadSpec(TORCH, model, load_runtime=info.get("load_runtime", "kernel"),
+                            device=recorded.split(":")[0], kernels=info.get("gpu_kernels") or {})
+        with open_runtime(spec) as runtime:
+            outcome = behaviour.check(runtime, probes, threads=threads)
     except (IntegrityError, DataError) as err:
         result.problems.append(str(err))
         return {}

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-LLAMA_CPP = "llama.cpp"
-TORCH = "torch"
+from quantbuild.errors import ConfigError, RuntimeUnavailable
+from quantbuild.runtimes.protocol import LLAMA_CPP, TORCH
+
 VLLM = "vllm"
 # target -> the runtime it is measured on
 TARGET_RUNTIME = {LLAMA_CPP: LLAMA_CPP, "gptqmodel": TORCH, "bitsandbytes": TORCH, "transformers": TORCH, VLLM: VLLM}
@@ -33,10 +34,14 @@ def target_of(method: str, target: Optional[str] = None) -> str:
     return target or METHOD_TARGETS.get(method, ("gptqmodel",))[0]
 
 
+def ladder_runtime(config: Any) -> str:
+    """The one runtime every variant of the ladder deploys on (`validation` checks there is one)."""
+    first = next(iter(config.quant.variants.values()))
+    return TARGET_RUNTIME[target_of(first.method, first.target)]
+
+
 def check_target(key: str, variant: Any) -> None:
     """Refuse, in one line, a target that cannot load the variant's format."""
-    from quantbuild.errors import ConfigError
-
     target = target_of(variant.method, variant.target)
     allowed = METHOD_TARGETS.get(variant.method, ())
     if target not in allowed:
@@ -50,8 +55,6 @@ def check_target(key: str, variant: Any) -> None:
 
 def require_target(target: str) -> None:
     """Fail in one line, before any work, when this machine cannot run `target`."""
-    from quantbuild.errors import RuntimeUnavailable
-
     runtime = TARGET_RUNTIME.get(target, target)
     if runtime == LLAMA_CPP:
         from quantbuild.runtimes.llama_cpp import require_available
@@ -81,8 +84,6 @@ def torch_device(setting: str) -> str:
     """The device the torch runtime measures on for `eval.device` (auto | cpu | cuda): auto
     is a CUDA GPU where torch sees one. `cuda` on a machine without one fails in one line."""
     import torch
-
-    from quantbuild.errors import RuntimeUnavailable
 
     available = torch.cuda.is_available()
     if setting == "cuda" and not available:

@@ -25,12 +25,12 @@ import json
 import logging
 import math
 import struct
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from quantbuild.errors import ConfigError, IntegrityError
+from quantbuild.runtimes.llama_build import vendored_converter
 
 SCHEMA = "quantbuild.gguf/v1"
 PREFIX = "quantbuild."
@@ -47,15 +47,6 @@ KNOWN_PRETOKENIZERS = {
             {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]},
     },
 }
-
-
-def _vendored() -> Path:
-    from quantbuild.runtimes.llama_cpp import source_dir
-
-    root = source_dir()
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    return root
 
 
 def known_pretokenizer(tokenizer_json: Path) -> str | None:
@@ -80,7 +71,7 @@ def _architecture(baseline: Path) -> str:
 
 
 def supported_architectures() -> set[str]:
-    _vendored()
+    vendored_converter()
     from conversion import TEXT_MODEL_MAP
 
     return set(TEXT_MODEL_MAP)
@@ -99,7 +90,7 @@ def convert(baseline: Path, out: Path, outtype: str = "f16", model_name: str | N
     if outtype not in OUTTYPES:
         raise ConfigError(f"gguf: base type {outtype!r} is not allowed (allowed: {' | '.join(OUTTYPES)})")
     architecture = check_architecture(baseline)
-    _vendored()
+    vendored_converter()
     import gguf
     import torch
     from conversion import get_model_class

@@ -15,77 +15,22 @@ part of the llama.cpp fingerprint, so a change of it is drift.
 from __future__ import annotations
 
 import ctypes
+import os
 import re
-import subprocess
-import sys
 import time
-from dataclasses import dataclass
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 from quantbuild.errors import ConfigError, IntegrityError, QuantbuildError, RuntimeUnavailable
+from quantbuild.runtimes.gguf_file import layout
+from quantbuild.runtimes.llama_build import (TOOLS, repack_allowed, sdist_dir, tool, vendored_commit,
+                                             version)
+from quantbuild.runtimes.protocol import LLAMA_CPP, LoadSpec, Timing, sequence_positions
 
-PACKAGE = "llama-cpp-python"
-TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity")
 # llama.cpp's KV-cache types a variant may ship with; quantized V needs flash attention.
 KV_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}
-# ISA flags of the CPUs whose repack path crashed here (see the module docstring).
-REPACK_UNSAFE_ISA = ("amx_int8", "amx_bf16", "amx_tile", "avx512f")
-
-
-
-def version() -> str:
-    try:
-        return metadata.version(PACKAGE)
-    except metadata.PackageNotFoundError:
-        raise RuntimeUnavailable(f"llama.cpp: {PACKAGE} is not installed (run `make install`)") from None
-
-
-def home() -> Path:
-    """Where `make install` built llama.cpp: `<venv>/llama.cpp`."""
-    return Path(sys.prefix) / "llama.cpp"
-
-
-def sdist_dir() -> Path:
-    """The extracted llama-cpp-python sdist `make install` built from (exactly one)."""
-    found = sorted(home().glob("llama_cpp_python-*/"))
-    if len(found) != 1:
-        raise RuntimeUnavailable(f"llama.cpp: expected one built llama-cpp-python source under {home()}, found "
-                                 f"{len(found)} (run `make install`)")
-    return found[0]
-
-
-def source_dir() -> Path:
-    """The vendored llama.cpp tree (converter, gguf-py) of the pinned sdist."""
-    path = sdist_dir() / "vendor" / "llama.cpp"
-    if not (path / "convert_hf_to_gguf.py").is_file():
-        raise RuntimeUnavailable(f"llama.cpp: the converter is missing at {path} (run `make install`)")
-    return path
-
-
-def tool(name: str) -> Path:
-    path = home() / "build" / "bin" / name
-    if not path.is_file():
-        raise RuntimeUnavailable(f"llama.cpp: {name} is not built at {path} (run `make install`)")
-    return path
-
-
-def vendored_commit() -> str:
-    """The llama.cpp commit the pinned sdist vendors, as its changelog names it."""
-    try:
-        changelog = sdist_dir() / "CHANGELOG.md"
-    except RuntimeUnavailable:
-        return "unknown"
-    if changelog.is_file():
-        found = re.search(r"llama\.cpp@([0-9a-f]{7,40})", changelog.read_text(encoding="utf-8"))
-        if found:
-            return found.group(1)
-    return "unknown"
-
-
-def repack_allowed(isa: list[str]) -> bool:
-    return not any(flag in isa for flag in REPACK_UNSAFE_ISA)
 
 
 def fingerprint(isa: list[str]) -> dict[str, Any]:
@@ -112,22 +57,6 @@ def _gguf_py_version() -> str:
         return metadata.version("gguf")
     except metadata.PackageNotFoundError:
         return "absent"
-
-
-def run_tool(name: str, args: list[str], what: str, cwd: Path | None = None) -> str:
-    """Run a llama.cpp tool; its output is returned (and kept out of the user's terminal).
-    A failure is one line naming `what` and the tool's last error line."""
-    command = [str(tool(name)), *args]
-    result = subprocess.run(command, capture_output=True, text=True, errors="replace", cwd=cwd)
-    output = result.stdout + result.stderr
-    if result.returncode != 0:
-        lines = [line for line in output.splitlines() if line.strip()]
-        errors = [line for line in lines if re.search(r"error|failed|invalid|unknown", line, re.IGNORECASE)]
-        detail = (errors or lines or [f"exit code {result.returncode}"])[-1].strip()
-        if result.returncode < 0:
-            detail = f"killed by signal {-result.returncode}; {detail}"
-        raise QuantbuildError(f"{what}: {name} failed: {detail}")
-    return output
 
 
 # --- the bindings -------------------------------------------------------------------------
@@ -182,26 +111,23 @@ def _buffers(lines: list[str]) -> dict[str, float]:
     return sizes
 
 
-@dataclass
-class Timing:
-    ttft_s: float
-    decode_s_per_token: float
-
-
 class LlamaCppModel:
-    """One GGUF file loaded in llama.cpp with one context of `n_ctx` tokens.
+    """One GGUF file loaded in llama.cpp with one context of `n_ctx` tokens: the `Runtime`
+    protocol on llama.cpp (what a llama.cpp, Ollama or LM Studio user gets).
 
-    Token log-probabilities, greedy generation, timed prefill/decode and the model's memory
-    (weights, KV cache at `kv_type`, compute buffers) as llama.cpp reports it.
+    Token log-probabilities, greedy generation (llama.cpp's tokenizer, sampler-free argmax),
+    timed prefill/decode and the model's memory (weights, KV cache at `kv_type`, compute
+    buffers) as llama.cpp's own log reports it.
     """
+
+    name = LLAMA_CPP
 
     def __init__(self, path: Path, n_ctx: int = 2048, kv_type: str = "f16", threads: int = 2,
                  repack: bool = False) -> None:
         lib = self._lib = _bindings()
         if kv_type not in KV_TYPES:
             raise ConfigError(f"llama.cpp: kv cache type {kv_type!r} is not allowed (allowed: {' | '.join(KV_TYPES)})")
-        from quantbuild.runtimes.gguf_file import layout
-
+        self.path, self.kv_type, self.threads, self.repack = path, kv_type, threads, repack
         layout(path)  # a malformed header or a tensor past the end is one line here, not a crash in C
         start = len(_LOG)
         params = lib.llama_model_default_params()
@@ -212,33 +138,51 @@ class LlamaCppModel:
             raise IntegrityError(f"{path}: llama.cpp cannot load this GGUF file ({detail})")
         self.vocab = lib.llama_model_get_vocab(self.model)
         self.n_vocab = lib.llama_vocab_n_tokens(self.vocab)
+        self.ctx = None
+        try:
+            self._open_context(n_ctx)
+        except QuantbuildError:
+            lib.llama_model_free(self.model)
+            raise
+        self.buffers = _buffers(_LOG[start:])
+
+    def _open_context(self, n_ctx: int) -> None:
+        lib = self._lib
         context = lib.llama_context_default_params()
         context.n_ctx = context.n_batch = context.n_ubatch = n_ctx
-        context.n_threads = context.n_threads_batch = threads
-        context.type_k = context.type_v = KV_TYPES[kv_type]
-        if kv_type != "f16":
+        context.n_threads = context.n_threads_batch = self.threads
+        context.type_k = context.type_v = KV_TYPES[self.kv_type]
+        if self.kv_type != "f16":
             context.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_ENABLED
         context.no_perf = True
         self.ctx = lib.llama_init_from_model(self.model, context)
         if not self.ctx:
-            lib.llama_model_free(self.model)
-            raise QuantbuildError(f"{path}: llama.cpp could not create a context of {n_ctx} tokens")
+            raise QuantbuildError(f"{self.path}: llama.cpp could not create a context of {n_ctx} tokens")
         self.n_ctx = n_ctx
-        self.buffers = _buffers(_LOG[start:])
         self.batch = lib.llama_batch_init(n_ctx, 0, 1)
+
+    def _close_context(self) -> None:
+        self._lib.llama_batch_free(self.batch)
+        self._lib.llama_free(self.ctx)
+        self.ctx = None
 
     def close(self) -> None:
         if getattr(self, "ctx", None):
-            self._lib.llama_batch_free(self.batch)
-            self._lib.llama_free(self.ctx)
+            self._close_context()
             self._lib.llama_model_free(self.model)
-            self.ctx = None
 
     def __enter__(self) -> "LlamaCppModel":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def describe(self) -> dict[str, Any]:
+        return {"runtime": LLAMA_CPP, "deploy_runtime": LLAMA_CPP,
+                "llama_cpp": {"kv_cache_type": self.kv_type, "threads": self.threads, "repack": self.repack}}
+
+    def probe_settings(self) -> dict[str, Any]:
+        return {"kv_cache_type": self.kv_type, "repack": self.repack}
 
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
         data = text.encode("utf-8")
@@ -280,16 +224,34 @@ class LlamaCppModel:
         pointer = self._lib.llama_get_logits(self.ctx)
         return np.ctypeslib.as_array(pointer, shape=(rows, self.n_vocab)).copy()
 
+    def bos_token(self) -> Optional[int]:
+        return next(iter(self.tokenize("", add_special=True)), None)
+
     def logprobs(self, tokens: list[int]) -> Any:
-        """Log-probabilities [len(tokens) - 1, vocab] of each next token, float32."""
+        """Log-probabilities [len(tokens) - 1, vocab] of each next token, a float32 tensor."""
         import numpy as np
+        import torch
 
         self._reset()
         self._decode(tokens, 0, all_logits=True)
         logits = self._logits(len(tokens))[:-1].astype(np.float64)
         logits -= logits.max(axis=-1, keepdims=True)
         logits -= np.log(np.exp(logits).sum(axis=-1, keepdims=True))
-        return logits.astype(np.float32)
+        return torch.from_numpy(logits.astype(np.float32))
+
+    def text_positions(self, texts: list[str]) -> Iterator[tuple[Any, Any]]:
+        return sequence_positions(self, [self.tokenize(text) for text in texts])
+
+    def complete(self, prompts: list[str], max_new_tokens: int) -> list[str]:
+        return [self.detokenize(self.generate(self.tokenize(prompt), max_new_tokens)) for prompt in prompts]
+
+    def reserve(self, tokens: int) -> None:
+        """A context of at least 256 tokens and `tokens` rounded up to a multiple of 256
+        (the KV cache is allocated once, at its size)."""
+        n_ctx = max(256, -(-tokens // 256) * 256)
+        if n_ctx > self.n_ctx:
+            self._close_context()
+            self._open_context(n_ctx)
 
     def _next(self) -> int:
         """The argmax token of the last decoded position."""
@@ -330,17 +292,48 @@ class LlamaCppModel:
             position += 1
         return Timing(first, (time.perf_counter() - decode_started) / max(1, new_tokens - 1))
 
+    def memory(self, context_lengths: list[int], budget_mb: float) -> dict[str, Any]:
+        """Model memory by context length as llama.cpp allocates it (the file loaded afresh
+        with a context of each length), KV bytes per token, and the memory cliff: the
+        context where weights + KV + compute buffers cross the budget."""
+        by_context, per_token, fixed = {}, 0.0, 0.0
+        for length in sorted(context_lengths):
+            with LlamaCppModel(self.path, length, self.kv_type, self.threads, self.repack) as sized:
+                buffers = dict(sized.buffers)
+            total = sum(buffers.values())
+            by_context[str(length)] = {"peak_mb": round(total, 3), "kv_cache_mb": buffers.get("kv_cache", 0.0),
+                                       "weights_mb": buffers.get("weights", 0.0),
+                                       "compute_mb": buffers.get("compute", 0.0),
+                                       "output_mb": buffers.get("output", 0.0)}
+            per_token = buffers.get("kv_cache", 0.0) * 2**20 / length
+            fixed = total - buffers.get("kv_cache", 0.0)
+        cliff = int((budget_mb - fixed) * 2**20 // per_token) if per_token else None
+        return {
+            "device": "cpu",
+            "runtime": LLAMA_CPP,
+            "kv_cache_type": self.kv_type,
+            "artifact_mb": round(self.path.stat().st_size / 2**20, 3),
+            "kv_cache_bytes_per_token": round(per_token),
+            "by_context": by_context,
+            "budget_mb": budget_mb,
+            "memory_cliff_tokens": max(0, cliff) if cliff is not None else None,
+        }
+
+    @contextmanager
+    def at_threads(self, threads: int) -> Iterator["LlamaCppModel"]:
+        """The file in a fresh context of 256 tokens at `threads` threads: the probes' own
+        context, the same whatever context the evaluation needed."""
+        with LlamaCppModel(self.path, 256, self.kv_type, threads, self.repack) as model:
+            yield model
+
+
+def open(spec: LoadSpec) -> LlamaCppModel:
+    """The GGUF file `spec.artifact` in llama.cpp (`spec.threads` 0: one per core)."""
+    return LlamaCppModel(spec.artifact, n_ctx=spec.n_ctx, kv_type=spec.kv_type,
+                         threads=spec.threads or os.cpu_count() or 1, repack=spec.repack)
+
 
 def memory_at(path: Path, n_ctx: int, kv_type: str, threads: int, repack: bool) -> dict[str, float]:
     """The buffers llama.cpp allocates for `path` with a context of `n_ctx` tokens (MiB)."""
     with LlamaCppModel(path, n_ctx, kv_type, threads, repack) as model:
         return dict(model.buffers)
-
-
-def positions(model: LlamaCppModel, sequences: list[list[int]]) -> Iterator[tuple[Any, Any]]:
-    """(log-probabilities [P, vocab], next-token targets [P]) per sequence, as torch tensors,
-    in the same layout as the torch runtime's `position_logprobs`."""
-    import torch
-
-    for tokens in sequences:
-        yield torch.from_numpy(model.logprobs(tokens)), torch.tensor(tokens[1:], dtype=torch.long)

@@ -1,4 +1,4 @@
-"""Memory suite (torch runtimes): model memory by context length and the memory cliff.
+"""Model memory on the torch runtime: by context length, and the memory cliff.
 
 Model memory is what the model holds, not what the Python process holds: on a GPU the
 allocator's peak (`torch.cuda.max_memory_allocated`) per length; on a CPU the bytes of

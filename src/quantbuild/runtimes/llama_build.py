@@ -1,0 +1,100 @@
+"""Where llama.cpp is built, and its command-line tools.
+
+`make install` builds the vendored llama.cpp tree of the pinned llama-cpp-python sdist
+once into `<venv>/llama.cpp/`: the shared libraries the bindings load (runtimes.llama_cpp),
+the llama-quantize / llama-imatrix / llama-perplexity tools, and the converter's source
+(runtimes.gguf_file). This module knows that layout; the bindings and the file format
+both sit on it, so neither imports the other for it.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+from quantbuild.errors import QuantbuildError, RuntimeUnavailable
+
+PACKAGE = "llama-cpp-python"
+TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity")
+# ISA flags of the CPUs whose CPU repack path crashed here (runtimes.llama_cpp says how).
+REPACK_UNSAFE_ISA = ("amx_int8", "amx_bf16", "amx_tile", "avx512f")
+
+
+def version() -> str:
+    try:
+        return metadata.version(PACKAGE)
+    except metadata.PackageNotFoundError:
+        raise RuntimeUnavailable(f"llama.cpp: {PACKAGE} is not installed (run `make install`)") from None
+
+
+def home() -> Path:
+    """Where `make install` built llama.cpp: `<venv>/llama.cpp`."""
+    return Path(sys.prefix) / "llama.cpp"
+
+
+def sdist_dir() -> Path:
+    """The extracted llama-cpp-python sdist `make install` built from (exactly one)."""
+    found = sorted(home().glob("llama_cpp_python-*/"))
+    if len(found) != 1:
+        raise RuntimeUnavailable(f"llama.cpp: expected one built llama-cpp-python source under {home()}, found "
+                                 f"{len(found)} (run `make install`)")
+    return found[0]
+
+
+def source_dir() -> Path:
+    """The vendored llama.cpp tree (converter, gguf-py) of the pinned sdist."""
+    path = sdist_dir() / "vendor" / "llama.cpp"
+    if not (path / "convert_hf_to_gguf.py").is_file():
+        raise RuntimeUnavailable(f"llama.cpp: the converter is missing at {path} (run `make install`)")
+    return path
+
+
+def tool(name: str) -> Path:
+    path = home() / "build" / "bin" / name
+    if not path.is_file():
+        raise RuntimeUnavailable(f"llama.cpp: {name} is not built at {path} (run `make install`)")
+    return path
+
+
+def vendored_commit() -> str:
+    """The llama.cpp commit the pinned sdist vendors, as its changelog names it."""
+    try:
+        changelog = sdist_dir() / "CHANGELOG.md"
+    except RuntimeUnavailable:
+        return "unknown"
+    if changelog.is_file():
+        found = re.search(r"llama\.cpp@([0-9a-f]{7,40})", changelog.read_text(encoding="utf-8"))
+        if found:
+            return found.group(1)
+    return "unknown"
+
+
+def repack_allowed(isa: list[str]) -> bool:
+    return not any(flag in isa for flag in REPACK_UNSAFE_ISA)
+
+
+def vendored_converter() -> Path:
+    """The vendored tree, importable: its `conversion` package and `gguf-py` sit on sys.path."""
+    root = source_dir()
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    return root
+
+
+def run_tool(name: str, args: list[str], what: str, cwd: Path | None = None) -> str:
+    """Run a llama.cpp tool; its output is returned (and kept out of the user's terminal).
+    A failure is one line naming `what` and the tool's last error line."""
+    command = [str(tool(name)), *args]
+    result = subprocess.run(command, capture_output=True, text=True, errors="replace", cwd=cwd)
+    output = result.stdout + result.stderr
+    if result.returncode != 0:
+        lines = [line for line in output.splitlines() if line.strip()]
+        errors = [line for line in lines if re.search(r"error|failed|invalid|unknown", line, re.IGNORECASE)]
+        detail = (errors or lines or [f"exit code {result.returncode}"])[-1].strip()
+        if result.returncode < 0:
+            detail = f"killed by signal {-result.returncode}; {detail}"
+        raise QuantbuildError(f"{what}: {name} failed: {detail}")
+    return output
