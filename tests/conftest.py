@@ -1,4 +1,10 @@
-"""Shared fixtures: the repo root, the bundled baseline, and a small validated config."""
+"""Shared fixtures: the repo root, the bundled baseline, a small validated config, and the
+small project built once per test session.
+
+The suite runs on every core (pytest-xdist, one file per worker: `--dist loadfile`), so a
+module's fixtures are built once, by the worker that runs the module. The built small
+project is shared across workers (built by the first that needs it, under a file lock);
+a test that changes a project works on its own copy (`copy_project`)."""
 
 from __future__ import annotations
 
@@ -16,6 +22,11 @@ BIN = Path(sys.executable).parent
 
 # Quiet, single-process, deterministic library behaviour for every test.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Two workers share the cores: OpenMP threads (llama.cpp's and torch's) that spin at every
+# barrier while the other worker holds the core slow both by several times; passive waiting
+# changes no number, only who waits how. Subprocesses (DVC's stages) inherit it.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def run(cwd: Path, *args: str, env: dict | None = None, check: bool = False) -> subprocess.CompletedProcess:
@@ -25,6 +36,17 @@ def run(cwd: Path, *args: str, env: dict | None = None, check: bool = False) -> 
     if check and result.returncode != 0:
         raise AssertionError(f"{args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
+
+
+def dvc(repo: Path, *args: str, **kwargs) -> subprocess.CompletedProcess:
+    return run(repo, str(BIN / "dvc"), *args, **kwargs)
+
+
+def stages_run(output: str) -> set[str]:
+    """The stages a `dvc repro` ran, from its output."""
+    import re
+
+    return set(re.findall(r"Running stage '([^']+)'", output))
 
 
 def has_cuda() -> bool:
@@ -115,4 +137,34 @@ def small_project(root: Path) -> Path:
                     ["git", "add", "-A"],
                     ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"]):
         subprocess.run(command, cwd=root, check=True, capture_output=True)
+    return root
+
+
+def copy_project(source: Path, target: Path) -> Path:
+    """A full copy of a built project (git history, DVC cache, workspace artifacts), for a
+    test that changes it; DVC's cache is copied, not linked, so the source stays as built."""
+    import shutil
+
+    shutil.copytree(source, target, symlinks=True)
+    return target
+
+
+@pytest.fixture(scope="session")
+def built_project(tmp_path_factory, worker_id) -> Path:
+    """The small project after one full `dvc repro`, built once per test session and shared
+    by every worker. Never change it: copy it with `copy_project`."""
+    import shutil
+
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
+    root, done = shared / "built-project" / "repo", shared / "built-project.done"
+    with FileLock(str(shared / "built-project.lock")):
+        if not done.is_file():
+            if root.exists():  # a worker's earlier attempt failed: start again
+                shutil.rmtree(root)
+            root.mkdir(parents=True)
+            small_project(root)
+            run(root, str(BIN / "dvc"), "repro", check=True)
+            done.write_text(str(root))
     return root

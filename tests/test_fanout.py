@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, run, small_project
+from conftest import BIN, copy_project, run
 from quantbuild.hashing import sha256_file
 
 pytest.importorskip("ray")
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 BUNDLE = "artifacts/package/workflow-llama-8m-gguf_q4_k_m_imat"
 
@@ -45,12 +45,13 @@ def without_timings(root: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
+def project(built_project, tmp_path_factory) -> Path:
     """The small project, its gate without the latency check: one timed round decides
-    nothing, and the two builds compared here must not choose differently by load alone."""
+    nothing, and the two builds compared here must not choose differently by load alone.
+    A copy of the session's built project: drivers clone its commit (no artifacts)."""
     import yaml
 
-    root = small_project(tmp_path_factory.mktemp("fanout") / "origin")
+    root = copy_project(built_project, tmp_path_factory.mktemp("fanout") / "origin")
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["gate"]["max_latency_paired_ratio"] = None
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -59,12 +60,13 @@ def project(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def single(project, tmp_path_factory) -> Path:
-    """The same commit built on one machine by `dvc repro`."""
-    root = clone(project, tmp_path_factory.mktemp("single") / "repo")
-    result = run(root, str(BIN / "dvc"), "repro")
+def single(project) -> Path:
+    """The same commit built on one machine by `dvc repro`: the session's build, re-gated
+    (only repair, select and package rerun for the changed gate)."""
+    result = run(project, str(BIN / "dvc"), "repro")
     assert result.returncode == 0, result.stderr[-2000:]
-    return root
+    assert {"select", "package"} <= set(re.findall(r"Running stage '([^']+)'", result.stdout))
+    return project
 
 
 def test_a_ladder_fanned_out_over_two_workers_restores_without_running_and_packages_the_same_bytes(

@@ -1,7 +1,8 @@
 """End to end: the real `dvc repro` in a temporary git repository copied from this one.
 
-One pipeline is built once (small settings so it runs in about a minute), then each test
-changes one thing and checks what DVC reruns. Tests run in file order and share the repo.
+One pipeline is built once per test session (small settings so it runs in about a
+minute; `built_project`), copied here, then each test changes one thing and checks what
+DVC reruns. Tests run in file order and share the copy.
 """
 
 from __future__ import annotations
@@ -19,29 +20,19 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import BIN, REPO, run, small_project
+from conftest import BIN, REPO, copy_project, dvc, run, stages_run
 from quantbuild.config import compose
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 BUNDLE = "artifacts/package/workflow-llama-8m-gguf_q4_k_m_imat"
 QUANTIZED = "gguf_q4_k_m_imat"
 
 
-def stages_run(output: str) -> set[str]:
-    return set(re.findall(r"Running stage '([^']+)'", output))
-
-
-def dvc(repo: Path, *args: str, **kwargs) -> subprocess.CompletedProcess:
-    return run(repo, str(BIN / "dvc"), *args, **kwargs)
-
-
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
+def repo(built_project, tmp_path_factory) -> Path:
     """A git clone-alike of this working tree, with small settings, after one full repro."""
-    root = small_project(tmp_path_factory.mktemp("pipeline") / "repo")
-    dvc(root, "repro", check=True)
-    return root
+    return copy_project(built_project, tmp_path_factory.mktemp("pipeline") / "repo")
 
 
 def test_full_pipeline_packages_a_verified_bundle(repo):
@@ -437,26 +428,3 @@ def test_a_family_the_first_plan_fails_is_repaired_or_named_with_every_round_rec
         assert quantbuild(repo, "report", "--out", str(repo / "repair-report.html")).returncode == 0
     finally:
         params_path.write_text(original)
-
-
-def test_the_larger_sibling_runs_the_pipeline_end_to_end(tmp_path):
-    """`model=workflow-llama-33m` (issue #12): the bundled 4x model goes through every stage as
-    the default one does, and its bundle verifies. The shared repo's small settings and ladder;
-    three timed rounds, since one round of two tokens on this larger model is all noise. (The
-    planned mix's sensitivity stage alone takes minutes on it: bench/README.md measures it.)"""
-    root = small_project(tmp_path / "sibling")
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["model"] = compose(REPO / "conf", ["model=workflow-llama-33m"])["model"]
-    params["eval"]["latency"].update(repeats=3)
-    params["gate"]["max_latency_paired_ratio"] = 100.0
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    result = dvc(root, "repro")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert {"fetch", "gguf_base", f"quantize@{QUANTIZED}", "evaluate_baseline", "select", "package"} <= \
-        stages_run(result.stdout)
-    assert "fetched workflow-llama-33m: 11 files match their pins" in result.stdout
-    decision = json.loads((root / "artifacts" / "release" / "decision.json").read_text())
-    assert decision["chosen"] in decision["variants"]
-    bundle = root / "artifacts" / "package" / f"workflow-llama-33m-{decision['chosen']}"
-    verify = run(root, str(BIN / "quantbuild"), "verify", str(bundle.relative_to(root)))
-    assert verify.returncode == 0, verify.stderr

@@ -13,7 +13,7 @@ import yaml
 from conftest import BIN, REPO, run, small_project
 from quantbuild.config import compose
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 def test_a_torch_ladder_without_a_passing_variant_releases_its_dense_float16_variant(tmp_path):
     pytest.importorskip("bitsandbytes")

@@ -35,6 +35,7 @@ from typing import Any, Iterable, Optional
 from quantbuild.config import SensitivityConfig
 from quantbuild.gguf_artifacts import BASE_FILE, require_base
 from quantbuild.quantizers.planner import Candidate, candidates_of
+from quantbuild.runtimes.protocol import TORCH, LoadSpec, open_runtime
 from quantbuild.errors import ConfigError
 from quantbuild.hashing import sha256_file, staged_dir, write_json
 
@@ -181,15 +182,15 @@ def gptq_weights(candidate: Candidate, variant: Any, baseline: Path, calibration
     """Every decoder layer as GPTQModel quantizes the baseline uniformly at `candidate`."""
     from quantbuild.quantizers.gptq import gptq_config
     from quantbuild.quantizers.gptqmodel_backend import quantize_and_save
-    from quantbuild.runtimes.gptqmodel_loader import load_quantized
     from quantbuild.quantizers.rtn import quantizable_linears
 
     uniform = replace(variant, bits=candidate.bits, group_size=candidate.group_size)
     folder = work / candidate.key
     quantize_and_save(baseline, gptq_config(uniform), calibration, folder)
-    model = load_quantized(folder, "dequantized")
-    return {name: module.weight.detach().float().cpu().numpy().copy()
-            for name, module in quantizable_linears(model).items()}
+    # read back as the torch runtime dequantizes it (float32 Linear layers)
+    with open_runtime(LoadSpec(TORCH, folder, load_runtime="dequantized")) as runtime:
+        return {name: module.weight.detach().float().cpu().numpy().copy()
+                for name, module in quantizable_linears(runtime.model).items()}
 
 
 # --- the measurement ------------------------------------------------------------------------
@@ -215,16 +216,19 @@ def _significant(value: float) -> float:
 
 class _Scorer:
     """The baseline in float32 with cached block inputs and reference log-probabilities;
-    `kld(layer, weight)` runs the model from that layer's block onward with it replaced."""
+    `kld(layer, weight)` runs the model from that layer's block onward with it replaced.
+
+    The baseline is loaded by the torch runtime (dequantized: float32 on every device);
+    this is the one measurement that reaches inside the runtime's model, since it swaps a
+    single layer's weight and reruns only the blocks after it."""
 
     def __init__(self, baseline: Path, sets: dict[str, list[Probe]]):
         import torch
-        from transformers import AutoModelForCausalLM
 
         from quantbuild.quantizers.rtn import quantizable_linears
 
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = AutoModelForCausalLM.from_pretrained(str(baseline), dtype=torch.float32).to(self.device).eval()
+        self.model = open_runtime(LoadSpec(TORCH, baseline, load_runtime="dequantized", device=self.device)).model
         self.linears = quantizable_linears(self.model)
         self.blocks = list(self.model.model.layers)
         # Per probe set, batches of sequences of similar length (little padding).
