@@ -42,6 +42,26 @@ def dvc(repo: Path, *args: str, **kwargs) -> subprocess.CompletedProcess:
     return run(repo, str(BIN / "dvc"), *args, **kwargs)
 
 
+def quantbuild(repo: Path, *args: str, **kwargs) -> subprocess.CompletedProcess:
+    return run(repo, str(BIN / "quantbuild"), *args, **kwargs)
+
+
+def commit_all(repo: Path, message: str) -> None:
+    run(repo, "git", "add", "-A", check=True)
+    run(repo, "git", "commit", "-qm", message, check=True)
+
+
+# The small project's smaller ladder releases this variant.
+BUNDLE = "artifacts/package/workflow-llama-8m-gguf_q4_k_m_imat"
+QUANTIZED = "gguf_q4_k_m_imat"
+
+
+def bundle_digests(repo: Path, bundle: str = BUNDLE) -> dict[str, str]:
+    from quantbuild.hashing import sha256_file
+
+    return {path.name: sha256_file(path) for path in sorted((repo / bundle).iterdir())}
+
+
 def stages_run(output: str) -> set[str]:
     """The stages a `dvc repro` ran, from its output."""
     import re
@@ -58,7 +78,21 @@ def has_cuda() -> bool:
         return False
 
 
+# The order files are handed to workers in (xdist takes them from the front): first the file
+# whose first test builds the shared project, then the long independent files, the other
+# users of the shared project last, when it is long built and no worker waits for it.
+FIRST = ("test_pipeline_e2e.py", "test_gguf.py", "test_quantization.py", "test_sibling.py", "test_torch_ladder.py",
+         "test_baseline.py")
+LAST = ("test_fanout.py", "test_release_e2e.py", "test_drift_e2e.py")
+
+
+def _file_rank(item) -> int:
+    name = item.path.name
+    return FIRST.index(name) if name in FIRST else len(FIRST) + 1 + LAST.index(name) if name in LAST else len(FIRST)
+
+
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=_file_rank)
     if not has_cuda():
         skip = pytest.mark.skip(reason="needs a CUDA GPU")
         for item in items:
@@ -150,14 +184,16 @@ def copy_project(source: Path, target: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def built_project(tmp_path_factory, worker_id) -> Path:
+def built_project(tmp_path_factory) -> Path:
     """The small project after one full `dvc repro`, built once per test session and shared
     by every worker. Never change it: copy it with `copy_project`."""
     import shutil
 
     from filelock import FileLock
 
-    shared = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
+    # under xdist every worker has its own base folder inside one shared by all of them
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
     root, done = shared / "built-project" / "repo", shared / "built-project.done"
     with FileLock(str(shared / "built-project.lock")):
         if not done.is_file():

@@ -11,22 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, copy_project, run
-from quantbuild.hashing import sha256_file
+from conftest import BIN, BUNDLE, bundle_digests, copy_project, run
 
 pytest.importorskip("ray")
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
-BUNDLE = "artifacts/package/workflow-llama-8m-gguf_q4_k_m_imat"
-
-
 def clone(source: Path, target: Path) -> Path:
     assert run(source.parent, "git", "clone", "-q", str(source), str(target)).returncode == 0
     return target
-
-
-def digests(root: Path) -> dict[str, str]:
-    return {path.name: sha256_file(path) for path in sorted((root / BUNDLE).iterdir())}
 
 
 # What no two runs share, on one machine or many: timings (latency suites, the latency check,
@@ -93,7 +85,7 @@ def test_a_ladder_fanned_out_over_two_workers_restores_without_running_and_packa
     assert set(re.findall(r"Running stage '([^']+)'", repro.stdout)) == {"fingerprint"}
     # The bundle is the one-machine build's: every file byte for byte, except the manifest and
     # provenance, which differ only in what no two runs share (timings).
-    ours, theirs = digests(driver), digests(single)
+    ours, theirs = bundle_digests(driver), bundle_digests(single)
     assert set(ours) == set(theirs) and {name for name in ours if ours[name] != theirs[name]} <= TIMED
     assert without_timings(driver) == without_timings(single)
     assert run(driver, str(BIN / "quantbuild"), "verify", BUNDLE).returncode == 0

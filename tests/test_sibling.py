@@ -8,10 +8,8 @@ import json
 import pytest
 import yaml
 
-from conftest import BIN, REPO, dvc, run, small_project, stages_run
+from conftest import BIN, QUANTIZED, REPO, dvc, run, small_project, stages_run
 from quantbuild.config import compose
-
-QUANTIZED = "gguf_q4_k_m_imat"
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 

@@ -1,0 +1,116 @@
+"""Releases end to end: sign, release, audit, roll back and repair the cache, on a copy of
+the session's built project (its own file, so it runs beside the other e2e files)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import BUNDLE, QUANTIZED, bundle_digests, commit_all, copy_project, dvc, quantbuild, run, stages_run
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
+@pytest.fixture(scope="module")
+def repo(built_project, tmp_path_factory) -> Path:
+    return copy_project(built_project, tmp_path_factory.mktemp("release") / "repo")
+
+
+def test_signed_release_audit_and_rollback(repo):
+    # r1: sign the bundle with a fresh key pair, commit, release v1.0.0 to prod.
+    assert quantbuild(repo, "keygen", "--out", "keys").returncode == 0
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["package"] = {"signing_key": "keys/quantbuild-signing.key", "public_key": "keys/quantbuild-signing.pub"}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert stages_run(dvc(repo, "repro", check=True).stdout) == {"fingerprint", "package"}
+    assert (repo / BUNDLE / "model.sig").is_file()
+    assert quantbuild(repo, "verify", BUNDLE).returncode == 0  # public key from params.yaml
+    dirty = quantbuild(repo, "release", "--version", "v1.0.0")
+    assert dirty.returncode == 1 and "uncommitted changes" in dirty.stderr
+    commit_all(repo, "r1")
+    released = quantbuild(repo, "release", "--version", "v1.0.0", check=True)
+    assert "workflow-llama-8m@v1.0.0" in released.stdout
+    tag = run(repo, "git", "for-each-ref", "refs/tags/workflow-llama-8m@v1.0.0", "--format=%(contents)").stdout
+    assert "manifest sha256 " in tag and tag.strip().endswith("signed")
+    r1 = json.loads((repo / BUNDLE / "manifest.json").read_text())
+    r1_files = bundle_digests(repo)
+    assert set(run(repo, "git", "tag").stdout.split()) == {"workflow-llama-8m@v1.0.0", "workflow-llama-8m#prod#1"}
+    remote = repo.parent / "quantbuild-dvc-remote" / "files" / "md5"
+    assert remote.is_dir() and any(remote.iterdir())
+
+    # r2: another calibration seed gives another importance matrix, so other GGUF weights;
+    # release v1.1.0, prod moves to it.
+    params["calibration"]["seed"] = 7
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert "calibrate" in stages_run(dvc(repo, "repro", check=True).stdout)
+    commit_all(repo, "r2")
+    quantbuild(repo, "release", "--version", "v1.1.0", check=True)
+    r2_files = bundle_digests(repo)
+    assert r2_files["model.gguf"] != r1_files["model.gguf"]
+
+    audit = json.loads(quantbuild(repo, "audit", "--json", check=True).stdout)
+    assert [(row["version"], row["stages"], row["problems"], row["signed"]) for row in audit] == [
+        ("v1.0.0", [], [], True), ("v1.1.0", ["prod"], [], True)]
+    assert audit[0]["digests"]["model.gguf"] == r1_files["model.gguf"]
+    assert audit[1]["commit"] == run(repo, "git", "rev-parse", "HEAD").stdout.strip()
+
+    # Bad targets and a dirty tree change nothing.
+    missing = quantbuild(repo, "rollback", "v9.9.9")
+    assert missing.returncode == 1 and "has no version v9.9.9" in missing.stderr
+    nowhere = quantbuild(repo, "rollback", "no-such-branch")
+    assert nowhere.returncode == 1 and "does not exist" in nowhere.stderr
+    (repo / "params.yaml").write_text((repo / "params.yaml").read_text() + "\n")
+    refused = quantbuild(repo, "rollback", "prod@previous")
+    assert refused.returncode == 1 and "uncommitted changes" in refused.stderr
+    run(repo, "git", "checkout", "--", "params.yaml", check=True)
+    assert bundle_digests(repo) == r2_files
+
+    # Rollback to the previous prod version restores r1's bytes exactly, and verifies.
+    rolled = quantbuild(repo, "rollback", "prod@previous")
+    assert rolled.returncode == 0, rolled.stdout + rolled.stderr
+    assert "workflow-llama-8m@v1.0.0" in rolled.stdout and "model.gguf:" in rolled.stdout
+    assert bundle_digests(repo) == r1_files
+    assert {name: entry["sha256"] for name, entry in r1["files"].items()} == {
+        name: digest for name, digest in r1_files.items() if name not in ("manifest.json", "model.sig")}
+    assert yaml.safe_load((repo / "params.yaml").read_text())["calibration"]["seed"] != 7
+    lineage = json.loads(quantbuild(repo, "lineage", BUNDLE, "--json").stdout)
+    assert {link["link"]: link["status"] for link in lineage["children"]}["dvc.lock"] == "ok"
+    assert "registry: prod now points at workflow-llama-8m@v1.0.0" in rolled.stdout
+    commit_all(repo, "rollback to v1.0.0")
+    # audit tells the truth: prod is the version rolled back to
+    audit = json.loads(quantbuild(repo, "audit", "--json", check=True).stdout)
+    assert [(row["version"], row["stages"]) for row in audit] == [("v1.0.0", ["prod"]), ("v1.1.0", [])]
+
+    # A release whose stored bytes are damaged in the cache and gone from the remote is flagged.
+    md5 = next(entry["md5"] for entry in yaml.safe_load(run(repo, "git", "show", "HEAD~1:dvc.lock").stdout)
+               ["stages"][f"quantize@{QUANTIZED}"]["outs"])
+    listing = json.loads((repo / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]).read_text())
+    weights = next(entry["md5"] for entry in listing if entry["relpath"].endswith("model.gguf"))
+    # A flipped byte in the cache copy (the remote's intact): flagged, then repaired from the remote.
+    cached = repo / ".dvc" / "cache" / "files" / "md5" / weights[:2] / weights[2:]
+    rotten = bytearray(cached.read_bytes())
+    rotten[100] ^= 0xFF
+    cached.chmod(0o644)
+    cached.write_bytes(bytes(rotten))
+    flagged = quantbuild(repo, "audit")
+    assert flagged.returncode == 1 and "corrupted in the cache" in flagged.stdout, flagged.stdout
+    repaired = quantbuild(repo, "audit", "--repair")
+    assert repaired.returncode == 0 and "restored in the cache" in repaired.stderr, repaired.stdout + repaired.stderr
+    for root in (repo / ".dvc" / "cache" / "files" / "md5", remote):
+        (root / weights[:2] / weights[2:]).unlink(missing_ok=True)
+    flagged = quantbuild(repo, "audit")
+    assert flagged.returncode == 1 and "FLAGGED" in flagged.stdout and "model.gguf: object " in flagged.stdout and "is in neither the DVC cache nor the remote" in flagged.stdout
+
+
+def test_rollback_ignores_lock_entries_of_variants_no_longer_in_the_pipeline(repo):
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    lock["stages"]["quantize@gone"] = {"cmd": "python -m stages.quantize gone", "outs": [
+        {"path": "artifacts/quantized/gone", "hash": "md5", "md5": "0" * 32 + ".dir", "size": 1, "nfiles": 1}]}
+    (repo / "dvc.lock").write_text(yaml.safe_dump(lock, sort_keys=False))
+    commit_all(repo, "r3: a lock that still lists a variant removed from the ladder")
+    quantbuild(repo, "release", "--version", "v1.2.0", "--no-push", check=True)
+    rolled = quantbuild(repo, "rollback", "v1.2.0")
+    assert rolled.returncode == 0, rolled.stdout + rolled.stderr
+    assert "verify" in rolled.stdout and ": ok" in rolled.stdout
