@@ -41,13 +41,16 @@ $(LLAMA_DIR)/.built: $(LLAMA_SRC)/.extracted
 	touch $@
 
 # llama.cpp compiles in the background while pip installs the rest (they take about as long).
+# --no-compile: pip would byte-compile all ~18,000 installed modules one by one while the
+# compiler wants the same cores; Python compiles the few thousand it imports on first use.
+PIP_INSTALL := $(VENV)/bin/python -m pip install --quiet --no-compile
 $(VENV)/.installed: pyproject.toml $(LLAMA_SRC)/.extracted
 	$(MAKE) --no-print-directory $(LLAMA_DIR)/.built & build=$$!; \
-	$(VENV)/bin/python -m pip install --quiet torch==2.13.0 \
-	&& $(VENV)/bin/python -m pip install --quiet $(LLAMA_SRC)/vendor/llama.cpp/gguf-py \
-	&& CMAKE_ARGS="-DLLAMA_BUILD=OFF" $(VENV)/bin/python -m pip install --quiet --no-binary llama-cpp-python \
+	$(PIP_INSTALL) torch==2.13.0 \
+	&& $(PIP_INSTALL) $(LLAMA_SRC)/vendor/llama.cpp/gguf-py \
+	&& CMAKE_ARGS="-DLLAMA_BUILD=OFF" $(PIP_INSTALL) --no-binary llama-cpp-python \
 		$(LLAMA_DIR)/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz \
-	&& $(VENV)/bin/python -m pip install --quiet -e '.[test,ray]'; installed=$$?; \
+	&& $(PIP_INSTALL) -e '.[test,ray]'; installed=$$?; \
 	wait $$build && test $$installed -eq 0
 	lib=$$($(VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/llama_cpp/lib; \
 	mkdir -p $$lib && cp -P $(LLAMA_DIR)/build/bin/*.so* $$lib/
