@@ -41,9 +41,8 @@ $(LLAMA_DIR)/.built: $(LLAMA_SRC)/.extracted
 	touch $@
 
 # llama.cpp compiles in the background while pip installs the rest (they take about as long).
-# --no-compile: pip would byte-compile all ~18,000 installed modules one by one while the
-# compiler wants the same cores; Python compiles the few thousand it imports on first use.
-PIP_INSTALL := $(VENV)/bin/python -m pip install --quiet --no-compile
+# pip byte-compiles what it installs: where PYTHONDONTWRITEBYTECODE is set, nothing else would.
+PIP_INSTALL := $(VENV)/bin/python -m pip install --quiet
 $(VENV)/.installed: pyproject.toml $(LLAMA_SRC)/.extracted
 	$(MAKE) --no-print-directory $(LLAMA_DIR)/.built & build=$$!; \
 	$(PIP_INSTALL) torch==2.13.0 \

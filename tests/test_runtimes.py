@@ -1,0 +1,100 @@
+"""The runtime protocol: every adapter answers the same questions the same way.
+
+The bundled baseline is opened on each runtime it deploys on (its F16 GGUF in llama.cpp,
+its checkpoint in transformers) through `open_runtime`, and each protocol method is checked
+on both, against the other where they must agree.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import BASELINE, REPO
+from quantbuild.runtimes.protocol import ADAPTERS, LLAMA_CPP, TORCH, LoadSpec, Runtime, open_runtime
+from quantbuild.tasks.items import load_items
+
+PROTOCOL = [name for name in vars(Runtime) if not name.startswith("_") or name in ("__enter__", "__exit__")]
+
+
+@pytest.fixture(scope="module")
+def specs(tmp_path_factory) -> dict[str, LoadSpec]:
+    from quantbuild.runtimes.gguf_file import convert
+
+    gguf = tmp_path_factory.mktemp("runtimes") / "base.gguf"
+    convert(BASELINE, gguf, "f16")
+    return {LLAMA_CPP: LoadSpec(LLAMA_CPP, gguf, threads=2, n_ctx=256), TORCH: LoadSpec(TORCH, BASELINE, batch_size=4)}
+
+
+@pytest.fixture(scope="module")
+def opened(specs) -> dict[str, Runtime]:
+    runtimes = {name: open_runtime(spec) for name, spec in specs.items()}
+    yield runtimes
+    for runtime in runtimes.values():
+        runtime.close()
+
+
+def test_every_registered_adapter_offers_the_whole_protocol(opened):
+    assert set(opened) == set(ADAPTERS)
+    for name, runtime in opened.items():
+        missing = [member for member in PROTOCOL if not hasattr(runtime, member)]
+        assert not missing, (name, missing)
+        assert runtime.name == name and runtime.describe()["deploy_runtime"] == name
+
+
+def test_an_unknown_runtime_is_one_line():
+    from quantbuild.errors import RuntimeUnavailable
+
+    with pytest.raises(RuntimeUnavailable, match="runtime 'tensorrt': unknown"):
+        open_runtime(LoadSpec("tensorrt", Path("model")))
+
+
+def test_both_runtimes_tokenize_alike_and_give_distributions(opened):
+    text = load_items(REPO / "data" / "eval" / "reasoning.jsonl")[0].prompt
+    llama, torch_runtime = opened[LLAMA_CPP], opened[TORCH]
+    assert llama.n_vocab == torch_runtime.n_vocab
+    assert llama.tokenize(text) == torch_runtime.tokenize(text) and llama.bos_token() == torch_runtime.bos_token()
+    tokens = llama.tokenize(text)
+    rows = {name: runtime.logprobs(tokens) for name, runtime in opened.items()}
+    for name, logprobs in rows.items():
+        assert tuple(logprobs.shape) == (len(tokens) - 1, llama.n_vocab) and str(logprobs.dtype) == "torch.float32"
+        assert logprobs.device.type == "cpu" and (logprobs.exp().sum(-1) - 1).abs().max() < 1e-3, name
+    # F16 weights in llama.cpp against float32 in torch: the same next-token choices
+    assert (rows[LLAMA_CPP].argmax(-1) == rows[TORCH].argmax(-1)).float().mean() > 0.95
+
+
+def test_text_positions_cover_every_next_token_once(opened):
+    texts = [item.prompt for item in load_items(REPO / "data" / "eval" / "language_modelling.jsonl")[:5]]
+    for name, runtime in opened.items():
+        positions = list(runtime.text_positions(texts))
+        targets = sum(int(targets.numel()) for _, targets in positions)
+        assert targets == sum(len(runtime.tokenize(text)) - 1 for text in texts), name
+
+
+def test_batched_completions_are_each_prompt_s_own_greedy_continuation(opened):
+    items = load_items(REPO / "data" / "eval" / "reasoning.jsonl")[:6]
+    for name, runtime in opened.items():
+        completed = runtime.complete([item.prompt for item in items], 6)
+        decode = runtime.detokenize if name == LLAMA_CPP else (
+            lambda tokens: runtime.tokenizer.decode(tokens, skip_special_tokens=True))
+        alone = [decode(runtime.generate(runtime.tokenize(item.prompt), 6)) for item in items]
+        assert completed == alone, name
+
+
+def test_timing_memory_and_threads(opened):
+    memory = {}
+    for name, runtime in opened.items():
+        runtime.reserve(64)
+        timing = runtime.timed(list(range(3, 19)), 4)
+        assert timing.ttft_s > 0 and timing.decode_s_per_token > 0, name
+        # llama.cpp allocates the KV cache in blocks of 256 cells: contexts that fill them
+        measured = runtime.memory([256, 512], 64.0)
+        assert set(measured["by_context"]) == {"256", "512"} and measured["runtime"] == name
+        memory[name] = measured["kv_cache_bytes_per_token"]
+        tokens = runtime.tokenize("Question: what is 2 + 3?")
+        with runtime.at_threads(1) as single:
+            assert (single.logprobs(tokens) - runtime.logprobs(tokens)).abs().max() < 1e-4, name
+        assert set(runtime.probe_settings()) <= {"kv_cache_type", "repack", "load_runtime", "device", "gpu_kernels"}
+    # one architecture: llama.cpp's KV cache in f16 holds half the bytes of torch's float32
+    assert memory[TORCH] == 2 * memory[LLAMA_CPP] > 0
