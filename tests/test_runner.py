@@ -3,6 +3,7 @@ bad input rejected before any model is loaded."""
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -27,7 +28,8 @@ def test_baseline_evaluation_writes_metrics_plots_and_no_text(tmp_path):
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir()) == ["behaviour.json", "families.json", "latency.json",
                                                      "measurements.json", "memory.json", "metrics.json",
-                                                     "outcomes.json", "probes.safetensors", "reference.safetensors"]
+                                                     "outcomes.json", "probes.safetensors", "quality.json",
+                                                     "reference.safetensors"]
     # dvc metrics show: headline numbers, no digests
     headline = json.loads((out / runner.METRICS).read_text())
     assert "eval_files_sha256" not in headline and headline["score"]["reasoning"] == metrics["families"]["reasoning"]["score"]
@@ -46,6 +48,49 @@ def test_generations_are_stored_only_when_configured(tmp_path):
     runner.evaluate(runner.torch_spec(BASELINE, config), config, REPO / "data" / "eval", tmp_path / "out", None)
     lines = (tmp_path / "out" / runner.GENERATIONS).read_text().splitlines()
     assert len(lines) == 3 and "output" in json.loads(lines[0])
+
+
+def test_a_variant_that_is_the_baseline_s_own_file_reuses_its_quality_until_anything_changes(tmp_path):
+    from quantbuild.runtimes.gguf_file import convert, layout, model_digest, write_with_lineage
+
+    config = small_config(families=["language_modelling", "reasoning"], threads=2)
+    base = tmp_path / "base.gguf"
+    convert(BASELINE, base, "f16")
+    data = tmp_path / "eval"
+    shutil.copytree(REPO / "data" / "eval", data)
+    spec = runner.gguf_spec(base, "f16", config, repack=False)
+    measured = runner.evaluate(spec, config, data, tmp_path / "baseline", None)
+    assert measured["model_sha256"] == model_digest(base)
+
+    def variant(name: str, file: Path, config=config) -> dict:
+        return runner.evaluate(runner.gguf_spec(file, "f16", config, repack=False), config, data, tmp_path / name,
+                               tmp_path / "baseline" / runner.REFERENCE, baseline=spec, reuse=tmp_path / "baseline")
+
+    # the baseline's own tensors with quantbuild's lineage added, as a variant carries them
+    copy = tmp_path / "model.gguf"
+    write_with_lineage(base, copy, {"variant": "gguf_f16"})
+    reused = variant("same", copy)
+    quality = json.loads((tmp_path / "baseline" / runner.QUALITY).read_text())
+    assert reused["quality_reused_from"]["model_sha256"] == quality["model_sha256"]
+    assert (tmp_path / "same" / runner.QUALITY).read_bytes() == (tmp_path / "baseline" / runner.QUALITY).read_bytes()
+    assert (tmp_path / "same" / runner.OUTCOMES).read_bytes() == (tmp_path / "baseline" / runner.OUTCOMES).read_bytes()
+    # latency, memory and the probes are the variant's own, measured; timed against the baseline
+    assert reused["latency_vs_baseline"]["worst"]["ratio"] > 0 and (tmp_path / "same" / "probes.safetensors").is_file()
+    # measured afresh when one weight differs, the eval text or the settings change
+    changed = bytearray(base.read_bytes())
+    changed[layout(base).tensors[-1].offset] ^= 1
+    other = tmp_path / "other.gguf"
+    other.write_bytes(bytes(changed))
+    assert "quality_reused_from" not in variant("other_weights", other)
+    lines = (data / "reasoning.jsonl").read_text(encoding="utf-8").splitlines()
+    first = json.loads(lines[0])
+    lines[0] = json.dumps({**first, "prompt": first["prompt"].replace(" ", "  ", 1)})
+    (data / "reasoning.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert "quality_reused_from" not in variant("other_text", copy)
+    shutil.copy(REPO / "data" / "eval" / "reasoning.jsonl", data / "reasoning.jsonl")
+    assert "quality_reused_from" not in variant("other_settings", copy, small_config(
+        families=["language_modelling", "reasoning"], threads=2, kl_top_k=8))
+    assert "quality_reused_from" in variant("same_again", copy)
 
 
 def test_golden_prompts_are_their_own_family(tmp_path):

@@ -24,7 +24,8 @@ def specs(tmp_path_factory) -> dict[str, LoadSpec]:
 
     gguf = tmp_path_factory.mktemp("runtimes") / "base.gguf"
     convert(BASELINE, gguf, "f16")
-    return {LLAMA_CPP: LoadSpec(LLAMA_CPP, gguf, threads=2, n_ctx=256), TORCH: LoadSpec(TORCH, BASELINE, batch_size=4)}
+    return {LLAMA_CPP: LoadSpec(LLAMA_CPP, gguf, threads=2, n_ctx=256, batch_size=4),
+            TORCH: LoadSpec(TORCH, BASELINE, batch_size=4)}
 
 
 @pytest.fixture(scope="module")
@@ -73,13 +74,19 @@ def test_text_positions_cover_every_next_token_once(opened):
 
 
 def test_batched_completions_are_each_prompt_s_own_greedy_continuation(opened):
-    items = load_items(REPO / "data" / "eval" / "reasoning.jsonl")[:6]
+    # prompts of different lengths, in batches of 4 (the last one partial), answers that stop
+    # at the end-of-generation token and answers cut at the budget
+    items = [item for family in ("reasoning", "structured", "retrieval")
+             for item in load_items(REPO / "data" / "eval" / f"{family}.jsonl")[:3]]
     for name, runtime in opened.items():
-        completed = runtime.complete([item.prompt for item in items], 6)
+        completed = runtime.complete([item.prompt for item in items], 24)
         decode = runtime.detokenize if name == LLAMA_CPP else (
             lambda tokens: runtime.tokenizer.decode(tokens, skip_special_tokens=True))
-        alone = [decode(runtime.generate(runtime.tokenize(item.prompt), 6)) for item in items]
-        assert completed == alone, name
+        alone = [runtime.generate(runtime.tokenize(item.prompt), 24) for item in items]
+        assert completed == [decode(tokens) for tokens in alone], name
+        assert {len(tokens) < 24 for tokens in alone} == {True, False}, name
+        # the runtime's own context is back for what follows
+        assert runtime.generate(runtime.tokenize(items[0].prompt), 24) == alone[0], name
 
 
 def test_timing_memory_and_threads(opened):

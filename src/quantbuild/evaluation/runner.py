@@ -25,6 +25,7 @@ from quantbuild.fingerprint import cpu_info
 from quantbuild.gguf_artifacts import BASE_FILE, MODEL_FILE
 from quantbuild.hashing import sha256_file, staged_dir, write_json
 from quantbuild.runtimes import ladder_runtime, torch_device
+from quantbuild.runtimes.gguf_file import model_digest
 from quantbuild.runtimes.llama_build import repack_allowed
 from quantbuild.runtimes.protocol import LLAMA_CPP, TORCH, LoadSpec, Runtime, open_runtime
 from quantbuild.tasks.items import Item, load_items
@@ -41,6 +42,11 @@ GENERATIONS = "generations.jsonl"
 # Per item: its id and whether it was answered correctly (no text), so the gate can pair
 # the baseline's and a variant's answers item by item.
 OUTCOMES = "outcomes.json"
+# The deterministic part of measurements.json (language modelling, family scores, the eval
+# files, the settings they were measured with and the artifact measured): the same bytes
+# whenever the same artifact is evaluated the same way, so a variant whose artifact is the
+# baseline's own reuses it.
+QUALITY = "quality.json"
 
 
 def load_eval_items(config: EvalConfig, data_dir: Path) -> tuple[dict[str, list[Item]], dict[str, str]]:
@@ -63,53 +69,99 @@ def load_eval_items(config: EvalConfig, data_dir: Path) -> tuple[dict[str, list[
 
 
 def evaluate(spec: LoadSpec, config: EvalConfig, data_dir: Path, out: Path, reference: Optional[Path],
-             baseline: Optional[LoadSpec] = None, deployed: Optional[LoadSpec] = None) -> dict:
+             baseline: Optional[LoadSpec] = None, deployed: Optional[LoadSpec] = None,
+             reuse: Optional[Path] = None) -> dict:
     """Evaluate the artifact `spec` loads, on its runtime, and write measurements.json,
-    metrics.json, families.json, latency.json, memory.json, outcomes.json and the
-    behavioural probes into `out` (and reference.safetensors for the baseline).
+    quality.json, metrics.json, families.json, latency.json, memory.json, outcomes.json and
+    the behavioural probes into `out` (and reference.safetensors for the baseline).
 
     Quality (language modelling against the stored `reference`, the generative families)
     is measured on `spec`; latency, memory and the probes on `deployed` (the runtime as
     deployed, where it loads the artifact another way, e.g. GPTQModel's kernels after a
     dequantized quality pass), by default `spec` itself. With `baseline`, latency is also
     timed interleaved against the baseline loaded the same way, in this process.
+
+    `reuse`: the baseline's evaluation folder, for an artifact loaded exactly as the
+    baseline's is. Where its quality.json was measured on a file with this artifact's
+    model digest (the same weights and inference metadata), the quality (language modelling, family scores, outcomes) is the baseline's
+    own, not measured again; latency, memory and the probes are measured as always.
     """
     items, digests = load_eval_items(config, data_dir)
-    stored = distributions.load_reference(reference) if reference is not None else None
+    generative = [item for family, family_items in items.items() if family != "language_modelling"
+                  for item in family_items]
+    lm_texts = [item.prompt for item in items.get("language_modelling", [])]
+    # a GGUF file's model digest (weights and inference metadata, not quantbuild's lineage)
+    model_sha256 = model_digest(spec.artifact) if spec.runtime == LLAMA_CPP else None
+    reused = _reused_quality(reuse, model_sha256, digests, config) if reuse is not None else None
+    stored = distributions.load_reference(reference) if reference is not None and reused is None else None
     with staged_dir(out) as staging:
         runtime = open_runtime(spec)
         try:
             quality_runtime = runtime.describe()["runtime"]
-            generative = [item for family, family_items in items.items() if family != "language_modelling"
-                          for item in family_items]
-            lm_texts = [item.prompt for item in items.get("language_modelling", [])]
             pieces = kld.chunks(runtime.tokenize("\n".join(lm_texts)) if lm_texts else [], config.kl_context,
                                 runtime.bos_token())
-            runtime.reserve(_longest(runtime, config, lm_texts, pieces, generative))
-            tensors, lm = None, None
-            if pieces:
-                tensors, lm = kld.measure(
-                    runtime.logprobs, pieces, stored, config.kl_top_k, runtime.n_vocab <= config.kl_full_vocab,
-                    lambda: distributions.reference_from(runtime.text_positions(lm_texts), config.kl_top_k),
-                    lambda stored_items: distributions.compare_from(runtime.text_positions(lm_texts), stored_items))
-            records = run_generative(runtime, generative)
+            longest = _longest(runtime, config, lm_texts, pieces, generative)
+            runtime.reserve(longest)
+            if reused is None:
+                tensors, quality, outcomes, records = _measure_quality(runtime, config, stored, lm_texts, pieces,
+                                                                       generative)
+                quality = {"eval_files_sha256": digests, "measured_with": _quality_settings(config),
+                           **({"model_sha256": model_sha256} if model_sha256 else {}), **quality}
+            else:
+                tensors, records = None, None
+                quality, outcomes = reused
             if deployed is not None and deployed != spec:
                 runtime.close()
                 runtime = open_runtime(deployed)
-                runtime.reserve(_longest(runtime, config, lm_texts, pieces, generative))
+                runtime.reserve(longest)
             latency = measure_latency(runtime, config)
             memory = runtime.memory(config.memory.context_lengths, config.memory.budget_mb)
-            head = {"eval_files_sha256": digests, **runtime.describe(), "runtime": quality_runtime}
+            head = {**runtime.describe(), "runtime": quality_runtime}
+            if reused is not None:
+                head["quality_reused_from"] = {"evaluation": str(reuse), "model_sha256": model_sha256}
             if baseline is not None:
                 with open_runtime(baseline) as reference_runtime:
-                    reference_runtime.reserve(_longest(runtime, config, lm_texts, pieces, generative))
+                    reference_runtime.reserve(longest)
                     head["latency_vs_baseline"] = paired_latency(runtime, reference_runtime, config)
-            metrics = _write(staging, config, head, lm, tensors, generative, records, latency, memory)
+            metrics = _write(staging, config, head, quality, outcomes, tensors, records, latency, memory)
             # The behavioural fingerprint the bundle will carry: the probes as this runtime answers them.
             behaviour.record(runtime, staging)
         finally:
             runtime.close()
         return metrics
+
+
+def _measure_quality(runtime: Runtime, config: EvalConfig, stored: Optional[dict], lm_texts: list[str],
+                     pieces: list[list[int]], generative: list[Item]
+                     ) -> tuple[Optional[dict], dict, dict, list[dict]]:
+    """(reference tensors for the baseline, quality metrics, outcomes, generative records)."""
+    tensors, quality = None, {}
+    if pieces:
+        tensors, lm = kld.measure(
+            runtime.logprobs, pieces, stored, config.kl_top_k, runtime.n_vocab <= config.kl_full_vocab,
+            lambda: distributions.reference_from(runtime.text_positions(lm_texts), config.kl_top_k),
+            lambda stored_items: distributions.compare_from(runtime.text_positions(lm_texts), stored_items))
+        quality.update({key: round(value, 6) if isinstance(value, float) else value for key, value in lm.items()})
+    records = run_generative(runtime, generative)
+    quality["families"] = _families(generative, records)
+    outcomes: dict[str, dict[str, float]] = {}
+    for item, record in zip(generative, records):
+        outcomes.setdefault(item.family, {})[item.id] = record["correct"]
+    return tensors, quality, {family: dict(sorted(values.items())) for family, values in sorted(outcomes.items())}, records
+
+
+def _reused_quality(folder: Path, model_sha256: Optional[str], digests: dict[str, str],
+                    config: EvalConfig) -> Optional[tuple[dict, dict]]:
+    """(quality, outcomes) of the evaluation in `folder` where it measured this artifact on
+    these eval files, else None (measured afresh). Generations to store are always measured."""
+    path = folder / QUALITY
+    if config.store_generations or not path.is_file() or not (folder / OUTCOMES).is_file():
+        return None
+    quality = json.loads(path.read_text(encoding="utf-8"))
+    if (quality.get("model_sha256") != model_sha256 or quality.get("eval_files_sha256") != digests
+            or quality.get("measured_with") != _quality_settings(config)):
+        return None
+    return quality, json.loads((folder / OUTCOMES).read_text(encoding="utf-8"))
 
 
 def _longest(runtime: Runtime, config: EvalConfig, lm_texts: list[str], pieces: list[list[int]],
@@ -122,26 +174,33 @@ def _longest(runtime: Runtime, config: EvalConfig, lm_texts: list[str], pieces: 
     return max(lengths)
 
 
-def _write(staging: Path, config: EvalConfig, head: dict, lm: dict | None, tensors: dict | None,
-           generative: list[Item], records: list[dict], latency: dict, memory: dict) -> dict:
-    """Write every output into the staging folder (renamed into place by the caller)."""
-    metrics: dict[str, Any] = {**head, "families": {}}
-    if lm is not None:
-        metrics.update({key: round(value, 6) if isinstance(value, float) else value for key, value in lm.items()})
-    if tensors is not None:
-        distributions.save_reference(tensors, staging / REFERENCE)
+def _quality_settings(config: EvalConfig) -> dict[str, Any]:
+    """The eval settings quality depends on (not timing, memory or the batch size)."""
+    return {"limit": config.limit, "kl_context": config.kl_context, "kl_top_k": config.kl_top_k,
+            "kl_full_vocab": config.kl_full_vocab}
+
+
+def _families(generative: list[Item], records: list[dict]) -> dict:
+    """Per family: the score with its 95% interval, the other outcome means, and for the
+    long-context family the recall by (context length, depth)."""
+    families = {}
     for family, summary in summarise(generative, records).items():
         low, high = wilson_interval(summary["correct"] * summary["n"], int(summary["n"]))
         extra = {key: round(value, 6) for key, value in summary.items() if key not in ("n", "correct")}
-        metrics["families"][family] = {"score": round(summary["correct"], 6), "n": int(summary["n"]),
-                                       "ci_low": round(low, 6), "ci_high": round(high, 6), **extra}
-    _long_context_cells(generative, records, metrics)
-    outcomes: dict[str, dict[str, float]] = {}
-    for item, record in zip(generative, records):
-        outcomes.setdefault(item.family, {})[item.id] = record["correct"]
-    write_json(staging / OUTCOMES, {family: dict(sorted(values.items())) for family, values in sorted(outcomes.items())})
-    metrics["latency"] = latency
-    metrics["memory"] = memory
+        families[family] = {"score": round(summary["correct"], 6), "n": int(summary["n"]),
+                            "ci_low": round(low, 6), "ci_high": round(high, 6), **extra}
+    _long_context_cells(generative, records, families)
+    return families
+
+
+def _write(staging: Path, config: EvalConfig, head: dict, quality: dict, outcomes: dict, tensors: dict | None,
+           records: Optional[list[dict]], latency: dict, memory: dict) -> dict:
+    """Write every output into the staging folder (renamed into place by the caller)."""
+    metrics: dict[str, Any] = {**head, **quality, "latency": latency, "memory": memory}
+    if tensors is not None:
+        distributions.save_reference(tensors, staging / REFERENCE)
+    write_json(staging / QUALITY, quality)
+    write_json(staging / OUTCOMES, outcomes)
     write_json(staging / MEASUREMENTS, metrics)
     write_json(staging / METRICS, headline(metrics))
     write_json(staging / FAMILIES, [{"family": family, "score": values["score"]}
@@ -150,7 +209,7 @@ def _write(staging: Path, config: EvalConfig, head: dict, lm: dict | None, tenso
                                    for length, values in metrics["latency"].items()])
     write_json(staging / MEMORY, [{"context_tokens": int(length), **values}
                                   for length, values in metrics["memory"]["by_context"].items()])
-    if config.store_generations:
+    if config.store_generations and records is not None:
         with (staging / GENERATIONS).open("w", encoding="utf-8") as handle:
             for record in records:
                 handle.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -172,21 +231,23 @@ def headline(metrics: dict) -> dict:
     return values
 
 
-def _long_context_cells(items: list[Item], records: list[dict], metrics: dict) -> None:
+def _long_context_cells(items: list[Item], records: list[dict], families: dict) -> None:
     """Recall by (context length, depth) for the long-context family."""
     cells: dict[str, list[float]] = {}
     for item, record in zip(items, records):
         if item.family == "long_context" and "tokens" in item.meta:
             cells.setdefault(f"{item.meta['tokens']}@{item.meta.get('depth')}", []).append(record["correct"])
     if cells:
-        metrics["families"]["long_context"]["by_length_depth"] = {
+        families["long_context"]["by_length_depth"] = {
             key: round(sum(values) / len(values), 6) for key, values in sorted(cells.items())
         }
 
 
 def gguf_spec(path: Path, kv_type: str, config: EvalConfig, repack: bool) -> LoadSpec:
-    """A GGUF file in llama.cpp as the ladder evaluates it."""
-    return LoadSpec(LLAMA_CPP, path, kv_type=kv_type, repack=repack, threads=config.threads)
+    """A GGUF file in llama.cpp as the ladder evaluates it (`eval.batch_size` prompts
+    decoded together)."""
+    return LoadSpec(LLAMA_CPP, path, kv_type=kv_type, repack=repack, threads=config.threads,
+                    batch_size=config.batch_size)
 
 
 def torch_spec(folder: Path, config: EvalConfig, load_runtime: Optional[str] = None) -> LoadSpec:
@@ -206,8 +267,12 @@ def evaluate_on_ladder(config: Any, model_dir: Optional[Path], kv_cache_type: st
         repack = repack_allowed(cpu_info()["isa"])
         base = gguf_spec(Path(paths.gguf_base) / BASE_FILE, "f16", config.eval, repack)
         spec = base if model_dir is None else gguf_spec(model_dir / MODEL_FILE, kv_cache_type, config.eval, repack)
+        # a variant loaded as the baseline is (its file's bytes are checked against the
+        # baseline's quality.json) has the baseline's quality
+        same_load = model_dir is not None and replace(spec, artifact=base.artifact) == base
         return evaluate(spec, config.eval, Path(paths.eval_data), out, reference,
-                        baseline=None if model_dir is None else base)
+                        baseline=None if model_dir is None else base,
+                        reuse=Path(paths.eval) / "baseline" if same_load else None)
     spec = torch_spec(model_dir or Path(paths.baseline), config.eval)
     deployed = torch_spec(spec.artifact, config.eval, config.eval.latency.runtime)
     return evaluate(spec, config.eval, Path(paths.eval_data), out, reference,

@@ -148,6 +148,8 @@ class Layout:
 
     version: int
     values: dict[str, Any]
+    # each key/value's bytes (key, type and value as written)
+    kv_entries: dict[str, bytes]
     kv_bytes: bytes
     tensor_info_bytes: bytes
     tensors: list[TensorInfo]
@@ -226,10 +228,12 @@ def layout(path: Path) -> Layout:
         if version not in (2, 3) or tensor_count > 10**7 or kv_count > 10**7:
             raise IntegrityError(f"{path}: not a valid GGUF file (version {version}, {tensor_count} tensors, "
                                  f"{kv_count} keys)")
-        kv_start, values = cursor.at, {}
+        kv_start, values, entries = cursor.at, {}, {}
         for _ in range(kv_count):
+            start = cursor.at
             key = cursor.string()
             values[key] = cursor.value(cursor.unpack("<I"))
+            entries[key] = bytes(data[start:cursor.at])
         kv_end = cursor.at
         alignment = int(values.get("general.alignment", 32))
         infos = []
@@ -251,7 +255,7 @@ def layout(path: Path) -> Layout:
             if data_start + offset + nbytes > len(data):
                 raise IntegrityError(f"{path}: not a valid GGUF file (tensor {name} runs past the end of the file)")
             tensors.append(TensorInfo(name, dims, quant.name, data_start + offset, nbytes))
-        return Layout(version, values, bytes(data[kv_start:kv_end]), bytes(data[kv_end:info_end]), tensors,
+        return Layout(version, values, entries, bytes(data[kv_start:kv_end]), bytes(data[kv_end:info_end]), tensors,
                       alignment, data_start)
 
 
@@ -281,11 +285,10 @@ def _tensor_header(tensor: TensorInfo) -> bytes:
     return f"{tensor.name}|{tensor.type_name}|{','.join(map(str, tensor.dims))}|".encode()
 
 
-def tensor_digest(path: Path) -> str:
-    """sha256 over every tensor's name, type, dims and data bytes, in the order of the data."""
-    digest = hashlib.sha256()
+def _hash_tensors(path: Path, tensors: list[TensorInfo], digest: Any) -> str:
+    """`digest` updated with each of `tensors`' name, type, dims and data bytes, in order."""
     with path.open("rb") as handle:
-        for tensor in _in_data_order(layout(path).tensors):
+        for tensor in tensors:
             digest.update(_tensor_header(tensor))
             handle.seek(tensor.offset)
             remaining = tensor.nbytes
@@ -294,6 +297,24 @@ def tensor_digest(path: Path) -> str:
                 digest.update(block)
                 remaining -= len(block)
     return digest.hexdigest()
+
+
+def tensor_digest(path: Path) -> str:
+    """sha256 over every tensor's name, type, dims and data bytes, in the order of the data."""
+    return _hash_tensors(path, _in_data_order(layout(path).tensors), hashlib.sha256())
+
+
+def model_digest(path: Path) -> str:
+    """sha256 of what llama.cpp computes with: every key/value but quantbuild's lineage, in
+    key order, and every tensor's name, type, dims and bytes, in name order. Two files with
+    equal digests give the same outputs whatever lineage they carry and however their
+    tensors are laid out (llama-quantize writes an F16 file's tensors in another order)."""
+    source = layout(path)
+    digest = hashlib.sha256()
+    for key in sorted(source.kv_entries):
+        if not key.startswith(PREFIX):
+            digest.update(source.kv_entries[key])
+    return _hash_tensors(path, sorted(source.tensors, key=lambda tensor: tensor.name), digest)
 
 
 def _kv_string(key: str, value: str) -> bytes:

@@ -123,11 +123,13 @@ class LlamaCppModel:
     name = LLAMA_CPP
 
     def __init__(self, path: Path, n_ctx: int = 2048, kv_type: str = "f16", threads: int = 2,
-                 repack: bool = False) -> None:
+                 repack: bool = False, parallel: int = 1) -> None:
         lib = self._lib = _bindings()
         if kv_type not in KV_TYPES:
             raise ConfigError(f"llama.cpp: kv cache type {kv_type!r} is not allowed (allowed: {' | '.join(KV_TYPES)})")
         self.path, self.kv_type, self.threads, self.repack = path, kv_type, threads, repack
+        # greedy completions decoded together: one KV sequence per prompt, one batch per step
+        self.parallel = max(1, parallel)
         layout(path)  # a malformed header or a tensor past the end is one line here, not a crash in C
         start = len(_LOG)
         params = lib.llama_model_default_params()
@@ -146,10 +148,16 @@ class LlamaCppModel:
             raise
         self.buffers = _buffers(_LOG[start:])
 
-    def _open_context(self, n_ctx: int) -> None:
+    def _open_context(self, n_ctx: int, sequences: int = 1) -> None:
+        """A context of `sequences` KV sequences of `n_ctx` tokens each, every sequence in
+        its own KV stream (so a sequence's attention reads its cells exactly as it would
+        alone), taking batches of up to max(n_ctx, sequences) tokens."""
         lib = self._lib
         context = lib.llama_context_default_params()
-        context.n_ctx = context.n_batch = context.n_ubatch = n_ctx
+        context.n_ctx = n_ctx * sequences
+        context.n_batch = context.n_ubatch = max(n_ctx, sequences)
+        context.n_seq_max = sequences
+        context.kv_unified = False
         context.n_threads = context.n_threads_batch = self.threads
         context.type_k = context.type_v = KV_TYPES[self.kv_type]
         if self.kv_type != "f16":
@@ -157,9 +165,9 @@ class LlamaCppModel:
         context.no_perf = True
         self.ctx = lib.llama_init_from_model(self.model, context)
         if not self.ctx:
-            raise QuantbuildError(f"{self.path}: llama.cpp could not create a context of {n_ctx} tokens")
-        self.n_ctx = n_ctx
-        self.batch = lib.llama_batch_init(n_ctx, 0, 1)
+            raise QuantbuildError(f"{self.path}: llama.cpp could not create a context of {sequences} x {n_ctx} tokens")
+        self.n_ctx, self.sequences = n_ctx, sequences
+        self.batch = lib.llama_batch_init(max(n_ctx, sequences), 0, 1)
 
     def _close_context(self) -> None:
         self._lib.llama_batch_free(self.batch)
@@ -179,7 +187,8 @@ class LlamaCppModel:
 
     def describe(self) -> dict[str, Any]:
         return {"runtime": LLAMA_CPP, "deploy_runtime": LLAMA_CPP,
-                "llama_cpp": {"kv_cache_type": self.kv_type, "threads": self.threads, "repack": self.repack}}
+                "llama_cpp": {"kv_cache_type": self.kv_type, "threads": self.threads, "repack": self.repack,
+                              "parallel_sequences": self.parallel}}
 
     def probe_settings(self) -> dict[str, Any]:
         return {"kv_cache_type": self.kv_type, "repack": self.repack}
@@ -201,17 +210,23 @@ class LlamaCppModel:
             pieces += buffer.raw[:size]
         return pieces.decode("utf-8", errors="replace")
 
-    def _decode(self, tokens: list[int], start: int, all_logits: bool) -> None:
+    def _decode(self, tokens: list[int], start: int, all_logits: bool, sequence: int = 0) -> None:
+        """Decode `tokens` of one sequence from position `start`."""
         if start + len(tokens) > self.n_ctx:
             raise QuantbuildError(f"llama.cpp: {start + len(tokens)} tokens exceed the context of {self.n_ctx}")
+        self._submit([(token, start + index, sequence, all_logits or index == len(tokens) - 1)
+                      for index, token in enumerate(tokens)])
+
+    def _submit(self, entries: list[tuple[int, int, int, bool]]) -> None:
+        """One llama_decode of (token, position, sequence, wants logits) entries."""
         batch = self.batch
-        batch.n_tokens = len(tokens)
-        for index, token in enumerate(tokens):
+        batch.n_tokens = len(entries)
+        for index, (token, position, sequence, logits) in enumerate(entries):
             batch.token[index] = token
-            batch.pos[index] = start + index
+            batch.pos[index] = position
             batch.n_seq_id[index] = 1
-            batch.seq_id[index][0] = 0
-            batch.logits[index] = all_logits or index == len(tokens) - 1
+            batch.seq_id[index][0] = sequence
+            batch.logits[index] = logits
         if self._lib.llama_decode(self.ctx, batch) != 0:
             raise QuantbuildError("llama.cpp: decode failed")
 
@@ -243,7 +258,57 @@ class LlamaCppModel:
         return sequence_positions(self, [self.tokenize(text) for text in texts])
 
     def complete(self, prompts: list[str], max_new_tokens: int) -> list[str]:
-        return [self.detokenize(self.generate(self.tokenize(prompt), max_new_tokens)) for prompt in prompts]
+        """Greedy completions, `parallel` prompts at a time (prompts of similar length
+        together): each prompt prefilled alone into its own KV sequence, then one batch per
+        step holding the next token of every sequence still generating. Each output is the
+        one `generate` gives for its prompt alone (a test compares every record)."""
+        tokenized = [self.tokenize(prompt) for prompt in prompts]
+        if self.parallel == 1 or len(prompts) == 1:
+            return [self.detokenize(self.generate(tokens, max_new_tokens)) for tokens in tokenized]
+        order = sorted(range(len(prompts)), key=lambda index: len(tokenized[index]))
+        per_sequence = max(256, -(-(max(map(len, tokenized)) + max_new_tokens) // 256) * 256)
+        outputs: list[str] = [""] * len(prompts)
+        own = (self.n_ctx, self.sequences)
+        self._close_context()
+        self._open_context(per_sequence, min(self.parallel, len(prompts)))
+        try:
+            for start in range(0, len(order), self.sequences):
+                group = order[start : start + self.sequences]
+                generated = self._generate_together([tokenized[index] for index in group], max_new_tokens)
+                for index, tokens in zip(group, generated):
+                    outputs[index] = self.detokenize(tokens)
+        finally:
+            self._close_context()
+            self._open_context(*own)
+        return outputs
+
+    def _generate_together(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        """`generate` for each of `prompts` (at most `sequences`), decoded as one batch per step."""
+        self._reset()
+        generated: list[list[int]] = [[] for _ in prompts]
+        pending: dict[int, int] = {}  # sequence -> the token it decodes next
+        positions = [len(tokens) for tokens in prompts]
+        for sequence, tokens in enumerate(prompts):
+            self._decode(tokens, 0, all_logits=False, sequence=sequence)
+            self._accept(sequence, self._next(), generated, pending, positions, max_new_tokens)
+        while pending:
+            live = sorted(pending)
+            self._submit([(pending[sequence], positions[sequence], sequence, True) for sequence in live])
+            chosen = self._logits(len(live)).argmax(axis=-1)
+            for sequence, token in zip(live, chosen):
+                positions[sequence] += 1
+                self._accept(sequence, int(token), generated, pending, positions, max_new_tokens)
+        return generated
+
+    def _accept(self, sequence: int, token: int, generated: list[list[int]], pending: dict[int, int],
+                positions: list[int], max_new_tokens: int) -> None:
+        """`generate`'s stopping rules for one sequence's next token."""
+        pending.pop(sequence, None)
+        if max_new_tokens <= 0 or self._lib.llama_vocab_is_eog(self.vocab, token):
+            return
+        generated[sequence].append(token)
+        if len(generated[sequence]) < max_new_tokens and positions[sequence] < self.n_ctx:
+            pending[sequence] = token
 
     def reserve(self, tokens: int) -> None:
         """A context of at least 256 tokens and `tokens` rounded up to a multiple of 256
@@ -330,7 +395,8 @@ class LlamaCppModel:
 def open(spec: LoadSpec) -> LlamaCppModel:
     """The GGUF file `spec.artifact` in llama.cpp (`spec.threads` 0: one per core)."""
     return LlamaCppModel(spec.artifact, n_ctx=spec.n_ctx, kv_type=spec.kv_type,
-                         threads=spec.threads or os.cpu_count() or 1, repack=spec.repack)
+                         threads=spec.threads or os.cpu_count() or 1, repack=spec.repack,
+                         parallel=spec.batch_size)
 
 
 def memory_at(path: Path, n_ctx: int, kv_type: str, threads: int, repack: bool) -> dict[str, float]:
