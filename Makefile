@@ -31,13 +31,42 @@ $(LLAMA_SRC)/.extracted: $(VENV)/.created
 
 # The shared libraries the bindings load, and the tools quantbuild runs (quantize, imatrix,
 # perplexity), from the vendored tree; the log goes to build.log.
+#
+# The build is kept in the user's cache, under a key of everything that decides the binaries:
+# the sdist's sha256, the CMake flags, the compilers, CMake and the CPU's instruction-set
+# flags (GGML_NATIVE compiles for this CPU). Another clone on the same machine copies it
+# instead of compiling for five minutes: the tools find their libraries beside them (RPATH
+# $ORIGIN), and a smoke run of each tool must pass first; a missing, partial or failing
+# cache entry is compiled from source, as with LLAMA_CACHE= (no cache).
+LLAMA_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/quantbuild/llama.cpp
+LLAMA_CMAKE_FLAGS := -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON -DCMAKE_BUILD_RPATH_USE_ORIGIN=ON \
+	-DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+	-DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_TOOLS=ON
+LLAMA_KEY = { sha256sum $(LLAMA_DIR)/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz | cut -c1-64; \
+	echo '$(LLAMA_CMAKE_FLAGS) $(LLAMA_TOOLS)'; $${CC:-cc} --version | head -1; $${CXX:-c++} --version | head -1; \
+	cmake --version | head -1; grep -m1 '^flags' /proc/cpuinfo; } | sha256sum | cut -c1-24
+# Each tool starts (its libraries resolve, its instructions run on this CPU) and answers.
+LLAMA_SMOKE = $(LLAMA_DIR)/build/bin/llama-quantize 2>&1 | grep -q '^usage:' \
+	&& $(LLAMA_DIR)/build/bin/llama-imatrix --version >/dev/null 2>&1 \
+	&& $(LLAMA_DIR)/build/bin/llama-perplexity --version >/dev/null 2>&1
+
 $(LLAMA_DIR)/.built: $(LLAMA_SRC)/.extracted
-	cmake -S $(LLAMA_SRC)/vendor/llama.cpp -B $(LLAMA_DIR)/build -DCMAKE_BUILD_TYPE=Release \
-		-DBUILD_SHARED_LIBS=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \
-		-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_TOOLS=ON \
-		> $(LLAMA_DIR)/build.log 2>&1
-	cmake --build $(LLAMA_DIR)/build -j $(JOBS) --target llama $(LLAMA_TOOLS) >> $(LLAMA_DIR)/build.log 2>&1 \
-		|| (tail -30 $(LLAMA_DIR)/build.log; exit 1)
+	@key=$$($(LLAMA_KEY)); cache=$(LLAMA_CACHE)/$$key; \
+	if [ -n "$(LLAMA_CACHE)" ] && [ -f $$cache/.complete ] && rm -rf $(LLAMA_DIR)/build \
+		&& mkdir -p $(LLAMA_DIR)/build && cp -a $$cache/bin $(LLAMA_DIR)/build/ && $(LLAMA_SMOKE); then \
+		echo "llama.cpp: the build for this machine from $$cache"; \
+	else \
+		rm -rf $(LLAMA_DIR)/build; \
+		echo "llama.cpp: compiling the vendored tree (log: $(LLAMA_DIR)/build.log)"; \
+		cmake -S $(LLAMA_SRC)/vendor/llama.cpp -B $(LLAMA_DIR)/build $(LLAMA_CMAKE_FLAGS) > $(LLAMA_DIR)/build.log 2>&1 \
+		&& cmake --build $(LLAMA_DIR)/build -j $(JOBS) --target llama $(LLAMA_TOOLS) >> $(LLAMA_DIR)/build.log 2>&1 \
+		&& $(LLAMA_SMOKE) || { tail -30 $(LLAMA_DIR)/build.log; exit 1; }; \
+		if [ -n "$(LLAMA_CACHE)" ]; then \
+			partial=$$cache.partial.$$$$; mkdir -p $$partial && cp -a $(LLAMA_DIR)/build/bin $$partial/ \
+			&& touch $$partial/.complete && rm -rf $$cache && mv $$partial $$cache \
+			|| { rm -rf $$partial; echo "llama.cpp: could not keep the build in $(LLAMA_CACHE)"; }; \
+		fi; \
+	fi
 	touch $@
 
 # llama.cpp compiles in the background while pip installs the rest (they take about as long).

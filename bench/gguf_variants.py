@@ -6,6 +6,7 @@
     python bench/gguf_variants.py throughput [--items 16]
     python bench/gguf_variants.py noise      [--repeats 8]
     python bench/gguf_variants.py agreement  (after make demo)
+    python bench/gguf_variants.py measures   --targets 3.5 4.5 [--model FOLDER] [--tokens 40000]
 
 speed: quantbuild's gguf quantize (`build_variant`: checks, plan, llama-quantize, the
 lineage rewrite, hashing, the record) against `llama-quantize` called directly on the same
@@ -20,12 +21,16 @@ throughput: the evaluation suites on the same baseline in llama.cpp (its F16 GGU
 the torch path (transformers, float32), same items, same process.
 noise: the gate's latency check of the baseline against itself, over repeated suites: the
 margin a "no slower" latency budget has to allow on this machine.
+measures: the sensitivity stage's two measures on one model: the time each takes, the rank
+correlation of their per-layer tables, and llama.cpp's own KLD (held-out text) of the
+auto-mixes each plans at 3.5 and 4.5 bits per weight (the demo's mix types).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import statistics
 import sys
@@ -386,9 +391,100 @@ def agreement(args: argparse.Namespace) -> None:
     save("gguf_kld_agreement", results)
 
 
+def _spearman(first: list[float], second: list[float]) -> float:
+    """Spearman's rank correlation (average ranks for ties)."""
+    def ranks(values: list[float]) -> list[float]:
+        order = sorted(range(len(values)), key=values.__getitem__)
+        out = [0.0] * len(values)
+        start = 0
+        while start < len(order):
+            end = start
+            while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
+                end += 1
+            for index in order[start:end + 1]:
+                out[index] = (start + end) / 2
+            start = end + 1
+        return out
+
+    a, b = ranks(first), ranks(second)
+    mean_a, mean_b = statistics.fmean(a), statistics.fmean(b)
+    cov = sum((x - mean_a) * (y - mean_b) for x, y in zip(a, b))
+    return cov / ((sum((x - mean_a) ** 2 for x in a) * sum((y - mean_b) ** 2 for y in b)) ** 0.5)
+
+
+def measures(args: argparse.Namespace) -> None:
+    """The KL and weight-error sensitivity measures on one model: time, rank agreement and
+    the KLD of the plans each makes."""
+    from dataclasses import replace
+
+    from quantbuild.config import GgufConfig
+    from quantbuild.gguf_artifacts import MODEL_FILE
+    from quantbuild.quantization import build_variant
+    from quantbuild.sensitivity import KL, WEIGHT_ERROR, load_sensitivity, write_sensitivity
+
+    mix = ["Q2_K", "Q3_K", "IQ4_XS", "Q5_K", "Q6_K"]
+    targets = {f"mix_{str(t).replace('.', 'p')}": GgufConfig(type="Q4_K_S", target_bpw=t, mix_types=mix)
+               for t in args.targets}
+    results: dict = {"model": args.model.name, "measures": {}, "plans": {}}
+    with tempfile.TemporaryDirectory() as folder:
+        work = Path(folder)
+        inputs = _prepare(work, baseline=args.model)
+        calibration = _calibration().sensitivity
+        tables = {}
+        for measure in (KL, WEIGHT_ERROR):
+            config = replace(calibration, measure=measure)
+            started = time.perf_counter()
+            write_sensitivity(args.model, inputs.calibration, targets, config, work / "base", work / measure)
+            seconds = time.perf_counter() - started
+            tables[measure] = {key: load_sensitivity(work / measure, key) for key in targets}
+            results["measures"][measure] = {"seconds": round(seconds, 1)}
+            print(f"{measure}: {seconds:.1f} s", flush=True)
+        first = next(iter(targets))
+        kl_layers, we_layers = tables[KL][first]["layers"], tables[WEIGHT_ERROR][first]["layers"]
+        candidates = tables[KL][first]["candidates"]
+        pairs = [(kl_layers[layer]["kld"][c]["calibration"], we_layers[layer]["kld"][c]["calibration"])
+                 for layer in kl_layers for c in candidates]
+        results["spearman_all"] = _spearman(*map(list, zip(*pairs)))
+        results["spearman_by_candidate"] = {
+            c: _spearman([kl_layers[layer]["kld"][c]["calibration"] for layer in kl_layers],
+                         [we_layers[layer]["kld"][c]["calibration"] for layer in kl_layers]) for c in candidates}
+        # what the planner compares: the divergence removed per extra bit, one type up
+        gains = {"kl": [], "we": []}
+        for layer in kl_layers:
+            for low, high in zip(candidates, candidates[1:]):
+                gains["kl"].append(kl_layers[layer]["kld"][low]["calibration"] - kl_layers[layer]["kld"][high]["calibration"])
+                gains["we"].append(we_layers[layer]["kld"][low]["calibration"] - we_layers[layer]["kld"][high]["calibration"])
+        results["spearman_gains"] = _spearman(gains["kl"], gains["we"])
+        text, logits = _base_logits(work, args.tokens)
+        for key, variant in targets.items():
+            for measure in (KL, WEIGHT_ERROR):
+                record = build_variant("bench", variant, replace(inputs, sensitivity=tables[measure][key]),
+                                       work / "variant")
+                path = work / "variant" / "model" / MODEL_FILE
+                results["plans"][f"{key} {measure}"] = {"decoder_bpw": record["bits_per_weight"],
+                                                        "file_bpw": round(_file_bpw(path), 4),
+                                                        **_kld(path, logits, text)}
+    print(f"{args.model.name}: Spearman rank correlation of the calibration tables, KL vs weight error: "
+          f"all layers x types {results['spearman_all']:.3f}; per type "
+          + ", ".join(f"{c} {v:.3f}" for c, v in results["spearman_by_candidate"].items())
+          + f"; gain per step up {results['spearman_gains']:.3f}")
+    rows, logs = [], []
+    for key in targets:
+        kl, we = results["plans"][f"{key} {KL}"], results["plans"][f"{key} {WEIGHT_ERROR}"]
+        logs.append(math.log(we["kld_mean"] / kl["kld_mean"]))
+        rows.append([targets[key].target_bpw, f"{kl['decoder_bpw']:.3f} / {we['decoder_bpw']:.3f}",
+                     f"{kl['kld_mean']:.6f}", f"{we['kld_mean']:.6f}", f"{we['kld_mean'] / kl['kld_mean']:.3f}"])
+    results["geomean_kld_ratio"] = math.exp(sum(logs) / len(logs))
+    print(table(["target bpw", "decoder bpw (kl / weight_error)", "KLD, kl plan", "KLD, weight_error plan",
+                 "ratio"], rows))
+    print(f"geometric mean of the KLD ratio (weight_error / kl): {results['geomean_kld_ratio']:.3f}")
+    save(f"sensitivity_measures_{args.model.name}", results)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("speed", "quality", "imatrix", "throughput", "noise", "agreement"))
+    parser.add_argument("what", choices=("speed", "quality", "imatrix", "throughput", "noise", "agreement",
+                                               "measures"))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=60000)
     parser.add_argument("--items", type=int, default=16)
@@ -397,7 +493,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["baseline", "random-100m"], choices=("baseline", "random-100m"))
     args = parser.parse_args()
     {"speed": speed, "quality": quality, "imatrix": imatrix, "throughput": throughput, "noise": noise,
-     "agreement": agreement}[args.what](args)
+     "agreement": agreement, "measures": measures}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -164,6 +164,8 @@ def test_auto_mix_stays_within_its_target_and_promotes_the_most_sensitive(built,
     # the promoted layers are, on average, the more sensitive ones at the cheapest type
     assert sum(kld[n] for n in promoted) / len(promoted) > sum(kld[n] for n in kept) / len(kept)
     assert record["sensitivity_sha256"] == table["sha256"]
+    # the plan names the measure that made it (on a model this small, by default, the measured KL)
+    assert record["sensitivity_measure"] == table["measure"] == "kl"
 
 
 def test_sensitivity_is_measured_per_candidate_and_family_and_is_deterministic(sensitivity, inputs, base, tmp_path):
@@ -177,6 +179,73 @@ def test_sensitivity_is_measured_per_candidate_and_family_and_is_deterministic(s
     write_sensitivity(BASELINE, inputs.calibration, {"mix_3p8": VARIANTS["mix_3p8"]}, CALIBRATION.sensitivity, base,
                       tmp_path / "again")
     assert sha256_file(tmp_path / "again" / "mix_3p8.json") == sha256_file(sensitivity / "mix_3p8.json")
+
+
+def test_the_weight_space_measure_finds_the_tensor_with_injected_outliers(inputs, base, tmp_path):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from quantbuild.runtimes.gguf_file import convert
+    from quantbuild.sensitivity import WEIGHT_ERROR, measure
+
+    model = tmp_path / "model"
+    shutil.copytree(BASELINE, model)
+    weights = load_file(str(model / "model.safetensors"))
+    name = "model.layers.2.mlp.down_proj"
+    tensor = weights[f"{name}.weight"].float()
+    generator = torch.Generator().manual_seed(0)
+    picked = torch.randperm(tensor.numel(), generator=generator)[: tensor.numel() // 200]
+    tensor.view(-1)[picked] *= 20.0  # 0.5% of the weights become outliers
+    weights[f"{name}.weight"] = tensor.to(weights[f"{name}.weight"].dtype)
+    save_file(weights, str(model / "model.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "base").mkdir()
+    convert(model, tmp_path / "base" / BASE_FILE, "f16")
+    variant = GgufConfig(type="Q4_K_S", target_bpw=4.5, mix_types=["Q3_K", "Q6_K"])
+    config = replace(CALIBRATION.sensitivity, measure=WEIGHT_ERROR)
+    table = measure(model, inputs.calibration, {"mix": variant}, config, tmp_path / "base")["mix"]
+    clean = measure(BASELINE, inputs.calibration, {"mix": variant}, config, base)["mix"]
+    assert table["measure"] == WEIGHT_ERROR and table["candidates"] == ["Q3_K", "Q6_K"]
+    error = {layer: entry["kld"]["Q3_K"]["calibration"] for layer, entry in table["layers"].items()}
+    before = {layer: entry["kld"]["Q3_K"]["calibration"] for layer, entry in clean["layers"].items()}
+    # the tensor with the outliers is the one whose sensitivity grew the most (the layers
+    # its output feeds, much less)
+    growth = sorted((error[layer] / before[layer], layer) for layer in error)
+    assert growth[-1][1] == name and growth[-1][0] > 1.5 * growth[-2][0] and growth[-1][0] > 3, growth[-3:]
+    # more bits, less error, for every layer and probe set
+    for entry in table["layers"].values():
+        assert all(entry["kld"]["Q3_K"][probes] > entry["kld"]["Q6_K"][probes] > 0 for probes in entry["kld"]["Q3_K"])
+
+
+def test_the_weight_space_measure_orders_layers_as_the_measured_kl_does(sensitivity, inputs, base):
+    from quantbuild.sensitivity import WEIGHT_ERROR, measure
+
+    config = replace(CALIBRATION.sensitivity, measure=WEIGHT_ERROR)
+    estimated = measure(BASELINE, inputs.calibration, {"mix": VARIANTS["mix_3p8"]}, config, base)["mix"]
+    measured = load_sensitivity(sensitivity, "mix_3p8")
+    assert estimated["measure"] == WEIGHT_ERROR and measured["measure"] == "kl"
+    assert estimated["candidates"] == measured["candidates"] and set(estimated["probes"]) == set(measured["probes"])
+    # the same order of layers, by and large, at the cheapest type on the calibration mix,
+    # and the same order of magnitude (both estimate the mean KL per scored position)
+    layers = sorted(measured["layers"])
+    pairs = [(measured["layers"][name]["kld"]["Q3_K+imatrix"]["calibration"],
+              estimated["layers"][name]["kld"]["Q3_K+imatrix"]["calibration"]) for name in layers]
+    rank = lambda values: [sorted(values).index(value) for value in values]  # noqa: E731
+    first, second = rank([a for a, _ in pairs]), rank([b for _, b in pairs])
+    n = len(pairs)
+    assert 1 - 6 * sum((a - b) ** 2 for a, b in zip(first, second)) / (n * (n * n - 1)) > 0.7
+    total_measured, total_estimated = sum(a for a, _ in pairs), sum(b for _, b in pairs)
+    assert 0.2 < total_estimated / total_measured < 5
+
+
+def test_auto_takes_the_weight_space_measure_from_its_model_size_up():
+    from quantbuild.sensitivity import KL, WEIGHT_ERROR, measure_of
+
+    auto = SensitivityConfig(auto_weight_error_params=100_000_000)
+    assert measure_of(auto, 8_000_000) == KL and measure_of(auto, 100_000_000) == WEIGHT_ERROR
+    assert measure_of(replace(auto, measure=KL), 10**10) == KL
+    assert measure_of(replace(auto, measure=WEIGHT_ERROR), 1) == WEIGHT_ERROR
 
 
 def test_candidate_weights_are_llama_quantize_s_read_back_in_hf_layout(base, inputs, tmp_path):

@@ -58,6 +58,10 @@ class SensitivityConfig:
 
     samples: int = 4
     family_tokens: int = 1536
+    # kl | weight_error | auto (weight_error for models of at least auto_weight_error_params
+    # decoder weights, where the measured KL costs hours on a CPU): src/quantbuild/sensitivity.py
+    measure: str = "auto"
+    auto_weight_error_params: int = 100_000_000
 
 
 @dataclass
@@ -475,6 +479,10 @@ def _check_ranges(config: Config) -> None:
              f"0..calibration.samples ({calibration.samples}); 0 = not measured")
     _require(0 <= sensitivity.family_tokens <= 65536, "calibration.sensitivity.family_tokens",
              sensitivity.family_tokens, "0..65536 (0 = no per-family measurement)")
+    _require(sensitivity.measure in ("auto", "kl", "weight_error"), "calibration.sensitivity.measure",
+             sensitivity.measure, "auto | kl | weight_error")
+    _require(sensitivity.auto_weight_error_params >= 0, "calibration.sensitivity.auto_weight_error_params",
+             sensitivity.auto_weight_error_params, ">= 0")
     _require(1 <= calibration.imatrix_samples <= 1000000, "calibration.imatrix_samples", calibration.imatrix_samples,
              "1..1000000")
     _require(32 <= calibration.imatrix_chunk <= 32768, "calibration.imatrix_chunk", calibration.imatrix_chunk,

@@ -87,6 +87,9 @@ def build_variant(name: str, variant: Any, inputs: Inputs, out: Path) -> dict:
             "libraries": libraries_of(method.name),
             "calibration_samples": len(calibration),
             "sensitivity_sha256": (inputs.sensitivity or {}).get("sha256") if _uses_sensitivity(variant) else None,
+            # which measure made the plan: kl (measured) or weight_error (src/quantbuild/sensitivity.py)
+            "sensitivity_measure": (inputs.sensitivity or {}).get("measure", "kl") if _uses_sensitivity(variant)
+            else None,
             **_planned(plan, layers, inputs.sensitivity if _uses_sensitivity(variant) else None),
             "size_bytes": size,
             "files": files,
