@@ -33,7 +33,8 @@ from quantbuild.sensitivity import FAMILIES, Candidate, gguf_weights, load_sensi
 pytestmark = pytest.mark.slow
 
 CALIBRATION = CalibrationConfig(sources={"workflow_prompts": 0.5, "tool_calls": 0.3, "domain_text": 0.2}, samples=6,
-                                seq_len=96, sensitivity=SensitivityConfig(samples=2, family_tokens=256),
+                                seq_len=96, sensitivity=SensitivityConfig(samples=2, family_tokens=256,
+                                                                          measure="weight_error"),
                                 imatrix_samples=40, imatrix_chunk=128)
 DATA = REPO / "data" / "calibration"
 
@@ -67,7 +68,8 @@ def inputs(tmp_path_factory, base) -> Inputs:
 
 @pytest.fixture(scope="module")
 def sensitivity(tmp_path_factory, inputs, base) -> Path:
-    """The sensitivity stage's tables for VARIANTS (mix_3p8: four llama.cpp types with the imatrix)."""
+    """The sensitivity stage's tables for VARIANTS (mix_3p8: four llama.cpp types with the
+    imatrix), by the weight-space measure (the measured KL: its own test below)."""
     out = tmp_path_factory.mktemp("sensitivity") / "sensitivity"
     write_sensitivity(BASELINE, inputs.calibration, VARIANTS, CALIBRATION.sensitivity, base, out)
     return out
@@ -164,8 +166,8 @@ def test_auto_mix_stays_within_its_target_and_promotes_the_most_sensitive(built,
     # the promoted layers are, on average, the more sensitive ones at the cheapest type
     assert sum(kld[n] for n in promoted) / len(promoted) > sum(kld[n] for n in kept) / len(kept)
     assert record["sensitivity_sha256"] == table["sha256"]
-    # the plan names the measure that made it (on a model this small, by default, the measured KL)
-    assert record["sensitivity_measure"] == table["measure"] == "kl"
+    # the plan names the measure that made it
+    assert record["sensitivity_measure"] == table["measure"] == "weight_error"
 
 
 def test_sensitivity_is_measured_per_candidate_and_family_and_is_deterministic(sensitivity, inputs, base, tmp_path):
@@ -218,16 +220,17 @@ def test_the_weight_space_measure_finds_the_tensor_with_injected_outliers(inputs
         assert all(entry["kld"]["Q3_K"][probes] > entry["kld"]["Q6_K"][probes] > 0 for probes in entry["kld"]["Q3_K"])
 
 
-def test_the_weight_space_measure_orders_layers_as_the_measured_kl_does(sensitivity, inputs, base):
-    from quantbuild.sensitivity import WEIGHT_ERROR, measure
+def test_the_measured_kl_orders_layers_as_the_weight_space_measure_does_and_repeats(sensitivity, inputs, base):
+    from quantbuild.sensitivity import KL, measure
 
-    config = replace(CALIBRATION.sensitivity, measure=WEIGHT_ERROR)
-    estimated = measure(BASELINE, inputs.calibration, {"mix": VARIANTS["mix_3p8"]}, config, base)["mix"]
-    measured = load_sensitivity(sensitivity, "mix_3p8")
-    assert estimated["measure"] == WEIGHT_ERROR and measured["measure"] == "kl"
-    assert estimated["candidates"] == measured["candidates"] and set(estimated["probes"]) == set(measured["probes"])
+    config = replace(CALIBRATION.sensitivity, measure=KL, family_tokens=0)
+    variant = replace(VARIANTS["mix_3p8"], mix_types=["Q3_K", "Q6_K"])
+    measured = measure(BASELINE, inputs.calibration, {"mix": variant}, config, base)["mix"]
+    estimated = load_sensitivity(sensitivity, "mix_3p8")
+    assert measured["measure"] == KL and estimated["measure"] == "weight_error"
+    assert measured["candidates"] == ["Q3_K+imatrix", "Q6_K+imatrix"] and set(measured["probes"]) == {"calibration"}
     # the same order of layers, by and large, at the cheapest type on the calibration mix,
-    # and the same order of magnitude (both estimate the mean KL per scored position)
+    # and the same order of magnitude (both are the mean KL per scored position)
     layers = sorted(measured["layers"])
     pairs = [(measured["layers"][name]["kld"]["Q3_K+imatrix"]["calibration"],
               estimated["layers"][name]["kld"]["Q3_K+imatrix"]["calibration"]) for name in layers]
@@ -235,8 +238,12 @@ def test_the_weight_space_measure_orders_layers_as_the_measured_kl_does(sensitiv
     first, second = rank([a for a, _ in pairs]), rank([b for _, b in pairs])
     n = len(pairs)
     assert 1 - 6 * sum((a - b) ** 2 for a, b in zip(first, second)) / (n * (n * n - 1)) > 0.7
-    total_measured, total_estimated = sum(a for a, _ in pairs), sum(b for _, b in pairs)
-    assert 0.2 < total_estimated / total_measured < 5
+    assert 0.2 < sum(b for _, b in pairs) / sum(a for a, _ in pairs) < 5
+    # measured again: the same numbers
+    single = replace(variant, mix_types=["Q3_K"])
+    again = measure(BASELINE, inputs.calibration, {"mix": single}, config, base)["mix"]
+    assert all(again["layers"][name]["kld"]["Q3_K+imatrix"] == measured["layers"][name]["kld"]["Q3_K+imatrix"]
+               for name in layers)
 
 
 def test_auto_takes_the_weight_space_measure_from_its_model_size_up():
