@@ -261,13 +261,7 @@ class _Scorer:
                     self.reference[name].append(torch.log_softmax(out.logits.float()[scored], dim=-1))
 
     def _batch(self, probes: list[Probe]) -> tuple[Any, Any, Any]:
-        import torch
-
-        ids, mask = _padded(probes, self.device)
-        scored = torch.zeros(tuple(ids.shape), dtype=torch.bool)
-        for row, probe in enumerate(probes):
-            scored[row, probe.first: len(probe.ids) - 1] = True
-        return ids, mask, scored.to(self.device)
+        return _padded(probes, self.device)
 
     def block_of(self, layer: str) -> int:
         return next(index for index, block in enumerate(self.blocks)
@@ -351,10 +345,7 @@ class _Importance:
         handles = [module.register_forward_hook(keep(name)) for name, module in self.linears.items()]
         try:
             for group in _groups(probes):
-                ids, mask = _padded(group, self.device)
-                scored = torch.zeros(tuple(ids.shape), dtype=torch.bool, device=self.device)
-                for row, probe in enumerate(group):
-                    scored[row, probe.first: len(probe.ids) - 1] = True
+                ids, mask, scored = _padded(group, self.device)
                 with torch.enable_grad():
                     # gradients flow from the embeddings on (the weights themselves need none)
                     embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
@@ -386,17 +377,19 @@ class _Importance:
         return {name: float((fisher * delta).sum()) * scale for name, (fisher, scale) in self.fisher[layer].items()}
 
 
-def _padded(probes: list[Probe], device: str) -> tuple[Any, Any]:
-    """(token IDs, attention mask) of `probes`, right-padded to the longest."""
+def _padded(probes: list[Probe], device: str) -> tuple[Any, Any, Any]:
+    """(token IDs, attention mask, scored positions) of `probes`, right-padded to the longest."""
     import torch
 
     width = max(len(p.ids) for p in probes)
     ids = torch.zeros((len(probes), width), dtype=torch.long)
     mask = torch.zeros((len(probes), width), dtype=torch.long)
+    scored = torch.zeros((len(probes), width), dtype=torch.bool)
     for row, probe in enumerate(probes):
         ids[row, : len(probe.ids)] = torch.tensor(probe.ids)
         mask[row, : len(probe.ids)] = 1
-    return ids.to(device), mask.to(device)
+        scored[row, probe.first: len(probe.ids) - 1] = True
+    return ids.to(device), mask.to(device), scored.to(device)
 
 
 def measure_of(config: SensitivityConfig, parameters: int) -> str:

@@ -90,8 +90,10 @@ def evaluate(spec: LoadSpec, config: EvalConfig, data_dir: Path, out: Path, refe
     generative = [item for family, family_items in items.items() if family != "language_modelling"
                   for item in family_items]
     lm_texts = [item.prompt for item in items.get("language_modelling", [])]
-    # a GGUF file's model digest (weights and inference metadata, not quantbuild's lineage)
-    model_sha256 = model_digest(spec.artifact) if spec.runtime == LLAMA_CPP else None
+    # a GGUF file's model digest (weights and inference metadata, not quantbuild's lineage):
+    # recorded by the baseline, compared by a variant that may reuse its quality
+    recorded = spec.runtime == LLAMA_CPP and (reference is None or reuse is not None)
+    model_sha256 = model_digest(spec.artifact) if recorded else None
     reused = _reused_quality(reuse, model_sha256, digests, config) if reuse is not None else None
     stored = distributions.load_reference(reference) if reference is not None and reused is None else None
     with staged_dir(out) as staging:

@@ -266,7 +266,7 @@ class LlamaCppModel:
         if self.parallel == 1 or len(prompts) == 1:
             return [self.detokenize(self.generate(tokens, max_new_tokens)) for tokens in tokenized]
         order = sorted(range(len(prompts)), key=lambda index: len(tokenized[index]))
-        per_sequence = max(256, -(-(max(map(len, tokenized)) + max_new_tokens) // 256) * 256)
+        per_sequence = _context_size(max(map(len, tokenized)) + max_new_tokens)
         outputs: list[str] = [""] * len(prompts)
         own = (self.n_ctx, self.sequences)
         self._close_context()
@@ -283,7 +283,9 @@ class LlamaCppModel:
         return outputs
 
     def _generate_together(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-        """`generate` for each of `prompts` (at most `sequences`), decoded as one batch per step."""
+        """Greedy continuations of `prompts` (at most `sequences`), each stopping at an
+        end-of-generation token, the budget or the end of its context: every prompt
+        prefilled alone into its own sequence, then one batch per step."""
         self._reset()
         generated: list[list[int]] = [[] for _ in prompts]
         pending: dict[int, int] = {}  # sequence -> the token it decodes next
@@ -302,7 +304,7 @@ class LlamaCppModel:
 
     def _accept(self, sequence: int, token: int, generated: list[list[int]], pending: dict[int, int],
                 positions: list[int], max_new_tokens: int) -> None:
-        """`generate`'s stopping rules for one sequence's next token."""
+        """The stopping rules for one sequence's next token."""
         pending.pop(sequence, None)
         if max_new_tokens <= 0 or self._lib.llama_vocab_is_eog(self.vocab, token):
             return
@@ -313,7 +315,7 @@ class LlamaCppModel:
     def reserve(self, tokens: int) -> None:
         """A context of at least 256 tokens and `tokens` rounded up to a multiple of 256
         (the KV cache is allocated once, at its size)."""
-        n_ctx = max(256, -(-tokens // 256) * 256)
+        n_ctx = _context_size(tokens)
         if n_ctx > self.n_ctx:
             self._close_context()
             self._open_context(n_ctx)
@@ -327,20 +329,7 @@ class LlamaCppModel:
 
     def generate(self, tokens: list[int], max_new_tokens: int) -> list[int]:
         """Greedy continuation (argmax), stopping at an end-of-generation token."""
-        self._reset()
-        self._decode(tokens, 0, all_logits=False)
-        generated: list[int] = []
-        position = len(tokens)
-        for _ in range(max_new_tokens):
-            token = self._next()
-            if self._lib.llama_vocab_is_eog(self.vocab, token):
-                break
-            generated.append(token)
-            if len(generated) == max_new_tokens or position >= self.n_ctx:
-                break
-            self._decode([token], position, all_logits=False)
-            position += 1
-        return generated
+        return self._generate_together([tokens], max_new_tokens)[0]
 
     def timed(self, tokens: list[int], new_tokens: int) -> Timing:
         """Time to first token (prefill + first argmax) and decode seconds per token after it."""
@@ -363,8 +352,7 @@ class LlamaCppModel:
         context where weights + KV + compute buffers cross the budget."""
         by_context, per_token, fixed = {}, 0.0, 0.0
         for length in sorted(context_lengths):
-            with LlamaCppModel(self.path, length, self.kv_type, self.threads, self.repack) as sized:
-                buffers = dict(sized.buffers)
+            buffers = memory_at(self.path, length, self.kv_type, self.threads, self.repack)
             total = sum(buffers.values())
             by_context[str(length)] = {"peak_mb": round(total, 3), "kv_cache_mb": buffers.get("kv_cache", 0.0),
                                        "weights_mb": buffers.get("weights", 0.0),
@@ -390,6 +378,12 @@ class LlamaCppModel:
         context, the same whatever context the evaluation needed."""
         with LlamaCppModel(self.path, 256, self.kv_type, threads, self.repack) as model:
             yield model
+
+
+def _context_size(tokens: int) -> int:
+    """KV cells for sequences of `tokens` tokens: at least 256, in blocks of 256 (llama.cpp
+    allocates the cache once, at its size)."""
+    return max(256, -(-tokens // 256) * 256)
 
 
 def open(spec: LoadSpec) -> LlamaCppModel:
