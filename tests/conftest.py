@@ -81,7 +81,7 @@ def has_cuda() -> bool:
 # The order files are handed to workers in (xdist takes them from the front): first the file
 # whose first test builds the shared project, then the long independent files, the other
 # users of the shared project last, when it is long built and no worker waits for it.
-FIRST = ("test_pipeline_e2e.py", "test_gguf.py", "test_quantization.py", "test_sibling.py", "test_torch_ladder.py",
+FIRST = ("test_pipeline_e2e.py", "test_gguf.py", "test_quantization.py", "test_chat_pipeline.py", "test_torch_ladder.py",
          "test_baseline.py")
 LAST = ("test_fanout.py", "test_release_e2e.py", "test_drift_e2e.py")
 

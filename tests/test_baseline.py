@@ -11,10 +11,10 @@ from quantbuild.runtimes.torch_stack import TorchRuntime
 from quantbuild.tasks.items import load_items
 
 
-SIBLING = REPO / "data" / "baseline" / "workflow-llama-33m"
+CHAT = REPO / "data" / "baseline" / "workflow-chat-33m"
 
 
-@pytest.mark.parametrize("preset", ["workflow-llama-8m", "workflow-llama-33m"])
+@pytest.mark.parametrize("preset", ["workflow-llama-8m", "workflow-chat-33m"])
 def test_files_match_their_pins(preset):
     pins = yaml.safe_load((REPO / "conf" / "model" / f"{preset}.yaml").read_text())
     assert pins["path"] == f"data/baseline/{preset}"
@@ -61,39 +61,56 @@ def test_solves_a_sample_of_each_family(loaded, family):
     assert sum(record["correct"] for record in records) / len(records) >= FLOORS[family]
 
 
-def test_the_larger_sibling_is_4x_and_solves_retrieval_with_citation(loaded):
-    """workflow-llama-33m (issue #12): at least 4x the bundled model's parameters, the same
-    tokenizer, and retrieval with citation at the bar the 8M model misses (0.90; measured
-    1.000 on 300 items), here on a sample in float32 on the CPU."""
+# The instruct model through its template on the CPU: samples, floors below its measured
+# scores (data/baseline/workflow-chat-33m/README.md: 1.000, 0.987, 0.903, 0.967).
+CHAT_FLOORS = {"structured": 0.9, "retrieval": 0.85, "long_context": 0.75, "reasoning": 0.7}
+
+
+def test_the_instruct_model_answers_through_its_template_and_is_4x(loaded):
+    """workflow-chat-33m (issue #25): at least 4x the bundled model's parameters, a chat
+    tokenizer the bundled script makes from the bundled tokenizer, and the base bars met when
+    prompted through its template (tool calls in <tool_call> tags, retrieval after a search
+    turn), on 20 items per family in float32 on the CPU, with no degenerate output."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from quantbuild.baseline.chat import make_chat_tokenizer
     from quantbuild.evaluation.suites import run_generative
+    from quantbuild.prompts import prompt_format
 
-    assert (SIBLING / "tokenizer.json").read_bytes() == (BASELINE / "tokenizer.json").read_bytes()
-    tokenizer = AutoTokenizer.from_pretrained(str(SIBLING))
-    model = AutoModelForCausalLM.from_pretrained(str(SIBLING), dtype=torch.float32).eval()
+    made = REPO / ".pytest_cache" / "chat-tokenizer"
+    make_chat_tokenizer(BASELINE, made)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        assert (made / name).read_bytes() == (CHAT / name).read_bytes(), name
+    tokenizer = AutoTokenizer.from_pretrained(str(CHAT))
+    model = AutoModelForCausalLM.from_pretrained(str(CHAT), dtype=torch.float32).eval()
     bundled, _ = loaded
     assert model.num_parameters() >= 4 * bundled.num_parameters()
-    items = load_items(REPO / "data" / "eval" / "retrieval.jsonl")[:40]
-    records = run_generative(TorchRuntime(model, tokenizer, batch_size=40), items)
-    assert sum(record["correct"] for record in records) / len(records) >= 0.9
+    fmt = prompt_format(tokenizer.chat_template)
+    assert fmt.tool_call_format == "hermes"
+    runtime = TorchRuntime(model, tokenizer, batch_size=20)
+    for family, floor in CHAT_FLOORS.items():
+        items = load_items(REPO / "data" / "eval" / f"{family}.jsonl")[:20]
+        records = run_generative(runtime, items, fmt)
+        assert sum(record["correct"] for record in records) / len(records) >= floor, family
+        assert not any(record.get("degenerate") for record in records), family
 
 
-def test_the_sibling_preset_composes_validates_and_fetches(tmp_path, monkeypatch):
-    """`model=workflow-llama-33m` is a whole pipeline config, and fetch checks and copies its
-    sharded weights (index and five shards) like any pinned folder."""
+def test_the_chat_preset_composes_validates_and_fetches(tmp_path, monkeypatch):
+    """`model=workflow-chat-33m` is a whole pipeline config, and fetch checks and copies its
+    sharded weights (index and five shards) and its template like any pinned folder."""
     from quantbuild.config import compose
     from quantbuild.validation import validate_raw
     from quantbuild.sources import fetch
 
     monkeypatch.chdir(REPO)
-    config = validate_raw(compose(REPO / "conf", ["model=workflow-llama-33m"]))
-    assert config.model.name == "workflow-llama-33m" and config.model.path == "data/baseline/workflow-llama-33m"
+    config = validate_raw(compose(REPO / "conf", ["model=workflow-chat-33m"]))
+    assert config.model.name == "workflow-chat-33m" and config.model.path == "data/baseline/workflow-chat-33m"
     record = fetch(config.model, tmp_path / "baseline")
     assert record["files"] == config.model.files
     assert sum(name.endswith(".safetensors") for name in record["files"]) == 5
     assert all((tmp_path / "baseline" / name).is_file() for name in config.model.files)
+    assert "chat_template.jinja" in record["files"]
 
 
 def test_perplexity_is_low_on_held_out_text(loaded):

@@ -79,6 +79,19 @@ def test_retrieval_items_have_distractors():
         ('{"id": "a", "family": "reasoning", "prompt": "p", "expected": "1", "scorer": "exact"', "invalid JSON"),
         ('{"id": "a", "family": "structured", "prompt": "p", "expected": {}, "scorer": "json_tool_call", "schema": {"type": 5}}',
          "not a valid JSON Schema"),
+        # instruct-model items (issue #25): a conversation instead of, or beside, the raw prompt
+        ('{"id": "a", "family": "reasoning", "expected": "1", "scorer": "exact"}', "needs 'prompt'"),
+        ('{"id": "a", "family": "reasoning", "messages": [], "expected": "1", "scorer": "exact"}',
+         "'messages' must be a non-empty list"),
+        ('{"id": "a", "family": "reasoning", "messages": [{"role": "robot", "content": "x"}], "expected": "1", '
+         '"scorer": "exact"}', "messages[0]: needs a 'role'"),
+        ('{"id": "a", "family": "reasoning", "messages": [{"role": "user", "content": "x"}, {"role": "assistant", '
+         '"content": "1"}], "expected": "1", "scorer": "exact"}', "the last message is the assistant's"),
+        ('{"id": "a", "family": "reasoning", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": '
+         '"function", "function": {"name": "f", "parameters": {"type": "objekt"}}}], "expected": "1", "scorer": "exact"}',
+         "tools[0] (f) parameters: 'parameters' is not a valid JSON Schema"),
+        ('{"id": "a", "family": "reasoning", "messages": [{"role": "user", "content": "x"}], "tools": [{"name": "f"}], '
+         '"expected": "1", "scorer": "exact"}', "tools[0]: expected"),
     ],
 )
 def test_bad_lines_are_rejected_with_file_and_line(tmp_path, line, message):

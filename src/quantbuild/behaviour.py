@@ -6,7 +6,8 @@ version string stays the same. So every evaluated variant records a fixed set of
 the runtime it was validated on, and every bundle carries them:
 
 - the probes: synthetic prompts from the task-family generators with their own seed (no
-  eval, calibration or user text), stored as token IDs only;
+  eval, calibration or user text), formed as the model is deployed (through an instruct
+  model's chat template), stored as token IDs only;
 - per probe and position, the top-k log-probabilities, and the greedy continuation;
 - tolerances set from the runtime's own spread (the same probes rerun at other thread
   counts), with a floor below which differences are rounding.
@@ -24,6 +25,7 @@ from typing import Any, Optional
 
 from quantbuild.errors import DataError, IntegrityError
 from quantbuild.hashing import read_json, sha256_file, sha256_json, write_json
+from quantbuild.prompts import PromptFormat
 from quantbuild.runtimes.protocol import Runtime, sequence_positions
 
 PROBES = "probes.safetensors"
@@ -34,6 +36,8 @@ PROBE_SEED = 91_000_003
 PROBES_PER_FAMILY = 2
 PROBE_FAMILIES = ("language_modelling", "structured", "retrieval", "reasoning")
 MAX_PROBE_TOKENS = 96
+# a conversation through a chat template carries a system prompt and tool definitions first
+MAX_CHAT_PROBE_TOKENS = 512
 NEW_TOKENS = 16
 TOP_K = 8
 # Below these the spread is rounding: tolerances are never tighter.
@@ -41,14 +45,16 @@ KLD_FLOOR = 1e-5
 TOP1_SLACK = 0.01
 
 
-def probe_prompts() -> list[tuple[str, str, str]]:
-    """(id, family, text) of the probe prompts: synthetic, seeded, the same on every machine."""
+def probe_prompts(prompt_format: Optional[PromptFormat] = None) -> list[tuple[str, str, str]]:
+    """(id, family, text) of the probe prompts: synthetic, seeded, the same on every machine;
+    through the chat template of `prompt_format` where it has one (prose stays prose)."""
     from quantbuild.tasks import GENERATORS
 
     prompts = []
     for family in PROBE_FAMILIES:
         for index, item in enumerate(GENERATORS[family](PROBES_PER_FAMILY, PROBE_SEED)):
-            prompts.append((f"probe-{family}-{index}", family, item.prompt))
+            chat = prompt_format is not None and prompt_format.chat and item.messages is not None
+            prompts.append((f"probe-{family}-{index}", family, prompt_format.render(item) if chat else item.prompt))
     return prompts
 
 
@@ -74,16 +80,19 @@ def _threads() -> int:
     return os.cpu_count() or 1
 
 
-def record(runtime: Runtime, out: Path) -> dict[str, Any]:
+def record(runtime: Runtime, out: Path, prompt_format: Optional[PromptFormat] = None) -> dict[str, Any]:
     """Record the probes as `runtime` answers them, into `out/` (probes.safetensors,
     behaviour.json, with the runtime's probe settings), with tolerances from reruns at
-    other thread counts."""
+    other thread counts. An instruct model's probes are conversations through its chat
+    template (`prompt_format`), tokenized with their special tokens."""
     from quantbuild.evaluation.distributions import save_reference
 
-    prompts = probe_prompts()
+    prompts = probe_prompts(prompt_format)
+    chat = prompt_format is not None and prompt_format.chat
+    cap = MAX_CHAT_PROBE_TOKENS if chat else MAX_PROBE_TOKENS
     workers = _threads()
     with runtime.at_threads(workers) as model:
-        sequences = [model.tokenize(text)[:MAX_PROBE_TOKENS] for _, _, text in prompts]
+        sequences = [model.tokenize(text, chat)[:cap] for _, _, text in prompts]
         tensors, greedy = _run(model, sequences)
         spread = [_compare(tensors, greedy, model, sequences)]
     thread_counts = sorted({1, max(1, workers // 2), workers})
@@ -104,6 +113,7 @@ def record(runtime: Runtime, out: Path) -> dict[str, Any]:
         "probes": [{"id": probe_id, "family": family, "prompt_tokens": len(tokens), "greedy_tokens": len(out_tokens)}
                    for (probe_id, family, _), tokens, out_tokens in zip(prompts, sequences, greedy)],
         "probe_seed": PROBE_SEED,
+        **(prompt_format.describe() if prompt_format is not None else {"prompt_format": "raw"}),
         # digests, never the text: what the probes were and what they tokenized to
         "probe_text_sha256": sha256_json([text for _, _, text in prompts]),
         "probe_tokens_sha256": sha256_json(sequences),

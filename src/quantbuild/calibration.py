@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import Optional
 
 from quantbuild.config import CalibrationConfig
 from quantbuild.errors import DataError
 from quantbuild.hashing import sha256_bytes, sha256_file, staged_dir, write_json
+from quantbuild.prompts import ChatTemplate
 from quantbuild.tasks.calibration_sources import load_source
 
 TOKENS = "tokens.safetensors"
@@ -29,9 +31,13 @@ def allocate(samples: int, weights: dict[str, float]) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def draw_texts(config: CalibrationConfig, data_dir: Path, samples: int) -> tuple[list[str], dict]:
+def draw_texts(config: CalibrationConfig, data_dir: Path, samples: int,
+               chat_template: Optional[str] = None) -> tuple[list[str], dict]:
     """`samples` texts drawn from the sources in proportion to their weights (seeded), and
-    the composition: per source its file, sha256, weight, samples drawn and pool size."""
+    the composition: per source its file, sha256, weight, samples drawn, pool size and
+    whether its conversations were rendered through `chat_template` (an instruct model's;
+    `calibration.chat` switches a source, default on where its records are conversations)."""
+    template = ChatTemplate(chat_template) if chat_template else None
     composition = {}
     texts: list[str] = []
     for name, count in allocate(samples, dict(config.sources)).items():
@@ -39,9 +45,13 @@ def draw_texts(config: CalibrationConfig, data_dir: Path, samples: int) -> tuple
         pool = load_source(path)
         rng = random.Random(f"calibration:{config.seed}:{name}")
         chosen = [pool[rng.randrange(len(pool))] for _ in range(count)] if count > len(pool) else rng.sample(pool, count)
-        texts.extend(chosen)
+        chat = template is not None and config.chat.get(name, all("messages" in record for record in pool))
+        if chat and not all("messages" in record for record in chosen):
+            raise DataError(f"{path}: calibration.chat.{name} is on, and a record has no 'messages' to render")
+        texts.extend(template.render(record["messages"], record.get("tools"), add_generation_prompt=False)
+                     if chat else record["text"] for record in chosen)
         composition[name] = {"file": path.as_posix(), "sha256": sha256_file(path), "weight": config.sources[name],
-                             "samples": count, "available": len(pool)}
+                             "samples": count, "available": len(pool), "chat_template": bool(chat)}
     if not texts:
         raise DataError("calibration: the mix selected no samples")
     return texts, composition
@@ -54,8 +64,8 @@ def compose_calibration(config: CalibrationConfig, data_dir: Path, tokenizer_dir
     from safetensors.numpy import save_file
     from transformers import AutoTokenizer
 
-    texts, composition = draw_texts(config, data_dir, config.samples)
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    texts, composition = draw_texts(config, data_dir, config.samples, tokenizer.chat_template)
     encoded = [ids[: config.seq_len] for ids in tokenizer(texts)["input_ids"]]
     flat = np.asarray([token for ids in encoded for token in ids], dtype=np.int32)
     offsets = np.cumsum([0] + [len(ids) for ids in encoded], dtype=np.int64)

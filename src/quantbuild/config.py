@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from quantbuild.errors import ConfigError
+from quantbuild.tasks.tool_calls import FORMATS as TOOL_CALL_FORMATS
 
 SCHEMA_NAME = "quantbuild_schema"
 # conf/quant/*.yaml extend their method's schema: `defaults: [/quant_method@_here_: gptq]`.
@@ -46,6 +47,9 @@ class ModelConfig:
     revision: Optional[str] = None
     files: Dict[str, str] = field(default_factory=dict)
     allow_pickle: bool = False
+    # the syntax an instruct model writes tool calls in (hermes | llama3_json | mistral |
+    # raw_json); null = the one its chat template writes (raw_json for a base model)
+    tool_call_format: Optional[str] = None
 
 
 @dataclass
@@ -67,6 +71,9 @@ class SensitivityConfig:
 @dataclass
 class CalibrationConfig:
     sources: Dict[str, float] = field(default_factory=dict)
+    # per source: render its conversations through the model's chat template (an instruct
+    # model); a source not named here is rendered when its records are conversations
+    chat: Dict[str, bool] = field(default_factory=dict)
     samples: int = 64
     seq_len: int = 256
     seed: int = 0
@@ -279,6 +286,10 @@ class GateConfig:
     # Families that may not degrade at all: they fail when the paired interval shows a drop
     # (its lower end above zero).
     must_not_degrade: List[str] = field(default_factory=list)
+    # Degenerate outputs (loops, no stop within the budget, a foreign script) over every
+    # generative item: fails when the paired interval of the share of degenerate items
+    # shows more than this increase over the baseline (its lower end); null = unchecked.
+    max_degenerate_increase: Optional[float] = 0.0
     # A tail ceiling from the latency suites, each run in its own stage (noisy: reaches 3x on
     # the baseline against itself); null = unchecked.
     max_latency_p99_ratio: Optional[float] = None
@@ -466,12 +477,17 @@ def _check_ranges(config: Config) -> None:
                  "a relative path inside the model folder: no '..', no absolute path, no backslash or NUL")
         _require(len(digest) == 64 and all(c in "0123456789abcdef" for c in digest),
                  f"model.files.{name}", digest, "a 64-hex sha256")
+    _require(model.tool_call_format is None or model.tool_call_format in TOOL_CALL_FORMATS, "model.tool_call_format",
+             model.tool_call_format, "null (from the chat template) | " + " | ".join(TOOL_CALL_FORMATS))
     calibration = config.calibration
     _require(bool(calibration.sources), "calibration.sources", {}, "at least one source with a positive weight")
     for name, weight in calibration.sources.items():
         _require(math.isfinite(weight) and weight > 0, f"calibration.sources.{name}", weight, "a finite weight > 0")
         _require(_confined(name) and "/" not in name, f"calibration.sources.{name!r}", name,
                  "a file name in paths.calibration_data, without a folder")
+    for name, switch in calibration.chat.items():
+        _require(name in calibration.sources and isinstance(switch, bool), f"calibration.chat.{name}", switch,
+                 "true | false, for a source listed in calibration.sources")
     _require(1 <= calibration.samples <= 100000, "calibration.samples", calibration.samples, "1..100000")
     _require(16 <= calibration.seq_len <= 32768, "calibration.seq_len", calibration.seq_len, "16..32768")
     sensitivity = calibration.sensitivity
@@ -547,6 +563,9 @@ def _check_ranges(config: Config) -> None:
                  "gate.must_not_degrade", family, "generative families listed in eval.families")
         _require(family not in gate.max_family_drop, "gate.must_not_degrade", family,
                  "families without a budget in gate.max_family_drop (a family has one rule)")
+    if gate.max_degenerate_increase is not None:
+        _require(0 <= gate.max_degenerate_increase <= 1, "gate.max_degenerate_increase", gate.max_degenerate_increase,
+                 "0..1 (share of items) or null")
     _require(0 <= gate.latency_noise_margin < 1, "gate.latency_noise_margin", gate.latency_noise_margin, "0 <= m < 1")
     _require(gate.fallback in FALLBACKS, "gate.fallback", gate.fallback, " | ".join(FALLBACKS))
     repair = config.repair

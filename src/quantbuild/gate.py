@@ -7,7 +7,9 @@ that runtime in the same run, and gets three kinds of checks:
   95% interval (baseline and variant answer the same items). A budgeted family fails when
   the interval's upper end exceeds its budget; a `must_not_degrade` family fails when the
   interval shows a real drop (its lower end above zero). One item more or less does not flip
-  a verdict that the interval decides.
+  a verdict that the interval decides. Degenerate outputs (loops, no stop, a foreign script)
+  over every generative item are paired the same way: by default a variant may not show more
+  of them than the baseline.
 - win: smaller model memory at the gate's context than the baseline (weights, KV cache,
   runtime buffers, as the runtime reports them), and "not slower": TTFT and decode time per
   token timed interleaved with the baseline, failing only when the ratio's interval lies
@@ -78,6 +80,26 @@ def _family_checks(baseline: dict, variant: dict, gate: GateConfig) -> list[dict
     return checks
 
 
+def _degenerate_check(baseline: dict, variant: dict, gate: GateConfig) -> Optional[dict[str, Any]]:
+    """More degenerate items than the baseline on the same items (paired interval)."""
+    if gate.max_degenerate_increase is None:
+        return None
+    before = baseline["outcomes"].get("degenerate", {})
+    after = variant["outcomes"].get("degenerate", {})
+    if sorted(before) != sorted(after):
+        raise GateError("gate: degenerate outputs: the baseline and the variant were checked on different items "
+                        "(re-run `dvc repro` so both are evaluated on the same eval data)")
+    if not before:
+        return None
+    ids = sorted(before)
+    increase, low, high = paired_drop_interval([before[i] >= 1 for i in ids], [after[i] >= 1 for i in ids])
+    check = _check("degenerate_increase", "quality", increase, gate.max_degenerate_increase, interval=(low, high),
+                   applies_to="ci_low")
+    check.update({"n": len(ids), "baseline_items": sum(before[i] < 1 for i in ids),
+                  "variant_items": sum(after[i] < 1 for i in ids)})
+    return check
+
+
 def _latency_win(baseline: dict, variant: dict, gate: GateConfig) -> Optional[dict[str, Any]]:
     if gate.max_latency_paired_ratio is None:
         return None
@@ -112,6 +134,9 @@ def check_variant(baseline: dict, variant: dict, gate: GateConfig) -> list[dict[
                    higher_is_better=True),
         ]
     checks += _family_checks(baseline, variant, gate)
+    degenerate = _degenerate_check(baseline, variant, gate)
+    if degenerate is not None:
+        checks.append(degenerate)
     context = str(gate.memory_context)
     if gate.max_memory_ratio is not None:
         ratio = variant["memory"]["by_context"][context]["peak_mb"] / baseline["memory"]["by_context"][context]["peak_mb"]

@@ -57,9 +57,12 @@ def compute_imatrix(base: Path, calibration: CalibrationConfig, data_dir: Path, 
     from quantbuild.runtimes.gguf_file import metadata
     from quantbuild.runtimes.llama_build import run_tool
 
-    texts, composition = draw_texts(calibration, data_dir, calibration.imatrix_samples)
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    texts, composition = draw_texts(calibration, data_dir, calibration.imatrix_samples, tokenizer.chat_template)
     text = "\n\n".join(texts)
-    tokens = len(AutoTokenizer.from_pretrained(str(tokenizer_dir))(text, verbose=False)["input_ids"])
+    tokens = len(tokenizer(text, verbose=False)["input_ids"])
+    # conversations rendered through the chat template carry its special tokens as text
+    chat = any(source["chat_template"] for source in composition.values())
     chunk = calibration.imatrix_chunk
     if tokens < 2 * chunk:
         from quantbuild.errors import DataError
@@ -76,6 +79,8 @@ def compute_imatrix(base: Path, calibration: CalibrationConfig, data_dir: Path, 
                 "-t", "2", "--no-ppl", "--output-frequency", "1000000"]
         if not repack:
             args.append("--no-repack")
+        if chat:
+            args.append("--parse-special")
         run_tool("llama-imatrix", args, "gguf importance matrix", cwd=Path(folder))
     # The matrix records how many chunks it saw (llama.cpp's log is not a reliable source).
     used_chunks = int(metadata(out)["imatrix.chunk_count"])

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from quantbuild.evaluation.suites import perplexity, run_generative, summarise
+from quantbuild.prompts import prompt_format
 from quantbuild.runtimes.torch_stack import TorchRuntime
 from quantbuild.tasks.items import load_items
 
@@ -22,7 +23,9 @@ def measure(model, tokenizer, eval_dir: Path, limit: int, batch_size: int) -> di
     lm_texts = [item.prompt for item in load_items(eval_dir / "language_modelling.jsonl")[:limit]]
     items = [item for family in GENERATIVE for item in load_items(eval_dir / f"{family}.jsonl")[:limit]]
     runtime = TorchRuntime(model, tokenizer, batch_size=batch_size)
-    records = run_generative(runtime, items)
+    # an instruct model is measured through its chat template, a base model on raw prompts
+    records = run_generative(runtime, items, prompt_format(tokenizer.chat_template, tokenizer.bos_token or "",
+                                                           tokenizer.eos_token or ""))
     result = summarise(items, records)
     result["language_modelling"] = perplexity(runtime, lm_texts)
     long_items = [(item, record) for item, record in zip(items, records) if item.family == "long_context"]

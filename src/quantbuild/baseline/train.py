@@ -56,11 +56,11 @@ def baseline_config(vocab_size: int, **overrides):
 
 def _rows_for_chunk(args: tuple[str, int, int, int, int, dict[str, float]]):
     """Pack freshly sampled examples into rows of exactly `seq_len` tokens (pad id 0), with a
-    per-token loss weight: 0 for padding, 1 for prompts, `TARGET_WEIGHT` for answers."""
+    per-token loss weight: 0 for padding, 1 for prompts, `TARGET_WEIGHT` for answers. A
+    tokenizer with a chat template gets conversations rendered through it (an instruct
+    model); one without gets raw prompts and answers (a base model)."""
     import numpy as np
     from transformers import AutoTokenizer
-
-    from quantbuild.tasks import sample_training_item, training_pair
 
     tokenizer_dir, seed, chunk, rows, seq_len, mix = args
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -69,24 +69,58 @@ def _rows_for_chunk(args: tuple[str, int, int, int, int, dict[str, float]]):
     weights: list[list[int]] = []
     current: list[int] = []
     current_weights: list[int] = []
-    while len(packed) < rows:
+    examples = _chat_examples(tokenizer, rng, mix, seq_len) if tokenizer.chat_template else \
+        _raw_examples(tokenizer, rng, mix, seq_len)
+    for ids, row_weights in examples:
+        if len(current) + len(ids) > seq_len:
+            pad = seq_len - len(current)
+            packed.append(current + [tokenizer.pad_token_id] * pad)
+            weights.append(current_weights + [0] * pad)
+            current, current_weights = [], []
+            if len(packed) == rows:
+                break
+        current += ids
+        current_weights += row_weights
+    return np.asarray(packed, dtype=np.int16), np.asarray(weights, dtype=np.uint8)
+
+
+def _raw_examples(tokenizer, rng: random.Random, mix: dict[str, float], seq_len: int):
+    """(ids, weights) of prompt + answer + EOS, the prompt with the tokenizer's BOS."""
+    from quantbuild.tasks import sample_training_item, training_pair
+
+    while True:
         pairs = [training_pair(sample_training_item(rng, mix)) for _ in range(256)]
         prompts = tokenizer([prompt for prompt, _ in pairs])["input_ids"]
         targets = tokenizer([target for _, target in pairs], add_special_tokens=False)["input_ids"]
         for prompt_ids, target_ids in zip(prompts, targets):
             answer = TARGET_WEIGHT if target_ids else 1
             ids = (prompt_ids + target_ids)[: seq_len - 1] + [tokenizer.eos_token_id]
-            row_weights = ([1] * len(prompt_ids) + [answer] * len(target_ids))[: seq_len - 1] + [answer]
-            if len(current) + len(ids) > seq_len:
-                pad = seq_len - len(current)
-                packed.append(current + [tokenizer.pad_token_id] * pad)
-                weights.append(current_weights + [0] * pad)
-                current, current_weights = [], []
-                if len(packed) == rows:
-                    break
-            current += ids
-            current_weights += row_weights
-    return np.asarray(packed, dtype=np.int16), np.asarray(weights, dtype=np.uint8)
+            yield ids, ([1] * len(prompt_ids) + [answer] * len(target_ids))[: seq_len - 1] + [answer]
+
+
+def _chat_examples(tokenizer, rng: random.Random, mix: dict[str, float], seq_len: int):
+    """(ids, weights) of conversations through the tokenizer's chat template, special tokens
+    parsed, every assistant turn weighted as an answer; prose ends with EOS. A conversation
+    longer than `seq_len` is drawn again, never cut."""
+    from quantbuild.baseline.chat import conversation_pieces
+    from quantbuild.prompts import ChatTemplate
+
+    template = ChatTemplate(tokenizer.chat_template, tokenizer.bos_token or "", tokenizer.eos_token or "")
+    eos = tokenizer.convert_tokens_to_ids("<|eos|>")
+    while True:
+        conversations = [conversation_pieces(template, rng, mix) for _ in range(256)]
+        tokenized = iter(tokenizer([text for pieces in conversations for text, _ in pieces],
+                                   add_special_tokens=False)["input_ids"])
+        for pieces in conversations:
+            ids: list[int] = []
+            row_weights: list[int] = []
+            for (_, answer), piece in zip(pieces, tokenized):
+                ids += piece
+                row_weights += [TARGET_WEIGHT if answer else 1] * len(piece)
+            if len(pieces) == 1:
+                ids, row_weights = ids + [eos], row_weights + [1]
+            if len(ids) <= seq_len:
+                yield ids, row_weights
 
 
 def build_rows(tokenizer_dir: str, seed: int, total_rows: int, seq_len: int, workers: int,
@@ -160,7 +194,7 @@ def _agree(value: float, world: int, op: str = "sum") -> float:
 def train(tokenizer_dir: Path, out: Path, steps: int, batch: int, seq_len: int, lr: float, seed: int,
           workers: int, time_budget: float = 0.0, architecture: dict | None = None,
           max_shard_size: str = "5GB", checkpoint: Path | None = None, stop_after: float = 0.0,
-          mix: dict[str, float] | None = None) -> dict:
+          mix: dict[str, float] | None = None, init: Path | None = None) -> dict:
     """Train and save the model to `out`; with `time_budget` (seconds), `steps` is replaced by
     the largest multiple of 100 that a timing probe says fits (the record keeps the count,
     so the run is reproducible with `--steps`).
@@ -177,9 +211,14 @@ def train(tokenizer_dir: Path, out: Path, steps: int, batch: int, seq_len: int, 
     packs the rows into `checkpoint` (required) and is the one that writes.
 
     `mix` overrides the relative weights of the task families in the training data (`MIX`),
-    e.g. {"retrieval": 8.0}; an unknown family or a weight that is not positive is refused."""
+    e.g. {"retrieval": 8.0}; an unknown family or a weight that is not positive is refused.
+
+    `init` fine-tunes a trained model instead of starting from random weights (its
+    architecture, not `architecture`): its embeddings grow to the tokenizer's vocabulary
+    (new rows start at the mean embedding) and its positions to `seq_len`, and its
+    end-of-sequence token becomes the tokenizer's (an instruct model's end of turn)."""
     import torch
-    from transformers import AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     called = time.time()
     rank, world = _distributed()
@@ -195,6 +234,8 @@ def train(tokenizer_dir: Path, out: Path, steps: int, batch: int, seq_len: int, 
                              **(architecture or {}))
     state = torch.load(checkpoint / STATE, map_location=device) if checkpoint and (checkpoint / STATE).is_file() else None
     settings = {"batch": batch, "seq_len": seq_len, "lr": lr, "seed": seed, "architecture": architecture or {}}
+    if init is not None:
+        settings["init"] = str(init)
     if mix != MIX:  # a run on the default mix keeps the settings of checkpoints made before `mix` existed
         settings["mix"] = mix
     if state is not None:
@@ -203,7 +244,8 @@ def train(tokenizer_dir: Path, out: Path, steps: int, batch: int, seq_len: int, 
                              f"resume with those, or use another --checkpoint folder")
         steps = state["steps"]
     elif time_budget:
-        step_seconds = _agree(_step_seconds(LlamaForCausalLM(config).to(device), local, seq_len, device), world, "max")
+        step_seconds = _agree(_step_seconds(_initial(init, config, tokenizer, seq_len).to(device), local, seq_len,
+                                            device), world, "max")
         steps = max(100, int(time_budget / step_seconds) // 100 * 100)
         if rank == 0:
             print(json.dumps({"probe_step_seconds": round(step_seconds, 4), "steps": steps}), flush=True)
@@ -215,7 +257,7 @@ def train(tokenizer_dir: Path, out: Path, steps: int, batch: int, seq_len: int, 
         rows, weights = _rows(tokenizer_dir, seed, steps * batch, seq_len, workers, checkpoint, mix)
     data_seconds = time.time() - started
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(device)
+    model = _initial(init, config, tokenizer, seq_len).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1, fused=device == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(steps))
     first, log, trained = 0, [], 0.0
@@ -274,10 +316,34 @@ def train(tokenizer_dir: Path, out: Path, steps: int, batch: int, seq_len: int, 
         "tokens": steps * batch * seq_len, "data_seconds": round(data_seconds, 1),
         "train_seconds": round(trained + time.time() - train_started, 1), "parameters": model.num_parameters(),
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "processes": world,
-        "resumed": state is not None, "torch": torch.__version__, "architecture": architecture or {}, "mix": mix,
+        "resumed": state is not None, "torch": torch.__version__, "mix": mix,
+        "architecture": architecture or {} if init is None else {
+            key: getattr(model.config, key) for key in ("hidden_size", "num_hidden_layers", "intermediate_size",
+                                                        "num_attention_heads", "num_key_value_heads")},
+        "init": str(init) if init is not None else None,
         "log": log,
         "rank": rank,
     }
+
+
+def _initial(init: Path | None, config, tokenizer, seq_len: int):
+    """A fresh model of `config`, or the trained model in `init` fitted to `tokenizer`."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    if init is None:
+        return LlamaForCausalLM(config)
+    model = LlamaForCausalLM.from_pretrained(str(init), dtype=torch.float32)
+    old = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > old:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        with torch.no_grad():
+            weight = model.get_input_embeddings().weight
+            weight[old:] = weight[:old].mean(dim=0)
+    model.config.max_position_embeddings = max(model.config.max_position_embeddings, seq_len)
+    model.config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
 
 
 def training_mix(overrides: dict[str, float] | None) -> dict[str, float]:
@@ -353,6 +419,8 @@ def main() -> None:
                         help="a folder for a resumable run: resumes from its state, stores it on --stop-after")
     parser.add_argument("--stop-after", type=float, default=0.0,
                         help="seconds (from the start, data included), then store the state in --checkpoint and stop")
+    parser.add_argument("--init", type=Path, default=None,
+                        help="fine-tune this trained model (e.g. into an instruct model with a chat tokenizer)")
     parser.add_argument("--mix", nargs="*", default=[], metavar="FAMILY=WEIGHT",
                         help=f"override task-family weights of the training data (default {MIX})")
     args = parser.parse_args()
@@ -364,7 +432,7 @@ def main() -> None:
     try:
         record = train(args.tokenizer, args.out, args.steps, args.batch, args.seq_len, args.lr, args.seed,
                        args.workers, args.time_budget, architecture, args.max_shard_size, args.checkpoint,
-                       args.stop_after, parse_mix(args.mix))
+                       args.stop_after, parse_mix(args.mix), args.init)
     except QuantbuildError as err:
         parser.exit(1, f"quantbuild: {err}\n")
     finally:

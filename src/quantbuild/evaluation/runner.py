@@ -14,10 +14,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
-from quantbuild import behaviour
+from quantbuild import behaviour, prompts
 from quantbuild.config import EvalConfig
 from quantbuild.errors import DataError
-from quantbuild.evaluation import distributions, kld
+from quantbuild.evaluation import degenerate, distributions, kld
 from quantbuild.evaluation.latency import measure_latency, paired_latency
 from quantbuild.evaluation.stats import wilson_interval
 from quantbuild.evaluation.suites import MAX_NEW_TOKENS, run_generative, summarise
@@ -47,6 +47,9 @@ OUTCOMES = "outcomes.json"
 # whenever the same artifact is evaluated the same way, so a variant whose artifact is the
 # baseline's own reuses it.
 QUALITY = "quality.json"
+# the family of clean (not degenerate) outputs over every generative item, and the reasons
+DEGENERATE = "degenerate"
+FAILURES = "failures"
 
 
 def load_eval_items(config: EvalConfig, data_dir: Path) -> tuple[dict[str, list[Item]], dict[str, str]]:
@@ -70,7 +73,7 @@ def load_eval_items(config: EvalConfig, data_dir: Path) -> tuple[dict[str, list[
 
 def evaluate(spec: LoadSpec, config: EvalConfig, data_dir: Path, out: Path, reference: Optional[Path],
              baseline: Optional[LoadSpec] = None, deployed: Optional[LoadSpec] = None,
-             reuse: Optional[Path] = None) -> dict:
+             reuse: Optional[Path] = None, tool_call_format: Optional[str] = None) -> dict:
     """Evaluate the artifact `spec` loads, on its runtime, and write measurements.json,
     quality.json, metrics.json, families.json, latency.json, memory.json, outcomes.json and
     the behavioural probes into `out` (and reference.safetensors for the baseline).
@@ -85,10 +88,16 @@ def evaluate(spec: LoadSpec, config: EvalConfig, data_dir: Path, out: Path, refe
     baseline's is. Where its quality.json was measured on a file with this artifact's
     model digest (the same weights and inference metadata), the quality (language modelling, family scores, outcomes) is the baseline's
     own, not measured again; latency, memory and the probes are measured as always.
+
+    Prompts are formed as the artifact is deployed: through the chat template it carries
+    (an instruct model; tool calls parsed in `tool_call_format`, by default the syntax the
+    template writes) or raw (a base model). Every item is rendered before the model loads.
     """
     items, digests = load_eval_items(config, data_dir)
     generative = [item for family, family_items in items.items() if family != "language_modelling"
                   for item in family_items]
+    prompt_format = prompts.for_artifact(spec, tool_call_format)
+    prompt_format.check(generative)
     lm_texts = [item.prompt for item in items.get("language_modelling", [])]
     # a GGUF file's model digest (weights and inference metadata, not quantbuild's lineage):
     # recorded by the baseline, compared by a variant that may reuse its quality
@@ -102,12 +111,13 @@ def evaluate(spec: LoadSpec, config: EvalConfig, data_dir: Path, out: Path, refe
             quality_runtime = runtime.describe()["runtime"]
             pieces = kld.chunks(runtime.tokenize("\n".join(lm_texts)) if lm_texts else [], config.kl_context,
                                 runtime.bos_token())
-            longest = _longest(runtime, config, lm_texts, pieces, generative)
+            longest = _longest(runtime, config, lm_texts, pieces, generative, prompt_format)
             runtime.reserve(longest)
             if reused is None:
                 tensors, quality, outcomes, records = _measure_quality(runtime, config, stored, lm_texts, pieces,
-                                                                       generative)
+                                                                       generative, prompt_format)
                 quality = {"eval_files_sha256": digests, "measured_with": _quality_settings(config),
+                           "prompts": prompt_format.describe(),
                            **({"model_sha256": model_sha256} if model_sha256 else {}), **quality}
             else:
                 tensors, records = None, None
@@ -127,14 +137,14 @@ def evaluate(spec: LoadSpec, config: EvalConfig, data_dir: Path, out: Path, refe
                     head["latency_vs_baseline"] = paired_latency(runtime, reference_runtime, config)
             metrics = _write(staging, config, head, quality, outcomes, tensors, records, latency, memory)
             # The behavioural fingerprint the bundle will carry: the probes as this runtime answers them.
-            behaviour.record(runtime, staging)
+            behaviour.record(runtime, staging, prompt_format)
         finally:
             runtime.close()
         return metrics
 
 
 def _measure_quality(runtime: Runtime, config: EvalConfig, stored: Optional[dict], lm_texts: list[str],
-                     pieces: list[list[int]], generative: list[Item]
+                     pieces: list[list[int]], generative: list[Item], prompt_format: prompts.PromptFormat
                      ) -> tuple[Optional[dict], dict, dict, list[dict]]:
     """(reference tensors for the baseline, quality metrics, outcomes, generative records)."""
     tensors, quality = None, {}
@@ -144,12 +154,26 @@ def _measure_quality(runtime: Runtime, config: EvalConfig, stored: Optional[dict
             lambda: distributions.reference_from(runtime.text_positions(lm_texts), config.kl_top_k),
             lambda stored_items: distributions.compare_from(runtime.text_positions(lm_texts), stored_items))
         quality.update({key: round(value, 6) if isinstance(value, float) else value for key, value in lm.items()})
-    records = run_generative(runtime, generative)
+    records = run_generative(runtime, generative, prompt_format)
     quality["families"] = _families(generative, records)
-    outcomes: dict[str, dict[str, float]] = {}
+    return tensors, quality, _outcomes(generative, records), records
+
+
+def _outcomes(generative: list[Item], records: list[dict]) -> dict[str, dict]:
+    """Per family, per item: 1 when answered correctly; the `degenerate` family: 1 when the
+    output is clean; `failures`: per wrong or degenerate item, why (no text)."""
+    outcomes: dict[str, dict] = {}
+    failures: dict[str, list[str]] = {}
     for item, record in zip(generative, records):
         outcomes.setdefault(item.family, {})[item.id] = record["correct"]
-    return tensors, quality, {family: dict(sorted(values.items())) for family, values in sorted(outcomes.items())}, records
+        outcomes.setdefault(DEGENERATE, {})[item.id] = 0.0 if record.get("degenerate") else 1.0
+        why = ([record["failure"]] if "failure" in record else []) + record.get("degenerate", [])
+        if why:
+            failures[item.id] = why
+    ordered = {family: dict(sorted(values.items())) for family, values in sorted(outcomes.items())}
+    if generative:
+        ordered[FAILURES] = dict(sorted(failures.items()))
+    return ordered
 
 
 def _reused_quality(folder: Path, model_sha256: Optional[str], digests: dict[str, str],
@@ -167,11 +191,12 @@ def _reused_quality(folder: Path, model_sha256: Optional[str], digests: dict[str
 
 
 def _longest(runtime: Runtime, config: EvalConfig, lm_texts: list[str], pieces: list[list[int]],
-             generative: list[Item]) -> int:
+             generative: list[Item], prompt_format: prompts.PromptFormat) -> int:
     """The longest sequence the suites run: an item or chunk of language modelling, a
     prompt with its generation budget, a latency prompt with its new tokens."""
     lengths = [len(runtime.tokenize(text)) for text in lm_texts] + [len(piece) for piece in pieces]
-    lengths += [len(runtime.tokenize(item.prompt)) + MAX_NEW_TOKENS.get(item.family, 64) for item in generative]
+    lengths += [len(runtime.tokenize(prompt_format.render(item), prompt_format.chat)) + MAX_NEW_TOKENS.get(item.family, 64)
+                for item in generative]
     lengths += [length + config.latency.new_tokens for length in config.latency.prompt_lengths]
     return max(lengths)
 
@@ -192,6 +217,13 @@ def _families(generative: list[Item], records: list[dict]) -> dict:
         families[family] = {"score": round(summary["correct"], 6), "n": int(summary["n"]),
                             "ci_low": round(low, 6), "ci_high": round(high, 6), **extra}
     _long_context_cells(generative, records, families)
+    if generative:
+        flagged = [record.get("degenerate", []) for record in records]
+        low, high = wilson_interval(sum(not kinds for kinds in flagged), len(flagged))
+        families[DEGENERATE] = {"score": round(sum(not kinds for kinds in flagged) / len(flagged), 6),
+                                "n": len(flagged), "ci_low": round(low, 6), "ci_high": round(high, 6),
+                                "items": sum(bool(kinds) for kinds in flagged),
+                                **{kind: sum(kind in kinds for kinds in flagged) for kind in degenerate.KINDS}}
     return families
 
 
@@ -274,9 +306,10 @@ def evaluate_on_ladder(config: Any, model_dir: Optional[Path], kv_cache_type: st
         same_load = model_dir is not None and replace(spec, artifact=base.artifact) == base
         return evaluate(spec, config.eval, Path(paths.eval_data), out, reference,
                         baseline=None if model_dir is None else base,
-                        reuse=Path(paths.eval) / "baseline" if same_load else None)
+                        reuse=Path(paths.eval) / "baseline" if same_load else None,
+                        tool_call_format=config.model.tool_call_format)
     spec = torch_spec(model_dir or Path(paths.baseline), config.eval)
     deployed = torch_spec(spec.artifact, config.eval, config.eval.latency.runtime)
     return evaluate(spec, config.eval, Path(paths.eval_data), out, reference,
                     baseline=None if model_dir is None else replace(deployed, artifact=Path(paths.baseline)),
-                    deployed=deployed)
+                    deployed=deployed, tool_call_format=config.model.tool_call_format)

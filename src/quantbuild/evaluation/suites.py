@@ -3,15 +3,20 @@ generative families. Pure functions of (runtime, items); I/O lives in the stage.
 
 from __future__ import annotations
 
+import json
 import math
 from collections import defaultdict
 from typing import Any
 
-from quantbuild.evaluation.scorers import score
+from quantbuild.evaluation import degenerate
+from quantbuild.evaluation.scorers import failure, score
+from quantbuild.prompts import PromptFormat
 from quantbuild.tasks.items import Item
 
-# Greedy tokens each family's answer may take.
-MAX_NEW_TOKENS = {"structured": 72, "retrieval": 20, "long_context": 8, "reasoning": 8, "golden": 64}
+# Greedy tokens each family's answer may take, its end of turn included (a tool call's
+# wrapper in a chat model's syntax takes about ten of the structured family's).
+MAX_NEW_TOKENS = {"structured": 96, "retrieval": 24, "long_context": 12, "reasoning": 12, "golden": 96}
+RAW = PromptFormat(None)
 
 
 def perplexity(runtime: Any, texts: list[str]) -> dict[str, float]:
@@ -23,17 +28,30 @@ def perplexity(runtime: Any, texts: list[str]) -> dict[str, float]:
     return {"perplexity": math.exp(nll / count), "tokens": count}
 
 
-def run_generative(runtime: Any, items: list[Item]) -> list[dict[str, Any]]:
-    """Greedy completions of every item on `runtime`, scored; one record per item, in order."""
+def run_generative(runtime: Any, items: list[Item], prompt_format: PromptFormat = RAW) -> list[dict[str, Any]]:
+    """Greedy completions of every item on `runtime`, each prompt formed as the model is
+    deployed (`prompt_format`), scored, and checked for degenerate output; one record per
+    item, in order: its outcomes (`correct` first, 0/1 each, the degenerate kinds among
+    them) and, where it is wrong or degenerate, why (`failure`, `degenerate`)."""
     by_family: dict[str, list[int]] = defaultdict(list)
     for index, item in enumerate(items):
         by_family[item.family].append(index)
     records: list[dict[str, Any]] = [{} for _ in items]
     for family, indices in sorted(by_family.items()):
-        prompts = [items[index].prompt for index in indices]
-        outputs = runtime.complete(prompts, MAX_NEW_TOKENS.get(family, 64))
-        for index, output in zip(indices, outputs):
-            records[index] = {"id": items[index].id, "output": output, **score(items[index], output)}
+        prompts = [prompt_format.render(items[index]) for index in indices]
+        outputs = runtime.complete(prompts, MAX_NEW_TOKENS.get(family, 64), special=prompt_format.chat)
+        for index, prompt, output in zip(indices, prompts, outputs):
+            item = items[index]
+            outcomes = score(item, output.text, prompt_format.tool_call_format)
+            found = degenerate.kinds(output.text, output.stopped, prompt + json.dumps(item.expected, ensure_ascii=False))
+            record = {"id": item.id, "output": output.text, **outcomes,
+                      **{kind: float(kind in found) for kind in degenerate.KINDS}}
+            why = failure(outcomes)
+            if why is not None:
+                record["failure"] = why
+            if found:
+                record["degenerate"] = found
+            records[index] = record
     return records
 
 
@@ -44,7 +62,7 @@ def summarise(items: list[Item], records: list[dict[str, Any]]) -> dict[str, dic
     for item, record in zip(items, records):
         counts[item.family] += 1
         for key, value in record.items():
-            if key not in ("id", "output"):
+            if key not in ("id", "output", "failure", "degenerate"):
                 totals[item.family][key] += value
     return {family: {"n": counts[family], **{k: v / counts[family] for k, v in sorted(totals[family].items())}}
             for family in sorted(totals)}

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from quantbuild.errors import IntegrityError
+from quantbuild.gguf_artifacts import MODEL_FILE
 from quantbuild.hashing import sha256_file, staged_dir, write_json
 from quantbuild.release.manifest import MANIFEST, SCHEMA
 from quantbuild.release.provenance import PROVENANCE, statement
+from quantbuild.runtimes.protocol import LLAMA_CPP, ChatFormat, LoadSpec, chat_format
+from quantbuild.tasks import tool_calls
 
 CARD = "README.md"
 MODELFILE = "Modelfile"
@@ -173,20 +176,74 @@ RUN_INSTRUCTIONS: dict[str, Callable[[str], list[str]]] = {
 }
 
 
-def modelfile(manifest: dict[str, Any]) -> str:
-    """An Ollama Modelfile for the bundle's GGUF: a base model, so the prompt goes in raw and
-    decoding is greedy, as it was evaluated."""
+# Ollama's Go template for the ChatML family with tool calls in <tool_call> tags: the text
+# quantbuild's chat template (quantbuild.baseline.chat) renders, turn for turn. Ollama writes
+# tool definitions and arguments as compact JSON where Jinja's tojson puts a space after
+# ',' and ':'; everything else is the same text.
+CHATML_TOOLS_TEMPLATE = """{{- if or .System .Tools }}<|im_start|>system
+{{ if .System }}{{ .System }}{{ end }}
+{{- if .Tools }}{{ if .System }}
+
+{{ end }}Tools you may call, one signature per line:
+<tools>
+{{- range .Tools }}
+{{ . }}
+{{- end }}
+</tools>
+Call one as <tool_call>
+{"name": <name>, "arguments": <object>}
+</tool_call>{{ end }}<|im_end|>
+{{ end }}
+{{- range $i, $_ := .Messages }}
+{{- $last := eq (len (slice $.Messages $i)) 1 }}
+{{- if eq .Role "user" }}<|im_start|>user
+{{ .Content }}<|im_end|>
+{{ else if eq .Role "assistant" }}<|im_start|>assistant
+{{- if .Content }}
+{{ .Content }}
+{{- end }}
+{{- range .ToolCalls }}
+<tool_call>
+{"name": "{{ .Function.Name }}", "arguments": {{ .Function.Arguments }}}
+</tool_call>
+{{- end }}<|im_end|>
+{{ else if eq .Role "tool" }}<|im_start|>user
+<tool_response>
+{{ .Content }}
+</tool_response><|im_end|>
+{{ end }}
+{{- if and $last (ne .Role "assistant") }}<|im_start|>assistant
+{{ end }}
+{{- end }}"""
+
+
+def modelfile(manifest: dict[str, Any], chat: Optional[ChatFormat] = None) -> str:
+    """An Ollama Modelfile for the bundle's GGUF, decoding greedy as it was evaluated. A base
+    model takes the prompt raw; an instruct model gets the template it was evaluated with
+    (the ChatML/<tool_call> family written as Ollama's Go template; any other template is
+    left to Ollama, which reads it from the GGUF) and stops at its end-of-turn tokens."""
     context = manifest["evaluation"]["variant"].get("memory", {}).get("by_context", {})
     num_ctx = max((int(length) for length in context), default=1024)
     kv = manifest["variant"]["parameters"].get("kv_cache_type", "f16")
-    return "\n".join([
-        f"# {manifest['bundle']}: built by quantbuild; evaluated in llama.cpp with a {kv} KV cache.",
-        "FROM ./model.gguf",
-        'TEMPLATE """{{ .Prompt }}"""',
-        "PARAMETER temperature 0",
-        f"PARAMETER num_ctx {num_ctx}",
-        "",
-    ])
+    lines = [f"# {manifest['bundle']}: built by quantbuild; evaluated in llama.cpp with a {kv} KV cache.",
+             "FROM ./model.gguf"]
+    if chat is None or chat.template is None:
+        lines.append('TEMPLATE """{{ .Prompt }}"""')
+    elif "<|im_start|>" in chat.template and tool_calls.detect(chat.template) == tool_calls.HERMES:
+        lines.append(f'TEMPLATE """{CHATML_TOOLS_TEMPLATE}"""')
+    else:
+        lines.append("# TEMPLATE: the chat template in model.gguf (tokenizer.chat_template), as Ollama maps it")
+    for stop in chat_stops(chat):
+        lines.append(f'PARAMETER stop "{stop}"')
+    return "\n".join([*lines, "PARAMETER temperature 0", f"PARAMETER num_ctx {num_ctx}", ""])
+
+
+def chat_stops(chat: Optional[ChatFormat]) -> list[str]:
+    """The end-of-turn strings an instruct model's template closes a turn with, and its EOS."""
+    if chat is None or chat.template is None:
+        return []
+    known = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "</s>")
+    return sorted({token for token in known if token in chat.template} | ({chat.eos_token} if chat.eos_token else set()))
 
 
 def build_bundle(out: Path, bundle_name: str, model_dir: Path, lineage: dict[str, Any],
@@ -205,7 +262,8 @@ def build_bundle(out: Path, bundle_name: str, model_dir: Path, lineage: dict[str
         manifest: dict[str, Any] = {"schema": SCHEMA, "bundle": bundle_name, **lineage}
         (bundle / CARD).write_text(model_card(manifest), encoding="utf-8")
         if lineage["variant"]["method"] == "gguf":
-            (bundle / MODELFILE).write_text(modelfile(manifest), encoding="utf-8")
+            chat = chat_format(LoadSpec(LLAMA_CPP, bundle / MODEL_FILE))
+            (bundle / MODELFILE).write_text(modelfile(manifest, chat), encoding="utf-8")
         subjects = {path.name: sha256_file(path) for path in sorted(bundle.iterdir())}
         write_json(bundle / PROVENANCE, statement(subjects, lineage))
         manifest["files"] = {

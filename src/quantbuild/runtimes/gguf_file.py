@@ -27,7 +27,7 @@ import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from quantbuild.errors import ConfigError, IntegrityError
 from quantbuild.runtimes.llama_build import vendored_converter
@@ -257,6 +257,23 @@ def layout(path: Path) -> Layout:
             tensors.append(TensorInfo(name, dims, quant.name, data_start + offset, nbytes))
         return Layout(version, values, entries, bytes(data[kv_start:kv_end]), bytes(data[kv_end:info_end]), tensors,
                       alignment, data_start)
+
+
+def vocabulary_token(file: Layout, path: Path, index: Optional[int]) -> str:
+    """The text of token `index` of the file's vocabulary (`tokenizer.ggml.tokens`), read
+    from that key's bytes without decoding the others; "" for no such token."""
+    entry = file.kv_entries.get("tokenizer.ggml.tokens")
+    if entry is None or not isinstance(index, int) or index < 0:
+        return ""
+    cursor = _Cursor(entry, path)
+    cursor.string()
+    if cursor.unpack("<I") != _ARRAY or cursor.unpack("<I") != _STRING:
+        return ""
+    if index >= cursor.unpack("<Q"):
+        return ""
+    for _ in range(index):
+        cursor.skip(cursor.unpack("<Q"))
+    return cursor.string()
 
 
 def metadata(path: Path) -> dict[str, Any]:

@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from quantbuild.errors import ConfigError, IntegrityError, QuantbuildError, RuntimeUnavailable
-from quantbuild.runtimes.gguf_file import layout
+from quantbuild.runtimes.gguf_file import layout, vocabulary_token
 from quantbuild.runtimes.llama_build import (TOOLS, repack_allowed, sdist_dir, tool, vendored_commit,
                                              version)
-from quantbuild.runtimes.protocol import LLAMA_CPP, LoadSpec, Timing, sequence_positions
+from quantbuild.runtimes.protocol import LLAMA_CPP, ChatFormat, Completion, LoadSpec, Timing, sequence_positions
 
 # llama.cpp's KV-cache types a variant may ship with; quantized V needs flash attention.
 KV_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}
@@ -193,11 +193,13 @@ class LlamaCppModel:
     def probe_settings(self) -> dict[str, Any]:
         return {"kv_cache_type": self.kv_type, "repack": self.repack}
 
-    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+    def tokenize(self, text: str, special: bool = False, add_special: bool = True) -> list[int]:
+        """llama.cpp's tokenizer: BOS where the vocabulary adds one (`add_special`), special
+        tokens parsed where `special` (as llama-server parses a rendered chat)."""
         data = text.encode("utf-8")
         room = len(data) + 8
         tokens = (self._lib.llama_token * room)()
-        count = self._lib.llama_tokenize(self.vocab, data, len(data), tokens, room, add_special, False)
+        count = self._lib.llama_tokenize(self.vocab, data, len(data), tokens, room, add_special, special)
         return list(tokens[:count])
 
     def detokenize(self, tokens: list[int]) -> str:
@@ -257,17 +259,17 @@ class LlamaCppModel:
     def text_positions(self, texts: list[str]) -> Iterator[tuple[Any, Any]]:
         return sequence_positions(self, [self.tokenize(text) for text in texts])
 
-    def complete(self, prompts: list[str], max_new_tokens: int) -> list[str]:
+    def complete(self, prompts: list[str], max_new_tokens: int, special: bool = False) -> list[Completion]:
         """Greedy completions, `parallel` prompts at a time (prompts of similar length
         together): each prompt prefilled alone into its own KV sequence, then one batch per
         step holding the next token of every sequence still generating. Each output is the
         one `generate` gives for its prompt alone (a test compares every record)."""
-        tokenized = [self.tokenize(prompt) for prompt in prompts]
+        tokenized = [self.tokenize(prompt, special) for prompt in prompts]
         if self.parallel == 1 or len(prompts) == 1:
-            return [self.detokenize(self.generate(tokens, max_new_tokens)) for tokens in tokenized]
+            return [self._completion(*self._generate_together([tokens], max_new_tokens)[0]) for tokens in tokenized]
         order = sorted(range(len(prompts)), key=lambda index: len(tokenized[index]))
         per_sequence = _context_size(max(map(len, tokenized)) + max_new_tokens)
-        outputs: list[str] = [""] * len(prompts)
+        outputs: list[Completion] = [Completion("", False)] * len(prompts)
         own = (self.n_ctx, self.sequences)
         self._close_context()
         self._open_context(per_sequence, min(self.parallel, len(prompts)))
@@ -275,38 +277,46 @@ class LlamaCppModel:
             for start in range(0, len(order), self.sequences):
                 group = order[start : start + self.sequences]
                 generated = self._generate_together([tokenized[index] for index in group], max_new_tokens)
-                for index, tokens in zip(group, generated):
-                    outputs[index] = self.detokenize(tokens)
+                for index, (tokens, stopped) in zip(group, generated):
+                    outputs[index] = self._completion(tokens, stopped)
         finally:
             self._close_context()
             self._open_context(*own)
         return outputs
 
-    def _generate_together(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    def _completion(self, tokens: list[int], stopped: bool) -> Completion:
+        return Completion(self.detokenize(tokens), stopped)
+
+    def _generate_together(self, prompts: list[list[int]], max_new_tokens: int) -> list[tuple[list[int], bool]]:
         """Greedy continuations of `prompts` (at most `sequences`), each stopping at an
         end-of-generation token, the budget or the end of its context: every prompt
-        prefilled alone into its own sequence, then one batch per step."""
+        prefilled alone into its own sequence, then one batch per step. Each with whether
+        it stopped at an end-of-generation token."""
         self._reset()
         generated: list[list[int]] = [[] for _ in prompts]
+        stopped = [False] * len(prompts)
         pending: dict[int, int] = {}  # sequence -> the token it decodes next
         positions = [len(tokens) for tokens in prompts]
         for sequence, tokens in enumerate(prompts):
             self._decode(tokens, 0, all_logits=False, sequence=sequence)
-            self._accept(sequence, self._next(), generated, pending, positions, max_new_tokens)
+            self._accept(sequence, self._next(), generated, pending, positions, max_new_tokens, stopped)
         while pending:
             live = sorted(pending)
             self._submit([(pending[sequence], positions[sequence], sequence, True) for sequence in live])
             chosen = self._logits(len(live)).argmax(axis=-1)
             for sequence, token in zip(live, chosen):
                 positions[sequence] += 1
-                self._accept(sequence, int(token), generated, pending, positions, max_new_tokens)
-        return generated
+                self._accept(sequence, int(token), generated, pending, positions, max_new_tokens, stopped)
+        return list(zip(generated, stopped))
 
     def _accept(self, sequence: int, token: int, generated: list[list[int]], pending: dict[int, int],
-                positions: list[int], max_new_tokens: int) -> None:
+                positions: list[int], max_new_tokens: int, stopped: list[bool]) -> None:
         """The stopping rules for one sequence's next token."""
         pending.pop(sequence, None)
-        if max_new_tokens <= 0 or self._lib.llama_vocab_is_eog(self.vocab, token):
+        if max_new_tokens <= 0:
+            return
+        if self._lib.llama_vocab_is_eog(self.vocab, token):
+            stopped[sequence] = True
             return
         generated[sequence].append(token)
         if len(generated[sequence]) < max_new_tokens and positions[sequence] < self.n_ctx:
@@ -329,7 +339,7 @@ class LlamaCppModel:
 
     def generate(self, tokens: list[int], max_new_tokens: int) -> list[int]:
         """Greedy continuation (argmax), stopping at an end-of-generation token."""
-        return self._generate_together([tokens], max_new_tokens)[0]
+        return self._generate_together([tokens], max_new_tokens)[0][0]
 
     def timed(self, tokens: list[int], new_tokens: int) -> Timing:
         """Time to first token (prefill + first argmax) and decode seconds per token after it."""
@@ -384,6 +394,16 @@ def _context_size(tokens: int) -> int:
     """KV cells for sequences of `tokens` tokens: at least 256, in blocks of 256 (llama.cpp
     allocates the cache once, at its size)."""
     return max(256, -(-tokens // 256) * 256)
+
+
+def chat_format(path: Path) -> ChatFormat:
+    """The chat template in a GGUF file's `tokenizer.chat_template` (None when it has
+    none), with its BOS and EOS token strings."""
+    file = layout(path)
+    template = file.values.get("tokenizer.chat_template")
+    return ChatFormat(template if isinstance(template, str) else None,
+                      vocabulary_token(file, path, file.values.get("tokenizer.ggml.bos_token_id")),
+                      vocabulary_token(file, path, file.values.get("tokenizer.ggml.eos_token_id")))
 
 
 def open(spec: LoadSpec) -> LlamaCppModel:

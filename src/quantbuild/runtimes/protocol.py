@@ -9,6 +9,8 @@ its entry in `ADAPTERS`, and its settings in the config.
 
 Token IDs are the runtime's own: each adapter tokenizes with the tokenizer the deployed
 artifact carries (llama.cpp's vocabulary for a GGUF, the checkpoint's tokenizer otherwise).
+Text rendered through a chat template is tokenized with its special tokens parsed as
+tokens (`special=True`), as llama-server does; raw text reads them as text.
 """
 
 from __future__ import annotations
@@ -46,6 +48,25 @@ class LoadSpec:
 
 
 @dataclass(frozen=True)
+class Completion:
+    """One greedy completion: its text (control tokens removed) and whether it ended at an
+    end-of-generation token (EOS or the template's end of turn) rather than the budget."""
+
+    text: str
+    stopped: bool
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """What an artifact carries for chat: its template (None for a base model) and the
+    special-token strings the template may refer to."""
+
+    template: Optional[str]
+    bos_token: str = ""
+    eos_token: str = ""
+
+
+@dataclass(frozen=True)
 class Timing:
     """One timed greedy run: prefill plus the first token, then seconds per decoded token."""
 
@@ -75,8 +96,9 @@ class Runtime(Protocol):
         """The settings the behavioural probes are recorded with, and `verify` reopens
         the artifact with."""
 
-    def tokenize(self, text: str) -> list[int]:
-        """Token IDs with the runtime's special tokens (BOS where the model has one)."""
+    def tokenize(self, text: str, special: bool = False) -> list[int]:
+        """Token IDs with the runtime's special tokens (BOS where the model has one);
+        `special` parses special-token text (`<|im_end|>`) as the tokens."""
 
     def bos_token(self) -> Optional[int]: ...
 
@@ -88,8 +110,9 @@ class Runtime(Protocol):
         """(log-probabilities [P, vocab], next-token targets [P]) over `texts`, each
         tokenized with its special tokens, batched as the runtime batches best."""
 
-    def complete(self, prompts: list[str], max_new_tokens: int) -> list[str]:
-        """Greedy completions of `prompts` (special tokens removed), in order."""
+    def complete(self, prompts: list[str], max_new_tokens: int, special: bool = False) -> list[Completion]:
+        """Greedy completions of `prompts` (control tokens removed), in order; `special` as
+        in `tokenize`."""
 
     def generate(self, tokens: list[int], max_new_tokens: int) -> list[int]:
         """Greedy continuation of `tokens`, stopping at an end-of-generation token."""
@@ -114,6 +137,11 @@ def open_runtime(spec: LoadSpec) -> Runtime:
     if spec.runtime not in ADAPTERS:
         raise RuntimeUnavailable(f"runtime {spec.runtime!r}: unknown (known: {', '.join(ADAPTERS)})")
     return importlib.import_module(ADAPTERS[spec.runtime]).open(spec)
+
+
+def chat_format(spec: LoadSpec) -> ChatFormat:
+    """The chat template `spec.artifact` carries, read from the file without loading it."""
+    return importlib.import_module(ADAPTERS[spec.runtime]).chat_format(spec.artifact)
 
 
 def sequence_positions(runtime: Runtime, sequences: list[list[int]]) -> Iterator[tuple[Any, Any]]:

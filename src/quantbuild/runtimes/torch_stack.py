@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from quantbuild.runtimes.gptqmodel_loader import is_gptqmodel_checkpoint, kernel_names, load_quantized
-from quantbuild.runtimes.protocol import TORCH, LoadSpec, Timing
+from quantbuild.runtimes.protocol import TORCH, ChatFormat, Completion, LoadSpec, Timing
 from quantbuild.runtimes.torch_memory import measure_memory
 
 
@@ -72,8 +72,8 @@ class TorchRuntime:
         return {"load_runtime": self.load_runtime, "device": str(self.device),
                 "gpu_kernels": dict(sorted(self.kernels.items()))}
 
-    def tokenize(self, text: str) -> list[int]:
-        return self.tokenizer(text)["input_ids"]
+    def tokenize(self, text: str, special: bool = False) -> list[int]:
+        return self.tokenizer(text, split_special_tokens=not special)["input_ids"]
 
     def bos_token(self) -> Optional[int]:
         return self.tokenizer.bos_token_id
@@ -100,25 +100,27 @@ class TorchRuntime:
             logprobs = torch.log_softmax(logits[:, :-1], dim=-1)[mask]
             yield logprobs.cpu(), batch["input_ids"][:, 1:][mask].cpu()
 
-    def complete(self, prompts: list[str], max_new_tokens: int) -> list[str]:
+    def complete(self, prompts: list[str], max_new_tokens: int, special: bool = False) -> list[Completion]:
         """transformers' greedy `generate`, left-padded batches of similar length (greedy
         decoding makes the result independent of that order)."""
         import torch
 
         order = sorted(range(len(prompts)), key=lambda index: len(prompts[index]))
-        outputs: dict[int, str] = {}
+        outputs: dict[int, Completion] = {}
         self.tokenizer.padding_side = "left"
+        eos = self.tokenizer.eos_token_id
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
-            batch = self.tokenizer([prompts[index] for index in chunk], return_tensors="pt",
-                                   padding=True).to(self.device)
+            batch = self.tokenizer([prompts[index] for index in chunk], return_tensors="pt", padding=True,
+                                   split_special_tokens=not special).to(self.device)
             with torch.inference_mode():
                 generated = self.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                                 pad_token_id=self.tokenizer.pad_token_id,
                                                 eos_token_id=self.tokenizer.eos_token_id)
             new_tokens = generated[:, batch["input_ids"].shape[1] :]
-            for index, text in zip(chunk, self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
-                outputs[index] = text
+            texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+            for index, text, tokens in zip(chunk, texts, new_tokens.tolist()):
+                outputs[index] = Completion(text, eos in tokens)
         return [outputs[index] for index in range(len(prompts))]
 
     def generate(self, tokens: list[int], max_new_tokens: int) -> list[int]:
@@ -175,6 +177,23 @@ class TorchRuntime:
             yield self
         finally:
             torch.set_num_threads(before)
+
+
+def chat_format(folder: Path) -> ChatFormat:
+    """The chat template of a checkpoint's tokenizer (`chat_template.jinja`, else
+    `chat_template` in `tokenizer_config.json`; None for a base model)."""
+    import json
+
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    jinja = folder / "chat_template.jinja"
+    template = jinja.read_text(encoding="utf-8") if jinja.is_file() else config.get("chat_template")
+
+    def token(key: str) -> str:
+        value = config.get(key)
+        return value.get("content", "") if isinstance(value, dict) else (value or "")
+
+    return ChatFormat(template if isinstance(template, str) else None, token("bos_token"), token("eos_token"))
 
 
 def open(spec: LoadSpec) -> TorchRuntime:

@@ -1,8 +1,11 @@
 """Calibration sources: text the quantizers see when they measure activations.
 
-Four sources, one JSONL file each (`{id, source, text}` per line): workflow prompts (the
-task families' prompts with their answers), tool-call patterns, long-context samples and
-domain prose. Drawn from seeds disjoint from the eval seeds.
+Four sources, one JSONL file each (`{id, source, text, messages?, tools?}` per line):
+workflow prompts (the task families' prompts with their answers), tool-call patterns,
+long-context samples and domain prose. Drawn from seeds disjoint from the eval seeds. A
+conversational record also carries the exchange as `messages` (the answer as the last,
+assistant turn) and `tools`: for an instruct model the calibration stage renders those
+through its chat template, as the model sees text in deployment.
 """
 
 import json
@@ -11,34 +14,44 @@ from pathlib import Path
 
 from quantbuild.errors import DataError
 from quantbuild.tasks import long_context, prose, reasoning, retrieval, tools, training_text
+from quantbuild.tasks.chat_forms import answer_message
+from quantbuild.tasks.items import Item
 
 SOURCES = ("workflow_prompts", "tool_calls", "long_context", "domain_text")
 
 
-def _text(source: str, rng: random.Random, index: int) -> str:
+def _conversation(item: Item) -> dict:
+    record: dict = {"text": training_text(item), "messages": [*item.messages, answer_message(item)]}
+    if item.tools:
+        record["tools"] = item.tools
+    return record
+
+
+def _record(source: str, rng: random.Random, index: int) -> dict:
     if source == "workflow_prompts":
         builder = (retrieval.make_item, reasoning.make_item, tools.make_item)[index % 3]
-        return training_text(builder(rng, "calibration"))
+        return _conversation(builder(rng, "calibration"))
     if source == "tool_calls":
-        return training_text(tools.make_item(rng, "calibration"))
+        return _conversation(tools.make_item(rng, "calibration"))
     if source == "long_context":
         tokens = rng.choice(sorted(long_context.WORDS_FOR_TOKENS))
-        return training_text(long_context.make_item(rng, "calibration", tokens, rng.choice(long_context.DEPTHS)))
-    return " ".join(prose.paragraph(rng) for _ in range(3))
+        return _conversation(long_context.make_item(rng, "calibration", tokens, rng.choice(long_context.DEPTHS)))
+    return {"text": " ".join(prose.paragraph(rng) for _ in range(3))}
 
 
 def generate(source: str, count: int, seed: int) -> list[dict]:
     rng = random.Random(f"calibration:{source}:{seed}")
-    return [{"id": f"{source}-{seed}-{i:05d}", "source": source, "text": _text(source, rng, i)} for i in range(count)]
+    return [{"id": f"{source}-{seed}-{i:05d}", "source": source, **_record(source, rng, i)} for i in range(count)]
 
 
-def load_source(path: Path) -> list[str]:
-    """Texts of one calibration file; a missing, empty or malformed file is a DataError."""
+def load_source(path: Path) -> list[dict]:
+    """Records of one calibration file ({text, messages?, tools?}); a missing, empty or
+    malformed file is a DataError naming the file and line."""
     if not path.is_file():
         raise DataError(f"{path}: calibration source not found")
     from quantbuild.tasks.items import read_text_lines
 
-    texts = []
+    records = []
     for number, line in enumerate(read_text_lines(path), start=1):
         if not line.strip():
             continue
@@ -48,7 +61,11 @@ def load_source(path: Path) -> list[str]:
             raise DataError(f"{path}:{number}: invalid JSON ({err.msg})") from None
         if not isinstance(record, dict) or not isinstance(record.get("text"), str) or not record["text"]:
             raise DataError(f"{path}:{number}: each line needs a non-empty string field 'text'")
-        texts.append(record["text"])
-    if not texts:
+        messages = record.get("messages")
+        if messages is not None and not (isinstance(messages, list) and messages and all(
+                isinstance(message, dict) and isinstance(message.get("role"), str) for message in messages)):
+            raise DataError(f"{path}:{number}: 'messages' must be a non-empty list of {{role, content}} objects")
+        records.append({key: record[key] for key in ("text", "messages", "tools") if key in record})
+    if not records:
         raise DataError(f"{path}: calibration source is empty")
-    return texts
+    return records

@@ -1,9 +1,13 @@
 """The eval-item format (one JSON object per line) shared by the generators, the committed
 data files and users' own golden-prompt files. `data/README.md` documents it for users.
 
-An item is `{id, family, prompt, expected, scorer, schema?, meta?}`. `render_target` turns
-`expected` into the exact text a model should produce after the prompt; training and
-scoring both go through it, so they cannot disagree.
+An item is `{id, family, prompt?, messages?, tools?, expected, scorer, schema?, meta?}`:
+`prompt` is the raw text a base model is given; `messages` (system / user / assistant /
+tool turns) and `tools` (function definitions) are the same request in the OpenAI chat
+shape, rendered through an instruct model's chat template (`quantbuild.prompts`). An item
+has at least one of the two. `render_target` turns `expected` into the exact text a base
+model should produce after the prompt; training and scoring both go through it, so they
+cannot disagree.
 """
 
 from __future__ import annotations
@@ -17,28 +21,32 @@ from quantbuild.errors import DataError
 
 FAMILIES = ("language_modelling", "structured", "retrieval", "long_context", "reasoning", "golden")
 SCORERS = ("exact", "json_tool_call", "cited_answer", "contains")
-REQUIRED = ("id", "family", "prompt", "expected", "scorer")
-OPTIONAL = ("schema", "meta")
+REQUIRED = ("id", "family", "expected", "scorer")
+OPTIONAL = ("prompt", "messages", "tools", "schema", "meta")
+ROLES = ("system", "user", "assistant", "tool")
 
 
 @dataclass(frozen=True)
 class Item:
     id: str
     family: str
-    prompt: str
+    prompt: str | None
     expected: Any
     scorer: str
     schema: dict | None = None
     meta: dict = field(default_factory=dict)
+    messages: list | None = None
+    tools: list | None = None
 
     def to_json(self) -> str:
-        record: dict[str, Any] = {
-            "id": self.id,
-            "family": self.family,
-            "prompt": self.prompt,
-            "expected": self.expected,
-            "scorer": self.scorer,
-        }
+        record: dict[str, Any] = {"id": self.id, "family": self.family}
+        if self.prompt is not None:
+            record["prompt"] = self.prompt
+        if self.messages is not None:
+            record["messages"] = self.messages
+        if self.tools is not None:
+            record["tools"] = self.tools
+        record.update({"expected": self.expected, "scorer": self.scorer})
         if self.schema is not None:
             record["schema"] = self.schema
         if self.meta:
@@ -67,9 +75,15 @@ def parse_item(record: Any, where: str) -> Item:
     unknown = sorted(set(record) - set(REQUIRED) - set(OPTIONAL))
     if unknown:
         raise DataError(f"{where}: unknown field(s) {', '.join(unknown)}")
-    for key in ("id", "family", "prompt", "scorer"):
+    for key in ("id", "family", "scorer") + (("prompt",) if "prompt" in record else ()):
         if not isinstance(record[key], str) or not record[key]:
             raise DataError(f"{where}: field '{key}' must be a non-empty string")
+    if "prompt" not in record and "messages" not in record:
+        raise DataError(f"{where}: needs 'prompt' (a base model's raw text) or 'messages' (a conversation), or both")
+    if "messages" in record:
+        _check_messages(record["messages"], where)
+    if "tools" in record:
+        _check_tools(record["tools"], where)
     if record["scorer"] not in SCORERS:
         raise DataError(f"{where}: unknown scorer '{record['scorer']}' (allowed: {', '.join(SCORERS)})")
     if record["family"] not in FAMILIES:
@@ -78,12 +92,47 @@ def parse_item(record: Any, where: str) -> Item:
     return Item(
         id=record["id"],
         family=record["family"],
-        prompt=record["prompt"],
+        prompt=record.get("prompt"),
         expected=record["expected"],
         scorer=record["scorer"],
         schema=record.get("schema"),
         meta=record.get("meta") or {},
+        messages=record.get("messages"),
+        tools=record.get("tools"),
     )
+
+
+def _check_messages(messages: Any, where: str) -> None:
+    """A non-empty list of turns in the OpenAI chat shape, ending with a turn the model answers."""
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
+    for number, message in enumerate(messages):
+        at = f"{where}: messages[{number}]"
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            raise DataError(f"{at}: needs a 'role' of {', '.join(ROLES)}")
+        content = message.get("content")
+        if not (isinstance(content, str) or (content is None and message.get("tool_calls"))):
+            raise DataError(f"{at}: 'content' must be a string (or null beside 'tool_calls')")
+        for call in message.get("tool_calls") or []:
+            function = call.get("function") if isinstance(call, dict) else None
+            if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+                raise DataError(f"{at}: each tool call needs {{\"function\": {{\"name\", \"arguments\"}}}}")
+    if messages[-1]["role"] == "assistant":
+        raise DataError(f"{where}: the last message is the assistant's: the model has nothing to answer")
+
+
+def _check_tools(tools: Any, where: str) -> None:
+    """Function definitions `{type: function, function: {name, description?, parameters}}`,
+    each `parameters` a valid JSON Schema."""
+    if not isinstance(tools, list) or not tools:
+        raise DataError(f"{where}: 'tools' must be a non-empty list of function definitions")
+    for number, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise DataError(f"{where}: tools[{number}]: expected {{\"type\": \"function\", \"function\": "
+                            f"{{\"name\", \"parameters\"}}}}")
+        _check_schema(function.get("parameters", {}), f"{where}: tools[{number}] ({function['name']}) parameters",
+                      "'parameters'")
 
 
 def _check_expected(record: dict, where: str) -> None:
@@ -99,13 +148,13 @@ def _check_expected(record: dict, where: str) -> None:
         raise DataError(f"{where}: scorer {scorer} needs a string 'expected'")
 
 
-def _check_schema(schema: Any, where: str) -> None:
+def _check_schema(schema: Any, where: str, what: str = "'schema'") -> None:
     import jsonschema
 
     try:
         jsonschema.Draft202012Validator.check_schema(schema)
     except jsonschema.SchemaError as err:
-        raise DataError(f"{where}: 'schema' is not a valid JSON Schema: {err.message}") from None
+        raise DataError(f"{where}: {what} is not a valid JSON Schema: {err.message}") from None
 
 
 def read_text_lines(path: Path) -> list[str]:

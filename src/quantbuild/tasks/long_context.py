@@ -9,6 +9,7 @@ import random
 
 from quantbuild.tasks import names as n
 from quantbuild.tasks import prose
+from quantbuild.tasks.chat_forms import question_turns
 from quantbuild.tasks.items import Item
 
 DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
@@ -54,6 +55,7 @@ def make_item(rng: random.Random, item_id: str, tokens: int, depth: float, distr
         id=item_id,
         family="long_context",
         prompt=prompt,
+        messages=question_turns(" ".join(sentences) + f"\n\nQuestion: {question}"),
         expected=answer,
         scorer="exact",
         meta={"tokens": tokens, "depth": depth},

@@ -5,6 +5,7 @@ import random
 from typing import Callable
 
 from quantbuild.tasks import names as n
+from quantbuild.tasks.chat_forms import question_turns
 from quantbuild.tasks.items import Item
 
 
@@ -58,6 +59,7 @@ def make_item(rng: random.Random, item_id: str) -> Item:
         id=item_id,
         family="reasoning",
         prompt=f"Question: {question}\nAnswer:",
+        messages=question_turns(question),
         expected=answer,
         scorer="exact",
         meta={"kind": kind},

@@ -5,6 +5,7 @@ fact about other entities, so only reading the right document gives the right an
 import random
 
 from quantbuild.tasks import names as n
+from quantbuild.tasks.chat_forms import SEARCH_TOOL, search_turns
 from quantbuild.tasks.items import Item
 
 # (document template, question template, answer template, value); {e} is the entity, {v} the
@@ -31,11 +32,14 @@ def make_item(rng: random.Random, item_id: str, documents: int | None = None) ->
     target = rng.randrange(count)
     lines = [f"[{doc_id}] " + tpl.format(e=entity, v=val) for doc_id, (tpl, _, _, entity, val) in zip(doc_ids, facts)]
     _, question_tpl, answer_tpl, entity, val = facts[target]
-    prompt = "Documents:\n" + "\n".join(lines) + f"\nQuestion: {question_tpl.format(e=entity)}\nAnswer:"
+    question = question_tpl.format(e=entity)
+    prompt = "Documents:\n" + "\n".join(lines) + f"\nQuestion: {question}\nAnswer:"
     return Item(
         id=item_id,
         family="retrieval",
         prompt=prompt,
+        messages=search_turns(question, "\n".join(lines)),
+        tools=[SEARCH_TOOL],
         expected={"answer": answer_tpl.format(v=val), "citation": doc_ids[target]},
         scorer="cited_answer",
         meta={"documents": count},

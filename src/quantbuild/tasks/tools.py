@@ -8,6 +8,7 @@ import random
 from typing import Any, Callable
 
 from quantbuild.tasks import names as n
+from quantbuild.tasks.chat_forms import question_turns
 from quantbuild.tasks.items import Item
 
 _STR = {"type": "string", "minLength": 1}
@@ -78,6 +79,32 @@ ARGUMENT_SCHEMAS: dict[str, dict] = {
     },
 }
 TOOL_NAMES = tuple(ARGUMENT_SCHEMAS)
+DESCRIPTIONS = {
+    "get_weather": "Weather forecast for a city.",
+    "create_event": "Create a calendar event.",
+    "send_email": "Send an email.",
+    "search_files": "Search the user's files.",
+    "set_reminder": "Set a reminder.",
+    "convert_currency": "Convert an amount between currencies.",
+    "book_table": "Book a restaurant table.",
+}
+# tools offered in a structured item's conversation: its own and this many others
+OFFERED = 2
+
+
+def tool_definition(tool: str) -> dict:
+    """The function definition a chat request carries for `tool` (OpenAI's `tools` entry)."""
+    parameters = {"type": "object", **ARGUMENT_SCHEMAS[tool]}
+    return {"type": "function", "function": {"name": tool, "description": DESCRIPTIONS[tool], "parameters": parameters}}
+
+
+def offered_tools(tool: str, request: str) -> list[dict]:
+    """`tool` among distractors, in an order fixed by the request (no draw from the item's rng,
+    so the raw items stay what they were)."""
+    rng = random.Random(f"offered:{request}")
+    names = rng.sample([name for name in TOOL_NAMES if name != tool], OFFERED - 1) + [tool]
+    rng.shuffle(names)
+    return [tool_definition(name) for name in names]
 
 
 def call_schema(tool: str) -> dict:
@@ -199,6 +226,8 @@ def make_item(rng: random.Random, item_id: str) -> Item:
         id=item_id,
         family="structured",
         prompt=f"{PROMPT_HEADER}\nRequest: {request}\nCall:",
+        messages=question_turns(request),
+        tools=offered_tools(tool, request),
         expected={"name": tool, "arguments": arguments},
         scorer="json_tool_call",
         schema=call_schema(tool),

@@ -1,0 +1,186 @@
+"""Instruct models as deployed (issue #25), the parts that need no model: chat templates and
+their rendering, tool calls in each model family's syntax, degenerate output, its gate, and
+calibration text rendered through the template."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import BASELINE, REPO
+from quantbuild.baseline.chat import TEMPLATE, make_chat_tokenizer
+from quantbuild.config import GateConfig
+from quantbuild.errors import DataError
+from quantbuild.evaluation import degenerate
+from quantbuild.evaluation.scorers import failure, score
+from quantbuild.gate import select
+from quantbuild.prompts import PromptFormat, TemplateError, prompt_format
+from quantbuild.tasks import GENERATORS, render_target, tool_calls
+from quantbuild.tasks.items import load_items
+
+CALL = {"name": "create_event", "arguments": {"title": "roadmap call", "date": "2026-05-28", "duration_minutes": 90}}
+GENERATIVE = ("structured", "retrieval", "long_context", "reasoning")
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer(tmp_path_factory):
+    """The bundled tokenizer made a chat tokenizer, as bench/chat_model.sh makes it."""
+    from transformers import AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("chat-tokenizer")
+    make_chat_tokenizer(BASELINE, folder)
+    return AutoTokenizer.from_pretrained(str(folder)), folder
+
+
+@pytest.mark.parametrize("name", tool_calls.FORMATS)
+def test_each_syntax_parses_what_its_models_write(name):
+    written = tool_calls.write(name, CALL)
+    assert tool_calls.parse(name, written) == tool_calls.ParsedCall(True, CALL)
+    assert tool_calls.parse(name, "\n" + written + "\n").call == CALL
+
+
+@pytest.mark.parametrize(("name", "text", "wrapper", "parsed"), [
+    ("hermes", '<tool_call>\n{"name": "f", "arguments": {}}', False, False),            # never closed
+    ("hermes", '{"name": "f", "arguments": {}}', False, False),                          # no tags at all
+    ("hermes", '<tool_call>\n{"name": "f", "arguments": {\n</tool_call>', True, False),  # tags fine, JSON not
+    ("hermes", '<tool_call>{"name": "f", "arguments": {}}</tool_call> and more', False, True),
+    ("hermes", '<tool_call>{"name": "f", "parameters": {}}</tool_call>', True, False),   # another family's keys
+    ("mistral", '[{"name": "f", "arguments": {}}]', False, False),
+    ("mistral", '[TOOL_CALLS]{"name": "f", "arguments": {}}', False, False),
+    ("llama3_json", '<|python_tag|>{"name": "f", "parameters": {"a": 1}}', True, True),
+    ("llama3_json", '{"name": "f", "arguments": {"a": 1}}', True, False),
+    ("raw_json", '{"name": "f", "arguments": "{\\"a\\": 1}"}', True, True),               # arguments JSON-encoded
+])
+def test_malformed_wrappers_are_told_from_bad_json(name, text, wrapper, parsed):
+    result = tool_calls.parse(name, text)
+    assert result.wrapper is wrapper and (result.call is not None) is parsed
+
+
+def test_the_structured_scorer_names_a_malformed_wrapper():
+    item = next(item for item in GENERATORS["structured"](5, 7))
+    good = tool_calls.write("hermes", item.expected)
+    assert score(item, good, "hermes") == {"correct": 1.0, "wrapper": 1.0, "parsed": 1.0, "valid": 1.0}
+    unclosed = score(item, good.replace("</tool_call>", ""), "hermes")
+    assert unclosed["correct"] == 0.0 and failure(unclosed) == "malformed_wrapper"
+    assert failure(score(item, render_target(item), "hermes")) == "malformed_wrapper"  # raw JSON: no tags
+    assert failure(score(item, render_target(item), "raw_json")) is None
+    wrong = dict(item.expected, name="get_weather")
+    assert failure(score(item, tool_calls.write("hermes", wrong), "hermes")) == "invalid_arguments"
+
+
+def test_the_syntax_is_detected_from_the_template():
+    assert tool_calls.detect(TEMPLATE) == "hermes"
+    assert tool_calls.detect("{{ '[TOOL_CALLS]' }}") == "mistral"
+    assert tool_calls.detect("{% if message.role == 'ipython' %}<|python_tag|>{% endif %}") == "llama3_json"
+    assert tool_calls.detect("{% for m in messages %}<|im_start|>{{ m.content }}{% endfor %}") is None
+    assert prompt_format(TEMPLATE).tool_call_format == "hermes"
+    assert prompt_format(None).tool_call_format == "raw_json" and not prompt_format(None).chat
+
+
+def test_every_bundled_item_renders_as_transformers_renders_it(chat_tokenizer):
+    """quantbuild's renderer (the template text the artifact carries, in a Jinja2 sandbox) and
+    transformers' `apply_chat_template` give the same tokens on every bundled item."""
+    tokenizer, _ = chat_tokenizer
+    fmt = prompt_format(tokenizer.chat_template)
+    items = [item for family in GENERATIVE for item in load_items(REPO / "data" / "eval" / f"{family}.jsonl")]
+    assert len(items) == 1200 and all(item.messages for item in items)
+    ours = tokenizer([fmt.render(item) for item in items], add_special_tokens=False)["input_ids"]
+    for item, tokens in zip(items, ours):
+        theirs = tokenizer.apply_chat_template(item.messages, tools=item.tools, add_generation_prompt=True,
+                                               tokenize=True, return_dict=True)["input_ids"]
+        assert tokens == list(theirs), item.id
+    im_start = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    assert all(tokens[0] == im_start and tokens.count(im_start) >= 2 for tokens in ours)
+
+
+def test_raw_items_on_a_chat_model_become_a_user_turn_and_conversations_need_a_template():
+    item = GENERATORS["reasoning"](1, 3)[0]
+    chat = prompt_format(TEMPLATE)
+    from dataclasses import replace
+
+    raw_only = replace(item, messages=None)
+    assert chat.render(raw_only) == f"<|im_start|>user\n{item.prompt}<|im_end|>\n<|im_start|>assistant\n"
+    with pytest.raises(TemplateError, match="has only 'messages', and the model has no chat template"):
+        PromptFormat(None).render(replace(item, prompt=None))
+
+
+@pytest.mark.parametrize(("template", "declared", "message"), [
+    ("{% for m in messages %}{{ m.content }", None, "does not parse"),
+    ("{{ raise_exception('no system role') }}", None, "chat template: no system role"),
+    ("{% for m in messages %}{{ m.content.upper(1, 2) }}{% endfor %}", None, "does not render"),
+    (TEMPLATE, "mistral", "tool_call_format is mistral, but the chat template writes hermes"),
+])
+def test_templates_that_do_not_render_or_fit_are_one_line(template, declared, message):
+    with pytest.raises(TemplateError) as err:
+        prompt_format(template, declared=declared)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_items_that_need_tools_meet_a_template_without_them():
+    no_tools = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content or '' }}<|im_end|>\n{% endfor %}"
+    fmt = prompt_format(no_tools)
+    items = GENERATORS["structured"](2, 5)
+    with pytest.raises(TemplateError, match=f"item {items[0].id}: needs tools, and the model's chat template renders none"):
+        fmt.check(items)
+    fmt.check(GENERATORS["reasoning"](2, 5))
+
+
+def test_degenerate_output_is_found_and_right_answers_are_clean():
+    assert degenerate.kinds("ok ok ok ok ok ok ok ok ok ok", True, "ok") == ["loop"]
+    assert degenerate.kinds("The answer is 12. The answer is 12. The answer is 12. The", False, "What is 5 + 7? 12") == ["loop", "no_stop"]
+    assert degenerate.kinds("1253", False, "1253") == ["no_stop"]
+    assert degenerate.kinds("答案是 1253", True, "When was it built? 1253") == ["script"]
+    assert degenerate.kinds("\ufffd\ufffd", True, "x") == ["script"]
+    # every bundled item's right answer, in both syntaxes, is clean
+    for family in GENERATIVE:
+        for item in load_items(REPO / "data" / "eval" / f"{family}.jsonl"):
+            context = item.prompt + json.dumps(item.expected, ensure_ascii=False)
+            assert degenerate.kinds(render_target(item), True, context) == [], item.id
+            if item.scorer == "json_tool_call":
+                assert degenerate.kinds(tool_calls.write("hermes", item.expected), True, context) == []
+
+
+def _metrics(clean: list[float]) -> dict:
+    ids = [f"i{index:03d}" for index in range(len(clean))]
+    return {"perplexity": 2.0, "kld_mean": 0.0, "kld_p99": 0.0, "top1_agreement": 1.0, "deploy_runtime": "llama.cpp",
+            "families": {}, "outcomes": {"degenerate": dict(zip(ids, clean))},
+            "latency": {}, "memory": {"by_context": {"1024": {"peak_mb": 50.0}}}}
+
+
+def test_the_gate_pairs_degenerate_items_with_the_baseline():
+    gate = GateConfig(max_latency_paired_ratio=None, max_memory_ratio=None)
+    base = _metrics([1.0] * 290 + [0.0] * 10)
+    records = {"q4": {"method": "gguf", "size_bytes": 500, "bits_per_weight": 4.5}}
+    same = select(base, {"q4": _metrics([1.0] * 290 + [0.0] * 10)}, records, gate)
+    loops = select(base, {"q4": _metrics([1.0] * 250 + [0.0] * 50)}, records, gate)
+    check = next(c for c in loops["variants"]["q4"]["checks"] if c["budget"] == "degenerate_increase")
+    assert same["chosen"] == "q4" and loops["chosen"] is None
+    assert check["variant_items"] == 50 and check["baseline_items"] == 10 and not check["pass"]
+    assert "degenerate_increase" in loops["variants"]["q4"]["reason"]
+    off = select(base, {"q4": _metrics([1.0] * 250 + [0.0] * 50)}, records,
+                 GateConfig(max_latency_paired_ratio=None, max_memory_ratio=None, max_degenerate_increase=None))
+    assert off["chosen"] == "q4"
+
+
+def test_calibration_renders_conversations_through_the_template_per_source(tmp_path, chat_tokenizer):
+    from quantbuild.calibration import compose_calibration, load_calibration
+    from quantbuild.config import CalibrationConfig
+
+    tokenizer, folder = chat_tokenizer
+    im_start = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    data = REPO / "data" / "calibration"
+    sources = {"tool_calls": 1.0, "domain_text": 1.0}
+    on = compose_calibration(CalibrationConfig(sources=sources, samples=8, seq_len=4096), data, folder, tmp_path / "on")
+    rows = load_calibration(tmp_path / "on")
+    assert on["composition"]["tool_calls"]["chat_template"] and not on["composition"]["domain_text"]["chat_template"]
+    assert sum(im_start in row for row in rows) == 4
+    off = compose_calibration(CalibrationConfig(sources=sources, samples=8, seq_len=4096, chat={"tool_calls": False}),
+                              data, folder, tmp_path / "off")
+    assert not off["composition"]["tool_calls"]["chat_template"]
+    assert not any(im_start in row for row in load_calibration(tmp_path / "off"))
+    (tmp_path / "plain.jsonl").write_text('{"text": "no conversation here"}\n')
+    with pytest.raises(DataError, match="calibration.chat.plain is on, and a record has no 'messages'"):
+        compose_calibration(CalibrationConfig(sources={"plain": 1.0}, samples=1, chat={"plain": True}), tmp_path,
+                            folder, tmp_path / "plain")
+    assert not (tmp_path / "plain").exists()

@@ -1,0 +1,91 @@
+"""The bundled instruct model through the whole pipeline (issue #25): every item, probe and
+conversational calibration source through its chat template, tool calls parsed in its own
+syntax, degenerate output gated, a bundle that carries the template. A file of its own, so it
+runs on another core than the shared project's tests."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from conftest import BIN, QUANTIZED, REPO, dvc, run, small_project, stages_run
+from quantbuild.config import compose
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+CHAT = REPO / "data" / "baseline" / "workflow-chat-33m"
+
+
+def test_the_chat_model_runs_the_pipeline_through_its_template(tmp_path):
+    """`model=workflow-chat-33m`: `dvc repro` through package on the shared repo's small
+    settings and ladder (three timed rounds: one round of two tokens on this larger model is
+    all noise), then `quantbuild verify --behaviour` on the bundle."""
+    from transformers import AutoTokenizer
+
+    from quantbuild.prompts import for_artifact
+    from quantbuild.runtimes.gguf_file import metadata
+    from quantbuild.runtimes.llama_cpp import LlamaCppModel
+    from quantbuild.runtimes.protocol import LoadSpec
+    from quantbuild.tasks import tool_calls
+    from quantbuild.tasks.items import load_items
+
+    root = small_project(tmp_path / "chat")
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["model"] = compose(REPO / "conf", ["model=workflow-chat-33m"])["model"]
+    params["eval"]["latency"].update(repeats=3)
+    params["eval"]["store_generations"] = True
+    params["gate"]["max_latency_paired_ratio"] = 100.0
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    result = dvc(root, "repro")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert {"fetch", "gguf_base", f"quantize@{QUANTIZED}", "evaluate_baseline", "select", "package"} <= \
+        stages_run(result.stdout)
+    assert "fetched workflow-chat-33m: 12 files match their pins" in result.stdout
+
+    # calibration and the importance matrix read the conversational sources through the template
+    calibration = json.loads((root / "artifacts" / "calibration" / "calibration_record.json").read_text())
+    chat_sources = {name for name, source in calibration["composition"].items() if source["chat_template"]}
+    assert chat_sources == {"workflow_prompts", "tool_calls", "long_context"}
+
+    # the baseline was prompted through the GGUF's own template, with calls parsed as hermes
+    evaluation = root / "artifacts" / "eval" / "baseline"
+    measured = json.loads((evaluation / "measurements.json").read_text())
+    assert measured["prompts"]["prompt_format"] == "chat" and measured["prompts"]["tool_call_format"] == "hermes"
+    assert measured["families"]["structured"]["wrapper"] == 1.0 and measured["families"]["structured"]["score"] == 1.0
+    # no false positives of the degenerate check on the baseline's own outputs
+    assert measured["families"]["degenerate"]["items"] == 0 and measured["families"]["degenerate"]["n"] == 16
+    generations = [json.loads(line) for line in (evaluation / "generations.jsonl").read_text().splitlines()]
+    calls = [record["output"] for record in generations if record["id"].startswith("structured")]
+    assert calls and all(tool_calls.parse("hermes", output).wrapper for output in calls)
+    assert all(record["output"].startswith("[D") for record in generations if record["id"].startswith("retrieval"))
+
+    # llama.cpp's tokens of the rendering equal transformers' apply_chat_template, every item
+    base = root / "artifacts" / "gguf" / "base.gguf"
+    fmt = for_artifact(LoadSpec("llama.cpp", base))
+    tokenizer = AutoTokenizer.from_pretrained(str(CHAT))
+    items = [item for family in ("structured", "retrieval", "long_context", "reasoning")
+             for item in load_items(REPO / "data" / "eval" / f"{family}.jsonl")]
+    with LlamaCppModel(base, n_ctx=2048, threads=1) as model:
+        for item in items:
+            theirs = tokenizer.apply_chat_template(item.messages, tools=item.tools, add_generation_prompt=True,
+                                                   tokenize=True, return_dict=True)["input_ids"]
+            assert model.tokenize(fmt.render(item), special=True) == list(theirs), item.id
+
+    decision = json.loads((root / "artifacts" / "release" / "decision.json").read_text())
+    assert decision["chosen"] in decision["variants"]
+    for entry in decision["variants"].values():
+        degenerate = next(check for check in entry["checks"] if check["budget"] == "degenerate_increase")
+        assert degenerate["n"] == 16 and degenerate["baseline_items"] == 0
+
+    # the bundle: the GGUF carries the template and end of turn; the Modelfile renders the same
+    bundle = root / "artifacts" / "package" / f"workflow-chat-33m-{decision['chosen']}"
+    values = metadata(bundle / "model.gguf")
+    assert values["tokenizer.chat_template"] == (CHAT / "chat_template.jinja").read_text()
+    assert values["tokenizer.ggml.eos_token_id"] == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    modelfile = (bundle / "Modelfile").read_text()
+    assert "<|im_start|>assistant" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
+    verify = run(root, str(BIN / "quantbuild"), "verify", str(bundle.relative_to(root)), "--behaviour")
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    behaviour = json.loads((bundle / "behaviour.json").read_text())
+    assert behaviour["prompt_format"] == "chat" and behaviour["tool_call_format"] == "hermes"
