@@ -18,10 +18,10 @@ def test_json_tool_call_scorer_separates_parse_schema_and_fields():
     import json
 
     right = json.dumps(item.expected)
-    assert score(item, right) == {"correct": 1.0, "parsed": 1.0, "valid": 1.0}
+    assert score(item, right) == {"correct": 1.0, "wrapper": 1.0, "parsed": 1.0, "valid": 1.0}
     assert score(item, right[:-2])["parsed"] == 0.0
     wrong_tool = dict(item.expected, name="not_a_tool")
-    assert score(item, json.dumps(wrong_tool)) == {"correct": 0.0, "parsed": 1.0, "valid": 0.0}
+    assert score(item, json.dumps(wrong_tool)) == {"correct": 0.0, "wrapper": 1.0, "parsed": 1.0, "valid": 0.0}
 
 
 def test_cited_answer_needs_answer_and_citation():

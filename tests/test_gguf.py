@@ -412,7 +412,7 @@ def test_a_variant_is_evaluated_in_llama_cpp_against_its_baseline_with_its_kv_ty
     metrics = evaluate_gguf(built["q4_k_m_imat"] / MODEL_DIR / MODEL_FILE, "q8_0", config, data, tmp_path / "variant",
                             tmp_path / "baseline" / REFERENCE, baseline=base / BASE_FILE)
     assert metrics["deploy_runtime"] == "llama.cpp" and metrics["llama_cpp"]["kv_cache_type"] == "q8_0"
-    assert set(metrics["families"]) == {"structured", "retrieval", "long_context", "reasoning"}
+    assert set(metrics["families"]) == {"structured", "retrieval", "long_context", "reasoning", "degenerate"}
     assert 0 < metrics["kld_mean"] < 0.05 and metrics["tokens"] == reference["tokens"]
     paired = metrics["latency_vs_baseline"]
     assert set(paired["by_length"]) == {"16"}

@@ -107,7 +107,7 @@ def test_artifact_reloads_through_its_runtime_and_generates(name, built):
     runtimes = ["kernel"] if VARIANTS[name].method == "bnb" else ["kernel", "dequantized"]
     for runtime in runtimes:
         model = load_checkpoint(folder, runtime)
-        assert TorchRuntime(model, tokenizer).complete([PROMPT], max_new_tokens=6)[0].strip() == "35", (name, runtime)
+        assert TorchRuntime(model, tokenizer).complete([PROMPT], max_new_tokens=6)[0].text.strip() == "35", (name, runtime)
         # what the evaluation records as the kernels that ran: the quantized layers' classes,
         # none on the dequantized runtime (float32 Linear layers)
         kernels = kernel_names(model)

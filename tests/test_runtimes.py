@@ -83,8 +83,10 @@ def test_batched_completions_are_each_prompt_s_own_greedy_continuation(opened):
         decode = runtime.detokenize if name == LLAMA_CPP else (
             lambda tokens: runtime.tokenizer.decode(tokens, skip_special_tokens=True))
         alone = [runtime.generate(runtime.tokenize(item.prompt), 24) for item in items]
-        assert completed == [decode(tokens) for tokens in alone], name
+        assert [completion.text for completion in completed] == [decode(tokens) for tokens in alone], name
         assert {len(tokens) < 24 for tokens in alone} == {True, False}, name
+        # stopped: ended at the end-of-generation token, before the budget
+        assert [completion.stopped for completion in completed] == [len(tokens) < 24 for tokens in alone], name
         # the runtime's own context is back for what follows
         assert runtime.generate(runtime.tokenize(items[0].prompt), 24) == alone[0], name
 

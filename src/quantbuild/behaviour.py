@@ -76,6 +76,11 @@ def _compare(tensors: dict, greedy: list[list[int]], model: Runtime, sequences: 
             "top1_agreement": measured["top1_agreement"], "greedy_match": matches / len(sequences)}
 
 
+def _longest(sequences: list[list[int]]) -> int:
+    """The context the probes run in: the longest probe with its greedy continuation."""
+    return max(len(tokens) for tokens in sequences) + NEW_TOKENS
+
+
 def _threads() -> int:
     return os.cpu_count() or 1
 
@@ -91,14 +96,14 @@ def record(runtime: Runtime, out: Path, prompt_format: Optional[PromptFormat] = 
     chat = prompt_format is not None and prompt_format.chat
     cap = MAX_CHAT_PROBE_TOKENS if chat else MAX_PROBE_TOKENS
     workers = _threads()
-    with runtime.at_threads(workers) as model:
-        sequences = [model.tokenize(text, chat)[:cap] for _, _, text in prompts]
+    sequences = [runtime.tokenize(text, chat)[:cap] for _, _, text in prompts]
+    with runtime.at_threads(workers, _longest(sequences)) as model:
         tensors, greedy = _run(model, sequences)
         spread = [_compare(tensors, greedy, model, sequences)]
     thread_counts = sorted({1, max(1, workers // 2), workers})
     for threads in thread_counts:
         if threads != workers:
-            with runtime.at_threads(threads) as model:
+            with runtime.at_threads(threads, _longest(sequences)) as model:
                 spread.append(_compare(tensors, greedy, model, sequences))
     tensors = {**tensors, **_pack("prompt", sequences), **_pack("greedy", greedy)}
     out.mkdir(parents=True, exist_ok=True)
@@ -168,7 +173,7 @@ def check(runtime: Runtime, folder: Path, threads: Optional[int] = None) -> dict
     info, tensors = load(folder)
     sequences, greedy = _unpack(tensors, "prompt"), _unpack(tensors, "greedy")
     stored = {"topk_ids": tensors["topk_ids"], "topk_logprobs": tensors["topk_logprobs"]}
-    with runtime.at_threads(threads or _threads()) as model:
+    with runtime.at_threads(threads or _threads(), _longest(sequences)) as model:
         measured = _compare(stored, greedy, model, sequences)
     tolerance = info["tolerance"]
     drift = []

@@ -102,6 +102,8 @@ def model_card(manifest: dict[str, Any]) -> str:
         "",
         *RUN_INSTRUCTIONS.get(variant["method"], RUN_INSTRUCTIONS["gptq"])(manifest["bundle"]),
         "",
+        *(_chat_instructions(manifest["bundle"], measured["prompts"])
+          if measured.get("prompts", {}).get("prompt_format") == "chat" else []),
         "## Verify",
         "",
         f"`quantbuild verify artifacts/package/{manifest['bundle']}` re-hashes every file against `manifest.json`, "
@@ -147,6 +149,60 @@ def _gguf_instructions(bundle: str) -> list[str]:
         "",
         "On CPUs with AMX or AVX-512, load without weight repacking (`--no-repack`; in the C API",
         "`use_extra_bufts = false`): llama.cpp's repack path crashed on them where this was validated.",
+    ]
+
+
+# One request of each kind for an instruct model's card, as the bundled eval items pose them.
+_CHAT_EXAMPLE = [{"role": "user", "content": "What is 30 + 42?"}]
+_TOOL_EXAMPLE = {"type": "function", "function": {
+    "name": "convert_currency", "description": "Convert an amount between currencies.",
+    "parameters": {"type": "object", "properties": {"amount": {"type": "integer"},
+                                                    "source": {"type": "string"}, "target": {"type": "string"}},
+                   "required": ["amount", "source", "target"]}}}
+
+
+def _chat_instructions(bundle: str, prompts: dict[str, Any]) -> list[str]:
+    """How to talk to an instruct model's bundle: a chat and a tool call, for llama-server,
+    Ollama and llama-cpp-python."""
+    import json
+
+    chat = json.dumps({"messages": _CHAT_EXAMPLE, "temperature": 0})
+    tool = json.dumps({"messages": [{"role": "user", "content": "Convert 120 EUR to USD."}], "tools": [_TOOL_EXAMPLE],
+                       "temperature": 0})
+    return [
+        "## Chat",
+        "",
+        f"An instruct model: every prompt goes through the chat template in `model.gguf` "
+        f"(`tokenizer.chat_template`, sha256 `{prompts.get('chat_template_sha256', '?')}`), and it was evaluated",
+        f"that way, with special tokens parsed and tool calls parsed in the `{prompts.get('tool_call_format')}` syntax.",
+        "Greedy decoding, as evaluated. llama-server (`--jinja` applies the GGUF's template and parses tool calls):",
+        "",
+        "```bash",
+        "llama-server -m BUNDLE/model.gguf --jinja --port 8080 &",
+        f"curl -s http://127.0.0.1:8080/v1/chat/completions -d '{chat}'",
+        f"curl -s http://127.0.0.1:8080/v1/chat/completions -d '{tool}'",
+        "```",
+        "",
+        "The second answer's `choices[0].message.tool_calls` holds the call. Ollama, with this folder's Modelfile",
+        "(its TEMPLATE renders this template; `PARAMETER stop` ends a turn where the template does):",
+        "",
+        "```bash",
+        f"cd BUNDLE && ollama create {bundle} -f Modelfile",
+        f"curl -s http://127.0.0.1:11434/api/chat -d '{json.dumps({'model': bundle, 'stream': False, **json.loads(tool)})}'",
+        "```",
+        "",
+        "llama-cpp-python renders the file's template too (`llm` as above); it returns a tool call as text,",
+        "in the model's own syntax, for you to parse:",
+        "",
+        "```python",
+        f"reply = llm.create_chat_completion(messages={_CHAT_EXAMPLE!r}, temperature=0, max_tokens=16)",
+        "print(reply['choices'][0]['message']['content'])",
+        f"tool = {_TOOL_EXAMPLE!r}",
+        "reply = llm.create_chat_completion(messages=[{'role': 'user', 'content': 'Convert 120 EUR to USD.'}],",
+        "                                   tools=[tool], temperature=0, max_tokens=64)",
+        "print(reply['choices'][0]['message']['content'])  # <tool_call>{...}</tool_call>",
+        "```",
+        "",
     ]
 
 

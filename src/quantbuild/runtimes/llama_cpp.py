@@ -383,10 +383,11 @@ class LlamaCppModel:
         }
 
     @contextmanager
-    def at_threads(self, threads: int) -> Iterator["LlamaCppModel"]:
-        """The file in a fresh context of 256 tokens at `threads` threads: the probes' own
-        context, the same whatever context the evaluation needed."""
-        with LlamaCppModel(self.path, 256, self.kv_type, threads, self.repack) as model:
+    def at_threads(self, threads: int, tokens: int = 256) -> Iterator["LlamaCppModel"]:
+        """The file in a fresh context for sequences of `tokens` tokens (at least 256, in
+        blocks of 256) at `threads` threads: the probes' own context, the same whatever
+        context the evaluation needed."""
+        with LlamaCppModel(self.path, _context_size(tokens), self.kv_type, threads, self.repack) as model:
             yield model
 
 

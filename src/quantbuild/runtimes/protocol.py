@@ -126,8 +126,9 @@ class Runtime(Protocol):
         """Model memory by context length as the runtime reports it (weights, KV cache at
         its real type, buffers), KV bytes per token, and the context where the budget ends."""
 
-    def at_threads(self, threads: int) -> ContextManager["Runtime"]:
-        """The same artifact computing with `threads` CPU threads, while open."""
+    def at_threads(self, threads: int, tokens: int = 256) -> ContextManager["Runtime"]:
+        """The same artifact computing with `threads` CPU threads, while open, with room
+        for sequences of `tokens` tokens."""
 
 
 def open_runtime(spec: LoadSpec) -> Runtime:

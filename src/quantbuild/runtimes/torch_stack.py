@@ -167,7 +167,7 @@ class TorchRuntime:
         return measure_memory(self.model, context_lengths, budget_mb, self.artifact, seed=0)
 
     @contextmanager
-    def at_threads(self, threads: int) -> Iterator["TorchRuntime"]:
+    def at_threads(self, threads: int, tokens: int = 256) -> Iterator["TorchRuntime"]:
         """This model at `threads` intra-op threads while open."""
         import torch
 
