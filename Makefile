@@ -8,11 +8,12 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 # llama.cpp comes from one pinned source: the llama-cpp-python sdist, which vendors the whole
 # llama.cpp tree. It is built once here (shared libraries for the Python bindings, and the
-# quantize/imatrix/perplexity tools), and the bindings are installed without a second build.
+# quantize/imatrix/perplexity tools and llama-server, the OpenAI-compatible server a chat bundle
+# is checked against), and the bindings are installed without a second build.
 LLAMA_CPP_PYTHON := 0.3.36
 LLAMA_DIR := $(VENV)/llama.cpp
 LLAMA_SRC := $(LLAMA_DIR)/llama_cpp_python-$(LLAMA_CPP_PYTHON)
-LLAMA_TOOLS := llama-quantize llama-imatrix llama-perplexity
+LLAMA_TOOLS := llama-quantize llama-imatrix llama-perplexity llama-server
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 
 .PHONY: install demo test bench keys clean browser
@@ -41,14 +42,15 @@ $(LLAMA_SRC)/.extracted: $(VENV)/.created
 LLAMA_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/quantbuild/llama.cpp
 LLAMA_CMAKE_FLAGS := -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON -DCMAKE_BUILD_RPATH_USE_ORIGIN=ON \
 	-DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-	-DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_TOOLS=ON
+	-DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_TOOLS=ON
 LLAMA_KEY = { sha256sum $(LLAMA_DIR)/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz | cut -c1-64; \
 	echo '$(LLAMA_CMAKE_FLAGS) $(LLAMA_TOOLS)'; $${CC:-cc} --version | head -1; $${CXX:-c++} --version | head -1; \
 	cmake --version | head -1; grep -m1 '^flags' /proc/cpuinfo; } | sha256sum | cut -c1-24
 # Each tool starts (its libraries resolve, its instructions run on this CPU) and answers.
 LLAMA_SMOKE = $(LLAMA_DIR)/build/bin/llama-quantize 2>&1 | grep -q '^usage:' \
 	&& $(LLAMA_DIR)/build/bin/llama-imatrix --version >/dev/null 2>&1 \
-	&& $(LLAMA_DIR)/build/bin/llama-perplexity --version >/dev/null 2>&1
+	&& $(LLAMA_DIR)/build/bin/llama-perplexity --version >/dev/null 2>&1 \
+	&& $(LLAMA_DIR)/build/bin/llama-server --version >/dev/null 2>&1
 
 $(LLAMA_DIR)/.built: $(LLAMA_SRC)/.extracted
 	@key=$$($(LLAMA_KEY)); cache=$(LLAMA_CACHE)/$$key; \

@@ -184,3 +184,128 @@ def test_calibration_renders_conversations_through_the_template_per_source(tmp_p
         compose_calibration(CalibrationConfig(sources={"plain": 1.0}, samples=1, chat={"plain": True}), tmp_path,
                             folder, tmp_path / "plain")
     assert not (tmp_path / "plain").exists()
+
+
+class _GoJSON:
+    """A value Ollama prints through its `String()` method: Go's compact JSON, map keys sorted."""
+
+    def __init__(self, value) -> None:
+        self.value = value
+
+    def __str__(self) -> str:
+        return json.dumps(self.value, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
+
+
+def _ollama_values(messages: list[dict], tools: list[dict] | None) -> dict:
+    """What Ollama hands a chat template: .System (the system turns joined), .Messages (every
+    turn, tool calls as .Function.Name/.Arguments), .Tools."""
+    turns = [{"Role": message["role"], "Content": message.get("content") or "",
+              "ToolCalls": [{"Function": {"Name": call["function"]["name"],
+                                          "Arguments": _GoJSON(call["function"]["arguments"])}}
+                            for call in message.get("tool_calls") or []]} for message in messages]
+    system = "\n\n".join(message["content"] for message in messages if message["role"] == "system")
+    return {"System": system, "Messages": turns, "Tools": [_GoJSON(tool) for tool in tools or []]}
+
+
+def _canonical_json(text: str) -> str:
+    """Every JSON object on a line of its own, re-encoded one way (key order and spacing)."""
+    lines = []
+    for line in text.split("\n"):
+        try:
+            lines.append(json.dumps(json.loads(line), sort_keys=True))
+        except ValueError:
+            lines.append(line)
+    return "\n".join(lines)
+
+
+def test_the_modelfile_template_renders_what_the_chat_template_renders(chat_tokenizer):
+    """The bundle's Ollama TEMPLATE (Go) and the GGUF's chat template (Jinja) on the same
+    conversations: the same tokens without tools; with tools and tool calls, the same text
+    once each JSON object is written one way (Ollama writes Go's compact JSON)."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from gotemplate import render
+
+    from quantbuild.prompts import ChatTemplate
+    from quantbuild.release.packaging import CHATML_TOOLS_TEMPLATE
+
+    tokenizer, _ = chat_tokenizer
+    template = ChatTemplate(TEMPLATE)
+    system = {"role": "system", "content": "You are terse."}
+    plain = [
+        [{"role": "user", "content": "What is 30 + 42?"}],
+        [system, {"role": "user", "content": "What is 30 + 42?"}],
+        [system, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+         {"role": "user", "content": "What is 30 + 42?"}],
+        [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}],
+    ]
+    for messages in plain:
+        ours, ollama = template.render(messages), render(CHATML_TOOLS_TEMPLATE, _ollama_values(messages, None))
+        assert ollama == ours
+        assert tokenizer(ollama, add_special_tokens=False)["input_ids"] == \
+            tokenizer(ours, add_special_tokens=False)["input_ids"]
+    for item in [*GENERATORS["structured"](3, 11), *GENERATORS["retrieval"](3, 11)]:
+        ours, ollama = template.render(item.messages, item.tools), render(CHATML_TOOLS_TEMPLATE,
+                                                                           _ollama_values(item.messages, item.tools))
+        assert _canonical_json(ollama) == _canonical_json(ours), item.id
+
+
+def test_a_chat_bundles_modelfile_has_the_template_and_its_stops():
+    from quantbuild.release.packaging import CHATML_TOOLS_TEMPLATE, modelfile
+    from quantbuild.runtimes.protocol import ChatFormat
+
+    manifest = {"bundle": "b", "evaluation": {"variant": {"memory": {"by_context": {"1024": {}}}}},
+                "variant": {"parameters": {"kv_cache_type": "f16"}}}
+    chat = modelfile(manifest, ChatFormat(TEMPLATE, "<|bos|>", "<|im_end|>"))
+    assert f'TEMPLATE """{CHATML_TOOLS_TEMPLATE}"""' in chat and chat.count('PARAMETER stop "<|im_end|>"') == 1
+    base = modelfile(manifest, ChatFormat(None))
+    assert 'TEMPLATE """{{ .Prompt }}"""' in base and "PARAMETER stop" not in base
+    other = modelfile(manifest, ChatFormat("{% for m in messages %}<|user|>{{ m.content }}<|end|>{% endfor %}", "", "<|end|>"))
+    assert "TEMPLATE" not in other.replace("# TEMPLATE", "") and 'PARAMETER stop "<|end|>"' in other
+
+
+BROKEN = {
+    "does_not_parse": ("{% for m in messages %}{{ m.content }", None, None, "chat template does not parse"),
+    "wrong_syntax": (TEMPLATE, "mistral", None, "model.tool_call_format is mistral, but the chat template writes hermes"),
+    "no_tools": ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content or '' }}<|im_end|>\n{% endfor %}",
+                 None, None, "needs tools, and the model's chat template renders none"),
+    "messages_on_a_base_model": (None, None,
+                                 '{"id": "g1", "family": "golden", "messages": [{"role": "user", "content": "hi"}], '
+                                 '"expected": "hello", "scorer": "contains"}',
+                                 "item g1: has only 'messages', and the model has no chat template"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN))
+def test_the_pipeline_stops_on_a_template_that_does_not_fit_before_any_work(tmp_path, params, case):
+    """Bad instruct-model input (issue #25): the calibrate stage, the first to use the
+    template, exits non-zero with one line before any work; earlier artifacts stay."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import yaml
+
+    template, declared, golden, message = BROKEN[case]
+    baseline = tmp_path / "artifacts" / "baseline"
+    shutil.copytree(BASELINE, baseline)
+    if template is not None:
+        (baseline / "chat_template.jinja").write_text(template)
+    earlier = tmp_path / "artifacts" / "calibration"
+    earlier.mkdir(parents=True)
+    (earlier / "calibration_record.json").write_text("{}")
+    params["paths"].update(eval_data=str(REPO / "data" / "eval"), calibration_data=str(REPO / "data" / "calibration"))
+    params["model"]["tool_call_format"] = declared
+    if golden is not None:
+        (tmp_path / "golden.jsonl").write_text(golden + "\n")
+        params["eval"]["golden"] = str(tmp_path / "golden.jsonl")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    result = subprocess.run([sys.executable, "-m", "stages.calibrate"], cwd=tmp_path, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 1, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("quantbuild: ") and message in lines[0], result.stderr
+    assert sorted(path.name for path in earlier.iterdir()) == ["calibration_record.json"]
+    assert (earlier / "calibration_record.json").read_text() == "{}"

@@ -6,6 +6,12 @@ runs on another core than the shared project's tests."""
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import yaml
@@ -89,3 +95,73 @@ def test_the_chat_model_runs_the_pipeline_through_its_template(tmp_path):
     assert verify.returncode == 0, verify.stdout + verify.stderr
     behaviour = json.loads((bundle / "behaviour.json").read_text())
     assert behaviour["prompt_format"] == "chat" and behaviour["tool_call_format"] == "hermes"
+
+    # llama-server --jinja on the released file: its own rendering of the GGUF's template is
+    # quantbuild's, item for item; it answers a chat and parses the model's tool call
+    sample = [item for family in ("structured", "retrieval", "long_context", "reasoning")
+              for item in load_items(REPO / "data" / "eval" / f"{family}.jsonl")[:25]]
+    with llama_server(bundle / "model.gguf", tmp_path / "server.log") as server:
+        for item in sample:
+            rendered = server("/apply-template", {"messages": openai_messages(item.messages), "tools": item.tools})
+            assert rendered["prompt"] == fmt.render(item), item.id
+        answer = server("/v1/chat/completions", {"messages": [{"role": "user", "content": "What is 30 + 42?"}],
+                                                 "temperature": 0, "max_tokens": 16})
+        assert answer["choices"][0]["message"]["content"].strip() == "72"
+        assert answer["choices"][0]["finish_reason"] == "stop"
+        tool = next(item for item in sample if item.family == "structured")
+        called = server("/v1/chat/completions", {"messages": openai_messages(tool.messages), "tools": tool.tools,
+                                                 "temperature": 0, "max_tokens": 96})
+        message = called["choices"][0]["message"]
+        assert called["choices"][0]["finish_reason"] == "tool_calls" and len(message["tool_calls"]) == 1
+        function = message["tool_calls"][0]["function"]
+        assert {"name": function["name"], "arguments": json.loads(function["arguments"])} == tool.expected
+
+
+def openai_messages(messages: list[dict]) -> list[dict]:
+    """The turns as an OpenAI client sends them: tool-call arguments JSON-encoded."""
+    sent = []
+    for message in messages:
+        calls = [{**call, "function": {**call["function"], "arguments": json.dumps(call["function"]["arguments"])}}
+                 for call in message.get("tool_calls") or []]
+        sent.append({**message, "tool_calls": calls} if calls else message)
+    return sent
+
+
+@contextmanager
+def llama_server(model: Path, log: Path):
+    """llama-server (built by `make install` from the pinned tree) on 127.0.0.1 serving
+    `model` with its chat template (`--jinja`); yields `post(path, body) -> JSON`."""
+    from quantbuild.fingerprint import cpu_info
+    from quantbuild.runtimes.llama_build import repack_allowed, tool
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    args = [str(tool("llama-server")), "-m", str(model), "--jinja", "--host", "127.0.0.1", "--port", str(port),
+            "-c", "2048", "-np", "1", "-t", "2"]
+    if not repack_allowed(cpu_info()["isa"]):
+        args.append("--no-repack")
+    url = f"http://127.0.0.1:{port}"
+
+    def post(path: str, body: dict) -> dict:
+        request = urllib.request.Request(url + path, json.dumps(body).encode(), {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return json.loads(response.read())
+
+    with log.open("w") as output:
+        server = subprocess.Popen(args, stdout=output, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    with urllib.request.urlopen(url + "/health", timeout=5) as response:
+                        if response.status == 200:
+                            break
+                except OSError:
+                    pass
+                assert server.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+                time.sleep(0.5)
+            yield post
+        finally:
+            server.terminate()
+            server.wait(timeout=30)

@@ -171,3 +171,14 @@ def for_artifact(spec: Any, declared: Optional[str] = None) -> PromptFormat:
         return prompt_format(found.template, found.bos_token, found.eos_token, declared)
     except TemplateError as err:
         raise TemplateError(f"{spec.artifact}: {err}") from None
+
+
+def check_baseline(folder: Any, items: list[Item], declared: Optional[str] = None) -> PromptFormat:
+    """The pinned baseline's prompt format, checked against every eval item before any work:
+    its template renders, its tool-call syntax fits the declared one, and every item renders
+    (items that need tools meet a template with tools). One TemplateError otherwise."""
+    from quantbuild.runtimes.protocol import TORCH, LoadSpec
+
+    prompt_format = for_artifact(LoadSpec(TORCH, folder), declared)
+    prompt_format.check(items)
+    return prompt_format

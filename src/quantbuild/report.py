@@ -77,6 +77,9 @@ def release_summary(config: Config) -> str:
              if check["budget"].endswith("_drop")}
     for family in sorted(measured["families"]):
         b, v = baseline["families"][family], measured["families"][family]
+        if family == "degenerate":
+            lines.append(degenerate_line(b, v, manifest["gate"]["checks"]))
+            continue
         check = drops.get(family)
         rule = ""
         if check is not None:
@@ -86,6 +89,17 @@ def release_summary(config: Config) -> str:
     size = sum(entry["size"] for entry in manifest["files"].values())
     lines.append(f"package: {bundle} ({size / 1e6:.2f} MB); check it with `quantbuild verify {bundle}`")
     return "\n".join(lines)
+
+
+def degenerate_line(baseline: dict, variant: dict, checks: list[dict]) -> str:
+    """Degenerate outputs of the baseline and the variant (items, and by kind), with the
+    gate's paired check where it ran."""
+    kinds = ", ".join(f"{kind.replace('_', ' ')} {variant.get(kind, 0)}" for kind in ("loop", "no_stop", "script"))
+    check = next((check for check in checks if check["budget"] == "degenerate_increase"), None)
+    rule = "" if check is None else (f"; increase {check['measured']:+.3f} [{check['interval'][0]:+.3f}, "
+                                     f"{check['interval'][1]:+.3f}], at most {check['limit']:g}")
+    return (f"  {'degenerate':<14} {baseline['items']} -> {variant['items']} of {variant['n']} items "
+            f"({kinds}{rule})")
 
 
 def repair_lines(repair: dict | None) -> list[str]:
