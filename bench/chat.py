@@ -4,6 +4,8 @@ model, and where degenerate output starts along the ladder.
     python bench/chat.py [--items 50] [--types F16 Q8_0 Q4_K_M Q3_K_S Q2_K IQ2_XXS IQ1_S]
                          [--raw F16 Q4_K_M Q3_K_S] [--model data/baseline/workflow-chat-33m]
 
+Results: bench/out/chat_<model>.json.
+
 The chat model's F16 GGUF (llama.cpp's converter) and its llama-quantize types (IQ types
 with an importance matrix over the calibration mix rendered through the chat template),
 each evaluated on the first `--items` items of every generative family:
@@ -94,7 +96,7 @@ def main() -> None:
                 entry["raw"] = _evaluate(path, items, False)
             results["types"][name] = entry
             print(name, entry, flush=True)
-    save("chat_model", results)
+    save(f"chat_{args.model.name}", results)
     rows = [[name, family, f"{entry['raw'][family]:.3f}", f"{entry['templated'][family]:.3f}"]
             for name, entry in results["types"].items() if "raw" in entry for family in FAMILIES]
     print(f"\nFamily scores of {args.model.name}, raw prompt vs its chat template ({args.items} items per family):\n")
