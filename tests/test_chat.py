@@ -117,6 +117,18 @@ def test_templates_that_do_not_render_or_fit_are_one_line(template, declared, me
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
+def test_a_template_without_tool_turns_serves_items_without_tools():
+    """Templates that insist on user/assistant alternation (Llama 2, early Mistral) render
+    plain conversations and refuse a tool turn: they serve items that need no tools."""
+    alternating = ("{% for m in messages %}{% if (m.role == 'user') != (loop.index0 % 2 == 0) %}"
+                   "{{ raise_exception('roles must alternate user/assistant') }}{% endif %}"
+                   "[{{ m.role }}] {{ m.content }}\n{% endfor %}")
+    fmt = prompt_format(alternating.replace("messages %}", "messages if m.role != 'system' %}", 1))
+    fmt.check(GENERATORS["reasoning"](2, 5))
+    with pytest.raises(TemplateError, match="roles must alternate"):
+        prompt_format(alternating)  # a system turn first: it cannot render a plain conversation
+
+
 def test_items_that_need_tools_meet_a_template_without_them():
     no_tools = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content or '' }}<|im_end|>\n{% endfor %}"
     fmt = prompt_format(no_tools)

@@ -24,8 +24,10 @@ from quantbuild.errors import DataError
 from quantbuild.tasks import tool_calls
 from quantbuild.tasks.items import Item
 
-# A conversation every usable chat template must render: system, user, an assistant tool
-# call, the tool's result and the assistant's answer.
+# Conversations a usable chat template must render: system, user and assistant turns; and,
+# where it renders tool definitions, an assistant tool call, its result and the answer.
+_PLAIN = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}, {"role": "assistant", "content": "a"},
+          {"role": "user", "content": "v"}]
 _PROBE_TOOL = {"type": "function", "function": {"name": "probe", "description": "a probe",
                                                 "parameters": {"type": "object", "properties": {}}}}
 _PROBE = [
@@ -147,14 +149,17 @@ def prompt_format(template: Optional[str], bos_token: str = "", eos_token: str =
     """The format of a model whose artifact carries `template` (None: a base model), with the
     tool-call syntax `declared` in the model config or else detected from the template.
 
-    A template that does not render a plain conversation with a tool call and its result,
-    or whose tool-call syntax contradicts the declared one, is a TemplateError."""
+    A template that does not render a plain conversation (nor, where it has tools, a tool
+    call and its result), or whose tool-call syntax contradicts the declared one, is a
+    TemplateError."""
     if declared is not None:
         tool_calls.check_format(declared)
     if template is None:
         return PromptFormat(None, declared or tool_calls.RAW_JSON)
     chat = ChatTemplate(template, bos_token, eos_token)
-    chat.render(_PROBE, [_PROBE_TOOL] if chat.supports_tools() else None, add_generation_prompt=False)
+    chat.render(_PLAIN)
+    if chat.supports_tools():
+        chat.render(_PROBE, [_PROBE_TOOL], add_generation_prompt=False)
     detected = tool_calls.detect(template)
     if declared is not None and detected is not None and declared != detected:
         raise TemplateError(f"model.tool_call_format is {declared}, but the chat template writes {detected} tool calls")
