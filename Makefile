@@ -16,7 +16,37 @@ LLAMA_SRC := $(LLAMA_DIR)/llama_cpp_python-$(LLAMA_CPP_PYTHON)
 LLAMA_TOOLS := llama-quantize llama-imatrix llama-perplexity llama-server
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: install demo test bench keys clean browser
+# The backend: CUDA where nvcc (on PATH or at /usr/local/cuda/bin) and an NVIDIA GPU are
+# present (auto), else the CPU; `make install LLAMA_BACKEND=cpu|cuda` forces it. A CUDA build
+# compiles for the GPUs' own architectures (compute capability 9.0 -> 90; several GPUs: their
+# distinct ones, `;`-separated), or for LLAMA_CUDA_ARCHS where given. The bindings and the
+# tools come from this one build; a CUDA build also runs models on the CPU.
+LLAMA_BACKEND ?= auto
+ifeq ($(filter $(LLAMA_BACKEND),auto cpu cuda),)
+$(error LLAMA_BACKEND=$(LLAMA_BACKEND) is not allowed (allowed: auto | cpu | cuda))
+endif
+ifneq ($(LLAMA_BACKEND),cpu)
+LLAMA_NVCC := $(firstword $(shell command -v nvcc 2>/dev/null) $(wildcard /usr/local/cuda/bin/nvcc))
+ifeq ($(origin LLAMA_CUDA_ARCHS),undefined)
+LLAMA_CUDA_ARCHS := $(shell nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null \
+	| grep -E '^ *[0-9]+\.[0-9]+ *$$' | tr -d ' .' | sort -n -u | paste -sd';' -)
+endif
+endif
+LLAMA_BUILD_BACKEND := $(if $(filter auto,$(LLAMA_BACKEND)),$(if $(and $(LLAMA_NVCC),$(LLAMA_CUDA_ARCHS)),cuda,cpu),$(LLAMA_BACKEND))
+ifeq ($(LLAMA_BUILD_BACKEND),cuda)
+ifeq ($(LLAMA_NVCC),)
+$(error LLAMA_BACKEND=cuda: nvcc is neither on PATH nor at /usr/local/cuda/bin/nvcc)
+endif
+ifeq ($(LLAMA_CUDA_ARCHS),)
+$(error LLAMA_BACKEND=cuda: nvidia-smi shows no GPU; name the architectures, e.g. LLAMA_CUDA_ARCHS=90)
+endif
+LLAMA_CUDA_VERSION := $(shell $(LLAMA_NVCC) --version | sed -n 's/.*release .*, V\([0-9.]*\).*/\1/p')
+LLAMA_BUILD_INFO := {"backend": "cuda", "cuda_version": "$(LLAMA_CUDA_VERSION)", "cuda_architectures": "$(LLAMA_CUDA_ARCHS)"}
+else
+LLAMA_BUILD_INFO := {"backend": "cpu"}
+endif
+
+.PHONY: install demo test bench keys clean browser FORCE
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
@@ -40,19 +70,32 @@ $(LLAMA_SRC)/.extracted: $(VENV)/.created
 # $ORIGIN), and a smoke run of each tool must pass first; a missing, partial or failing
 # cache entry is compiled from source, as with LLAMA_CACHE= (no cache).
 LLAMA_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/quantbuild/llama.cpp
+# A CUDA build adds its backend flags, and nvcc's version to the key; a CPU build's key is
+# what it always was.
 LLAMA_CMAKE_FLAGS := -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON -DCMAKE_BUILD_RPATH_USE_ORIGIN=ON \
 	-DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
 	-DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_TOOLS=ON
+ifeq ($(LLAMA_BUILD_BACKEND),cuda)
+LLAMA_CMAKE_FLAGS += -DGGML_CUDA=ON -DCMAKE_CUDA_COMPILER=$(LLAMA_NVCC) -DCMAKE_CUDA_ARCHITECTURES="$(LLAMA_CUDA_ARCHS)"
+endif
 LLAMA_KEY = { sha256sum $(LLAMA_DIR)/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz | cut -c1-64; \
 	echo '$(LLAMA_CMAKE_FLAGS) $(LLAMA_TOOLS)'; $${CC:-cc} --version | head -1; $${CXX:-c++} --version | head -1; \
-	cmake --version | head -1; grep -m1 '^flags' /proc/cpuinfo; } | sha256sum | cut -c1-24
+	cmake --version | head -1; grep -m1 '^flags' /proc/cpuinfo; \
+	$(if $(filter cuda,$(LLAMA_BUILD_BACKEND)),$(LLAMA_NVCC) --version | tail -2;) } | sha256sum | cut -c1-24
 # Each tool starts (its libraries resolve, its instructions run on this CPU) and answers.
 LLAMA_SMOKE = $(LLAMA_DIR)/build/bin/llama-quantize 2>&1 | grep -q '^usage:' \
 	&& $(LLAMA_DIR)/build/bin/llama-imatrix --version >/dev/null 2>&1 \
 	&& $(LLAMA_DIR)/build/bin/llama-perplexity --version >/dev/null 2>&1 \
 	&& $(LLAMA_DIR)/build/bin/llama-server --version >/dev/null 2>&1
 
-$(LLAMA_DIR)/.built: $(LLAMA_SRC)/.extracted
+# The backend the installed build is for, rewritten only when it changes: a change rebuilds
+# llama.cpp (or takes that backend's build from the cache) and reinstalls its libraries.
+$(VENV)/.llama-backend: FORCE $(VENV)/.created
+	@echo '$(LLAMA_BUILD_INFO)' | cmp -s - $@ || echo '$(LLAMA_BUILD_INFO)' > $@
+
+# quantbuild-build.json beside the binaries says what they were compiled with (the backend;
+# for CUDA, nvcc's version and the GPU architectures): the llama.cpp fingerprint reads it.
+$(LLAMA_DIR)/.built: $(LLAMA_SRC)/.extracted $(VENV)/.llama-backend
 	@key=$$($(LLAMA_KEY)); cache=$(LLAMA_CACHE)/$$key; \
 	if [ -n "$(LLAMA_CACHE)" ] && [ -f $$cache/.complete ] && rm -rf $(LLAMA_DIR)/build \
 		&& mkdir -p $(LLAMA_DIR)/build && cp -a $$cache/bin $(LLAMA_DIR)/build/ && $(LLAMA_SMOKE); then \
@@ -69,12 +112,13 @@ $(LLAMA_DIR)/.built: $(LLAMA_SRC)/.extracted
 			|| { rm -rf $$partial; echo "llama.cpp: could not keep the build in $(LLAMA_CACHE)"; }; \
 		fi; \
 	fi
+	echo '$(LLAMA_BUILD_INFO)' > $(LLAMA_DIR)/build/bin/quantbuild-build.json
 	touch $@
 
 # llama.cpp compiles in the background while pip installs the rest (they take about as long).
 # pip byte-compiles what it installs: where PYTHONDONTWRITEBYTECODE is set, nothing else would.
 PIP_INSTALL := $(VENV)/bin/python -m pip install --quiet
-$(VENV)/.installed: pyproject.toml $(LLAMA_SRC)/.extracted
+$(VENV)/.installed: pyproject.toml $(LLAMA_SRC)/.extracted $(VENV)/.llama-backend
 	$(MAKE) --no-print-directory $(LLAMA_DIR)/.built & build=$$!; \
 	$(PIP_INSTALL) torch==2.13.0 \
 	&& $(PIP_INSTALL) $(LLAMA_SRC)/vendor/llama.cpp/gguf-py \
@@ -83,7 +127,7 @@ $(VENV)/.installed: pyproject.toml $(LLAMA_SRC)/.extracted
 	&& $(PIP_INSTALL) -e '.[test,ray]'; installed=$$?; \
 	wait $$build && test $$installed -eq 0
 	lib=$$($(VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/llama_cpp/lib; \
-	mkdir -p $$lib && cp -P $(LLAMA_DIR)/build/bin/*.so* $$lib/
+	mkdir -p $$lib && rm -f $$lib/*.so* && cp -P $(LLAMA_DIR)/build/bin/*.so* $$lib/
 	touch $@
 
 install: $(VENV)/.installed

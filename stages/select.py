@@ -1,5 +1,6 @@
-"""Stage select: the release gate over the ladder and the repair stage's kept builds.
-Writes decision.json; fails if nothing may be released.
+"""Stage select: the release gate over the ladder and the repair stage's kept builds, on
+every deploy target of the run. Writes decision.json (one decision per target; the first
+target's is its top level); fails if some target has nothing it may release.
 
     python -m stages.select
 """
@@ -7,10 +8,11 @@ Writes decision.json; fails if nothing may be released.
 from pathlib import Path
 
 from quantbuild.config import Config
-from quantbuild.gate import require_release, select
+from quantbuild.gate import released, require_release, select_targets
 from quantbuild.hashing import read_json, write_json
 from quantbuild.quantization import RECORD
 from quantbuild.repair import REPAIR, locate, measured, repaired_variants
+from quantbuild.runtimes import run_targets
 from quantbuild.stage import run_stage, say
 
 
@@ -18,16 +20,21 @@ def main(config: Config) -> None:
     paths = config.paths
     repair = read_json(Path(paths.repair) / REPAIR)
     names = sorted(config.quant.variants) + sorted(repaired_variants(repair))
-    baseline = measured(Path(paths.eval) / "baseline")
-    folders = {name: locate(paths, name) for name in names}
-    variants = {name: measured(evaluated) for name, (_, evaluated) in folders.items()}
-    records = {name: read_json(built / RECORD) for name, (built, _) in folders.items()}
-    decision = select(baseline, variants, records, config.gate)
+    targets = run_targets(config)
+    records = {name: read_json(locate(paths, name, targets[0])[0] / RECORD) for name in names}
+    by_target = {target: (measured(locate(paths, "baseline", target)[1]),
+                          {name: measured(locate(paths, name, target)[1]) for name in names})
+                 for target in targets}
+    decision = select_targets(by_target, records, config.gate)
     decision["repair"] = repair
     write_json(Path(paths.release) / "decision.json", decision)
-    chosen = require_release(decision)
-    note = " (baseline precision: no quantized variant showed a win)" if decision["fell_back"] else ""
-    say(f"release gate: chose {chosen}{note}")
+    require_release(decision)
+    lines = []
+    for target, chosen in released(decision).items():
+        fell_back = decision["targets"][target]["fell_back"]
+        note = " (baseline precision: no quantized variant showed a win)" if fell_back else ""
+        lines.append(f"{chosen} for {target}{note}")
+    say("release gate: chose " + "; ".join(lines))
 
 
 if __name__ == "__main__":

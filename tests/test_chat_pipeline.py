@@ -45,7 +45,7 @@ def test_the_chat_model_runs_the_pipeline_through_its_template(tmp_path):
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     result = dvc(root, "repro")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert {"fetch", "gguf_base", f"quantize@{QUANTIZED}", "evaluate_baseline", "select", "package"} <= \
+    assert {"fetch", "gguf_base", f"quantize@{QUANTIZED}", "evaluate_baseline@llama.cpp-cpu", "select", "package"} <= \
         stages_run(result.stdout)
     assert "fetched workflow-chat-33m: 12 files match their pins" in result.stdout
 
@@ -55,7 +55,7 @@ def test_the_chat_model_runs_the_pipeline_through_its_template(tmp_path):
     assert chat_sources == {"workflow_prompts", "tool_calls", "long_context"}
 
     # the baseline was prompted through the GGUF's own template, with calls parsed as hermes
-    evaluation = root / "artifacts" / "eval" / "baseline"
+    evaluation = root / "artifacts" / "eval" / "llama.cpp-cpu" / "baseline"
     measured = json.loads((evaluation / "measurements.json").read_text())
     assert measured["prompts"]["prompt_format"] == "chat" and measured["prompts"]["tool_call_format"] == "hermes"
     assert measured["families"]["structured"]["wrapper"] == 1.0 and measured["families"]["structured"]["score"] == 1.0

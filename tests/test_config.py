@@ -24,8 +24,9 @@ def test_params_yaml_is_the_composition_of_conf(tmp_path):
 
 @pytest.fixture(scope="module")
 def gpu_params() -> dict:
-    """params.yaml as `dvc exp run -S quant=gpu` composes it: the GPTQ/AWQ/bnb ladder."""
-    return compose(REPO / "conf", ["quant=gpu"])
+    """params.yaml as `dvc exp run -S quant=gpu -S 'eval.targets=[torch-cpu]'` composes it: the
+    GPTQ/AWQ/bnb ladder on the torch stack."""
+    return compose(REPO / "conf", ["quant=gpu", "eval.targets=[torch-cpu]"])
 
 
 def test_committed_params_validate():
@@ -72,11 +73,20 @@ def _edit(params: dict, dotted: str, value) -> dict:
         ("gate.max_family_drop", {"poetry": 0.1}, "gate.max_family_drop.poetry"),
         ("eval.families", ["language_modelling", "poetry"], "eval.families='poetry'"),
         ("eval.runtime", "gpu", "eval.runtime='gpu'"),
-        ("eval.device", "tpu", "eval.device='tpu' is not allowed (allowed: auto | cpu | cuda)"),
+        ("eval.targets", ["llama.cpp-tpu"], "eval.targets='llama.cpp-tpu' is not allowed (allowed: llama.cpp-cpu | "
+                                            "llama.cpp-cuda | torch-cpu | torch-cuda)"),
+        ("eval.targets", [], "eval.targets=[] is not allowed (allowed: at least one deploy target)"),
+        ("eval.targets", ["llama.cpp-cpu", "llama.cpp-cpu"], "(allowed: each target once)"),
+        ("eval.targets", ["torch-cpu"], "eval.targets: torch-cpu does not run this ladder, which deploys on llama.cpp "
+                                        "(allowed: llama.cpp-cpu | llama.cpp-cuda)"),
         ("eval.gpu_kernels", {"gguf": "gguf_triton"}, "eval.gpu_kernels='gguf' is not allowed (allowed: gptq | awq)"),
         ("eval.gpu_kernels", {"gptq": "awq_gemm_triton"}, "eval.gpu_kernels.gptq='awq_gemm_triton' is not allowed"),
         ("gate.memory_context", 333, "gate.memory_context=333 is not allowed (allowed: one of eval.memory.context_lengths"),
         ("eval.memory.budget_mb", -1, "eval.memory.budget_mb=-1"),
+        ("eval.latency.max_rounds", 10,
+         "eval.latency.max_rounds=10 is not allowed (allowed: eval.latency.repeats (15) .. 10000"),
+        ("eval.latency.max_rounds", "many", "eval.latency.max_rounds"),
+        ("eval.threads", -1, "eval.threads=-1 is not allowed (allowed: >= 0 (0 = the cores free"),
         ("calibration.sources", {"tool_calls": 0}, "calibration.sources.tool_calls=0"),
         ("calibration.sensitivity.measure", "hessian",
          "calibration.sensitivity.measure='hessian' is not allowed (allowed: auto | kl | weight_error)"),
@@ -169,14 +179,15 @@ def test_eval_on_cuda_without_a_gpu_stops_the_first_stage_in_one_line_before_any
     torch = pytest.importorskip("torch")
     if torch.cuda.is_available():
         pytest.skip("this machine has a CUDA GPU")
-    edited = _edit(gpu_params, "eval.device", "cuda")
+    edited = _edit(gpu_params, "eval.targets", ["torch-cuda"])
     edited["paths"] = {**edited["paths"], "fingerprint": str(tmp_path / "fingerprint")}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(edited))
     result = subprocess.run([sys.executable, "-m", "stages.fingerprint"], cwd=tmp_path, capture_output=True, text=True,
                             env={**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
-        "quantbuild: eval.device=cuda: not available here (torch sees no CUDA GPU; use eval.device=auto or cpu)"]
+        "quantbuild: target torch-cuda: not available here (torch sees no CUDA GPU; validate for torch-cpu, or run "
+        "on a machine with one)"]
     assert not (tmp_path / "fingerprint").exists()
 
 
@@ -185,7 +196,7 @@ def test_the_gpu_presets_measure_every_suite_on_cuda_kernels():
     assert list(config.quant.variants) == ["dense_f16", "bnb_int8", "gptq_4bit_g128", "awq_4bit_g128", "bnb_nf4"]
     # the higher-precision format the gate keeps when nothing wins, on the same runtime
     assert ladder_runtime(config) == "torch" and config.quant.variants["dense_f16"].dtype == "float16"
-    assert (config.eval.device, config.eval.runtime, config.eval.latency.runtime) == ("cuda", "kernel", "kernel")
+    assert (config.eval.targets, config.eval.runtime, config.eval.latency.runtime) == (["torch-cuda"], "kernel", "kernel")
     assert config.eval.gpu_kernels == {"gptq": "gptq_triton", "awq": "awq_gemm_triton"}
     # everything else is the default evaluation
     default = validate_raw(compose(REPO / "conf", []))

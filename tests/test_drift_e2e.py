@@ -39,11 +39,11 @@ def test_llama_cpp_drift_reruns_exactly_the_llama_cpp_stages(repo, tmp_path):
     assert run(repo, str(BIN / "quantbuild"), "verify", f"{BUNDLE}/model.gguf", env=env).returncode == 2
     dvc(repo, "repro", "-s", "fingerprint", env=env, check=True)
     status = dvc(repo, "status", env=env).stdout
-    assert f"quantize@{QUANTIZED}" in status and f"evaluate@{QUANTIZED}" in status
+    assert f"quantize@{QUANTIZED}" in status and f"evaluate@{QUANTIZED}-llama.cpp-cpu" in status
     assert "fetch:" not in status and "calibrate:" not in status
     ran = stages_run(dvc(repo, "repro", env=env, check=True).stdout)
-    llama_stages = {"gguf_base", "evaluate_baseline", "quantize@gguf_q8_0", f"quantize@{QUANTIZED}",
-                    "evaluate@gguf_q8_0", f"evaluate@{QUANTIZED}"}
+    llama_stages = {"gguf_base", "evaluate_baseline@llama.cpp-cpu", "quantize@gguf_q8_0", f"quantize@{QUANTIZED}",
+                    "evaluate@gguf_q8_0-llama.cpp-cpu", f"evaluate@{QUANTIZED}-llama.cpp-cpu"}
     assert llama_stages <= ran
     assert not ran & {"fetch", "calibrate"}
     assert run(repo, str(BIN / "quantbuild"), "verify", BUNDLE, env=env).returncode == 0

@@ -78,9 +78,16 @@ def metrics(ppl, kld, structured=None, ttft=10.0, peak=100.0, ratio=(0.9, 0.85, 
             "families": {"structured": {"score": score}}, "outcomes": {"structured": structured},
             "latency": {"128": {"ttft_ms_p50": ttft, "ttft_ms_p99": ttft, "decode_ms_per_token_p50": 2.0,
                                 "decode_ms_per_token_p99": 2.0}},
-            "latency_vs_baseline": {"worst": {"ratio": ratio[0], "ci_low": ratio[1], "ci_high": ratio[2],
-                                              "at": "decode@128"}},
+            "latency_vs_baseline": paired(ratio),
             "memory": {"by_context": {"1024": {"peak_mb": peak}}}}
+
+
+def paired(decode: tuple[float, float, float], ttft: tuple[float, float, float] = (0.9, 0.85, 0.95),
+           runs: int = 15) -> dict:
+    """An interleaved latency record at one prompt length: (ratio, ci_low, ci_high) each."""
+    ratios = {label: {"ratio": r, "ci_low": low, "ci_high": high} for label, (r, low, high) in
+              (("ttft", ttft), ("decode", decode))}
+    return {"by_length": {"128": {"runs": runs, **ratios}}, "worst": {**ratios["decode"], "at": "decode@128"}}
 
 
 BASE = metrics(2.0, 0.0, peak=120.0, ratio=(1.0, 1.0, 1.0))
@@ -122,14 +129,54 @@ def test_gate_with_no_passing_variant_and_no_fallback_lists_violations():
 def test_a_slower_variant_is_rejected_and_a_smaller_not_slower_one_released():
     # int3: smaller, but its interleaved decode ratio's interval lies above 1.0 + margin.
     variants = {"int3": metrics(2.0, 0.001, peak=60.0, ratio=(1.4, 1.3, 1.5)),
-                "int4": metrics(2.0, 0.001, peak=80.0, ratio=(1.03, 0.97, 1.08))}
+                "int4": metrics(2.0, 0.001, peak=80.0, ratio=(1.01, 0.97, 1.04))}
     decision = select(BASE, variants, RECORDS, GATE)
     assert decision["chosen"] == "int4"
     slow = checks_of(decision, "int3")["latency_ratio"]
     assert not slow["pass"] and slow["interval"] == [1.3, 1.5] and slow["limit"] == 1.05
+    assert slow["verdict"] == "fail" and checks_of(decision, "int4")["latency_ratio"]["verdict"] == "pass"
     assert decision["variants"]["int3"]["reason"].startswith("no operational win: latency_ratio = 1.4")
     assert decision["variants"]["int3"]["wins"] == {"memory_ratio": True, "latency_ratio": False}
     assert decision["variants"]["int4"]["wins"] == {"memory_ratio": True, "latency_ratio": True}
+
+
+def test_a_variant_is_released_on_a_latency_verdict_never_on_its_absence():
+    """Issue #26: 1.68 [0.76, 2.78] was released because noise could not prove it slower.
+    Against 1.0 + 0.05: pass when the interval lies at or below, fail when wholly above,
+    otherwise undecided, which does not pass."""
+    variants = {"int3": metrics(2.0, 0.001, peak=60.0, ratio=(1.68, 0.76, 2.78)),
+                "int4": metrics(2.0, 0.001, peak=70.0, ratio=(1.44, 1.19, 2.99)),
+                "int8": metrics(2.0, 0.001, peak=80.0, ratio=(0.97, 0.9, 1.05))}
+    decision = select(BASE, variants, RECORDS, replace(GATE, fallback="none"))
+    verdicts = {name: checks_of(decision, name)["latency_ratio"]["verdict"] for name in variants}
+    assert verdicts == {"int3": "undecided", "int4": "fail", "int8": "pass"}
+    assert decision["chosen"] == "int8"
+    noisy = checks_of(decision, "int3")["latency_ratio"]
+    assert not noisy["pass"] and noisy["applies_to"] == "ci_high" and noisy["rounds"] == 15
+    assert {"budget", "kind", "measured", "limit", "interval", "applies_to", "pass"} <= set(noisy)
+    assert decision["variants"]["int3"]["reason"] == ("undecided: too noisy: latency_ratio = 1.68 [0.76, 2.78] "
+                                                      "reaches both sides of 1.05 after 15 rounds")
+    assert decision["variants"]["int4"]["reason"].startswith("no operational win: latency_ratio = 1.44 [1.19, 2.99]")
+
+
+def test_an_undecided_latency_keeps_the_baseline_precision_and_names_itself_in_violations():
+    variants = {"int4": metrics(2.0, 0.001, peak=80.0, ratio=(1.0, 0.97, 1.08))}
+    decision = select(BASE, variants, RECORDS, replace(GATE, fallback="none"))
+    assert decision["chosen"] is None
+    assert violations(decision) == ["int4: undecided: too noisy: latency_ratio = 1 [0.97, 1.08] reaches both sides "
+                                    "of 1.05 after 15 rounds"]
+
+
+def test_the_gate_decides_every_interleaved_ratio_against_its_own_limit():
+    # decode passes; TTFT at the same length reaches both sides of 1.05
+    straddling = metrics(2.0, 0.001, peak=80.0, ratio=(0.9, 0.85, 0.95))
+    straddling["latency_vs_baseline"] = paired((0.9, 0.85, 0.95), ttft=(1.0, 0.9, 1.2), runs=60)
+    check = checks_of(select(BASE, {"int4": straddling}, RECORDS, GATE), "int4")["latency_ratio"]
+    assert (check["verdict"], check["at"], check["rounds"]) == ("undecided", "ttft@128", 60)
+    # the same measurements with a looser limit: decided
+    loose = checks_of(select(BASE, {"int4": straddling}, RECORDS, replace(GATE, max_latency_paired_ratio=1.2)),
+                      "int4")["latency_ratio"]
+    assert loose["verdict"] == "pass" and loose["pass"] and loose["limit"] == 1.25
 
 
 def test_a_variant_that_saves_no_memory_is_not_released():

@@ -68,16 +68,16 @@ def test_a_ladder_fanned_out_over_two_workers_restores_without_running_and_packa
     result = run(driver, str(BIN / "quantbuild"), "fanout", "--workers", "2", "--remote", str(remote))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     # The upstream task, one task per variant, the finishing task.
-    assert "fanout: quantize@gguf_q8_0 evaluate@gguf_q8_0 on" in result.stdout
-    assert "fanout: quantize@gguf_q4_k_m_imat evaluate@gguf_q4_k_m_imat on" in result.stdout
+    assert "fanout: quantize@gguf_q8_0 evaluate@gguf_q8_0-llama.cpp-cpu on" in result.stdout
+    assert "fanout: quantize@gguf_q4_k_m_imat evaluate@gguf_q4_k_m_imat-llama.cpp-cpu on" in result.stdout
     assert "only fingerprint runs" in result.stdout
     # Each task restored what another task built (fetch, whose output persists, and the
     # always-run fingerprint are run by every task): the variant tasks did not rebuild the
     # shared stages, and the finishing task rebuilt no variant.
     lines = {line.split(" on ")[0]: line for line in result.stdout.splitlines() if line.startswith("fanout: ")}
     for variant in ("gguf_q8_0", "gguf_q4_k_m_imat"):
-        ran = lines[f"fanout: quantize@{variant} evaluate@{variant}"].split("ran ")[1].split(";")[0]
-        assert "calibrate" not in ran and "evaluate_baseline" not in ran and f"quantize@{variant}" in ran
+        ran = lines[f"fanout: quantize@{variant} evaluate@{variant}-llama.cpp-cpu"].split("ran ")[1].split(";")[0]
+        assert "calibrate" not in ran and "evaluate_baseline@llama.cpp-cpu" not in ran and f"quantize@{variant}" in ran
     finish = lines["fanout: repair select package"].split("ran ")[1].split(";")[0]
     assert "quantize@" not in finish and "evaluate" not in finish and "select" in finish
     repro = run(driver, str(BIN / "dvc"), "repro")

@@ -47,12 +47,12 @@ def test_the_torch_runtime_device_and_kernels_are_part_of_the_runtime_scope():
     from quantbuild.config import EvalConfig
     from quantbuild.runtimes import torch_runtime
 
-    cpu = torch_runtime(EvalConfig(device="cpu"))
+    cpu = torch_runtime(EvalConfig(), "cpu")
     assert cpu == {"device": "cpu", "quality": "dequantized", "latency": "kernel",
                    "kernels": {"gptqmodel": "torch (GPTQModel's CPU choice)", "bitsandbytes": "cpu",
                                "dense": "torch float32"}}
     plain, with_torch = fingerprints(), fingerprints(cpu)
     assert with_torch["runtime"]["torch_runtime"] == cpu and "torch_runtime" not in plain["runtime"]
     assert with_torch["build"] == plain["build"] and with_torch["llama_cpp"] == plain["llama_cpp"]
-    kernel = fingerprints(torch_runtime(EvalConfig(device="cpu", runtime="kernel")))
+    kernel = fingerprints(torch_runtime(EvalConfig(runtime="kernel"), "cpu"))
     assert drift(with_torch["runtime"], kernel["runtime"]) == [("torch_runtime.quality", "dequantized", "kernel")]

@@ -577,7 +577,7 @@ def _bundle_with_probes(built: dict, probed: Path, out: Path) -> Path:
                                       "parameters": {"type": "Q4_K_M", "kv_cache_type": "f16"}},
                "fingerprints": {"runtime": fingerprints()["llama_cpp"], "build": {}, "runtime_scope": "llama_cpp"}}
     build_bundle(out, "bundle", built["q4_k_m_imat"] / MODEL_DIR, lineage,
-                 extra=(probed / "behaviour.json", probed / "probes.safetensors"))
+                 extra={"behaviour.json": probed / "behaviour.json", "probes.safetensors": probed / "probes.safetensors"})
     return out / "bundle"
 
 

@@ -85,13 +85,13 @@ def test_gpu_ladder_end_to_end_measures_every_variant_on_its_cuda_kernel(tmp_pat
     project = small_project(tmp_path)
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["quant"]["variants"] = compose(REPO / "conf", ["quant=cuda"])["quant"]["variants"]
-    params["eval"].update(device="cuda", runtime="kernel")
+    params["eval"].update(targets=["torch-cuda"], runtime="kernel")
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     subprocess.run(["dvc", "repro"], cwd=project, check=True)
     expected = {"baseline": [], "dense_f16": [], "bnb_int8": ["Linear8bitLt"], "gptq_4bit_g128": ["TritonV2Linear"],
                 "awq_4bit_g128": ["AwqGEMMTritonLinear"], "bnb_nf4": ["Linear4bit"]}
     for name, kernels in expected.items():
-        measured = json.loads((project / "artifacts" / "eval" / name / "measurements.json").read_text())
+        measured = json.loads((project / "artifacts" / "eval" / "torch-cuda" / name / "measurements.json").read_text())
         assert measured["torch"] == {"device": "cuda:0", "dtype": "float16", "kernels": kernels}
         assert measured["memory"]["measured"] == "allocator peak"
     runtime = json.loads((project / "artifacts" / "fingerprint" / "methods" / "ladder.runtime.json").read_text())

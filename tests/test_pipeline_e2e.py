@@ -124,9 +124,9 @@ def test_sigkill_mid_quantize_leaves_nothing_accepted_and_next_repro_completes(r
 
 def test_concurrent_repro_gets_the_lock_error(repo):
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
-    first = subprocess.Popen([str(BIN / "dvc"), "repro", "-f", "-s", "evaluate_baseline"], cwd=repo, env=env,
+    first = subprocess.Popen([str(BIN / "dvc"), "repro", "-f", "-s", "evaluate_baseline@llama.cpp-cpu"], cwd=repo, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    eval_dir = repo / "artifacts" / "eval" / ".baseline.partial"
+    eval_dir = repo / "artifacts" / "eval" / "llama.cpp-cpu" / ".baseline.partial"
     deadline = time.time() + 120
     while not eval_dir.exists() and time.time() < deadline and first.poll() is None:
         time.sleep(0.1)
@@ -249,7 +249,7 @@ def test_a_family_the_first_plan_fails_is_repaired_or_named_with_every_round_rec
     try:
         result = dvc(repo, "repro")
         ran = stages_run(result.stdout)
-        assert {"sensitivity", "quantize@gguf_mix_2p9", "evaluate@gguf_mix_2p9", "repair", "select"} <= ran
+        assert {"sensitivity", "quantize@gguf_mix_2p9", "evaluate@gguf_mix_2p9-llama.cpp-cpu", "repair", "select"} <= ran
         assert f"quantize@{QUANTIZED}" not in ran  # other variants' tables are stubs that did not change
         repair = json.loads((repo / "artifacts" / "repair" / "repair.json").read_text())
         outcome = repair["variants"]["gguf_mix_2p9"]

@@ -21,7 +21,7 @@ def test_a_torch_ladder_without_a_passing_variant_releases_its_dense_float16_var
     params = yaml.safe_load((repo / "params.yaml").read_text())
     ladder = compose(REPO / "conf", ["quant=cuda"])["quant"]["variants"]
     params["quant"]["variants"] = {name: ladder[name] for name in ("dense_f16", "bnb_nf4")}
-    params["eval"]["device"] = "cpu"
+    params["eval"]["targets"] = ["torch-cpu"]
     # NF4 changes the distribution (KLD > 0) and the float16 copy does not: a quality budget
     # of zero fails the quantized variant for certain, and no noise decides this test.
     params["gate"]["max_kld_mean"] = 0.0
@@ -37,7 +37,7 @@ def test_a_torch_ladder_without_a_passing_variant_releases_its_dense_float16_var
     assert dense["reason"].startswith("released at baseline precision")
     assert not decision["variants"]["bnb_nf4"]["pass"] and not decision["variants"]["bnb_nf4"]["baseline_precision"]
     # measured on the ladder's runtime like any variant: the same numbers as the baseline
-    metrics = json.loads((repo / "artifacts" / "eval" / "dense_f16" / "metrics.json").read_text())
+    metrics = json.loads((repo / "artifacts" / "eval" / "torch-cpu" / "dense_f16" / "metrics.json").read_text())
     assert metrics["kld_mean"] == pytest.approx(0.0, abs=1e-9)
 
     bundle = repo / "artifacts" / "package" / "workflow-llama-8m-dense_f16"

@@ -137,7 +137,7 @@ def test_a_bundle_validated_on_a_torch_runtime_verifies_with_its_own_device_and_
     from quantbuild.config import EvalConfig
     from quantbuild.runtimes import torch_runtime
 
-    settings = torch_runtime(EvalConfig(device="cpu", runtime="kernel"))
+    settings = torch_runtime(EvalConfig(runtime="kernel"), "cpu")
     bundle = make_bundle(tmp_path, prints=fingerprints(settings))
     assert verify(bundle).exit_code == 0
     drifted = fingerprints(settings)["runtime"]

@@ -68,8 +68,9 @@ PUBLIC_KEY = typer.Option(None, "--public-key", help="PEM public key to check a 
                                                      "(default: package.public_key in params.yaml)")
 
 
-def _released(path: Optional[Path], params: Path = Path("params.yaml")) -> Path:
-    """`path`, or the bundle the last `dvc repro` released (artifacts/release/decision.json)."""
+def _released(path: Optional[Path], params: Path = Path("params.yaml"), target: Optional[str] = None) -> Path:
+    """`path`, or the bundle the last `dvc repro` released (artifacts/release/decision.json)
+    for `target` (by default the run's primary target)."""
     if path is not None:
         return path
     from quantbuild.validation import load_config
@@ -80,7 +81,10 @@ def _released(path: Optional[Path], params: Path = Path("params.yaml")) -> Path:
         decision = Path(config.paths.release) / "decision.json"
         if not decision.is_file():
             raise QuantbuildError(f"{decision}: nothing released yet (run `dvc repro`, or name a bundle)")
-        chosen = read_json(decision)["chosen"]
+        decided = read_json(decision)
+        if target is not None and target in decided.get("targets", {}):
+            decided = decided["targets"][target]
+        chosen = decided["chosen"]
         if chosen is None:
             raise QuantbuildError(f"{decision}: the last gate released nothing (name a bundle)")
     except QuantbuildError as err:
@@ -101,18 +105,25 @@ def verify(path: Optional[Path] = RELEASED, as_json: bool = typer.Option(False, 
            probes: Optional[Path] = typer.Option(None, help="for a lone .gguf with --behaviour: the folder holding "
                                                             "its behaviour.json and probes.safetensors (default: "
                                                             "the file's folder)"),
-           threads: Optional[int] = typer.Option(None, help="threads for --behaviour (default: all cores)")) -> None:
-    """Re-hash a bundle against its manifest, check its signature, compare the runtime it was validated on;
-    with --behaviour, rerun its probes and compare what the model computes. A lone .gguf is checked against
+           threads: Optional[int] = typer.Option(None, help="threads for --behaviour (default: all cores)"),
+           target: Optional[str] = typer.Option(None, help="the deploy target to check the bundle for, e.g. "
+                                                           "llama.cpp-cpu (default: the one this machine runs it on: "
+                                                           "its GPU where the runtime can use one)")) -> None:
+    """Re-hash a bundle against its manifest, check its signature, compare the runtime and the deploy target it
+    was validated on (a bundle never measured on this machine's target is not called validated: exit 2); with
+    --behaviour, rerun that target's probes and compare what the model computes. A lone .gguf is checked against
     the lineage in its own metadata."""
     from quantbuild.release.verify import verify as verify_bundle
     from quantbuild.release.verify import verify_behaviour, verify_gguf
+    from quantbuild.runtimes import RUN_TARGETS
 
-    path = _released(path)
+    path = _released(path, target=target)
+    if target is not None and target not in RUN_TARGETS:
+        _fail(QuantbuildError(f"--target {target}: unknown (known: {', '.join(RUN_TARGETS)})"))
     if path.suffix == ".gguf":
         result = verify_gguf(path, manifest)
     else:
-        result = verify_bundle(path, public_key=_public_key(public_key))
+        result = verify_bundle(path, public_key=_public_key(public_key), target=target)
     if behaviour and not result.problems:
         verify_behaviour(result, path, probes or (path.parent if path.suffix == ".gguf" else path), threads)
     if as_json:
@@ -135,7 +146,8 @@ def verify(path: Optional[Path] = RELEASED, as_json: bool = typer.Option(False, 
             checked = (f" and its {result.behaviour['probes']} behavioural probes (KLD "
                        f"{result.behaviour['measured']['kld_mean']:.2g}, greedy match "
                        f"{result.behaviour['measured']['greedy_match']:.0%})") if result.behaviour else ""
-            typer.echo(f"ok: {path} matches its manifest and this runtime{checked}")
+            on = f" on {result.target}" if result.target else ""
+            typer.echo(f"ok: {path} matches its manifest and this runtime{on}{checked}")
     raise typer.Exit(result.exit_code)
 
 
@@ -216,7 +228,7 @@ def fanout(
             raise QuantbuildError(f"--workers={workers} is not allowed (allowed: >= 1)")
         config = load_config(params)
         record = fan_out(Path.cwd(), sorted(config.quant.variants), address, workers, remote, repo,
-                         log=typer.echo)
+                         log=typer.echo, targets=list(config.eval.targets))
     except QuantbuildError as err:
         _fail(err)
     typer.echo(f"fanout: {len(record['tasks'])} tasks in {record['seconds']} s through {record['remote']}; "

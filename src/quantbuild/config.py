@@ -232,6 +232,10 @@ class LatencyConfig:
     new_tokens: int = 16
     warmup: int = 1
     repeats: int = 5
+    # Interleaved with the baseline and given the gate's bound (limit + noise margin): while a
+    # ratio's interval reaches both sides of it, `repeats` more rounds, up to this many per
+    # prompt length; a ratio still undecided there is recorded so, and is not released.
+    max_rounds: int = 60
     runtime: str = "kernel"
 
 
@@ -256,14 +260,19 @@ class EvalConfig:
     # the top kl_top_k log-probabilities and the tail mass.
     kl_full_vocab: int = 8192
     runtime: str = "dequantized"
-    # Where the torch runtime measures: auto (a CUDA GPU where torch sees one, else the CPU),
-    # cpu, or cuda (refused before any work on a machine without one).
-    device: str = "auto"
+    # The deploy targets the ladder is validated for: its runtime on a kind of device
+    # (llama.cpp-cpu | llama.cpp-cuda for a GGUF ladder, torch-cpu | torch-cuda for a torch
+    # one). Every variant is measured on each, the gate decides per target, and the first is
+    # the primary (decision.json's `chosen`). A target this machine lacks is refused before
+    # any work.
+    targets: List[str] = field(default_factory=lambda: ["llama.cpp-cpu"])
     # GPTQModel's kernel per checkpoint format on a CUDA GPU (on a CPU it uses its torch
     # kernels). Triton, because the automatic choice on Hopper (Machete) compiles at first
     # load and downloads CUTLASS for it, which an offline machine cannot.
     gpu_kernels: Dict[str, str] = field(default_factory=lambda: {"gptq": "gptq_triton", "awq": "awq_gemm_triton"})
-    # llama.cpp threads for every suite (0 = one per core).
+    # llama.cpp threads for every suite; 0 = the cores free when the evaluation starts (the
+    # cores less the 1-minute load average, at least 1): threads beyond the free cores wait
+    # at every barrier for a core another job holds. The numbers do not depend on it.
     threads: int = 0
     store_generations: bool = False
     golden: Optional[str] = None
@@ -294,8 +303,9 @@ class GateConfig:
     # the baseline against itself); null = unchecked.
     max_latency_p99_ratio: Optional[float] = None
     # "Not slower": the variant/baseline ratio of TTFT and of decode time per token, timed
-    # interleaved in one process on the deploy runtime. Fails when the interval's lower end
-    # exceeds the limit plus `latency_noise_margin`; null = unchecked.
+    # interleaved in one process on the deploy runtime, against the limit plus
+    # `latency_noise_margin`: passes when the interval lies at or below it, fails when wholly
+    # above, and is undecided (not released) otherwise; null = unchecked.
     max_latency_paired_ratio: Optional[float] = 1.0
     latency_noise_margin: float = 0.05
     max_peak_memory_mb: Optional[float] = None
@@ -442,7 +452,8 @@ def read_params(params_path: Path = Path("params.yaml")) -> Any:
 
 SOURCES = ("path", "hf")
 EVAL_RUNTIMES = ("dequantized", "kernel")
-EVAL_DEVICES = ("auto", "cpu", "cuda")
+# runtime-device; validation checks the runtime is the ladder's
+EVAL_TARGETS = ("llama.cpp-cpu", "llama.cpp-cuda", "torch-cpu", "torch-cuda")
 # checkpoint formats GPTQModel loads (quantize_config.json `quant_method`)
 GPU_KERNEL_FORMATS = ("gptq", "awq")
 EVAL_FAMILIES = ("language_modelling", "structured", "retrieval", "long_context", "reasoning")
@@ -505,7 +516,7 @@ def _check_ranges(config: Config) -> None:
              "32..32768 tokens")
     _require(config.gguf.base_type in ("f16", "bf16", "f32"), "gguf.base_type", config.gguf.base_type,
              "f16 | bf16 | f32")
-    _require(config.eval.threads >= 0, "eval.threads", config.eval.threads, ">= 0 (0 = one per core)")
+    _require(config.eval.threads >= 0, "eval.threads", config.eval.threads, ">= 0 (0 = the cores free)")
     _require(bool(config.quant.variants), "quant.variants", {}, "at least one variant")
     _require("baseline" not in config.quant.variants, "quant.variants", "baseline", "any name but 'baseline'")
     for name, variant in config.quant.variants.items():
@@ -522,7 +533,11 @@ def _check_ranges(config: Config) -> None:
     _require(0 <= config.eval.kl_full_vocab <= 262144, "eval.kl_full_vocab", config.eval.kl_full_vocab,
              "0..262144 (0 = always top-k)")
     _require(config.eval.runtime in EVAL_RUNTIMES, "eval.runtime", config.eval.runtime, " | ".join(EVAL_RUNTIMES))
-    _require(config.eval.device in EVAL_DEVICES, "eval.device", config.eval.device, " | ".join(EVAL_DEVICES))
+    _require(bool(config.eval.targets), "eval.targets", [], "at least one deploy target")
+    for target in config.eval.targets:
+        _require(target in EVAL_TARGETS, "eval.targets", target, " | ".join(EVAL_TARGETS))
+    _require(len(set(config.eval.targets)) == len(config.eval.targets), "eval.targets", config.eval.targets,
+             "each target once")
     for checkpoint, kernel in config.eval.gpu_kernels.items():
         _require(checkpoint in GPU_KERNEL_FORMATS, "eval.gpu_kernels", checkpoint, " | ".join(GPU_KERNEL_FORMATS))
         _require(isinstance(kernel, str) and kernel.startswith(f"{checkpoint}_"), f"eval.gpu_kernels.{checkpoint}",
@@ -535,6 +550,8 @@ def _check_ranges(config: Config) -> None:
     _require(latency.new_tokens >= 2, "eval.latency.new_tokens", latency.new_tokens, ">= 2")
     _require(latency.repeats >= 1 and latency.warmup >= 0, "eval.latency.repeats", latency.repeats,
              "repeats >= 1, warmup >= 0")
+    _require(latency.repeats <= latency.max_rounds <= 10000, "eval.latency.max_rounds", latency.max_rounds,
+             f"eval.latency.repeats ({latency.repeats}) .. 10000")
     _require(bool(memory.context_lengths) and all(n >= 1 for n in memory.context_lengths),
              "eval.memory.context_lengths", memory.context_lengths, "a non-empty list of positive token counts")
     _require(memory.budget_mb > 0, "eval.memory.budget_mb", memory.budget_mb, "> 0")

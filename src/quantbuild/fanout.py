@@ -39,8 +39,9 @@ from typing import Any, Callable, Optional
 
 from quantbuild.errors import ConfigError, DriftError, QuantbuildError
 
-UPSTREAM = ("fetch", "calibrate", "gguf_base", "sensitivity", "evaluate_baseline")
-PER_VARIANT = ("quantize@{v}", "evaluate@{v}")
+UPSTREAM = ("fetch", "calibrate", "gguf_base", "sensitivity", "evaluate_baseline@{t}")
+# the variant's build, then its evaluation on each deploy target of the run
+PER_VARIANT = ("quantize@{v}", "evaluate@{v}-{t}")
 FINISH = ("repair", "select", "package")
 FINGERPRINT_DIR = "artifacts/fingerprint"
 
@@ -78,6 +79,11 @@ def _dvc() -> list[str]:
 def _env() -> dict[str, str]:
     """This environment with its Python's scripts first on PATH (DVC runs `python -m stages.X`)."""
     return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+def _stages(names: tuple[str, ...], variant: str = "", targets: list[str] = ()) -> list[str]:
+    """The DVC stage names of `names` for one variant and every deploy target, in order."""
+    return list(dict.fromkeys(name.format(v=variant, t=target) for name in names for target in targets))
 
 
 def run_task(repo_url: str, commit: str, remote_url: str, stages: list[str], expected: dict[str, Any],
@@ -142,9 +148,11 @@ def default_remote_url(root: Path) -> str:
 
 
 def fanout(root: Path, variants: list[str], address: Optional[str], workers: int, remote: Optional[str],
-           repo_url: Optional[str], log: Callable[[str], None]) -> dict[str, Any]:
-    """Build the ladder on a Ray cluster; afterwards the driver's workspace holds the whole
-    build (dvc.lock, pulled outputs). Returns a record of every task."""
+           repo_url: Optional[str], log: Callable[[str], None], targets: list[str] = ("llama.cpp-cpu",)
+           ) -> dict[str, Any]:
+    """Build the ladder on a Ray cluster, each variant evaluated on every deploy target in
+    `targets`; afterwards the driver's workspace holds the whole build (dvc.lock, pulled
+    outputs). Returns a record of every task."""
     try:
         import ray
     except ImportError:
@@ -167,7 +175,8 @@ def fanout(root: Path, variants: list[str], address: Optional[str], workers: int
     task = ray.remote(num_cpus=1, max_retries=0)(run_task)
     record: dict[str, Any] = {"commit": commit, "remote": remote_url, "tasks": []}
     try:
-        waves = [[list(UPSTREAM)], [[stage.format(v=v) for stage in PER_VARIANT] for v in variants], [list(FINISH)]]
+        waves = [[_stages(UPSTREAM, targets=targets)],
+                 [_stages(PER_VARIANT, variant, targets) for variant in variants], [list(FINISH)]]
         lock = None
         for number, wave in enumerate(waves):
             final = number == len(waves) - 1

@@ -7,9 +7,11 @@ metadata (no heavy imports); the device from /proc/cpuinfo and nvidia-smi where 
 Scopes: *build* is what changes quantized weights (`quantize` depends on it); *runtime* is
 what changes measured results (`evaluate` depends on it, and `verify` compares it). Both
 describe the torch stack. *llama_cpp* is both scopes for GGUF variants: the pinned
-llama-cpp-python, the llama.cpp commit it vendors, its gguf-py, the weight-repack choice and
-the device. Each method's stages depend on their own scope's file (`methods/`), so a
-llama.cpp upgrade reruns exactly the gguf stages and a torch upgrade exactly the others.
+llama-cpp-python, the llama.cpp commit it vendors, its gguf-py, its build (cpu or cuda
+backend; for cuda the CUDA version and GPU architectures), the weight-repack choice and the
+device. Each method's stages depend on their own scope's file (`methods/`), so a llama.cpp
+upgrade reruns exactly the gguf stages and a torch upgrade exactly the others.
+`target_fingerprint` is one llama.cpp deploy target's: that build and the device it runs on.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import platform
 import shutil
 import subprocess
 from importlib import metadata
+
+from quantbuild.errors import ConfigError
 
 BUILD_PACKAGES = ("torch", "transformers", "gptqmodel", "bitsandbytes", "safetensors", "numpy")
 RUNTIME_PACKAGES = BUILD_PACKAGES + ("tokenizers", "jsonschema")
@@ -97,6 +101,23 @@ def fingerprints(torch_runtime: dict | None = None) -> dict[str, dict]:
 
 
 LLAMA_CPP_SCOPE = "llama_cpp"
+
+
+def target_fingerprint(device: str) -> dict[str, object]:
+    """What can change a llama.cpp target's measured numbers besides the model, on `device`
+    (cpu | cuda): the llama.cpp fingerprint (its `build` names the backend and, for CUDA,
+    the CUDA version and GPU architectures it was compiled for) and the CPU, and on CUDA
+    also the GPUs (name, compute capability, driver). Stable across runs (no timestamps, no
+    free memory) and cheap."""
+    from quantbuild.runtimes import llama_cpp
+
+    if device not in llama_cpp.DEVICES:
+        raise ConfigError(f"llama.cpp: device {device!r} is not allowed (allowed: {' | '.join(llama_cpp.DEVICES)})")
+    cpu = cpu_info()
+    values: dict[str, object] = {"llama_cpp": llama_cpp.fingerprint(cpu["isa"]), "cpu": cpu}
+    if device == "cuda":
+        values["gpu"] = gpu_info()
+    return values
 
 
 def scopes_of(method: str) -> tuple[str, str]:

@@ -12,8 +12,11 @@ that runtime in the same run, and gets three kinds of checks:
   of them than the baseline.
 - win: smaller model memory at the gate's context than the baseline (weights, KV cache,
   runtime buffers, as the runtime reports them), and "not slower": TTFT and decode time per
-  token timed interleaved with the baseline, failing only when the ratio's interval lies
-  above the limit plus the noise margin, so load on the machine cannot flip the decision.
+  token timed interleaved with the baseline, decided against the limit plus the noise
+  margin: pass when every ratio's interval lies at or below it, fail when one lies wholly
+  above it, and otherwise undecided, which does not pass. The evaluation re-measures an
+  undecided ratio up to `eval.latency.max_rounds` rounds first; a variant is released on a
+  measured verdict, never because noise could not show it slower.
 - limit: absolute ceilings (peak memory, a p99 tail ratio) where configured.
 
 The gate walks the variants from the most compressed to the least and releases the first
@@ -28,6 +31,7 @@ from typing import Any, Optional
 
 from quantbuild.config import GateConfig
 from quantbuild.errors import GateError
+from quantbuild.evaluation.latency import deciding_ratio, decision_bound, verdict
 from quantbuild.evaluation.stats import paired_drop_interval
 from quantbuild.runtimes import TARGET_RUNTIME, target_of
 
@@ -52,10 +56,14 @@ def _check(budget: str, kind: str, measured: float, limit: float, higher_is_bett
 
 
 def describe(check: dict[str, Any]) -> str:
-    """`name = value [low, high] violates <= limit (interval's upper end)` for a failed check."""
+    """`name = value [low, high] violates <= limit (interval's upper end)` for a failed check;
+    for an undecided one, `undecided: too noisy: ...` with the rounds it was measured over."""
     if not isinstance(check["measured"], (int, float)):
         return f"{check['budget']} = {check['measured']} violates {check['direction']} {check['limit']}"
     interval = f" [{check['interval'][0]:.4g}, {check['interval'][1]:.4g}]" if "interval" in check else ""
+    if check.get("verdict") == "undecided":
+        return (f"undecided: too noisy: {check['budget']} = {check['measured']:.4g}{interval} reaches both sides of "
+                f"{check['limit']:.4g} after {check['rounds']} rounds")
     where = {"ci_low": " (interval's lower end)", "ci_high": " (interval's upper end)"}.get(check.get("applies_to"), "")
     return f"{check['budget']} = {check['measured']:.4g}{interval} violates {check['direction']} {check['limit']:.4g}{where}"
 
@@ -101,15 +109,20 @@ def _degenerate_check(baseline: dict, variant: dict, gate: GateConfig) -> Option
 
 
 def _latency_win(baseline: dict, variant: dict, gate: GateConfig) -> Optional[dict[str, Any]]:
-    if gate.max_latency_paired_ratio is None:
+    """"Not slower", with its `verdict`: pass, fail, or undecided (which does not pass)."""
+    limit = decision_bound(gate.max_latency_paired_ratio, gate.latency_noise_margin)
+    if limit is None:
         return None
-    limit = gate.max_latency_paired_ratio + gate.latency_noise_margin
     paired = variant.get("latency_vs_baseline")
     if paired is not None:
-        worst = paired["worst"]
-        check = _check("latency_ratio", "win", worst["ratio"], limit,
-                       interval=(worst["ci_low"], worst["ci_high"]), applies_to="ci_low")
-        check.update({"at": worst.get("at"), "timing": "interleaved with the baseline in one process"})
+        # every interleaved ratio, decided against this gate's own bound (not the one the
+        # evaluation re-measured against, should the gate have changed since)
+        worst = deciding_ratio(paired["by_length"], limit)
+        found = verdict(worst["ci_low"], worst["ci_high"], limit)
+        check = _check("latency_ratio", "win", worst["ratio"], limit, interval=(worst["ci_low"], worst["ci_high"]),
+                       applies_to="ci_low" if found == "fail" else "ci_high")
+        check.update({"verdict": found, "at": worst["at"], "rounds": worst["runs"],
+                      "timing": "interleaved with the baseline in one process"})
         return check
     # Runtimes without interleaved timing: median ratios of the two latency stages, no interval.
     ratios = [(variant["latency"][length][key] / baseline["latency"][length][key], f"{key}@{length}")
@@ -117,7 +130,8 @@ def _latency_win(baseline: dict, variant: dict, gate: GateConfig) -> Optional[di
               for key in ("ttft_ms_p50", "decode_ms_per_token_p50") if baseline["latency"][length].get(key)]
     ratio, where = max(ratios)
     check = _check("latency_ratio", "win", ratio, limit)
-    check.update({"at": where, "timing": "separate stages (no interval)"})
+    check.update({"verdict": "pass" if check["pass"] else "fail", "at": where,
+                  "timing": "separate stages (no interval)"})
     return check
 
 
@@ -164,30 +178,35 @@ def latency_ratio(baseline: dict, variant: dict) -> float:
     return max(ratios)
 
 
-def _target_check(baseline: dict, variant: dict, record: dict) -> dict[str, Any]:
+def _target_check(baseline: dict, variant: dict, record: dict, target: Optional[str]) -> dict[str, Any]:
     """Validated on its target: the variant and the baseline were both measured on the
-    runtime of the target the variant ships for."""
+    runtime the variant ships for, and on the deploy target (`llama.cpp-cuda`) decided for."""
     shipped_for = target_of(record.get("method", ""), record.get("target"))
-    target = TARGET_RUNTIME.get(shipped_for, shipped_for)
-    measured_on = variant.get("deploy_runtime")
-    ok = measured_on == target and baseline.get("deploy_runtime") == target
+    runtime = TARGET_RUNTIME.get(shipped_for, shipped_for)
+    if target is None:
+        measured_on, baseline_on, limit = variant.get("deploy_runtime"), baseline.get("deploy_runtime"), runtime
+    else:
+        measured_on, baseline_on, limit = variant.get("target"), baseline.get("target"), target
+    ok = measured_on == limit and baseline_on == limit and variant.get("deploy_runtime") == runtime
     return {"budget": "validated_on_target", "kind": "target", "measured": measured_on,
-            "baseline_measured_on": baseline.get("deploy_runtime"), "limit": target, "direction": "==",
+            "baseline_measured_on": baseline_on, "limit": limit, "direction": "==",
             "applies_to": "value", "pass": bool(ok)}
 
 
-def select(baseline: dict, variants: dict[str, dict], records: dict[str, dict], gate: GateConfig) -> dict:
-    """The gate decision (with `chosen` None when nothing may be released).
+def select(baseline: dict, variants: dict[str, dict], records: dict[str, dict], gate: GateConfig,
+           target: Optional[str] = None) -> dict:
+    """The gate decision on one deploy target (with `chosen` None when nothing may be
+    released there).
 
-    `baseline` and `variants` map to metrics with each one's per-item `outcomes` added;
-    `records` maps name -> quantize record (method, size, bits).
+    `baseline` and `variants` map to metrics with each one's per-item `outcomes` added, all
+    measured on `target`; `records` maps name -> quantize record (method, size, bits).
     """
     order = sorted(variants, key=lambda name: (records[name]["size_bytes"], records[name]["bits_per_weight"], name))
-    decision: dict[str, Any] = {"chosen": None, "rule": RULE, "fallback": gate.fallback, "fell_back": False,
+    decision: dict[str, Any] = {"chosen": None, "target": target, "rule": RULE, "fallback": gate.fallback, "fell_back": False,
                                 "order_most_compressed_first": order, "variants": {}}
     for name in order:
         record = records[name]
-        checks = [_target_check(baseline, variants[name], record),
+        checks = [_target_check(baseline, variants[name], record, target),
                   *check_variant(baseline, variants[name], gate)]
         baseline_precision = record["bits_per_weight"] >= BASELINE_PRECISION_BITS
         failed = [check for check in checks if not check["pass"]]
@@ -234,6 +253,8 @@ def _reason(name: str, decision: dict) -> str:
         extra = f" (+{len(failed) - 1} more)" if len(failed) > 1 else ""
         if binding["kind"] == "target":
             return f"{what}: measured on {binding['measured']}, ships for {binding['limit']}"
+        if binding.get("verdict") == "undecided":
+            return f"{describe(binding)}{extra}"
         return f"{what}: {describe(binding)}{extra}"
     return f"passes, but {chosen} is smaller"
 
@@ -247,9 +268,33 @@ def violations(decision: dict) -> list[str]:
     return [f"{best}: {describe(check)}" for check in failures(best)]
 
 
+def select_targets(measured: dict[str, tuple[dict, dict[str, dict]]], records: dict[str, dict],
+                   gate: GateConfig) -> dict:
+    """One decision per deploy target (`measured`: target -> (baseline, variants) measured
+    there, in the run's order). The first target is the primary: its decision is the top
+    level (`chosen`, `variants`, ...), and `targets` holds every target's, each deciding on
+    its own measurements only."""
+    decisions = {target: select(baseline, variants, records, gate, target)
+                 for target, (baseline, variants) in measured.items()}
+    primary = next(iter(decisions))
+    return {**decisions[primary], "targets": decisions}
+
+
+def released(decision: dict) -> dict[str, Optional[str]]:
+    """Deploy target -> the variant released for it (a decision.json of before targets: its
+    one decision, under its runtime)."""
+    if "targets" in decision:
+        return {target: entry["chosen"] for target, entry in decision["targets"].items()}
+    return {decision.get("target") or "default": decision["chosen"]}
+
+
 def require_release(decision: dict) -> str:
-    if decision["chosen"] is None:
-        lines = violations(decision)
-        raise GateError("release gate: no variant passes every check, and no baseline-precision fallback "
-                        f"(gate.fallback={decision.get('fallback', 'none')})\n" + "\n".join(lines))
+    """The primary target's release; fails, one line per violated check, when any target
+    of the run has nothing it may release."""
+    for target, entry in (decision.get("targets") or {None: decision}).items():
+        if entry["chosen"] is None:
+            lines = violations(entry)
+            where = f" on {target}" if target else ""
+            raise GateError(f"release gate: no variant passes every check{where}, and no baseline-precision "
+                            f"fallback (gate.fallback={entry.get('fallback', 'none')})\n" + "\n".join(lines))
     return decision["chosen"]

@@ -8,8 +8,11 @@ that the gate fails on family checks only, each round
    the failing families' KL (the sensitivity stage measured each layer's KL on each family's
    answer positions, at every candidate format), `repair.step_bits` more bits per weight
    than the last round, never above `repair.max_bits_per_weight`;
-2. rebuilds the variant with that plan (`<variant>_r<k>`), evaluates it on the ladder's
-   runtime against the same baseline, and gates it again.
+2. rebuilds the variant with that plan (`<variant>_r<k>`), evaluates it on every deploy
+   target of the run against the same baselines, and gates it again.
+
+A variant is repaired for the targets where it fails family budgets only (its families
+there, together); a round passes when it passes on each of them.
 
 It stops at the first round that passes, when the size ceiling or `repair.max_rounds` is
 reached, or when a check other than a family budget fails. Every round (what it promoted,
@@ -25,11 +28,12 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from quantbuild.evaluation.runner import MEASUREMENTS, OUTCOMES
+from quantbuild.evaluation.runner import MEASUREMENTS, OUTCOMES, target_dir
 from quantbuild.gate import describe, select
 from quantbuild.hashing import read_json, staged_dir, write_json
 from quantbuild.quantization import MODEL_DIR, RECORD, build_variant, pipeline_inputs
 from quantbuild.quantizers.planner import candidates_of
+from quantbuild.runtimes import run_targets
 from quantbuild.sensitivity import load_sensitivity
 
 REPAIR = "repair.json"
@@ -69,13 +73,15 @@ def _promoted(before: dict[str, Any], record: dict) -> list[dict]:
             for name in sorted(after) if after[name] != before.get(name)]
 
 
-def repair_variant(config: Any, name: str, baseline: dict, entry: dict, record: dict, out: Path,
-                   log: Callable[[str], None]) -> dict:
-    """The rounds for one failing planned variant, built under `out/quantized` and `out/eval`."""
+def repair_variant(config: Any, name: str, baselines: dict[str, dict], entries: dict[str, dict], record: dict,
+                   out: Path, log: Callable[[str], None]) -> dict:
+    """The rounds for one failing planned variant, built under `out/quantized` and evaluated
+    on every target under `out/eval/<target>`. `entries`: its gate entry on each target it
+    is repaired for (where it fails family budgets only)."""
     from quantbuild.evaluation.runner import evaluate_on_ladder
 
     variant, settings, paths = config.quant.variants[name], config.repair, config.paths
-    failed_at_first, _ = family_failures(entry)
+    failed_at_first = sorted({family for entry in entries.values() for family in family_failures(entry)[0]})
     families = failed_at_first
     sensitivity = load_sensitivity(Path(paths.sensitivity), name)
     field = _target_field(variant)
@@ -93,29 +99,37 @@ def repair_variant(config: Any, name: str, baseline: dict, entry: dict, record: 
         built = replace(variant, **{field: target})
         folder = out / QUANTIZED / repaired
         record_now = build_variant(repaired, built, pipeline_inputs(config, built, request), folder)
-        evaluate_on_ladder(config, folder / MODEL_DIR, getattr(built, "kv_cache_type", "f16"),
-                           out / EVALUATED / repaired)
-        gated = select(baseline, {repaired: measured(out / EVALUATED / repaired)}, {repaired: record_now},
-                       config.gate)["variants"][repaired]
-        failing, others = family_failures(gated)
+        gated = {}
+        for deploy in run_targets(config):
+            evaluated = out / EVALUATED / deploy / repaired
+            evaluate_on_ladder(config, folder / MODEL_DIR, getattr(built, "kv_cache_type", "f16"), evaluated, deploy)
+            if deploy in entries:
+                gated[deploy] = select(baselines[deploy], {repaired: measured(evaluated)}, {repaired: record_now},
+                                       config.gate, deploy)["variants"][repaired]
+        failing = sorted({family for entry in gated.values() for family in family_failures(entry)[0]})
+        others = [check for entry in gated.values() for check in family_failures(entry)[1]]
+        passed = all(entry["pass"] for entry in gated.values())
         rounds.append({
             "round": number, "variant": repaired, "target_bits_per_weight": target,
             "bits_per_weight": record_now["bits_per_weight"], "size_bytes": record_now["size_bytes"],
             "objective": sorted(families), "promoted": _promoted(start, record_now),
-            "failed": [describe(check) for check in gated["checks"] if not check["pass"]], "pass": gated["pass"],
+            "failed": [f"{deploy}: {describe(check)}" for deploy, entry in gated.items()
+                       for check in entry["checks"] if not check["pass"]],
+            "pass": passed, "targets": sorted(gated),
         })
         log(f"repair {repaired}: {target} bits/weight target, {len(rounds[-1]['promoted'])} layers promoted, "
-            f"{'passes' if gated['pass'] else 'fails ' + ', '.join(failing + [c['budget'] for c in others])}")
+            f"{'passes' if passed else 'fails ' + ', '.join(failing + [c['budget'] for c in others])}")
         if kept is not None:
             shutil.rmtree(out / QUANTIZED / kept)
-            shutil.rmtree(out / EVALUATED / kept)
+            for deploy in run_targets(config):
+                shutil.rmtree(out / EVALUATED / deploy / kept)
         kept = repaired
-        if gated["pass"]:
+        if passed:
             verdict = f"repaired in round {number}: {repaired} ({record_now['bits_per_weight']} bits/weight) passes"
             break
         if others:
             verdict = (f"not repairable by precision: {repaired} also fails "
-                       f"{', '.join(check['budget'] for check in others)}")
+                       f"{', '.join(sorted({check['budget'] for check in others}))}")
             break
         families = failing or families
         start = _precisions(record_now)
@@ -123,37 +137,42 @@ def repair_variant(config: Any, name: str, baseline: dict, entry: dict, record: 
         verdict = f"could not repair {', '.join(families)} in repair.max_rounds={settings.max_rounds} rounds"
     repaired_ok = bool(rounds and rounds[-1]["pass"])
     return {"status": "repaired" if repaired_ok else "unrepaired", "failed_families": failed_at_first,
-            "rounds": rounds, "final": kept, "verdict": verdict,
+            "targets": sorted(entries), "rounds": rounds, "final": kept, "verdict": verdict,
             **({} if repaired_ok else {"advice": SEPARATE_VARIANT})}
 
 
 def repair_ladder(config: Any, out: Path, log: Callable[[str], None]) -> dict:
-    """Gate the ladder; repair every planned variant that fails family budgets only; write
-    `out/repair.json` (and the kept builds) and return it."""
+    """Gate the ladder on every target; repair every planned variant that fails family
+    budgets only on some target; write `out/repair.json` (and the kept builds) and return it."""
     paths = config.paths
-    baseline = measured(Path(paths.eval) / "baseline")
     names = sorted(config.quant.variants)
-    variants = {name: measured(Path(paths.eval) / name) for name in names}
     records = {name: read_json(Path(paths.quantized) / name / RECORD) for name in names}
-    decision = select(baseline, variants, records, config.gate)
+    baselines, decisions = {}, {}
+    for deploy in run_targets(config):
+        baselines[deploy] = measured(target_dir(config, deploy) / "baseline")
+        variants = {name: measured(target_dir(config, deploy) / name) for name in names}
+        decisions[deploy] = select(baselines[deploy], variants, records, config.gate, deploy)
     result: dict[str, Any] = {"config": asdict(config.repair), "variants": {}}
     with staged_dir(out) as staging:
         for name in names:
             if not candidates_of(config.quant.variants[name]):
                 continue
-            entry = decision["variants"][name]
-            families, others = family_failures(entry)
-            if entry["pass"]:
+            entries = {deploy: decision["variants"][name] for deploy, decision in decisions.items()}
+            failing = {deploy: entry for deploy, entry in entries.items() if not entry["pass"]}
+            repairable = {deploy: entry for deploy, entry in failing.items()
+                          if family_failures(entry)[0] and not family_failures(entry)[1]}
+            if not failing:
                 outcome = {"status": "not needed", "verdict": "passes the gate as planned"}
-            elif not families or others:
-                failed = others or [check for check in entry["checks"] if not check["pass"]]
+            elif not repairable:
+                failed = [check for entry in failing.values() for check in entry["checks"] if not check["pass"]]
                 outcome = {"status": "not repairable",
-                           "verdict": f"fails {', '.join(check['budget'] for check in failed)}: only family budgets "
-                                      f"are repaired by raising precision"}
+                           "verdict": f"fails {', '.join(sorted({check['budget'] for check in failed}))}: only family "
+                                      f"budgets are repaired by raising precision"}
             elif config.repair.max_rounds == 0:
+                families = sorted({family for entry in repairable.values() for family in family_failures(entry)[0]})
                 outcome = {"status": "off", "verdict": f"fails {', '.join(families)}; repair.max_rounds=0"}
             else:
-                outcome = repair_variant(config, name, baseline, entry, records[name], staging, log)
+                outcome = repair_variant(config, name, baselines, repairable, records[name], staging, log)
             result["variants"][name] = outcome
         write_json(staging / REPAIR, result)
     return result
@@ -165,9 +184,10 @@ def repaired_variants(repair: Optional[dict]) -> dict[str, str]:
             if outcome.get("final")}
 
 
-def locate(paths: Any, name: str) -> tuple[Path, Path]:
-    """(quantize folder, eval folder) of a ladder variant or a kept repair build."""
+def locate(paths: Any, name: str, target: str) -> tuple[Path, Path]:
+    """(quantize folder, eval folder on deploy target `target`) of a ladder variant, a kept
+    repair build or the baseline (`baseline`, whose quantize folder is the baseline's)."""
     repaired = Path(paths.repair) / QUANTIZED / name
     if repaired.is_dir():
-        return repaired, Path(paths.repair) / EVALUATED / name
-    return Path(paths.quantized) / name, Path(paths.eval) / name
+        return repaired, Path(paths.repair) / EVALUATED / target / name
+    return Path(paths.quantized) / name, Path(paths.eval) / target / name

@@ -48,37 +48,78 @@ def decision_table(decision: dict, width: int = 150) -> str:
 
 
 def release_summary(config: Config) -> str:
+    from quantbuild.gate import released
+
     decision_path = Path(config.paths.release) / "decision.json"
     if not decision_path.is_file():
         raise DataError(f"{decision_path}: no release decision yet (run `dvc repro`)")
     decision = read_json(decision_path)
     lines = ["release summary", "===============",
              f"rule: {decision.get('rule', 'the smallest variant that passes every budget')}",
-             "memory and latency: ratios to the baseline on the same runtime (latency: median of interleaved "
-             "runs [95% interval]); x = failed",
-             decision_table(decision)]
+             "memory and latency: ratios to the baseline on the same target (latency: median of interleaved "
+             "runs [95% interval]); x = failed"]
+    decisions = decision.get("targets") or {decision.get("target") or "": decision}
+    for target, entry in decisions.items():
+        if target:
+            lines.append(f"on {target}:")
+        lines.append(decision_table(entry))
+    if len(decisions) > 1:
+        lines += side_by_side(decisions)
     lines += repair_lines(decision.get("repair"))
-    chosen = decision["chosen"]
-    if chosen is None:
-        lines.append("no variant may be released: nothing was packaged")
-        return "\n".join(lines)
+    for target, chosen in released(decision).items():
+        entry = decisions.get(target, decision)
+        if chosen is None:
+            lines.append(f"no variant may be released{' for ' + target if target in decisions else ''}: "
+                         f"nothing was packaged")
+            continue
+        lines += _chosen_lines(config, chosen, target if decision.get("targets") else None, entry)
+    return "\n".join(lines)
+
+
+def side_by_side(decisions: dict[str, dict]) -> list[str]:
+    """Each variant's verdict on each deploy target, one column per target."""
+    targets = list(decisions)
+    names = next(iter(decisions.values()))["order_most_compressed_first"]
+    width = max(len(name) for name in names) + 2
+    lines = ["decisions side by side (* released; x failed: the binding check)",
+             " " * width + "".join(f"{target:<34}" for target in targets)]
+    for name in names:
+        cells = []
+        for target in targets:
+            entry = decisions[target]["variants"][name]
+            failed = [check for check in entry["checks"] if not check["pass"]]
+            if name == decisions[target]["chosen"]:
+                cell = "* released"
+            elif failed:
+                cell = "x " + ", ".join(check["budget"].split("@")[0] for check in failed[:2])
+            else:
+                cell = "passes"
+            cells.append(f"{cell[:33]:<34}")
+        lines.append(f"{name:<{width}}" + "".join(cells))
+    return lines
+
+
+def _chosen_lines(config: Config, chosen: str, target: str | None, entry: dict) -> list[str]:
+    """What was released for one target: its scores against the baseline there, its bundle."""
     bundle = Path(config.paths.package) / f"{config.model.name}-{chosen}"
     manifest = read_json(bundle / MANIFEST)
-    baseline, measured = manifest["evaluation"]["baseline"], manifest["evaluation"]["variant"]
-    fell_back = " - kept at baseline precision: no quantized variant showed a win" if decision.get("fell_back") else ""
-    lines.append(f"chosen: {chosen} ({manifest['variant']['method']}, {manifest['variant']['bits_per_weight']} "
-                 f"bits/weight, on {manifest.get('deploy_runtime', 'torch')}){fell_back}")
+    record = manifest.get("targets", {}).get(target) or manifest
+    baseline, measured = record["evaluation"]["baseline"], record["evaluation"]["variant"]
+    checks = record["gate"]["checks"]
+    fell_back = " - kept at baseline precision: no quantized variant showed a win" if entry.get("fell_back") else ""
+    where = target or manifest.get("deploy_runtime", "torch")
+    lines = [f"chosen for {where}: {chosen} ({manifest['variant']['method']}, {manifest['variant']['bits_per_weight']} "
+             f"bits/weight){fell_back}"]
     lines.append(f"  perplexity {baseline.get('perplexity', 0):.4f} -> {measured.get('perplexity', 0):.4f}; "
                  f"KLD mean {measured.get('kld_mean', 0):.5f}, p99 {measured.get('kld_p99', 0):.5f}; "
                  f"top-1 agreement {measured.get('top1_agreement', 1):.4f} (llama-perplexity's definition: "
                  f"{measured.get('chunks', 0)} chunks, second halves)"
                  + (f"; per item: KLD {measured['items_kld_mean']:.5f}" if "items_kld_mean" in measured else ""))
-    drops = {check["budget"][: -len("_drop")]: check for check in manifest["gate"]["checks"]
-             if check["budget"].endswith("_drop")}
+    drops = {check["budget"][: -len("_drop")]: check for check in checks if check["budget"].endswith("_drop")}
     for family in sorted(measured["families"]):
         b, v = baseline["families"][family], measured["families"][family]
         if family == "degenerate":
-            lines.append(degenerate_line(b, v, manifest["gate"]["checks"]))
+            lines.append(degenerate_line(b, v, checks))
             continue
         check = drops.get(family)
         rule = ""
@@ -86,9 +127,10 @@ def release_summary(config: Config) -> str:
             limit = "must not degrade" if check.get("rule") == "must_not_degrade" else f"budget {check['limit']:g}"
             rule = f"; drop {check['measured']:+.3f} [{check['interval'][0]:+.3f}, {check['interval'][1]:+.3f}], {limit}"
         lines.append(f"  {family:<14} {b['score']:.3f} -> {v['score']:.3f}  (n={v['n']}{rule})")
-    size = sum(entry["size"] for entry in manifest["files"].values())
-    lines.append(f"package: {bundle} ({size / 1e6:.2f} MB); check it with `quantbuild verify {bundle}`")
-    return "\n".join(lines)
+    size = sum(file["size"] for file in manifest["files"].values())
+    check = f"quantbuild verify {bundle}" + (f" --target {target}" if target else "")
+    lines.append(f"package: {bundle} ({size / 1e6:.2f} MB); check it with `{check}`")
+    return lines
 
 
 def degenerate_line(baseline: dict, variant: dict, checks: list[dict]) -> str:
@@ -127,7 +169,7 @@ def _load_side(ref: str, config: Config) -> tuple[dict, dict | None]:
         return manifest["evaluation"]["variant"], manifest.get("gate")
     from quantbuild.repair import locate
 
-    path = locate(config.paths, ref)[1] / "measurements.json"
+    path = locate(config.paths, ref, config.eval.targets[0])[1] / "measurements.json"
     if not path.is_file():
         raise DataError(f"{ref}: neither a bundle folder nor an evaluated variant ({path} not found)")
     decision_path = Path(config.paths.release) / "decision.json"

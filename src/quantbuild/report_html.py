@@ -105,16 +105,21 @@ class Chart:
                 f'width="{WIDTH}" height="{HEIGHT}" role="img" aria-label="{_e(self.title)}">{body}</svg></figure>')
 
 
-def _load(config: Config) -> tuple[dict, dict, dict]:
-    paths = config.paths
-    decision_path = Path(paths.release) / "decision.json"
+def _decisions(config: Config) -> dict[str, dict]:
+    """Deploy target -> the gate's decision there (one entry for a decision made before targets)."""
+    decision_path = Path(config.paths.release) / "decision.json"
     if not decision_path.is_file():
         raise DataError(f"{decision_path}: no release decision yet (run `dvc repro`)")
     decision = read_json(decision_path)
+    return decision.get("targets") or {config.eval.targets[0]: decision}
+
+
+def _load(config: Config, target: str, decision: dict) -> tuple[dict, dict, dict]:
+    paths = config.paths
     names = decision["order_most_compressed_first"]
     from quantbuild.repair import locate
 
-    folders = {name: locate(paths, name) for name in ["baseline", *names]}
+    folders = {name: locate(paths, name, target) for name in ["baseline", *names]}
     measured = {}
     for name, (_, evaluated) in folders.items():
         path = evaluated / MEASUREMENTS
@@ -267,23 +272,29 @@ tr.chosen { background: #eef6ee; font-weight: bold; } li.fail { color: #b00; } l
 
 
 def render(config: Config) -> str:
-    decision, measured, records = _load(config)
-    colours = _colours(decision["order_most_compressed_first"])
+    decisions = _decisions(config)
     gate = config.gate
-    chosen = decision["chosen"] or "nothing"
-    charts = [pareto_chart(decision, measured, records, colours), family_chart(decision, measured, colours),
-              latency_chart(decision, measured, colours, gate.max_latency_paired_ratio, gate.latency_noise_margin),
-              memory_chart(decision, measured, colours, config.eval.memory.budget_mb, gate.memory_context,
-                           gate.max_memory_ratio)]
+    sections, released = [], []
+    for target, decision in decisions.items():
+        decision, measured, records = _load(config, target, decision)
+        colours = _colours(decision["order_most_compressed_first"])
+        chosen = decision["chosen"] or "nothing"
+        released.append(f"{chosen} on {target}")
+        charts = [pareto_chart(decision, measured, records, colours), family_chart(decision, measured, colours),
+                  latency_chart(decision, measured, colours, gate.max_latency_paired_ratio, gate.latency_noise_margin),
+                  memory_chart(decision, measured, colours, config.eval.memory.budget_mb, gate.memory_context,
+                               gate.max_memory_ratio)]
+        sections.append(f'<h2>{_e(target)}: released {_e(chosen)}</h2>'
+                        f'<div class="charts">{"".join(charts)}</div>'
+                        f'<table><thead><tr><th>variant</th><th>target</th><th>MB</th><th>bits/weight</th><th>gate</th>'
+                        f'<th>reason</th><th>checks</th></tr></thead><tbody>{decision_rows(decision)}</tbody></table>')
+    rule = next(iter(decisions.values())).get("rule", "")
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>quantbuild release report: '
             f'{_e(config.model.name)}</title><style>{STYLE}</style></head><body>'
-            f'<h1>{_e(config.model.name)}: released {_e(chosen)}</h1>'
-            f'<p class="rule">Rule: {_e(decision.get("rule", ""))}. Every variant measured on its deploy target '
-            f'against the baseline measured there in the same run.</p>'
-            f'<div class="charts">{"".join(charts)}</div>'
-            f'<table><thead><tr><th>variant</th><th>target</th><th>MB</th><th>bits/weight</th><th>gate</th>'
-            f'<th>reason</th><th>checks</th></tr></thead><tbody>{decision_rows(decision)}</tbody></table>'
-            f'</body></html>\n')
+            f'<h1>{_e(config.model.name)}: released {_e("; ".join(released))}</h1>'
+            f'<p class="rule">Rule: {_e(rule)}. Every variant measured on each deploy target '
+            f'against the baseline measured there in the same run; the gate decides per target.</p>'
+            f'{"".join(sections)}</body></html>\n')
 
 
 def write_report(config: Config, out: Path) -> Path:

@@ -14,7 +14,7 @@ from typing import Any
 from quantbuild.config import Config, parse, read_params
 from quantbuild.errors import ConfigError
 from quantbuild.quantizers import check_variant
-from quantbuild.runtimes import TARGET_RUNTIME, check_target, target_of
+from quantbuild.runtimes import RUN_TARGETS, TARGET_RUNTIME, check_target, target_of
 
 
 def check_ladder(config: Config) -> None:
@@ -30,6 +30,15 @@ def check_ladder(config: Config) -> None:
         raise ConfigError(f"params.yaml: quant.variants: {first} deploys on {runtimes[first]} but {other} on "
                           f"{runtimes[other]} (allowed: one runtime per ladder, measured against its own baseline; "
                           f"run the other ladder as its own experiment)")
+    runtime = next(iter(runtimes.values()))
+    if runtime != "llama.cpp" and len(config.eval.targets) > 1:
+        raise ConfigError(f"params.yaml: eval.targets={config.eval.targets}: a {runtime} ladder is validated on one "
+                          f"target (allowed: torch-cpu | torch-cuda)")
+    for target in config.eval.targets:
+        if RUN_TARGETS[target][0] != runtime:
+            allowed = " | ".join(name for name, (family, _) in RUN_TARGETS.items() if family == runtime)
+            raise ConfigError(f"params.yaml: eval.targets: {target} does not run this ladder, which deploys on "
+                              f"{runtime} (allowed: {allowed})")
 
 
 def validate_raw(raw: Any) -> Config:

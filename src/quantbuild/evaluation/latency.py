@@ -3,14 +3,26 @@
 Each runtime times a KV-cached greedy run (prefill, then one token at a time) so the two
 phases are timed separately; warm-up runs are discarded; p50/p95/p99 over the timed runs.
 Latency is measured on the runtime the artifact deploys with (`eval.latency.runtime`).
+
+The gate's "not slower" is decided on variant/baseline ratios timed interleaved in one
+process (`paired_latency`). Given the gate's bound (its limit plus noise margin), the
+measurement goes on while a ratio's interval reaches both sides of it, up to
+`eval.latency.max_rounds` rounds, and records whether it stopped decided: the gate then
+releases on a verdict (pass, fail) and never on an interval too wide to give one.
 """
 
 from __future__ import annotations
 
+import math
+import os
 import random
-from typing import Any
+from typing import Any, Callable, Iterable, Optional
 
 from quantbuild.evaluation.stats import median_interval, percentile
+
+# The paired ratios: time to first token, and decode time per token.
+RATIOS = (("ttft", "ttft_s"), ("decode", "decode_s_per_token"))
+CONFIDENCE = 0.95
 
 
 def measure_latency(runtime: Any, config: Any) -> dict[str, dict[str, float]]:
@@ -39,37 +51,128 @@ def summarise_runs(runs: list[tuple[float, float]]) -> dict[str, float]:
     }
 
 
-def paired_latency(model: Any, baseline: Any, config: Any) -> dict[str, Any]:
+def decision_bound(limit: Optional[float], margin: float) -> Optional[float]:
+    """The ratio the gate decides "not slower" against: its limit plus the noise margin
+    (None: the check is off)."""
+    return None if limit is None else limit + margin
+
+
+def verdict(low: float, high: float, bound: float) -> str:
+    """`pass` when the interval lies at or below `bound`, `fail` when it lies wholly above
+    it, `undecided` when it reaches both sides."""
+    if high <= bound:
+        return "pass"
+    return "fail" if low > bound else "undecided"
+
+
+def decided(intervals: Iterable[dict[str, float]], bound: float) -> bool:
+    """Whether ratios decide against `bound` together: one lies wholly above it (the variant
+    is slower there, whatever the others show), or all lie at or below it."""
+    verdicts = [verdict(entry["ci_low"], entry["ci_high"], bound) for entry in intervals]
+    return "fail" in verdicts or all(found == "pass" for found in verdicts)
+
+
+def deciding_ratio(by_length: dict[str, dict[str, Any]], bound: float) -> dict[str, Any]:
+    """The ratio that decides against `bound` (`at`: `decode@64`, with its interval and the
+    rounds it was timed over): of those lying wholly above it, the one lying highest; else
+    the one whose interval reaches highest. Its verdict is the verdict of all of them."""
+    ratios = [{**entry[label], "at": f"{label}@{length}", "runs": entry["runs"]}
+              for length, entry in by_length.items() for label, _ in RATIOS]
+    above = [ratio for ratio in ratios if ratio["ci_low"] > bound]
+    if above:
+        return max(above, key=lambda ratio: (ratio["ci_low"], ratio["ratio"]))
+    return max(ratios, key=lambda ratio: (ratio["ci_high"], ratio["ratio"]))
+
+
+def ratio_intervals(rounds: list[tuple[Any, Any]], confidence: float) -> dict[str, dict[str, float]]:
+    """Per ratio (ttft, decode): the median of the per-round variant/baseline ratios of
+    `rounds` ((variant, baseline) timings) and its distribution-free interval, rounded as
+    recorded (the stopping rule and the gate read the same numbers)."""
+    intervals = {}
+    for label, key in RATIOS:
+        middle, low, high = median_interval([getattr(variant, key) / getattr(reference, key)
+                                             for variant, reference in rounds], confidence)
+        intervals[label] = {"ratio": round(middle, 4), "ci_low": round(low, 4), "ci_high": round(high, 4)}
+    return intervals
+
+
+def confidence_per_look(bound: Optional[float], repeats: int, max_rounds: int) -> float:
+    """The confidence of each interval the stopping rule looks at. Stopping as soon as an
+    interval decides gives noise several chances to decide wrongly, so the 5% error is
+    split over the looks the plan allows (Bonferroni): one look without a bound, else one
+    after the first `repeats` rounds and one after each further batch of `repeats`."""
+    looks = 1 if bound is None else 1 + max(0, math.ceil((max_rounds - repeats) / repeats))
+    return 1 - (1 - CONFIDENCE) / looks
+
+
+def timed_rounds(time_round: Callable[[int], tuple[Any, Any]], bound: Optional[float], repeats: int,
+                 max_rounds: int) -> tuple[list[tuple[Any, Any]], dict[str, dict[str, float]]]:
+    """(rounds, their ratio intervals at `confidence_per_look`) at one prompt length:
+    `repeats` rounds of `time_round(index)` ((variant, baseline) timings), then, while the
+    intervals do not decide against `bound`, `repeats` more, never past `max_rounds`.
+    Without a bound, exactly `repeats`. The stopping rule reads only the intervals."""
+    confidence = confidence_per_look(bound, repeats, max_rounds)
+    rounds: list[tuple[Any, Any]] = []
+    batch = repeats
+    while batch > 0:
+        for _ in range(batch):
+            rounds.append(time_round(len(rounds)))
+        intervals = ratio_intervals(rounds, confidence)
+        settled = bound is None or decided(intervals.values(), bound)
+        batch = 0 if settled else min(repeats, max_rounds - len(rounds))
+    return rounds, intervals
+
+
+def paired_latency(model: Any, baseline: Any, config: Any, bound: Optional[float] = None) -> dict[str, Any]:
     """Variant/baseline ratios of TTFT and of decode time per token, timed interleaved in one
     process (the order alternating each round), per prompt length: the median of the
-    per-round ratios and its distribution-free 95% interval. `model` and `baseline` are any
+    per-round ratios and its distribution-free interval. `model` and `baseline` are any
     runtimes (the `Runtime` protocol's `timed` and `n_vocab`).
+
+    With `bound` (the gate's limit plus its noise margin: `decision_bound`), a prompt length
+    whose ratios do not decide against it is timed for more rounds, up to
+    `eval.latency.max_rounds`; each length records its rounds (`runs`) and whether it
+    stopped `decided`. `worst` is the ratio that decides (`deciding_ratio`).
 
     Each round times the variant and the baseline back to back, so load on the machine hits
     both sides of a ratio alike; across processes and minutes timings differ by up to 3x at
     p99 on this 2-core machine (bench/gguf_variants.py noise).
     """
+    latency = config.latency
     rng = random.Random(1)
     by_length: dict[str, Any] = {}
-    worst = {"ratio": 0.0, "ci_low": 0.0, "ci_high": 0.0}
-    for length in config.latency.prompt_lengths:
+    for length in latency.prompt_lengths:
         tokens = [rng.randrange(3, model.n_vocab) for _ in range(length)]
-        for _ in range(config.latency.warmup):
-            model.timed(tokens, config.latency.new_tokens)
-            baseline.timed(tokens, config.latency.new_tokens)
-        rounds = []
-        for index in range(config.latency.repeats):
+        for _ in range(latency.warmup):
+            model.timed(tokens, latency.new_tokens)
+            baseline.timed(tokens, latency.new_tokens)
+
+        def time_round(index: int) -> tuple[Any, Any]:
             order = [model, baseline] if index % 2 == 0 else [baseline, model]
-            timed = {id(side): side.timed(tokens, config.latency.new_tokens) for side in order}
-            rounds.append((timed[id(model)], timed[id(baseline)]))
-        entry: dict[str, Any] = {"runs": config.latency.repeats}
-        for key, label in (("ttft_s", "ttft"), ("decode_s_per_token", "decode")):
-            ratios = [getattr(variant, key) / getattr(reference, key) for variant, reference in rounds]
-            middle, low, high = median_interval(ratios)
-            entry[label] = {"ratio": round(middle, 4), "ci_low": round(low, 4), "ci_high": round(high, 4)}
-            # The binding ratio is the one whose interval reaches highest.
-            if (low, middle) > (worst["ci_low"], worst["ratio"]):
-                worst = {"ratio": round(middle, 4), "ci_low": round(low, 4), "ci_high": round(high, 4),
-                         "at": f"{label}@{length}"}
+            timed = {id(side): side.timed(tokens, latency.new_tokens) for side in order}
+            return timed[id(model)], timed[id(baseline)]
+
+        rounds, intervals = timed_rounds(time_round, bound, latency.repeats, latency.max_rounds)
+        entry: dict[str, Any] = {"runs": len(rounds), **intervals}
+        if bound is not None:
+            entry["decided"] = decided(intervals.values(), bound)
         by_length[str(length)] = entry
-    return {"by_length": by_length, "worst": worst}
+    return {"by_length": by_length, "worst": deciding_ratio(by_length, math.inf if bound is None else bound),
+            "bound": bound, "confidence": round(confidence_per_look(bound, latency.repeats, latency.max_rounds), 6),
+            **({"max_rounds": latency.max_rounds} if bound is not None else {})}
+
+
+def free_threads(cpus: int, load: float, usable: int) -> int:
+    """Threads for the cores actually free: the machine's cores less the 1-minute load
+    average, rounded down, at least 1 and at most the cores this process may run on.
+    llama.cpp's threads wait for each other at every barrier, so a thread more than there
+    are free cores makes every step wait for a core another job holds (on 2 shared cores,
+    an evaluation of 97 s took 513-1,459 s)."""
+    return max(1, min(usable, math.floor(cpus - load)))
+
+
+def free_cores() -> dict[str, Any]:
+    """This machine now: its cores, those this process may run on, the 1-minute load
+    average, and `free_threads` of them."""
+    cpus, usable, load = os.cpu_count() or 1, len(os.sched_getaffinity(0)), os.getloadavg()[0]
+    return {"cpus": cpus, "usable": usable, "load_1min": round(load, 2), "threads": free_threads(cpus, load, usable)}

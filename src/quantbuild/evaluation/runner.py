@@ -18,13 +18,13 @@ from quantbuild import behaviour, prompts
 from quantbuild.config import EvalConfig
 from quantbuild.errors import DataError
 from quantbuild.evaluation import degenerate, distributions, kld
-from quantbuild.evaluation.latency import measure_latency, paired_latency
+from quantbuild.evaluation.latency import free_cores, measure_latency, paired_latency
 from quantbuild.evaluation.stats import wilson_interval
 from quantbuild.evaluation.suites import MAX_NEW_TOKENS, run_generative, summarise
 from quantbuild.fingerprint import cpu_info
 from quantbuild.gguf_artifacts import BASE_FILE, MODEL_FILE
 from quantbuild.hashing import sha256_file, staged_dir, write_json
-from quantbuild.runtimes import ladder_runtime, torch_device
+from quantbuild.runtimes import ladder_runtime, target_device
 from quantbuild.runtimes.gguf_file import model_digest
 from quantbuild.runtimes.llama_build import repack_allowed
 from quantbuild.runtimes.protocol import LLAMA_CPP, TORCH, LoadSpec, Runtime, open_runtime
@@ -73,7 +73,8 @@ def load_eval_items(config: EvalConfig, data_dir: Path) -> tuple[dict[str, list[
 
 def evaluate(spec: LoadSpec, config: EvalConfig, data_dir: Path, out: Path, reference: Optional[Path],
              baseline: Optional[LoadSpec] = None, deployed: Optional[LoadSpec] = None,
-             reuse: Optional[Path] = None, tool_call_format: Optional[str] = None) -> dict:
+             reuse: Optional[Path] = None, tool_call_format: Optional[str] = None,
+             latency_bound: Optional[float] = None) -> dict:
     """Evaluate the artifact `spec` loads, on its runtime, and write measurements.json,
     quality.json, metrics.json, families.json, latency.json, memory.json, outcomes.json and
     the behavioural probes into `out` (and reference.safetensors for the baseline).
@@ -82,7 +83,13 @@ def evaluate(spec: LoadSpec, config: EvalConfig, data_dir: Path, out: Path, refe
     is measured on `spec`; latency, memory and the probes on `deployed` (the runtime as
     deployed, where it loads the artifact another way, e.g. GPTQModel's kernels after a
     dequantized quality pass), by default `spec` itself. With `baseline`, latency is also
-    timed interleaved against the baseline loaded the same way, in this process.
+    timed interleaved against the baseline loaded the same way, in this process; with
+    `latency_bound` too (the gate's limit plus noise margin, `latency.decision_bound`), a
+    ratio whose interval reaches both sides of it is timed for more rounds, up to
+    `eval.latency.max_rounds`.
+
+    llama.cpp left to choose its threads (`eval.threads` 0) runs every suite on the cores
+    free when the evaluation starts (`latency.free_cores`, recorded as `cores`).
 
     `reuse`: the baseline's evaluation folder, for an artifact loaded exactly as the
     baseline's is. Where its quality.json was measured on a file with this artifact's
@@ -105,6 +112,8 @@ def evaluate(spec: LoadSpec, config: EvalConfig, data_dir: Path, out: Path, refe
     model_sha256 = model_digest(spec.artifact) if recorded else None
     reused = _reused_quality(reuse, model_sha256, digests, config) if reuse is not None else None
     stored = distributions.load_reference(reference) if reference is not None and reused is None else None
+    cores = free_cores()
+    spec, baseline, deployed = (_on_free_cores(one, cores["threads"]) for one in (spec, baseline, deployed))
     with staged_dir(out) as staging:
         runtime = open_runtime(spec)
         try:
@@ -128,19 +137,37 @@ def evaluate(spec: LoadSpec, config: EvalConfig, data_dir: Path, out: Path, refe
                 runtime.reserve(longest)
             latency = measure_latency(runtime, config)
             memory = runtime.memory(config.memory.context_lengths, config.memory.budget_mb)
-            head = {**runtime.describe(), "runtime": quality_runtime}
+            # the deploy target measured: the runtime as deployed, on its device
+            head = {**runtime.describe(), "runtime": quality_runtime,
+                    "target": f"{(deployed or spec).runtime}-{(deployed or spec).device}"}
+            head["cores"] = cores
             if reused is not None:
                 head["quality_reused_from"] = {"evaluation": str(reuse), "model_sha256": model_sha256}
             if baseline is not None:
+                timed_on = deployed or spec
                 with open_runtime(baseline) as reference_runtime:
                     reference_runtime.reserve(longest)
-                    head["latency_vs_baseline"] = paired_latency(runtime, reference_runtime, config)
+                    head["latency_vs_baseline"] = {
+                        **paired_latency(runtime, reference_runtime, config, latency_bound),
+                        # llama.cpp's threads (torch keeps its own), and the load they were chosen by
+                        "threads": timed_on.threads if timed_on.runtime == LLAMA_CPP else None,
+                        "load_1min": cores["load_1min"]}
             metrics = _write(staging, config, head, quality, outcomes, tensors, records, latency, memory)
             # The behavioural fingerprint the bundle will carry: the probes as this runtime answers them.
             behaviour.record(runtime, staging, prompt_format)
         finally:
             runtime.close()
         return metrics
+
+
+def _on_free_cores(spec: Optional[LoadSpec], threads: int) -> Optional[LoadSpec]:
+    """`spec` at `threads` threads where it is a llama.cpp load left to choose them (0).
+    llama.cpp's numbers are the same at any thread count (tests/test_latency.py); its
+    threads wait for each other at every barrier, so one more than the free cores stalls
+    every step on a core another job holds."""
+    if spec is None or spec.runtime != LLAMA_CPP or spec.threads:
+        return spec
+    return replace(spec, threads=threads)
 
 
 def _measure_quality(runtime: Runtime, config: EvalConfig, stored: Optional[dict], lm_texts: list[str],
@@ -277,39 +304,48 @@ def _long_context_cells(items: list[Item], records: list[dict], families: dict) 
         }
 
 
-def gguf_spec(path: Path, kv_type: str, config: EvalConfig, repack: bool) -> LoadSpec:
-    """A GGUF file in llama.cpp as the ladder evaluates it (`eval.batch_size` prompts
-    decoded together)."""
+def gguf_spec(path: Path, kv_type: str, config: EvalConfig, repack: bool, device: str = "cpu") -> LoadSpec:
+    """A GGUF file in llama.cpp on `device` as the ladder evaluates it (`eval.batch_size`
+    prompts decoded together; on a GPU every layer offloaded)."""
     return LoadSpec(LLAMA_CPP, path, kv_type=kv_type, repack=repack, threads=config.threads,
-                    batch_size=config.batch_size)
+                    batch_size=config.batch_size, device=device)
 
 
-def torch_spec(folder: Path, config: EvalConfig, load_runtime: Optional[str] = None) -> LoadSpec:
-    """A checkpoint folder on the torch runtime on `eval.device` (`eval.gpu_kernels` on
-    CUDA), quality measured on `eval.runtime` unless `load_runtime` names another."""
-    return LoadSpec(TORCH, folder, load_runtime=load_runtime or config.runtime, device=torch_device(config.device),
+def torch_spec(folder: Path, config: EvalConfig, load_runtime: Optional[str] = None, device: str = "cpu") -> LoadSpec:
+    """A checkpoint folder on the torch runtime on `device` (`eval.gpu_kernels` on CUDA),
+    quality measured on `eval.runtime` unless `load_runtime` names another."""
+    return LoadSpec(TORCH, folder, load_runtime=load_runtime or config.runtime, device=device,
                     kernels=dict(config.gpu_kernels), batch_size=config.batch_size)
 
 
-def evaluate_on_ladder(config: Any, model_dir: Optional[Path], kv_cache_type: str, out: Path) -> dict:
-    """Evaluate the baseline (`model_dir` None) or a built variant's `model/` folder on the
-    runtime the ladder deploys on (llama.cpp for GGUF ladders, whose baseline is its GGUF),
-    against the baseline's stored reference."""
+def target_dir(config: Any, target: str) -> Path:
+    """Where a deploy target's evaluations live: `<paths.eval>/<target>/`, a folder per
+    variant and `baseline/`."""
+    return Path(config.paths.eval) / target
+
+
+def evaluate_on_ladder(config: Any, model_dir: Optional[Path], kv_cache_type: str, out: Path, target: str) -> dict:
+    """Evaluate the baseline (`model_dir` None) or a built variant's `model/` folder on
+    deploy target `target` (the ladder's runtime on its device: llama.cpp for GGUF ladders,
+    whose baseline is its GGUF), against the baseline's stored reference on that target."""
     paths = config.paths
-    reference = None if model_dir is None else Path(paths.eval) / "baseline" / REFERENCE
+    device = target_device(target)
+    baseline_dir = target_dir(config, target) / "baseline"
+    reference = None if model_dir is None else baseline_dir / REFERENCE
     if ladder_runtime(config) == LLAMA_CPP:
         repack = repack_allowed(cpu_info()["isa"])
-        base = gguf_spec(Path(paths.gguf_base) / BASE_FILE, "f16", config.eval, repack)
-        spec = base if model_dir is None else gguf_spec(model_dir / MODEL_FILE, kv_cache_type, config.eval, repack)
+        base = gguf_spec(Path(paths.gguf_base) / BASE_FILE, "f16", config.eval, repack, device)
+        spec = (base if model_dir is None
+                else gguf_spec(model_dir / MODEL_FILE, kv_cache_type, config.eval, repack, device))
         # a variant loaded as the baseline is (its file's bytes are checked against the
         # baseline's quality.json) has the baseline's quality
         same_load = model_dir is not None and replace(spec, artifact=base.artifact) == base
         return evaluate(spec, config.eval, Path(paths.eval_data), out, reference,
                         baseline=None if model_dir is None else base,
-                        reuse=Path(paths.eval) / "baseline" if same_load else None,
+                        reuse=baseline_dir if same_load else None,
                         tool_call_format=config.model.tool_call_format)
-    spec = torch_spec(model_dir or Path(paths.baseline), config.eval)
-    deployed = torch_spec(spec.artifact, config.eval, config.eval.latency.runtime)
+    spec = torch_spec(model_dir or Path(paths.baseline), config.eval, device=device)
+    deployed = torch_spec(spec.artifact, config.eval, config.eval.latency.runtime, device)
     return evaluate(spec, config.eval, Path(paths.eval_data), out, reference,
                     baseline=None if model_dir is None else replace(deployed, artifact=Path(paths.baseline)),
                     deployed=deployed, tool_call_format=config.model.tool_call_format)

@@ -113,11 +113,14 @@ def _behaviour_link(bundle: Path, manifest: dict[str, Any]) -> dict:
     """The bundle's behavioural probes rerun on this runtime: what the model computes now
     against what it computed where it was validated."""
     from quantbuild.behaviour import BEHAVIOUR
-    from quantbuild.release.verify import VerifyResult, verify_behaviour
+    from quantbuild.release.verify import VerifyResult, machine_target, verify_behaviour
 
-    if not (bundle / BEHAVIOUR).is_file():
-        return _link("behaviour", UNCHECKED, "no behavioural probes in this bundle", {})
-    checked = VerifyResult(bundle=str(bundle))
+    # a bundle validated per deploy target: the probes of the target this machine runs it on
+    target = machine_target(manifest.get("deploy_runtime", "llama.cpp")) if manifest.get("targets") else None
+    if not (bundle / ("targets/" + target if target else "") / BEHAVIOUR).is_file():
+        where = f" for {target}" if target else ""
+        return _link("behaviour", UNCHECKED, f"no behavioural probes{where} in this bundle", {})
+    checked = VerifyResult(bundle=str(bundle), target=target)
     outcome = verify_behaviour(checked, bundle, bundle)
     if checked.problems:
         return _link("behaviour", DIFFERS, "; ".join(checked.problems), {})

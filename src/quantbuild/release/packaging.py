@@ -19,8 +19,10 @@ from quantbuild.tasks import tool_calls
 
 CARD = "README.md"
 MODELFILE = "Modelfile"
-LINEAGE_STAGES = ("fetch", "calibrate", "gguf_base", "sensitivity", "quantize@{v}", "evaluate@{v}", "evaluate_baseline",
-                  "repair", "select")
+LINEAGE_STAGES = ("fetch", "calibrate", "gguf_base", "sensitivity", "quantize@{v}", "evaluate@{v}-{t}",
+                  "evaluate_baseline@{t}", "repair", "select")
+# per deploy target: its probes under targets/<target>/ in the bundle
+TARGETS = "targets"
 
 
 def git_state(repo: Path) -> dict[str, Any]:
@@ -30,14 +32,15 @@ def git_state(repo: Path) -> dict[str, Any]:
     return {"commit": commit or None, "dirty": bool(git(repo, "status", "--porcelain", "--untracked-files=no", check=False))}
 
 
-def dvc_lock_entries(lock_path: Path, variant: str) -> dict[str, Any]:
-    """The dvc.lock entries of the stages that produced the bundle (empty if no lock yet)."""
+def dvc_lock_entries(lock_path: Path, variant: str, targets: list[str]) -> dict[str, Any]:
+    """The dvc.lock entries of the stages that produced the bundle on its `targets` (empty
+    if no lock yet)."""
     import yaml
 
     if not lock_path.is_file():
         return {}
     stages = (yaml.safe_load(lock_path.read_text()) or {}).get("stages", {})
-    wanted = [name.format(v=variant) for name in LINEAGE_STAGES]
+    wanted = dict.fromkeys(name.format(v=variant, t=target) for name in LINEAGE_STAGES for target in targets)
     return {name: stages[name] for name in wanted if name in stages}
 
 
@@ -303,35 +306,47 @@ def chat_stops(chat: Optional[ChatFormat]) -> list[str]:
 
 
 def build_bundle(out: Path, bundle_name: str, model_dir: Path, lineage: dict[str, Any],
-                 signing_key: Path | None = None, extra: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """Copy the model into `out/<bundle_name>/`, write its card and provenance, then the
-    manifest, then (with `signing_key`) the signature over all of them."""
+                 signing_key: Path | None = None, extra: Optional[dict[str, Path]] = None) -> dict[str, Any]:
+    """`out/` replaced by a folder holding the one bundle `<bundle_name>/` (`write_bundle`)."""
+    with staged_dir(out) as staging:
+        return write_bundle(staging / bundle_name, model_dir, lineage, signing_key, extra)
+
+
+def write_bundle(bundle: Path, model_dir: Path, lineage: dict[str, Any], signing_key: Path | None = None,
+                 extra: Optional[dict[str, Path]] = None) -> dict[str, Any]:
+    """Copy the model into the new folder `bundle`, and `extra` (path in the bundle -> file,
+    e.g. each target's probes under `targets/<target>/`), write its card and provenance,
+    then the manifest, then (with `signing_key`) the signature over all of them."""
     from quantbuild.release.signing import sign_bundle, signing_record
 
     signing = signing_record(signing_key) if signing_key is not None else None
-    with staged_dir(out) as staging:
-        bundle = staging / bundle_name
-        bundle.mkdir()
-        for source in [*sorted(model_dir.iterdir()), *extra]:
-            if source.is_file():
-                shutil.copyfile(source, bundle / source.name)
-        manifest: dict[str, Any] = {"schema": SCHEMA, "bundle": bundle_name, **lineage}
-        (bundle / CARD).write_text(model_card(manifest), encoding="utf-8")
-        if lineage["variant"]["method"] == "gguf":
-            chat = chat_format(LoadSpec(LLAMA_CPP, bundle / MODEL_FILE))
-            (bundle / MODELFILE).write_text(modelfile(manifest, chat), encoding="utf-8")
-        subjects = {path.name: sha256_file(path) for path in sorted(bundle.iterdir())}
-        write_json(bundle / PROVENANCE, statement(subjects, lineage))
-        manifest["files"] = {
-            path.name: {"sha256": sha256_file(path), "size": path.stat().st_size}
-            for path in sorted(bundle.iterdir())
-        }
-        if signing is not None:
-            manifest["signing"] = signing
-        write_json(bundle / MANIFEST, manifest)
-        if signing_key is not None:
-            sign_bundle(bundle, signing_key)
+    bundle.mkdir()
+    for source in sorted(model_dir.iterdir()):
+        if source.is_file():
+            shutil.copyfile(source, bundle / source.name)
+    for name, source in sorted((extra or {}).items()):
+        (bundle / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, bundle / name)
+    manifest: dict[str, Any] = {"schema": SCHEMA, "bundle": bundle.name, **lineage}
+    (bundle / CARD).write_text(model_card(manifest), encoding="utf-8")
+    if lineage["variant"]["method"] == "gguf":
+        chat = chat_format(LoadSpec(LLAMA_CPP, bundle / MODEL_FILE))
+        (bundle / MODELFILE).write_text(modelfile(manifest, chat), encoding="utf-8")
+    subjects = {name: sha256_file(path) for name, path in _files(bundle)}
+    write_json(bundle / PROVENANCE, statement(subjects, lineage))
+    manifest["files"] = {name: {"sha256": sha256_file(path), "size": path.stat().st_size}
+                         for name, path in _files(bundle)}
+    if signing is not None:
+        manifest["signing"] = signing
+    write_json(bundle / MANIFEST, manifest)
+    if signing_key is not None:
+        sign_bundle(bundle, signing_key)
     return manifest
+
+
+def _files(bundle: Path) -> list[tuple[str, Path]]:
+    """Every file in the bundle by its path there (`targets/llama.cpp-cpu/behaviour.json`)."""
+    return sorted((path.relative_to(bundle).as_posix(), path) for path in bundle.rglob("*") if path.is_file())
 
 
 def require_recorded_bytes(model_dir: Path, record: dict[str, Any]) -> None:

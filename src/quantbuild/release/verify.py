@@ -11,12 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from quantbuild.errors import IntegrityError, RuntimeUnavailable
-from quantbuild.fingerprint import drift, fingerprints
+from quantbuild.fingerprint import drift, fingerprints, target_fingerprint
 from quantbuild.hashing import sha256_file
 from quantbuild.release.manifest import MANIFEST, read_manifest, safe_relative
 from quantbuild.release.signing import SIGNATURE, check_signature
 from quantbuild.gguf_artifacts import MODEL_FILE
-from quantbuild.runtimes import torch_device
+from quantbuild.runtimes import target_device
 from quantbuild.runtimes.llama_build import repack_allowed
 from quantbuild.runtimes.protocol import LLAMA_CPP, TORCH, LoadSpec, open_runtime
 
@@ -27,6 +27,8 @@ class VerifyResult:
     problems: list[str] = field(default_factory=list)
     drifted: list[tuple[str, object, object]] = field(default_factory=list)
     behaviour: dict | None = None
+    # the deploy target checked (a bundle validated per target), e.g. llama.cpp-cuda
+    target: str | None = None
 
     @property
     def exit_code(self) -> int:
@@ -38,14 +40,31 @@ class VerifyResult:
             "status": ("integrity_failure", "ok", "drift")[[1, 0, 2].index(self.exit_code)],
             "exit_code": self.exit_code,
             "problems": self.problems,
+            **({"target": self.target} if self.target is not None else {}),
             "drift": [{"key": key, "recorded": old, "current": new} for key, old, new in self.drifted],
             **({"behaviour": self.behaviour} if self.behaviour is not None else {}),
         }
 
 
-def verify(bundle: Path, current_runtime: dict | None = None, public_key: Path | None = None) -> VerifyResult:
+def machine_target(runtime: str) -> str:
+    """The deploy target this machine runs a bundle of `runtime` on: its GPU where the
+    runtime can use one here (llama.cpp built with CUDA, torch seeing a CUDA GPU), else its
+    CPU."""
+    if runtime == LLAMA_CPP:
+        from quantbuild.runtimes.llama_cpp import devices
+
+        return f"{runtime}-{'cuda' if 'cuda' in devices() else 'cpu'}"
+    import torch
+
+    return f"{TORCH}-{'cuda' if torch.cuda.is_available() else 'cpu'}"
+
+
+def verify(bundle: Path, current_runtime: dict | None = None, public_key: Path | None = None,
+           target: str | None = None) -> VerifyResult:
     """Re-hash every file against the manifest, check the signature where the bundle is
-    signed, and compare runtime fingerprints."""
+    signed, and compare runtime fingerprints: of the runtime, and of the deploy target
+    checked (`target`, by default the one this machine runs the bundle on), which must be
+    one the bundle was validated for."""
     result = VerifyResult(bundle=str(bundle))
     try:
         manifest = read_manifest(bundle)
@@ -80,6 +99,18 @@ def verify(bundle: Path, current_runtime: dict | None = None, public_key: Path |
     current = (current_runtime if current_runtime is not None
                else fingerprints(recorded.get("torch_runtime"))[scope])
     result.drifted = drift(recorded, current)
+    validated = manifest.get("targets")
+    if validated:
+        result.target = target or machine_target(manifest.get("deploy_runtime", LLAMA_CPP))
+        if result.target not in validated:
+            result.drifted.append((f"target {result.target}", f"validated for {', '.join(sorted(validated))}",
+                                   "never measured on it: revalidate with eval.targets including it, or verify "
+                                   "with --target"))
+        else:
+            result.drifted += [(f"{result.target}: {key}", old, new) for key, old, new in
+                               drift(validated[result.target]["fingerprint"]["device"],
+                                     target_fingerprint(target_device(result.target)) if
+                                     validated[result.target]["fingerprint"]["device"] else {})]
     return result
 
 
@@ -116,22 +147,32 @@ def verify_gguf(path: Path, manifest_path: Path | None = None, current_llama_cpp
 def verify_behaviour(result: VerifyResult, model: Path, probes: Path, threads: int | None = None) -> dict:
     """Rerun the behavioural probes stored in `probes/` on `model` (a GGUF file, or a model
     folder for the torch runtimes) on this runtime, after an integrity check that passed;
-    each measure outside its tolerance is numerical drift (exit 2)."""
+    each measure outside its tolerance is numerical drift (exit 2). A bundle validated per
+    target keeps each target's probes under `targets/<target>/`: those of the target
+    `result` checked are rerun, on that target's device."""
     from quantbuild import behaviour
     from quantbuild.errors import DataError
 
+    if result.target is not None:
+        probes = probes / "targets" / result.target
+        if not probes.is_dir():
+            return {}
     try:
         info, _ = behaviour.load(probes)
         if info["runtime"] == LLAMA_CPP:
             from quantbuild.fingerprint import cpu_info
 
             path = model if model.suffix == ".gguf" else model / MODEL_FILE
-            spec = LoadSpec(LLAMA_CPP, path, kv_type=info["kv_cache_type"], repack=repack_allowed(cpu_info()["isa"]))
+            device = target_device(result.target) if result.target else "cpu"
+            spec = LoadSpec(LLAMA_CPP, path, kv_type=info["kv_cache_type"], repack=repack_allowed(cpu_info()["isa"]),
+                            device=device)
         else:
             # on the device and kernels the probes were recorded with: a GPU bundle on a
             # machine without one, or a kernel that no longer loads, is drift, not a crash
+            import torch
+
             recorded = str(info.get("device", "cpu"))
-            if recorded.startswith("cuda") and torch_device("auto") != "cuda":
+            if recorded.startswith("cuda") and not torch.cuda.is_available():
                 result.drifted.append(("runtime: the probes' device", recorded, "cpu (torch sees no CUDA GPU here)"))
                 return {}
             spec = LoadSpec(TORCH, model, load_runtime=info.get("load_runtime", "kernel"),

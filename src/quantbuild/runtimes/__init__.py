@@ -1,13 +1,19 @@
 """Deploy targets and the runtimes that measure them.
 
-Each variant names the target it ships for (`target`; by default its method's): llama.cpp
-for GGUF, GPTQModel's loader and kernels for GPTQ/AWQ/RTN/mixed checkpoints, bitsandbytes
-(through transformers) for bnb, or vLLM for the GPTQ/AWQ formats its kernels take. A target
-is measured on its runtime (`TARGET_RUNTIME`): llama.cpp, or the torch stack. A ladder
-deploys on one runtime, and its baseline is measured on that runtime in the same pipeline
-run (for llama.cpp: the baseline's own F16 GGUF), so a variant is never judged against
-numbers from another runtime. A format the target cannot load is refused at config time;
-a target this machine cannot run, before any work.
+Each variant names the runtime family it ships for (`target`; by default its method's):
+llama.cpp for GGUF, GPTQModel's loader and kernels for GPTQ/AWQ/RTN/mixed checkpoints,
+bitsandbytes (through transformers) for bnb, or vLLM for the GPTQ/AWQ formats its kernels
+take. It is measured on that family's runtime (`TARGET_RUNTIME`): llama.cpp, or the torch
+stack. A ladder deploys on one runtime, and its baseline is measured on that runtime in the
+same pipeline run (for llama.cpp: the baseline's own F16 GGUF), so a variant is never judged
+against numbers from another runtime.
+
+A run validates its ladder for one or more *deploy targets* (`eval.targets`): that runtime
+on a kind of device, `llama.cpp-cpu`, `llama.cpp-cuda`, `torch-cpu` or `torch-cuda`
+(`RUN_TARGETS`). Every variant and the baseline are measured on each of them, and the gate
+decides per target: the same file can be a win on one and a loss on another. A format the
+runtime cannot load is refused at config time; a target this machine cannot run, before any
+work.
 """
 
 from __future__ import annotations
@@ -24,6 +30,9 @@ TARGET_RUNTIME = {LLAMA_CPP: LLAMA_CPP, "gptqmodel": TORCH, "bitsandbytes": TORC
 METHOD_TARGETS = {"gguf": (LLAMA_CPP,), "gptq": ("gptqmodel", VLLM), "awq": ("gptqmodel", VLLM),
                   "rtn": ("gptqmodel",), "mixed": ("gptqmodel",), "bnb": ("bitsandbytes",),
                   "dense": ("transformers",)}
+# deploy target -> (runtime, device)
+RUN_TARGETS = {"llama.cpp-cpu": (LLAMA_CPP, "cpu"), "llama.cpp-cuda": (LLAMA_CPP, "cuda"),
+               "torch-cpu": (TORCH, "cpu"), "torch-cuda": (TORCH, "cuda")}
 # vLLM's GPTQ/AWQ kernels (Marlin, GPTQ, AWQ) take these bit widths only.
 VLLM_BITS = (4, 8)
 
@@ -38,6 +47,33 @@ def ladder_runtime(config: Any) -> str:
     """The one runtime every variant of the ladder deploys on (`validation` checks there is one)."""
     first = next(iter(config.quant.variants.values()))
     return TARGET_RUNTIME[target_of(first.method, first.target)]
+
+
+def target_device(target: str) -> str:
+    """The device a deploy target (`llama.cpp-cuda`) runs on (`cuda`)."""
+    return RUN_TARGETS[target][1]
+
+
+def run_targets(config: Any) -> list[str]:
+    """The deploy targets the run validates for, in the order of `eval.targets` (the first
+    is the primary: its decision is `decision.json`'s `chosen`)."""
+    return list(config.eval.targets)
+
+
+def require_run_target(target: str) -> None:
+    """Fail in one line, before any work, when this machine cannot run deploy target `target`."""
+    runtime, device = RUN_TARGETS[target]
+    if runtime == LLAMA_CPP:
+        from quantbuild.runtimes.llama_cpp import require_available, require_device
+
+        require_available()
+        require_device(device)
+    elif device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RuntimeUnavailable(f"target {target}: not available here (torch sees no CUDA GPU; validate for "
+                                     f"torch-cpu, or run on a machine with one)")
 
 
 def check_target(key: str, variant: Any) -> None:
@@ -80,25 +116,13 @@ def require_target(target: str) -> None:
         raise RuntimeUnavailable(f"target {target!r}: unknown (known: {', '.join(TARGET_RUNTIME)})")
 
 
-def torch_device(setting: str) -> str:
-    """The device the torch runtime measures on for `eval.device` (auto | cpu | cuda): auto
-    is a CUDA GPU where torch sees one. `cuda` on a machine without one fails in one line."""
-    import torch
-
-    available = torch.cuda.is_available()
-    if setting == "cuda" and not available:
-        raise RuntimeUnavailable("eval.device=cuda: not available here (torch sees no CUDA GPU; "
-                                 "use eval.device=auto or cpu)")
-    return "cuda" if setting == "cuda" or (setting == "auto" and available) else "cpu"
-
-
-def torch_runtime(eval_config: Any) -> dict[str, Any]:
-    """How the torch runtime loads and runs artifacts: device, dtype, and each format's kernel.
+def torch_runtime(eval_config: Any, device: str) -> dict[str, Any]:
+    """How the torch runtime loads and runs artifacts on `device`: dtype and each format's
+    kernel.
 
     It belongs to the runtime fingerprint: the same weights measured through another kernel
     or dtype give other numbers, so a change here re-runs evaluation like a library upgrade.
     """
-    device = torch_device(eval_config.device)
     if device == "cuda":
         kernels = {"gptqmodel": dict(sorted(eval_config.gpu_kernels.items())), "bitsandbytes": "cuda",
                    "dense": "torch float16 (kernel), float32 (dequantized)"}

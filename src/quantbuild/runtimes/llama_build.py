@@ -5,10 +5,15 @@ once into `<venv>/llama.cpp/`: the shared libraries the bindings load (runtimes.
 the llama-quantize / llama-imatrix / llama-perplexity tools, and the converter's source
 (runtimes.gguf_file). This module knows that layout; the bindings and the file format
 both sit on it, so neither imports the other for it.
+
+The build has the CUDA backend where `make install` found nvcc and an NVIDIA GPU (or was
+told `LLAMA_BACKEND=cuda`): `libggml-cuda.so` then sits beside the other libraries, and
+`quantbuild-build.json` beside them records what it was compiled with.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -21,6 +26,8 @@ PACKAGE = "llama-cpp-python"
 TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity")
 # ISA flags of the CPUs whose CPU repack path crashed here (runtimes.llama_cpp says how).
 REPACK_UNSAFE_ISA = ("amx_int8", "amx_bf16", "amx_tile", "avx512f")
+# What `make install` writes beside the binaries: {"backend", "cuda_version", "cuda_architectures"}.
+BUILD_INFO = "quantbuild-build.json"
 
 
 def version() -> str:
@@ -53,10 +60,36 @@ def source_dir() -> Path:
 
 
 def tool(name: str) -> Path:
-    path = home() / "build" / "bin" / name
+    path = bin_dir() / name
     if not path.is_file():
         raise RuntimeUnavailable(f"llama.cpp: {name} is not built at {path} (run `make install`)")
     return path
+
+
+def bin_dir() -> Path:
+    """Where the build's libraries and tools are: `<venv>/llama.cpp/build/bin`."""
+    return home() / "build" / "bin"
+
+
+def build_backend() -> str:
+    """The backend llama.cpp was compiled with: "cuda" where its CUDA library sits beside the
+    others, else "cpu" (the libraries decide, not a record of them)."""
+    return "cuda" if (bin_dir() / "libggml-cuda.so").is_file() else "cpu"
+
+
+def build_info() -> dict[str, str]:
+    """{"backend"}, and for a CUDA build the CUDA version and GPU architectures it was
+    compiled for, as `make install` recorded them ("unknown" for a build made before it
+    did)."""
+    backend = build_backend()
+    if backend != "cuda":
+        return {"backend": backend}
+    try:
+        recorded = json.loads((bin_dir() / BUILD_INFO).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        recorded = {}
+    return {"backend": backend, "cuda_version": str(recorded.get("cuda_version", "unknown")),
+            "cuda_architectures": str(recorded.get("cuda_architectures", "unknown"))}
 
 
 def vendored_commit() -> str:

@@ -10,6 +10,13 @@ types) crashed here (SIGSEGV/SIGILL) for Q4_0, Q4_K, Q5_K, Q6_K, Q8_0 and IQ4_XS
 loading. quantbuild therefore loads without repacking on those CPUs (`use_extra_bufts =
 False`, `--no-repack` for the tools) and keeps llama.cpp's default elsewhere; the choice is
 part of the llama.cpp fingerprint, so a change of it is drift.
+
+Devices: a model runs on the CPU or, where the build has the CUDA backend and a GPU is
+visible, on one CUDA GPU with every layer offloaded and flash attention on (the deploy
+target `llama.cpp-cuda`, as `llama-server -ngl 99 -fa on` runs it). A CPU run uses no GPU at
+all, even on a CUDA build: left to its defaults, llama.cpp would still send large-batch
+matrix products of CPU-resident weights to the GPU (`op_offload`), so the CPU numbers
+would depend on the GPU beside it.
 """
 
 from __future__ import annotations
@@ -19,18 +26,20 @@ import os
 import re
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from quantbuild.errors import ConfigError, IntegrityError, QuantbuildError, RuntimeUnavailable
 from quantbuild.runtimes.gguf_file import layout, vocabulary_token
-from quantbuild.runtimes.llama_build import (TOOLS, repack_allowed, sdist_dir, tool, vendored_commit,
-                                             version)
+from quantbuild.runtimes.llama_build import (TOOLS, build_backend, build_info, repack_allowed, sdist_dir, tool,
+                                             vendored_commit, version)
 from quantbuild.runtimes.protocol import LLAMA_CPP, ChatFormat, Completion, LoadSpec, Timing, sequence_positions
 
 # llama.cpp's KV-cache types a variant may ship with; quantized V needs flash attention.
 KV_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}
+DEVICES = ("cpu", "cuda")
 
 
 def fingerprint(isa: list[str]) -> dict[str, Any]:
@@ -47,7 +56,7 @@ def fingerprint(isa: list[str]) -> dict[str, Any]:
     except QuantbuildError:
         features = "unavailable"
     return {"installed": True, "llama_cpp_python": llama_version, "built_from": built_from, "llama_cpp_commit": commit,
-            "gguf_py": _gguf_py_version(), "backend": features, "repack": repack_allowed(isa),
+            "gguf_py": _gguf_py_version(), "backend": features, "build": build_info(), "repack": repack_allowed(isa),
             "repack_reason": "llama.cpp default" if repack_allowed(isa)
             else "off: the CPU repack path crashed on AMX/AVX-512 CPUs"}
 
@@ -96,19 +105,85 @@ def system_info() -> str:
     return _bindings().llama_print_system_info().decode()
 
 
+def devices() -> list[str]:
+    """The devices this machine's llama.cpp runs a model on: the CPU, and "cuda" where the
+    build has the CUDA backend and it sees a GPU."""
+    return ["cpu"] if _cuda_unavailable() else ["cpu", "cuda"]
+
+
+def require_device(device: str) -> None:
+    """Raise ConfigError for a device llama.cpp does not know, and RuntimeUnavailable, in one
+    line saying why, when this machine cannot run `device`."""
+    if device not in DEVICES:
+        raise ConfigError(f"llama.cpp: device {device!r} is not allowed (allowed: {' | '.join(DEVICES)})")
+    reason = _cuda_unavailable() if device == "cuda" else None
+    if reason:
+        raise RuntimeUnavailable(f"target {LLAMA_CPP}-{device}: not available here ({reason})")
+
+
+def _cuda_unavailable() -> Optional[str]:
+    """Why llama.cpp cannot run on a CUDA GPU here, or None when it can."""
+    if build_backend() != "cuda":
+        return ("llama.cpp was built for the CPU only; `make install` builds the CUDA backend where nvcc and an "
+                "NVIDIA GPU are present")
+    # true once a GPU device is registered: the CUDA backend found one
+    if not _bindings().llama_supports_gpu_offload():
+        return "no NVIDIA GPU is visible"
+    return None
+
+
 BUFFER_LINE = re.compile(r"(\S+)\s+(model|KV|compute|output|RS)\s+buffer size\s*=\s*([\d.]+)\s*MiB")
+BUFFER_KINDS = {"model": "weights", "KV": "kv_cache", "compute": "compute", "output": "output", "RS": "recurrent"}
+# A GPU's own memory: llama.cpp names a buffer after its device (CUDA0, CUDA1); the others
+# are host memory (CPU, CPU_Mapped, CPU_REPACK, and CUDA_Host: pinned, for transfers).
+GPU_BUFFER = re.compile(r"CUDA\d+")
 
 
-def _buffers(lines: list[str]) -> dict[str, float]:
-    """MiB per buffer kind (weights, kv_cache, compute, output) as llama.cpp logged them."""
-    kinds = {"model": "weights", "KV": "kv_cache", "compute": "compute", "output": "output", "RS": "recurrent"}
-    sizes: dict[str, float] = {}
+@dataclass(frozen=True)
+class Buffers:
+    """The memory llama.cpp allocated for one model and context, in MiB per kind (weights,
+    kv_cache, compute, output): on the device it runs on, in host memory beside it (none on
+    the CPU, where every buffer is the device's), and per buffer type."""
+
+    device: dict[str, float]
+    host: dict[str, float]
+    types: dict[str, dict[str, float]]
+
+
+def logged_buffers(lines: list[str], device: str) -> Buffers:
+    """The buffers llama.cpp logged while loading on `device`. On a GPU its own buffers are
+    the ones named after it (CUDA0); the rest (the input embeddings llama.cpp keeps on the
+    CPU, pinned staging in CUDA_Host) is host memory."""
+    found = []
     for line in "".join(lines).splitlines():
         match = BUFFER_LINE.search(line)
         if match:
-            kind = kinds[match.group(2)]
-            sizes[kind] = round(sizes.get(kind, 0.0) + float(match.group(3)), 3)
+            found.append((match.group(1), BUFFER_KINDS[match.group(2)], float(match.group(3))))
+    mine = [device == "cpu" or GPU_BUFFER.fullmatch(name) is not None for name, _, _ in found]
+    return Buffers(_by_kind([entry for entry, own in zip(found, mine) if own]),
+                   _by_kind([entry for entry, own in zip(found, mine) if not own]),
+                   {name: _by_kind([entry for entry in found if entry[0] == name])
+                    for name in sorted({name for name, _, _ in found})})
+
+
+def _by_kind(buffers: list[tuple[str, str, float]]) -> dict[str, float]:
+    """MiB per kind, summed in the log's order."""
+    sizes: dict[str, float] = {}
+    for _, kind, size in buffers:
+        sizes[kind] = round(sizes.get(kind, 0.0) + size, 3)
     return sizes
+
+
+FLASH_ATTENTION_LINE = re.compile(r"Flash Attention (enabled|not supported)")
+
+
+def _flash_attention(lines: list[str]) -> str:
+    """How llama.cpp resolved flash attention "auto" for a context, from its log:
+    "enabled", "disabled", or "auto" where it logged no choice."""
+    found = FLASH_ATTENTION_LINE.findall("".join(lines))
+    if not found:
+        return "auto"
+    return "enabled" if found[-1] == "enabled" else "disabled"
 
 
 class LlamaCppModel:
@@ -123,17 +198,26 @@ class LlamaCppModel:
     name = LLAMA_CPP
 
     def __init__(self, path: Path, n_ctx: int = 2048, kv_type: str = "f16", threads: int = 2,
-                 repack: bool = False, parallel: int = 1) -> None:
+                 repack: bool = False, parallel: int = 1, device: str = "cpu") -> None:
         lib = self._lib = _bindings()
         if kv_type not in KV_TYPES:
             raise ConfigError(f"llama.cpp: kv cache type {kv_type!r} is not allowed (allowed: {' | '.join(KV_TYPES)})")
-        self.path, self.kv_type, self.threads, self.repack = path, kv_type, threads, repack
+        require_device(device)
+        self.path, self.kv_type, self.threads, self.repack, self.device = path, kv_type, threads, repack, device
         # greedy completions decoded together: one KV sequence per prompt, one batch per step
         self.parallel = max(1, parallel)
         layout(path)  # a malformed header or a tensor past the end is one line here, not a crash in C
         start = len(_LOG)
         params = lib.llama_model_default_params()
         params.use_extra_bufts = repack
+        no_gpu = (ctypes.c_void_p * 1)()  # alive until the model is loaded
+        if device == "cuda":
+            # every layer and the output layer (a negative count: all) on one GPU, the first
+            params.n_gpu_layers, params.split_mode, params.main_gpu = -1, lib.LLAMA_SPLIT_MODE_NONE, 0
+        else:
+            # a device list holding only its NULL end (`llama-cli --device none`): the model
+            # has no GPU, so no context of it schedules work on one (op_offload included)
+            params.n_gpu_layers, params.devices = 0, ctypes.addressof(no_gpu)
         self.model = lib.llama_model_load_from_file(str(path).encode(), params)
         if not self.model:
             detail = next((line.strip() for line in reversed(_LOG[start:]) if line.strip()), "no detail")
@@ -146,7 +230,7 @@ class LlamaCppModel:
         except QuantbuildError:
             lib.llama_model_free(self.model)
             raise
-        self.buffers = _buffers(_LOG[start:])
+        self.buffers = logged_buffers(_LOG[start:], device)
 
     def _open_context(self, n_ctx: int, sequences: int = 1) -> None:
         """A context of `sequences` KV sequences of `n_ctx` tokens each, every sequence in
@@ -160,12 +244,17 @@ class LlamaCppModel:
         context.kv_unified = False
         context.n_threads = context.n_threads_batch = self.threads
         context.type_k = context.type_v = KV_TYPES[self.kv_type]
-        if self.kv_type != "f16":
+        # on the CPU, llama.cpp's own choice ("auto") unless the KV cache is quantized, which
+        # needs flash attention; on a GPU always on, as llama.cpp's CUDA users run it
+        if self.kv_type != "f16" or self.device == "cuda":
             context.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_ENABLED
         context.no_perf = True
+        start = len(_LOG)
         self.ctx = lib.llama_init_from_model(self.model, context)
         if not self.ctx:
             raise QuantbuildError(f"{self.path}: llama.cpp could not create a context of {sequences} x {n_ctx} tokens")
+        explicit = context.flash_attn_type == lib.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        self.flash_attention = "enabled" if explicit else _flash_attention(_LOG[start:])
         self.n_ctx, self.sequences = n_ctx, sequences
         self.batch = lib.llama_batch_init(max(n_ctx, sequences), 0, 1)
 
@@ -187,11 +276,13 @@ class LlamaCppModel:
 
     def describe(self) -> dict[str, Any]:
         return {"runtime": LLAMA_CPP, "deploy_runtime": LLAMA_CPP,
-                "llama_cpp": {"kv_cache_type": self.kv_type, "threads": self.threads, "repack": self.repack,
-                              "parallel_sequences": self.parallel}}
+                "llama_cpp": {"device": self.device, "backend": build_backend(), "kv_cache_type": self.kv_type,
+                              "flash_attention": self.flash_attention, "threads": self.threads,
+                              "repack": self.repack, "parallel_sequences": self.parallel}}
 
     def probe_settings(self) -> dict[str, Any]:
-        return {"kv_cache_type": self.kv_type, "repack": self.repack}
+        return {"kv_cache_type": self.kv_type, "repack": self.repack, "device": self.device,
+                "flash_attention": self.flash_attention}
 
     def tokenize(self, text: str, special: bool = False, add_special: bool = True) -> list[int]:
         """llama.cpp's tokenizer: BOS where the vocabulary adds one (`add_special`), special
@@ -357,22 +448,27 @@ class LlamaCppModel:
         return Timing(first, (time.perf_counter() - decode_started) / max(1, new_tokens - 1))
 
     def memory(self, context_lengths: list[int], budget_mb: float) -> dict[str, Any]:
-        """Model memory by context length as llama.cpp allocates it (the file loaded afresh
-        with a context of each length), KV bytes per token, and the memory cliff: the
-        context where weights + KV + compute buffers cross the budget."""
+        """Model memory on the device by context length as llama.cpp allocates it (the file
+        loaded afresh with a context of each length), KV bytes per token, and the memory
+        cliff: the context where weights + KV + compute buffers cross the budget. On a GPU
+        these are its own buffers (CUDA0), and `host_mb` the host memory beside them."""
         by_context, per_token, fixed = {}, 0.0, 0.0
         for length in sorted(context_lengths):
-            buffers = memory_at(self.path, length, self.kv_type, self.threads, self.repack)
+            with LlamaCppModel(self.path, length, self.kv_type, self.threads, self.repack, device=self.device) as model:
+                allocated = model.buffers
+            buffers = allocated.device
             total = sum(buffers.values())
-            by_context[str(length)] = {"peak_mb": round(total, 3), "kv_cache_mb": buffers.get("kv_cache", 0.0),
-                                       "weights_mb": buffers.get("weights", 0.0),
-                                       "compute_mb": buffers.get("compute", 0.0),
-                                       "output_mb": buffers.get("output", 0.0)}
+            entry = {"peak_mb": round(total, 3), "kv_cache_mb": buffers.get("kv_cache", 0.0),
+                     "weights_mb": buffers.get("weights", 0.0), "compute_mb": buffers.get("compute", 0.0),
+                     "output_mb": buffers.get("output", 0.0)}
+            if self.device != "cpu":
+                entry.update(host_mb=round(sum(allocated.host.values()), 3), buffers_mb=allocated.types)
+            by_context[str(length)] = entry
             per_token = buffers.get("kv_cache", 0.0) * 2**20 / length
             fixed = total - buffers.get("kv_cache", 0.0)
         cliff = int((budget_mb - fixed) * 2**20 // per_token) if per_token else None
         return {
-            "device": "cpu",
+            "device": self.device,
             "runtime": LLAMA_CPP,
             "kv_cache_type": self.kv_type,
             "artifact_mb": round(self.path.stat().st_size / 2**20, 3),
@@ -387,7 +483,8 @@ class LlamaCppModel:
         """The file in a fresh context for sequences of `tokens` tokens (at least 256, in
         blocks of 256) at `threads` threads: the probes' own context, the same whatever
         context the evaluation needed."""
-        with LlamaCppModel(self.path, _context_size(tokens), self.kv_type, threads, self.repack) as model:
+        with LlamaCppModel(self.path, _context_size(tokens), self.kv_type, threads, self.repack,
+                           device=self.device) as model:
             yield model
 
 
@@ -408,13 +505,16 @@ def chat_format(path: Path) -> ChatFormat:
 
 
 def open(spec: LoadSpec) -> LlamaCppModel:
-    """The GGUF file `spec.artifact` in llama.cpp (`spec.threads` 0: one per core)."""
+    """The GGUF file `spec.artifact` in llama.cpp on `spec.device` (`spec.threads` 0: one
+    per core)."""
     return LlamaCppModel(spec.artifact, n_ctx=spec.n_ctx, kv_type=spec.kv_type,
                          threads=spec.threads or os.cpu_count() or 1, repack=spec.repack,
-                         parallel=spec.batch_size)
+                         parallel=spec.batch_size, device=spec.device)
 
 
-def memory_at(path: Path, n_ctx: int, kv_type: str, threads: int, repack: bool) -> dict[str, float]:
-    """The buffers llama.cpp allocates for `path` with a context of `n_ctx` tokens (MiB)."""
-    with LlamaCppModel(path, n_ctx, kv_type, threads, repack) as model:
-        return dict(model.buffers)
+def memory_at(path: Path, n_ctx: int, kv_type: str, threads: int, repack: bool,
+              device: str = "cpu") -> dict[str, float]:
+    """The buffers llama.cpp allocates on `device` for `path` with a context of `n_ctx`
+    tokens (MiB per kind)."""
+    with LlamaCppModel(path, n_ctx, kv_type, threads, repack, device=device) as model:
+        return dict(model.buffers.device)
