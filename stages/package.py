@@ -110,7 +110,7 @@ def main(config: Config) -> None:
     for name, (lineage, targets) in written.items():
         result = verify(Path(paths.package) / name, lineage["fingerprints"]["runtime"],
                         public_key if signing_key else None, target=targets[0])
-        if result.exit_code:
+        if result.problems:
             raise IntegrityError(f"the bundle just written does not verify: {result.problems}")
         signed = f", signed ({signing_key})" if signing_key else ""
         say(f"packaged {Path(paths.package) / name} for {', '.join(targets)}{signed}")

@@ -240,10 +240,11 @@ def test_dvc_hydra_composition_finds_the_schema_through_the_plugin(tmp_path):
         f"compose_and_dump(sys.argv[1], {str(REPO / 'conf')!r}, None, 'config', {str(REPO)!r}, sys.argv[2:])"
     )
     out = tmp_path / "params.yaml"
-    subprocess.run([sys.executable, "-c", code, str(out), "quant=[rtn_4bit_g64,gptq_3bit_g64]"], check=True,
-                   cwd=tmp_path)
+    subprocess.run([sys.executable, "-c", code, str(out), "quant=[rtn_4bit_g64,gptq_3bit_g64]",
+                    "eval.targets=[torch-cpu]"], check=True, cwd=tmp_path)
     composed = yaml.safe_load(out.read_text())
     assert list(composed["quant"]["variants"]) == ["rtn_4bit_g64", "gptq_3bit_g64"]
+    assert composed["eval"]["targets"] == ["torch-cpu"]
     assert composed["paths"]["baseline"] == "artifacts/baseline"  # defaults come from the dataclass schema
     validate_raw(composed)
 

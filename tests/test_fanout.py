@@ -22,7 +22,8 @@ def clone(source: Path, target: Path) -> Path:
 
 
 # What no two runs share, on one machine or many: timings (latency suites, the latency check,
-# wall time in the records the lock hashes), and the digests of the files that hold them.
+# wall time in the records the lock hashes), the cores free when each evaluation started and
+# the llama.cpp threads chosen by them, and the digests of the files that hold them.
 TIMED = {"manifest.json", "provenance.intoto.json"}
 
 
@@ -30,7 +31,8 @@ def without_timings(root: Path) -> dict:
     manifest = json.loads((root / BUNDLE / "manifest.json").read_text())
     manifest.pop("dvc_lock")
     for side in manifest["evaluation"].values():
-        side.pop("latency"), side.pop("latency_vs_baseline", None)
+        side.pop("latency"), side.pop("latency_vs_baseline", None), side.pop("cores")
+        side["llama_cpp"].pop("threads")
     manifest["gate"]["checks"] = [check for check in manifest["gate"]["checks"] if check["budget"] != "latency_ratio"]
     manifest["files"] = {name: entry for name, entry in manifest["files"].items() if name not in TIMED}
     return manifest

@@ -44,12 +44,14 @@ def _build_base(out: Path) -> dict:
 
 
 
-def evaluate_gguf(path: Path, kv_type: str, config, data: Path, out: Path, reference, baseline=None) -> dict:
+def evaluate_gguf(path: Path, kv_type: str, config, data: Path, out: Path, reference, baseline=None,
+                  latency_bound=None) -> dict:
     """The evaluate stage's evaluation of one GGUF file (no weight repacking, as on this CPU)."""
     from quantbuild.evaluation.runner import evaluate, gguf_spec
 
     return evaluate(gguf_spec(path, kv_type, config, False), config, data, out, reference,
-                    baseline=None if baseline is None else gguf_spec(baseline, "f16", config, False))
+                    baseline=None if baseline is None else gguf_spec(baseline, "f16", config, False),
+                    latency_bound=latency_bound)
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
@@ -441,8 +443,9 @@ def test_lineage_of_a_lone_gguf_reads_its_metadata_and_checks_its_tensors(built,
     assert broken(gguf_lineage(tampered))
 
 
-def _evaluate_ladder(built: dict, base: Path, config, out: Path) -> tuple[dict, dict, dict]:
-    """(baseline, variants, records) as the select stage reads them, for q8_0 and q4_k_m_imat."""
+def _evaluate_ladder(built: dict, base: Path, config, out: Path, latency_bound=None) -> tuple[dict, dict, dict]:
+    """(baseline, variants, records) as the select stage reads them, for q8_0 and q4_k_m_imat
+    (timed against the baseline until decided against `latency_bound`, where given)."""
     from quantbuild.evaluation.runner import OUTCOMES, REFERENCE
 
     data = REPO / "data" / "eval"
@@ -455,26 +458,30 @@ def _evaluate_ladder(built: dict, base: Path, config, out: Path) -> tuple[dict, 
     variants, records = {}, {}
     for name in ("q8_0", "q4_k_m_imat"):
         metrics = evaluate_gguf(built[name] / MODEL_DIR / MODEL_FILE, "f16", config, data, out / name,
-                                out / "baseline" / REFERENCE, baseline=base / BASE_FILE)
+                                out / "baseline" / REFERENCE, baseline=base / BASE_FILE, latency_bound=latency_bound)
         variants[name], records[name] = measured(metrics, out / name), read_json(built[name] / RECORD)
     return baseline, variants, records
 
 
 def test_the_release_decision_is_the_same_in_five_runs_under_load(built, base, tmp_path):
     """Evaluate and select five times while another process keeps a core busy: the same
-    variant is chosen each time, and each of its wins holds in every run."""
+    variant is chosen each time, and each of its wins holds in every run, on a latency
+    verdict (its interval at or below the limit, re-measured until it decides)."""
     from quantbuild.config import EvalConfig, GateConfig, LatencyConfig, MemoryConfig
+    from quantbuild.evaluation.latency import decision_bound
     from quantbuild.gate import select
 
     config = EvalConfig(families=["language_modelling", "structured", "retrieval"], limit=6,
-                        latency=LatencyConfig(prompt_lengths=[64], new_tokens=8, warmup=1, repeats=9),
+                        latency=LatencyConfig(prompt_lengths=[64], new_tokens=8, warmup=1, repeats=9, max_rounds=36),
                         memory=MemoryConfig(context_lengths=[1024]))
     # Six items are too few for quality intervals to decide anything: this is about latency.
     gate = GateConfig(max_perplexity_increase_pct=50, max_kld_mean=1.0, max_kld_p99=10.0, min_top1_agreement=0.5,
                       must_not_degrade=["structured"], max_memory_ratio=0.95, memory_context=1024, fallback="none")
+    bound = decision_bound(gate.max_latency_paired_ratio, gate.latency_noise_margin)
     load = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
-        decisions = [select(*_evaluate_ladder(built, base, config, tmp_path / str(run)), gate) for run in range(5)]
+        decisions = [select(*_evaluate_ladder(built, base, config, tmp_path / str(run), bound), gate)
+                     for run in range(5)]
     finally:
         load.kill()
         load.wait()

@@ -104,6 +104,7 @@ def test_timing_memory_and_threads(opened):
         tokens = runtime.tokenize("Question: what is 2 + 3?")
         with runtime.at_threads(1) as single:
             assert (single.logprobs(tokens) - runtime.logprobs(tokens)).abs().max() < 1e-4, name
-        assert set(runtime.probe_settings()) <= {"kv_cache_type", "repack", "load_runtime", "device", "gpu_kernels"}
+        assert set(runtime.probe_settings()) <= {"kv_cache_type", "repack", "load_runtime", "device", "gpu_kernels",
+                                                  "flash_attention"}
     # one architecture: llama.cpp's KV cache in f16 holds half the bytes of torch's float32
     assert memory[TORCH] == 2 * memory[LLAMA_CPP] > 0

@@ -36,7 +36,7 @@ from quantbuild.evaluation.stats import paired_drop_interval
 from quantbuild.runtimes import TARGET_RUNTIME, target_of
 
 RULE = ("release the smallest variant that, on its deploy target against the baseline measured there, passes every "
-        "quality check and shows an operational win (less model memory, not slower within noise); if none does, keep "
+        "quality check and shows an operational win (less model memory, measured not slower); if none does, keep "
         "the higher precision")
 BASELINE_PRECISION_BITS = 16.0
 
