@@ -36,10 +36,16 @@ pack() {
 }
 
 build() {
-  python3 -m venv --system-site-packages .venv
+  # the system's python3 is itself a venv: its site-packages (torch, transformers) joined by a .pth
+  local system
+  system=$(python3 -c "import site; print(site.getsitepackages()[0])")
+  [ -x .venv/bin/python ] || python3 -m venv .venv
+  echo "$system" > "$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/system-site.pth"
   .venv/bin/python -m pip install -q --no-index --no-deps --no-compile "$CARRY"/wheels/*.whl
-  mkdir -p .venv/llama.cpp && tar -xJf "$CARRY/llama-src.tar.xz" -C .venv/llama.cpp
-  touch .venv/.created && sleep 1 && touch ".venv/llama.cpp/$SDIST/.extracted"
+  if [ ! -f .venv/llama.cpp/.built ]; then
+    mkdir -p .venv/llama.cpp && tar -xJf "$CARRY/llama-src.tar.xz" -C .venv/llama.cpp
+    touch .venv/.created && sleep 1 && touch ".venv/llama.cpp/$SDIST/.extracted"
+  fi
   # the Makefile's own rule: it finds nvcc and the GPU and builds the CUDA backend
   local started=$SECONDS
   make --no-print-directory .venv/llama.cpp/.built LLAMA_CACHE= JOBS="$(nproc)"
@@ -54,7 +60,8 @@ build() {
   printf 'Metadata-Version: 2.1\nName: llama-cpp-python\nVersion: 0.3.36\n' \
     > "$site/llama_cpp_python-0.3.36.dist-info/METADATA"
   echo "$PWD/.venv/llama.cpp/$SDIST/vendor/llama.cpp/gguf-py" > "$site/gguf-vendored.pth"
-  .venv/bin/python -m pip install -q --no-index --no-deps --no-build-isolation -e .
+  # (quantbuild pins Python 3.11; that machine has 3.12)
+  .venv/bin/python -m pip install -q --no-index --no-deps --no-build-isolation --ignore-requires-python -e .
   .venv/bin/python -c "from quantbuild.runtimes.llama_cpp import devices; print('llama.cpp devices:', devices())"
 }
 

@@ -9,14 +9,15 @@ below it.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import replace
 
 import pytest
 
 from conftest import BASELINE, REPO
 from quantbuild.config import EvalConfig, LatencyConfig, MemoryConfig
-from quantbuild.evaluation.latency import (confidence_per_look, decided, deciding_ratio, free_cores, free_threads,
-                                           paired_latency, timed_rounds, verdict)
+from quantbuild.evaluation.latency import (busy_cores, confidence_per_look, decided, deciding_ratio, free_cores,
+                                           free_threads, paired_latency, timed_rounds, verdict)
 from quantbuild.runtimes.protocol import LLAMA_CPP, LoadSpec, Timing, open_runtime
 
 BOUND = 1.05
@@ -94,10 +95,11 @@ def test_the_deciding_ratio_is_the_one_that_decides():
     ("cpus", "load", "usable", "threads"),
     [
         (2, 0.0, 2, 2),      # an idle machine: every core
-        (2, 0.3, 2, 1),      # rounded down
+        (2, 0.3, 2, 2),      # to the nearest core
+        (2, 0.6, 2, 1),
         (2, 1.7, 2, 1),
         (2, 6.0, 2, 1),      # at least one
-        (16, 3.2, 16, 12),
+        (16, 3.2, 16, 13),
         (16, 3.2, 4, 4),     # at most the cores this process may run on
         (16, 0.0, 1, 1),
     ],
@@ -110,6 +112,19 @@ def test_free_cores_reads_this_machine():
     seen = free_cores()
     assert seen["cpus"] == os.cpu_count() and seen["usable"] == len(os.sched_getaffinity(0))
     assert 1 <= seen["threads"] <= seen["usable"] and seen["load_1min"] >= 0
+    assert 0 <= seen["busy"] <= seen["cpus"] + 1e-6
+
+
+def test_busy_cores_sees_a_core_kept_busy():
+    import subprocess
+    import sys
+
+    spinning = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        assert busy_cores(0.5) >= 0.8
+    finally:
+        spinning.kill()
 
 
 @pytest.fixture(scope="module")

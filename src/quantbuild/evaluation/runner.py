@@ -18,7 +18,7 @@ from quantbuild import behaviour, prompts
 from quantbuild.config import EvalConfig
 from quantbuild.errors import DataError
 from quantbuild.evaluation import degenerate, distributions, kld
-from quantbuild.evaluation.latency import free_cores, measure_latency, paired_latency
+from quantbuild.evaluation.latency import decision_bound, free_cores, measure_latency, paired_latency
 from quantbuild.evaluation.stats import wilson_interval
 from quantbuild.evaluation.suites import MAX_NEW_TOKENS, run_generative, summarise
 from quantbuild.fingerprint import cpu_info
@@ -330,6 +330,8 @@ def evaluate_on_ladder(config: Any, model_dir: Optional[Path], kv_cache_type: st
     whose baseline is its GGUF), against the baseline's stored reference on that target."""
     paths = config.paths
     device = target_device(target)
+    # latency is timed until its interval decides against the gate's bound (or the rounds run out)
+    bound = decision_bound(config.gate.max_latency_paired_ratio, config.gate.latency_noise_margin)
     baseline_dir = target_dir(config, target) / "baseline"
     reference = None if model_dir is None else baseline_dir / REFERENCE
     if ladder_runtime(config) == LLAMA_CPP:
@@ -343,9 +345,9 @@ def evaluate_on_ladder(config: Any, model_dir: Optional[Path], kv_cache_type: st
         return evaluate(spec, config.eval, Path(paths.eval_data), out, reference,
                         baseline=None if model_dir is None else base,
                         reuse=baseline_dir if same_load else None,
-                        tool_call_format=config.model.tool_call_format)
+                        tool_call_format=config.model.tool_call_format, latency_bound=bound)
     spec = torch_spec(model_dir or Path(paths.baseline), config.eval, device=device)
     deployed = torch_spec(spec.artifact, config.eval, config.eval.latency.runtime, device)
     return evaluate(spec, config.eval, Path(paths.eval_data), out, reference,
                     baseline=None if model_dir is None else replace(deployed, artifact=Path(paths.baseline)),
-                    deployed=deployed, tool_call_format=config.model.tool_call_format)
+                    deployed=deployed, tool_call_format=config.model.tool_call_format, latency_bound=bound)
