@@ -93,7 +93,7 @@ ladder1b() {  # a random ~1.1B Llama, made here, on the CUDA target: every stage
   python bench/cuda_ladder.py prepare --model random-1b
   OUT=$OUT/1b ladder model=random-1b 'eval.targets=[llama.cpp-cuda]' eval.limit=${LIMIT:-48} \
     'gate.must_not_degrade=[]' gate.max_family_drop.retrieval=1.0 gate.max_family_drop.long_context=1.0 \
-    gate.max_family_drop.reasoning=1.0 gate.max_family_drop.structured=1.0
+    gate.max_family_drop.reasoning=1.0 '+gate.max_family_drop.structured=1.0'
 }
 
 speed() {
