@@ -70,11 +70,23 @@ def stages_run(output: str) -> set[str]:
 
 
 def has_cuda() -> bool:
+    """A CUDA GPU torch can use."""
     try:
         import torch
 
         return torch.cuda.is_available()
     except ImportError:
+        return False
+
+
+def llama_cpp_has_cuda() -> bool:
+    """A CUDA GPU this machine's llama.cpp build can use (the venv's torch is the CPU wheel
+    even where llama.cpp was built with CUDA)."""
+    try:
+        from quantbuild.runtimes.llama_cpp import devices
+
+        return "cuda" in devices()
+    except Exception:  # llama.cpp not installed: no GPU it can use
         return False
 
 
@@ -93,11 +105,13 @@ def _file_rank(item) -> int:
 
 def pytest_collection_modifyitems(config, items):
     items.sort(key=_file_rank)
-    if not has_cuda():
-        skip = pytest.mark.skip(reason="needs a CUDA GPU")
-        for item in items:
-            if "gpu" in item.keywords:
-                item.add_marker(skip)
+    gpu = [item for item in items if "gpu" in item.keywords]
+    # a GPU test of llama.cpp runs where llama.cpp can use the GPU, the others where torch can
+    torch_gpu, llama_gpu = (has_cuda(), llama_cpp_has_cuda()) if gpu else (False, False)
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in gpu:
+        if not (llama_gpu if item.path.name == "test_llama_cuda.py" else torch_gpu):
+            item.add_marker(skip)
 
 
 def committed(path: str) -> str:
