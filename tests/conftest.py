@@ -179,7 +179,8 @@ def small_project(root: Path) -> Path:
     # One timed round of two tokens decides nothing: the latency check runs, with a wide limit.
     params["gate"] = {"max_perplexity_increase_pct": 50.0, "max_kld_mean": 1.0, "max_kld_p99": 10.0,
                       "min_top1_agreement": 0.5, "max_family_drop": {"structured": 0.5},
-                      "max_latency_paired_ratio": 10.0, "max_memory_ratio": 0.95, "memory_context": 32}
+                      "max_latency_paired_ratio": 10.0, "latency_noise_margin": 0.05, "max_memory_ratio": 0.95,
+                      "memory_context": 32}
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for command in (["git", "init", "-q"], ["git", "config", "user.name", "t"], ["git", "config", "user.email", "t@t"],
                     ["git", "add", "-A"],
