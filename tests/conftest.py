@@ -59,7 +59,8 @@ QUANTIZED = "gguf_q4_k_m_imat"
 def bundle_digests(repo: Path, bundle: str = BUNDLE) -> dict[str, str]:
     from quantbuild.hashing import sha256_file
 
-    return {path.name: sha256_file(path) for path in sorted((repo / bundle).iterdir())}
+    root = repo / bundle
+    return {path.relative_to(root).as_posix(): sha256_file(path) for path in sorted(root.rglob("*")) if path.is_file()}
 
 
 def stages_run(output: str) -> set[str]:

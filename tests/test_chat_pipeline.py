@@ -93,7 +93,7 @@ def test_the_chat_model_runs_the_pipeline_through_its_template(tmp_path):
     assert "<|im_start|>assistant" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
     verify = run(root, str(BIN / "quantbuild"), "verify", str(bundle.relative_to(root)), "--behaviour")
     assert verify.returncode == 0, verify.stdout + verify.stderr
-    behaviour = json.loads((bundle / "behaviour.json").read_text())
+    behaviour = json.loads((bundle / "targets" / "llama.cpp-cpu" / "behaviour.json").read_text())
     assert behaviour["prompt_format"] == "chat" and behaviour["tool_call_format"] == "hermes"
 
     # llama-server --jinja on the released file: its own rendering of the GGUF's template is

@@ -125,7 +125,13 @@ def verify(path: Optional[Path] = RELEASED, as_json: bool = typer.Option(False, 
     else:
         result = verify_bundle(path, public_key=_public_key(public_key), target=target)
     if behaviour and not result.problems:
-        verify_behaviour(result, path, probes or (path.parent if path.suffix == ".gguf" else path), threads)
+        folder = probes or (path.parent if path.suffix == ".gguf" else path)
+        if probes is None and path.suffix == ".gguf" and (folder / "targets").is_dir():
+            # a file in a bundle validated per target: the record of the target it runs on here
+            from quantbuild.release.verify import machine_target
+
+            result.target = target or machine_target("llama.cpp")
+        verify_behaviour(result, path, folder, threads)
     if as_json:
         typer.echo(json.dumps(result.as_dict(), indent=2))
     else:

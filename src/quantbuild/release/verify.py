@@ -156,6 +156,9 @@ def verify_behaviour(result: VerifyResult, model: Path, probes: Path, threads: i
     if result.target is not None:
         probes = probes / "targets" / result.target
         if not probes.is_dir():
+            if not any(key == f"target {result.target}" for key, _, _ in result.drifted):
+                result.drifted.append((f"target {result.target}", "no probes recorded for it",
+                                       "never measured on it: verify with --target naming one it was"))
             return {}
     try:
         info, _ = behaviour.load(probes)
