@@ -30,10 +30,12 @@ TIMED = {"manifest.json", "provenance.intoto.json"}
 def without_timings(root: Path) -> dict:
     manifest = json.loads((root / BUNDLE / "manifest.json").read_text())
     manifest.pop("dvc_lock")
-    for side in manifest["evaluation"].values():
-        side.pop("latency"), side.pop("latency_vs_baseline", None), side.pop("cores")
-        side["llama_cpp"].pop("threads")
-    manifest["gate"]["checks"] = [check for check in manifest["gate"]["checks"] if check["budget"] != "latency_ratio"]
+    # the primary record, and each deploy target's
+    for record in (manifest, *manifest["targets"].values()):
+        for side in record["evaluation"].values():
+            side.pop("latency"), side.pop("latency_vs_baseline", None), side.pop("cores")
+            side["llama_cpp"].pop("threads")
+        record["gate"]["checks"] = [check for check in record["gate"]["checks"] if check["budget"] != "latency_ratio"]
     manifest["files"] = {name: entry for name, entry in manifest["files"].items() if name not in TIMED}
     return manifest
 
