@@ -57,7 +57,7 @@ def release_summary(config: Config) -> str:
     lines = ["release summary", "===============",
              f"rule: {decision.get('rule', 'the smallest variant that passes every budget')}",
              "memory and latency: ratios to the baseline on the same target (latency: median of interleaved "
-             "runs [95% interval]); x = failed"]
+             "runs [interval, 95% over all its re-measures]); x = failed"]
     decisions = decision.get("targets") or {decision.get("target") or "": decision}
     for target, entry in decisions.items():
         if target:
