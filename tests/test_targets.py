@@ -5,6 +5,7 @@ per target, and verify choosing the record of the target it runs on."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -162,3 +163,9 @@ def test_per_target_decisions_bundles_and_verify_on_a_faked_second_target(built_
     summary = quantbuild(repo, "summary").stdout
     assert "decisions side by side" in summary and f"chosen for {CUDA}: {choices[CUDA]}" in summary
     assert f"chosen for {CPU}: {cpu_choice}" in summary
+    # the HTML report: a section per target, each chart once on the page
+    assert quantbuild(repo, "report").returncode == 0
+    page = (repo / "artifacts" / "report.html").read_text()
+    ids = re.findall(r'<svg id="([^"]+)"', page)
+    assert len(ids) == 8 and len(set(ids)) == 8 and "pareto" in ids and f"{CUDA}-pareto" in ids
+    assert f"<h2>{CPU}: released {cpu_choice}</h2>" in page and f"<h2>{CUDA}: released {choices[CUDA]}</h2>" in page

@@ -275,7 +275,7 @@ def render(config: Config) -> str:
     decisions = _decisions(config)
     gate = config.gate
     sections, released = [], []
-    for target, decision in decisions.items():
+    for number, (target, decision) in enumerate(decisions.items()):
         decision, measured, records = _load(config, target, decision)
         colours = _colours(decision["order_most_compressed_first"])
         chosen = decision["chosen"] or "nothing"
@@ -284,6 +284,8 @@ def render(config: Config) -> str:
                   latency_chart(decision, measured, colours, gate.max_latency_paired_ratio, gate.latency_noise_margin),
                   memory_chart(decision, measured, colours, config.eval.memory.budget_mb, gate.memory_context,
                                gate.max_memory_ratio)]
+        if number:  # one id per chart on the page: the first target's keep theirs (`pareto`, ...)
+            charts = [chart.replace('<svg id="', f'<svg id="{target}-', 1) for chart in charts]
         sections.append(f'<h2>{_e(target)}: released {_e(chosen)}</h2>'
                         f'<div class="charts">{"".join(charts)}</div>'
                         f'<table><thead><tr><th>variant</th><th>target</th><th>MB</th><th>bits/weight</th><th>gate</th>'
