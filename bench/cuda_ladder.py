@@ -19,30 +19,19 @@ import json
 import re
 import statistics
 import subprocess
-import sys
 from pathlib import Path
 
 from benchlib import ROOT, save, table
 
 
 def prepare(model: str) -> None:
-    from quantize import RANDOM_MODELS, model_folder
+    from gpu_ladder import pin_random_model
+    from quantize import RANDOM_MODELS
 
     RANDOM_MODELS.setdefault("random-8b", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                                                 num_attention_heads=32, num_key_value_heads=8))
-    folder = model_folder(model)
-    pin = subprocess.run([sys.executable, "-c", "from quantbuild.cli import main; main()", "pin",
-                          str(folder.relative_to(ROOT)), "--name", model],
-                         cwd=ROOT, check=True, capture_output=True, text=True).stdout
-    (ROOT / "conf" / "model" / f"{model}.yaml").write_text(
-        "# Written by bench/cuda_ladder.py prepare: a random-initialised Llama for the CUDA ladder.\n" + pin)
+    pin_random_model(model, "bench/cuda_ladder.py prepare, for the CUDA ladder")
     print(f"conf/model/{model}.yaml written")
-
-
-def bandwidth_gb_s() -> float:
-    from gpu_ladder import bandwidth_gb_s as measured
-
-    return measured()
 
 
 def llama_bench(files: list[Path], gpu: bool) -> dict[str, dict]:
@@ -67,6 +56,8 @@ def speed(cpu: bool) -> None:
     files = {"F16 (baseline)": base}
     for model in sorted((ROOT / "artifacts" / "quantized").glob("*/model/model.gguf")):
         files[model.parent.parent.name] = model
+    from gpu_ladder import bandwidth_gb_s
+
     gpu = llama_bench(list(files.values()), gpu=True)
     bandwidth = bandwidth_gb_s()
     host = llama_bench(list(files.values()), gpu=False) if cpu else {}

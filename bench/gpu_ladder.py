@@ -25,15 +25,21 @@ from pathlib import Path
 from benchlib import OUT, ROOT, save, table
 
 
-def prepare(model: str, limit: int, repeats: int) -> None:
+def pin_random_model(model: str, written_by: str) -> None:
+    """`conf/model/<model>.yaml`: the random-initialised Llama `model` (bench/quantize.py's
+    RANDOM_MODELS, made once), every file pinned by `quantbuild pin`."""
     from quantize import model_folder
 
     folder = model_folder(model)
     pin = subprocess.run([sys.executable, "-c", "from quantbuild.cli import main; main()", "pin",
                           str(folder.relative_to(ROOT)), "--name", model],
                          cwd=ROOT, check=True, capture_output=True, text=True).stdout
-    (ROOT / "conf" / "model" / f"{model}.yaml").write_text(
-        "# Written by bench/gpu_ladder.py prepare: a random-initialised Llama for the GPU ladder.\n" + pin)
+    (ROOT / "conf" / "model" / f"{model}.yaml").write_text(f"# Written by {written_by}: a random-initialised Llama.\n"
+                                                          + pin)
+
+
+def prepare(model: str, limit: int, repeats: int) -> None:
+    pin_random_model(model, "bench/gpu_ladder.py prepare, for the GPU ladder")
     # Random weights answer no item right, baseline and variants alike: the family budgets
     # would judge noise, so they are 1 (any drop); the gate keeps its distribution, latency
     # and memory checks.

@@ -10,7 +10,7 @@ from quantbuild.config import Config
 from quantbuild.fingerprint import fingerprints, method_files, scopes_of, target_fingerprint
 from quantbuild.hashing import write_json
 from quantbuild.quantizers import method_names
-from quantbuild.runtimes import (TORCH, ladder_runtime, require_run_target, require_target, run_targets,
+from quantbuild.runtimes import (TORCH, ladder_runtime, require_run_target, require_target,
                                  target_device, target_of, torch_runtime)
 from quantbuild.stage import run_stage
 
@@ -20,7 +20,7 @@ def main(config: Config) -> None:
     # any work.
     for target in sorted({target_of(variant.method, variant.target) for variant in config.quant.variants.values()}):
         require_target(target)
-    targets = run_targets(config)
+    targets = config.eval.targets
     for target in targets:
         require_run_target(target)
     out = Path(config.paths.fingerprint)

@@ -12,7 +12,6 @@ from quantbuild.gate import released, require_release, select_targets
 from quantbuild.hashing import read_json, write_json
 from quantbuild.quantization import RECORD
 from quantbuild.repair import REPAIR, locate, measured, repaired_variants
-from quantbuild.runtimes import run_targets
 from quantbuild.stage import run_stage, say
 
 
@@ -20,7 +19,7 @@ def main(config: Config) -> None:
     paths = config.paths
     repair = read_json(Path(paths.repair) / REPAIR)
     names = sorted(config.quant.variants) + sorted(repaired_variants(repair))
-    targets = run_targets(config)
+    targets = config.eval.targets
     records = {name: read_json(locate(paths, name, targets[0])[0] / RECORD) for name in names}
     by_target = {target: (measured(locate(paths, "baseline", target)[1]),
                           {name: measured(locate(paths, name, target)[1]) for name in names})

@@ -117,9 +117,9 @@ def verify(path: Optional[Path] = RELEASED, as_json: bool = typer.Option(False, 
     from quantbuild.release.verify import verify_behaviour, verify_gguf
     from quantbuild.runtimes import RUN_TARGETS
 
-    path = _released(path, target=target)
     if target is not None and target not in RUN_TARGETS:
         _fail(QuantbuildError(f"--target {target}: unknown (known: {', '.join(RUN_TARGETS)})"))
+    path = _released(path, target=target)
     if path.suffix == ".gguf":
         result = verify_gguf(path, manifest)
     else:

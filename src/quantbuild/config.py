@@ -271,8 +271,8 @@ class EvalConfig:
     # load and downloads CUTLASS for it, which an offline machine cannot.
     gpu_kernels: Dict[str, str] = field(default_factory=lambda: {"gptq": "gptq_triton", "awq": "awq_gemm_triton"})
     # llama.cpp threads for every suite; 0 = the cores free when the evaluation starts (the
-    # cores less the 1-minute load average, at least 1): threads beyond the free cores wait
-    # at every barrier for a core another job holds. The numbers do not depend on it.
+    # cores less those busy over half a second, at least 1): threads beyond the free cores
+    # wait at every barrier for a core another job holds. The numbers do not depend on it.
     threads: int = 0
     store_generations: bool = False
     golden: Optional[str] = None

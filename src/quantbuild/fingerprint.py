@@ -22,8 +22,6 @@ import shutil
 import subprocess
 from importlib import metadata
 
-from quantbuild.errors import ConfigError
-
 BUILD_PACKAGES = ("torch", "transformers", "gptqmodel", "bitsandbytes", "safetensors", "numpy")
 RUNTIME_PACKAGES = BUILD_PACKAGES + ("tokenizers", "jsonschema")
 ISA_FLAGS = ("avx", "avx2", "fma", "f16c", "avx_vnni", "amx_bf16", "amx_int8", "amx_tile")
@@ -111,8 +109,7 @@ def target_fingerprint(device: str) -> dict[str, object]:
     free memory) and cheap."""
     from quantbuild.runtimes import llama_cpp
 
-    if device not in llama_cpp.DEVICES:
-        raise ConfigError(f"llama.cpp: device {device!r} is not allowed (allowed: {' | '.join(llama_cpp.DEVICES)})")
+    llama_cpp.check_device(device)
     cpu = cpu_info()
     values: dict[str, object] = {"llama_cpp": llama_cpp.fingerprint(cpu["isa"]), "cpu": cpu}
     if device == "cuda":

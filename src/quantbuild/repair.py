@@ -33,7 +33,6 @@ from quantbuild.gate import describe, select
 from quantbuild.hashing import read_json, staged_dir, write_json
 from quantbuild.quantization import MODEL_DIR, RECORD, build_variant, pipeline_inputs
 from quantbuild.quantizers.planner import candidates_of
-from quantbuild.runtimes import run_targets
 from quantbuild.sensitivity import load_sensitivity
 
 REPAIR = "repair.json"
@@ -100,7 +99,7 @@ def repair_variant(config: Any, name: str, baselines: dict[str, dict], entries: 
         folder = out / QUANTIZED / repaired
         record_now = build_variant(repaired, built, pipeline_inputs(config, built, request), folder)
         gated = {}
-        for deploy in run_targets(config):
+        for deploy in config.eval.targets:
             evaluated = out / EVALUATED / deploy / repaired
             evaluate_on_ladder(config, folder / MODEL_DIR, getattr(built, "kv_cache_type", "f16"), evaluated, deploy)
             if deploy in entries:
@@ -121,7 +120,7 @@ def repair_variant(config: Any, name: str, baselines: dict[str, dict], entries: 
             f"{'passes' if passed else 'fails ' + ', '.join(failing + [c['budget'] for c in others])}")
         if kept is not None:
             shutil.rmtree(out / QUANTIZED / kept)
-            for deploy in run_targets(config):
+            for deploy in config.eval.targets:
                 shutil.rmtree(out / EVALUATED / deploy / kept)
         kept = repaired
         if passed:
@@ -148,7 +147,7 @@ def repair_ladder(config: Any, out: Path, log: Callable[[str], None]) -> dict:
     names = sorted(config.quant.variants)
     records = {name: read_json(Path(paths.quantized) / name / RECORD) for name in names}
     baselines, decisions = {}, {}
-    for deploy in run_targets(config):
+    for deploy in config.eval.targets:
         baselines[deploy] = measured(target_dir(config, deploy) / "baseline")
         variants = {name: measured(target_dir(config, deploy) / name) for name in names}
         decisions[deploy] = select(baselines[deploy], variants, records, config.gate, deploy)
@@ -159,8 +158,9 @@ def repair_ladder(config: Any, out: Path, log: Callable[[str], None]) -> dict:
                 continue
             entries = {deploy: decision["variants"][name] for deploy, decision in decisions.items()}
             failing = {deploy: entry for deploy, entry in entries.items() if not entry["pass"]}
-            repairable = {deploy: entry for deploy, entry in failing.items()
-                          if family_failures(entry)[0] and not family_failures(entry)[1]}
+            kinds = {deploy: family_failures(entry) for deploy, entry in failing.items()}
+            repairable = {deploy: failing[deploy] for deploy, (families, others) in kinds.items()
+                          if families and not others}
             if not failing:
                 outcome = {"status": "not needed", "verdict": "passes the gate as planned"}
             elif not repairable:
@@ -169,7 +169,7 @@ def repair_ladder(config: Any, out: Path, log: Callable[[str], None]) -> dict:
                            "verdict": f"fails {', '.join(sorted({check['budget'] for check in failed}))}: only family "
                                       f"budgets are repaired by raising precision"}
             elif config.repair.max_rounds == 0:
-                families = sorted({family for entry in repairable.values() for family in family_failures(entry)[0]})
+                families = sorted({family for deploy in repairable for family in kinds[deploy][0]})
                 outcome = {"status": "off", "verdict": f"fails {', '.join(families)}; repair.max_rounds=0"}
             else:
                 outcome = repair_variant(config, name, baselines, repairable, records[name], staging, log)

@@ -149,7 +149,7 @@ def evaluate(spec: LoadSpec, config: EvalConfig, data_dir: Path, out: Path, refe
                     reference_runtime.reserve(longest)
                     head["latency_vs_baseline"] = {
                         **paired_latency(runtime, reference_runtime, config, latency_bound),
-                        # llama.cpp's threads (torch keeps its own), and the load they were chosen by
+                        # llama.cpp's threads (torch keeps its own), and the machine's load beside them
                         "threads": timed_on.threads if timed_on.runtime == LLAMA_CPP else None,
                         "load_1min": cores["load_1min"]}
             metrics = _write(staging, config, head, quality, outcomes, tensors, records, latency, memory)

@@ -107,10 +107,11 @@ def verify(bundle: Path, current_runtime: dict | None = None, public_key: Path |
                                    "never measured on it: revalidate with eval.targets including it, or verify "
                                    "with --target"))
         else:
-            result.drifted += [(f"{result.target}: {key}", old, new) for key, old, new in
-                               drift(validated[result.target]["fingerprint"]["device"],
-                                     target_fingerprint(target_device(result.target)) if
-                                     validated[result.target]["fingerprint"]["device"] else {})]
+            # the device part of the target's fingerprint (a torch target records it in the runtime's)
+            recorded_device = validated[result.target]["fingerprint"]["device"]
+            current_device = target_fingerprint(target_device(result.target)) if recorded_device else {}
+            result.drifted += [(f"{result.target}: {key}", old, new)
+                               for key, old, new in drift(recorded_device, current_device)]
     return result
 
 

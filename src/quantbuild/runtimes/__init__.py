@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from quantbuild.config import EVAL_TARGETS
 from quantbuild.errors import ConfigError, RuntimeUnavailable
 from quantbuild.runtimes.protocol import LLAMA_CPP, TORCH
 
@@ -30,9 +31,8 @@ TARGET_RUNTIME = {LLAMA_CPP: LLAMA_CPP, "gptqmodel": TORCH, "bitsandbytes": TORC
 METHOD_TARGETS = {"gguf": (LLAMA_CPP,), "gptq": ("gptqmodel", VLLM), "awq": ("gptqmodel", VLLM),
                   "rtn": ("gptqmodel",), "mixed": ("gptqmodel",), "bnb": ("bitsandbytes",),
                   "dense": ("transformers",)}
-# deploy target -> (runtime, device)
-RUN_TARGETS = {"llama.cpp-cpu": (LLAMA_CPP, "cpu"), "llama.cpp-cuda": (LLAMA_CPP, "cuda"),
-               "torch-cpu": (TORCH, "cpu"), "torch-cuda": (TORCH, "cuda")}
+# deploy target -> (runtime, device): the schema's names, `<runtime>-<device>`
+RUN_TARGETS = {name: tuple(name.rsplit("-", 1)) for name in EVAL_TARGETS}
 # vLLM's GPTQ/AWQ kernels (Marlin, GPTQ, AWQ) take these bit widths only.
 VLLM_BITS = (4, 8)
 
@@ -52,12 +52,6 @@ def ladder_runtime(config: Any) -> str:
 def target_device(target: str) -> str:
     """The device a deploy target (`llama.cpp-cuda`) runs on (`cuda`)."""
     return RUN_TARGETS[target][1]
-
-
-def run_targets(config: Any) -> list[str]:
-    """The deploy targets the run validates for, in the order of `eval.targets` (the first
-    is the primary: its decision is `decision.json`'s `chosen`)."""
-    return list(config.eval.targets)
 
 
 def require_run_target(target: str) -> None:

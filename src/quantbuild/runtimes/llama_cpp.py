@@ -111,11 +111,16 @@ def devices() -> list[str]:
     return ["cpu"] if _cuda_unavailable() else ["cpu", "cuda"]
 
 
+def check_device(device: str) -> None:
+    """Raise ConfigError, in one line, for a device llama.cpp does not know."""
+    if device not in DEVICES:
+        raise ConfigError(f"llama.cpp: device {device!r} is not allowed (allowed: {' | '.join(DEVICES)})")
+
+
 def require_device(device: str) -> None:
     """Raise ConfigError for a device llama.cpp does not know, and RuntimeUnavailable, in one
     line saying why, when this machine cannot run `device`."""
-    if device not in DEVICES:
-        raise ConfigError(f"llama.cpp: device {device!r} is not allowed (allowed: {' | '.join(DEVICES)})")
+    check_device(device)
     reason = _cuda_unavailable() if device == "cuda" else None
     if reason:
         raise RuntimeUnavailable(f"target {LLAMA_CPP}-{device}: not available here ({reason})")
@@ -454,8 +459,7 @@ class LlamaCppModel:
         these are its own buffers (CUDA0), and `host_mb` the host memory beside them."""
         by_context, per_token, fixed = {}, 0.0, 0.0
         for length in sorted(context_lengths):
-            with LlamaCppModel(self.path, length, self.kv_type, self.threads, self.repack, device=self.device) as model:
-                allocated = model.buffers
+            allocated = buffers_at(self.path, length, self.kv_type, self.threads, self.repack, self.device)
             buffers = allocated.device
             total = sum(buffers.values())
             entry = {"peak_mb": round(total, 3), "kv_cache_mb": buffers.get("kv_cache", 0.0),
@@ -512,9 +516,15 @@ def open(spec: LoadSpec) -> LlamaCppModel:
                          parallel=spec.batch_size, device=spec.device)
 
 
+def buffers_at(path: Path, n_ctx: int, kv_type: str, threads: int, repack: bool, device: str = "cpu") -> Buffers:
+    """The buffers llama.cpp allocates for `path` on `device` with a context of `n_ctx`
+    tokens: on the device, on the host beside it, and per buffer type."""
+    with LlamaCppModel(path, n_ctx, kv_type, threads, repack, device=device) as model:
+        return model.buffers
+
+
 def memory_at(path: Path, n_ctx: int, kv_type: str, threads: int, repack: bool,
               device: str = "cpu") -> dict[str, float]:
     """The buffers llama.cpp allocates on `device` for `path` with a context of `n_ctx`
     tokens (MiB per kind)."""
-    with LlamaCppModel(path, n_ctx, kv_type, threads, repack, device=device) as model:
-        return dict(model.buffers.device)
+    return dict(buffers_at(path, n_ctx, kv_type, threads, repack, device).device)
