@@ -169,3 +169,10 @@ def test_per_target_decisions_bundles_and_verify_on_a_faked_second_target(built_
     ids = re.findall(r'<svg id="([^"]+)"', page)
     assert len(ids) == 8 and len(set(ids)) == 8 and "pareto" in ids and f"{CUDA}-pareto" in ids
     assert f"<h2>{CPU}: released {cpu_choice}</h2>" in page and f"<h2>{CUDA}: released {choices[CUDA]}</h2>" in page
+
+
+def test_an_unknown_target_for_verify_is_one_line(tmp_path):
+    result = quantbuild(tmp_path, "verify", str(tmp_path), "--target", "llama.cpp-tpu")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "quantbuild: --target llama.cpp-tpu: unknown (known: llama.cpp-cpu, llama.cpp-cuda, torch-cpu, torch-cuda)"]
