@@ -14,6 +14,8 @@ from quantbuild.determinism import make_deterministic
 from quantbuild.errors import ConfigError
 from quantbuild.evaluation.runner import evaluate_on_ladder, target_dir
 from quantbuild.quantization import MODEL_DIR
+from quantbuild.runtimes import ladder_runtime
+from quantbuild.runtimes.protocol import LLAMA_CPP
 from quantbuild.stage import run_stage, say
 
 BASELINE = "baseline"
@@ -29,7 +31,7 @@ def main(config: Config) -> None:
     if target not in config.eval.targets:
         raise ConfigError(f"evaluate: {target!r} is not a target of this run (eval.targets: "
                           f"{', '.join(config.eval.targets)})")
-    make_deterministic(config.seed)
+    make_deterministic(config.seed, torch=ladder_runtime(config) != LLAMA_CPP)
     model_dir = None if name == BASELINE else Path(paths.quantized) / name / MODEL_DIR
     kv_type = "f16" if name == BASELINE else getattr(config.quant.variants[name], "kv_cache_type", "f16")
     metrics = evaluate_on_ladder(config, model_dir, kv_type, target_dir(config, target) / name, target)

@@ -5,6 +5,7 @@ per target, and verify choosing the record of the target it runs on."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -169,6 +170,32 @@ def test_per_target_decisions_bundles_and_verify_on_a_faked_second_target(built_
     ids = re.findall(r'<svg id="([^"]+)"', page)
     assert len(ids) == 8 and len(set(ids)) == 8 and "pareto" in ids and f"{CUDA}-pareto" in ids
     assert f"<h2>{CPU}: released {cpu_choice}</h2>" in page and f"<h2>{CUDA}: released {choices[CUDA]}</h2>" in page
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_a_llama_cpp_evaluation_never_loads_torch(built_project, tmp_path):
+    """llama.cpp's CUDA build and a CUDA build of torch crash in one process (SIGSEGV on the
+    H200, bench/README.md), so nothing on the llama.cpp path loads torch: with torch made
+    unimportable, the evaluate stage (baseline and a variant) gives the same quality
+    numbers byte for byte, and verify --behaviour reruns a bundle's probes."""
+    repo = copy_project(built_project, tmp_path / "repo")
+    blocker = tmp_path / "no-torch" / "torch"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text('raise ImportError("torch loaded by a llama.cpp process")\n')
+    env = {**os.environ, "PYTHONPATH": str(blocker.parent)}
+    evaluations = repo / "artifacts" / "eval" / CPU
+    for name in ("baseline", "gguf_q8_0"):
+        before = (evaluations / name / "quality.json").read_bytes()
+        shutil.rmtree(evaluations / name)
+        result = subprocess.run([str(BIN / "python"), "-m", "stages.evaluate", name, CPU], cwd=repo, env=env,
+                                capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert (evaluations / name / "quality.json").read_bytes() == before, name
+    for bundle in (repo / "artifacts" / "package").iterdir():
+        checked = subprocess.run([str(BIN / "quantbuild"), "verify", str(bundle), "--behaviour"], cwd=repo, env=env,
+                                 capture_output=True, text=True)
+        assert checked.returncode == 0 and f"on {CPU}" in checked.stdout, checked.stderr[-2000:]
 
 
 def test_an_unknown_target_for_verify_is_one_line(tmp_path):

@@ -1,4 +1,4 @@
-"""Seeds and deterministic kernels, set once at the start of every torch-using stage."""
+"""Seeds and deterministic kernels, set once at the start of every stage that computes."""
 
 import os
 import random
@@ -6,12 +6,17 @@ import random
 from quantbuild.fingerprint import DETERMINISM
 
 
-def make_deterministic(seed: int) -> None:
+def make_deterministic(seed: int, torch: bool = True) -> None:
+    """Seed Python and numpy, and torch with deterministic kernels unless `torch` is false
+    (a stage on llama.cpp alone never loads torch: on a CUDA machine the two crash in one
+    process)."""
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", DETERMINISM["cublas_workspace_config"])
     import numpy as np
-    import torch
 
     random.seed(seed)
     np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    if torch:
+        import torch as torch_module
+
+        torch_module.manual_seed(seed)
+        torch_module.use_deterministic_algorithms(True, warn_only=True)

@@ -5,6 +5,10 @@ KL file shows). We keep, per position, the baseline's top-k token IDs and log-pr
 the rest of the mass is one bucket. KL(P_base || Q_variant) over those k+1 outcomes is a
 lower bound of the full KL (coarsening never increases divergence) and tight when the top-k
 holds most of the mass, which k=32 does for small-vocabulary models.
+
+Everything here is numpy, as the runtime protocol's log-probabilities are: a llama.cpp
+evaluation never loads torch (on a CUDA machine llama.cpp's CUDA build and torch's crash
+in one process; bench/README.md).
 """
 
 from __future__ import annotations
@@ -16,44 +20,73 @@ from typing import Any, Iterable
 from quantbuild.evaluation.stats import percentile
 
 
+def largest(logprobs: Any, k: int) -> tuple[Any, Any]:
+    """(indices int32, values) of each row's k largest entries, largest first, equal values
+    in index order."""
+    import numpy as np
+
+    k = min(k, logprobs.shape[-1])
+    part = np.argpartition(-logprobs, k - 1, axis=-1)[:, :k]
+    part.sort(axis=-1)
+    values = np.take_along_axis(logprobs, part, -1)
+    order = np.argsort(-values, axis=-1, kind="stable")
+    return np.take_along_axis(part, order, -1).astype(np.int32), np.take_along_axis(values, order, -1)
+
+
+def log_softmax(logits: Any) -> Any:
+    """Row-wise log-softmax of float logits, in their own precision."""
+    import numpy as np
+
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def target_logprobs(logprobs: Any, targets: Any) -> float:
+    """The summed log-probability of each row's target token (float64)."""
+    import numpy as np
+
+    return float(np.take_along_axis(logprobs, targets[:, None], -1).sum(dtype=np.float64))
+
+
 def reference_from(positions: Iterable[tuple[Any, Any]], top_k: int, full: bool = False) -> tuple[dict, dict]:
-    """(tensors to store, metrics) over any runtime's (log-probabilities, targets) batches:
+    """(arrays to store, metrics) over any runtime's (log-probabilities, targets) batches:
     per position the top-k log-probabilities, or with `full` the whole distribution
     (float16), and the perplexity."""
-    import torch
+    import numpy as np
 
     ids, values, rows, nll, count = [], [], [], 0.0, 0
     for logprobs, targets in positions:
         if full:
-            rows.append(logprobs.to(torch.float16))
+            rows.append(logprobs.astype(np.float16))
         else:
-            top = torch.topk(logprobs, top_k, dim=-1)
-            ids.append(top.indices.to(torch.int32))
-            values.append(top.values)
-        nll -= logprobs.gather(-1, targets.unsqueeze(-1)).sum().item()
-        count += targets.numel()
+            top_ids, top_values = largest(logprobs, top_k)
+            ids.append(top_ids)
+            values.append(top_values)
+        nll -= target_logprobs(logprobs, targets)
+        count += targets.size
     if full:
-        tensors = {"logprobs": torch.cat(rows).contiguous()}
+        arrays = {"logprobs": np.ascontiguousarray(np.concatenate(rows))}
     else:
-        tensors = {"topk_ids": torch.cat(ids).contiguous(), "topk_logprobs": torch.cat(values).contiguous()}
-    return tensors, {"perplexity": math.exp(nll / count), "tokens": count}
+        arrays = {"topk_ids": np.ascontiguousarray(np.concatenate(ids)),
+                  "topk_logprobs": np.ascontiguousarray(np.concatenate(values))}
+    return arrays, {"perplexity": math.exp(nll / count), "tokens": count}
 
 
 def _row_kld(stored: dict, rows: slice, logprobs: Any) -> tuple[Any, Any]:
     """(KL divergence per position, the reference's top-1 token) for the stored rows: exact
     against a whole stored distribution, else over the top-k plus one tail bucket."""
-    import torch
+    import numpy as np
 
     if "logprobs" in stored:
-        p_log = torch.log_softmax(stored["logprobs"][rows].float(), dim=-1)
-        return (p_log.exp() * (p_log - logprobs)).sum(-1).clamp(min=0), p_log.argmax(-1)
-    ref_ids, ref_logprobs = stored["topk_ids"][rows].long(), stored["topk_logprobs"][rows].float()
-    p_top = ref_logprobs.exp()
-    q_top = logprobs.gather(-1, ref_ids)
-    p_rest = (1 - p_top.sum(-1)).clamp(min=1e-10)
-    q_rest = (1 - q_top.exp().sum(-1)).clamp(min=1e-10)
-    kld = (p_top * (ref_logprobs - q_top)).sum(-1) + p_rest * (p_rest.log() - q_rest.log())
-    return kld.clamp(min=0), ref_ids[:, 0]
+        p_log = log_softmax(stored["logprobs"][rows].astype(np.float32))
+        return np.maximum((np.exp(p_log) * (p_log - logprobs)).sum(-1), 0), p_log.argmax(-1)
+    ref_ids, ref_logprobs = stored["topk_ids"][rows].astype(np.int64), stored["topk_logprobs"][rows].astype(np.float32)
+    p_top = np.exp(ref_logprobs)
+    q_top = np.take_along_axis(logprobs, ref_ids, -1)
+    p_rest = np.maximum(1 - p_top.sum(-1), 1e-10)
+    q_rest = np.maximum(1 - np.exp(q_top).sum(-1), 1e-10)
+    kld = (p_top * (ref_logprobs - q_top)).sum(-1) + p_rest * (np.log(p_rest) - np.log(q_rest))
+    return np.maximum(kld, 0), ref_ids[:, 0]
 
 
 def compare_from(positions: Iterable[tuple[Any, Any]], stored: dict, per_batch: list | None = None) -> dict:
@@ -63,17 +96,17 @@ def compare_from(positions: Iterable[tuple[Any, Any]], stored: dict, per_batch: 
     size = stored["logprobs" if "logprobs" in stored else "topk_ids"].shape[0]
     klds, agree, nll, count, offset = [], 0, 0.0, 0, 0
     for logprobs, targets in positions:
-        rows = slice(offset, offset + targets.numel())
-        offset += targets.numel()
+        rows = slice(offset, offset + targets.size)
+        offset += targets.size
         if offset > size:
             raise ValueError(f"reference has {size} positions, evaluation produced more")
         kld, top = _row_kld(stored, rows, logprobs)
         klds.extend(kld.tolist())
         if per_batch is not None:
             per_batch.append(kld)
-        agree += int((logprobs.argmax(-1) == top).sum().item())
-        nll -= logprobs.gather(-1, targets.unsqueeze(-1)).sum().item()
-        count += targets.numel()
+        agree += int((logprobs.argmax(-1) == top).sum())
+        nll -= target_logprobs(logprobs, targets)
+        count += targets.size
     if offset != size:
         raise ValueError(f"reference has {size} positions, evaluation produced {offset}")
     return {
@@ -86,12 +119,12 @@ def compare_from(positions: Iterable[tuple[Any, Any]], stored: dict, per_batch: 
 
 
 def save_reference(tensors: dict, path: Path) -> None:
-    from safetensors.torch import save_file
+    from safetensors.numpy import save_file
 
     save_file(tensors, str(path))
 
 
 def load_reference(path: Path) -> dict:
-    from safetensors.torch import load_file
+    from safetensors.numpy import load_file
 
     return load_file(str(path))

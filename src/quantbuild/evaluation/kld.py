@@ -41,11 +41,11 @@ def chunks(stream: list[int], context: int, bos: Optional[int]) -> list[list[int
 def scored(logprobs_of: Callable[[list[int]], Any], pieces: list[list[int]]) -> Iterator[tuple[Any, Any]]:
     """(log-probabilities [P, vocab], targets [P]) of each chunk's second half: the rows of
     positions first .. n-2, predicting tokens first+1 .. n-1, first = n // 2."""
-    import torch
+    import numpy as np
 
     for chunk in pieces:
         first = len(chunk) // 2
-        yield logprobs_of(chunk)[first:], torch.tensor(chunk[first + 1:], dtype=torch.long)
+        yield logprobs_of(chunk)[first:], np.asarray(chunk[first + 1:], dtype=np.int64)
 
 
 def _reference(logprobs_of: Callable, pieces: list[list[int]], top_k: int, full: bool) -> tuple[dict, dict]:

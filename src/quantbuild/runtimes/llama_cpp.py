@@ -341,16 +341,14 @@ class LlamaCppModel:
         return next(iter(self.tokenize("", add_special=True)), None)
 
     def logprobs(self, tokens: list[int]) -> Any:
-        """Log-probabilities [len(tokens) - 1, vocab] of each next token, a float32 tensor."""
+        """Log-probabilities [len(tokens) - 1, vocab] of each next token, float32."""
         import numpy as np
-        import torch
+
+        from quantbuild.evaluation.distributions import log_softmax
 
         self._reset()
         self._decode(tokens, 0, all_logits=True)
-        logits = self._logits(len(tokens))[:-1].astype(np.float64)
-        logits -= logits.max(axis=-1, keepdims=True)
-        logits -= np.log(np.exp(logits).sum(axis=-1, keepdims=True))
-        return torch.from_numpy(logits.astype(np.float32))
+        return log_softmax(self._logits(len(tokens))[:-1].astype(np.float64)).astype(np.float32)
 
     def text_positions(self, texts: list[str]) -> Iterator[tuple[Any, Any]]:
         return sequence_positions(self, [self.tokenize(text) for text in texts])

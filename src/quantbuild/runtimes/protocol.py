@@ -103,12 +103,14 @@ class Runtime(Protocol):
     def bos_token(self) -> Optional[int]: ...
 
     def logprobs(self, tokens: list[int]) -> Any:
-        """Log-probabilities [len(tokens) - 1, n_vocab] of each next token: a float32 torch
-        tensor on the CPU, whatever device the model runs on."""
+        """Log-probabilities [len(tokens) - 1, n_vocab] of each next token: a float32 numpy
+        array, whatever device the model runs on (no runtime's framework crosses the
+        protocol: a llama.cpp process never loads torch)."""
 
     def text_positions(self, texts: list[str]) -> Iterator[tuple[Any, Any]]:
-        """(log-probabilities [P, vocab], next-token targets [P]) over `texts`, each
-        tokenized with its special tokens, batched as the runtime batches best."""
+        """(log-probabilities [P, vocab] float32, next-token targets [P] int64) numpy arrays
+        over `texts`, each tokenized with its special tokens, batched as the runtime batches
+        best."""
 
     def complete(self, prompts: list[str], max_new_tokens: int, special: bool = False) -> list[Completion]:
         """Greedy completions of `prompts` (control tokens removed), in order; `special` as
@@ -148,7 +150,7 @@ def chat_format(spec: LoadSpec) -> ChatFormat:
 def sequence_positions(runtime: Runtime, sequences: list[list[int]]) -> Iterator[tuple[Any, Any]]:
     """(log-probabilities [P, vocab], next-token targets [P]) per token sequence, one
     sequence at a time (no padding), on any runtime."""
-    import torch
+    import numpy as np
 
     for tokens in sequences:
-        yield runtime.logprobs(tokens), torch.tensor(tokens[1:], dtype=torch.long)
+        yield runtime.logprobs(tokens), np.asarray(tokens[1:], dtype=np.int64)

@@ -83,11 +83,11 @@ class TorchRuntime:
 
         with torch.inference_mode():
             logits = self.model(input_ids=torch.tensor([tokens], device=self.device)).logits[0, :-1].float()
-        return torch.log_softmax(logits, dim=-1).cpu()
+        return torch.log_softmax(logits, dim=-1).cpu().numpy()
 
     def text_positions(self, texts: list[str]) -> Iterator[tuple[Any, Any]]:
-        """Batches of `batch_size` texts, right-padded: valid positions only, on the CPU
-        (where a stored reference lives), whatever device the model runs on."""
+        """Batches of `batch_size` texts, right-padded: valid positions only, as numpy arrays
+        (the protocol's), whatever device the model runs on."""
         import torch
 
         self.tokenizer.padding_side = "right"
@@ -98,7 +98,7 @@ class TorchRuntime:
                 logits = self.model(**batch).logits.float()
             mask = batch["attention_mask"][:, 1:].bool()
             logprobs = torch.log_softmax(logits[:, :-1], dim=-1)[mask]
-            yield logprobs.cpu(), batch["input_ids"][:, 1:][mask].cpu()
+            yield logprobs.cpu().numpy(), batch["input_ids"][:, 1:][mask].cpu().numpy()
 
     def complete(self, prompts: list[str], max_new_tokens: int, special: bool = False) -> list[Completion]:
         """transformers' greedy `generate`, left-padded batches of similar length (greedy
