@@ -71,13 +71,12 @@ def stages_run(output: str) -> set[str]:
 
 
 def has_cuda() -> bool:
-    """A CUDA GPU torch can use."""
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except ImportError:
-        return False
+    """A CUDA GPU torch can use, asked in a process of its own: a CUDA torch and llama.cpp's
+    CUDA build crash in one process (bench/README.md), so llama.cpp's GPU tests keep torch
+    out of theirs."""
+    asked = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
+                           capture_output=True, text=True)
+    return asked.stdout.strip() == "True"
 
 
 def llama_cpp_has_cuda() -> bool:

@@ -7,6 +7,8 @@ and an NVIDIA GPU) and are skipped without one."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -37,11 +39,28 @@ MEMORY_KEYS = {"peak_mb", "kv_cache_mb", "weights_mb", "compute_mb", "output_mb"
 
 @pytest.fixture(scope="module")
 def gguf(tmp_path_factory) -> Path:
-    from quantbuild.runtimes.gguf_file import convert
-
+    """The bundled baseline as F16 GGUF, converted in a process of its own: the converter
+    runs torch, which this file's process (llama.cpp on a GPU) must never load."""
     path = tmp_path_factory.mktemp("llama_cuda") / "base.gguf"
-    convert(BASELINE, path, "f16")
+    subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; "
+                    "from quantbuild.runtimes.gguf_file import convert; "
+                    "convert(Path(sys.argv[1]), Path(sys.argv[2]), 'f16')", str(BASELINE), str(path)], check=True,
+                   capture_output=True)
     return path
+
+
+def test_reading_a_gguf_header_loads_llama_cpp_before_gguf_py(gguf):
+    """gguf-py imports sentencepiece, whose wheel carries a second GNU OpenMP runtime; a CUDA
+    build of llama.cpp loaded after it crashed in model loading (SIGSEGV on the H200). A
+    fresh process that reads a header (as evaluate and verify do before they load the file)
+    has llama.cpp's libraries in first, and then runs the model."""
+    code = ("import sys; from pathlib import Path; from quantbuild.runtimes import gguf_file, llama_cpp; "
+            "gguf_file.layout(Path(sys.argv[1])); order = list(sys.modules); "
+            "assert 'llama_cpp' in order and order.index('llama_cpp') < order.index('gguf'), order; "
+            "model = llama_cpp.LlamaCppModel(Path(sys.argv[1]), n_ctx=64, threads=1); "
+            "print(model.logprobs(model.tokenize('Hello'))[-1].argmax())")
+    result = subprocess.run([sys.executable, "-c", code, str(gguf)], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip().isdigit(), result.stderr[-2000:]
 
 
 def test_a_cuda_log_splits_into_the_gpu_s_buffers_and_the_host_s():

@@ -9,6 +9,7 @@ errors. A real bug's traceback goes to both.
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import sys
 import time
@@ -57,6 +58,8 @@ def run_stage(body: Callable[[Config], None], params: Path = Path("params.yaml")
     log = LOGS / f"{stage_name()}.log"
     _STARTED[0] = time.perf_counter()
     with _stderr_to(log) as terminal:
+        # a crash in native code (llama.cpp, torch) leaves the Python stack in the log
+        faulthandler.enable()
         try:
             config = load_config(params)
             remove_staging_debris(Path(config.paths.artifacts))

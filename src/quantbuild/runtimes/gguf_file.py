@@ -25,11 +25,12 @@ import json
 import logging
 import math
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from quantbuild.errors import ConfigError, IntegrityError
+from quantbuild.errors import ConfigError, IntegrityError, RuntimeUnavailable
 from quantbuild.runtimes.llama_build import vendored_converter
 
 SCHEMA = "quantbuild.gguf/v1"
@@ -83,6 +84,24 @@ def check_architecture(baseline: Path) -> str:
         raise ConfigError(f"{baseline}/config.json: architecture {architecture!r} is not supported by llama.cpp's "
                           f"converter (allowed: a text architecture convert_hf_to_gguf knows, e.g. LlamaForCausalLM)")
     return architecture
+
+
+def gguf_py() -> Any:
+    """The vendored gguf-py, imported after llama.cpp's own libraries where they are
+    installed, for the processes that read a GGUF file and then run it. gguf-py imports
+    sentencepiece, whose wheel carries its own GNU OpenMP runtime; loaded before it,
+    llama.cpp's CUDA build crashed inside model loading on an H200 (SIGSEGV in every
+    evaluate stage), and loaded first, the same stage ran (bench/README.md). The converter
+    and the sensitivity stage import gguf-py plainly: they run torch, never llama.cpp, in
+    their own process."""
+    if "gguf" not in sys.modules:
+        from quantbuild.runtimes.llama_cpp import bindings
+
+        with contextlib.suppress(RuntimeUnavailable):
+            bindings()
+    import gguf
+
+    return gguf
 
 
 def convert(baseline: Path, out: Path, outtype: str = "f16", model_name: str | None = None) -> None:
@@ -211,8 +230,7 @@ def layout(path: Path) -> Layout:
     """Parse the header of `path`; anything malformed is an IntegrityError naming the file."""
     import mmap
 
-    import gguf
-
+    gguf = gguf_py()
     if not path.is_file():
         raise IntegrityError(f"{path}: GGUF file not found")
     with path.open("rb") as handle:

@@ -79,11 +79,12 @@ def require_available() -> None:
     llama.cpp target: the pinned bindings load and the tools are built."""
     for name in TOOLS:
         tool(name)
-    _bindings()
+    bindings()
 
 
-def _bindings() -> Any:
-    """llama_cpp's low-level API, with llama.cpp's log captured instead of printed."""
+def bindings() -> Any:
+    """llama_cpp's low-level API, with llama.cpp's log captured instead of printed. Load it
+    before gguf-py in a process that runs llama.cpp (`gguf_file.gguf_py` does)."""
     global _LOG_CALLBACK
     version()
     try:
@@ -102,7 +103,7 @@ def _bindings() -> Any:
 
 
 def system_info() -> str:
-    return _bindings().llama_print_system_info().decode()
+    return bindings().llama_print_system_info().decode()
 
 
 def devices() -> list[str]:
@@ -132,7 +133,7 @@ def _cuda_unavailable() -> Optional[str]:
         return ("llama.cpp was built for the CPU only; `make install` builds the CUDA backend where nvcc and an "
                 "NVIDIA GPU are present")
     # true once a GPU device is registered: the CUDA backend found one
-    if not _bindings().llama_supports_gpu_offload():
+    if not bindings().llama_supports_gpu_offload():
         return "no NVIDIA GPU is visible"
     return None
 
@@ -204,7 +205,7 @@ class LlamaCppModel:
 
     def __init__(self, path: Path, n_ctx: int = 2048, kv_type: str = "f16", threads: int = 2,
                  repack: bool = False, parallel: int = 1, device: str = "cpu") -> None:
-        lib = self._lib = _bindings()
+        lib = self._lib = bindings()
         if kv_type not in KV_TYPES:
             raise ConfigError(f"llama.cpp: kv cache type {kv_type!r} is not allowed (allowed: {' | '.join(KV_TYPES)})")
         require_device(device)
@@ -215,14 +216,11 @@ class LlamaCppModel:
         start = len(_LOG)
         params = lib.llama_model_default_params()
         params.use_extra_bufts = repack
-        no_gpu = (ctypes.c_void_p * 1)()  # alive until the model is loaded
-        if device == "cuda":
-            # every layer and the output layer (a negative count: all) on one GPU, the first
-            params.n_gpu_layers, params.split_mode, params.main_gpu = -1, lib.LLAMA_SPLIT_MODE_NONE, 0
-        else:
-            # a device list holding only its NULL end (`llama-cli --device none`): the model
-            # has no GPU, so no context of it schedules work on one (op_offload included)
-            params.n_gpu_layers, params.devices = 0, ctypes.addressof(no_gpu)
+        # one device: the first GPU, every layer and the output layer (a negative count: all)
+        # on it; or none (no main GPU: llama.cpp clears the model's device list, as
+        # `llama-cli --device none`), so no context of it schedules work on a GPU
+        params.split_mode = lib.LLAMA_SPLIT_MODE_NONE
+        params.n_gpu_layers, params.main_gpu = (-1, 0) if device == "cuda" else (0, -1)
         self.model = lib.llama_model_load_from_file(str(path).encode(), params)
         if not self.model:
             detail = next((line.strip() for line in reversed(_LOG[start:]) if line.strip()), "no detail")
