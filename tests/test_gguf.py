@@ -286,6 +286,69 @@ def test_the_file_carries_its_lineage_and_verifies_alone(built):
     assert sha256_json(llama) != "f" * 64
 
 
+def _with_value(path: Path, out: Path, key: str, value: str | None) -> Path:
+    """`path` rewritten with string key/value `key` set to `value` (any length), or removed
+    (None), everything else byte for byte: an attacker's edit."""
+    import struct
+
+    from quantbuild.runtimes.gguf_file import MAGIC, _kv_string, layout
+
+    source = layout(path)
+    entries = [(_kv_string(name, value) if name == key else entry) for name, entry in source.kv_entries.items()
+               if not (name == key and value is None)]
+    if key not in source.kv_entries and value is not None:
+        entries.append(_kv_string(key, value))
+    header = (MAGIC + struct.pack("<I", source.version) + struct.pack("<Q", len(source.tensors))
+              + struct.pack("<Q", len(entries)) + b"".join(entries) + source.tensor_info_bytes)
+    out.write_bytes(header + b"\0" * (-len(header) % source.alignment) + path.read_bytes()[source.data_start:])
+    return out
+
+
+def test_an_edited_key_value_of_a_lone_gguf_names_itself(base, tmp_path):
+    """Lineage, tokenizer or template edited in place (same length or not), a key added or
+    removed: `verify FILE.gguf` and `lineage FILE.gguf` exit 1 in one line naming the key."""
+    from quantbuild.runtimes.gguf_file import write_with_lineage
+
+    released = tmp_path / "released.gguf"
+    write_with_lineage(base / BASE_FILE, released, {"variant": {"name": "gguf_q8_0", "type": "Q8_0"}})
+    assert not verify_gguf(released, current_llama_cpp={}).problems
+    same_length = tmp_path / "same.gguf"
+    data = released.read_bytes()
+    same_length.write_bytes(data.replace(b'"gguf_q8_0"', b'"gguf_q9_0"', 1))
+    longer = _with_value(released, tmp_path / "longer.gguf", f"{PREFIX}variant", '{"name":"gguf_f16","type":"F16"}')
+    template = _with_value(released, tmp_path / "template.gguf", "tokenizer.chat_template", "{{ messages }}")
+    removed = _with_value(released, tmp_path / "removed.gguf", "tokenizer.ggml.pre", None)
+    cases = {same_length: f"{PREFIX}variant changed", longer: f"{PREFIX}variant changed",
+             template: "tokenizer.chat_template added", removed: "tokenizer.ggml.pre removed"}
+    with LlamaCppModel(longer, n_ctx=64) as model:  # a well-formed file: llama.cpp loads it
+        assert model.n_vocab > 0
+    binary = Path(sys.executable).parent / "quantbuild"
+    for path, named in cases.items():
+        result = subprocess.run([str(binary), "verify", str(path)], capture_output=True, text=True)
+        assert result.returncode == 1 and named in result.stderr, (path.name, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1
+        traced = subprocess.run([str(binary), "lineage", str(path)], capture_output=True, text=True)
+        assert traced.returncode == 1 and named in traced.stdout + traced.stderr, path.name
+    # a file without the digest (an older quantbuild's, or stripped of it) is not trusted
+    stripped = _with_value(released, tmp_path / "stripped.gguf", f"{PREFIX}kv_sha256", None)
+    assert any("no digest of its key/values" in problem for problem in verify_gguf(stripped).problems)
+
+
+def test_a_manifest_given_to_a_lone_gguf_obeys_the_bundle_s_path_rules(base, tmp_path):
+    from quantbuild.runtimes.gguf_file import write_with_lineage
+
+    released = tmp_path / "model.gguf"
+    write_with_lineage(base / BASE_FILE, released, {"variant": {"name": "gguf_q8_0"}})
+    entry = {"sha256": sha256_file(released), "size": released.stat().st_size}
+    for name, said in (("../model.gguf", "escapes the bundle"), ("model.gguf\u0000x", "control character")):
+        manifest = tmp_path / name.replace("/", "_").replace("\0", "") / "manifest.json"
+        manifest.parent.mkdir()
+        manifest.write_text(json.dumps({"schema": "quantbuild.release.manifest/v1",
+                                        "files": {"model.gguf": entry, name: entry}}))
+        result = verify_gguf(released, manifest, current_llama_cpp={})
+        assert result.exit_code == 1 and any(said in problem for problem in result.problems), result.problems
+
+
 def test_a_tampered_or_truncated_gguf_is_one_line_and_exit_1(built, tmp_path):
     source = built["q8_0"] / MODEL_DIR / MODEL_FILE
     tampered = tmp_path / "tampered.gguf"

@@ -10,6 +10,7 @@ import pytest
 
 from conftest import REPO
 from quantbuild.fingerprint import fingerprints
+from quantbuild.hashing import sha256_file
 from quantbuild.release.manifest import MANIFEST
 from quantbuild.release.packaging import build_bundle
 from quantbuild.release.provenance import PREDICATE_TYPE, PROVENANCE, STATEMENT_TYPE
@@ -188,10 +189,10 @@ def _resign_with(bundle, key):
 @pytest.mark.parametrize(
     ("tamper", "message"),
     [
-        (lambda b, k: _resign_with(b, k / "b.key"), "model.sig: signature does not verify with"),
+        (lambda b, k: _resign_with(b, k / "b.key"), "model.sig: does not verify with"),
         (lambda b, k: (b / SIGNATURE).unlink(), "model.sig: missing (the manifest says the bundle is signed)"),
-        (lambda b, k: flip_byte(b), "model.sig: signature does not verify"),
-        (lambda b, k: (b / SIGNATURE).write_bytes(b"{}"), "model.sig: signature does not verify"),
+        (lambda b, k: flip_byte(b), "model.sig: does not verify with"),
+        (lambda b, k: (b / SIGNATURE).write_bytes(b"{}"), "model.sig: does not verify with"),
     ],
 )
 def test_signature_tampering_is_an_integrity_failure(signed, keys, tamper, message):
@@ -199,6 +200,30 @@ def test_signature_tampering_is_an_integrity_failure(signed, keys, tamper, messa
     result = verify(signed, public_key=keys / "a.pub")
     assert result.exit_code == 1
     assert any(message in problem for problem in result.problems), result.problems
+
+
+def test_a_signed_bundle_changed_with_its_manifest_names_the_file_in_one_short_line(signed, keys):
+    """An attacker rewrites a file and its manifest entry to match: the manifest check passes,
+    the signature does not, and the line names the file (the library's whole message is in
+    --json's details)."""
+    (signed / "config.json").write_text('{"a": 2}')
+    manifest = json.loads((signed / MANIFEST).read_text())
+    manifest["files"]["config.json"]["sha256"] = sha256_file(signed / "config.json")
+    (signed / MANIFEST).write_text(json.dumps(manifest))
+    result = verify(signed, public_key=keys / "a.pub")
+    assert result.exit_code == 1 and len(result.problems) == 1, result.problems
+    line = result.problems[0]
+    assert line.startswith("model.sig: does not verify with") and "config.json: differs from the signed file" in line
+    assert "(and 1 more: --json)" in line and len(line) < 200, line  # manifest.json changed too
+    assert any("Hash mismatch" in detail for detail in result.as_dict()["details"])
+
+
+def test_a_manifest_file_name_with_a_control_character_is_one_line(bundle):
+    manifest = json.loads((bundle / MANIFEST).read_text())
+    manifest["files"]["config\u0000.json"] = manifest["files"].pop("config.json")
+    (bundle / MANIFEST).write_text(json.dumps(manifest))
+    result = verify(bundle)
+    assert result.exit_code == 1 and result.problems == ["manifest path 'config\\x00.json' holds a control character"]
 
 
 def test_signed_bundle_checked_with_another_key_or_none_fails(signed, keys):

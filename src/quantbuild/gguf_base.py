@@ -5,20 +5,34 @@ file every gguf variant is quantized from, and the baseline a llama.cpp ladder i
 against. `imatrix.gguf` is llama-imatrix's importance matrix over the project's seeded
 calibration mix, drawn to `calibration.imatrix_samples` samples: measured here, an imatrix
 from the 48 calibration samples (7.9k tokens) made Q4_K_M worse than none, one from ~100k
-tokens helped (bench/README.md). The text goes to a temporary file outside the artifacts
-and is deleted; the record keeps its digest, token count and composition only.
+tokens helped (bench/README.md). The text is no artifact: the record keeps its digest, token
+count and composition only, and the text itself never outlives the run that reads it
+(`private_folder` says how, SIGKILL included).
 """
 
 from __future__ import annotations
 
-import tempfile
+import os
+import shutil
+import signal
+import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from quantbuild.config import CalibrationConfig
 from quantbuild.gguf_artifacts import BASE_FILE, IMATRIX_FILE, RECORD
 from quantbuild.hashing import sha256_bytes, sha256_file, staged_dir, write_json
 
+# Where llama-imatrix reads the calibration text: a folder beside the matrix, so inside the
+# stage's staging folder (`artifacts/.gguf.partial`), never outside the repository. Its
+# `.partial` name makes it staging debris wherever it sits: a run killed by SIGKILL leaves
+# it, and the next start of any stage removes it (`hashing.remove_staging_debris`), as
+# does the next `compute_imatrix` beside the same matrix.
+TEXT_DIR = ".calibration-text.partial"
+# Signals that end the process by default: while the text exists they unwind the stack
+# instead (the imatrix subprocess is killed, the folder removed), then end it as before.
+TERMINATING = (signal.SIGTERM, signal.SIGHUP)
 
 
 def build_base(baseline: Path, calibration: CalibrationConfig, data_dir: Path, base_type: str, needed: bool,
@@ -70,20 +84,62 @@ def compute_imatrix(base: Path, calibration: CalibrationConfig, data_dir: Path, 
         raise DataError(f"calibration: the imatrix mix has {tokens} tokens, fewer than two chunks of {chunk} "
                         f"(raise calibration.imatrix_samples or lower calibration.imatrix_chunk)")
     text_sha256 = sha256_bytes(text.encode("utf-8"))
-    with tempfile.TemporaryDirectory(prefix="quantbuild-imatrix-") as folder:
+    with private_folder(out.parent / TEXT_DIR) as folder:
         # llama-imatrix records the dataset's path in the matrix (and llama-quantize copies it
         # into every GGUF): a name from the text's digest, relative, keeps both reproducible.
         corpus = f"calibration-{text_sha256[:16]}.txt"
-        (Path(folder) / corpus).write_text(text, encoding="utf-8")
+        (folder / corpus).write_text(text, encoding="utf-8")
         args = ["-m", str(base.resolve()), "-f", corpus, "-o", str(out.resolve()), "-c", str(chunk), "-b", str(chunk),
                 "-t", "2", "--no-ppl", "--output-frequency", "1000000"]
         if not repack:
             args.append("--no-repack")
         if chat:
             args.append("--parse-special")
-        run_tool("llama-imatrix", args, "gguf importance matrix", cwd=Path(folder))
+        run_tool("llama-imatrix", args, "gguf importance matrix", cwd=folder)
     # The matrix records how many chunks it saw (llama.cpp's log is not a reliable source).
     used_chunks = int(metadata(out)["imatrix.chunk_count"])
     return {"sha256": sha256_file(out), "text_sha256": text_sha256, "tokens": tokens,
             "tokens_used": used_chunks * chunk, "chunks": used_chunks, "chunk_size": chunk,
             "samples": len(texts), "seed": calibration.seed, "composition": composition}
+
+
+class _Terminated(BaseException):
+    """A terminating signal, raised in the main thread so that every `finally` runs."""
+
+
+@contextmanager
+def private_folder(folder: Path) -> Iterator[Path]:
+    """`folder`, empty (a stale one from a killed run is removed first), and removed again on
+    every way out: return, exception, Ctrl-C (KeyboardInterrupt), and SIGTERM or SIGHUP,
+    which while it exists raise in the main thread (a running subprocess is killed by
+    `subprocess.run` on the way) and, once it is gone, end the process by that signal as
+    they would have. SIGKILL cannot be caught: its folder stays until the next start."""
+    received: list[int] = []
+    closing = [False]
+
+    def terminate(signum: int, frame: Any) -> None:
+        received.append(signum)
+        if not closing[0] and len(received) == 1:
+            raise _Terminated(signum)
+
+    # Only the main thread may set handlers, and one a caller installed is the caller's to keep.
+    replaced = {}
+    if threading.current_thread() is threading.main_thread():
+        replaced = {signum: signal.signal(signum, terminate) for signum in TERMINATING
+                    if signal.getsignal(signum) == signal.SIG_DFL}
+    try:
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        yield folder
+    except _Terminated:
+        pass
+    finally:
+        closing[0] = True
+        shutil.rmtree(folder, ignore_errors=True)
+        for signum, handler in replaced.items():
+            signal.signal(signum, handler)
+    if received:
+        os.kill(os.getpid(), received[0])
+        # Delivered to another thread, the signal may land a moment later: never carry on
+        # as if the step had finished.
+        raise SystemExit(128 + received[0])

@@ -2,7 +2,8 @@
 
 Schema `quantbuild.release.manifest/v1`. Readers refuse other versions loudly rather than guess.
 Paths inside a manifest are POSIX paths relative to the bundle; anything absolute, with
-`..`, or resolving outside the bundle (a symlink) is rejected.
+`..`, a backslash or a control character (NUL included), or resolving outside the bundle (a
+symlink) is rejected, whoever reads the manifest (a bundle's verify, or a lone file's).
 """
 
 from __future__ import annotations
@@ -17,12 +18,20 @@ SCHEMA = "quantbuild.release.manifest/v1"
 MANIFEST = "manifest.json"
 
 
-def safe_relative(bundle: Path, name: str) -> Path:
-    """`bundle / name`, refusing names that could point outside the bundle."""
+def check_name(name: str) -> PurePosixPath:
+    """A manifest's file name as a relative POSIX path, or IntegrityError naming it: no
+    control character, nothing absolute, no `..`, no backslash."""
+    if any(ord(char) < 32 or ord(char) == 127 for char in name):
+        raise IntegrityError(f"manifest path {name!r} holds a control character")
     pure = PurePosixPath(name)
     if pure.is_absolute() or ".." in pure.parts or not pure.parts or "\\" in name:
         raise IntegrityError(f"manifest path {name!r} escapes the bundle")
-    path = bundle / pure
+    return pure
+
+
+def safe_relative(bundle: Path, name: str) -> Path:
+    """`bundle / name`, refusing names that could point outside the bundle."""
+    path = bundle / check_name(name)
     if path.is_symlink() or not path.resolve().is_relative_to(bundle.resolve()):
         raise IntegrityError(f"{name}: is a symlink or resolves outside the bundle")
     return path
@@ -54,6 +63,7 @@ def read_manifest(bundle: Path) -> dict[str, Any]:
     if not isinstance(manifest.get("files"), dict) or not manifest["files"]:
         raise IntegrityError(f"{path}: manifest lists no files")
     for name, entry in manifest["files"].items():
+        check_name(name)
         digest = entry.get("sha256") if isinstance(entry, dict) else None
         if not (isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)) \
                 or not isinstance(entry.get("size"), int):

@@ -73,8 +73,32 @@ def sign_bundle(bundle: Path, private_key_path: Path) -> None:
      .use_elliptic_key_signer(private_key=private_key_path).sign(bundle, bundle / SIGNATURE))
 
 
-def check_signature(bundle: Path, record: dict, public_key_path: Path | None) -> list[str]:
-    """Problems with the bundle's signature (empty when it verifies with `public_key_path`)."""
+def signed_changes(bundle: Path) -> list[str]:
+    """How the bundle differs from the files its signature lists, read from the signature's
+    payload without trusting it: it explains a failed verification, it never passes one."""
+    import base64
+    import json
+
+    from quantbuild.hashing import sha256_file
+
+    try:
+        envelope = json.loads((bundle / SIGNATURE).read_text(encoding="utf-8"))["dsseEnvelope"]
+        statement = json.loads(base64.b64decode(envelope["payload"]))
+        signed = {entry["name"]: entry["digest"] for entry in statement["predicate"]["resources"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    present = {path.relative_to(bundle).as_posix(): path for path in bundle.rglob("*")
+               if path.is_file() and not path.is_symlink() and path.name != SIGNATURE}
+    return ([f"{name}: differs from the signed file" for name in sorted(signed)
+             if name in present and sha256_file(present[name]) != signed[name]]
+            + [f"{name}: signed, and missing" for name in sorted(set(signed) - set(present))]
+            + [f"{name}: not signed" for name in sorted(set(present) - set(signed))])
+
+
+def check_signature(bundle: Path, record: dict, public_key_path: Path | None,
+                    details: list[str] | None = None) -> list[str]:
+    """Problems with the bundle's signature (empty when it verifies with `public_key_path`),
+    one short line each; the signature library's whole message is appended to `details`."""
     from cryptography.hazmat.primitives.serialization import load_pem_public_key
     from model_signing import verifying
 
@@ -99,6 +123,10 @@ def check_signature(bundle: Path, record: dict, public_key_path: Path | None) ->
         (verifying.Config().set_hashing_config(_hashing_config())
          .use_elliptic_key_verifier(public_key=public_key_path).verify(bundle, bundle / SIGNATURE))
     except Exception as err:  # model-signing raises ValueError and crypto errors alike
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        problems.append(f"{SIGNATURE}: signature does not verify with {public_key_path} ({reason})")
+        if details is not None:
+            details.append(f"{SIGNATURE}: {str(err) or type(err).__name__}")
+        changes = signed_changes(bundle)
+        more = f" (and {len(changes) - 1} more: --json)" if len(changes) > 1 else ""
+        problems.append(f"{SIGNATURE}: does not verify with {public_key_path}: " +
+                        (f"{changes[0]}{more}" if changes else "signed by another key, or the signature was altered"))
     return problems

@@ -29,6 +29,8 @@ class VerifyResult:
     behaviour: dict | None = None
     # the deploy target checked (a bundle validated per target), e.g. llama.cpp-cuda
     target: str | None = None
+    # what a one-line problem leaves out (a signature library's whole message)
+    details: list[str] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
@@ -43,6 +45,7 @@ class VerifyResult:
             **({"target": self.target} if self.target is not None else {}),
             "drift": [{"key": key, "recorded": old, "current": new} for key, old, new in self.drifted],
             **({"behaviour": self.behaviour} if self.behaviour is not None else {}),
+            **({"details": self.details} if self.details else {}),
         }
 
 
@@ -85,7 +88,7 @@ def verify(bundle: Path, current_runtime: dict | None = None, public_key: Path |
             elif path.is_file() and not expected:
                 result.problems.append(f"{name}: extra file not in the manifest")
         if signed:
-            result.problems.extend(check_signature(bundle, manifest["signing"], public_key))
+            result.problems.extend(check_signature(bundle, manifest["signing"], public_key, result.details))
         elif public_key is not None:
             # No downgrade: whoever checks with a key expects a signature; a bundle whose
             # signature (and signing record) were stripped after its bytes changed must not pass.

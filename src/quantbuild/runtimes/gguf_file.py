@@ -11,9 +11,12 @@ llama.cpp pre-tokenizer whose rules the tokenizer's `tokenizer.json` states exac
 data file.
 
 A `.gguf` is copied around without its bundle, so quantbuild writes its lineage into the
-file's own metadata (`quantbuild.*` keys, JSON strings) and a sha256 over every tensor's
-name, type, shape and bytes (`quantbuild.tensors_sha256`), which `quantbuild verify FILE.gguf`
-recomputes.
+file's own metadata (`quantbuild.*` keys, JSON strings), a sha256 over every tensor's name,
+type, shape and bytes (`quantbuild.tensors_sha256`), and a sha256 of every other key/value
+as stored (`quantbuild.kv_sha256`: the tokenizer, the chat template and the lineage alike),
+which `quantbuild verify FILE.gguf` and `quantbuild lineage FILE.gguf` recompute: an edited,
+added or removed key/value names itself. Inside the file these digests catch an edit that
+did not also rewrite them; the bundle's manifest (and its signature) hold the file's sha256.
 """
 
 from __future__ import annotations
@@ -33,9 +36,10 @@ from typing import Any, Optional
 from quantbuild.errors import ConfigError, IntegrityError, RuntimeUnavailable
 from quantbuild.runtimes.llama_build import vendored_converter
 
-SCHEMA = "quantbuild.gguf/v1"
+SCHEMA = "quantbuild.gguf/v2"
 PREFIX = "quantbuild."
 TENSORS_KEY = "quantbuild.tensors_sha256"
+KV_KEY = "quantbuild.kv_sha256"
 OUTTYPES = ("f32", "f16", "bf16")
 
 # HF pre-tokenizer shapes (tokenizer.json `pre_tokenizer`, `normalizer`) that equal a
@@ -250,6 +254,8 @@ def layout(path: Path) -> Layout:
         for _ in range(kv_count):
             start = cursor.at
             key = cursor.string()
+            if key in values:
+                raise IntegrityError(f"{path}: not a valid GGUF file (key {key!r} appears twice)")
             values[key] = cursor.value(cursor.unpack("<I"))
             entries[key] = bytes(data[start:cursor.at])
         kv_end = cursor.at
@@ -370,10 +376,12 @@ def write_with_lineage(source: Path, out: Path, lineage: dict[str, Any]) -> str:
     added = {"schema": SCHEMA, **{key: value if isinstance(value, str)
                                   else json.dumps(value, sort_keys=True, separators=(",", ":"))
                                   for key, value in sorted(lineage.items())}}
-    entries = b"".join(_kv_string(f"{PREFIX}{key}", value) for key, value in added.items())
+    written = {f"{PREFIX}{key}": _kv_string(f"{PREFIX}{key}", value) for key, value in added.items()}
+    digests = {key: hashlib.sha256(entry).hexdigest() for key, entry in {**source_layout.kv_entries, **written}.items()}
+    entries = b"".join(written.values()) + _kv_string(KV_KEY, json.dumps(digests, sort_keys=True, separators=(",", ":")))
     placeholder = "0" * 64
     header = (MAGIC + struct.pack("<I", source_layout.version) + struct.pack("<Q", len(source_layout.tensors))
-              + struct.pack("<Q", len(source_layout.values) + len(added) + 1) + source_layout.kv_bytes + entries
+              + struct.pack("<Q", len(source_layout.values) + len(added) + 2) + source_layout.kv_bytes + entries
               + _kv_string(TENSORS_KEY, placeholder))
     digest_at = len(header) - len(placeholder)
     header += source_layout.tensor_info_bytes
@@ -398,14 +406,37 @@ def write_with_lineage(source: Path, out: Path, lineage: dict[str, Any]) -> str:
     return digest.hexdigest()
 
 
+def metadata_changes(path: Path) -> list[str]:
+    """Each key/value that differs from `quantbuild.kv_sha256` (changed, added or removed),
+    by name; one entry when the digest itself is missing or malformed."""
+    source = layout(path)
+    try:
+        recorded = json.loads(source.values.get(KV_KEY, ""))
+    except (TypeError, ValueError):
+        recorded = None
+    if not isinstance(recorded, dict):
+        return [f"no digest of its key/values ({KV_KEY})"]
+    actual = {key: hashlib.sha256(entry).hexdigest() for key, entry in source.kv_entries.items()
+              if key not in (KV_KEY, TENSORS_KEY)}
+    return ([f"{key} changed" for key in sorted(actual) if key in recorded and recorded[key] != actual[key]]
+            + [f"{key} added" for key in sorted(set(actual) - set(recorded))]
+            + [f"{key} removed" for key in sorted(set(recorded) - set(actual))])
+
+
 def check_lineage(path: Path) -> list[str]:
-    """Problems with a lone `.gguf`: no quantbuild lineage, or tensors that differ from the
-    digest its metadata claims."""
+    """Problems with a lone `.gguf`, one line each: no quantbuild lineage (or an older one
+    without a digest of its key/values), key/values or tensors that differ from the digests
+    its metadata claims."""
     values = metadata(path)
     if values.get(f"{PREFIX}schema") != SCHEMA:
         return [f"{path.name}: no quantbuild lineage in its metadata (schema {values.get(PREFIX + 'schema')!r}, "
-                f"expected {SCHEMA!r})"]
+                f"expected {SCHEMA!r}: an older quantbuild's file is rebuilt with `dvc repro`)"]
+    problems = []
+    changes = metadata_changes(path)
+    if changes:
+        more = f" (and {len(changes) - 1} more)" if len(changes) > 1 else ""
+        problems.append(f"{path.name}: metadata differs from its digest: {changes[0]}{more}")
     claimed, actual = values.get(TENSORS_KEY), tensor_digest(path)
     if claimed != actual:
-        return [f"{path.name}: tensor data differs from its metadata (claimed {claimed}, computed {actual})"]
-    return []
+        problems.append(f"{path.name}: tensor data differs from its metadata (claimed {claimed}, computed {actual})")
+    return problems
