@@ -33,5 +33,9 @@ class RuntimeUnavailable(QuantbuildError):
     """The runtime a variant deploys on is not installed or not built on this machine."""
 
 
+class DiskFull(QuantbuildError):
+    """A write found no space left on its device (ENOSPC, or EDQUOT: a quota)."""
+
+
 class GateError(QuantbuildError):
     """No variant passes the release gate."""

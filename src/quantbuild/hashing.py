@@ -2,20 +2,56 @@
 
 Every artifact folder is written into a sibling temporary folder and renamed into place
 only when complete, so a stage killed mid-run (even by SIGKILL) never leaves a folder that
-looks finished: a later stage or `verify` sees either the old folder or none.
+looks finished: a later stage or `verify` sees either the old folder or none. A full disk
+(or quota) on the way is one line naming the place, the space free and, where the writer
+knows it, the space needed (`DiskFull`); the temporary folder goes, the old folder stays.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
+
+from quantbuild.errors import DiskFull
 
 CHUNK = 1 << 20
+# the errors of a write that found no room: the device is full, or the user's quota is
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def free_bytes(path: Path) -> int:
+    """Bytes free to this user on the device holding `path` (or its nearest existing parent)."""
+    for place in (path, *path.parents):
+        if place.exists():
+            return shutil.disk_usage(place).free
+    return shutil.disk_usage(".").free
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:,.1f} MiB"
+
+
+def disk_full(path: Path, needed: Optional[int] = None) -> DiskFull:
+    """The one line for a write to `path` that found no space (`needed` bytes, where known)."""
+    wanted = f", about {_mib(needed)} needed" if needed else ""
+    return DiskFull(f"{path}: no space left on its device ({_mib(free_bytes(path))} free{wanted}); free some "
+                    f"space and rerun (earlier outputs are as they were)")
+
+
+def is_disk_full(err: BaseException) -> bool:
+    return isinstance(err, OSError) and err.errno in NO_SPACE
+
+
+def require_space(folder: Path, needed: int) -> None:
+    """DiskFull before a write of `needed` bytes into `folder` that cannot fit."""
+    if free_bytes(folder) < needed:
+        raise disk_full(folder, needed)
 
 
 def sha256_file(path: Path) -> str:
@@ -68,8 +104,10 @@ def staged_dir(final: Path) -> Iterator[Path]:
     staging.mkdir()
     try:
         yield staging
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)
+        if is_disk_full(err):
+            raise disk_full(Path(err.filename) if getattr(err, "filename", None) else final) from None
         raise
     previous = final.with_name(f".{final.name}.previous")
     shutil.rmtree(previous, ignore_errors=True)

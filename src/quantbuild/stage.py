@@ -21,7 +21,7 @@ from typing import Callable, Iterator, TextIO
 from quantbuild.config import Config
 from quantbuild.validation import load_config
 from quantbuild.errors import QuantbuildError
-from quantbuild.hashing import remove_staging_debris
+from quantbuild.hashing import disk_full, is_disk_full, remove_staging_debris
 
 LOGS = Path("logs")
 _STARTED = [time.perf_counter()]
@@ -67,10 +67,13 @@ def run_stage(body: Callable[[Config], None], params: Path = Path("params.yaml")
         except QuantbuildError as err:
             print(f"quantbuild: {err}", file=terminal)
             code = err.exit_code
-        except BaseException:
-            details = traceback.format_exc()
-            print(details, file=sys.stderr)
-            print(f"{details}(library output: {log})", file=terminal)
+        except BaseException as err:
+            if is_disk_full(err):  # a write outside the staged folders (they say so themselves)
+                print(f"quantbuild: {disk_full(Path(getattr(err, 'filename', None) or '.'))}", file=terminal)
+            else:
+                details = traceback.format_exc()
+                print(details, file=sys.stderr)
+                print(f"{details}(library output: {log})", file=terminal)
             code = 1
         else:
             code = 0

@@ -15,8 +15,9 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from quantbuild.errors import ConfigError
+from quantbuild.errors import ConfigError, QuantbuildError
 from quantbuild.gguf_artifacts import MODEL_FILE, RECORD, require_base
+from quantbuild.hashing import disk_full, free_bytes, require_space
 from quantbuild.quantizers.base import Inputs, Method, matching_layers, measurements
 from quantbuild.quantizers.planner import Candidate, Level, plan_levels
 
@@ -149,8 +150,18 @@ def _quantize(variant: Any, inputs: Inputs, plan: dict, out: Path) -> dict:
     if tensor_type_file(plan, types_file):
         args += ["--tensor-type-file", str(types_file)]
     quantized = out.parent / "quantized.gguf"
-    output = run_tool("llama-quantize", [*args, str(base), str(quantized), variant.type, "2"],
-                      f"gguf {variant.type}")
+    # the quantized file (about the type's bits over the F16 base's 16, a quarter more for the
+    # tensors a mix keeps wider), then its copy with the lineage beside it
+    bits = TENSOR_TYPE_BITS.get(re.sub(r"_[SML]$", "", variant.type), 16.0)
+    needed = 2 * base.stat().st_size * bits / 16 * 1.25
+    require_space(out, int(needed))
+    try:
+        output = run_tool("llama-quantize", [*args, str(base), str(quantized), variant.type, "2"],
+                          f"gguf {variant.type}")
+    except QuantbuildError:
+        if free_bytes(out) < needed:  # the tool's own line does not say the disk filled
+            raise disk_full(out, int(needed)) from None
+        raise
     from quantbuild.hashing import read_json
 
     record = read_json(inputs.gguf_base / RECORD)

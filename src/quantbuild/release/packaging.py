@@ -11,7 +11,7 @@ from typing import Any, Callable, Optional
 
 from quantbuild.errors import IntegrityError
 from quantbuild.gguf_artifacts import MODEL_FILE
-from quantbuild.hashing import sha256_file, staged_dir, write_json
+from quantbuild.hashing import require_space, sha256_file, staged_dir, write_json
 from quantbuild.release.manifest import MANIFEST, SCHEMA
 from quantbuild.release.provenance import PROVENANCE, statement
 from quantbuild.runtimes.protocol import LLAMA_CPP, ChatFormat, LoadSpec, chat_format
@@ -320,6 +320,8 @@ def write_bundle(bundle: Path, model_dir: Path, lineage: dict[str, Any], signing
     from quantbuild.release.signing import sign_bundle, signing_record
 
     signing = signing_record(signing_key) if signing_key is not None else None
+    copied = [source for source in model_dir.iterdir() if source.is_file()] + list((extra or {}).values())
+    require_space(bundle.parent, sum(source.stat().st_size for source in copied))
     bundle.mkdir()
     for source in sorted(model_dir.iterdir()):
         if source.is_file():
