@@ -114,3 +114,64 @@ def test_rollback_ignores_lock_entries_of_variants_no_longer_in_the_pipeline(rep
     rolled = quantbuild(repo, "rollback", "v1.2.0")
     assert rolled.returncode == 0, rolled.stdout + rolled.stderr
     assert "verify" in rolled.stdout and ": ok" in rolled.stdout
+
+
+QUANTIZED_FILE = f"artifacts/quantized/{QUANTIZED}/model/model.gguf"
+
+
+def _flip_keeping_mtime(path: Path) -> None:
+    """One byte changed, size and mtime as they were: what DVC does not re-check."""
+    import os
+
+    stat = path.stat()
+    path.chmod(0o644)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def test_verify_workspace_names_rot_that_dvc_does_not_see_and_repairs_it(built_project, tmp_path):
+    repo = copy_project(built_project, tmp_path / "repo")
+    clean = quantbuild(repo, "verify", "--workspace")
+    assert clean.returncode == 0 and "the workspace and the DVC cache match" in clean.stdout, clean.stderr
+    weights = repo / QUANTIZED_FILE
+    before = weights.read_bytes()
+    _flip_keeping_mtime(weights)
+    rotten = quantbuild(repo, "verify", "--workspace")
+    assert rotten.returncode == 1, rotten.stdout
+    lines = rotten.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"integrity: {QUANTIZED_FILE}: the workspace copy differs from dvc.lock")
+    assert "--repair" in lines[0]
+    repaired = quantbuild(repo, "verify", "--workspace", "--repair")
+    assert repaired.returncode == 0 and f"repaired: {QUANTIZED_FILE}" in repaired.stdout, repaired.stderr
+    assert weights.read_bytes() == before
+    # the cache copy rotten too, and no remote holds another: rebuild, named with its stage
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    listing_md5 = next(out["md5"] for out in lock["stages"][f"quantize@{QUANTIZED}"]["outs"])
+    cache = repo / ".dvc" / "cache" / "files" / "md5"
+    listing = json.loads((cache / listing_md5[:2] / listing_md5[2:]).read_text())
+    md5 = next(entry["md5"] for entry in listing if entry["relpath"].endswith("model.gguf"))
+    _flip_keeping_mtime(cache / md5[:2] / md5[2:])
+    gone = quantbuild(repo, "verify", "--workspace")
+    assert gone.returncode == 1 and "the stored object is corrupted in the cache" in gone.stderr
+    assert f"rebuild it with `dvc repro --force quantize@{QUANTIZED}`" in gone.stderr
+
+
+def test_rollback_to_a_release_made_before_signing_warns_and_verifies(built_project, tmp_path):
+    repo = copy_project(built_project, tmp_path / "repo")
+    commit_all(repo, "r0")
+    quantbuild(repo, "release", "--version", "v0.9.0", check=True)
+    unsigned = bundle_digests(repo)
+    assert quantbuild(repo, "keygen", "--out", "keys").returncode == 0
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["package"] = {"signing_key": "keys/quantbuild-signing.key", "public_key": "keys/quantbuild-signing.pub"}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    dvc(repo, "repro", check=True)
+    commit_all(repo, "r1 signed")
+    quantbuild(repo, "release", "--version", "v1.0.0", check=True)
+    # the public key comes from the params being rolled away from; the release is unsigned
+    rolled = quantbuild(repo, "rollback", "v0.9.0")
+    assert rolled.returncode == 0, rolled.stdout + rolled.stderr
+    assert "warning: workflow-llama-8m@v0.9.0 was released unsigned" in rolled.stdout
+    assert "INTEGRITY" not in rolled.stdout and bundle_digests(repo) == unsigned

@@ -95,6 +95,26 @@ def _released(path: Optional[Path], params: Path = Path("params.yaml"), target: 
 RELEASED = typer.Argument(None, help="a bundle folder or a .gguf (default: the bundle the last `dvc repro` released)")
 
 
+def _verify_workspace(repair: bool, as_json: bool) -> None:
+    from quantbuild.release.releasing import repair_workspace, workspace_rot
+
+    try:
+        repaired = repair_workspace(Path(".")) if repair else []
+        problems, checked = workspace_rot(Path("."))
+    except QuantbuildError as err:
+        _fail(err)
+    if as_json:
+        typer.echo(json.dumps({"checked": checked, "repaired": repaired, "problems": problems}, indent=2))
+    else:
+        for line in repaired:
+            typer.echo(f"repaired: {line}")
+        for problem in problems:
+            typer.echo(f"integrity: {problem}", err=True)
+        if not problems:
+            typer.echo(f"workspace: {checked} output files of dvc.lock re-hashed; the workspace and the DVC cache match")
+    raise typer.Exit(1 if problems else 0)
+
+
 @app.command()
 def verify(path: Optional[Path] = RELEASED, as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
            public_key: Optional[Path] = PUBLIC_KEY,
@@ -108,14 +128,23 @@ def verify(path: Optional[Path] = RELEASED, as_json: bool = typer.Option(False, 
            threads: Optional[int] = typer.Option(None, help="threads for --behaviour (default: all cores)"),
            target: Optional[str] = typer.Option(None, help="the deploy target to check the bundle for, e.g. "
                                                            "llama.cpp-cpu (default: the one this machine runs it on: "
-                                                           "its GPU where the runtime can use one)")) -> None:
+                                                           "its GPU where the runtime can use one)"),
+           workspace: bool = typer.Option(False, "--workspace", help="instead: re-hash every output file the current "
+                                                                     "dvc.lock records, in the workspace and the DVC "
+                                                                     "cache, naming each rotten one"),
+           repair: bool = typer.Option(False, "--repair", help="with --workspace: first restore rotten files from "
+                                                               "intact stored copies")) -> None:
     """Re-hash a bundle against its manifest, check its signature, compare the runtime and the deploy target it
     was validated on (a bundle never measured on this machine's target is not called validated: exit 2); with
     --behaviour, rerun that target's probes and compare what the model computes. A lone .gguf is checked against
-    the lineage in its own metadata."""
+    the lineage in its own metadata. With --workspace, the pipeline's outputs and their DVC cache objects are
+    re-hashed against dvc.lock (DVC itself trusts unchanged sizes and mtimes)."""
     from quantbuild.release.verify import verify as verify_bundle
     from quantbuild.release.verify import verify_behaviour, verify_gguf
     from quantbuild.runtimes import RUN_TARGETS
+
+    if workspace or repair:
+        _verify_workspace(repair, as_json)
 
     if target is not None and target not in RUN_TARGETS:
         _fail(QuantbuildError(f"--target {target}: unknown (known: {', '.join(RUN_TARGETS)})"))

@@ -4,7 +4,10 @@ release: a clean, up-to-date, verified pipeline state is pushed to the DVC remot
 tagged with GTO. audit: every release's manifest, read back from the cache/remote by the
 md5s its dvc.lock recorded, with every digest re-checked. rollback: a release's dvc.lock,
 params.yaml and conf/ are restored, its outputs checked out (pulled where the cache lacks
-them) and verified, and what changed is printed.
+them) and verified, and what changed is printed. verify --workspace (`workspace_rot`):
+every file the current dvc.lock records, in the workspace and in the DVC cache, re-hashed
+(DVC trusts a file whose size and mtime did not change, iterative/dvc#9641), each rotten
+one named with how to restore it.
 """
 
 from __future__ import annotations
@@ -17,10 +20,10 @@ import yaml
 
 from quantbuild.config import Config
 from quantbuild.hashing import read_json, sha256_file
-from quantbuild.release.registry import (PACKAGE_STAGE, ReleaseError, dvc, find_object, git, lock_at, object_stores,
-                                 package_out, read_released_manifest, register, release_record, releases, released_files,
-                                 describe_missing, move_stage, repair, repository_lock, require_clean, resolve,
-                                 stage_history)
+from quantbuild.release.registry import (PACKAGE_STAGE, ReleaseError, dvc, file_digests, find_object, git, lock_at,
+                                 object_copies, object_stores, package_out, read_released_manifest, register,
+                                 release_record, releases, released_files, describe_missing, move_stage, repair,
+                                 repository_lock, require_clean, resolve, stage_history)
 from quantbuild.release.verify import verify
 
 # Stages whose "changed" status does not make a release stale: the fingerprint stage is
@@ -201,6 +204,79 @@ def repair_releases(repo: Path) -> list[str]:
         return done
 
 
+def _rot(repo: Path, lock: dict[str, Any], stage: str) -> list[tuple[str, str, str, Optional[Path]]]:
+    """(file, md5, what is wrong, an intact stored copy or None) for each file of the stage's
+    outputs whose workspace or stored bytes no longer hash to what dvc.lock recorded."""
+    objects, problems = _stage_objects(repo, lock, [stage])
+    rotten: list[tuple[str, str, str, Optional[Path]]] = [("", "", problem, None) for problem in problems]
+    for name, md5 in objects:
+        if md5.endswith(".dir"):
+            continue
+        copies = object_copies(repo, md5)
+        intact = next((path for _, path, good in copies if good), None)
+        corrupt = [label for label, _, good in copies if not good]
+        if corrupt:
+            rotten.append((name, md5, f"the stored object is corrupted in the {' and the '.join(corrupt)}", intact))
+        path = repo / name
+        if not path.is_file():
+            rotten.append((name, md5, "missing from the workspace", intact))
+        elif file_digests(path)[0] != md5:
+            rotten.append((name, md5, "the workspace copy differs from dvc.lock", intact))
+    return rotten
+
+
+def workspace_rot(repo: Path) -> tuple[list[str], int]:
+    """`quantbuild verify --workspace`: (lines, files checked) for every output file the
+    current dvc.lock records, each rotten one with how to restore it."""
+    lock = _workspace_lock(repo)
+    lines, checked = [], 0
+    # the fingerprint stage runs on every repro, and its output is not kept in the cache
+    for stage in sorted(set(lock.get("stages", {})) - ALWAYS_CHANGED):
+        objects, _ = _stage_objects(repo, lock, [stage])
+        checked += sum(1 for _, md5 in objects if not md5.endswith(".dir"))
+        for name, md5, what, intact in _rot(repo, lock, stage):
+            if intact is None:
+                how = f"no intact copy is stored: rebuild it with `dvc repro --force {stage}`"
+            elif "stored object" in what:
+                how = "`quantbuild audit --repair` restores it from an intact copy"
+            else:
+                how = "`quantbuild verify --workspace --repair` restores it from the stored object"
+            lines.append(f"{name}: {what} ({md5[:12]}); {how}" if md5 else f"{what}; {how}")
+    return lines, checked
+
+
+def repair_workspace(repo: Path) -> list[str]:
+    """`quantbuild verify --workspace --repair`: corrupted stored objects replaced from intact
+    copies, then rotten workspace files from the stored objects; what was done."""
+    with repository_lock(repo, "verify --workspace --repair"):
+        lock = _workspace_lock(repo)
+        stages = sorted(set(lock.get("stages", {})) - ALWAYS_CHANGED)
+        return _repair_objects(repo, lock, stages) + _restore_rotten(repo, lock, stages)
+
+
+def _restore_rotten(repo: Path, lock: dict[str, Any], stages: list[str]) -> list[str]:
+    """Workspace files of `stages` that DVC left rotten (same size and mtime: not re-checked
+    out), replaced by their intact stored copy; what was done, and what could not be."""
+    import os
+    import shutil
+
+    done = []
+    for stage in stages:
+        for name, md5, what, intact in _rot(repo, lock, stage):
+            if "workspace" not in what:
+                continue
+            if intact is None:
+                done.append(f"{name}: {what}, and no intact copy is stored (rebuild: `dvc repro --force {stage}`)")
+                continue
+            path = repo / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = path.with_name(f".{path.name}.restore")
+            shutil.copyfile(intact, temporary)
+            os.replace(temporary, path)
+            done.append(f"{name}: {what}; restored from the stored object {md5[:12]}")
+    return done
+
+
 def _workspace_lock(repo: Path) -> dict[str, Any]:
     path = repo / "dvc.lock"
     return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
@@ -235,11 +311,18 @@ def _rollback(repo: Path, artifact: str, ref: str, public_key: Optional[Path]) -
     if partial and not _restore_outputs(repo, needed):
         raise ReleaseError(f"rollback to {label}: dvc checkout and dvc pull of {', '.join(needed)} failed; undo with "
                            f"`git restore --source=HEAD --staged --worktree -- dvc.lock params.yaml conf`")
+    # DVC does not re-check a workspace file whose size and mtime held: re-hash what was restored
+    restored = _restore_rotten(repo, lock, needed)
     target = target or _current_manifest(repo)
     bundle = repo / out["path"] / target["bundle"]
-    result = verify(bundle, public_key=public_key)
+    # the signing policy is the release's own: one made before signing is checked unsigned
+    unsigned = public_key is not None and "signing" not in target
+    result = verify(bundle, public_key=None if unsigned else public_key)
     lines = [f"rolled back to {label} (commit {commit[:10]}): dvc.lock, params.yaml and conf/ restored, outputs checked out"]
-    lines += [f"repaired: {line}" for line in repaired]
+    lines += [f"repaired: {line}" for line in repaired + restored]
+    if unsigned:
+        lines.append(f"warning: {label} was released unsigned (before package.private_key was set): its bundle is "
+                     f"verified by its manifest alone, not against {public_key}")
     lines += _changes(before, target)
     if partial:
         lines.append("note: outputs of stages the release does not need could not be restored (their objects are "
