@@ -22,9 +22,9 @@ from quantbuild.fingerprint import scopes_of
 from quantbuild.gate import released, require_release
 from quantbuild.gguf_base import RECORD as GGUF_BASE_RECORD
 from quantbuild.hashing import read_json, staged_dir
-from quantbuild.quantization import MODEL_DIR, RECORD
+from quantbuild.quantization import MODEL_DIR, RECORD, require_recorded_bytes
 from quantbuild.repair import locate, repaired_variants
-from quantbuild.release.packaging import TARGETS, dvc_lock_entries, git_state, require_recorded_bytes, write_bundle
+from quantbuild.release.packaging import TARGETS, dvc_lock_entries, git_state, write_bundle
 from quantbuild.release.verify import verify
 from quantbuild.runtimes import TARGET_RUNTIME, target_of
 from quantbuild.sources import RECORD as FETCH_RECORD

@@ -4,12 +4,13 @@ the session's built project (its own file, so it runs beside the other e2e files
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import BUNDLE, QUANTIZED, bundle_digests, commit_all, copy_project, dvc, quantbuild, run, stages_run
+from conftest import BIN, BUNDLE, QUANTIZED, bundle_digests, commit_all, copy_project, dvc, quantbuild, run, stages_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -175,3 +176,27 @@ def test_rollback_to_a_release_made_before_signing_warns_and_verifies(built_proj
     assert rolled.returncode == 0, rolled.stdout + rolled.stderr
     assert "warning: workflow-llama-8m@v0.9.0 was released unsigned" in rolled.stdout
     assert "INTEGRITY" not in rolled.stdout and bundle_digests(repo) == unsigned
+
+
+def test_a_stage_refuses_a_rotten_input_before_reading_it(built_project, tmp_path):
+    """DVC would hand a stage a rotten input whose size and mtime held: quantize and evaluate
+    re-hash what they read against the records of the stages that wrote it."""
+    repo = copy_project(built_project, tmp_path / "repo")
+
+    def stage(*args: str) -> list[str]:
+        result = subprocess.run([str(BIN / "python"), "-m", *args], cwd=repo, capture_output=True, text=True)
+        assert result.returncode == 1, result.stderr[-2000:]
+        return (result.stdout + result.stderr).strip().splitlines()
+
+    base = repo / "artifacts" / "gguf" / "base.gguf"
+    original = base.read_bytes()
+    _flip_keeping_mtime(base)
+    for args in (("stages.quantize", "gguf_q8_0"), ("stages.evaluate", "baseline", "llama.cpp-cpu")):
+        lines = stage(*args)
+        assert lines == [f"quantbuild: {base.relative_to(repo)}: sha256 differs from gguf_base_record.json (rotten, "
+                         f"or edited outside the pipeline): `quantbuild verify --workspace --repair`, or "
+                         f"`dvc repro -f -s gguf_base`"], (args, lines)
+    base.write_bytes(original)
+    _flip_keeping_mtime(repo / QUANTIZED_FILE)
+    lines = stage("stages.evaluate", QUANTIZED, "llama.cpp-cpu")
+    assert len(lines) == 1 and "model.gguf: sha256 differs from its quantize record" in lines[0], lines

@@ -13,9 +13,9 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Optional
 
-from quantbuild.errors import ConfigError
+from quantbuild.errors import ConfigError, IntegrityError
 from quantbuild.fingerprint import libraries_of
-from quantbuild.hashing import digest_tree, staged_dir, write_json
+from quantbuild.hashing import digest_tree, sha256_file, staged_dir, write_json
 from quantbuild.quantizers import Inputs, check_against_model, check_variant, model_layers, plan_layers
 from quantbuild.runtimes import target_of
 
@@ -140,3 +140,15 @@ def pipeline_inputs(config: Any, variant: Any, sensitivity: Optional[dict]) -> I
         "build_fingerprint_sha256": sha256_json(build_scope),
         "manifest_schema": SCHEMA,
     })
+
+
+def require_recorded_bytes(model_dir: Path, record: dict[str, Any]) -> None:
+    """Every model file of a built variant still has the sha256 its quantize record holds.
+    DVC checks a rotten cache object out unchecked (iterative/dvc#9641), so the stages that read
+    a variant (evaluate, package) re-hash it first."""
+    for name, digest in sorted(record["files"].items()):
+        path = model_dir / name
+        if not path.is_file() or sha256_file(path) != digest:
+            raise IntegrityError(f"{path}: sha256 differs from its quantize record (rotten, or a corrupted DVC cache "
+                                 f"object checked out): `quantbuild verify --workspace --repair`, or "
+                                 f"`dvc repro -f -s quantize@{record['variant']}`")

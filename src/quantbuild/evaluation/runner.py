@@ -22,8 +22,10 @@ from quantbuild.evaluation.latency import decision_bound, free_cores, measure_la
 from quantbuild.evaluation.stats import wilson_interval
 from quantbuild.evaluation.suites import MAX_NEW_TOKENS, run_generative, summarise
 from quantbuild.fingerprint import cpu_info
-from quantbuild.gguf_artifacts import BASE_FILE, MODEL_FILE
-from quantbuild.hashing import sha256_file, staged_dir, write_json
+from quantbuild.gguf_artifacts import BASE_FILE, MODEL_FILE, require_base
+from quantbuild.hashing import read_json, sha256_file, staged_dir, write_json
+from quantbuild.quantization import RECORD as QUANTIZE_RECORD
+from quantbuild.quantization import require_recorded_bytes
 from quantbuild.runtimes import ladder_runtime, target_device
 from quantbuild.runtimes.gguf_file import model_digest
 from quantbuild.runtimes.llama_build import repack_allowed
@@ -334,7 +336,10 @@ def evaluate_on_ladder(config: Any, model_dir: Optional[Path], kv_cache_type: st
     bound = decision_bound(config.gate.max_latency_paired_ratio, config.gate.latency_noise_margin)
     baseline_dir = target_dir(config, target) / "baseline"
     reference = None if model_dir is None else baseline_dir / REFERENCE
+    if model_dir is not None:  # what is read is what its quantize record says was built
+        require_recorded_bytes(model_dir, read_json(model_dir.parent / QUANTIZE_RECORD))
     if ladder_runtime(config) == LLAMA_CPP:
+        require_base(Path(paths.gguf_base), False)
         repack = repack_allowed(cpu_info()["isa"])
         base = gguf_spec(Path(paths.gguf_base) / BASE_FILE, "f16", config.eval, repack, device)
         spec = (base if model_dir is None

@@ -9,7 +9,6 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from quantbuild.errors import IntegrityError
 from quantbuild.gguf_artifacts import MODEL_FILE
 from quantbuild.hashing import require_space, sha256_file, staged_dir, write_json
 from quantbuild.release.manifest import MANIFEST, SCHEMA
@@ -350,14 +349,3 @@ def _files(bundle: Path) -> list[tuple[str, Path]]:
     """Every file in the bundle by its path there (`targets/llama.cpp-cpu/behaviour.json`)."""
     return sorted((path.relative_to(bundle).as_posix(), path) for path in bundle.rglob("*") if path.is_file())
 
-
-def require_recorded_bytes(model_dir: Path, record: dict[str, Any]) -> None:
-    """Every model file of a built variant still has the sha256 its quantize record holds.
-    DVC checks a rotten cache object out unchecked (iterative/dvc#9641), so the package stage
-    re-hashes what it is about to bundle."""
-    for name, digest in sorted(record["files"].items()):
-        path = model_dir / name
-        if not path.is_file() or sha256_file(path) != digest:
-            raise IntegrityError(f"{path}: sha256 differs from its quantize record (a corrupted DVC cache object "
-                                 f"checked out?); run `quantbuild audit --repair` and `dvc checkout`, or "
-                                 f"`dvc repro -f -s quantize@{record['variant']}`")
