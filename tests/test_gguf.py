@@ -3,6 +3,7 @@ the gguf method (file types, imatrix, auto-mix) building the same bytes twice an
 tensors as llama-quantize called directly, lineage inside the file, the runtime adapter,
 and one line for every bad input."""
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -332,6 +333,43 @@ def test_an_edited_key_value_of_a_lone_gguf_names_itself(base, tmp_path):
     # a file without the digest (an older quantbuild's, or stripped of it) is not trusted
     stripped = _with_value(released, tmp_path / "stripped.gguf", f"{PREFIX}kv_sha256", None)
     assert any("no digest of its key/values" in problem for problem in verify_gguf(stripped).problems)
+
+
+def test_a_signed_gguf_proves_its_digests_alone_and_a_rewritten_digest_does_not_pass(base, tmp_path):
+    """With a signing key, the file carries a signature over its two digests: an attacker who
+    edits the lineage and rewrites `quantbuild.kv_sha256` to match passes the digest check
+    and fails the signature; an unsigned file does not pass a check with a key."""
+    from quantbuild.release.signing import generate_keypair, sign_gguf
+    from quantbuild.runtimes.gguf_file import KV_KEY, SIGNED_KEYS, TENSORS_KEY, layout, write_with_lineage
+
+    for name in ("a", "b"):
+        generate_keypair(tmp_path / f"{name}.key", tmp_path / f"{name}.pub")
+    released = tmp_path / "released.gguf"
+    write_with_lineage(base / BASE_FILE, released, {"variant": {"name": "gguf_q8_0"}})
+    signed, again = tmp_path / "signed.gguf", tmp_path / "again.gguf"
+    for copy in (signed, again):
+        shutil.copyfile(released, copy)
+        sign_gguf(copy, tmp_path / "a.key")
+    assert sha256_file(signed) == sha256_file(again)  # deterministic: the same release, the same bytes
+    with LlamaCppModel(signed, n_ctx=64) as model:
+        assert model.n_vocab > 0
+
+    def problems(path: Path, key: str | None) -> list[str]:
+        return verify_gguf(path, current_llama_cpp={}, public_key=tmp_path / key if key else None).problems
+
+    assert problems(signed, "a.pub") == []
+    assert problems(signed, "b.pub") == [f"signed.gguf: its signature does not verify with {tmp_path / 'b.pub'} "
+                                         f"(signed by another key, or its digests were rewritten)"]
+    assert "signed, and no public key was given" in problems(signed, None)[0]
+    assert "not signed, and a public key" in problems(released, "a.pub")[0]
+    forged = _with_value(signed, tmp_path / "edited.gguf", f"{PREFIX}variant", '{"name":"gguf_f16"}')
+    entries = layout(forged).kv_entries
+    digests = {key: hashlib.sha256(entry).hexdigest() for key, entry in entries.items()
+               if key not in (KV_KEY, TENSORS_KEY, *SIGNED_KEYS)}
+    forged = _with_value(forged, tmp_path / "forged.gguf", KV_KEY, json.dumps(digests, sort_keys=True,
+                                                                                separators=(",", ":")))
+    assert problems(forged, "a.pub") == [f"forged.gguf: its signature does not verify with {tmp_path / 'a.pub'} "
+                                         f"(signed by another key, or its digests were rewritten)"]
 
 
 def test_a_manifest_given_to_a_lone_gguf_obeys_the_bundle_s_path_rules(base, tmp_path):

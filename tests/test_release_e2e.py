@@ -85,8 +85,9 @@ def test_signed_release_audit_and_rollback(repo):
     assert [(row["version"], row["stages"]) for row in audit] == [("v1.0.0", ["prod"]), ("v1.1.0", [])]
 
     # A release whose stored bytes are damaged in the cache and gone from the remote is flagged.
+    # (the bundle's signed copy of the weights: signing writes the signature into the GGUF)
     md5 = next(entry["md5"] for entry in yaml.safe_load(run(repo, "git", "show", "HEAD~1:dvc.lock").stdout)
-               ["stages"][f"quantize@{QUANTIZED}"]["outs"])
+               ["stages"]["package"]["outs"])
     listing = json.loads((repo / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]).read_text())
     weights = next(entry["md5"] for entry in listing if entry["relpath"].endswith("model.gguf"))
     # A flipped byte in the cache copy (the remote's intact): flagged, then repaired from the remote.

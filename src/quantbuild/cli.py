@@ -150,7 +150,7 @@ def verify(path: Optional[Path] = RELEASED, as_json: bool = typer.Option(False, 
         _fail(QuantbuildError(f"--target {target}: unknown (known: {', '.join(RUN_TARGETS)})"))
     path = _released(path, target=target)
     if path.suffix == ".gguf":
-        result = verify_gguf(path, manifest)
+        result = verify_gguf(path, manifest, public_key=_public_key(public_key))
     else:
         result = verify_bundle(path, public_key=_public_key(public_key), target=target)
     if behaviour and not result.problems:
@@ -307,7 +307,8 @@ def lineage(path: Optional[Path] = RELEASED, as_json: bool = typer.Option(False,
 
     path = _released(path)
     try:
-        tree = gguf_lineage(path) if path.suffix == ".gguf" else build_lineage(path, Path("."), _public_key(public_key))
+        key = _public_key(public_key)
+        tree = gguf_lineage(path, key) if path.suffix == ".gguf" else build_lineage(path, Path("."), key)
     except QuantbuildError as err:
         _fail(err)
     if as_json:

@@ -132,7 +132,7 @@ def _behaviour_link(bundle: Path, manifest: dict[str, Any]) -> dict:
                   "recorded": manifest.get("behaviour", {}).get("spread")})
 
 
-def gguf_lineage(path: Path) -> dict[str, Any]:
+def gguf_lineage(path: Path, public_key: Path | None = None) -> dict[str, Any]:
     """The chain a lone `.gguf` carries in its metadata: variant, baseline, calibration,
     importance matrix, base GGUF and the build fingerprint, with its tensors checked."""
     from quantbuild.runtimes.gguf_file import PREFIX, metadata
@@ -140,7 +140,7 @@ def gguf_lineage(path: Path) -> dict[str, Any]:
 
     values = metadata(path)
     lineage = {key[len(PREFIX):]: value for key, value in values.items() if key.startswith(PREFIX)}
-    result = verify_gguf(path)  # the tensors against their digest, and the environment
+    result = verify_gguf(path, public_key=public_key)  # the digests, the signature and the environment
     problems = result.problems
     variant, baseline = lineage.get("variant") or {}, lineage.get("baseline") or {}
     calibration, imatrix = lineage.get("calibration") or {}, lineage.get("imatrix")

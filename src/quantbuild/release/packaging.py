@@ -316,7 +316,7 @@ def write_bundle(bundle: Path, model_dir: Path, lineage: dict[str, Any], signing
     """Copy the model into the new folder `bundle`, and `extra` (path in the bundle -> file,
     e.g. each target's probes under `targets/<target>/`), write its card and provenance,
     then the manifest, then (with `signing_key`) the signature over all of them."""
-    from quantbuild.release.signing import sign_bundle, signing_record
+    from quantbuild.release.signing import sign_bundle, sign_gguf, signing_record
 
     signing = signing_record(signing_key) if signing_key is not None else None
     copied = [source for source in model_dir.iterdir() if source.is_file()] + list((extra or {}).values())
@@ -325,6 +325,8 @@ def write_bundle(bundle: Path, model_dir: Path, lineage: dict[str, Any], signing
     for source in sorted(model_dir.iterdir()):
         if source.is_file():
             shutil.copyfile(source, bundle / source.name)
+    if signing_key is not None and (bundle / MODEL_FILE).is_file():
+        sign_gguf(bundle / MODEL_FILE, signing_key)  # the file travels alone: it carries its own signature
     for name, source in sorted((extra or {}).items()):
         (bundle / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, bundle / name)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Optional
 
 from quantbuild.errors import ConfigError
 from quantbuild.hashing import sha256_bytes
@@ -57,6 +58,54 @@ def generate_keypair(private_path: Path, public_path: Path) -> None:
     with os.fdopen(descriptor, "wb") as handle:
         handle.write(key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
     public_path.write_bytes(key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo))
+
+
+def sign_gguf(path: Path, private_key_path: Path) -> None:
+    """Sign a GGUF file's digests in its own metadata (deterministic ECDSA, RFC 6979: the
+    same file and key give the same bytes), so the file alone proves who released it."""
+    import base64
+
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from quantbuild.runtimes.gguf_file import SIGNATURE_KEY, SIGNER_KEY, signed_payload, with_strings
+
+    key = _load_private_key(private_key_path)
+    signature = key.sign(signed_payload(path), ec.ECDSA(hashes.SHA256(), deterministic_signing=True))
+    signed = path.with_name(f".{path.name}.signed")
+    with_strings(path, signed, {SIGNATURE_KEY: base64.b64encode(signature).decode(),
+                                SIGNER_KEY: public_key_sha256(key.public_key())})
+    os.replace(signed, path)
+
+
+def check_gguf_signature(path: Path, public_key_path: Optional[Path]) -> list[str]:
+    """Problems with a lone GGUF's signature, one line each: a signed file needs a key to be
+    checked with, and an unsigned one cannot pass a check with a key (no downgrade)."""
+    import base64
+
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    from quantbuild.runtimes.gguf_file import SIGNATURE_KEY, layout, signed_payload
+
+    signature = layout(path).values.get(SIGNATURE_KEY)
+    if signature is None:
+        return [] if public_key_path is None else [
+            f"{path.name}: not signed, and a public key ({public_key_path}) was given: an unsigned file cannot "
+            f"verify against a key"]
+    if public_key_path is None:
+        return [f"{path.name}: signed, and no public key was given to check it (pass --public-key or set "
+                f"package.public_key)"]
+    try:
+        public_key = load_pem_public_key(public_key_path.read_bytes())
+        public_key.verify(base64.b64decode(signature, validate=True), signed_payload(path),
+                          ec.ECDSA(hashes.SHA256()))
+    except (OSError, ValueError, TypeError, InvalidSignature):
+        return [f"{path.name}: its signature does not verify with {public_key_path} (signed by another key, or "
+                f"its digests were rewritten)"]
+    return []
 
 
 def _hashing_config():

@@ -14,7 +14,7 @@ from quantbuild.errors import IntegrityError, RuntimeUnavailable
 from quantbuild.fingerprint import drift, fingerprints, target_fingerprint
 from quantbuild.hashing import sha256_file
 from quantbuild.release.manifest import MANIFEST, read_manifest, safe_relative
-from quantbuild.release.signing import SIGNATURE, check_signature
+from quantbuild.release.signing import SIGNATURE, check_gguf_signature, check_signature
 from quantbuild.gguf_artifacts import MODEL_FILE
 from quantbuild.runtimes import target_device
 from quantbuild.runtimes.llama_build import repack_allowed
@@ -118,16 +118,19 @@ def verify(bundle: Path, current_runtime: dict | None = None, public_key: Path |
     return result
 
 
-def verify_gguf(path: Path, manifest_path: Path | None = None, current_llama_cpp: dict | None = None) -> VerifyResult:
-    """A lone `.gguf`: its tensors against the digest its quantbuild metadata claims, its
-    bytes against a bundle manifest when given, and the llama.cpp environment it was built
-    and validated on (a digest in its metadata) against this one."""
+def verify_gguf(path: Path, manifest_path: Path | None = None, current_llama_cpp: dict | None = None,
+                public_key: Path | None = None) -> VerifyResult:
+    """A lone `.gguf`: its key/values and tensors against the digests its quantbuild
+    metadata claims, their signature (where signed) against `public_key`, its bytes against
+    a bundle manifest when given, and the llama.cpp environment it was built and validated
+    on (a digest in its metadata) against this one."""
     from quantbuild.hashing import sha256_json
     from quantbuild.runtimes.gguf_file import PREFIX, check_lineage, metadata
 
     result = VerifyResult(bundle=str(path))
     try:
         result.problems.extend(check_lineage(path))
+        result.problems.extend(check_gguf_signature(path, public_key))
         if manifest_path is not None:
             manifest = read_manifest(manifest_path.parent) if manifest_path.name == MANIFEST else read_manifest(manifest_path)
             entry = manifest["files"].get(path.name)

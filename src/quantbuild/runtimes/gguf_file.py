@@ -16,7 +16,9 @@ type, shape and bytes (`quantbuild.tensors_sha256`), and a sha256 of every other
 as stored (`quantbuild.kv_sha256`: the tokenizer, the chat template and the lineage alike),
 which `quantbuild verify FILE.gguf` and `quantbuild lineage FILE.gguf` recompute: an edited,
 added or removed key/value names itself. Inside the file these digests catch an edit that
-did not also rewrite them; the bundle's manifest (and its signature) hold the file's sha256.
+did not also rewrite them; with a signing key configured, the bundle's copy also carries a
+signature over both digests (`quantbuild.signature`, deterministic ECDSA, and the signer's
+public-key sha256), which `verify FILE.gguf --public-key` checks.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import io
 import json
 import logging
 import math
+import shutil
 import struct
 import sys
 from dataclasses import dataclass
@@ -40,6 +43,10 @@ SCHEMA = "quantbuild.gguf/v2"
 PREFIX = "quantbuild."
 TENSORS_KEY = "quantbuild.tensors_sha256"
 KV_KEY = "quantbuild.kv_sha256"
+# written after the digests, over them: not themselves in `quantbuild.kv_sha256`
+SIGNATURE_KEY = "quantbuild.signature"
+SIGNER_KEY = "quantbuild.signer_public_key_sha256"
+SIGNED_KEYS = (SIGNATURE_KEY, SIGNER_KEY)
 OUTTYPES = ("f32", "f16", "bf16")
 
 # HF pre-tokenizer shapes (tokenizer.json `pre_tokenizer`, `normalizer`) that equal a
@@ -417,10 +424,33 @@ def metadata_changes(path: Path) -> list[str]:
     if not isinstance(recorded, dict):
         return [f"no digest of its key/values ({KV_KEY})"]
     actual = {key: hashlib.sha256(entry).hexdigest() for key, entry in source.kv_entries.items()
-              if key not in (KV_KEY, TENSORS_KEY)}
+              if key not in (KV_KEY, TENSORS_KEY, *SIGNED_KEYS)}
     return ([f"{key} changed" for key in sorted(actual) if key in recorded and recorded[key] != actual[key]]
             + [f"{key} added" for key in sorted(set(actual) - set(recorded))]
             + [f"{key} removed" for key in sorted(set(recorded) - set(actual))])
+
+
+def signed_payload(path: Path) -> bytes:
+    """What a GGUF's signature signs: its key/value digest and its tensors' digest, as stored
+    (`check_lineage` checks that both match the file)."""
+    values = layout(path).values
+    return f"{values.get(KV_KEY)}\n{values.get(TENSORS_KEY)}".encode()
+
+
+def with_strings(source: Path, out: Path, added: dict[str, str]) -> None:
+    """Copy `source` to `out` with string key/values `added` appended (keys it lacks), the
+    rest byte for byte (tensor offsets are relative to the data section, so they hold)."""
+    source_layout = layout(source)
+    clash = sorted(set(added) & set(source_layout.values))
+    if clash:
+        raise IntegrityError(f"{source}: already has {clash[0]}")
+    header = (MAGIC + struct.pack("<I", source_layout.version) + struct.pack("<Q", len(source_layout.tensors))
+              + struct.pack("<Q", len(source_layout.values) + len(added)) + source_layout.kv_bytes
+              + b"".join(_kv_string(key, value) for key, value in added.items()) + source_layout.tensor_info_bytes)
+    with source.open("rb") as reader, out.open("wb") as writer:
+        writer.write(header + b"\0" * (-len(header) % source_layout.alignment))
+        reader.seek(source_layout.data_start)
+        shutil.copyfileobj(reader, writer, 1 << 22)
 
 
 def check_lineage(path: Path) -> list[str]:
