@@ -198,6 +198,20 @@ def test_a_llama_cpp_evaluation_never_loads_torch(built_project, tmp_path):
         assert checked.returncode == 0 and f"on {CPU}" in checked.stdout, checked.stderr[-2000:]
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_a_ladder_change_does_not_re_evaluate_the_baseline(built_project, tmp_path):
+    """The baseline's evaluation depends on the baseline GGUF and the ladder's runtime, not
+    on the ladder's variants or the importance matrix."""
+    repo = copy_project(built_project, tmp_path / "repo")
+    params = _params(repo)
+    params["quant"]["variants"].pop("gguf_q8_0")
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    status = subprocess.run([str(BIN / "dvc"), "status"], cwd=repo, capture_output=True, text=True)
+    assert status.returncode == 0 and "select" in status.stdout, status.stdout
+    assert "evaluate_baseline" not in status.stdout, status.stdout
+
+
 def test_an_unknown_target_for_verify_is_one_line(tmp_path):
     result = quantbuild(tmp_path, "verify", str(tmp_path), "--target", "llama.cpp-tpu")
     assert result.returncode == 1
