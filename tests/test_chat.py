@@ -271,8 +271,10 @@ def test_a_chat_bundles_modelfile_has_the_template_and_its_stops():
                 "variant": {"parameters": {"kv_cache_type": "f16"}}}
     chat = modelfile(manifest, ChatFormat(TEMPLATE, "<|bos|>", "<|im_end|>"))
     assert f'TEMPLATE """{CHATML_TOOLS_TEMPLATE}"""' in chat and chat.count('PARAMETER stop "<|im_end|>"') == 1
-    base = modelfile(manifest, ChatFormat(None))
+    base = modelfile(manifest, ChatFormat(None), context_length=2048)
     assert 'TEMPLATE """{{ .Prompt }}"""' in base and "PARAMETER stop" not in base
+    # decoded as evaluated: greedy, no repetition penalty (Ollama's default 1.1), the trained context
+    assert "PARAMETER temperature 0\nPARAMETER repeat_penalty 1\nPARAMETER num_ctx 2048\n" in base
     other = modelfile(manifest, ChatFormat("{% for m in messages %}<|user|>{{ m.content }}<|end|>{% endfor %}", "", "<|end|>"))
     assert "TEMPLATE" not in other.replace("# TEMPLATE", "") and 'PARAMETER stop "<|end|>"' in other
 

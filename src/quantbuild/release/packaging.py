@@ -13,6 +13,7 @@ from quantbuild.gguf_artifacts import MODEL_FILE
 from quantbuild.hashing import require_space, sha256_file, staged_dir, write_json
 from quantbuild.release.manifest import MANIFEST, SCHEMA
 from quantbuild.release.provenance import PROVENANCE, statement
+from quantbuild.runtimes.gguf_file import trained_context
 from quantbuild.runtimes.protocol import LLAMA_CPP, ChatFormat, LoadSpec, chat_format
 from quantbuild.tasks import tool_calls
 
@@ -125,7 +126,10 @@ def _gguf_instructions(bundle: str) -> list[str]:
         "",
         "Runs in every llama.cpp-based runtime; only llama.cpp itself (below) was validated:",
         "",
-        "- llama.cpp: `llama-cli -m BUNDLE/model.gguf -p \"...\" -n 64` or `llama-server -m BUNDLE/model.gguf`",
+        "- llama.cpp, decoding as evaluated (greedy, no repetition penalty; `--no-repack` on CPUs with AMX or",
+        "  AVX-512, see below): `llama-server -m BUNDLE/model.gguf --temp 0 --repeat-penalty 1 --no-repack`, or",
+        "  `llama-cli` with the same flags and `-p \"...\" -n 64`. The project that built this bundle has",
+        "  llama-server at `.venv/llama.cpp/build/bin/` (`make install` builds it, not llama-cli).",
         f"- Ollama: `cd BUNDLE && ollama create {bundle} -f Modelfile && ollama run {bundle}`",
         "- LM Studio: `lms import BUNDLE/model.gguf`, then load it from My Models",
         "- Python (`pip install llama-cpp-python==0.3.36`), from any folder, no network:",
@@ -180,7 +184,7 @@ def _chat_instructions(bundle: str, prompts: dict[str, Any]) -> list[str]:
         "Greedy decoding, as evaluated. llama-server (`--jinja` applies the GGUF's template and parses tool calls):",
         "",
         "```bash",
-        "llama-server -m BUNDLE/model.gguf --jinja --port 8080 &",
+        "llama-server -m BUNDLE/model.gguf --jinja --temp 0 --repeat-penalty 1 --no-repack --port 8080 &",
         f"curl -s http://127.0.0.1:8080/v1/chat/completions -d '{chat}'",
         f"curl -s http://127.0.0.1:8080/v1/chat/completions -d '{tool}'",
         "```",
@@ -275,13 +279,16 @@ Call one as <tool_call>
 {{- end }}"""
 
 
-def modelfile(manifest: dict[str, Any], chat: Optional[ChatFormat] = None) -> str:
-    """An Ollama Modelfile for the bundle's GGUF, decoding greedy as it was evaluated. A base
+def modelfile(manifest: dict[str, Any], chat: Optional[ChatFormat] = None,
+              context_length: Optional[int] = None) -> str:
+    """An Ollama Modelfile for the bundle's GGUF, decoding as it was evaluated: greedy, with
+    no repetition penalty (Ollama's default is 1.1, which changes the argmax the gate
+    measured), over the model's trained context (`context_length`, from the GGUF). A base
     model takes the prompt raw; an instruct model gets the template it was evaluated with
     (the ChatML/<tool_call> family written as Ollama's Go template; any other template is
     left to Ollama, which reads it from the GGUF) and stops at its end-of-turn tokens."""
     context = manifest["evaluation"]["variant"].get("memory", {}).get("by_context", {})
-    num_ctx = max((int(length) for length in context), default=1024)
+    num_ctx = context_length or max((int(length) for length in context), default=1024)
     kv = manifest["variant"]["parameters"].get("kv_cache_type", "f16")
     lines = [f"# {manifest['bundle']}: built by quantbuild; evaluated in llama.cpp with a {kv} KV cache.",
              "FROM ./model.gguf"]
@@ -293,7 +300,8 @@ def modelfile(manifest: dict[str, Any], chat: Optional[ChatFormat] = None) -> st
         lines.append("# TEMPLATE: the chat template in model.gguf (tokenizer.chat_template), as Ollama maps it")
     for stop in chat_stops(chat):
         lines.append(f'PARAMETER stop "{stop}"')
-    return "\n".join([*lines, "PARAMETER temperature 0", f"PARAMETER num_ctx {num_ctx}", ""])
+    return "\n".join([*lines, "PARAMETER temperature 0", "PARAMETER repeat_penalty 1", f"PARAMETER num_ctx {num_ctx}",
+                      ""])
 
 
 def chat_stops(chat: Optional[ChatFormat]) -> list[str]:
@@ -334,7 +342,8 @@ def write_bundle(bundle: Path, model_dir: Path, lineage: dict[str, Any], signing
     (bundle / CARD).write_text(model_card(manifest), encoding="utf-8")
     if lineage["variant"]["method"] == "gguf":
         chat = chat_format(LoadSpec(LLAMA_CPP, bundle / MODEL_FILE))
-        (bundle / MODELFILE).write_text(modelfile(manifest, chat), encoding="utf-8")
+        (bundle / MODELFILE).write_text(modelfile(manifest, chat, trained_context(bundle / MODEL_FILE)),
+                                        encoding="utf-8")
     subjects = {name: sha256_file(path) for name, path in _files(bundle)}
     write_json(bundle / PROVENANCE, statement(subjects, lineage))
     manifest["files"] = {name: {"sha256": sha256_file(path), "size": path.stat().st_size}

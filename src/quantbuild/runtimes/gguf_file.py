@@ -430,6 +430,13 @@ def metadata_changes(path: Path) -> list[str]:
             + [f"{key} removed" for key in sorted(set(recorded) - set(actual))])
 
 
+def trained_context(path: Path) -> Optional[int]:
+    """The context length the model was trained for (`<architecture>.context_length`)."""
+    values = layout(path).values
+    length = values.get(f"{values.get('general.architecture')}.context_length")
+    return int(length) if isinstance(length, int) else None
+
+
 def signed_payload(path: Path) -> bytes:
     """What a GGUF's signature signs: its key/value digest and its tensors' digest, as stored
     (`check_lineage` checks that both match the file)."""
