@@ -231,6 +231,12 @@ def test_signed_bundle_checked_with_another_key_or_none_fails(signed, keys):
     assert other.exit_code == 1 and any("not the key the manifest names" in p for p in other.problems)
     none = verify(signed)
     assert none.exit_code == 1 and "no public key was given" in none.problems[0]
+    # the project's own key, not named by the user, on a bundle signed elsewhere: the signer is unknown here
+    elsewhere = verify(signed, public_key=keys / "b.pub", key_named=False)
+    assert elsewhere.exit_code == 1 and elsewhere.problems == [
+        "model.sig: signed by a key this project does not hold (public key sha256 "
+        f"{json.loads((signed / MANIFEST).read_text())['signing']['public_key_sha256'][:16]}...): check it with "
+        "--public-key and the signer's key"]
 
 
 def test_stray_signature_on_an_unsigned_bundle_is_extra(bundle):

@@ -152,7 +152,8 @@ def verify(path: Optional[Path] = RELEASED, as_json: bool = typer.Option(False, 
     if path.suffix == ".gguf":
         result = verify_gguf(path, manifest, public_key=_public_key(public_key))
     else:
-        result = verify_bundle(path, public_key=_public_key(public_key), target=target)
+        # the project's own key (package.public_key) is a guess for a bundle built elsewhere
+        result = verify_bundle(path, public_key=_public_key(public_key), target=target, key_named=public_key is not None)
     if behaviour and not result.problems:
         folder = probes or (path.parent if path.suffix == ".gguf" else path)
         if probes is None and path.suffix == ".gguf" and (folder / "targets").is_dir():

@@ -145,9 +145,11 @@ def signed_changes(bundle: Path) -> list[str]:
 
 
 def check_signature(bundle: Path, record: dict, public_key_path: Path | None,
-                    details: list[str] | None = None) -> list[str]:
+                    details: list[str] | None = None, named: bool = True) -> list[str]:
     """Problems with the bundle's signature (empty when it verifies with `public_key_path`),
-    one short line each; the signature library's whole message is appended to `details`."""
+    one short line each; the signature library's whole message is appended to `details`.
+    A key the user did not name (`named` false: the project's own) that is not the signer's
+    says the signer is unknown here rather than calling the bundle forged."""
     from cryptography.hazmat.primitives.serialization import load_pem_public_key
     from model_signing import verifying
 
@@ -165,6 +167,9 @@ def check_signature(bundle: Path, record: dict, public_key_path: Path | None,
     except ValueError as err:
         return [f"{public_key_path}: not a PEM public key ({err})"]
     problems = []
+    if not named and public_key_sha256(public_key) != record.get("public_key_sha256"):
+        return [f"{SIGNATURE}: signed by a key this project does not hold (public key sha256 "
+                f"{str(record.get('public_key_sha256'))[:16]}...): check it with --public-key and the signer's key"]
     if public_key_sha256(public_key) != record.get("public_key_sha256"):
         problems.append(f"{public_key_path}: not the key the manifest names "
                         f"(manifest {record.get('public_key_sha256')}, key {public_key_sha256(public_key)})")

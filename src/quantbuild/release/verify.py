@@ -63,7 +63,7 @@ def machine_target(runtime: str) -> str:
 
 
 def verify(bundle: Path, current_runtime: dict | None = None, public_key: Path | None = None,
-           target: str | None = None) -> VerifyResult:
+           target: str | None = None, key_named: bool = True) -> VerifyResult:
     """Re-hash every file against the manifest, check the signature where the bundle is
     signed, and compare runtime fingerprints: of the runtime, and of the deploy target
     checked (`target`, by default the one this machine runs the bundle on), which must be
@@ -88,7 +88,7 @@ def verify(bundle: Path, current_runtime: dict | None = None, public_key: Path |
             elif path.is_file() and not expected:
                 result.problems.append(f"{name}: extra file not in the manifest")
         if signed:
-            result.problems.extend(check_signature(bundle, manifest["signing"], public_key, result.details))
+            result.problems.extend(check_signature(bundle, manifest["signing"], public_key, result.details, key_named))
         elif public_key is not None:
             # No downgrade: whoever checks with a key expects a signature; a bundle whose
             # signature (and signing record) were stripped after its bytes changed must not pass.
