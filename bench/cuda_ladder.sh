@@ -73,7 +73,7 @@ ladder() {  # [hydra overrides], by default the default ladder on both targets
       && git -c user.name=b -c user.email=b@b commit -qm bench
   fi
   [ -d .dvc ] || dvc init -q
-  quantbuild compose "${@:-eval.targets=[llama.cpp-cpu,llama.cpp-cuda]}"
+  quantbuild compose --reset "${@:-eval.targets=[llama.cpp-cpu,llama.cpp-cuda]}"
   local started=$SECONDS
   dvc repro 2>&1 | tee "$OUT/repro.log" | grep -E "^(Running stage|quantbuild|release|packaged)|: perplexity|ERROR" || true
   echo "dvc repro: $((SECONDS - started)) s"

@@ -46,7 +46,7 @@ def prepare(model: str, limit: int, repeats: int) -> None:
     overrides = [f"model={model}", "quant=cuda", "eval=gpu", f"eval.limit={limit}",
                  f"eval.latency.repeats={repeats}", "gate.must_not_degrade=[]",
                  *(f"gate.max_family_drop.{family}=1.0" for family in ("retrieval", "long_context", "reasoning"))]
-    subprocess.run([sys.executable, "-c", "from quantbuild.cli import main; main()", "compose", *overrides],
+    subprocess.run([sys.executable, "-c", "from quantbuild.cli import main; main()", "compose", "--reset", *overrides],
                    cwd=ROOT, check=True)
     print("composed params.yaml:", " ".join(overrides))
 

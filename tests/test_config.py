@@ -257,3 +257,40 @@ def test_an_unknown_group_option_in_compose_is_one_line():
     result = CliRunner().invoke(app, ["compose", "quant=[nope]", "--conf", str(REPO / "conf"), "--out", "/dev/null"])
     assert result.exit_code == 1
     assert result.output.strip().splitlines() == [f"quantbuild: {REPO / 'conf'}: In 'config': Could not load 'quant/nope'."]
+
+
+def test_compose_keeps_earlier_overrides_says_what_changed_and_resets_on_request(tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from quantbuild.cli import app
+
+    out = tmp_path / "params.yaml"
+
+    def compose(*args: str) -> list[str]:
+        result = CliRunner().invoke(app, ["compose", *args, "--conf", str(REPO / "conf"), "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        return result.output.strip().splitlines()
+
+    def samples() -> int:
+        return yaml.safe_load(out.read_text())["calibration"]["sensitivity"]["samples"]
+
+    compose()
+    default = samples()
+    assert compose("calibration.sensitivity.samples=1") == [
+        f"wrote {out}", f"  calibration.sensitivity.samples: {default} -> 1"]
+    # a later compose for another key keeps it, and says so
+    lines = compose("eval.limit=7")
+    assert lines[0] == f"wrote {out} (kept earlier overrides: calibration.sensitivity.samples=1; --reset drops them)"
+    assert len(lines) == 2 and lines[1].startswith("  eval.limit: ") and lines[1].endswith(" -> 7")
+    assert samples() == 1 and yaml.safe_load(out.read_text())["eval"]["limit"] == 7
+    # the same key again replaces it; --reset goes back to conf/ alone
+    compose("calibration.sensitivity.samples=2")
+    assert samples() == 2 and yaml.safe_load(out.read_text())["eval"]["limit"] == 7
+    compose("--reset")
+    assert samples() == default and not out.read_text().startswith("#")
+    # a failed compose leaves the file and its recorded overrides as they were
+    compose("eval.limit=9")
+    before = out.read_text()
+    failed = CliRunner().invoke(app, ["compose", "quant=[nope]", "--conf", str(REPO / "conf"), "--out", str(out)])
+    assert failed.exit_code == 1 and out.read_text() == before

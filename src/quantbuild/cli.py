@@ -38,20 +38,31 @@ def compose(
     overrides: Optional[List[str]] = typer.Argument(None, help="Hydra overrides, e.g. quant=[gptq_3bit_g64]"),
     conf: Path = typer.Option(Path("conf"), help="Hydra config folder"),
     out: Path = typer.Option(Path("params.yaml"), help="where to write the composition"),
+    reset: bool = typer.Option(False, "--reset", help="start again from conf/ alone, discarding the overrides "
+                                                      "params.yaml records"),
 ) -> None:
-    """Compose conf/ with Hydra and write params.yaml (validated against the schema)."""
+    """Compose conf/ with Hydra and write params.yaml (validated against the schema). The overrides of earlier
+    composes, recorded in params.yaml, stay applied (a new one for the same key replaces the old); --reset drops
+    them. Prints what changed."""
     import yaml
 
     from quantbuild.config import compose as compose_conf
+    from quantbuild.config import merge_overrides, params_changes, params_text, recorded_overrides
     from quantbuild.validation import validate_raw
 
     try:
-        composed = compose_conf(conf, overrides or [])
+        before = recorded_overrides(out) if out.is_file() and not reset else []
+        applied = merge_overrides(before, overrides or [])
+        composed = compose_conf(conf, applied)
         validate_raw(composed)
     except QuantbuildError as err:
         _fail(err)
-    out.write_text(yaml.safe_dump(composed, sort_keys=False))
-    typer.echo(f"wrote {out}")
+    previous = yaml.safe_load(out.read_text()) if out.is_file() else None
+    out.write_text(params_text(composed, applied))
+    kept = [override for override in applied if override in before]
+    typer.echo(f"wrote {out}" + (f" (kept earlier overrides: {' '.join(kept)}; --reset drops them)" if kept else ""))
+    for line in params_changes(previous, composed):
+        typer.echo(f"  {line}")
 
 
 def _public_key(option: Optional[Path], params: Path = Path("params.yaml")) -> Optional[Path]:

@@ -8,10 +8,13 @@ naming the key and what is allowed.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
+
+import yaml
 
 from quantbuild.errors import ConfigError
 from quantbuild.tasks.tool_calls import FORMATS as TOOL_CALL_FORMATS
@@ -362,6 +365,59 @@ def register() -> None:
     store.store(name=SCHEMA_NAME, node=Config)
     for method, schema in METHOD_CONFIGS.items():
         store.store(group=METHOD_GROUP, name=method, node=schema)
+
+
+# params.yaml's first line when `quantbuild compose` applied overrides: they stay applied
+OVERRIDES_LINE = "# quantbuild compose overrides: "
+
+
+def recorded_overrides(params: Path) -> list[str]:
+    """The overrides `params` was composed with (its first line), or none."""
+    first = params.read_text(encoding="utf-8", errors="replace").split("\n", 1)[0]
+    if not first.startswith(OVERRIDES_LINE):
+        return []
+    try:
+        recorded = json.loads(first[len(OVERRIDES_LINE):])
+    except ValueError:
+        raise ConfigError(f"{params}: its first line does not parse as the overrides quantbuild recorded "
+                          f"(`quantbuild compose --reset` starts again)") from None
+    return [str(item) for item in recorded] if isinstance(recorded, list) else []
+
+
+def _override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def merge_overrides(before: list[str], new: list[str]) -> list[str]:
+    """`before` with each key that `new` sets again replaced, then `new`, in order."""
+    keys = {_override_key(override) for override in new}
+    return [override for override in before if _override_key(override) not in keys] + list(new)
+
+
+def params_text(composed: dict[str, Any], overrides: list[str]) -> str:
+    """params.yaml's text: the composition, after a line recording `overrides` where any."""
+    header = f"{OVERRIDES_LINE}{json.dumps(overrides)}\n" if overrides else ""
+    return header + yaml.safe_dump(composed, sort_keys=False)
+
+
+def params_changes(before: Optional[dict[str, Any]], after: dict[str, Any], limit: int = 12) -> list[str]:
+    """`key: old -> new` for each leaf that differs between two compositions (at most `limit`)."""
+    if before is None:
+        return []
+
+    def leaves(value: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(value, dict):
+            return {key: leaf for name, item in value.items() for key, leaf in leaves(item, f"{prefix}{name}.").items()}
+        return {prefix.rstrip("."): value}
+
+    def brief(value: Any) -> str:
+        text = json.dumps(value, default=str)
+        return text if len(text) <= 40 else text[:37] + "..."
+
+    old, new = leaves(before), leaves(after)
+    changed = [key for key in sorted(set(old) | set(new)) if old.get(key, "<unset>") != new.get(key, "<unset>")]
+    lines = [f"{key}: {brief(old.get(key, '<unset>'))} -> {brief(new.get(key, '<unset>'))}" for key in changed[:limit]]
+    return lines + ([f"... and {len(changed) - limit} more"] if len(changed) > limit else [])
 
 
 def compose(conf_dir: Path, overrides: list[str] | None = None) -> dict[str, Any]:
