@@ -313,8 +313,9 @@ def test_the_pipeline_stops_on_a_template_that_does_not_fit_before_any_work(tmp_
     params["paths"].update(eval_data=str(REPO / "data" / "eval"), calibration_data=str(REPO / "data" / "calibration"))
     params["model"]["tool_call_format"] = declared
     if golden is not None:
-        (tmp_path / "golden.jsonl").write_text(golden + "\n")
-        params["eval"]["golden"] = str(tmp_path / "golden.jsonl")
+        (tmp_path / "data" / "golden").mkdir(parents=True)
+        (tmp_path / "data" / "golden" / "mine.jsonl").write_text(golden + "\n")
+        params["eval"]["golden"] = {"mine": "data/golden/mine.jsonl"}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     result = subprocess.run([sys.executable, "-m", "stages.calibrate"], cwd=tmp_path, capture_output=True, text=True,
                             env={**os.environ, "PYTHONPATH": str(REPO)})

@@ -1,6 +1,7 @@
 """The Hydra schema, the committed params.yaml, and one-line errors for bad values."""
 
 import copy
+import shutil
 import subprocess
 import sys
 
@@ -71,6 +72,12 @@ def _edit(params: dict, dotted: str, value) -> dict:
         ("model.source", "ftp", "model.source='ftp' is not allowed (allowed: path | hf)"),
         ("gate.min_top1_agreement", 1.5, "gate.min_top1_agreement=1.5"),
         ("gate.max_family_drop", {"poetry": 0.1}, "gate.max_family_drop.poetry"),
+        ("gate.must_not_degrade", ["poetry"], "or golden families named in eval.golden"),
+        ("eval.golden", {"structured": "data/golden/x.jsonl"}, "eval.golden.structured='structured' is not allowed "
+                                                               "(allowed: a new family name"),
+        ("eval.golden", {"mine": "data/eval/reasoning.jsonl"}, "eval.golden.mine='data/eval/reasoning.jsonl' is not "
+                                                               "allowed (allowed: a .jsonl file inside data/golden/"),
+        ("eval.golden", {"mine": "data/golden/absent.jsonl"}, "(allowed: an existing file)"),
         ("eval.families", ["language_modelling", "poetry"], "eval.families='poetry'"),
         ("eval.runtime", "gpu", "eval.runtime='gpu'"),
         ("eval.targets", ["llama.cpp-tpu"], "eval.targets='llama.cpp-tpu' is not allowed (allowed: llama.cpp-cpu | "
@@ -294,3 +301,16 @@ def test_compose_keeps_earlier_overrides_says_what_changed_and_resets_on_request
     before = out.read_text()
     failed = CliRunner().invoke(app, ["compose", "quant=[nope]", "--conf", str(REPO / "conf"), "--out", str(out)])
     assert failed.exit_code == 1 and out.read_text() == before
+
+
+def test_a_golden_family_is_budgeted_like_any_family(params, tmp_path, monkeypatch):
+    """Two golden files, two families named by the user: each takes a budget or the
+    must-not-degrade rule, as the generated families do."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "golden").mkdir(parents=True)
+    for name in ("support", "billing"):
+        shutil.copy(REPO / "data" / "eval" / "reasoning.jsonl", tmp_path / "data" / "golden" / f"{name}.jsonl")
+    edited = _edit(params, "eval.golden", {"support": "data/golden/support.jsonl", "billing": "data/golden/billing.jsonl"})
+    edited = _edit(edited, "gate.max_family_drop", {**params["gate"]["max_family_drop"], "support": 0.02})
+    edited = _edit(edited, "gate.must_not_degrade", [*params["gate"]["must_not_degrade"], "billing"])
+    validate_raw(edited)

@@ -96,11 +96,14 @@ def test_a_variant_that_is_the_baseline_s_own_file_reuses_its_quality_until_anyt
 def test_golden_prompts_are_their_own_family(tmp_path):
     golden = tmp_path / "golden.jsonl"
     golden.write_text("".join(line + "\n" for line in (REPO / "data" / "eval" / "reasoning.jsonl").read_text().splitlines()[:2]))
-    config = small_config(families=["reasoning"], golden=str(golden))
+    config = small_config(families=["reasoning"], golden={"support": str(golden), "billing": str(golden)})
     metrics = runner.evaluate(runner.torch_spec(BASELINE, config), config, REPO / "data" / "eval", tmp_path / "out",
                               None)
-    assert metrics["families"]["golden"]["n"] == 2
-    assert "golden" in metrics["eval_files_sha256"]
+    # each golden file its own family, named by the user, scored like the others (outcomes per item)
+    assert metrics["families"]["support"]["n"] == metrics["families"]["billing"]["n"] == 2
+    assert {"support", "billing"} <= set(metrics["eval_files_sha256"])
+    outcomes = json.loads((tmp_path / "out" / "outcomes.json").read_text())
+    assert len(outcomes["support"]) == 2 and set(outcomes["support"].values()) <= {0.0, 1.0}
 
 
 @pytest.mark.parametrize(

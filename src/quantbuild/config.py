@@ -39,6 +39,8 @@ class PathsConfig:
     gguf_base: str = "artifacts/gguf"
     sensitivity: str = "artifacts/sensitivity"
     repair: str = "artifacts/repair"
+    # the user's golden-prompt files (eval.golden names them): a dependency of every evaluation
+    golden: str = "data/golden"
 
 
 @dataclass
@@ -278,7 +280,9 @@ class EvalConfig:
     # wait at every barrier for a core another job holds. The numbers do not depend on it.
     threads: int = 0
     store_generations: bool = False
-    golden: Optional[str] = None
+    # The user's golden prompts, one family each: {family name: a JSONL file in paths.golden}.
+    # Scored and gated like the generated families (gate.max_family_drop, must_not_degrade).
+    golden: Dict[str, str] = field(default_factory=dict)
     latency: LatencyConfig = field(default_factory=LatencyConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
 
@@ -406,7 +410,7 @@ def params_changes(before: Optional[dict[str, Any]], after: dict[str, Any], limi
         return []
 
     def leaves(value: Any, prefix: str = "") -> dict[str, Any]:
-        if isinstance(value, dict):
+        if isinstance(value, dict) and value:
             return {key: leaf for name, item in value.items() for key, leaf in leaves(item, f"{prefix}{name}.").items()}
         return {prefix.rstrip("."): value}
 
@@ -523,6 +527,28 @@ def _confined(name: str) -> bool:
     return bool(name) and not pure.is_absolute() and ".." not in pure.parts and "\\" not in name and "\0" not in name
 
 
+GOLDEN_NAME = r"[a-z][a-z0-9_]{0,39}"
+
+
+def _check_golden(config: Any) -> None:
+    """eval.golden: each family a new lowercase name, each file a JSONL inside paths.golden
+    (so the evaluate stages' dependency on that folder covers it)."""
+    import re
+
+    from quantbuild.tasks.items import FAMILIES
+
+    folder = Path(config.paths.golden)
+    for family, file in config.eval.golden.items():
+        _require(re.fullmatch(GOLDEN_NAME, family) is not None and family not in set(FAMILIES) - {"golden"},
+                 f"eval.golden.{family}", family, "a new family name: lowercase letters, digits and _, not one of "
+                 + ", ".join(name for name in FAMILIES if name != "golden"))
+        path = Path(file)
+        inside = path.resolve().is_relative_to(folder.resolve())
+        _require(inside and path.suffix == ".jsonl", f"eval.golden.{family}", file,
+                 f"a .jsonl file inside {folder}/ (paths.golden: a dependency of every evaluation)")
+        _require(path.is_file(), f"eval.golden.{family}", file, "an existing file")
+
+
 def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
     if not ok:
         raise ConfigError(f"params.yaml: {key}={value!r} is not allowed (allowed: {allowed})")
@@ -620,9 +646,11 @@ def _check_ranges(config: Config) -> None:
     _require(gate.max_kld_mean >= 0, "gate.max_kld_mean", gate.max_kld_mean, ">= 0")
     _require(gate.max_kld_p99 >= 0, "gate.max_kld_p99", gate.max_kld_p99, ">= 0")
     _require(0 <= gate.min_top1_agreement <= 1, "gate.min_top1_agreement", gate.min_top1_agreement, "0..1")
+    _check_golden(config)
+    gated = {family for family in config.eval.families if family != "language_modelling"} | set(config.eval.golden)
     for family, drop in gate.max_family_drop.items():
-        _require(family in config.eval.families and family != "language_modelling",
-                 f"gate.max_family_drop.{family}", family, "a generative family listed in eval.families")
+        _require(family in gated, f"gate.max_family_drop.{family}", family,
+                 "a generative family listed in eval.families, or a golden family named in eval.golden")
         _require(0 <= drop <= 1, f"gate.max_family_drop.{family}", drop, "0..1 (absolute drop in score)")
     if gate.max_latency_p99_ratio is not None:
         _require(gate.max_latency_p99_ratio > 0, "gate.max_latency_p99_ratio", gate.max_latency_p99_ratio, "> 0 or null")
@@ -632,8 +660,8 @@ def _check_ranges(config: Config) -> None:
     if gate.max_memory_ratio is not None:
         _require(gate.max_memory_ratio > 0, "gate.max_memory_ratio", gate.max_memory_ratio, "> 0 or null")
     for family in gate.must_not_degrade:
-        _require(family in config.eval.families and family != "language_modelling",
-                 "gate.must_not_degrade", family, "generative families listed in eval.families")
+        _require(family in gated, "gate.must_not_degrade", family,
+                 "generative families listed in eval.families, or golden families named in eval.golden")
         _require(family not in gate.max_family_drop, "gate.must_not_degrade", family,
                  "families without a budget in gate.max_family_drop (a family has one rule)")
     if gate.max_degenerate_increase is not None:

@@ -20,7 +20,7 @@ from quantbuild.errors import DataError
 from quantbuild.evaluation import degenerate, distributions, kld
 from quantbuild.evaluation.latency import decision_bound, free_cores, measure_latency, paired_latency
 from quantbuild.evaluation.stats import wilson_interval
-from quantbuild.evaluation.suites import MAX_NEW_TOKENS, run_generative, summarise
+from quantbuild.evaluation.suites import GOLDEN_NEW_TOKENS, MAX_NEW_TOKENS, run_generative, summarise
 from quantbuild.fingerprint import cpu_info
 from quantbuild.gguf_artifacts import BASE_FILE, MODEL_FILE, require_base
 from quantbuild.hashing import read_json, sha256_file, staged_dir, write_json
@@ -65,11 +65,11 @@ def load_eval_items(config: EvalConfig, data_dir: Path) -> tuple[dict[str, list[
             raise DataError(f"{path}: item {wrong[0]} belongs to another family")
         items[family] = loaded[: config.limit] if config.limit else loaded
         digests[family] = sha256_file(path)
-    if config.golden:
-        path = Path(config.golden)
-        # The user's own prompts are scored as one family, whatever families they name.
-        items["golden"] = [replace(item, family="golden") for item in load_items(path)]
-        digests["golden"] = sha256_file(path)
+    for family, file in sorted(config.golden.items()):
+        path = Path(file)
+        # each golden file is one family, named by the user, whatever families its items name
+        items[family] = [replace(item, family=family) for item in load_items(path)]
+        digests[family] = sha256_file(path)
     return items, digests
 
 
@@ -224,7 +224,7 @@ def _longest(runtime: Runtime, config: EvalConfig, lm_texts: list[str], pieces: 
     """The longest sequence the suites run: an item or chunk of language modelling, a
     prompt with its generation budget, a latency prompt with its new tokens."""
     lengths = [len(runtime.tokenize(text)) for text in lm_texts] + [len(piece) for piece in pieces]
-    lengths += [len(runtime.tokenize(prompt_format.render(item), prompt_format.chat)) + MAX_NEW_TOKENS.get(item.family, 64)
+    lengths += [len(runtime.tokenize(prompt_format.render(item), prompt_format.chat)) + MAX_NEW_TOKENS.get(item.family, GOLDEN_NEW_TOKENS)
                 for item in generative]
     lengths += [length + config.latency.new_tokens for length in config.latency.prompt_lengths]
     return max(lengths)

@@ -15,7 +15,9 @@ from quantbuild.tasks.items import Item
 
 # Greedy tokens each family's answer may take, its end of turn included (a tool call's
 # wrapper in a chat model's syntax takes about ten of the structured family's).
-MAX_NEW_TOKENS = {"structured": 96, "retrieval": 24, "long_context": 12, "reasoning": 12, "golden": 96}
+MAX_NEW_TOKENS = {"structured": 96, "retrieval": 24, "long_context": 12, "reasoning": 12}
+# a golden family (the user's own prompts, named by the user)
+GOLDEN_NEW_TOKENS = 96
 RAW = PromptFormat(None)
 
 
@@ -39,7 +41,7 @@ def run_generative(runtime: Any, items: list[Item], prompt_format: PromptFormat 
     records: list[dict[str, Any]] = [{} for _ in items]
     for family, indices in sorted(by_family.items()):
         prompts = [prompt_format.render(items[index]) for index in indices]
-        outputs = runtime.complete(prompts, MAX_NEW_TOKENS.get(family, 64), special=prompt_format.chat)
+        outputs = runtime.complete(prompts, MAX_NEW_TOKENS.get(family, GOLDEN_NEW_TOKENS), special=prompt_format.chat)
         for index, prompt, output in zip(indices, prompts, outputs):
             item = items[index]
             outcomes = score(item, output.text, prompt_format.tool_call_format)
