@@ -116,6 +116,22 @@ def test_gate_picks_the_most_compressed_variant_that_passes():
     assert decision["variants"]["int4"]["target"] == "llama.cpp"
 
 
+def test_a_variant_that_drops_on_a_golden_family_is_refused_naming_it():
+    """The user's golden family (eval.golden's `support`) under must_not_degrade: int4 loses 20
+    of the 280 the baseline answers (the paired interval lies above zero) and is refused with the family in
+    its reason; int8 answers them all and is released."""
+    def with_support(measured: dict, lost: tuple[int, ...] = ()) -> dict:
+        return {**measured, "outcomes": {**measured["outcomes"], "support": outcomes(280, lost)}}
+
+    gate = replace(GATE, must_not_degrade=["support"])
+    base = with_support(BASE)
+    variants = {"int8": with_support(metrics(2.0, 0.001)), "int4": with_support(metrics(2.05, 0.01), tuple(range(20)))}
+    decision = select(base, variants, RECORDS, gate)
+    assert decision["chosen"] == "int8"
+    assert decision["variants"]["int4"]["reason"].startswith("quality: support_drop = 0.06667 [0.03873, 0.09947] violates <= 0")
+    assert checks_of(decision, "int4")["support_drop"]["rule"] == "must_not_degrade"
+
+
 def test_gate_with_no_passing_variant_and_no_fallback_lists_violations():
     gate = replace(GATE, fallback="none")
     variants = {"int8": metrics(2.2, 0.001), "int4": metrics(2.3, 0.01), "int3": metrics(2.4, 0.2)}
