@@ -96,7 +96,7 @@ def stages(log: Path) -> None:
         if started:
             current = started.group(1)
             continue
-        took = re.search(r"\[([\d.]+) s\]\s*$", line)
+        took = re.search(r"\[stage ([\d.]+) s\]\s*$", line)
         if current and took:
             times[current] = times.get(current, 0.0) + float(took.group(1))
     rows = [[name, f"{seconds:.1f}"] for name, seconds in times.items()]

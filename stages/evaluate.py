@@ -16,7 +16,7 @@ from quantbuild.evaluation.runner import evaluate_on_ladder, target_dir
 from quantbuild.quantization import MODEL_DIR
 from quantbuild.runtimes import ladder_runtime
 from quantbuild.runtimes.protocol import LLAMA_CPP
-from quantbuild.stage import run_stage, say
+from quantbuild.stage import progress, run_stage, say
 
 BASELINE = "baseline"
 
@@ -34,7 +34,7 @@ def main(config: Config) -> None:
     make_deterministic(config.seed, torch=ladder_runtime(config) != LLAMA_CPP)
     model_dir = None if name == BASELINE else Path(paths.quantized) / name / MODEL_DIR
     kv_type = "f16" if name == BASELINE else getattr(config.quant.variants[name], "kv_cache_type", "f16")
-    metrics = evaluate_on_ladder(config, model_dir, kv_type, target_dir(config, target) / name, target)
+    metrics = evaluate_on_ladder(config, model_dir, kv_type, target_dir(config, target) / name, target, log=progress)
     scores = ", ".join(f"{family} {values['score']:.3f}" for family, values in sorted(metrics["families"].items()))
     say(f"{name} on {target}: perplexity {metrics.get('perplexity', float('nan')):.4f}, {scores}")
 

@@ -12,7 +12,7 @@ from quantbuild.hashing import write_json
 from quantbuild.quantizers import method_names
 from quantbuild.runtimes import (TORCH, ladder_runtime, require_run_target, require_target,
                                  target_device, target_of, torch_runtime)
-from quantbuild.stage import run_stage
+from quantbuild.stage import run_stage, say
 
 
 def main(config: Config) -> None:
@@ -43,6 +43,7 @@ def main(config: Config) -> None:
         write_json(out / "targets" / f"{target}.json",
                    {"target": target, "runtime": prints[runtime],
                     "device": {} if torch else target_fingerprint(target_device(target))})
+    say(f"fingerprint: {len(prints)} scopes, targets {', '.join(targets)}")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ def main(config: Config) -> None:
     inputs = pipeline_inputs(config, variant, load_sensitivity(Path(paths.sensitivity), name))
     record = build_variant(name, variant, inputs, Path(paths.quantized) / name)
     say(f"{name}: {record['method']} {record['bits_per_weight']} bits/weight, {record['size_bytes']} bytes, "
-        f"{record['wall_seconds']} s")
+        f"built in {record['wall_seconds']} s")
 
 
 if __name__ == "__main__":

@@ -4,14 +4,13 @@ planned variants, on the calibration mix and per task family (src/quantbuild/sen
     python -m stages.sensitivity
 """
 
-import sys
 from pathlib import Path
 
 from quantbuild.calibration import load_calibration
 from quantbuild.config import Config
 from quantbuild.determinism import make_deterministic
 from quantbuild.sensitivity import write_sensitivity
-from quantbuild.stage import run_stage, say
+from quantbuild.stage import progress, run_stage, say
 
 
 def main(config: Config) -> None:
@@ -19,9 +18,9 @@ def main(config: Config) -> None:
     paths = config.paths
     record = write_sensitivity(Path(paths.baseline), load_calibration(Path(paths.calibration)), config.quant.variants,
                                config.calibration.sensitivity, Path(paths.gguf_base), Path(paths.sensitivity),
-                               log=lambda line: print(line, file=sys.stderr))
+                               log=progress)
     planned = sorted(name for name, entry in record["variants"].items() if entry["planned"])
-    say(f"sensitivity: {', '.join(planned) if planned else 'no planned variant'} ({record['wall_seconds']} s)")
+    say(f"sensitivity: {', '.join(planned) if planned else 'no planned variant'} (measured in {record['wall_seconds']} s)")
 
 
 if __name__ == "__main__":

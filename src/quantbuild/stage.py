@@ -25,11 +25,22 @@ from quantbuild.hashing import disk_full, is_disk_full, remove_staging_debris
 
 LOGS = Path("logs")
 _STARTED = [time.perf_counter()]
+# the terminal's stderr while a stage runs (fd 2 goes to the stage's log): progress lines
+_TERMINAL: list[TextIO] = []
 
 
 def say(line: str) -> None:
-    """The stage's one line on the terminal: what it produced, and how long it took."""
-    print(f"{line}  [{time.perf_counter() - _STARTED[0]:.1f} s]", flush=True)
+    """The stage's one line on the terminal: what it produced, and the whole stage's time
+    (loading libraries and checking inputs included), labelled."""
+    print(f"{line}  [stage {time.perf_counter() - _STARTED[0]:.1f} s]", flush=True)
+
+
+def progress(line: str) -> None:
+    """A step of a long stage, on the terminal as it happens (and in the stage's log)."""
+    stamp = f"  ... {line}  [{time.perf_counter() - _STARTED[0]:.0f} s]"
+    print(stamp, file=sys.stderr, flush=True)
+    if _TERMINAL:
+        print(stamp, file=_TERMINAL[0], flush=True)
 
 
 @contextmanager
@@ -58,6 +69,7 @@ def run_stage(body: Callable[[Config], None], params: Path = Path("params.yaml")
     log = LOGS / f"{stage_name()}.log"
     _STARTED[0] = time.perf_counter()
     with _stderr_to(log) as terminal:
+        _TERMINAL[:] = [terminal]
         # a crash in native code (llama.cpp, torch) leaves the Python stack in the log
         faulthandler.enable()
         try:
@@ -77,6 +89,7 @@ def run_stage(body: Callable[[Config], None], params: Path = Path("params.yaml")
             code = 1
         else:
             code = 0
+        _TERMINAL.clear()
         terminal.close()
     if code:
         sys.exit(code)

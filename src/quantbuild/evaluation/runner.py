@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from quantbuild import behaviour, prompts
 from quantbuild.config import EvalConfig
@@ -76,7 +76,7 @@ def load_eval_items(config: EvalConfig, data_dir: Path) -> tuple[dict[str, list[
 def evaluate(spec: LoadSpec, config: EvalConfig, data_dir: Path, out: Path, reference: Optional[Path],
              baseline: Optional[LoadSpec] = None, deployed: Optional[LoadSpec] = None,
              reuse: Optional[Path] = None, tool_call_format: Optional[str] = None,
-             latency_bound: Optional[float] = None) -> dict:
+             latency_bound: Optional[float] = None, log: Callable[[str], None] = lambda line: None) -> dict:
     """Evaluate the artifact `spec` loads, on its runtime, and write measurements.json,
     quality.json, metrics.json, families.json, latency.json, memory.json, outcomes.json and
     the behavioural probes into `out` (and reference.safetensors for the baseline).
@@ -125,6 +125,7 @@ def evaluate(spec: LoadSpec, config: EvalConfig, data_dir: Path, out: Path, refe
             longest = _longest(runtime, config, lm_texts, pieces, generative, prompt_format)
             runtime.reserve(longest)
             if reused is None:
+                log(f"quality: {len(pieces)} language-modelling chunks, {len(generative)} generative items")
                 tensors, quality, outcomes, records = _measure_quality(runtime, config, stored, lm_texts, pieces,
                                                                        generative, prompt_format)
                 quality = {"eval_files_sha256": digests, "measured_with": _quality_settings(config),
@@ -137,6 +138,7 @@ def evaluate(spec: LoadSpec, config: EvalConfig, data_dir: Path, out: Path, refe
                 runtime.close()
                 runtime = open_runtime(deployed)
                 runtime.reserve(longest)
+            log(f"latency at prompt lengths {', '.join(map(str, config.latency.prompt_lengths))}, then memory")
             latency = measure_latency(runtime, config)
             memory = runtime.memory(config.memory.context_lengths, config.memory.budget_mb)
             # the deploy target measured: the runtime as deployed, on its device
@@ -147,6 +149,7 @@ def evaluate(spec: LoadSpec, config: EvalConfig, data_dir: Path, out: Path, refe
                 head["quality_reused_from"] = {"evaluation": str(reuse), "model_sha256": model_sha256}
             if baseline is not None:
                 timed_on = deployed or spec
+                log("latency interleaved with the baseline, until its interval decides")
                 with open_runtime(baseline) as reference_runtime:
                     reference_runtime.reserve(longest)
                     head["latency_vs_baseline"] = {
@@ -156,6 +159,7 @@ def evaluate(spec: LoadSpec, config: EvalConfig, data_dir: Path, out: Path, refe
                         "load_1min": cores["load_1min"]}
             metrics = _write(staging, config, head, quality, outcomes, tensors, records, latency, memory)
             # The behavioural fingerprint the bundle will carry: the probes as this runtime answers them.
+            log("behavioural probes")
             behaviour.record(runtime, staging, prompt_format)
         finally:
             runtime.close()
@@ -326,7 +330,8 @@ def target_dir(config: Any, target: str) -> Path:
     return Path(config.paths.eval) / target
 
 
-def evaluate_on_ladder(config: Any, model_dir: Optional[Path], kv_cache_type: str, out: Path, target: str) -> dict:
+def evaluate_on_ladder(config: Any, model_dir: Optional[Path], kv_cache_type: str, out: Path, target: str,
+                       log: Callable[[str], None] = lambda line: None) -> dict:
     """Evaluate the baseline (`model_dir` None) or a built variant's `model/` folder on
     deploy target `target` (the ladder's runtime on its device: llama.cpp for GGUF ladders,
     whose baseline is its GGUF), against the baseline's stored reference on that target."""
@@ -350,9 +355,9 @@ def evaluate_on_ladder(config: Any, model_dir: Optional[Path], kv_cache_type: st
         return evaluate(spec, config.eval, Path(paths.eval_data), out, reference,
                         baseline=None if model_dir is None else base,
                         reuse=baseline_dir if same_load else None,
-                        tool_call_format=config.model.tool_call_format, latency_bound=bound)
+                        tool_call_format=config.model.tool_call_format, latency_bound=bound, log=log)
     spec = torch_spec(model_dir or Path(paths.baseline), config.eval, device=device)
     deployed = torch_spec(spec.artifact, config.eval, config.eval.latency.runtime, device)
     return evaluate(spec, config.eval, Path(paths.eval_data), out, reference,
                     baseline=None if model_dir is None else replace(deployed, artifact=Path(paths.baseline)),
-                    deployed=deployed, tool_call_format=config.model.tool_call_format, latency_bound=bound)
+                    deployed=deployed, tool_call_format=config.model.tool_call_format, latency_bound=bound, log=log)
