@@ -487,6 +487,13 @@ def test_an_imatrix_made_for_another_model_is_one_line_and_leaves_the_old_varian
     before = sha256_file(out / MODEL_DIR / MODEL_FILE)
     from dataclasses import replace
 
+    # swapped in behind the record's back: refused by its digest before llama-quantize runs
+    with pytest.raises(IntegrityError, match="imatrix.gguf: sha256 differs from gguf_base_record.json"):
+        build_variant("q4_k_m_imat", VARIANTS["q4_k_m_imat"], replace(inputs, gguf_base=mixed), out)
+    # recorded as if gguf_base had made it: llama-quantize itself refuses it
+    record = read_json(mixed / BASE_RECORD)
+    record["imatrix"]["sha256"] = sha256_file(mixed / IMATRIX_FILE)
+    (mixed / BASE_RECORD).write_text(json.dumps(record))
     with pytest.raises(QuantbuildError, match="llama-quantize failed") as failure:
         build_variant("q4_k_m_imat", VARIANTS["q4_k_m_imat"], replace(inputs, gguf_base=mixed), out)
     assert "\n" not in str(failure.value)

@@ -229,6 +229,10 @@ def test_the_model_card_snippet_runs_from_the_repo_root_without_network(repo):
                                                            "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"})
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() != ""
+    # the card's example is a probe the released model answered right: it prints that answer
+    claimed = re.search(r"# prints '([^']*)'", snippet)
+    assert claimed is not None, snippet
+    assert result.stdout.strip() == claimed.group(1), (result.stdout, claimed.group(1))
     assert "Validated in" in card and "llama.cpp" in card
 
 

@@ -45,6 +45,40 @@ KLD_FLOOR = 1e-5
 TOP1_SLACK = 0.01
 
 
+def probe_items(prompt_format: Optional[PromptFormat] = None) -> list[tuple[str, Any, str]]:
+    """(id, generated item, text) of the probes, in order (`probe_prompts` without the items)."""
+    from quantbuild.tasks import GENERATORS
+
+    probes = []
+    for family in PROBE_FAMILIES:
+        for index, item in enumerate(GENERATORS[family](PROBES_PER_FAMILY, PROBE_SEED)):
+            chat = prompt_format is not None and prompt_format.chat and item.messages is not None
+            probes.append((f"probe-{family}-{index}", item, prompt_format.render(item) if chat else item.prompt))
+    return probes
+
+
+def _answered(runtime: Runtime, item: Any, tokens: list[int]) -> Optional[bool]:
+    """Whether a probe's greedy continuation is a right answer to its generated item (None
+    for language modelling, or a runtime that cannot detokenize)."""
+    from quantbuild.evaluation.scorers import score
+
+    detokenize = getattr(runtime, "detokenize", None)
+    if item.family == "language_modelling" or detokenize is None:
+        return None
+    return bool(score(item, detokenize(tokens)).get("correct", 0.0) >= 1)
+
+
+def card_example(info: dict) -> Optional[tuple[str, str]]:
+    """(prompt, expected answer) of a raw-prompt probe this runtime answered right when its
+    probes were recorded: synthetic text (the probes' own seed, never eval text) that a card
+    can show with its answer checked. None when none was answered right."""
+    answered = {probe["id"] for probe in info.get("probes", []) if probe.get("correct")}
+    for probe_id, item, text in probe_items(None):
+        if probe_id in answered and item.family == "reasoning" and isinstance(item.expected, str):
+            return text, item.expected
+    return None
+
+
 def probe_prompts(prompt_format: Optional[PromptFormat] = None) -> list[tuple[str, str, str]]:
     """(id, family, text) of the probe prompts: synthetic, seeded, the same on every machine;
     through the chat template of `prompt_format` where it has one (prose stays prose)."""
@@ -115,8 +149,10 @@ def record(runtime: Runtime, out: Path, prompt_format: Optional[PromptFormat] = 
         "schema": SCHEMA,
         "runtime": runtime.name,
         **runtime.probe_settings(),
-        "probes": [{"id": probe_id, "family": family, "prompt_tokens": len(tokens), "greedy_tokens": len(out_tokens)}
-                   for (probe_id, family, _), tokens, out_tokens in zip(prompts, sequences, greedy)],
+        "probes": [{"id": probe_id, "family": family, "prompt_tokens": len(tokens), "greedy_tokens": len(out_tokens),
+                    "correct": _answered(runtime, item, out_tokens)}
+                   for (probe_id, family, _), (_, item, _), tokens, out_tokens
+                   in zip(prompts, probe_items(prompt_format), sequences, greedy)],
         "probe_seed": PROBE_SEED,
         **(prompt_format.describe() if prompt_format is not None else {"prompt_format": "raw"}),
         # digests, never the text: what the probes were and what they tokenized to

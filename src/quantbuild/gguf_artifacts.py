@@ -33,7 +33,9 @@ def require_base(folder: Optional[Path], imatrix: bool) -> tuple[Path, Optional[
     matrix = folder / IMATRIX_FILE
     if imatrix and not matrix.is_file():
         raise ConfigError(f"gguf: imatrix: true, but the gguf_base stage wrote no {matrix}")
-    record = read_json(folder / RECORD) if (folder / RECORD).is_file() else {}
+    if not (folder / RECORD).is_file():  # a folder made outside the stage: nothing recorded to compare
+        return folder / BASE_FILE, (matrix if imatrix else None)
+    record = read_json(folder / RECORD)
     recorded = {folder / BASE_FILE: record.get("base_sha256")}
     if imatrix:
         recorded[matrix] = (record.get("imatrix") or {}).get("sha256")

@@ -57,7 +57,7 @@ def _describe(variant: dict[str, Any]) -> str:
     return f"{variant['method'].upper()} {parameters['bits']}-bit (group size {parameters['group_size']})"
 
 
-def model_card(manifest: dict[str, Any]) -> str:
+def model_card(manifest: dict[str, Any], example: Optional[tuple[str, str]] = None) -> str:
     variant, baseline = manifest["variant"], manifest["evaluation"]["baseline"]
     measured = manifest["evaluation"]["variant"]
     rows = []
@@ -103,7 +103,8 @@ def model_card(manifest: dict[str, Any]) -> str:
         "",
         "## Run it",
         "",
-        *RUN_INSTRUCTIONS.get(variant["method"], RUN_INSTRUCTIONS["gptq"])(manifest["bundle"]),
+        *(_gguf_instructions(manifest["bundle"], example) if variant["method"] == "gguf"
+          else RUN_INSTRUCTIONS.get(variant["method"], RUN_INSTRUCTIONS["gptq"])(manifest["bundle"])),
         "",
         *(_chat_instructions(manifest["bundle"], measured["prompts"])
           if measured.get("prompts", {}).get("prompt_format") == "chat" else []),
@@ -118,7 +119,7 @@ def model_card(manifest: dict[str, Any]) -> str:
     ])
 
 
-def _gguf_instructions(bundle: str) -> list[str]:
+def _gguf_instructions(bundle: str, example: Optional[tuple[str, str]] = None) -> list[str]:
     return [
         f"`model.gguf` in this folder (`artifacts/package/{bundle}/` in the project that built it; below,",
         "`BUNDLE` is this folder's path, absolute or relative to where you run the command). The file's own",
@@ -150,7 +151,12 @@ def _gguf_instructions(bundle: str) -> list[str]:
         "C.llama_model_default_params = no_repack",
         f"bundle = Path('artifacts/package/{bundle}').resolve()  # or wherever this folder is",
         "llm = Llama(model_path=str(bundle / 'model.gguf'), n_ctx=1024, verbose=False)",
-        "print(llm('Question: what is 2 + 3?\\nAnswer:', max_tokens=8, temperature=0)['choices'][0]['text'])",
+        *([f"print(llm({example[0]!r}, max_tokens=16, temperature=0, repeat_penalty=1.0)['choices'][0]['text'])",
+           f"# prints {example[1]!r}: this model's greedy answer to a synthetic probe, checked when the card was written"]
+          if example else
+          ["print(llm('Question: What is 46 + 16?\\nAnswer:', max_tokens=16, temperature=0, repeat_penalty=1.0)"
+           "['choices'][0]['text'])",
+           "# (no probe was answered right when the card was written: the answer is not claimed)"]),
         "```",
         "",
         "On CPUs with AMX or AVX-512, load without weight repacking (`--no-repack`; in the C API",
@@ -304,6 +310,16 @@ def modelfile(manifest: dict[str, Any], chat: Optional[ChatFormat] = None,
                       ""])
 
 
+def _card_example(bundle: Path, extra: Optional[dict[str, Path]]) -> Optional[tuple[str, str]]:
+    """A probe the released variant answered right on the first target it was validated for
+    (its behaviour.json, as packaged), for the card to show with that answer."""
+    from quantbuild.behaviour import BEHAVIOUR, card_example
+    from quantbuild.hashing import read_json
+
+    records = sorted(name for name in (extra or {}) if name.endswith(f"/{BEHAVIOUR}"))
+    return card_example(read_json(bundle / records[0])) if records else None
+
+
 def chat_stops(chat: Optional[ChatFormat]) -> list[str]:
     """The end-of-turn strings an instruct model's template closes a turn with, and its EOS."""
     if chat is None or chat.template is None:
@@ -339,7 +355,7 @@ def write_bundle(bundle: Path, model_dir: Path, lineage: dict[str, Any], signing
         (bundle / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, bundle / name)
     manifest: dict[str, Any] = {"schema": SCHEMA, "bundle": bundle.name, **lineage}
-    (bundle / CARD).write_text(model_card(manifest), encoding="utf-8")
+    (bundle / CARD).write_text(model_card(manifest, _card_example(bundle, extra)), encoding="utf-8")
     if lineage["variant"]["method"] == "gguf":
         chat = chat_format(LoadSpec(LLAMA_CPP, bundle / MODEL_FILE))
         (bundle / MODELFILE).write_text(modelfile(manifest, chat, trained_context(bundle / MODEL_FILE)),
