@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import json
 import re
+import socket
+import time
 from pathlib import Path
 
 import pytest
 
-from conftest import BIN, BUNDLE, bundle_digests, copy_project, run
+from conftest import BIN, BUNDLE, bundle_digests, committed, copy_project, run
+from quantbuild.errors import ConfigError
+from quantbuild.fanout import fanout, probe, probe_timeout, ray_endpoint
 
 pytest.importorskip("ray")
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
@@ -127,3 +131,83 @@ def test_a_cluster_with_a_drifted_environment_is_refused_naming_the_drift(projec
         assert not (driver / "dvc.lock").exists() and not (driver / "artifacts" / "package").exists()
     finally:
         run(tmp_path, str(BIN / "ray"), "stop", "--force")
+
+
+# An address nothing answers at is refused in seconds, in one line (Ray itself retries for
+# minutes); ray:// (Ray Client, which quantbuild[ray] does not install) is refused outright.
+
+def unused_port() -> int:
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        return free.getsockname()[1]
+
+
+def test_an_address_nothing_listens_at_fails_in_one_line_within_seconds(tmp_path):
+    (tmp_path / "params.yaml").write_text(committed("params.yaml"))
+    address = f"127.0.0.1:{unused_port()}"
+    started = time.monotonic()
+    result = run(tmp_path, str(BIN / "quantbuild"), "fanout", "--address", address,
+                 env={"QUANTBUILD_RAY_PROBE_TIMEOUT": "2"})
+    assert time.monotonic() - started < 30  # the CLI's imports included; Ray alone would wait minutes
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"quantbuild: fanout: nothing answered at {address} within 2 s (connection refused): is the Ray head "
+        f"running there (`ray start --head`)?"]
+    assert not (tmp_path / "artifacts").exists()
+
+
+def test_the_probe_waits_no_longer_than_its_timeout():
+    """A listener whose queue is full drops new connections unanswered, as a firewall does."""
+    with socket.socket() as full:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        waiting = [socket.socket() for _ in range(3)]
+        for client in waiting:
+            client.setblocking(False)
+            client.connect_ex(full.getsockname())
+        time.sleep(0.2)
+        address = "%s:%d" % full.getsockname()
+        started = time.monotonic()
+        with pytest.raises(ConfigError, match=re.escape(f"nothing answered at {address} within 0.5 s (no answer)")):
+            probe(address, 0.5)
+        assert time.monotonic() - started < 2
+        for client in waiting:
+            client.close()
+
+
+def test_a_listening_address_passes_the_probe_in_every_form():
+    with socket.socket() as head:
+        head.bind(("127.0.0.1", 0))
+        head.listen()
+        port = head.getsockname()[1]
+        for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}", f"localhost:{port}"):
+            probe(address, 2.0)
+    # a cluster Ray starts or finds itself: nothing to probe
+    for address in (None, "auto", "local"):
+        assert ray_endpoint(address) is None
+        probe(address, 0.001)
+    assert ray_endpoint("[::1]:6379") == ("::1", 6379) and ray_endpoint("ray://head:10001") == ("head", 10001)
+
+
+@pytest.mark.parametrize("address,message", [
+    ("ray://127.0.0.1:10001", "Ray Client (ray://) is not supported"),
+    ("127.0.0.1", "is not HOST:PORT"),
+    ("head:port", "is not HOST:PORT"),
+    ("head:6379/path", "is not HOST:PORT"),
+])
+def test_an_address_fanout_cannot_use_is_one_line_before_any_work(address, message, tmp_path):
+    with pytest.raises(ConfigError, match=re.escape(message)) as refused:
+        fanout(tmp_path, ["v"], address, 1, None, None, log=print)
+    assert len(str(refused.value).splitlines()) == 1 and address in str(refused.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("raw", ["0", "-1", "soon", "inf"])
+def test_a_probe_timeout_that_is_no_positive_number_is_refused(raw, monkeypatch):
+    monkeypatch.setenv("QUANTBUILD_RAY_PROBE_TIMEOUT", raw)
+    with pytest.raises(ConfigError, match=re.escape(f"QUANTBUILD_RAY_PROBE_TIMEOUT={raw} is not allowed")):
+        probe_timeout()
+    monkeypatch.setenv("QUANTBUILD_RAY_PROBE_TIMEOUT", "0.25")
+    assert probe_timeout() == 0.25 and probe_timeout(3) == 3
+    monkeypatch.delenv("QUANTBUILD_RAY_PROBE_TIMEOUT")
+    assert probe_timeout() == 5.0

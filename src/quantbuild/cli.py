@@ -257,8 +257,12 @@ def exp(ctx: typer.Context) -> None:
 
 @app.command()
 def fanout(
-    address: Optional[str] = typer.Option(None, help="a Ray cluster (ray://HOST:10001, HOST:6379 or auto); "
-                                                     "default: a local cluster"),
+    address: Optional[str] = typer.Option(None, help="the Ray head, HOST:6379, from a machine of the cluster, or "
+                                                     "auto; default: a local cluster (ray:// is refused: the ray "
+                                                     "extra installs no Ray Client)"),
+    probe_timeout: Optional[float] = typer.Option(None, help="seconds to wait for an answer at --address before "
+                                                             "refusing it (default 5, or "
+                                                             "$QUANTBUILD_RAY_PROBE_TIMEOUT)"),
     workers: int = typer.Option(2, help="CPUs of the local cluster (without --address)"),
     remote: Optional[str] = typer.Option(None, help="the DVC remote the workers share (default: the repo's default "
                                                     "remote)"),
@@ -275,7 +279,7 @@ def fanout(
             raise QuantbuildError(f"--workers={workers} is not allowed (allowed: >= 1)")
         config = load_config(params)
         record = fan_out(Path.cwd(), sorted(config.quant.variants), address, workers, remote, repo,
-                         log=typer.echo, targets=list(config.eval.targets))
+                         log=typer.echo, targets=list(config.eval.targets), probe_timeout_s=probe_timeout)
     except QuantbuildError as err:
         _fail(err)
     typer.echo(f"fanout: {len(record['tasks'])} tasks in {record['seconds']} s through {record['remote']}; "

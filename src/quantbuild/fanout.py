@@ -20,7 +20,9 @@ running it. `quantbuild fanout` uses that:
    date and runs only `fingerprint`, which always runs and here changes nothing.
 
 Ray is an optional dependency (`pip install 'quantbuild[ray]'`); without it, and by
-default, the pipeline runs on one machine with `dvc repro`.
+default, the pipeline runs on one machine with `dvc repro`. The driver runs on a node of the
+cluster (`--address HEAD:6379`): that extra installs no Ray Client, so `ray://` addresses
+are refused.
 """
 
 from __future__ import annotations
@@ -30,12 +32,14 @@ import logging
 import os
 import platform
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
+from urllib.parse import urlsplit
 
 from quantbuild.errors import ConfigError, DriftError, QuantbuildError
 
@@ -44,6 +48,13 @@ UPSTREAM = ("fetch", "calibrate", "gguf_base", "sensitivity", "evaluate_baseline
 PER_VARIANT = ("quantize@{v}", "evaluate@{v}-{t}")
 FINISH = ("repair", "select", "package")
 FINGERPRINT_DIR = "artifacts/fingerprint"
+# Ray retries an address nothing answers at for minutes; a TCP connect is refused or times
+# out in seconds. The environment variable overrides the default.
+PROBE_TIMEOUT_S = 5.0
+PROBE_TIMEOUT_ENV = "QUANTBUILD_RAY_PROBE_TIMEOUT"
+# Addresses Ray resolves itself (a cluster it starts here, or the one `ray start` recorded):
+# nothing to probe.
+RAY_FINDS = ("auto", "local")
 
 
 def _run(command: list[str], cwd: Path, what: str, env: Optional[dict] = None) -> str:
@@ -147,16 +158,69 @@ def default_remote_url(root: Path) -> str:
     return url if "://" in url or os.path.isabs(url) else str((root / url).resolve())
 
 
+def ray_endpoint(address: Optional[str]) -> Optional[tuple[str, int]]:
+    """The (host, port) of `HOST:PORT` or `ray://HOST:PORT` (`[IPv6]:PORT` too); None for
+    the addresses Ray resolves itself (none, `auto`, `local`). Anything else is a ConfigError."""
+    if address is None or address in RAY_FINDS:
+        return None
+    parts = urlsplit(f"//{address.removeprefix('ray://')}")
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:  # a port that is no number, or out of range
+        host, port = None, None
+    if not host or port is None or parts.path or parts.query or parts.fragment:
+        raise ConfigError(f"fanout: --address {address} is not HOST:PORT (the head's {host or 'HOST'}:6379), auto, "
+                          f"or left out for a local cluster")
+    return host, port
+
+
+def probe_timeout(seconds: Optional[float] = None) -> float:
+    """`seconds`, else $QUANTBUILD_RAY_PROBE_TIMEOUT, else PROBE_TIMEOUT_S: a positive number."""
+    if seconds is None:
+        raw = os.environ.get(PROBE_TIMEOUT_ENV)
+        try:
+            seconds = PROBE_TIMEOUT_S if raw is None else float(raw)
+        except ValueError:
+            seconds = float("nan")
+        where = f"{PROBE_TIMEOUT_ENV}={raw}"
+    else:
+        where = f"the probe timeout {seconds}"
+    if not 0 < seconds < float("inf"):
+        raise ConfigError(f"fanout: {where} is not allowed (allowed: a number of seconds > 0)")
+    return seconds
+
+
+def probe(address: Optional[str], timeout: float) -> None:
+    """Return once something accepts a TCP connection at `address` within `timeout` seconds
+    (at once for an address Ray resolves itself); else one ConfigError line naming it."""
+    endpoint = ray_endpoint(address)
+    if endpoint is None:
+        return
+    try:
+        with socket.create_connection(endpoint, timeout=timeout):
+            pass
+    except OSError as err:
+        reason = "no answer" if isinstance(err, TimeoutError) else (err.strerror or str(err)).lower()
+        raise ConfigError(f"fanout: nothing answered at {address} within {timeout:g} s ({reason}): is the Ray "
+                          f"head running there (`ray start --head`)?") from None
+
+
 def fanout(root: Path, variants: list[str], address: Optional[str], workers: int, remote: Optional[str],
-           repo_url: Optional[str], log: Callable[[str], None], targets: list[str] = ("llama.cpp-cpu",)
-           ) -> dict[str, Any]:
+           repo_url: Optional[str], log: Callable[[str], None], targets: list[str] = ("llama.cpp-cpu",),
+           probe_timeout_s: Optional[float] = None) -> dict[str, Any]:
     """Build the ladder on a Ray cluster, each variant evaluated on every deploy target in
     `targets`; afterwards the driver's workspace holds the whole build (dvc.lock, pulled
-    outputs). Returns a record of every task."""
+    outputs). Returns a record of every task. An `address` nothing answers at within
+    `probe_timeout_s` (default: `probe_timeout()`) is refused before any work."""
     try:
         import ray
     except ImportError:
         raise ConfigError("fanout: Ray is not installed (it is optional: pip install 'quantbuild[ray]')") from None
+    if address and address.startswith("ray://"):
+        # Ray Client needs `ray[client]` (grpcio), which quantbuild[ray] does not install.
+        raise ConfigError(f"fanout: --address {address}: Ray Client (ray://) is not supported; run fanout on a node "
+                          f"of the cluster with the head's address, HEAD:6379")
+    probe(address, probe_timeout(probe_timeout_s))
     commit = _require_clean(root)
     remote_url = remote or default_remote_url(root)
     if "://" not in remote_url:

@@ -115,26 +115,27 @@ def private_folder(folder: Path) -> Iterator[Path]:
     `subprocess.run` on the way) and, once it is gone, end the process by that signal as
     they would have. SIGKILL cannot be caught: its folder stays until the next start."""
     received: list[int] = []
-    closing = [False]
+    closing = False
 
     def terminate(signum: int, frame: Any) -> None:
         received.append(signum)
-        if not closing[0] and len(received) == 1:
+        if not closing and len(received) == 1:
             raise _Terminated(signum)
 
-    # Only the main thread may set handlers, and one a caller installed is the caller's to keep.
-    replaced = {}
-    if threading.current_thread() is threading.main_thread():
-        replaced = {signum: signal.signal(signum, terminate) for signum in TERMINATING
-                    if signal.getsignal(signum) == signal.SIG_DFL}
+    replaced: dict[int, Any] = {}
     try:
+        # Only the main thread may set handlers; one a caller installed is the caller's to keep.
+        if threading.current_thread() is threading.main_thread():
+            for signum in TERMINATING:
+                if signal.getsignal(signum) == signal.SIG_DFL:
+                    replaced[signum] = signal.signal(signum, terminate)
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         yield folder
     except _Terminated:
         pass
     finally:
-        closing[0] = True
+        closing = True
         shutil.rmtree(folder, ignore_errors=True)
         for signum, handler in replaced.items():
             signal.signal(signum, handler)

@@ -106,7 +106,7 @@ def gguf_py() -> Any:
     and the sensitivity stage import gguf-py plainly: they run torch, never llama.cpp, in
     their own process."""
     if "gguf" not in sys.modules:
-        from quantbuild.runtimes.llama_cpp import bindings
+        from quantbuild.runtimes.llama_bindings import bindings
 
         with contextlib.suppress(RuntimeUnavailable):
             bindings()

@@ -33,6 +33,7 @@ from typing import Any, Iterator, Optional
 
 from quantbuild.errors import ConfigError, IntegrityError, QuantbuildError, RuntimeUnavailable
 from quantbuild.runtimes.gguf_file import layout, vocabulary_token
+from quantbuild.runtimes.llama_bindings import LOG, bindings
 from quantbuild.runtimes.llama_build import (TOOLS, build_backend, build_info, repack_allowed, sdist_dir, tool,
                                              vendored_commit, version)
 from quantbuild.runtimes.protocol import LLAMA_CPP, ChatFormat, Completion, LoadSpec, Timing, sequence_positions
@@ -68,10 +69,7 @@ def _gguf_py_version() -> str:
         return "absent"
 
 
-# --- the bindings -------------------------------------------------------------------------
-
-_LOG: list[str] = []
-_LOG_CALLBACK: Any = None
+# --- the bindings (loaded by llama_bindings) ---------------------------------------------
 
 
 def require_available() -> None:
@@ -80,26 +78,6 @@ def require_available() -> None:
     for name in TOOLS:
         tool(name)
     bindings()
-
-
-def bindings() -> Any:
-    """llama_cpp's low-level API, with llama.cpp's log captured instead of printed. Load it
-    before gguf-py in a process that runs llama.cpp (`gguf_file.gguf_py` does)."""
-    global _LOG_CALLBACK
-    version()
-    try:
-        import llama_cpp
-    except (ImportError, OSError) as err:
-        raise RuntimeUnavailable(f"llama.cpp: the bindings do not load ({err}; run `make install`)") from None
-    if _LOG_CALLBACK is None:
-        @llama_cpp.llama_log_callback
-        def collect(level: int, text: bytes, user_data: Any) -> None:
-            _LOG.append(text.decode("utf-8", errors="replace"))
-
-        _LOG_CALLBACK = collect
-        llama_cpp.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
-        llama_cpp.llama_backend_init()
-    return llama_cpp
 
 
 def system_info() -> str:
@@ -213,7 +191,7 @@ class LlamaCppModel:
         # greedy completions decoded together: one KV sequence per prompt, one batch per step
         self.parallel = max(1, parallel)
         layout(path)  # a malformed header or a tensor past the end is one line here, not a crash in C
-        start = len(_LOG)
+        start = len(LOG)
         params = lib.llama_model_default_params()
         params.use_extra_bufts = repack
         # one device: the first GPU, every layer and the output layer (a negative count: all)
@@ -223,7 +201,7 @@ class LlamaCppModel:
         params.n_gpu_layers, params.main_gpu = (-1, 0) if device == "cuda" else (0, -1)
         self.model = lib.llama_model_load_from_file(str(path).encode(), params)
         if not self.model:
-            detail = next((line.strip() for line in reversed(_LOG[start:]) if line.strip()), "no detail")
+            detail = next((line.strip() for line in reversed(LOG[start:]) if line.strip()), "no detail")
             raise IntegrityError(f"{path}: llama.cpp cannot load this GGUF file ({detail})")
         self.vocab = lib.llama_model_get_vocab(self.model)
         self.n_vocab = lib.llama_vocab_n_tokens(self.vocab)
@@ -233,7 +211,7 @@ class LlamaCppModel:
         except QuantbuildError:
             lib.llama_model_free(self.model)
             raise
-        self.buffers = logged_buffers(_LOG[start:], device)
+        self.buffers = logged_buffers(LOG[start:], device)
 
     def _open_context(self, n_ctx: int, sequences: int = 1) -> None:
         """A context of `sequences` KV sequences of `n_ctx` tokens each, every sequence in
@@ -252,12 +230,12 @@ class LlamaCppModel:
         if self.kv_type != "f16" or self.device == "cuda":
             context.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_ENABLED
         context.no_perf = True
-        start = len(_LOG)
+        start = len(LOG)
         self.ctx = lib.llama_init_from_model(self.model, context)
         if not self.ctx:
             raise QuantbuildError(f"{self.path}: llama.cpp could not create a context of {sequences} x {n_ctx} tokens")
         explicit = context.flash_attn_type == lib.LLAMA_FLASH_ATTN_TYPE_ENABLED
-        self.flash_attention = "enabled" if explicit else _flash_attention(_LOG[start:])
+        self.flash_attention = "enabled" if explicit else _flash_attention(LOG[start:])
         self.n_ctx, self.sequences = n_ctx, sequences
         self.batch = lib.llama_batch_init(max(n_ctx, sequences), 0, 1)
 
