@@ -9,6 +9,7 @@ from collections import defaultdict
 from typing import Any
 
 from quantbuild.evaluation import degenerate
+from quantbuild.evaluation.distributions import target_logprobs
 from quantbuild.evaluation.scorers import failure, score
 from quantbuild.prompts import PromptFormat
 from quantbuild.tasks.items import Item
@@ -25,8 +26,8 @@ def perplexity(runtime: Any, texts: list[str]) -> dict[str, float]:
     """Token-weighted perplexity of `texts` (each starts with BOS, as in training)."""
     nll, count = 0.0, 0
     for logprobs, targets in runtime.text_positions(texts):
-        nll -= logprobs.gather(-1, targets.unsqueeze(-1)).sum().item()
-        count += targets.numel()
+        nll -= target_logprobs(logprobs, targets)
+        count += targets.size
     return {"perplexity": math.exp(nll / count), "tokens": count}
 
 
