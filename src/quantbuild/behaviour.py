@@ -46,7 +46,7 @@ TOP1_SLACK = 0.01
 
 
 def probe_items(prompt_format: Optional[PromptFormat] = None) -> list[tuple[str, Any, str]]:
-    """(id, generated item, text) of the probes, in order (`probe_prompts` without the items)."""
+    """(id, generated item, text) of the probes, in order."""
     from quantbuild.tasks import GENERATORS
 
     probes = []
@@ -82,14 +82,7 @@ def card_example(info: dict) -> Optional[tuple[str, str]]:
 def probe_prompts(prompt_format: Optional[PromptFormat] = None) -> list[tuple[str, str, str]]:
     """(id, family, text) of the probe prompts: synthetic, seeded, the same on every machine;
     through the chat template of `prompt_format` where it has one (prose stays prose)."""
-    from quantbuild.tasks import GENERATORS
-
-    prompts = []
-    for family in PROBE_FAMILIES:
-        for index, item in enumerate(GENERATORS[family](PROBES_PER_FAMILY, PROBE_SEED)):
-            chat = prompt_format is not None and prompt_format.chat and item.messages is not None
-            prompts.append((f"probe-{family}-{index}", family, prompt_format.render(item) if chat else item.prompt))
-    return prompts
+    return [(probe_id, item.family, text) for probe_id, item, text in probe_items(prompt_format)]
 
 
 def _run(model: Runtime, sequences: list[list[int]]) -> tuple[dict, list[list[int]]]:
@@ -126,7 +119,8 @@ def record(runtime: Runtime, out: Path, prompt_format: Optional[PromptFormat] = 
     template (`prompt_format`), tokenized with their special tokens."""
     from quantbuild.evaluation.distributions import save_reference
 
-    prompts = probe_prompts(prompt_format)
+    items = probe_items(prompt_format)
+    prompts = [(probe_id, item.family, text) for probe_id, item, text in items]
     chat = prompt_format is not None and prompt_format.chat
     cap = MAX_CHAT_PROBE_TOKENS if chat else MAX_PROBE_TOKENS
     workers = _threads()
@@ -152,7 +146,7 @@ def record(runtime: Runtime, out: Path, prompt_format: Optional[PromptFormat] = 
         "probes": [{"id": probe_id, "family": family, "prompt_tokens": len(tokens), "greedy_tokens": len(out_tokens),
                     "correct": _answered(runtime, item, out_tokens)}
                    for (probe_id, family, _), (_, item, _), tokens, out_tokens
-                   in zip(prompts, probe_items(prompt_format), sequences, greedy)],
+                   in zip(prompts, items, sequences, greedy)],
         "probe_seed": PROBE_SEED,
         **(prompt_format.describe() if prompt_format is not None else {"prompt_format": "raw"}),
         # digests, never the text: what the probes were and what they tokenized to
