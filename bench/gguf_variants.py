@@ -68,18 +68,20 @@ def _prepare(work: Path, imatrix_samples: int = 600, baseline: Path = BASELINE, 
     """Base GGUF + imatrix + calibration, as the pipeline makes them, and the sensitivity
     stage's tables for the `planned` variants (in work/sensitivity)."""
     from quantbuild.calibration import compose_calibration, load_calibration
-    from quantbuild.gguf_base import build_base
+    from quantbuild.gguf_base import build_base, build_imatrix
     from quantbuild.quantizers import Inputs
     from quantbuild.sensitivity import write_sensitivity
 
     calibration = _calibration(imatrix_samples=imatrix_samples)
-    build_base(baseline, calibration, ROOT / "data" / "calibration", "f16", needed=True, imatrix=True, repack=False,
-               out=work / "base")
+    build_base(baseline, "f16", needed=True, out=work / "base")
+    build_imatrix(work / "base", baseline, calibration, ROOT / "data" / "calibration", needed=True, repack=False,
+                  out=work / "imatrix")
     compose_calibration(calibration, ROOT / "data" / "calibration", baseline, work / "calibration")
-    inputs = Inputs(baseline, load_calibration(work / "calibration"), gguf_base=work / "base", lineage={})
+    inputs = Inputs(baseline, load_calibration(work / "calibration"), gguf_base=work / "base",
+                    imatrix=work / "imatrix", lineage={})
     if planned:
         write_sensitivity(baseline, inputs.calibration, planned, calibration.sensitivity, work / "base",
-                          work / "sensitivity")
+                          work / "sensitivity", imatrix=work / "imatrix")
     return inputs
 
 
@@ -117,7 +119,7 @@ def _speed_runs(model: str, work: Path, repeats: int) -> list[tuple[str, list[fl
     runs = []
     for name, variant, extra in [("Q8_0", GgufConfig(type="Q8_0"), []),
                                  ("Q4_K_M imatrix", GgufConfig(type="Q4_K_M", imatrix=True),
-                                  ["--imatrix", str(work / "base" / IMATRIX_FILE)])]:
+                                  ["--imatrix", str(work / "imatrix" / IMATRIX_FILE)])]:
         ours, direct = [], []
         for _ in range(repeats):
             started = time.perf_counter()
@@ -266,7 +268,7 @@ def imatrix(args: argparse.Namespace) -> None:
         for samples in (0, 48, 150, 300, 600):
             if samples:
                 inputs = _prepare(work, imatrix_samples=samples)
-            tokens = json.loads((work / "base" / "gguf_base_record.json").read_text())["imatrix"]["tokens_used"]
+            tokens = json.loads((work / "imatrix" / "imatrix_record.json").read_text())["imatrix"]["tokens_used"]
             for preset in ("Q4_K_M", "IQ4_XS", "Q3_K_S"):
                 build_variant("bench", GgufConfig(type=preset, imatrix=bool(samples)), inputs, work / "variant")
                 measured = _kld(work / "variant" / "model" / MODEL_FILE, logits, text)
@@ -338,8 +340,7 @@ def noise(args: argparse.Namespace) -> None:
     rows, results = [], {}
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
-        build_base(BASELINE, _calibration(), ROOT / "data" / "calibration", "f16", needed=True, imatrix=False,
-                   repack=False, out=work / "base")
+        build_base(BASELINE, "f16", needed=True, out=work / "base")
         with LlamaCppModel(work / "base" / BASE_FILE, n_ctx=1024, threads=2) as first, \
                 LlamaCppModel(work / "base" / BASE_FILE, n_ctx=1024, threads=2) as second:
             separate = [latency_ratio(measure_latency(first, config), measure_latency(second, config)) for _ in range(args.repeats)]

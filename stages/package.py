@@ -20,7 +20,7 @@ from quantbuild.errors import IntegrityError
 from quantbuild.evaluation.runner import MEASUREMENTS
 from quantbuild.fingerprint import scopes_of
 from quantbuild.gate import released, require_release
-from quantbuild.gguf_base import RECORD as GGUF_BASE_RECORD
+from quantbuild.gguf_artifacts import RECORD as GGUF_BASE_RECORD, imatrix_record
 from quantbuild.hashing import read_json, staged_dir
 from quantbuild.quantization import MODEL_DIR, RECORD, require_recorded_bytes
 from quantbuild.repair import locate, repaired_variants
@@ -85,7 +85,7 @@ def lineage_of(config: Config, decision: dict, chosen: str, targets: list[str]) 
     }
     if record["method"] == "gguf":
         base = read_json(Path(paths.gguf_base) / GGUF_BASE_RECORD)
-        lineage["imatrix"] = base["imatrix"] if record["parameters"].get("imatrix") else None
+        lineage["imatrix"] = imatrix_record(Path(paths.imatrix)) if record["parameters"].get("imatrix") else None
         lineage["base_gguf"] = {key: base[key] for key in ("base_type", "base_sha256", "tensors_sha256", "pre_tokenizer")}
     return lineage, probes
 

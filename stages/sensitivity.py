@@ -18,7 +18,7 @@ def main(config: Config) -> None:
     paths = config.paths
     record = write_sensitivity(Path(paths.baseline), load_calibration(Path(paths.calibration)), config.quant.variants,
                                config.calibration.sensitivity, Path(paths.gguf_base), Path(paths.sensitivity),
-                               log=progress)
+                               log=progress, imatrix=Path(paths.imatrix))
     planned = sorted(name for name, entry in record["variants"].items() if entry["planned"])
     say(f"sensitivity: {', '.join(planned) if planned else 'no planned variant'} (measured in {record['wall_seconds']} s)")
 

@@ -1,4 +1,4 @@
-"""The imatrix's calibration text never outlives the step that reads it: the real gguf_base
+"""The imatrix's calibration text never outlives the step that reads it: the real imatrix
 stage, in a process of its own, killed while llama-imatrix runs. SIGTERM removes the text
 at once and still ends the stage by SIGTERM; SIGKILL cannot be caught, so its text stays in
 the staging folder until the next start, which removes it and builds as usual."""
@@ -18,28 +18,30 @@ import yaml
 
 from conftest import BASELINE, REPO, committed
 from quantbuild.gguf_artifacts import IMATRIX_FILE
-from quantbuild.gguf_base import TEXT_DIR
+from quantbuild.gguf_base import TEXT_DIR, build_base
 from quantbuild.hashing import remove_staging_debris
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads /proc")]
 
-STAGING = Path("artifacts") / ".gguf.partial" / TEXT_DIR
+STAGING = Path("artifacts") / ".imatrix.partial" / TEXT_DIR
 
 
 @pytest.fixture
 def project(tmp_path) -> Path:
-    """A folder the gguf_base stage runs in: the committed params.yaml, reading the bundled
-    baseline and calibration data in place. A third of the committed imatrix mix (about 70
-    chunks of 512 tokens) keeps llama-imatrix running for seconds, long enough to be caught."""
+    """A folder the imatrix stage runs in: the committed params.yaml, reading the bundled
+    baseline and calibration data in place, and the gguf_base stage's base.gguf. A third of
+    the committed imatrix mix (about 70 chunks of 512 tokens) keeps llama-imatrix running
+    for seconds, long enough to be caught."""
     params = yaml.safe_load(committed("params.yaml"))
     params["paths"].update(baseline=str(BASELINE), calibration_data=str(REPO / "data" / "calibration"))
     params["calibration"]["imatrix_samples"] = 200
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    build_base(BASELINE, "f16", needed=True, out=tmp_path / params["paths"]["gguf_base"])
     return tmp_path
 
 
 def start_stage(root: Path) -> subprocess.Popen:
-    """`python -m stages.gguf_base` in `root`, in a process group of its own; Ctrl-C and the
+    """`python -m stages.imatrix` in `root`, in a process group of its own; Ctrl-C and the
     terminating signals at their defaults, whatever this process inherited."""
     def defaults() -> None:
         os.setsid()
@@ -48,7 +50,7 @@ def start_stage(root: Path) -> subprocess.Popen:
 
     # OpenMP threads that spin at barriers crawl on cores shared with other work (conftest)
     env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, "-m", "stages.gguf_base"], cwd=root, env=env, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "stages.imatrix"], cwd=root, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, preexec_fn=defaults)
 
 
@@ -104,17 +106,17 @@ def test_sigkill_leaves_the_text_to_the_next_start_which_removes_it_and_builds(p
     # What a SIGKILL leaves: the text, in the staging folder inside the artifacts.
     assert text.parent == project / STAGING and text.read_text(encoding="utf-8").strip()
 
-    # Every stage's start removes it (DVC may restore gguf_base from its run-cache, so the
+    # Every stage's start removes it (DVC may restore imatrix from its run-cache, so the
     # next stage to run may be another)...
     other = tmp_path_factory.mktemp("other") / "artifacts"
     shutil.copytree(project / "artifacts", other)
     remove_staging_debris(other)
     assert calibration_text(other) == []
-    # ...and the next gguf_base then builds as it would have, leaving no text behind.
+    # ...and the next imatrix stage then builds as it would have, leaving no text behind.
     again = start_stage(project)
     out, err = again.communicate(timeout=600)
     assert again.returncode == 0, out + err
-    assert "gguf_base: F16 GGUF" in out and (project / "artifacts" / "gguf" / IMATRIX_FILE).is_file()
+    assert "imatrix: over" in out and (project / "artifacts" / "imatrix" / IMATRIX_FILE).is_file()
     assert calibration_text(project) == []
 
 
@@ -133,4 +135,39 @@ def test_a_terminating_signal_removes_the_text_at_once_and_kills_llama_imatrix(p
     assert stage.returncode == (1 if signum == signal.SIGINT else -signum), out + err
     assert not text.exists() and calibration_text(project) == []
     assert not running(imatrix)
-    assert not (project / "artifacts" / "gguf").exists()
+    assert not (project / "artifacts" / "imatrix").exists()
+
+
+def test_a_signal_while_a_tool_starts_still_kills_the_tool(monkeypatch):
+    """The race CI hit: the signal lands after the child exists but before `Popen` has
+    returned it. A handler that asks `defer_signal` (as gguf_base's does) raises once
+    `Popen` has returned, where the child is killed; raising inside `Popen` had left the
+    child running. Python runs the handler in the main thread whichever thread the signal
+    reaches (pytest-xdist's workers have several)."""
+    from quantbuild.runtimes import llama_build
+
+    class Raised(BaseException):
+        pass
+
+    def raise_(signum, frame):
+        if not llama_build.defer_signal(signum):
+            raise Raised()
+
+    started: list[int] = []
+    real = subprocess.Popen
+
+    def popen_then_signal(*args, **kwargs):
+        process = real(*args, **kwargs)
+        started.append(process.pid)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)  # the handler runs here, inside Popen, as it did in CI
+        return process
+
+    previous = signal.signal(signal.SIGTERM, raise_)
+    monkeypatch.setattr(llama_build.subprocess, "Popen", popen_then_signal)
+    try:
+        with pytest.raises(Raised):
+            llama_build._run_killable(["sleep", "60"], None)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert started and not running(started[0])

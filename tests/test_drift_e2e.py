@@ -42,7 +42,7 @@ def test_llama_cpp_drift_reruns_exactly_the_llama_cpp_stages(repo, tmp_path):
     assert f"quantize@{QUANTIZED}" in status and f"evaluate@{QUANTIZED}-llama.cpp-cpu" in status
     assert "fetch:" not in status and "calibrate:" not in status
     ran = stages_run(dvc(repo, "repro", env=env, check=True).stdout)
-    llama_stages = {"gguf_base", "evaluate_baseline@llama.cpp-cpu", "quantize@gguf_q8_0", f"quantize@{QUANTIZED}",
+    llama_stages = {"gguf_base", "imatrix", "evaluate_baseline@llama.cpp-cpu", "quantize@gguf_q8_0", f"quantize@{QUANTIZED}",
                     "evaluate@gguf_q8_0-llama.cpp-cpu", f"evaluate@{QUANTIZED}-llama.cpp-cpu"}
     assert llama_stages <= ran
     assert not ran & {"fetch", "calibrate"}

@@ -19,11 +19,11 @@ from quantbuild.calibration import compose_calibration, load_calibration
 from quantbuild.config import CalibrationConfig, GgufConfig, GgufOverrideConfig, SensitivityConfig
 from quantbuild.errors import ConfigError, IntegrityError, QuantbuildError
 from quantbuild.gguf_base import RECORD as BASE_RECORD
-from quantbuild.gguf_base import build_base
+from quantbuild.gguf_base import build_base, build_imatrix
 from quantbuild.hashing import read_json, sha256_file
 from quantbuild.quantization import MODEL_DIR, RECORD, build_variant
 from quantbuild.quantizers import Inputs, model_layers
-from quantbuild.gguf_artifacts import BASE_FILE, IMATRIX_FILE, MODEL_FILE
+from quantbuild.gguf_artifacts import BASE_FILE, IMATRIX_FILE, IMATRIX_RECORD, MODEL_FILE, imatrix_record
 from quantbuild.quantizers.gguf import TENSOR_TYPE_BITS, gguf_names
 from quantbuild.runtimes.gguf_file import PREFIX, metadata, tensor_digest, tensor_types
 from quantbuild.runtimes.llama_build import repack_allowed, run_tool
@@ -41,8 +41,15 @@ CALIBRATION = CalibrationConfig(sources={"workflow_prompts": 0.5, "tool_calls": 
 DATA = REPO / "data" / "calibration"
 
 
-def _build_base(out: Path) -> dict:
-    return build_base(BASELINE, CALIBRATION, DATA, "f16", needed=True, imatrix=True, repack=False, out=out)
+def imatrix_of(base: Path) -> Path:
+    """Where `_build_base` puts the importance matrix of the base in `base` (the imatrix
+    stage's folder beside the gguf_base stage's)."""
+    return base.with_name(f"{base.name}-imatrix")
+
+
+def _build_base(out: Path, model: Path = BASELINE) -> None:
+    build_base(model, "f16", needed=True, out=out)
+    build_imatrix(out, model, CALIBRATION, DATA, needed=True, repack=False, out=imatrix_of(out))
 
 
 
@@ -66,7 +73,7 @@ def base(tmp_path_factory) -> Path:
 def inputs(tmp_path_factory, base) -> Inputs:
     out = tmp_path_factory.mktemp("calibration")
     compose_calibration(CALIBRATION, DATA, BASELINE, out)
-    return Inputs(BASELINE, load_calibration(out), gguf_base=base,
+    return Inputs(BASELINE, load_calibration(out), gguf_base=base, imatrix=imatrix_of(base),
                   lineage={"baseline": {"name": "workflow-llama-8m"}, "build_fingerprint_sha256": "f" * 64})
 
 
@@ -75,7 +82,7 @@ def sensitivity(tmp_path_factory, inputs, base) -> Path:
     """The sensitivity stage's tables for VARIANTS (mix_3p8: four llama.cpp types with the
     imatrix), by the weight-space measure (the measured KL: its own test below)."""
     out = tmp_path_factory.mktemp("sensitivity") / "sensitivity"
-    write_sensitivity(BASELINE, inputs.calibration, VARIANTS, CALIBRATION.sensitivity, base, out)
+    write_sensitivity(BASELINE, inputs.calibration, VARIANTS, CALIBRATION.sensitivity, base, out, imatrix=imatrix_of(base))
     return out
 
 
@@ -126,8 +133,8 @@ def test_hf_and_llama_cpp_token_ids_are_identical_on_every_bundled_file(base):
 def test_conversion_and_imatrix_are_byte_identical_across_runs(base, tmp_path):
     _build_base(tmp_path / "again")
     assert sha256_file(tmp_path / "again" / BASE_FILE) == sha256_file(base / BASE_FILE)
-    assert sha256_file(tmp_path / "again" / IMATRIX_FILE) == sha256_file(base / IMATRIX_FILE)
-    imatrix = read_json(base / BASE_RECORD)["imatrix"]
+    assert sha256_file(imatrix_of(tmp_path / "again") / IMATRIX_FILE) == sha256_file(imatrix_of(base) / IMATRIX_FILE)
+    imatrix = imatrix_record(imatrix_of(base))
     assert imatrix["tokens_used"] == imatrix["chunks"] * 128 and imatrix["tokens"] >= imatrix["tokens_used"]
     assert set(imatrix["composition"]) == {"workflow_prompts", "tool_calls", "domain_text"}
 
@@ -141,7 +148,7 @@ def test_each_variant_builds_the_same_gguf_twice(name, built, inputs, sensitivit
 
 def test_quantize_gives_the_tensors_llama_quantize_gives_called_directly(built, base, tmp_path):
     direct = tmp_path / "direct.gguf"
-    run_tool("llama-quantize", ["--imatrix", str(base / IMATRIX_FILE), str(base / BASE_FILE), str(direct), "Q4_K_M"],
+    run_tool("llama-quantize", ["--imatrix", str(imatrix_of(base) / IMATRIX_FILE), str(base / BASE_FILE), str(direct), "Q4_K_M"],
              "direct")
     assert tensor_digest(built["q4_k_m_imat"] / MODEL_DIR / MODEL_FILE) == tensor_digest(direct)
 
@@ -183,7 +190,7 @@ def test_sensitivity_is_measured_per_candidate_and_family_and_is_deterministic(s
     # More bits, less divergence, on the calibration mix, for a sensitive layer.
     assert entry["Q3_K+imatrix"]["calibration"] > entry["Q4_K+imatrix"]["calibration"] > entry["Q6_K+imatrix"]["calibration"]
     write_sensitivity(BASELINE, inputs.calibration, {"mix_3p8": VARIANTS["mix_3p8"]}, CALIBRATION.sensitivity, base,
-                      tmp_path / "again")
+                      tmp_path / "again", imatrix=imatrix_of(base))
     assert sha256_file(tmp_path / "again" / "mix_3p8.json") == sha256_file(sensitivity / "mix_3p8.json")
 
 
@@ -229,7 +236,7 @@ def test_the_measured_kl_orders_layers_as_the_weight_space_measure_does_and_repe
 
     config = replace(CALIBRATION.sensitivity, measure=KL, family_tokens=0)
     variant = replace(VARIANTS["mix_3p8"], mix_types=["Q3_K", "Q6_K"])
-    measured = measure(BASELINE, inputs.calibration, {"mix": variant}, config, base)["mix"]
+    measured = measure(BASELINE, inputs.calibration, {"mix": variant}, config, base, imatrix=imatrix_of(base))["mix"]
     estimated = load_sensitivity(sensitivity, "mix_3p8")
     assert measured["measure"] == KL and estimated["measure"] == "weight_error"
     assert measured["candidates"] == ["Q3_K+imatrix", "Q6_K+imatrix"] and set(measured["probes"]) == {"calibration"}
@@ -245,7 +252,7 @@ def test_the_measured_kl_orders_layers_as_the_weight_space_measure_does_and_repe
     assert 0.2 < sum(b for _, b in pairs) / sum(a for a, _ in pairs) < 5
     # measured again: the same numbers
     single = replace(variant, mix_types=["Q3_K"])
-    again = measure(BASELINE, inputs.calibration, {"mix": single}, config, base)["mix"]
+    again = measure(BASELINE, inputs.calibration, {"mix": single}, config, base, imatrix=imatrix_of(base))["mix"]
     assert all(again["layers"][name]["kld"]["Q3_K+imatrix"] == measured["layers"][name]["kld"]["Q3_K+imatrix"]
                for name in layers)
 
@@ -408,7 +415,7 @@ def test_a_tampered_or_truncated_gguf_is_one_line_and_exit_1(built, tmp_path):
 
 def test_a_valid_gguf_that_is_no_model_is_one_line(base):
     with pytest.raises(IntegrityError, match="llama.cpp cannot load this GGUF file"):
-        LlamaCppModel(base / IMATRIX_FILE, n_ctx=64)
+        LlamaCppModel(imatrix_of(base) / IMATRIX_FILE, n_ctx=64)
 
 
 def test_the_variant_loads_alone_in_llama_cpp_and_answers_every_family(built):
@@ -478,24 +485,24 @@ def test_an_imatrix_made_for_another_model_is_one_line_and_leaves_the_old_varian
     LlamaForCausalLM(config).save_pretrained(str(other))
     AutoTokenizer.from_pretrained(str(BASELINE)).save_pretrained(str(other))
     other_base = tmp_path / "other-base"
-    build_base(other, CALIBRATION, DATA, "f16", needed=True, imatrix=True, repack=False, out=other_base)
-    mixed = tmp_path / "mixed-base"
-    shutil.copytree(inputs.gguf_base, mixed)
-    shutil.copyfile(other_base / IMATRIX_FILE, mixed / IMATRIX_FILE)
+    _build_base(other_base, other)
+    mixed = tmp_path / "mixed-imatrix"
+    shutil.copytree(inputs.imatrix, mixed)
+    shutil.copyfile(imatrix_of(other_base) / IMATRIX_FILE, mixed / IMATRIX_FILE)
     out = tmp_path / "variant"
     shutil.copytree(built["q4_k_m_imat"], out)
     before = sha256_file(out / MODEL_DIR / MODEL_FILE)
     from dataclasses import replace
 
     # swapped in behind the record's back: refused by its digest before llama-quantize runs
-    with pytest.raises(IntegrityError, match="imatrix.gguf: sha256 differs from gguf_base_record.json"):
-        build_variant("q4_k_m_imat", VARIANTS["q4_k_m_imat"], replace(inputs, gguf_base=mixed), out)
-    # recorded as if gguf_base had made it: llama-quantize itself refuses it
-    record = read_json(mixed / BASE_RECORD)
+    with pytest.raises(IntegrityError, match="imatrix.gguf: sha256 differs from imatrix_record.json"):
+        build_variant("q4_k_m_imat", VARIANTS["q4_k_m_imat"], replace(inputs, imatrix=mixed), out)
+    # recorded as if the imatrix stage had made it: llama-quantize itself refuses it
+    record = read_json(mixed / IMATRIX_RECORD)
     record["imatrix"]["sha256"] = sha256_file(mixed / IMATRIX_FILE)
-    (mixed / BASE_RECORD).write_text(json.dumps(record))
+    (mixed / IMATRIX_RECORD).write_text(json.dumps(record))
     with pytest.raises(QuantbuildError, match="llama-quantize failed") as failure:
-        build_variant("q4_k_m_imat", VARIANTS["q4_k_m_imat"], replace(inputs, gguf_base=mixed), out)
+        build_variant("q4_k_m_imat", VARIANTS["q4_k_m_imat"], replace(inputs, imatrix=mixed), out)
     assert "\n" not in str(failure.value)
     assert sha256_file(out / MODEL_DIR / MODEL_FILE) == before
 
@@ -507,7 +514,7 @@ def test_an_architecture_the_converter_does_not_know_is_one_line(tmp_path):
     config["architectures"] = ["MadeUpForCausalLM"]
     (model / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConfigError, match="architecture 'MadeUpForCausalLM' is not supported by llama.cpp's converter"):
-        build_base(model, CALIBRATION, DATA, "f16", needed=True, imatrix=False, repack=False, out=tmp_path / "out")
+        build_base(model, "f16", needed=True, out=tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
@@ -581,7 +588,7 @@ def test_the_release_decision_is_the_same_in_five_runs_under_load(built, base, t
     from quantbuild.gate import select
 
     config = EvalConfig(families=["language_modelling", "structured", "retrieval"], limit=6,
-                        latency=LatencyConfig(prompt_lengths=[64], new_tokens=8, warmup=1, repeats=9, max_rounds=36),
+                        latency=LatencyConfig(prompt_lengths=[64], new_tokens=8, warmup=1, repeats=9, max_rounds=72),
                         memory=MemoryConfig(context_lengths=[1024]))
     # Six items are too few for quality intervals to decide anything: this is about latency.
     gate = GateConfig(max_perplexity_increase_pct=50, max_kld_mean=1.0, max_kld_p99=10.0, min_top1_agreement=0.5,

@@ -84,8 +84,9 @@ def test_edited_calibration_source_reruns_calibrate_and_downstream(repo):
     path.write_text("\n".join(lines[1:]) + "\n")
     result = dvc(repo, "repro", check=True)
     ran = stages_run(result.stdout)
-    assert {"calibrate", "gguf_base", f"quantize@{QUANTIZED}"} <= ran
-    assert "fetch" not in ran
+    assert {"calibrate", "imatrix", f"quantize@{QUANTIZED}"} <= ran
+    # the baseline's GGUF and its evaluation read no calibration: neither reruns
+    assert not ran & {"fetch", "gguf_base"} and not any(stage.startswith("evaluate_baseline") for stage in ran), ran
 
 
 def test_edited_baseline_file_fails_fetch_on_its_pin(repo):
@@ -197,8 +198,34 @@ def test_the_offline_report_renders_in_a_headless_browser(repo, tmp_path):
                          capture_output=True, text=True, timeout=120).stdout
     for chart in ("pareto", "families", "latency", "memory"):
         assert f'id="{chart}"' in dom
-    decision = json.loads((repo / "artifacts" / "release" / "decision.json").read_text())
+    whole = json.loads((repo / "artifacts" / "release" / "decision.json").read_text())
+    decision = next(iter(whole["targets"].values()))
     assert dom.count('class="point"') >= 2 * len(decision["variants"]) and 'class="chosen"' in dom
+    # It stands alone: nothing folded away, every check of every variant on the page with
+    # its value and mark, one outcome per variant said the same way everywhere, a baseline
+    # row, the headline numbers, the bundle, its commit and its signature's status.
+    assert "<details" not in dom and "@media print" in dom
+    from quantbuild.report_html import outcome
+
+    for name, entry in decision["variants"].items():
+        label = outcome(name, decision)
+        assert f"{name} ({label})" in dom  # the size-vs-quality legend
+        assert re.search(rf"<td>{name}</td><td[^>]*>{label}</td>", dom), (name, label)  # the headline table
+        for check in entry["checks"]:
+            assert f"<th>{check['budget']}<br>" in dom
+            if not check["pass"]:
+                assert "fails" in dom or "undecided" in dom
+    assert '<tr class="baseline"><td>baseline</td>' in dom
+    baseline = json.loads((repo / "artifacts" / "eval" / decision["target"] / "baseline" / "measurements.json")
+                          .read_text())
+    assert f"<td>{baseline['perplexity']:.4f}</td>" in dom
+    manifest = json.loads((repo / BUNDLE / "manifest.json").read_text())
+    assert f"{BUNDLE}/" in dom and manifest["git"]["commit"] in dom and "unsigned" in dom
+    # printable: Chromium prints it to a PDF of more than one page
+    pdf = tmp_path / "report.pdf"
+    subprocess.run([CHROMIUM, *HEADLESS, f"--user-data-dir={profile}", f"--print-to-pdf={pdf}",
+                    "--no-pdf-header-footer", url], capture_output=True, timeout=120, check=True)
+    assert pdf.read_bytes().startswith(b"%PDF") and len(re.findall(rb"/Type\s*/Page[^s]", pdf.read_bytes())) >= 2
     shot = tmp_path / "report.png"
     subprocess.run([CHROMIUM, *HEADLESS, f"--user-data-dir={profile}", f"--screenshot={shot}",
                     "--window-size=1400,1400", "--hide-scrollbars", url], capture_output=True, timeout=120, check=True)

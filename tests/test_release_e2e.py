@@ -28,6 +28,9 @@ def test_signed_release_audit_and_rollback(repo):
     assert stages_run(dvc(repo, "repro", check=True).stdout) == {"fingerprint", "package"}
     assert (repo / BUNDLE / "model.sig").is_file()
     assert quantbuild(repo, "verify", BUNDLE).returncode == 0  # public key from params.yaml
+    # the report checks the signature now, with the same key, and says so
+    quantbuild(repo, "report", "--out", str(repo.parent / "signed.html"), check=True)
+    assert "signed, verifies</span> with keys/quantbuild-signing.pub" in (repo.parent / "signed.html").read_text()
     dirty = quantbuild(repo, "release", "--version", "v1.0.0")
     assert dirty.returncode == 1 and "uncommitted changes" in dirty.stderr
     commit_all(repo, "r1")

@@ -37,6 +37,8 @@ class PathsConfig:
     eval_data: str = "data/eval"
     calibration_data: str = "data/calibration"
     gguf_base: str = "artifacts/gguf"
+    # the importance matrix of the calibration mix (llama-imatrix over base.gguf) and its record
+    imatrix: str = "artifacts/imatrix"
     sensitivity: str = "artifacts/sensitivity"
     repair: str = "artifacts/repair"
     # the user's golden-prompt files (eval.golden names them): a dependency of every evaluation

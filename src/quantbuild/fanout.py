@@ -43,7 +43,7 @@ from urllib.parse import urlsplit
 
 from quantbuild.errors import ConfigError, DriftError, QuantbuildError
 
-UPSTREAM = ("fetch", "calibrate", "gguf_base", "sensitivity", "evaluate_baseline@{t}")
+UPSTREAM = ("fetch", "calibrate", "gguf_base", "imatrix", "sensitivity", "evaluate_baseline@{t}")
 # the variant's build, then its evaluation on each deploy target of the run
 PER_VARIANT = ("quantize@{v}", "evaluate@{v}-{t}")
 FINISH = ("repair", "select", "package")

@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from quantbuild.config import CalibrationConfig
-from quantbuild.gguf_artifacts import BASE_FILE, IMATRIX_FILE, RECORD
+from quantbuild.gguf_artifacts import BASE_FILE, IMATRIX_FILE, IMATRIX_RECORD, RECORD, require_base
 from quantbuild.hashing import sha256_bytes, sha256_file, staged_dir, write_json
 
 # Where llama-imatrix reads the calibration text: a folder beside the matrix, so inside the
-# stage's staging folder (`artifacts/.gguf.partial`), never outside the repository. Its
+# stage's staging folder (`artifacts/.imatrix.partial`), never outside the repository. Its
 # `.partial` name makes it staging debris wherever it sits: a run killed by SIGKILL leaves
 # it, and the next start of any stage removes it (`hashing.remove_staging_debris`), as
 # does the next `compute_imatrix` beside the same matrix.
@@ -35,9 +35,8 @@ TEXT_DIR = ".calibration-text.partial"
 TERMINATING = (signal.SIGTERM, signal.SIGHUP)
 
 
-def build_base(baseline: Path, calibration: CalibrationConfig, data_dir: Path, base_type: str, needed: bool,
-               imatrix: bool, repack: bool, out: Path) -> dict[str, Any]:
-    """Write `base.gguf` (+ `imatrix.gguf` when `imatrix`) and the record into `out`.
+def build_base(baseline: Path, base_type: str, needed: bool, out: Path) -> dict[str, Any]:
+    """Write `base.gguf` and the record into `out`.
 
     With `needed` false (the ladder has no gguf variant) only the record is written, so a
     ladder on another runtime neither converts nor depends on llama.cpp.
@@ -54,12 +53,22 @@ def build_base(baseline: Path, calibration: CalibrationConfig, data_dir: Path, b
         record = {"converted": True, "base_type": base_type, "base_sha256": sha256_file(base),
                   "tensors_sha256": tensor_digest(base),
                   "pre_tokenizer": metadata(base).get("tokenizer.ggml.pre"),
-                  "pre_tokenizer_named_by_quantbuild": known_pretokenizer(baseline / "tokenizer.json") is not None,
-                  "imatrix": None}
-        if imatrix:
-            record["imatrix"] = compute_imatrix(base, calibration, data_dir, baseline, repack,
-                                                staging / IMATRIX_FILE)
+                  "pre_tokenizer_named_by_quantbuild": known_pretokenizer(baseline / "tokenizer.json") is not None}
         write_json(staging / RECORD, record)
+    return record
+
+
+def build_imatrix(gguf_base: Path, tokenizer_dir: Path, calibration: CalibrationConfig, data_dir: Path, needed: bool,
+                  repack: bool, out: Path) -> dict[str, Any]:
+    """Write `imatrix.gguf` (llama-imatrix over `base.gguf` in `gguf_base`, checked against
+    its record first) and the record into `out`; with `needed` false (no gguf variant
+    uses an importance matrix), the record alone."""
+    with staged_dir(out) as staging:
+        record: dict[str, Any] = {"imatrix": None}
+        if needed:
+            record["imatrix"] = compute_imatrix(require_base(gguf_base), calibration, data_dir, tokenizer_dir, repack,
+                                                staging / IMATRIX_FILE)
+        write_json(staging / IMATRIX_RECORD, record)
     return record
 
 
@@ -118,6 +127,10 @@ def private_folder(folder: Path) -> Iterator[Path]:
     closing = False
 
     def terminate(signum: int, frame: Any) -> None:
+        from quantbuild.runtimes.llama_build import defer_signal
+
+        if defer_signal(signum):  # a tool is starting: raised again once it can be killed
+            return
         received.append(signum)
         if not closing and len(received) == 1:
             raise _Terminated(signum)

@@ -128,7 +128,7 @@ def pipeline_inputs(config: Any, variant: Any, sensitivity: Optional[dict]) -> I
 
     paths = config.paths
     inputs = Inputs(baseline=Path(paths.baseline), calibration=load_calibration(Path(paths.calibration)),
-                    sensitivity=sensitivity, gguf_base=Path(paths.gguf_base))
+                    sensitivity=sensitivity, gguf_base=Path(paths.gguf_base), imatrix=Path(paths.imatrix))
     if variant.method != "gguf":
         return inputs
     fetched = read_json(Path(paths.baseline) / FETCH_RECORD)

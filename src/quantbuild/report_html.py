@@ -1,7 +1,14 @@
 """`quantbuild report`: one self-contained HTML page of the last release decision.
 
 Inline SVG drawn here, inline CSS, no script and no external resource: it renders offline,
-from a file, in any browser. Four charts and the decision table:
+from a file, in any browser, and prints (A4 or letter, one chart per row, nothing hidden).
+
+The page stands alone: a reader who gets only the file (a screenshot of it, a PDF) sees
+what was released, from which commit, where the bundle is and whether its signature
+verifies; per deploy target, the headline numbers of the baseline and of every variant
+(size, perplexity, KL divergence, top-1 agreement, every family's score, memory and
+latency ratios), every check of the gate with its measured value, interval and limit
+(failures marked in text as well as colour), and four charts:
 
 - size vs quality: artifact size against KL divergence to the baseline, the Pareto front of
   the ladder, the chosen variant marked;
@@ -10,6 +17,9 @@ from a file, in any browser. Four charts and the decision table:
   and the gate's limit and noise margin;
 - model memory by context length, every variant, with the memory budget and the gate's
   memory limit at its context.
+
+Every label of a variant's outcome (legend, tables, headings) comes from `outcome`, so the
+page cannot call a variant "fails" in one place and "not needed" in another.
 """
 
 from __future__ import annotations
@@ -25,8 +35,8 @@ from quantbuild.evaluation.runner import MEASUREMENTS
 from quantbuild.hashing import read_json
 from quantbuild.quantization import RECORD
 
-WIDTH, HEIGHT = 640, 360
-LEFT, RIGHT, TOP, BOTTOM = 112, 170, 30, 50
+WIDTH, HEIGHT = 680, 360
+LEFT, RIGHT, TOP, BOTTOM = 112, 220, 30, 50
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
            "#17becf")
 BASELINE_COLOUR = "#000000"
@@ -130,6 +140,21 @@ def _load(config: Config, target: str, decision: dict) -> tuple[dict, dict, dict
     return decision, measured, records
 
 
+def outcome(name: str, decision: dict) -> str:
+    """A variant's outcome in a word or two, read from the gate's decision: released,
+    passes, not needed (baseline precision, a quantized variant passed), undecided (an
+    interval reaching both sides of a limit), or fails."""
+    entry = decision["variants"][name]
+    if name == decision["chosen"]:
+        return "released at baseline precision" if decision.get("fell_back") else "released"
+    reason = entry.get("reason", "")
+    if reason.startswith("not needed"):
+        return "not needed"
+    if reason.startswith("undecided"):
+        return "undecided"
+    return "passes" if entry["pass"] else "fails"
+
+
 def _colours(names: list[str]) -> dict[str, str]:
     return {name: PALETTE[index % len(PALETTE)] for index, name in enumerate(names)}
 
@@ -159,7 +184,7 @@ def pareto_chart(decision: dict, measured: dict, records: dict, colours: dict) -
         if name == decision["chosen"]:
             chart.add(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="12" fill="none" stroke="#000" stroke-width="2" '
                       f'class="chosen"/><text x="{x + 14:.1f}" y="{y - 10:.1f}" class="note">chosen</text>')
-        chart.key(name + ("" if entry["pass"] else " (fails)"), colours[name])
+        chart.key(f"{name} ({outcome(name, decision)})", colours[name])
     return chart.render("pareto", y_format=lambda v: f"{v:.0e}")
 
 
@@ -242,33 +267,186 @@ def memory_chart(decision: dict, measured: dict, colours: dict, budget: float, g
     return chart.render("memory")
 
 
-def decision_rows(decision: dict) -> str:
-    rows = []
-    for name in decision["order_most_compressed_first"]:
-        entry = decision["variants"][name]
-        checks = "".join(f'<li class="{"pass" if c["pass"] else "fail"}">{_e(c["budget"])}: {_e(c["measured"])}'
-                         f'{" " + _e(c["interval"]) if "interval" in c else ""} {_e(c["direction"])} {_e(c["limit"])}</li>'
-                         for c in entry["checks"])
-        chosen = ' class="chosen"' if name == decision["chosen"] else ""
-        rows.append(f'<tr{chosen}><td>{_e(name)}</td><td>{_e(entry.get("target", "-"))}</td>'
+def _number(value: Any, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else _e(value)
+
+
+def _ratio(entry: dict, budget: str) -> str:
+    """A win check's measured ratio (with its interval) as a cell; `-` where it did not run."""
+    check = next((c for c in entry["checks"] if c["budget"].split("@")[0] == budget), None)
+    if check is None:
+        return "-"
+    text = f"{check['measured']:.3f}"
+    if "interval" in check:
+        text += f" [{check['interval'][0]:.3f}, {check['interval'][1]:.3f}]"
+    return text
+
+
+def headline_table(decision: dict, measured: dict) -> str:
+    """The baseline and every variant in one table: outcome, size, perplexity, KL divergence,
+    top-1 agreement, each family's score with its interval, memory and latency ratios."""
+    names = decision["order_most_compressed_first"]
+    families = sorted(measured["baseline"].get("families", {}))
+    head = ("<tr><th>variant</th><th>outcome</th><th>MB</th><th>bits/weight</th><th>perplexity</th>"
+            "<th>KLD mean</th><th>KLD p99</th><th>top-1</th>"
+            + "".join(f"<th>{_e(family)}</th>" for family in families)
+            + "<th>memory ratio</th><th>latency ratio</th></tr>")
+
+    def family_cells(metrics: dict) -> str:
+        cells = []
+        for family in families:
+            entry = metrics.get("families", {}).get(family)
+            if entry is None:
+                cells.append("<td>-</td>")
+            elif family == "degenerate":
+                cells.append(f'<td>{entry["items"]} of {entry["n"]} items</td>')
+            else:
+                cells.append(f'<td>{entry["score"]:.3f} <span class="ci">[{entry["ci_low"]:.3f}, '
+                             f'{entry["ci_high"]:.3f}]</span></td>')
+        return "".join(cells)
+
+    base = measured["baseline"]
+    rows = [f'<tr class="baseline"><td>baseline</td><td>reference</td>'
+            f'<td>{_number(base.get("memory", {}).get("artifact_mb"), 2)}</td><td>-</td>'
+            f'<td>{_number(base.get("perplexity"))}</td><td>0 (reference)</td><td>0 (reference)</td>'
+            f'<td>1 (reference)</td>{family_cells(base)}<td>1 (reference)</td><td>1 (reference)</td></tr>']
+    for name in names:
+        entry, metrics = decision["variants"][name], measured[name]
+        label = outcome(name, decision)
+        rows.append(f'<tr class="{"chosen" if name == decision["chosen"] else ""}"><td>{_e(name)}</td>'
+                    f'<td class="{_e(label.split()[0])}">{_e(label)}</td>'
                     f'<td>{entry["size_bytes"] / 1e6:.2f}</td><td>{entry["bits_per_weight"]:.3f}</td>'
-                    f'<td>{"pass" if entry["pass"] else "fail"}</td><td>{_e(entry.get("reason", ""))}</td>'
-                    f'<td><details><summary>{len(entry["checks"])} checks</summary><ul>{checks}</ul></details></td></tr>')
-    return "".join(rows)
+                    f'<td>{_number(metrics.get("perplexity"))}</td><td>{_number(metrics.get("kld_mean"), 5)}</td>'
+                    f'<td>{_number(metrics.get("kld_p99"), 5)}</td><td>{_number(metrics.get("top1_agreement"))}</td>'
+                    f'{family_cells(metrics)}<td>{_ratio(entry, "memory_ratio")}</td>'
+                    f'<td>{_ratio(entry, "latency_ratio")}</td></tr>')
+    return f'<table class="headline"><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table>'
+
+
+def _limit(check: dict) -> str:
+    limit = check["limit"]
+    text = f"{limit:g}" if isinstance(limit, (int, float)) else str(limit)
+    side = {"ci_high": " (interval's upper end)", "ci_low": " (interval's lower end)"}.get(check.get("applies_to"), "")
+    return f"{check['direction']} {text}{side}"
+
+
+def check_cell(check: dict | None, row_limit: str) -> str:
+    """One check in full: a mark that reads without colour, the measured value, its
+    interval, and its limit where it differs from the row's."""
+    if check is None:
+        return '<td class="none">-</td>'
+    value = check["measured"]
+    text = f"{value:.4g}" if isinstance(value, float) else _e(value)
+    if "interval" in check:
+        text += f' <span class="ci">[{check["interval"][0]:.4g}, {check["interval"][1]:.4g}]</span>'
+    undecided = check.get("verdict") == "undecided"
+    mark = "? undecided" if undecided else ("&#10003;" if check["pass"] else "&#10007; fails")
+    css = "undecided" if undecided else ("pass" if check["pass"] else "fail")
+    own = _limit(check)
+    limit = "" if own == row_limit else f'<br><span class="limit">{_e(own)}</span>'
+    return f'<td class="{css}"><b>{mark}</b> {text}{limit}</td>'
+
+
+def _outcome_and_reason(name: str, decision: dict) -> str:
+    """The outcome in bold, then the gate's reason (which often starts with it: said once)."""
+    label, reason = outcome(name, decision), decision["variants"][name].get("reason", "")
+    rest = reason[len(label):].lstrip(": ") if reason.startswith(label) else reason
+    return f"<b>{_e(label)}</b>" + (f": {_e(rest)}" if rest else "")
+
+
+def checks_table(decision: dict) -> str:
+    """Every check of every variant, one row per budget and one column per variant:
+    nothing folded away, each cell marked in text as well as colour."""
+    names = decision["order_most_compressed_first"]
+    budgets: dict[str, dict] = {}
+    for name in names:
+        for check in decision["variants"][name]["checks"]:
+            budgets.setdefault(check["budget"], check)
+    rows = []
+    for budget, first in budgets.items():
+        row_limit = _limit(first)
+        cells = []
+        for name in names:
+            found = [check for check in decision["variants"][name]["checks"] if check["budget"] == budget]
+            cells.append(check_cell(found[0] if found else None, row_limit))
+        rows.append(f'<tr><th>{_e(budget)}<br><span class="limit">{_e(row_limit)}</span></th>{"".join(cells)}</tr>')
+    rows.append('<tr><th>outcome</th>' + "".join(f'<td>{_outcome_and_reason(name, decision)}</td>'
+                                                 for name in names) + "</tr>")
+    head = "<tr><th>check (limit)</th>" + "".join(f"<th>{_e(name)}</th>" for name in names) + "</tr>"
+    return f'<table class="checks"><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table>'
+
+
+def provenance(config: Config, decision: dict) -> str:
+    """Where what was released lies and what vouches for it: per released bundle its path,
+    size, the commit it was built from, and its signature checked now with the project's
+    public key (`package.public_key`)."""
+    from quantbuild.gate import released
+    from quantbuild.release.manifest import read_manifest
+    from quantbuild.release.packaging import git_state
+    from quantbuild.release.signing import check_signature
+
+    chosen = {name for name in released(decision).values() if name}
+    rows = []
+    for name in sorted(chosen):
+        bundle = Path(config.paths.package) / f"{config.model.name}-{name}"
+        try:
+            manifest = read_manifest(bundle)
+        except Exception as err:  # a report of a broken bundle says so rather than failing
+            rows.append(f"<tr><td>{_e(bundle)}</td><td colspan=3 class=\"fail\">&#10007; {_e(err)}</td></tr>")
+            continue
+        size = sum(entry["size"] for entry in manifest["files"].values())
+        git = manifest.get("git") or {}
+        commit = f'{git.get("commit") or "not a git repository"}{" (uncommitted changes)" if git.get("dirty") else ""}'
+        if "signing" not in manifest:
+            signature = '<span class="undecided">unsigned</span> (set package.signing_key to sign)'
+        else:
+            key = Path(config.package.public_key) if config.package.public_key else None
+            problems = check_signature(bundle, manifest["signing"], key, named=False)
+            signature = (f'<span class="pass">&#10003; signed, verifies</span> with {_e(key)}' if not problems
+                         else f'<span class="fail">&#10007; {_e(problems[0])}</span>')
+        rows.append(f"<tr><td>{_e(bundle)}/</td><td>{size / 1e6:.2f} MB</td><td>{_e(commit)}</td>"
+                    f"<td>{signature}</td></tr>")
+    if not rows:
+        state = git_state(Path("."))
+        rows.append(f'<tr><td colspan=2>nothing was packaged</td><td>{_e(state["commit"] or "-")}'
+                    f'{" (uncommitted changes)" if state["dirty"] else ""}</td><td>-</td></tr>')
+    return ('<table class="provenance"><thead><tr><th>bundle</th><th>size</th><th>built from commit</th>'
+            f'<th>signature</th></tr></thead><tbody>{"".join(rows)}</tbody></table>')
 
 
 STYLE = """
-body { font-family: sans-serif; margin: 24px; color: #222; max-width: 1340px; }
-h1 { font-size: 22px; } .rule { color: #444; max-width: 900px; }
+body { font-family: sans-serif; margin: 24px; color: #222; max-width: 1420px; }
+h1 { font-size: 22px; } h2 { font-size: 18px; margin-top: 28px; } h3 { font-size: 15px; }
+.rule { color: #444; max-width: 900px; }
 .charts { display: flex; flex-wrap: wrap; gap: 12px; } figure { margin: 0; border: 1px solid #ddd; }
 .title { font-size: 14px; font-weight: bold; text-anchor: middle; } .label { font-size: 12px; text-anchor: middle; }
 .tick { font-size: 11px; text-anchor: middle; } .ytick { font-size: 11px; text-anchor: end; }
 .legend { font-size: 11px; } .note { font-size: 11px; } .axis { stroke: #333; } .grid { stroke: #eee; }
 .front { fill: none; stroke: #999; stroke-dasharray: 4 3; stroke-width: 1.5; }
-table { border-collapse: collapse; margin-top: 16px; font-size: 13px; }
-td, th { border: 1px solid #ddd; padding: 4px 8px; text-align: left; vertical-align: top; }
-tr.chosen { background: #eef6ee; font-weight: bold; } li.fail { color: #b00; } li.pass { color: #333; }
+table { border-collapse: collapse; margin-top: 12px; font-size: 12px; }
+td, th { border: 1px solid #ccc; padding: 3px 6px; text-align: left; vertical-align: top; }
+th { background: #f4f4f4; } tr.chosen td { background: #eef6ee; font-weight: bold; }
+tr.baseline td { background: #f7f7f7; font-style: italic; }
+.fail { color: #b00; } td.fail { background: #fde8e8; } .pass { color: #176017; }
+.undecided { color: #8a5a00; } td.undecided { background: #fff4dc; } td.released { color: #176017; }
+.ci, .limit { color: #555; font-size: 11px; font-weight: normal; } .reason { max-width: 280px; }
+ul.repair { font-size: 12px; }
+@media print {
+  body { margin: 0; max-width: none; font-size: 11px; }
+  .charts { display: block; } figure { break-inside: avoid; margin-bottom: 8px; }
+  svg { max-width: 100%; height: auto; } table { break-inside: auto; font-size: 9px; }
+  tr, td { break-inside: avoid; } h2 { break-before: page; } h2:first-of-type { break-before: auto; }
+  td.fail, td.undecided, tr.chosen td, th { -webkit-print-color-adjust: exact; print-color-adjust: exact; }
+}
 """
+
+
+def repair_list(decision: dict) -> str:
+    """The repair stage's verdicts and rounds (the summary's lines), where it ran."""
+    from quantbuild.report import repair_lines
+
+    lines = repair_lines(decision.get("repair"))
+    return f'<h3>Repair</h3><ul class="repair">{"".join(f"<li>{_e(line)}</li>" for line in lines)}</ul>' if lines else ""
 
 
 def render(config: Config) -> str:
@@ -279,6 +457,7 @@ def render(config: Config) -> str:
         decision, measured, records = _load(config, target, decision)
         colours = _colours(decision["order_most_compressed_first"])
         chosen = decision["chosen"] or "nothing"
+        label = outcome(decision["chosen"], decision) if decision["chosen"] else "released"
         released.append(f"{chosen} on {target}")
         charts = [pareto_chart(decision, measured, records, colours), family_chart(decision, measured, colours),
                   latency_chart(decision, measured, colours, gate.max_latency_paired_ratio, gate.latency_noise_margin),
@@ -286,17 +465,20 @@ def render(config: Config) -> str:
                                gate.max_memory_ratio)]
         if number:  # one id per chart on the page: the first target's keep theirs (`pareto`, ...)
             charts = [chart.replace('<svg id="', f'<svg id="{target}-', 1) for chart in charts]
-        sections.append(f'<h2>{_e(target)}: released {_e(chosen)}</h2>'
-                        f'<div class="charts">{"".join(charts)}</div>'
-                        f'<table><thead><tr><th>variant</th><th>target</th><th>MB</th><th>bits/weight</th><th>gate</th>'
-                        f'<th>reason</th><th>checks</th></tr></thead><tbody>{decision_rows(decision)}</tbody></table>')
-    rule = next(iter(decisions.values())).get("rule", "")
+        sections.append(f'<h2>{_e(target)}: {_e(label)} {_e(chosen)}</h2>'
+                        f'<h3>Headline numbers (baseline and every variant, measured on {_e(target)})</h3>'
+                        f'{headline_table(decision, measured)}'
+                        f'<h3>Every check of the gate (&#10003; passes, &#10007; fails, ? undecided)</h3>'
+                        f'{checks_table(decision)}'
+                        f'<h3>Charts</h3><div class="charts">{"".join(charts)}</div>')
+    first = next(iter(decisions.values()))
+    whole = read_json(Path(config.paths.release) / "decision.json")
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>quantbuild release report: '
             f'{_e(config.model.name)}</title><style>{STYLE}</style></head><body>'
             f'<h1>{_e(config.model.name)}: released {_e("; ".join(released))}</h1>'
-            f'<p class="rule">Rule: {_e(rule)}. Every variant measured on each deploy target '
+            f'<p class="rule">Rule: {_e(first.get("rule", ""))}. Every variant measured on each deploy target '
             f'against the baseline measured there in the same run; the gate decides per target.</p>'
-            f'{"".join(sections)}</body></html>\n')
+            f'{provenance(config, whole)}{"".join(sections)}{repair_list(whole)}</body></html>\n')
 
 
 def write_report(config: Config, out: Path) -> Path:

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from quantbuild.config import SensitivityConfig
-from quantbuild.gguf_artifacts import BASE_FILE, require_base
+from quantbuild.gguf_artifacts import BASE_FILE, require_base, require_imatrix
 from quantbuild.quantizers.planner import Candidate, candidates_of
 from quantbuild.runtimes.protocol import TORCH, LoadSpec, open_runtime
 from quantbuild.errors import ConfigError
@@ -172,20 +172,23 @@ def gguf_layer_orientation(baseline: Path, gguf_base: Path, names: dict[str, str
 
 
 def gguf_weights(candidate: Candidate, baseline: Path, gguf_base: Path, layers: dict, work: Path,
-                 orientation: Optional[dict[str, Optional[int]]] = None) -> dict[str, Any]:
+                 orientation: Optional[dict[str, Optional[int]]] = None,
+                 imatrix: Optional[Path] = None) -> dict[str, Any]:
     """Every decoder layer at `candidate`'s llama.cpp type, as llama-quantize writes it
-    (`orientation`: `gguf_layer_orientation`'s answer, when the caller has it already)."""
+    (`orientation`: `gguf_layer_orientation`'s answer, when the caller has it already;
+    `imatrix`: the imatrix stage's folder, for a candidate that uses the matrix)."""
     import numpy as np
 
     from quantbuild.quantizers.gguf import gguf_names, tensor_type_file
     from quantbuild.runtimes.llama_build import run_tool
 
     names = gguf_names(baseline, layers)
-    base, imatrix = require_base(gguf_base, candidate.imatrix)
+    base = require_base(gguf_base)
+    matrix = require_imatrix(imatrix) if candidate.imatrix else None
     plan = {layer: {"gguf_name": names[layer], "type": candidate.name} for layer in layers}
     types_file, out = work / f"{candidate.key}.types.txt", work / f"{candidate.key}.gguf"
     tensor_type_file(plan, types_file)
-    args = (["--imatrix", str(imatrix)] if imatrix else []) + ["--tensor-type-file", str(types_file)]
+    args = (["--imatrix", str(matrix)] if matrix else []) + ["--tensor-type-file", str(types_file)]
     run_tool("llama-quantize", [*args, str(base), str(out), "Q8_0", "2"], f"sensitivity {candidate.key}")
     stored = _gguf_tensor(out, names.values())
     out.unlink()
@@ -401,7 +404,7 @@ def measure_of(config: SensitivityConfig, parameters: int) -> str:
 
 
 def measure(baseline: Path, calibration: list[list[int]], variants: dict[str, Any], config: SensitivityConfig,
-            gguf_base: Optional[Path], log: Any = None) -> dict[str, dict]:
+            gguf_base: Optional[Path], log: Any = None, imatrix: Optional[Path] = None) -> dict[str, dict]:
     """Per variant: {"variant", "candidates", "probes", "measure", "layers": {layer:
     {"weights", "kld": {candidate: {"calibration": x, family: y, ...}}}}}; a stub for
     variants that plan nothing. Under the weight-space measure the "kld" values are
@@ -434,7 +437,8 @@ def measure(baseline: Path, calibration: list[list[int]], variants: dict[str, An
                         from quantbuild.quantizers.gguf import gguf_names
 
                         orientation = gguf_layer_orientation(baseline, gguf_base, gguf_names(baseline, layers))
-                    weights = gguf_weights(candidate, baseline, gguf_base, layers, Path(scratch), orientation)
+                    weights = gguf_weights(candidate, baseline, gguf_base, layers, Path(scratch), orientation,
+                                           imatrix)
                 else:
                     weights = gptq_weights(candidate, variant, baseline, calibration, Path(scratch))
                 tables[key] = {layer: score(layer, weights[layer]) for layer in layers}
@@ -459,9 +463,10 @@ def measure(baseline: Path, calibration: list[list[int]], variants: dict[str, An
 
 
 def write_sensitivity(baseline: Path, calibration: list[list[int]], variants: dict[str, Any],
-                      config: SensitivityConfig, gguf_base: Optional[Path], out: Path, log: Any = None) -> dict:
+                      config: SensitivityConfig, gguf_base: Optional[Path], out: Path, log: Any = None,
+                      imatrix: Optional[Path] = None) -> dict:
     started = time.perf_counter()
-    results = measure(baseline, calibration, variants, config, gguf_base, log)
+    results = measure(baseline, calibration, variants, config, gguf_base, log, imatrix)
     with staged_dir(out) as staging:
         files = {}
         for name, table in results.items():

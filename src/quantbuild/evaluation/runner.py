@@ -344,7 +344,7 @@ def evaluate_on_ladder(config: Any, model_dir: Optional[Path], kv_cache_type: st
     if model_dir is not None:  # what is read is what its quantize record says was built
         require_recorded_bytes(model_dir, read_json(model_dir.parent / QUANTIZE_RECORD))
     if ladder_runtime(config) == LLAMA_CPP:
-        require_base(Path(paths.gguf_base), False)
+        require_base(Path(paths.gguf_base))
         repack = repack_allowed(cpu_info()["isa"])
         base = gguf_spec(Path(paths.gguf_base) / BASE_FILE, "f16", config.eval, repack, device)
         spec = (base if model_dir is None

@@ -27,9 +27,10 @@ class Inputs:
     baseline: Path
     calibration: list[list[int]]
     sensitivity: Optional[dict] = None
-    # The gguf_base stage's folder (the baseline's GGUF and the importance matrix), and the
-    # lineage a GGUF file carries in its own metadata; used by the gguf method only.
+    # The gguf_base stage's folder (the baseline's GGUF), the imatrix stage's (the importance
+    # matrix), and the lineage a GGUF file carries in its own metadata; gguf method only.
     gguf_base: Optional[Path] = None
+    imatrix: Optional[Path] = None
     lineage: Optional[dict] = None
 
 

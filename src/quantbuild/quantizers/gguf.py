@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from quantbuild.errors import ConfigError, QuantbuildError
-from quantbuild.gguf_artifacts import MODEL_FILE, RECORD, require_base
+from quantbuild.gguf_artifacts import MODEL_FILE, RECORD, imatrix_record, require_base, require_imatrix
 from quantbuild.hashing import disk_full, free_bytes, require_space
 from quantbuild.quantizers.base import Inputs, Method, matching_layers, measurements
 from quantbuild.quantizers.planner import Candidate, Level, plan_levels
@@ -140,8 +140,8 @@ def _quantize(variant: Any, inputs: Inputs, plan: dict, out: Path) -> dict:
     from quantbuild.runtimes.llama_build import run_tool
 
     started = time.perf_counter()
-    base, imatrix = require_base(inputs.gguf_base, variant.imatrix)
-    args = ["--imatrix", str(imatrix)] if variant.imatrix else []
+    base = require_base(inputs.gguf_base)
+    args = ["--imatrix", str(require_imatrix(inputs.imatrix))] if variant.imatrix else []
     if variant.token_embd_type:
         args += ["--token-embedding-type", variant.token_embd_type.lower()]
     if variant.output_type:
@@ -166,7 +166,7 @@ def _quantize(variant: Any, inputs: Inputs, plan: dict, out: Path) -> dict:
 
     record = read_json(inputs.gguf_base / RECORD)
     lineage = {**(inputs.lineage or {}), "plan": {entry["gguf_name"]: entry["type"] for entry in plan.values()},
-               "imatrix": record["imatrix"] if variant.imatrix else None,
+               "imatrix": imatrix_record(inputs.imatrix) if variant.imatrix else None,
                "base_gguf": {key: record.get(key) for key in ("base_type", "base_sha256", "tensors_sha256",
                                                               "pre_tokenizer")}}
     write_with_lineage(quantized, out / MODEL_FILE, lineage)

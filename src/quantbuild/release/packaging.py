@@ -19,7 +19,7 @@ from quantbuild.tasks import tool_calls
 
 CARD = "README.md"
 MODELFILE = "Modelfile"
-LINEAGE_STAGES = ("fetch", "calibrate", "gguf_base", "sensitivity", "quantize@{v}", "evaluate@{v}-{t}",
+LINEAGE_STAGES = ("fetch", "calibrate", "gguf_base", "imatrix", "sensitivity", "quantize@{v}", "evaluate@{v}-{t}",
                   "evaluate_baseline@{t}", "repair", "select")
 # per deploy target: its probes under targets/<target>/ in the bundle
 TARGETS = "targets"

@@ -14,11 +14,14 @@ told `LLAMA_BACKEND=cuda`): `libggml-cuda.so` then sits beside the other librari
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
+from typing import Iterator
 
 from quantbuild.errors import QuantbuildError, RuntimeUnavailable
 
@@ -121,7 +124,7 @@ def run_tool(name: str, args: list[str], what: str, cwd: Path | None = None) -> 
     """Run a llama.cpp tool; its output is returned (and kept out of the user's terminal).
     A failure is one line naming `what` and the tool's last error line."""
     command = [str(tool(name)), *args]
-    result = subprocess.run(command, capture_output=True, text=True, errors="replace", cwd=cwd)
+    result = _run_killable(command, cwd)
     output = result.stdout + result.stderr
     if result.returncode != 0:
         lines = [line for line in output.splitlines() if line.strip()]
@@ -131,3 +134,56 @@ def run_tool(name: str, args: list[str], what: str, cwd: Path | None = None) -> 
             detail = f"killed by signal {-result.returncode}; {detail}"
         raise QuantbuildError(f"{what}: {name} failed: {detail}")
     return output
+
+
+# Terminating signals that arrived while a child was starting (`starting_child`).
+_starting = False
+_deferred: list[int] = []
+
+
+@contextmanager
+def starting_child() -> Iterator[None]:
+    """While a child process starts, a raising signal handler that asks `defer_signal`
+    holds its signal back; on the way out each one is sent again, so it raises once the
+    caller can kill the child. Python runs its handlers in the main thread whichever
+    thread the signal reached, so this holds in a process with other threads too, which
+    a signal mask (per thread) would not."""
+    global _starting
+    _starting = True
+    try:
+        yield
+    finally:
+        _starting = False
+        while _deferred:
+            os.kill(os.getpid(), _deferred.pop(0))
+
+
+def defer_signal(signum: int) -> bool:
+    """For a signal handler that raises: True (and the signal kept for later) while a child
+    is starting; False when the handler may raise now."""
+    if _starting:
+        _deferred.append(signum)
+        return True
+    return False
+
+
+def _run_killable(command: list[str], cwd: Path | None) -> subprocess.CompletedProcess:
+    """`subprocess.run(command)` whose child never outlives an exception in this process.
+
+    `subprocess.run` kills its child on any exception raised while it waits, but not on one
+    raised while `Popen` is still starting it (the child runs, its Popen object does not
+    exist yet): gguf_base's SIGTERM handler raising there orphaned llama-imatrix. Handlers
+    that ask `defer_signal` raise after the start instead, where the child is killed.
+    """
+    process = None
+    try:
+        with starting_child():
+            process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                       errors="replace", cwd=cwd)
+        stdout, stderr = process.communicate()
+    except BaseException:
+        if process is not None:
+            process.kill()
+            process.communicate()
+        raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
