@@ -10,7 +10,7 @@ from conftest import REPO
 from quantbuild.errors import DataError
 from quantbuild.tasks import GENERATORS, calibration_sources
 from quantbuild.tasks.items import FAMILIES, SCORERS, load_items, render_target
-from quantbuild.tasks.write_data import CALIBRATION_COUNTS, EVAL_COUNTS, write_all
+from quantbuild.tasks.write_data import CALIBRATION_COUNTS, EVAL_COUNTS, GOLDEN_EXAMPLE, write_all
 
 
 @pytest.mark.parametrize("family", sorted(GENERATORS))
@@ -29,6 +29,12 @@ def test_committed_data_is_what_the_generators_write(tmp_path):
     for source in CALIBRATION_COUNTS:
         path = Path("calibration") / f"{source}.jsonl"
         assert (tmp_path / path).read_bytes() == (REPO / "data" / path).read_bytes()
+    assert (tmp_path / GOLDEN_EXAMPLE).read_bytes() == (REPO / "data" / GOLDEN_EXAMPLE).read_bytes()
+    # the example golden family validates and shares no item with the eval files
+    golden = load_items(REPO / "data" / GOLDEN_EXAMPLE)
+    assert len(golden) == 80 and {item.family for item in golden} == {"golden"}
+    prompts = {item.prompt for family in EVAL_COUNTS for item in load_items(REPO / "data" / "eval" / f"{family}.jsonl")}
+    assert not prompts & {item.prompt for item in golden}
 
 
 @pytest.mark.parametrize("family", sorted(EVAL_COUNTS))

@@ -1,11 +1,12 @@
-"""Write the committed data files: `data/eval/<family>.jsonl` and
-`data/calibration/<source>.jsonl`.
+"""Write the committed data files: `data/eval/<family>.jsonl`,
+`data/calibration/<source>.jsonl` and the example golden family `data/golden/support.jsonl`.
 
     python -m quantbuild.tasks.write_data --out data
 """
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from quantbuild.tasks import GENERATORS, calibration_sources
@@ -15,6 +16,22 @@ EVAL_SEED = 1001
 CALIBRATION_SEED = 2001
 EVAL_COUNTS = {"language_modelling": 300, "structured": 300, "retrieval": 300, "long_context": 300, "reasoning": 300}
 CALIBRATION_COUNTS = {"workflow_prompts": 256, "tool_calls": 256, "long_context": 64, "domain_text": 128}
+# The README's golden-prompt walkthrough gates on this file: requests a support desk sends
+# (tool calls and cited answers), at a seed no other file uses.
+GOLDEN_SEED = 3001
+GOLDEN_COUNTS = {"structured": 40, "retrieval": 40}
+GOLDEN_EXAMPLE = Path("golden") / "support.jsonl"
+
+
+def golden_example() -> list:
+    """The example golden family: items of the generated families that no eval file holds
+    (the generators' space is finite: another seed can repeat a prompt), renamed
+    `support-NNN`."""
+    items = []
+    for family, count in GOLDEN_COUNTS.items():
+        held = {item.prompt for item in GENERATORS[family](EVAL_COUNTS[family], EVAL_SEED)}
+        items += [item for item in GENERATORS[family](4 * count, GOLDEN_SEED) if item.prompt not in held][:count]
+    return [replace(item, id=f"support-{index:03d}", family="golden") for index, item in enumerate(items)]
 
 
 def write_all(out: Path) -> None:
@@ -25,6 +42,7 @@ def write_all(out: Path) -> None:
         path = out / "calibration" / f"{source}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    write_items(out / GOLDEN_EXAMPLE, golden_example())
 
 
 def main() -> None:
