@@ -25,6 +25,10 @@ def main(config: Config) -> None:
     record = build_variant(name, variant, inputs, Path(paths.quantized) / name)
     say(f"{name}: {record['method']} {record['bits_per_weight']} bits/weight, {record['size_bytes']} bytes, "
         f"built in {record['wall_seconds']} s")
+    if record.get("validation"):
+        from quantbuild.plan_validation import describe
+
+        say(f"{name}: {describe(record['validation'])}")
 
 
 if __name__ == "__main__":

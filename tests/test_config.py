@@ -69,6 +69,8 @@ def _edit(params: dict, dotted: str, value) -> dict:
          "method='magic' is not allowed (allowed: awq | bnb | dense | gguf | gptq | mixed | rtn)"),
         ("quant.variants.gguf_q4_k_m_imat.bits", 4,
          "quant.variants.gguf_q4_k_m_imat.bits is not a key of method gguf (a key of awq | bnb | dense | gptq | mixed | rtn;"),
+        ("quant.variants.gguf_mix_3p5.validation_tokens", 100,
+         "quant.variants.gguf_mix_3p5.validation_tokens=100 is not allowed (allowed: 0 = off, or >= 1024"),
         ("model.source", "ftp", "model.source='ftp' is not allowed (allowed: path | hf)"),
         ("gate.min_top1_agreement", 1.5, "gate.min_top1_agreement=1.5"),
         ("gate.max_family_drop", {"poetry": 0.1}, "gate.max_family_drop.poetry"),

@@ -132,6 +132,30 @@ def test_a_variant_that_drops_on_a_golden_family_is_refused_naming_it():
     assert checks_of(decision, "int4")["support_drop"]["rule"] == "must_not_degrade"
 
 
+def test_the_decision_and_the_summary_name_the_preset_a_planned_mix_was_swapped_for():
+    """A planned mix whose quantize record says validation shipped a stock preset (the
+    record's shape: quantbuild.plan_validation) carries it into the decision, worded once
+    for decision.json, the summary and the report."""
+    from quantbuild.report import validation_lines
+
+    def entry(kld: float, size: int) -> dict:
+        return {"tensor_bytes": size, "bits_per_weight": size * 8 / 1000, "kld_mean": kld, "same_top_pct": 90.0}
+
+    validation = {"text": {"sha256": "a" * 64, "tokens": 16400, "seed": 5001, "families": [], "chunk": 512},
+                  "measured": {"plan": entry(0.012, 490), "Q3_K_S+imatrix": entry(0.009, 480), "Q2_K": entry(0.02, 400)},
+                  "larger_than_plan": ["Q3_K_M"], "best_preset": "Q3_K_S+imatrix", "shipped": "Q3_K_S+imatrix"}
+    records = {**RECORDS, "int3": {**RECORDS["int3"], "validation": validation}}
+    variants = {"int3": metrics(2.0, 0.001), "int8": metrics(2.0, 0.001)}
+    decision = select(BASE, variants, records, GATE)
+    carried = decision["variants"]["int3"]["validation"]
+    assert carried["shipped"] == "Q3_K_S+imatrix" and carried["kld_mean"]["plan"] == 0.012
+    assert carried["line"] == ("plan replaced by stock preset Q3_K_S+imatrix: its KLD 0.00900 at 3.840 bits/weight "
+                               "beats the plan's 0.01200 at 3.920 on 16400 held-out tokens")
+    assert "validation" not in decision["variants"]["int8"]
+    assert validation_lines({"llama.cpp-cpu": decision, "llama.cpp-cuda": decision}) == [
+        f"validation int3: {carried['line']}"]
+
+
 def test_gate_with_no_passing_variant_and_no_fallback_lists_violations():
     gate = replace(GATE, fallback="none")
     variants = {"int8": metrics(2.2, 0.001), "int4": metrics(2.3, 0.01), "int3": metrics(2.4, 0.2)}

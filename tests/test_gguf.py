@@ -94,7 +94,8 @@ VARIANTS = {
     "q8_0": GgufConfig(type="Q8_0"),
     "q4_k_m_imat": GgufConfig(type="Q4_K_M", imatrix=True),
     "iq4_xs_imat": GgufConfig(type="IQ4_XS", imatrix=True),
-    "mix_3p8": GgufConfig(type="Q4_K_S", imatrix=True, target_bpw=3.8),
+    # (the planner's own tests read its plan: not swapped for a preset by validation)
+    "mix_3p8": GgufConfig(type="Q4_K_S", imatrix=True, target_bpw=3.8, validation_tokens=0),
     "q4_k_s_overrides": GgufConfig(type="Q4_K_S", token_embd_type="Q8_0",
                                    overrides=[GgufOverrideConfig(pattern=r"blk\.0\..*", type="Q6_K")]),
 }
@@ -776,3 +777,96 @@ def test_kld_is_llama_perplexity_s_and_matches_a_full_vocabulary_kld(built, base
         assert metrics["kld_mean"] == pytest.approx(direct, rel=0.05), (name, metrics["kld_mean"], direct)
         assert list(metrics["kld_by_position"]) == ["128-159", "160-191", "192-223", "224-254"]
         assert metrics["items_kld_mean"] > 0 and metrics["tokens"] == reference["tokens"]
+
+
+# The demo's auto-mix types (conf/quant/gguf_mix_3p5.yaml).
+MIX_TYPES = ["Q2_K", "Q3_K", "IQ4_XS", "Q5_K", "Q6_K"]
+
+
+@pytest.fixture(scope="module")
+def validation(tmp_path_factory, base) -> tuple[Path, Path]:
+    """Held-out validation text (4,096 tokens) and the base GGUF's logits over it."""
+    from transformers import AutoTokenizer
+
+    from quantbuild.plan_validation import base_logits, validation_text
+
+    folder = tmp_path_factory.mktemp("validation")
+    tokenizer = AutoTokenizer.from_pretrained(str(BASELINE))
+    text, _ = validation_text(4096, lambda value: len(tokenizer(value, verbose=False)["input_ids"]))
+    (folder / "text.txt").write_text(text, encoding="utf-8")
+    return folder / "text.txt", base_logits(base / BASE_FILE, folder / "text.txt", folder / "base.kld", 2, False)
+
+
+def test_the_ladder_s_auto_mixes_nest_and_lose_divergence_as_their_budget_grows(inputs, base, validation, tmp_path):
+    """Issue #28: more bits made a worse model (3.5 -> 3.75 -> 4.0). Each mix now starts from
+    the plan of the next smaller target of the same types, so the plans nest, and the
+    divergence on text the planner never saw falls with the budget."""
+    from quantbuild.plan_validation import kl_divergence
+
+    ladder = {f"mix_{target}": GgufConfig(type="Q4_K_S", target_bpw=target, mix_types=MIX_TYPES, validation_tokens=0)
+              for target in (3.25, 3.5, 4.0, 4.5)}
+    write_sensitivity(BASELINE, inputs.calibration, ladder, CALIBRATION.sensitivity, base, tmp_path / "sensitivity",
+                      imatrix=imatrix_of(base))
+    names = sorted(ladder, key=lambda name: ladder[name].target_bpw)
+    tables = {name: load_sensitivity(tmp_path / "sensitivity", name) for name in names}
+    assert "extends" not in tables[names[0]] and [tables[name]["extends"] for name in names[1:]] == names[:-1]
+    text, logits = validation
+    kld, types = {}, {}
+    for name in names:
+        record = build_variant(name, ladder[name], replace(inputs, sensitivity=tables[name]), tmp_path / name)
+        assert record.get("plan_request", {}).get("extends") == tables[name].get("extends")
+        types[name] = {layer: entry["type"] for layer, entry in record["layers"].items()}
+        kld[name] = kl_divergence(tmp_path / name / MODEL_DIR / MODEL_FILE, logits, text, 2, False)["kld_mean"]
+    for smaller, larger in zip(names, names[1:]):
+        # every layer at least as wide as in the plan below it...
+        assert all(TENSOR_TYPE_BITS[types[larger][layer]] >= TENSOR_TYPE_BITS[types[smaller][layer]]
+                   for layer in types[smaller]), (smaller, larger)
+        # ...and, on text the planner never saw, no more divergence
+        assert kld[larger] <= kld[smaller], kld
+
+
+def test_a_plan_worse_than_a_stock_preset_no_larger_ships_the_preset(inputs, base, sensitivity, tmp_path):
+    """A planted bad plan: each layer is handed the measured sensitivities of its mirror in
+    order of sensitivity, so the planner widens the layers that matter least. On held-out
+    text a stock preset no larger beats it, and that preset is what the variant ships: the
+    file is llama-quantize's preset, its lineage and record name it, and the validation
+    text itself is nowhere in the variant's folder (its digest is)."""
+    from quantbuild.plan_validation import PLAN, describe
+
+    table = load_sensitivity(sensitivity, "mix_3p8")
+    layers = table["layers"]
+    order = sorted(layers, key=lambda name: layers[name]["kld"]["Q3_K+imatrix"]["calibration"])
+    planted = {**table, "layers": {mine: {**layers[mine], "kld": layers[mirror]["kld"]}
+                                   for mine, mirror in zip(order, reversed(order))}}
+    variant = GgufConfig(type="Q4_K_S", imatrix=True, target_bpw=3.8, validation_tokens=4096)
+    record = build_variant("planted", variant, replace(inputs, sensitivity=planted), tmp_path / "planted")
+    validation = record["validation"]
+    shipped = validation["shipped"]
+    measured = validation["measured"]
+    assert shipped != PLAN and shipped == validation["best_preset"], describe(validation)
+    assert measured[shipped]["kld_mean"] < measured[PLAN]["kld_mean"]
+    assert measured[shipped]["tensor_bytes"] <= measured[PLAN]["tensor_bytes"]
+    assert describe(validation).startswith(f"plan replaced by stock preset {shipped}")
+    # the shipped file is the preset as llama-quantize writes it, with its lineage
+    preset, _, with_matrix = shipped.partition("+")
+    direct = tmp_path / "direct.gguf"
+    run_tool("llama-quantize", [*(["--imatrix", str(imatrix_of(base) / IMATRIX_FILE)] if with_matrix else []),
+                                str(base / BASE_FILE), str(direct), preset], "direct")
+    model = tmp_path / "planted" / MODEL_DIR / MODEL_FILE
+    assert tensor_digest(model) == tensor_digest(direct)
+    values = metadata(model)
+    assert values[f"{PREFIX}validation"]["shipped"] == shipped and values[f"{PREFIX}plan"] == {}
+    assert record["size_bytes"] == model.stat().st_size
+    # digests only: no line of the validation text in any file of the variant
+    from transformers import AutoTokenizer
+
+    from quantbuild.plan_validation import validation_text
+
+    tokenizer = AutoTokenizer.from_pretrained(str(BASELINE))
+    text, _ = validation_text(4096, lambda value: len(tokenizer(value, verbose=False)["input_ids"]))
+    assert validation["text"]["sha256"] == hashlib.sha256(text.encode("utf-8")).hexdigest()
+    lines = [line for line in text.splitlines() if len(line) > 40][:50]
+    for path in (tmp_path / "planted").rglob("*"):
+        if path.is_file():
+            content = path.read_bytes()
+            assert not any(line.encode("utf-8") in content for line in lines), path

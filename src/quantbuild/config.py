@@ -204,6 +204,10 @@ class GgufConfig:
     target_bpw: float = 0.0
     mix_types: List[str] = field(default_factory=lambda: ["Q3_K", "Q4_K", "Q5_K", "Q6_K"])
     kv_cache_type: str = "f16"
+    # An auto-mix (target_bpw > 0) is measured on this many tokens of held-out validation
+    # text beside llama.cpp's stock presets no larger, and replaced by the best of them
+    # where one has the lower KL divergence (quantbuild.plan_validation); 0: not validated.
+    validation_tokens: int = 16384
     # The deploy target it ships for (null: the method's default); see quantbuild.runtimes.
     target: Optional[str] = None
 

@@ -218,6 +218,7 @@ def select(baseline: dict, variants: dict[str, dict], records: dict[str, dict], 
             "baseline_precision": baseline_precision,
             "wins": {check["budget"].split("@")[0]: check["pass"] for check in checks if check["kind"] == "win"},
             "checks": checks,
+            **_validation(record),
         }
     quantized = [name for name in order if not decision["variants"][name]["baseline_precision"]]
     passing = [name for name in quantized if decision["variants"][name]["pass"]]
@@ -231,6 +232,19 @@ def select(baseline: dict, variants: dict[str, dict], records: dict[str, dict], 
     for name in order:
         decision["variants"][name]["reason"] = _reason(name, decision)
     return decision
+
+
+def _validation(record: dict) -> dict:
+    """A planned mix's check against llama.cpp's presets (quantbuild.plan_validation), as
+    the decision carries it: what shipped, the best preset no larger, and one line."""
+    validation = record.get("validation")
+    if not validation:
+        return {}
+    from quantbuild.plan_validation import describe
+
+    return {"validation": {"shipped": validation["shipped"], "best_preset": validation.get("best_preset"),
+                           "kld_mean": {name: entry["kld_mean"] for name, entry in validation["measured"].items()},
+                           "text_sha256": validation["text"]["sha256"], "line": describe(validation)}}
 
 
 def _reason(name: str, decision: dict) -> str:

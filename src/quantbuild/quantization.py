@@ -107,7 +107,7 @@ def _planned(plan: dict, layers: dict, sensitivity: dict | None) -> dict[str, An
         return {}
     weights = {name: layers[name][0] * layers[name][1] for name in plan}
     planned = sum(plan[name]["planned_bits_per_weight"] * weights[name] for name in plan) / sum(weights.values())
-    extra = {key: sensitivity[key] for key in ("objective", "start") if sensitivity and sensitivity.get(key)}
+    extra = {key: sensitivity[key] for key in ("objective", "start", "extends") if sensitivity and sensitivity.get(key)}
     return {"planned_bits_per_weight": round(planned, 6), **({"plan_request": extra} if extra else {})}
 
 

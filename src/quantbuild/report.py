@@ -65,6 +65,7 @@ def release_summary(config: Config) -> str:
         lines.append(decision_table(entry))
     if len(decisions) > 1:
         lines += side_by_side(decisions)
+    lines += validation_lines(decisions)
     lines += repair_lines(decision.get("repair"))
     for target, chosen in released(decision).items():
         entry = decisions.get(target, decision)
@@ -142,6 +143,18 @@ def degenerate_line(baseline: dict, variant: dict, checks: list[dict]) -> str:
                                      f"{check['interval'][1]:+.3f}], at most {check['limit']:g}")
     return (f"  {'degenerate':<14} {baseline['items']} -> {variant['items']} of {variant['n']} items "
             f"({kinds}{rule})")
+
+
+def validation_lines(decisions: dict[str, dict]) -> list[str]:
+    """Each planned mix against llama.cpp's stock presets no larger, on held-out text (the
+    same build on every target: said once)."""
+    lines: dict[str, str] = {}
+    for entry in decisions.values():
+        for name in entry["order_most_compressed_first"]:
+            validation = entry["variants"][name].get("validation")
+            if validation:
+                lines.setdefault(name, f"validation {name}: {validation['line']}")
+    return list(lines.values())
 
 
 def repair_lines(repair: dict | None) -> list[str]:

@@ -441,6 +441,14 @@ ul.repair { font-size: 12px; }
 """
 
 
+def validation_list(decision: dict) -> str:
+    """Each planned mix against the stock presets no larger, on held-out text."""
+    lines = [f"<li><b>{_e(name)}</b>: {_e(decision['variants'][name]['validation']['line'])}</li>"
+             for name in decision["order_most_compressed_first"] if decision["variants"][name].get("validation")]
+    return (f'<h3>Planned mixes against llama.cpp\'s stock presets (held-out text)</h3><ul class="repair">'
+            f'{"".join(lines)}</ul>') if lines else ""
+
+
 def repair_list(decision: dict) -> str:
     """The repair stage's verdicts and rounds (the summary's lines), where it ran."""
     from quantbuild.report import repair_lines
@@ -469,7 +477,7 @@ def render(config: Config) -> str:
                         f'<h3>Headline numbers (baseline and every variant, measured on {_e(target)})</h3>'
                         f'{headline_table(decision, measured)}'
                         f'<h3>Every check of the gate (&#10003; passes, &#10007; fails, ? undecided)</h3>'
-                        f'{checks_table(decision)}'
+                        f'{checks_table(decision)}{validation_list(decision)}'
                         f'<h3>Charts</h3><div class="charts">{"".join(charts)}</div>')
     first = next(iter(decisions.values()))
     whole = read_json(Path(config.paths.release) / "decision.json")

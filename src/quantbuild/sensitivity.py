@@ -465,8 +465,11 @@ def measure(baseline: Path, calibration: list[list[int]], variants: dict[str, An
 def write_sensitivity(baseline: Path, calibration: list[list[int]], variants: dict[str, Any],
                       config: SensitivityConfig, gguf_base: Optional[Path], out: Path, log: Any = None,
                       imatrix: Optional[Path] = None) -> dict:
+    from quantbuild.quantizers.gguf import nest_plans
+
     started = time.perf_counter()
     results = measure(baseline, calibration, variants, config, gguf_base, log, imatrix)
+    nest_plans(variants, results, baseline)
     with staged_dir(out) as staging:
         files = {}
         for name, table in results.items():

@@ -65,6 +65,9 @@ def _check(key: str, variant: Any) -> None:
         if not 1 < variant.target_bpw <= 16:
             raise ConfigError(f"params.yaml: {key}.target_bpw={variant.target_bpw} is not allowed "
                               f"(allowed: 0 = off, or 1 < value <= 16)")
+    if variant.validation_tokens != 0 and variant.validation_tokens < 2 * 512:
+        raise ConfigError(f"params.yaml: {key}.validation_tokens={variant.validation_tokens} is not allowed "
+                          f"(allowed: 0 = off, or >= 1024: two 512-token chunks)")
 
 
 def gguf_names(baseline: Path, layers: dict) -> dict[str, str]:
@@ -127,6 +130,31 @@ def _auto_mix(key: str, variant: Any, layers: dict, plan: dict, sensitivity: Opt
                                                                         else "auto-mix (cheapest)"))
 
 
+def nest_plans(variants: dict[str, Any], tables: dict[str, dict], baseline: Path) -> None:
+    """Make the ladder's auto-mixes nest: among planned gguf variants choosing from the same
+    types with the same matrix and overrides, each starts from the plan of the one with the
+    next smaller target (its table's `start`, and `extends` naming it), so a larger budget
+    never gives a layer a narrower type than a smaller one does. Without it the greedy
+    planner's paths part (a promotion that fits one budget but not another changes every
+    later step), and 3.75 and 4.0 bits planned worse models than 3.5 (issue #28)."""
+    from quantbuild.quantizers import model_layers
+
+    groups: dict[tuple, list[str]] = {}
+    for name, variant in variants.items():
+        if variant.method == "gguf" and variant.target_bpw and tables.get(name, {}).get("planned"):
+            key = (tuple(variant.mix_types), bool(variant.imatrix),
+                   tuple((override.pattern, override.type) for override in variant.overrides))
+            groups.setdefault(key, []).append(name)
+    layers = model_layers(baseline) if groups else {}
+    for names in groups.values():
+        previous: Optional[tuple[str, dict]] = None
+        for name in sorted(names, key=lambda item: (variants[item].target_bpw, item)):
+            if previous is not None:
+                tables[name]["extends"], tables[name]["start"] = previous
+            plan = _plan(f"quant.variants.{name}", variants[name], layers, tables[name], baseline)
+            previous = (name, {layer: entry["type"] for layer, entry in sorted(plan.items())})
+
+
 def tensor_type_file(plan: dict, path: Path) -> bool:
     """llama-quantize's `--tensor-type-file`: one anchored pattern per explicitly typed tensor."""
     lines = [f"^{re.escape(entry['gguf_name'])}$={entry['type'].lower()}"
@@ -169,10 +197,44 @@ def _quantize(variant: Any, inputs: Inputs, plan: dict, out: Path) -> dict:
                "imatrix": imatrix_record(inputs.imatrix) if variant.imatrix else None,
                "base_gguf": {key: record.get(key) for key in ("base_type", "base_sha256", "tensors_sha256",
                                                               "pre_tokenizer")}}
-    write_with_lineage(quantized, out / MODEL_FILE, lineage)
+    validation, shipped = None, quantized
+    work = None
+    try:
+        # a repair round re-plans for failing families (its table's `objective`): the preset
+        # that beats it on general text is not what it was asked for, so it is not swapped
+        if variant.target_bpw and variant.validation_tokens and not (inputs.sensitivity or {}).get("objective"):
+            validation, preset, work = _validate(variant, inputs, quantized, base)
+            if preset is not None:  # a stock preset no larger beat the plan: it ships instead
+                shipped = preset
+                lineage.update(plan={}, imatrix=imatrix_record(inputs.imatrix) if "+imatrix" in
+                               validation["shipped"] else None)
+            lineage["validation"] = {"shipped": validation["shipped"], "text_sha256": validation["text"]["sha256"],
+                                     "kld_mean": {name: entry["kld_mean"]
+                                                  for name, entry in validation["measured"].items()}}
+        write_with_lineage(shipped, out / MODEL_FILE, lineage)
+    finally:
+        if work is not None:
+            work.cleanup()
     quantized.unlink()
     types_file.unlink()
-    return {**measurements(started), "llama_quantize_log_lines": len(output.splitlines())}
+    return {**measurements(started), "llama_quantize_log_lines": len(output.splitlines()),
+            **({"validation": validation} if validation else {})}
+
+
+def _validate(variant: Any, inputs: Inputs, quantized: Path, base: Path) -> tuple[dict, Optional[Path], Any]:
+    """The plan against llama.cpp's stock presets no larger, on held-out text
+    (quantbuild.plan_validation), with the importance matrix where the imatrix stage made one."""
+    import os
+
+    from quantbuild.fingerprint import cpu_info
+    from quantbuild.plan_validation import validate_plan
+    from quantbuild.runtimes.llama_build import repack_allowed
+
+    matrix = require_imatrix(inputs.imatrix) if imatrix_record(inputs.imatrix) else None
+    # every core this process may use: a fixed count per machine (the divergences do not
+    # depend on it: each output of llama.cpp's CPU matmul is one thread's sum)
+    return validate_plan(quantized, base, matrix, inputs.baseline, variant.validation_tokens,
+                         len(os.sched_getaffinity(0)), repack_allowed(cpu_info()["isa"]))
 
 
 def effective_bits(model_dir: Path, plan: dict, layers: dict) -> dict[str, Any]:

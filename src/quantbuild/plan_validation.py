@@ -1,0 +1,177 @@
+"""A planned GGUF mix, checked before it ships against llama.cpp's own presets.
+
+The auto-mix is chosen from per-layer sensitivities measured on the calibration mix; nothing
+there says the finished plan beats what `llama-quantize` gives for free. So every planned
+variant is measured, with llama.cpp's own `llama-perplexity --kl-divergence` against the
+F16 base GGUF, on held-out validation text, beside each stock preset no larger than it
+(with and without the importance matrix, where there is one). Where a preset no larger has
+the lower divergence, the variant ships that preset instead and its record says so: the
+ladder never ships a mix worse than llama.cpp's preset at its size on text the planner
+never saw.
+
+The validation text is eval-family text with its answers (every generated family's prompt
+and the target a correct model writes), drawn by the task generators at a seed of its own,
+without any prompt the committed eval files hold. It is written to a temporary folder
+only for the tool to read, and only its digest and token count are recorded: it never
+enters an artifact.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+from quantbuild.errors import QuantbuildError
+from quantbuild.hashing import sha256_bytes
+
+# Seeds of the task generators: eval 1001, calibration 2001, the golden example 3001.
+VALIDATION_SEED = 5001
+# The families the validation text is drawn from, in turn, until it has enough tokens.
+VALIDATION_FAMILIES = ("structured", "retrieval", "reasoning", "long_context", "language_modelling")
+# llama.cpp's stock file types a plan is held against, and the cheapest tensor type each
+# stores its decoder in (a preset whose cheapest type is already larger than the plan's
+# file is not built at all).
+STOCK_PRESETS = {"Q2_K": "Q2_K", "Q3_K_S": "Q3_K", "Q3_K_M": "Q3_K", "Q3_K_L": "Q3_K", "IQ4_XS": "IQ4_XS",
+                 "Q4_K_S": "Q4_K", "Q4_K_M": "Q4_K", "Q5_K_S": "Q5_K", "Q5_K_M": "Q5_K", "Q6_K": "Q6_K"}
+CHUNK = 512
+PLAN = "plan"
+
+
+def validation_text(tokens: int, count_tokens: Any) -> tuple[str, int]:
+    """(text, its token count): at least `tokens` tokens of eval-family text with answers,
+    at VALIDATION_SEED, with no prompt of the committed eval files (regenerated here)."""
+    from quantbuild.tasks import GENERATORS
+    from quantbuild.tasks.items import render_target
+    from quantbuild.tasks.write_data import EVAL_COUNTS, EVAL_SEED
+
+    held = {item.prompt for family in VALIDATION_FAMILIES for item in GENERATORS[family](EVAL_COUNTS[family], EVAL_SEED)}
+    texts: list[str] = []
+    counted, seed = 0, VALIDATION_SEED
+    while counted < tokens:
+        for family in VALIDATION_FAMILIES:
+            for item in GENERATORS[family](8, seed):
+                if item.prompt is None or item.prompt in held:
+                    continue
+                text = item.prompt + render_target(item) if family != "language_modelling" else item.prompt
+                texts.append(text)
+                counted += count_tokens(text)
+        seed += 1
+    return "\n\n".join(texts), counted
+
+
+def _perplexity(args: list[str], what: str) -> str:
+    from quantbuild.runtimes.llama_build import run_tool
+
+    return run_tool("llama-perplexity", [*args, "-c", str(CHUNK), "-b", str(CHUNK)], what)
+
+
+def kl_divergence(model: Path, logits: Path, text: Path, threads: int, repack: bool) -> dict[str, float]:
+    """Mean KL divergence to the base logits and same-top-1 share, by llama-perplexity."""
+    extra = [] if repack else ["--no-repack"]
+    # llama.cpp logs through an asynchronous writer: its closing statistics were missing from
+    # the captured output now and then, so the (deterministic) run is repeated until they show.
+    for _ in range(4):
+        output = _perplexity(["-m", str(model), "-f", str(text), "--kl-divergence-base", str(logits),
+                              "--kl-divergence", "-t", str(threads), *extra], f"validation KLD of {model.name}")
+        mean = re.search(r"Mean\s+KLD:\s+([-\d.]+)", output)
+        top = re.search(r"Same top p:\s+([\d.]+)", output)
+        if mean and top:
+            return {"kld_mean": float(mean.group(1)), "same_top_pct": float(top.group(1))}
+    last = [line for line in output.splitlines() if line.strip()][-3:]
+    raise QuantbuildError(f"validation: llama-perplexity printed no KL divergence for {model.name} "
+                          f"(its last lines: {' | '.join(last)})")
+
+
+def base_logits(base: Path, text: Path, out: Path, threads: int, repack: bool) -> Path:
+    """The base GGUF's logits over `text`, in llama-perplexity's file, for `kl_divergence`."""
+    extra = [] if repack else ["--no-repack"]
+    _perplexity(["-m", str(base), "-f", str(text), "--kl-divergence-base", str(out), "-t", str(threads), *extra],
+                "validation: base logits")
+    return out
+
+
+def tensor_bytes(path: Path) -> int:
+    """The bytes of a GGUF file's tensors (what its type mix costs, metadata aside)."""
+    from quantbuild.runtimes.gguf_file import layout
+
+    return sum(tensor.nbytes for tensor in layout(path).tensors)
+
+
+def validate_plan(plan_file: Path, base: Path, imatrix: Optional[Path], tokenizer_dir: Path, tokens: int,
+                  threads: int, repack: bool, log: Any = None) -> tuple[dict[str, Any], Optional[Path], Any]:
+    """Measure `plan_file` and every stock preset no larger than it on validation text.
+
+    Returns (the record, the preset file to ship instead or None, the temporary folder
+    holding it, to be cleaned up by the caller once copied). The record names each
+    candidate with its tensor bytes, bits per weight over the tensors and KL divergence,
+    and `shipped`: `plan`, or the preset (`Q3_K_S+imatrix`) whose divergence is the lowest
+    of those no larger and below the plan's.
+    """
+    from transformers import AutoTokenizer
+
+    from quantbuild.quantizers.gguf import TENSOR_TYPE_BITS
+    from quantbuild.runtimes.gguf_file import layout
+    from quantbuild.runtimes.llama_build import run_tool
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    text, counted = validation_text(tokens, lambda value: len(tokenizer(value, verbose=False)["input_ids"]))
+    work = tempfile.TemporaryDirectory(prefix="quantbuild-validation-")
+    folder = Path(work.name)
+    text_path = folder / "validation.txt"
+    text_path.write_text(text, encoding="utf-8")
+    logits = base_logits(base, text_path, folder / "base.kld", threads, repack)
+    plan_bytes = tensor_bytes(plan_file)
+    elements = sum(tensor.elements for tensor in layout(plan_file).tensors)
+    measured: dict[str, dict[str, Any]] = {
+        PLAN: {"tensor_bytes": plan_bytes, "bits_per_weight": round(plan_bytes * 8 / elements, 4),
+               **kl_divergence(plan_file, logits, text_path, threads, repack)}}
+    if log:
+        log(f"validation: plan KLD {measured[PLAN]['kld_mean']:.6f} on {counted} held-out tokens")
+    larger: list[str] = []
+    for preset, cheapest in STOCK_PRESETS.items():
+        if TENSOR_TYPE_BITS[cheapest] * elements / 8 > plan_bytes:
+            larger.append(preset)
+            continue
+        for with_imatrix in ((False, True) if imatrix is not None else (False,)):
+            name = f"{preset}+imatrix" if with_imatrix else preset
+            path = folder / f"{name}.gguf"
+            args = ["--imatrix", str(imatrix)] if with_imatrix else []
+            run_tool("llama-quantize", [*args, str(base), str(path), preset, str(threads)], f"validation {name}")
+            size = tensor_bytes(path)
+            if size > plan_bytes:
+                path.unlink()
+                larger.append(name)
+                continue
+            measured[name] = {"tensor_bytes": size, "bits_per_weight": round(size * 8 / elements, 4),
+                              **kl_divergence(path, logits, text_path, threads, repack)}
+            if log:
+                log(f"validation: {name} KLD {measured[name]['kld_mean']:.6f}")
+    text_path.unlink()
+    logits.unlink()
+    presets = {name: entry for name, entry in measured.items() if name != PLAN}
+    best = min(presets, key=lambda name: (presets[name]["kld_mean"], presets[name]["tensor_bytes"], name),
+               default=None)
+    shipped = best if best is not None and presets[best]["kld_mean"] < measured[PLAN]["kld_mean"] else PLAN
+    record = {"text": {"sha256": sha256_bytes(text.encode("utf-8")), "tokens": counted, "seed": VALIDATION_SEED,
+                       "families": list(VALIDATION_FAMILIES), "chunk": CHUNK},
+              "measured": measured, "larger_than_plan": sorted(larger), "best_preset": best, "shipped": shipped}
+    return record, (folder / f"{shipped}.gguf" if shipped != PLAN else None), work
+
+
+def describe(validation: dict[str, Any]) -> str:
+    """One line: the plan's divergence against the best preset no larger, and what shipped."""
+    measured, best = validation["measured"], validation.get("best_preset")
+    plan = measured[PLAN]
+    tokens = validation["text"]["tokens"]
+    if best is None:
+        return (f"plan KLD {plan['kld_mean']:.5f} on {tokens} held-out tokens; no stock preset is as small "
+                f"({plan['bits_per_weight']:.3f} bits/weight)")
+    against = f"{best} {measured[best]['kld_mean']:.5f} at {measured[best]['bits_per_weight']:.3f} bits/weight"
+    if validation["shipped"] == PLAN:
+        return (f"plan kept: KLD {plan['kld_mean']:.5f} at {plan['bits_per_weight']:.3f} bits/weight beats the best "
+                f"stock preset no larger ({against}) on {tokens} held-out tokens")
+    return (f"plan replaced by stock preset {best}: its KLD {measured[best]['kld_mean']:.5f} at "
+            f"{measured[best]['bits_per_weight']:.3f} bits/weight beats the plan's {plan['kld_mean']:.5f} at "
+            f"{plan['bits_per_weight']:.3f} on {tokens} held-out tokens")
