@@ -7,6 +7,7 @@
     python bench/gguf_variants.py noise      [--repeats 8]
     python bench/gguf_variants.py agreement  (after make demo)
     python bench/gguf_variants.py measures   --targets 3.5 4.5 [--model FOLDER] [--tokens 40000]
+    python bench/gguf_variants.py validated  --targets 3.25 3.5 3.75 4.0 4.25 4.5 --tokens 16384 [--measure kl]
 
 speed: quantbuild's gguf quantize (`build_variant`: checks, plan, llama-quantize, the
 lineage rewrite, hashing, the record) against `llama-quantize` called directly on the same
@@ -24,6 +25,9 @@ margin a "no slower" latency budget has to allow on this machine.
 measures: the sensitivity stage's two measures on one model: the time each takes, the rank
 correlation of their per-layer tables, and llama.cpp's own KLD (held-out text) of the
 auto-mixes each plans at 3.5 and 4.5 bits per weight (the demo's mix types).
+validated: the auto-mix ladder as the pipeline builds it (nested plans, each validated on
+held-out text against the stock presets no larger and the smaller plans of its chain): what
+each target ships, its KLD, and the best stock preset no larger.
 """
 
 from __future__ import annotations
@@ -64,7 +68,8 @@ def random_model(folder: Path, hidden: int = 768, intermediate: int = 2048, laye
     return folder
 
 
-def _prepare(work: Path, imatrix_samples: int = 600, baseline: Path = BASELINE, planned: dict | None = None):
+def _prepare(work: Path, imatrix_samples: int = 600, baseline: Path = BASELINE, planned: dict | None = None,
+             sensitivity=None):
     """Base GGUF + imatrix + calibration, as the pipeline makes them, and the sensitivity
     stage's tables for the `planned` variants (in work/sensitivity)."""
     from quantbuild.calibration import compose_calibration, load_calibration
@@ -73,6 +78,10 @@ def _prepare(work: Path, imatrix_samples: int = 600, baseline: Path = BASELINE, 
     from quantbuild.sensitivity import write_sensitivity
 
     calibration = _calibration(imatrix_samples=imatrix_samples)
+    if sensitivity is not None:
+        from dataclasses import replace
+
+        calibration = replace(calibration, sensitivity=sensitivity)
     build_base(baseline, "f16", needed=True, out=work / "base")
     build_imatrix(work / "base", baseline, calibration, ROOT / "data" / "calibration", needed=True, repack=False,
                   out=work / "imatrix")
@@ -482,19 +491,62 @@ def measures(args: argparse.Namespace) -> None:
     save(f"sensitivity_measures_{args.model.name}", results)
 
 
+def validated(args: argparse.Namespace) -> None:
+    """The auto-mix ladder as the pipeline now builds it (issue #28): nested plans (each
+    starts from the plan below it) and each plan validated on held-out text against the stock
+    presets no larger and the smaller plans of its chain; what each target ships and its KL
+    divergence, beside the best stock preset no larger."""
+    from quantbuild.config import GgufConfig, SensitivityConfig
+    from quantbuild.plan_validation import PLAN
+    from quantbuild.quantization import build_variant
+
+    mix = ["Q2_K", "Q3_K", "IQ4_XS", "Q5_K", "Q6_K"]  # the demo's (conf/quant/gguf_mix_3p5.yaml)
+    planned = {f"mix_{target}": GgufConfig(type="Q4_K_S", target_bpw=target, mix_types=mix,
+                                           validation_tokens=args.tokens) for target in args.targets}
+    rows, results = [], {}
+    with tempfile.TemporaryDirectory() as folder:
+        work = Path(folder)
+        started = time.perf_counter()
+        measure = SensitivityConfig(samples=4, family_tokens=1536, measure=args.measure)
+        inputs = _prepare(work, baseline=args.model, planned=planned, sensitivity=measure)
+        print(f"sensitivity ({args.measure}) of {len(planned)} planned variants: {time.perf_counter() - started:.0f} s",
+              flush=True)
+        for key, variant in sorted(planned.items(), key=lambda item: item[1].target_bpw):
+            started = time.perf_counter()
+            record = build_variant(key, variant, _with_table(inputs, work, key), work / "variant")
+            validation = record["validation"]
+            measured = validation["measured"]
+            presets = {name: entry for name, entry in measured.items() if name != PLAN and not name.startswith("plan ")}
+            best = min(presets, key=lambda name: presets[name]["kld_mean"], default=None)
+            shipped = measured[validation["shipped"]]
+            results[key] = {"target_bpw": variant.target_bpw, "validation": validation,
+                            "seconds": round(time.perf_counter() - started, 1)}
+            rows.append([f"{variant.target_bpw}", f"{measured[PLAN]['bits_per_weight']:.3f}",
+                         f"{measured[PLAN]['kld_mean']:.6f}", validation["shipped"], f"{shipped['kld_mean']:.6f}",
+                         best or "-", f"{presets[best]['kld_mean']:.6f}" if best else "-",
+                         f"{shipped['kld_mean'] / presets[best]['kld_mean']:.3f}" if best else "-",
+                         f"{results[key]['seconds']:.0f}"])
+    print(f"held-out validation text: {args.tokens} tokens requested (llama-perplexity --kl-divergence, 512-token "
+          f"chunks, against the F16 GGUF); model {args.model.name}")
+    print(table(["target bpw", "plan bpw", "plan KLD", "shipped", "shipped KLD", "best stock preset no larger",
+                 "its KLD", "shipped / preset", "build + validation s"], rows))
+    save("gguf_validated" if args.model == BASELINE else f"gguf_validated_{args.model.name}", results)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=("speed", "quality", "imatrix", "throughput", "noise", "agreement",
-                                               "measures"))
+                                               "measures", "validated"))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=60000)
     parser.add_argument("--items", type=int, default=16)
     parser.add_argument("--targets", type=float, nargs="+", default=[3.0, 3.5, 4.0, 4.5, 5.0])
     parser.add_argument("--model", type=Path, default=BASELINE, help="quality: the model folder (default: the bundled one)")
     parser.add_argument("--models", nargs="+", default=["baseline", "random-100m"], choices=("baseline", "random-100m"))
+    parser.add_argument("--measure", default="kl", choices=("kl", "weight_error"), help="validated: the sensitivity measure")
     args = parser.parse_args()
     {"speed": speed, "quality": quality, "imatrix": imatrix, "throughput": throughput, "noise": noise,
-     "agreement": agreement, "measures": measures}[args.what](args)
+     "agreement": agreement, "measures": measures, "validated": validated}[args.what](args)
 
 
 if __name__ == "__main__":

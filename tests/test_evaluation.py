@@ -143,7 +143,7 @@ def test_the_decision_and_the_summary_name_the_preset_a_planned_mix_was_swapped_
 
     validation = {"text": {"sha256": "a" * 64, "tokens": 16400, "seed": 5001, "families": [], "chunk": 512},
                   "measured": {"plan": entry(0.012, 490), "Q3_K_S+imatrix": entry(0.009, 480), "Q2_K": entry(0.02, 400)},
-                  "larger_than_plan": ["Q3_K_M"], "best_preset": "Q3_K_S+imatrix", "shipped": "Q3_K_S+imatrix"}
+                  "larger_than_plan": ["Q3_K_M"], "best_alternative": "Q3_K_S+imatrix", "shipped": "Q3_K_S+imatrix"}
     records = {**RECORDS, "int3": {**RECORDS["int3"], "validation": validation}}
     variants = {"int3": metrics(2.0, 0.001), "int8": metrics(2.0, 0.001)}
     decision = select(BASE, variants, records, GATE)

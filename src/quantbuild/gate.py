@@ -242,7 +242,7 @@ def _validation(record: dict) -> dict:
         return {}
     from quantbuild.plan_validation import describe
 
-    return {"validation": {"shipped": validation["shipped"], "best_preset": validation.get("best_preset"),
+    return {"validation": {"shipped": validation["shipped"], "best_alternative": validation.get("best_alternative"),
                            "kld_mean": {name: entry["kld_mean"] for name, entry in validation["measured"].items()},
                            "text_sha256": validation["text"]["sha256"], "line": describe(validation)}}
 

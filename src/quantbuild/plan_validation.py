@@ -100,14 +100,17 @@ def tensor_bytes(path: Path) -> int:
 
 
 def validate_plan(plan_file: Path, base: Path, imatrix: Optional[Path], tokenizer_dir: Path, tokens: int,
-                  threads: int, repack: bool, log: Any = None) -> tuple[dict[str, Any], Optional[Path], Any]:
-    """Measure `plan_file` and every stock preset no larger than it on validation text.
+                  threads: int, repack: bool, log: Any = None,
+                  smaller: Optional[dict[str, tuple[list[str], str]]] = None) -> tuple[dict[str, Any], Optional[Path], Any]:
+    """Measure `plan_file`, every stock preset no larger than it and the ladder's smaller
+    plans of the same chain (`smaller`: label -> (llama-quantize arguments, file type)) on
+    validation text.
 
-    Returns (the record, the preset file to ship instead or None, the temporary folder
-    holding it, to be cleaned up by the caller once copied). The record names each
-    candidate with its tensor bytes, bits per weight over the tensors and KL divergence,
-    and `shipped`: `plan`, or the preset (`Q3_K_S+imatrix`) whose divergence is the lowest
-    of those no larger and below the plan's.
+    Returns (the record, the file to ship instead or None, the temporary folder holding
+    it, to be cleaned up by the caller once copied). The record names each candidate with
+    its tensor bytes, bits per weight over the tensors and KL divergence, and `shipped`:
+    `plan`, or the candidate (`Q3_K_S+imatrix`, `plan gguf_mix_3p5`) whose divergence is the
+    lowest of those no larger and below the plan's.
     """
     from transformers import AutoTokenizer
 
@@ -148,30 +151,41 @@ def validate_plan(plan_file: Path, base: Path, imatrix: Optional[Path], tokenize
                               **kl_divergence(path, logits, text_path, threads, repack)}
             if log:
                 log(f"validation: {name} KLD {measured[name]['kld_mean']:.6f}")
+    for label, (args, file_type) in (smaller or {}).items():
+        path = folder / f"{label}.gguf"
+        run_tool("llama-quantize", [*args, str(base), str(path), file_type, str(threads)], f"validation {label}")
+        size = tensor_bytes(path)
+        if size > plan_bytes:  # a smaller target stored larger than this plan: not an alternative
+            path.unlink()
+            larger.append(label)
+            continue
+        measured[label] = {"tensor_bytes": size, "bits_per_weight": round(size * 8 / elements, 4),
+                           **kl_divergence(path, logits, text_path, threads, repack)}
     text_path.unlink()
     logits.unlink()
-    presets = {name: entry for name, entry in measured.items() if name != PLAN}
-    best = min(presets, key=lambda name: (presets[name]["kld_mean"], presets[name]["tensor_bytes"], name),
-               default=None)
-    shipped = best if best is not None and presets[best]["kld_mean"] < measured[PLAN]["kld_mean"] else PLAN
+    others = {name: entry for name, entry in measured.items() if name != PLAN}
+    best = min(others, key=lambda name: (others[name]["kld_mean"], others[name]["tensor_bytes"], name), default=None)
+    shipped = best if best is not None and others[best]["kld_mean"] < measured[PLAN]["kld_mean"] else PLAN
     record = {"text": {"sha256": sha256_bytes(text.encode("utf-8")), "tokens": counted, "seed": VALIDATION_SEED,
                        "families": list(VALIDATION_FAMILIES), "chunk": CHUNK},
-              "measured": measured, "larger_than_plan": sorted(larger), "best_preset": best, "shipped": shipped}
+              "measured": measured, "larger_than_plan": sorted(larger), "best_alternative": best, "shipped": shipped}
     return record, (folder / f"{shipped}.gguf" if shipped != PLAN else None), work
 
 
 def describe(validation: dict[str, Any]) -> str:
-    """One line: the plan's divergence against the best preset no larger, and what shipped."""
-    measured, best = validation["measured"], validation.get("best_preset")
+    """One line: the plan's divergence against the best alternative no larger (a stock
+    preset, or a smaller plan of its chain), and what shipped."""
+    measured, best = validation["measured"], validation.get("best_alternative")
     plan = measured[PLAN]
     tokens = validation["text"]["tokens"]
     if best is None:
         return (f"plan KLD {plan['kld_mean']:.5f} on {tokens} held-out tokens; no stock preset is as small "
                 f"({plan['bits_per_weight']:.3f} bits/weight)")
-    against = f"{best} {measured[best]['kld_mean']:.5f} at {measured[best]['bits_per_weight']:.3f} bits/weight"
+    what = f"the smaller {best}" if best.startswith("plan ") else f"stock preset {best}"
     if validation["shipped"] == PLAN:
         return (f"plan kept: KLD {plan['kld_mean']:.5f} at {plan['bits_per_weight']:.3f} bits/weight beats the best "
-                f"stock preset no larger ({against}) on {tokens} held-out tokens")
-    return (f"plan replaced by stock preset {best}: its KLD {measured[best]['kld_mean']:.5f} at "
+                f"alternative no larger ({what}: {measured[best]['kld_mean']:.5f} at "
+                f"{measured[best]['bits_per_weight']:.3f} bits/weight) on {tokens} held-out tokens")
+    return (f"plan replaced by {what}: its KLD {measured[best]['kld_mean']:.5f} at "
             f"{measured[best]['bits_per_weight']:.3f} bits/weight beats the plan's {plan['kld_mean']:.5f} at "
             f"{plan['bits_per_weight']:.3f} on {tokens} held-out tokens")

@@ -131,28 +131,30 @@ def _auto_mix(key: str, variant: Any, layers: dict, plan: dict, sensitivity: Opt
 
 
 def nest_plans(variants: dict[str, Any], tables: dict[str, dict], baseline: Path) -> None:
-    """Make the ladder's auto-mixes nest: among planned gguf variants choosing from the same
-    types with the same matrix and overrides, each starts from the plan of the one with the
-    next smaller target (its table's `start`, and `extends` naming it), so a larger budget
-    never gives a layer a narrower type than a smaller one does. Without it the greedy
-    planner's paths part (a promotion that fits one budget but not another changes every
-    later step), and 3.75 and 4.0 bits planned worse models than 3.5 (issue #28)."""
+    """Make the ladder's auto-mixes nest: among planned gguf variants that differ only in
+    their target (same types, matrix, overrides, file type), each starts from the plan of
+    the one with the next smaller target (its table's `start`, and `extends` naming it), so
+    a larger budget never gives a layer a narrower type than a smaller one does. The table
+    also lists every smaller plan of the chain (`chain`: name, target, types), which the
+    plan's validation measures beside it: a larger variant never ships a file that diverges
+    more than a smaller one on the validation text (quantbuild.plan_validation)."""
     from quantbuild.quantizers import model_layers
 
     groups: dict[tuple, list[str]] = {}
     for name, variant in variants.items():
         if variant.method == "gguf" and variant.target_bpw and tables.get(name, {}).get("planned"):
-            key = (tuple(variant.mix_types), bool(variant.imatrix),
-                   tuple((override.pattern, override.type) for override in variant.overrides))
+            key = (tuple(variant.mix_types), bool(variant.imatrix), variant.type, variant.token_embd_type,
+                   variant.output_type, tuple((override.pattern, override.type) for override in variant.overrides))
             groups.setdefault(key, []).append(name)
     layers = model_layers(baseline) if groups else {}
     for names in groups.values():
-        previous: Optional[tuple[str, dict]] = None
+        chain: list[dict] = []
         for name in sorted(names, key=lambda item: (variants[item].target_bpw, item)):
-            if previous is not None:
-                tables[name]["extends"], tables[name]["start"] = previous
+            if chain:
+                tables[name].update(extends=chain[-1]["name"], start=chain[-1]["types"], chain=list(chain))
             plan = _plan(f"quant.variants.{name}", variants[name], layers, tables[name], baseline)
-            previous = (name, {layer: entry["type"] for layer, entry in sorted(plan.items())})
+            chain.append({"name": name, "target_bpw": variants[name].target_bpw,
+                          "types": {layer: entry["type"] for layer, entry in sorted(plan.items())}})
 
 
 def tensor_type_file(plan: dict, path: Path) -> bool:
@@ -203,11 +205,17 @@ def _quantize(variant: Any, inputs: Inputs, plan: dict, out: Path) -> dict:
         # a repair round re-plans for failing families (its table's `objective`): the preset
         # that beats it on general text is not what it was asked for, so it is not swapped
         if variant.target_bpw and variant.validation_tokens and not (inputs.sensitivity or {}).get("objective"):
-            validation, preset, work = _validate(variant, inputs, quantized, base)
-            if preset is not None:  # a stock preset no larger beat the plan: it ships instead
-                shipped = preset
-                lineage.update(plan={}, imatrix=imatrix_record(inputs.imatrix) if "+imatrix" in
-                               validation["shipped"] else None)
+            smaller = {f"plan {link['name']}": _chain_args(link, plan, args, out.parent)
+                       for link in (inputs.sensitivity or {}).get("chain", [])}
+            validation, replacement, work = _validate(variant, inputs, quantized, base, variant.type, smaller)
+            if replacement is not None:  # a file no larger beat the plan: it ships instead
+                shipped = replacement
+                winner = validation["shipped"]
+                if winner.startswith("plan "):  # a smaller plan of the chain, built as this one is
+                    link = next(link for link in inputs.sensitivity["chain"] if f"plan {link['name']}" == winner)
+                    lineage["plan"] = {plan[layer]["gguf_name"]: kind for layer, kind in link["types"].items()}
+                else:  # a stock preset
+                    lineage.update(plan={}, imatrix=imatrix_record(inputs.imatrix) if "+imatrix" in winner else None)
             lineage["validation"] = {"shipped": validation["shipped"], "text_sha256": validation["text"]["sha256"],
                                      "kld_mean": {name: entry["kld_mean"]
                                                   for name, entry in validation["measured"].items()}}
@@ -215,14 +223,29 @@ def _quantize(variant: Any, inputs: Inputs, plan: dict, out: Path) -> dict:
     finally:
         if work is not None:
             work.cleanup()
+        for chained in out.parent.glob("tensor_types.*.txt"):
+            chained.unlink()
     quantized.unlink()
     types_file.unlink()
     return {**measurements(started), "llama_quantize_log_lines": len(output.splitlines()),
             **({"validation": validation} if validation else {})}
 
 
-def _validate(variant: Any, inputs: Inputs, quantized: Path, base: Path) -> tuple[dict, Optional[Path], Any]:
-    """The plan against llama.cpp's stock presets no larger, on held-out text
+def _chain_args(link: dict, plan: dict, args: list[str], folder: Path) -> list[str]:
+    """llama-quantize's arguments for a smaller plan of the chain (`link`: its name and
+    types): this variant's own, with that plan's tensor types in a file beside this one's."""
+    kept = [arg for index, arg in enumerate(args) if arg != "--tensor-type-file"
+            and (index == 0 or args[index - 1] != "--tensor-type-file")]
+    path = folder / f"tensor_types.{link['name']}.txt"
+    if tensor_type_file({layer: {**plan[layer], "type": kind} for layer, kind in link["types"].items()}, path):
+        kept += ["--tensor-type-file", str(path)]
+    return kept
+
+
+def _validate(variant: Any, inputs: Inputs, quantized: Path, base: Path, file_type: str,
+              smaller: dict[str, list[str]]) -> tuple[dict, Optional[Path], Any]:
+    """The plan against llama.cpp's stock presets no larger and the smaller plans of its
+    chain (`smaller`: label -> llama-quantize arguments), on held-out text
     (quantbuild.plan_validation), with the importance matrix where the imatrix stage made one."""
     import os
 
@@ -234,7 +257,8 @@ def _validate(variant: Any, inputs: Inputs, quantized: Path, base: Path) -> tupl
     # every core this process may use: a fixed count per machine (the divergences do not
     # depend on it: each output of llama.cpp's CPU matmul is one thread's sum)
     return validate_plan(quantized, base, matrix, inputs.baseline, variant.validation_tokens,
-                         len(os.sched_getaffinity(0)), repack_allowed(cpu_info()["isa"]))
+                         len(os.sched_getaffinity(0)), repack_allowed(cpu_info()["isa"]),
+                         smaller={label: (args, file_type) for label, args in smaller.items()})
 
 
 def effective_bits(model_dir: Path, plan: dict, layers: dict) -> dict[str, Any]:
