@@ -503,14 +503,30 @@ def validated(args: argparse.Namespace) -> None:
     mix = ["Q2_K", "Q3_K", "IQ4_XS", "Q5_K", "Q6_K"]  # the demo's (conf/quant/gguf_mix_3p5.yaml)
     planned = {f"mix_{target}": GgufConfig(type="Q4_K_S", target_bpw=target, mix_types=mix,
                                            validation_tokens=args.tokens) for target in args.targets}
+    from transformers import AutoTokenizer
+
+    from quantbuild.gguf_artifacts import BASE_FILE, IMATRIX_FILE, MODEL_FILE
+    from quantbuild.plan_validation import base_logits, kl_divergence, validation_text
+    from quantbuild.runtimes.llama_build import run_tool
+
     rows, results = [], {}
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
+        # a second held-out text, never used to choose: the validation text chose what ships,
+        # so its own KLD of the winner is biased low; this one is not
+        tokenizer = AutoTokenizer.from_pretrained(str(args.model))
+        test_text, test_tokens = validation_text(args.tokens, lambda v: len(tokenizer(v, verbose=False)["input_ids"]),
+                                                 seed=6001)
+        (work / "test.txt").write_text(test_text, encoding="utf-8")
         started = time.perf_counter()
         measure = SensitivityConfig(samples=4, family_tokens=1536, measure=args.measure)
         inputs = _prepare(work, baseline=args.model, planned=planned, sensitivity=measure)
         print(f"sensitivity ({args.measure}) of {len(planned)} planned variants: {time.perf_counter() - started:.0f} s",
               flush=True)
+        logits = base_logits(work / "base" / BASE_FILE, work / "test.txt", work / "test.kld", 2, False)
+
+        def test_kld(path: Path) -> float:
+            return kl_divergence(path, logits, work / "test.txt", 2, False)["kld_mean"]
         for key, variant in sorted(planned.items(), key=lambda item: item[1].target_bpw):
             started = time.perf_counter()
             record = build_variant(key, variant, _with_table(inputs, work, key), work / "variant")
@@ -519,17 +535,28 @@ def validated(args: argparse.Namespace) -> None:
             presets = {name: entry for name, entry in measured.items() if name != PLAN and not name.startswith("plan ")}
             best = min(presets, key=lambda name: presets[name]["kld_mean"], default=None)
             shipped = measured[validation["shipped"]]
-            results[key] = {"target_bpw": variant.target_bpw, "validation": validation,
-                            "seconds": round(time.perf_counter() - started, 1)}
+            seconds = round(time.perf_counter() - started, 1)
+            shipped_test = test_kld(work / "variant" / "model" / MODEL_FILE)
+            preset_test = None
+            if best:
+                preset, _, matrix = best.partition("+")
+                run_tool("llama-quantize", [*(["--imatrix", str(work / "imatrix" / IMATRIX_FILE)] if matrix else []),
+                                            str(work / "base" / BASE_FILE), str(work / "preset.gguf"), preset], "preset")
+                preset_test = test_kld(work / "preset.gguf")
+            results[key] = {"target_bpw": variant.target_bpw, "validation": validation, "seconds": seconds,
+                            "test": {"tokens": test_tokens, "shipped_kld": shipped_test, "best_preset": best,
+                                     "best_preset_kld": preset_test}}
             rows.append([f"{variant.target_bpw}", f"{measured[PLAN]['bits_per_weight']:.3f}",
                          f"{measured[PLAN]['kld_mean']:.6f}", validation["shipped"], f"{shipped['kld_mean']:.6f}",
                          best or "-", f"{presets[best]['kld_mean']:.6f}" if best else "-",
                          f"{shipped['kld_mean'] / presets[best]['kld_mean']:.3f}" if best else "-",
-                         f"{results[key]['seconds']:.0f}"])
-    print(f"held-out validation text: {args.tokens} tokens requested (llama-perplexity --kl-divergence, 512-token "
-          f"chunks, against the F16 GGUF); model {args.model.name}")
+                         f"{shipped_test:.6f}", f"{preset_test:.6f}" if best else "-",
+                         f"{shipped_test / preset_test:.3f}" if best else "-", f"{seconds:.0f}"])
+    print(f"validation text: {args.tokens} tokens requested, seed 5001; test text: {test_tokens} tokens, seed 6001 "
+          f"(llama-perplexity --kl-divergence, 512-token chunks, against the F16 GGUF); model {args.model.name}")
     print(table(["target bpw", "plan bpw", "plan KLD", "shipped", "shipped KLD", "best stock preset no larger",
-                 "its KLD", "shipped / preset", "build + validation s"], rows))
+                 "its KLD", "ratio", "test: shipped KLD", "test: preset KLD", "test: ratio",
+                 "build + validation s"], rows))
     save("gguf_validated" if args.model == BASELINE else f"gguf_validated_{args.model.name}", results)
 
 

@@ -39,16 +39,16 @@ CHUNK = 512
 PLAN = "plan"
 
 
-def validation_text(tokens: int, count_tokens: Any) -> tuple[str, int]:
+def validation_text(tokens: int, count_tokens: Any, seed: int = VALIDATION_SEED) -> tuple[str, int]:
     """(text, its token count): at least `tokens` tokens of eval-family text with answers,
-    at VALIDATION_SEED, with no prompt of the committed eval files (regenerated here)."""
+    drawn from `seed` on, with no prompt of the committed eval files (regenerated here)."""
     from quantbuild.tasks import GENERATORS
     from quantbuild.tasks.items import render_target
     from quantbuild.tasks.write_data import EVAL_COUNTS, EVAL_SEED
 
     held = {item.prompt for family in VALIDATION_FAMILIES for item in GENERATORS[family](EVAL_COUNTS[family], EVAL_SEED)}
     texts: list[str] = []
-    counted, seed = 0, VALIDATION_SEED
+    counted = 0
     while counted < tokens:
         for family in VALIDATION_FAMILIES:
             for item in GENERATORS[family](8, seed):
