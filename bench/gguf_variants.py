@@ -506,7 +506,7 @@ def validated(args: argparse.Namespace) -> None:
     from transformers import AutoTokenizer
 
     from quantbuild.gguf_artifacts import BASE_FILE, IMATRIX_FILE, MODEL_FILE
-    from quantbuild.plan_validation import base_logits, kl_divergence, validation_text
+    from quantbuild.plan_validation import kl_divergence, reference, validation_text
     from quantbuild.runtimes.llama_build import run_tool
 
     rows, results = [], {}
@@ -515,18 +515,17 @@ def validated(args: argparse.Namespace) -> None:
         # a second held-out text, never used to choose: the validation text chose what ships,
         # so its own KLD of the winner is biased low; this one is not
         tokenizer = AutoTokenizer.from_pretrained(str(args.model))
-        test_text, test_tokens = validation_text(args.tokens, lambda v: len(tokenizer(v, verbose=False)["input_ids"]),
-                                                 seed=6001)
-        (work / "test.txt").write_text(test_text, encoding="utf-8")
+        test_texts, test_tokens = validation_text(args.tokens,
+                                                  lambda v: len(tokenizer(v, verbose=False)["input_ids"]), seed=6001)
         started = time.perf_counter()
         measure = SensitivityConfig(samples=4, family_tokens=1536, measure=args.measure)
         inputs = _prepare(work, baseline=args.model, planned=planned, sensitivity=measure)
         print(f"sensitivity ({args.measure}) of {len(planned)} planned variants: {time.perf_counter() - started:.0f} s",
               flush=True)
-        logits = base_logits(work / "base" / BASE_FILE, work / "test.txt", work / "test.kld", 2, False)
+        stored = reference(work / "base" / BASE_FILE, test_texts, 2, False)
 
         def test_kld(path: Path) -> float:
-            return kl_divergence(path, logits, work / "test.txt", 2, False)["kld_mean"]
+            return kl_divergence(path, stored, test_texts, 2, False)["kld_mean"]
         for key, variant in sorted(planned.items(), key=lambda item: item[1].target_bpw):
             started = time.perf_counter()
             record = build_variant(key, variant, _with_table(inputs, work, key), work / "variant")
@@ -553,7 +552,7 @@ def validated(args: argparse.Namespace) -> None:
                          f"{shipped_test:.6f}", f"{preset_test:.6f}" if best else "-",
                          f"{shipped_test / preset_test:.3f}" if best else "-", f"{seconds:.0f}"])
     print(f"validation text: {args.tokens} tokens requested, seed 5001; test text: {test_tokens} tokens, seed 6001 "
-          f"(llama-perplexity --kl-divergence, 512-token chunks, against the F16 GGUF); model {args.model.name}")
+          f"(KL divergence to the F16 GGUF in llama.cpp, quantbuild's measure); model {args.model.name}")
     print(table(["target bpw", "plan bpw", "plan KLD", "shipped", "shipped KLD", "best stock preset no larger",
                  "its KLD", "ratio", "test: shipped KLD", "test: preset KLD", "test: ratio",
                  "build + validation s"], rows))

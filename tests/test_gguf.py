@@ -819,7 +819,8 @@ def test_the_ladder_s_auto_mixes_nest_and_never_ship_more_divergence_for_more_bi
 
 def test_a_plan_worse_than_a_stock_preset_no_larger_ships_the_preset(inputs, base, sensitivity, tmp_path):
     """A planted bad plan: each layer is handed the measured sensitivities of its mirror in
-    order of sensitivity, so the planner widens the layers that matter least. On held-out
+    order of sensitivity, so the planner widens the layers that matter least, and the
+    layers that matter most are pinned at Q2_K. On held-out
     text a stock preset no larger beats it, and that preset is what the variant ships: the
     file is llama-quantize's preset, its lineage and record name it, and the validation
     text itself is nowhere in the variant's folder (its digest is)."""
@@ -830,7 +831,9 @@ def test_a_plan_worse_than_a_stock_preset_no_larger_ships_the_preset(inputs, bas
     order = sorted(layers, key=lambda name: layers[name]["kld"]["Q3_K+imatrix"]["calibration"])
     planted = {**table, "layers": {mine: {**layers[mine], "kld": layers[mirror]["kld"]}
                                    for mine, mirror in zip(order, reversed(order))}}
-    variant = GgufConfig(type="Q4_K_S", imatrix=True, target_bpw=3.8, validation_tokens=4096)
+    # and the layers that matter most, every block's attn_v and ffn_down, pinned at Q2_K
+    pinned = [GgufOverrideConfig(pattern=rf"blk\.\d+\.{name}\.weight", type="Q2_K") for name in ("attn_v", "ffn_down")]
+    variant = GgufConfig(type="Q4_K_S", imatrix=True, target_bpw=3.8, validation_tokens=4096, overrides=pinned)
     record = build_variant("planted", variant, replace(inputs, sensitivity=planted), tmp_path / "planted")
     validation = record["validation"]
     shipped = validation["shipped"]
@@ -855,7 +858,8 @@ def test_a_plan_worse_than_a_stock_preset_no_larger_ships_the_preset(inputs, bas
     from quantbuild.plan_validation import validation_text
 
     tokenizer = AutoTokenizer.from_pretrained(str(BASELINE))
-    text, _ = validation_text(4096, lambda value: len(tokenizer(value, verbose=False)["input_ids"]))
+    texts, _ = validation_text(4096, lambda value: len(tokenizer(value, verbose=False)["input_ids"]))
+    text = "\n\n".join(texts)
     assert validation["text"]["sha256"] == hashlib.sha256(text.encode("utf-8")).hexdigest()
     lines = [line for line in text.splitlines() if len(line) > 40][:50]
     for path in (tmp_path / "planted").rglob("*"):

@@ -2,28 +2,29 @@
 
 The auto-mix is chosen from per-layer sensitivities measured on the calibration mix; nothing
 there says the finished plan beats what `llama-quantize` gives for free. So every planned
-variant is measured, with llama.cpp's own `llama-perplexity --kl-divergence` against the
-F16 base GGUF, on held-out validation text, beside each stock preset no larger than it
-(with and without the importance matrix, where there is one). Where a preset no larger has
+variant is measured in llama.cpp (the bindings; quantbuild's KL divergence, which agrees
+with `llama-perplexity --kl-divergence` to 0.999-1.026: bench/README.md) against the F16
+base GGUF, on held-out validation text, beside each stock preset no larger than it
+(with and without the importance matrix, where there is one), and beside the smaller plans
+of its chain (quantizers.gguf.nest_plans). Where a file no larger has
 the lower divergence, the variant ships that preset instead and its record says so: the
 ladder never ships a mix worse than llama.cpp's preset at its size on text the planner
 never saw.
 
 The validation text is eval-family text with its answers (every generated family's prompt
 and the target a correct model writes), drawn by the task generators at a seed of its own,
-without any prompt the committed eval files hold. It is written to a temporary folder
-only for the tool to read, and only its digest and token count are recorded: it never
-enters an artifact.
+without any prompt the committed eval files hold. It lives in memory only; its digest and
+token count are recorded: it never enters an artifact. (llama-perplexity was the first
+measure: its logger is leaked at exit by design, and under load its last lines, the
+statistics, were lost in 2 of 8 runs.)
 """
 
 from __future__ import annotations
 
-import re
 import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
-from quantbuild.errors import QuantbuildError
 from quantbuild.hashing import sha256_bytes
 
 # Seeds of the task generators: eval 1001, calibration 2001, the golden example 3001.
@@ -33,15 +34,19 @@ VALIDATION_FAMILIES = ("structured", "retrieval", "reasoning", "long_context", "
 # llama.cpp's stock file types a plan is held against, and the cheapest tensor type each
 # stores its decoder in (a preset whose cheapest type is already larger than the plan's
 # file is not built at all).
-STOCK_PRESETS = {"Q2_K": "Q2_K", "Q3_K_S": "Q3_K", "Q3_K_M": "Q3_K", "Q3_K_L": "Q3_K", "IQ4_XS": "IQ4_XS",
-                 "Q4_K_S": "Q4_K", "Q4_K_M": "Q4_K", "Q5_K_S": "Q5_K", "Q5_K_M": "Q5_K", "Q6_K": "Q6_K"}
-CHUNK = 512
+# (the stored bits per weight of Q2_K, Q3_K, IQ4_XS, Q4_K, Q5_K and Q6_K tensors).
+STOCK_PRESETS = {"Q2_K": 2.625, "Q3_K_S": 3.4375, "Q3_K_M": 3.4375, "Q3_K_L": 3.4375, "IQ4_XS": 4.25,
+                 "Q4_K_S": 4.5, "Q4_K_M": 4.5, "Q5_K_S": 5.5, "Q5_K_M": 5.5, "Q6_K": 6.5625}
+# The context each validation text is scored in (the longest, long-context items with their
+# answers, fit).
+N_CTX = 2048
 PLAN = "plan"
 
 
-def validation_text(tokens: int, count_tokens: Any, seed: int = VALIDATION_SEED) -> tuple[str, int]:
-    """(text, its token count): at least `tokens` tokens of eval-family text with answers,
-    drawn from `seed` on, with no prompt of the committed eval files (regenerated here)."""
+def validation_text(tokens: int, count_tokens: Any, seed: int = VALIDATION_SEED) -> tuple[list[str], int]:
+    """(texts, their token count): at least `tokens` tokens of eval-family text with answers,
+    one text per item, drawn from `seed` on, with no prompt of the committed eval files
+    (regenerated here)."""
     from quantbuild.tasks import GENERATORS
     from quantbuild.tasks.items import render_target
     from quantbuild.tasks.write_data import EVAL_COUNTS, EVAL_SEED
@@ -58,38 +63,35 @@ def validation_text(tokens: int, count_tokens: Any, seed: int = VALIDATION_SEED)
                 texts.append(text)
                 counted += count_tokens(text)
         seed += 1
-    return "\n\n".join(texts), counted
+    return texts, counted
 
 
-def _perplexity(args: list[str], what: str) -> str:
-    from quantbuild.runtimes.llama_build import run_tool
+def _model(path: Path, threads: int, repack: bool) -> Any:
+    from quantbuild.runtimes.llama_cpp import LlamaCppModel
 
-    return run_tool("llama-perplexity", [*args, "-c", str(CHUNK), "-b", str(CHUNK)], what)
-
-
-def kl_divergence(model: Path, logits: Path, text: Path, threads: int, repack: bool) -> dict[str, float]:
-    """Mean KL divergence to the base logits and same-top-1 share, by llama-perplexity."""
-    extra = [] if repack else ["--no-repack"]
-    # llama.cpp logs through an asynchronous writer: its closing statistics were missing from
-    # the captured output now and then, so the (deterministic) run is repeated until they show.
-    for _ in range(4):
-        output = _perplexity(["-m", str(model), "-f", str(text), "--kl-divergence-base", str(logits),
-                              "--kl-divergence", "-t", str(threads), *extra], f"validation KLD of {model.name}")
-        mean = re.search(r"Mean\s+KLD:\s+([-\d.]+)", output)
-        top = re.search(r"Same top p:\s+([\d.]+)", output)
-        if mean and top:
-            return {"kld_mean": float(mean.group(1)), "same_top_pct": float(top.group(1))}
-    last = [line for line in output.splitlines() if line.strip()][-3:]
-    raise QuantbuildError(f"validation: llama-perplexity printed no KL divergence for {model.name} "
-                          f"(its last lines: {' | '.join(last)})")
+    return LlamaCppModel(path, n_ctx=N_CTX, threads=threads, repack=repack)
 
 
-def base_logits(base: Path, text: Path, out: Path, threads: int, repack: bool) -> Path:
-    """The base GGUF's logits over `text`, in llama-perplexity's file, for `kl_divergence`."""
-    extra = [] if repack else ["--no-repack"]
-    _perplexity(["-m", str(base), "-f", str(text), "--kl-divergence-base", str(out), "-t", str(threads), *extra],
-                "validation: base logits")
-    return out
+def reference(base: Path, texts: list[str], threads: int, repack: bool) -> dict:
+    """The base GGUF's next-token distributions over `texts`: whole where the vocabulary is
+    small, else the top-k with a tail bucket (the evaluation's own settings)."""
+    from quantbuild.config import EvalConfig
+    from quantbuild.evaluation.distributions import reference_from
+
+    settings = EvalConfig()
+    with _model(base, threads, repack) as model:
+        stored, _ = reference_from(model.text_positions(texts), settings.kl_top_k,
+                                   model.n_vocab <= settings.kl_full_vocab)
+    return stored
+
+
+def kl_divergence(path: Path, stored: dict, texts: list[str], threads: int, repack: bool) -> dict[str, float]:
+    """Mean KL divergence of `path` to the stored reference and its top-1 agreement."""
+    from quantbuild.evaluation.distributions import compare_from
+
+    with _model(path, threads, repack) as model:
+        measured = compare_from(model.text_positions(texts), stored)
+    return {"kld_mean": round(measured["kld_mean"], 8), "top1_agreement": round(measured["top1_agreement"], 6)}
 
 
 def tensor_bytes(path: Path) -> int:
@@ -114,27 +116,24 @@ def validate_plan(plan_file: Path, base: Path, imatrix: Optional[Path], tokenize
     """
     from transformers import AutoTokenizer
 
-    from quantbuild.quantizers.gguf import TENSOR_TYPE_BITS
     from quantbuild.runtimes.gguf_file import layout
     from quantbuild.runtimes.llama_build import run_tool
 
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    text, counted = validation_text(tokens, lambda value: len(tokenizer(value, verbose=False)["input_ids"]))
+    texts, counted = validation_text(tokens, lambda value: len(tokenizer(value, verbose=False)["input_ids"]))
     work = tempfile.TemporaryDirectory(prefix="quantbuild-validation-")
     folder = Path(work.name)
-    text_path = folder / "validation.txt"
-    text_path.write_text(text, encoding="utf-8")
-    logits = base_logits(base, text_path, folder / "base.kld", threads, repack)
+    stored = reference(base, texts, threads, repack)
     plan_bytes = tensor_bytes(plan_file)
     elements = sum(tensor.elements for tensor in layout(plan_file).tensors)
     measured: dict[str, dict[str, Any]] = {
         PLAN: {"tensor_bytes": plan_bytes, "bits_per_weight": round(plan_bytes * 8 / elements, 4),
-               **kl_divergence(plan_file, logits, text_path, threads, repack)}}
+               **kl_divergence(plan_file, stored, texts, threads, repack)}}
     if log:
         log(f"validation: plan KLD {measured[PLAN]['kld_mean']:.6f} on {counted} held-out tokens")
     larger: list[str] = []
-    for preset, cheapest in STOCK_PRESETS.items():
-        if TENSOR_TYPE_BITS[cheapest] * elements / 8 > plan_bytes:
+    for preset, cheapest_bits in STOCK_PRESETS.items():
+        if cheapest_bits * elements / 8 > plan_bytes:
             larger.append(preset)
             continue
         for with_imatrix in ((False, True) if imatrix is not None else (False,)):
@@ -148,7 +147,7 @@ def validate_plan(plan_file: Path, base: Path, imatrix: Optional[Path], tokenize
                 larger.append(name)
                 continue
             measured[name] = {"tensor_bytes": size, "bits_per_weight": round(size * 8 / elements, 4),
-                              **kl_divergence(path, logits, text_path, threads, repack)}
+                              **kl_divergence(path, stored, texts, threads, repack)}
             if log:
                 log(f"validation: {name} KLD {measured[name]['kld_mean']:.6f}")
     for label, (args, file_type) in (smaller or {}).items():
@@ -160,14 +159,12 @@ def validate_plan(plan_file: Path, base: Path, imatrix: Optional[Path], tokenize
             larger.append(label)
             continue
         measured[label] = {"tensor_bytes": size, "bits_per_weight": round(size * 8 / elements, 4),
-                           **kl_divergence(path, logits, text_path, threads, repack)}
-    text_path.unlink()
-    logits.unlink()
+                           **kl_divergence(path, stored, texts, threads, repack)}
     others = {name: entry for name, entry in measured.items() if name != PLAN}
     best = min(others, key=lambda name: (others[name]["kld_mean"], others[name]["tensor_bytes"], name), default=None)
     shipped = best if best is not None and others[best]["kld_mean"] < measured[PLAN]["kld_mean"] else PLAN
-    record = {"text": {"sha256": sha256_bytes(text.encode("utf-8")), "tokens": counted, "seed": VALIDATION_SEED,
-                       "families": list(VALIDATION_FAMILIES), "chunk": CHUNK},
+    record = {"text": {"sha256": sha256_bytes("\n\n".join(texts).encode("utf-8")), "tokens": counted,
+                       "items": len(texts), "seed": VALIDATION_SEED, "families": list(VALIDATION_FAMILIES)},
               "measured": measured, "larger_than_plan": sorted(larger), "best_alternative": best, "shipped": shipped}
     return record, (folder / f"{shipped}.gguf" if shipped != PLAN else None), work
 

@@ -469,7 +469,10 @@ def write_sensitivity(baseline: Path, calibration: list[list[int]], variants: di
 
     started = time.perf_counter()
     results = measure(baseline, calibration, variants, config, gguf_base, log, imatrix)
-    nest_plans(variants, results, baseline)
+    if any(table["planned"] for table in results.values()):
+        from quantbuild.quantizers import model_layers
+
+        nest_plans(variants, results, baseline, model_layers(baseline))
     with staged_dir(out) as staging:
         files = {}
         for name, table in results.items():

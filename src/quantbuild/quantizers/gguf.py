@@ -130,7 +130,7 @@ def _auto_mix(key: str, variant: Any, layers: dict, plan: dict, sensitivity: Opt
                                                                         else "auto-mix (cheapest)"))
 
 
-def nest_plans(variants: dict[str, Any], tables: dict[str, dict], baseline: Path) -> None:
+def nest_plans(variants: dict[str, Any], tables: dict[str, dict], baseline: Path, layers: dict) -> None:
     """Make the ladder's auto-mixes nest: among planned gguf variants that differ only in
     their target (same types, matrix, overrides, file type), each starts from the plan of
     the one with the next smaller target (its table's `start`, and `extends` naming it), so
@@ -138,15 +138,12 @@ def nest_plans(variants: dict[str, Any], tables: dict[str, dict], baseline: Path
     also lists every smaller plan of the chain (`chain`: name, target, types), which the
     plan's validation measures beside it: a larger variant never ships a file that diverges
     more than a smaller one on the validation text (quantbuild.plan_validation)."""
-    from quantbuild.quantizers import model_layers
-
     groups: dict[tuple, list[str]] = {}
     for name, variant in variants.items():
         if variant.method == "gguf" and variant.target_bpw and tables.get(name, {}).get("planned"):
             key = (tuple(variant.mix_types), bool(variant.imatrix), variant.type, variant.token_embd_type,
                    variant.output_type, tuple((override.pattern, override.type) for override in variant.overrides))
             groups.setdefault(key, []).append(name)
-    layers = model_layers(baseline) if groups else {}
     for names in groups.values():
         chain: list[dict] = []
         for name in sorted(names, key=lambda item: (variants[item].target_bpw, item)):
