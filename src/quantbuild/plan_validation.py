@@ -102,7 +102,7 @@ def tensor_bytes(path: Path) -> int:
 
 
 def validate_plan(plan_file: Path, base: Path, imatrix: Optional[Path], tokenizer_dir: Path, tokens: int,
-                  threads: int, repack: bool, log: Any = None,
+                  threads: int, repack: bool,
                   smaller: Optional[dict[str, tuple[list[str], str]]] = None) -> tuple[dict[str, Any], Optional[Path], Any]:
     """Measure `plan_file`, every stock preset no larger than it and the ladder's smaller
     plans of the same chain (`smaller`: label -> (llama-quantize arguments, file type)) on
@@ -126,40 +126,35 @@ def validate_plan(plan_file: Path, base: Path, imatrix: Optional[Path], tokenize
     stored = reference(base, texts, threads, repack)
     plan_bytes = tensor_bytes(plan_file)
     elements = sum(tensor.elements for tensor in layout(plan_file).tensors)
-    measured: dict[str, dict[str, Any]] = {
-        PLAN: {"tensor_bytes": plan_bytes, "bits_per_weight": round(plan_bytes * 8 / elements, 4),
-               **kl_divergence(plan_file, stored, texts, threads, repack)}}
-    if log:
-        log(f"validation: plan KLD {measured[PLAN]['kld_mean']:.6f} on {counted} held-out tokens")
+
+    def entry(path: Path) -> dict[str, Any]:
+        size = tensor_bytes(path)
+        return {"tensor_bytes": size, "bits_per_weight": round(size * 8 / elements, 4),
+                **kl_divergence(path, stored, texts, threads, repack)}
+
+    measured: dict[str, dict[str, Any]] = {PLAN: entry(plan_file)}
     larger: list[str] = []
+
+    def candidate(name: str, args: list[str], file_type: str) -> None:
+        """Build `name` with llama-quantize and measure it, unless it stores more than the plan."""
+        path = folder / f"{name}.gguf"
+        run_tool("llama-quantize", [*args, str(base), str(path), file_type, str(threads)], f"validation {name}")
+        if tensor_bytes(path) > plan_bytes:
+            path.unlink()
+            larger.append(name)
+        else:
+            measured[name] = entry(path)
+
     for preset, cheapest_bits in STOCK_PRESETS.items():
         if cheapest_bits * elements / 8 > plan_bytes:
             larger.append(preset)
             continue
         for with_imatrix in ((False, True) if imatrix is not None else (False,)):
-            name = f"{preset}+imatrix" if with_imatrix else preset
-            path = folder / f"{name}.gguf"
-            args = ["--imatrix", str(imatrix)] if with_imatrix else []
-            run_tool("llama-quantize", [*args, str(base), str(path), preset, str(threads)], f"validation {name}")
-            size = tensor_bytes(path)
-            if size > plan_bytes:
-                path.unlink()
-                larger.append(name)
-                continue
-            measured[name] = {"tensor_bytes": size, "bits_per_weight": round(size * 8 / elements, 4),
-                              **kl_divergence(path, stored, texts, threads, repack)}
-            if log:
-                log(f"validation: {name} KLD {measured[name]['kld_mean']:.6f}")
+            candidate(f"{preset}+imatrix" if with_imatrix else preset,
+                      ["--imatrix", str(imatrix)] if with_imatrix else [], preset)
+    # a smaller target of the chain stored larger than this plan is no alternative either
     for label, (args, file_type) in (smaller or {}).items():
-        path = folder / f"{label}.gguf"
-        run_tool("llama-quantize", [*args, str(base), str(path), file_type, str(threads)], f"validation {label}")
-        size = tensor_bytes(path)
-        if size > plan_bytes:  # a smaller target stored larger than this plan: not an alternative
-            path.unlink()
-            larger.append(label)
-            continue
-        measured[label] = {"tensor_bytes": size, "bits_per_weight": round(size * 8 / elements, 4),
-                           **kl_divergence(path, stored, texts, threads, repack)}
+        candidate(label, args, file_type)
     others = {name: entry for name, entry in measured.items() if name != PLAN}
     best = min(others, key=lambda name: (others[name]["kld_mean"], others[name]["tensor_bytes"], name), default=None)
     shipped = best if best is not None and others[best]["kld_mean"] < measured[PLAN]["kld_mean"] else PLAN
