@@ -7,7 +7,7 @@
     python bench/gguf_variants.py noise      [--repeats 8]
     python bench/gguf_variants.py agreement  (after make demo)
     python bench/gguf_variants.py measures   --targets 3.5 4.5 [--model FOLDER] [--tokens 40000]
-    python bench/gguf_variants.py validated  --targets 3.25 3.5 3.75 4.0 4.25 4.5 --tokens 16384 [--measure kl]
+    python bench/gguf_variants.py validated  --targets 3.0 3.5 4.0 4.5 5.0 --tokens 16384 [--model FOLDER] [--measure kl]
 
 speed: quantbuild's gguf quantize (`build_variant`: checks, plan, llama-quantize, the
 lineage rewrite, hashing, the record) against `llama-quantize` called directly on the same
@@ -26,8 +26,9 @@ measures: the sensitivity stage's two measures on one model: the time each takes
 correlation of their per-layer tables, and llama.cpp's own KLD (held-out text) of the
 auto-mixes each plans at 3.5 and 4.5 bits per weight (the demo's mix types).
 validated: the auto-mix ladder as the pipeline builds it (nested plans, each validated on
-held-out text against the stock presets no larger and the smaller plans of its chain): what
-each target ships, its KLD, and the best stock preset no larger.
+three held-out texts against the stock presets no larger and the smaller plans of its
+chain): what each target ships, and on three test texts that chose nothing, every stock
+preset from 3 to 5 bits per weight against the best shipped variant no larger.
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ import json
 import math
 import re
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -492,71 +492,96 @@ def measures(args: argparse.Namespace) -> None:
 
 
 def validated(args: argparse.Namespace) -> None:
-    """The auto-mix ladder as the pipeline now builds it (issue #28): nested plans (each
-    starts from the plan below it) and each plan validated on held-out text against the stock
-    presets no larger and the smaller plans of its chain; what each target ships and its KL
-    divergence, beside the best stock preset no larger."""
+    """The auto-mix ladder as the pipeline builds it (issue #28): nested plans (each
+    starts from the plan below it), each validated on three held-out texts (seed 5001:
+    eval-family, calibration-like, prose) against the stock presets no larger and the smaller
+    plans of its chain. Then, on three *test* texts of the same kinds at seed 6001 that chose
+    nothing: every stock preset from 3 to 5 bits per weight (with and without the importance
+    matrix) against the best shipped variant of the ladder no larger, per text."""
+    from transformers import AutoTokenizer
+
     from quantbuild.config import GgufConfig, SensitivityConfig
-    from quantbuild.plan_validation import PLAN
+    from quantbuild.gguf_artifacts import BASE_FILE, IMATRIX_FILE, MODEL_FILE
+    from quantbuild.plan_validation import PLAN, STOCK_PRESETS, TEXTS, kl_divergence, reference, validation_texts
     from quantbuild.quantization import build_variant
+    from quantbuild.runtimes.gguf_file import layout
+    from quantbuild.runtimes.llama_build import run_tool
 
     mix = ["Q2_K", "Q3_K", "IQ4_XS", "Q5_K", "Q6_K"]  # the demo's (conf/quant/gguf_mix_3p5.yaml)
     planned = {f"mix_{target}": GgufConfig(type="Q4_K_S", target_bpw=target, mix_types=mix,
                                            validation_tokens=args.tokens) for target in args.targets}
-    from transformers import AutoTokenizer
-
-    from quantbuild.gguf_artifacts import BASE_FILE, IMATRIX_FILE, MODEL_FILE
-    from quantbuild.plan_validation import kl_divergence, reference, validation_text
-    from quantbuild.runtimes.llama_build import run_tool
-
-    rows, results = [], {}
+    ladder, presets, results = [], {}, {}
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
-        # a second held-out text, never used to choose: the validation text chose what ships,
-        # so its own KLD of the winner is biased low; this one is not
         tokenizer = AutoTokenizer.from_pretrained(str(args.model))
-        test_texts, test_tokens = validation_text(args.tokens,
-                                                  lambda v: len(tokenizer(v, verbose=False)["input_ids"]), seed=6001)
+        test = validation_texts(args.tokens, lambda v: len(tokenizer(v, verbose=False)["input_ids"]), seed=6001)
         started = time.perf_counter()
         measure = SensitivityConfig(samples=4, family_tokens=1536, measure=args.measure)
         inputs = _prepare(work, baseline=args.model, planned=planned, sensitivity=measure)
         print(f"sensitivity ({args.measure}) of {len(planned)} planned variants: {time.perf_counter() - started:.0f} s",
               flush=True)
-        stored = reference(work / "base" / BASE_FILE, test_texts, 2, False)
+        base = work / "base" / BASE_FILE
+        stored = reference(base, test, 2, False)
+        elements = sum(tensor.elements for tensor in layout(base).tensors)
 
-        def test_kld(path: Path) -> float:
-            return kl_divergence(path, stored, test_texts, 2, False)["kld_mean"]
+        def scored(path: Path) -> dict:
+            size = sum(tensor.nbytes for tensor in layout(path).tensors)
+            return {"bits_per_weight": round(size * 8 / elements, 4),
+                    "test": {kind: entry["kld_mean"] for kind, entry in kl_divergence(path, stored, test, 2, False).items()}}
         for key, variant in sorted(planned.items(), key=lambda item: item[1].target_bpw):
             started = time.perf_counter()
-            record = build_variant(key, variant, _with_table(inputs, work, key), work / "variant")
+            record = build_variant(key, variant, _with_table(inputs, work, key), work / key)
             validation = record["validation"]
-            measured = validation["measured"]
-            presets = {name: entry for name, entry in measured.items() if name != PLAN and not name.startswith("plan ")}
-            best = min(presets, key=lambda name: presets[name]["kld_mean"], default=None)
-            shipped = measured[validation["shipped"]]
-            seconds = round(time.perf_counter() - started, 1)
-            shipped_test = test_kld(work / "variant" / "model" / MODEL_FILE)
-            preset_test = None
-            if best:
-                preset, _, matrix = best.partition("+")
+            results[key] = {"target_bpw": variant.target_bpw, "validation": validation,
+                            "seconds": round(time.perf_counter() - started, 1),
+                            **scored(work / key / "model" / MODEL_FILE)}
+            ladder.append(key)
+            print(f"{key}: {validation['shipped']} ({results[key]['seconds']:.0f} s)", flush=True)
+        for preset in STOCK_PRESETS:
+            for matrix in (False, True):
+                name = f"{preset}+imatrix" if matrix else preset
+                path = work / f"{name}.gguf"
                 run_tool("llama-quantize", [*(["--imatrix", str(work / "imatrix" / IMATRIX_FILE)] if matrix else []),
-                                            str(work / "base" / BASE_FILE), str(work / "preset.gguf"), preset], "preset")
-                preset_test = test_kld(work / "preset.gguf")
-            results[key] = {"target_bpw": variant.target_bpw, "validation": validation, "seconds": seconds,
-                            "test": {"tokens": test_tokens, "shipped_kld": shipped_test, "best_preset": best,
-                                     "best_preset_kld": preset_test}}
-            rows.append([f"{variant.target_bpw}", f"{measured[PLAN]['bits_per_weight']:.3f}",
-                         f"{measured[PLAN]['kld_mean']:.6f}", validation["shipped"], f"{shipped['kld_mean']:.6f}",
-                         best or "-", f"{presets[best]['kld_mean']:.6f}" if best else "-",
-                         f"{shipped['kld_mean'] / presets[best]['kld_mean']:.3f}" if best else "-",
-                         f"{shipped_test:.6f}", f"{preset_test:.6f}" if best else "-",
-                         f"{shipped_test / preset_test:.3f}" if best else "-", f"{seconds:.0f}"])
-    print(f"validation text: {args.tokens} tokens requested, seed 5001; test text: {test_tokens} tokens, seed 6001 "
-          f"(KL divergence to the F16 GGUF in llama.cpp, quantbuild's measure); model {args.model.name}")
-    print(table(["target bpw", "plan bpw", "plan KLD", "shipped", "shipped KLD", "best stock preset no larger",
-                 "its KLD", "ratio", "test: shipped KLD", "test: preset KLD", "test: ratio",
-                 "build + validation s"], rows))
-    save("gguf_validated" if args.model == BASELINE else f"gguf_validated_{args.model.name}", results)
+                                            str(base), str(path), preset, "2"], name)
+                presets[name] = scored(path)
+                path.unlink()
+    rows = []
+    for key in ladder:
+        entry = results[key]
+        measured = entry["validation"]["measured"]
+        shipped = entry["validation"]["shipped"]
+        rows.append([f"{entry['target_bpw']}", f"{measured[PLAN]['bits_per_weight']:.3f}",
+                     f"{measured[PLAN]['worst_ratio']:.2f}", shipped, f"{measured[shipped]['bits_per_weight']:.3f}",
+                     f"{measured[shipped]['worst_ratio']:.2f}", *[f"{entry['test'][kind]:.6f}" for kind in TEXTS],
+                     f"{entry['seconds']:.0f}"])
+    print(f"model {args.model.name}; validation: {args.tokens} tokens, seed 5001; test: seed 6001 "
+          f"({', '.join(f'{kind} {counted}' for kind, (_, counted) in test.items())} tokens); KL divergence to the "
+          f"F16 GGUF in llama.cpp (quantbuild's measure); worst ratio: the largest, over the three validation texts, "
+          f"of KLD / the best stock preset no larger")
+    print(table(["target bpw", "plan bpw", "plan worst ratio", "shipped", "shipped bpw", "shipped worst ratio",
+                 *[f"test KLD {kind}" for kind in TEXTS], "build + validation s"], rows))
+    rows, ratios = [], []
+    for name, preset in sorted(presets.items(), key=lambda item: item[1]["bits_per_weight"]):
+        if not 3.0 <= preset["bits_per_weight"] <= 5.0:
+            continue
+        row = [name, f"{preset['bits_per_weight']:.3f}"]
+        for kind in TEXTS:
+            smaller = [key for key in ladder if results[key]["bits_per_weight"] <= preset["bits_per_weight"]]
+            if not smaller:
+                row += [f"{preset['test'][kind]:.6f}", "-", "-"]
+                continue
+            best = min(smaller, key=lambda key: results[key]["test"][kind])
+            ratio = results[best]["test"][kind] / preset["test"][kind]
+            ratios.append(ratio)
+            row += [f"{preset['test'][kind]:.6f}", f"{best} {results[best]['test'][kind]:.6f}", f"{ratio:.3f}"]
+        rows.append(row)
+    print(table(["stock preset", "bpw", *[f"{column} {kind}" for kind in TEXTS
+                                          for column in ("preset KLD", "best shipped no larger", "ratio")]], rows))
+    if ratios:
+        print(f"ratios: {len(ratios)}; geometric mean {math.exp(statistics.fmean(map(math.log, ratios))):.3f}; "
+              f"max {max(ratios):.3f}; <= 0.85: {sum(r <= 0.85 for r in ratios)}; > 1.0: {sum(r > 1 for r in ratios)}")
+    save("gguf_validated" if args.model == BASELINE else f"gguf_validated_{args.model.name}",
+         {"ladder": results, "presets": presets})
 
 
 def main() -> None:

@@ -136,24 +136,56 @@ def test_the_decision_and_the_summary_name_the_preset_a_planned_mix_was_swapped_
     """A planned mix whose quantize record says validation shipped a stock preset (the
     record's shape: quantbuild.plan_validation) carries it into the decision, worded once
     for decision.json, the summary and the report."""
+    from quantbuild.plan_validation import choose
     from quantbuild.report import validation_lines
 
-    def entry(kld: float, size: int) -> dict:
-        return {"tensor_bytes": size, "bits_per_weight": size * 8 / 1000, "kld_mean": kld, "same_top_pct": 90.0}
+    def entry(eval_kld: float, prose_kld: float, size: int) -> dict:
+        return {"tensor_bytes": size, "bits_per_weight": size * 8 / 1000,
+                "texts": {"eval": {"kld_mean": eval_kld}, "prose": {"kld_mean": prose_kld}}}
 
-    validation = {"text": {"sha256": "a" * 64, "tokens": 16400, "seed": 5001, "families": [], "chunk": 512},
-                  "measured": {"plan": entry(0.012, 490), "Q3_K_S+imatrix": entry(0.009, 480), "Q2_K": entry(0.02, 400)},
-                  "larger_than_plan": ["Q3_K_M"], "best_alternative": "Q3_K_S+imatrix", "shipped": "Q3_K_S+imatrix"}
+    # the plan wins on eval text and loses on prose to the preset, which is best on both
+    measured = {"plan": entry(0.006, 0.018, 490), "Q3_K_S+imatrix": entry(0.008, 0.010, 480),
+                "Q2_K": entry(0.02, 0.04, 400)}
+    shipped, best = choose(measured)
+    assert (shipped, best) == ("Q3_K_S+imatrix", "Q3_K_S+imatrix")
+    assert measured["plan"]["worst_ratio"] == 1.8 and measured["Q3_K_S+imatrix"]["worst_ratio"] == 1.0
+    validation = {"text": {"sha256": "a" * 64, "tokens": 16400, "seed": 5001, "texts": {}},
+                  "measured": measured, "larger_than_plan": ["Q3_K_M"], "best_alternative": best, "shipped": shipped}
     records = {**RECORDS, "int3": {**RECORDS["int3"], "validation": validation}}
     variants = {"int3": metrics(2.0, 0.001), "int8": metrics(2.0, 0.001)}
     decision = select(BASE, variants, records, GATE)
     carried = decision["variants"]["int3"]["validation"]
     assert carried["shipped"] == "Q3_K_S+imatrix" and carried["kld_mean"]["plan"] == 0.012
     assert carried["line"] == ("plan replaced by stock preset Q3_K_S+imatrix: its KLD 0.00900 at 3.840 bits/weight "
-                               "beats the plan's 0.01200 at 3.920 on 16400 held-out tokens")
+                               "(at most 1.00x the best stock preset on each text) against the plan's 0.01200 at "
+                               "3.920 (1.80x); 16400 held-out tokens (eval, prose)")
     assert "validation" not in decision["variants"]["int8"]
     assert validation_lines({"llama.cpp-cpu": decision, "llama.cpp-cuda": decision}) == [
         f"validation int3: {carried['line']}"]
+
+
+def test_a_plan_ships_only_where_it_is_never_worse_than_the_best_preset_on_any_text():
+    """issue #28: the validation's rule over its three texts (quantbuild.plan_validation)."""
+    from quantbuild.plan_validation import choose
+
+    def entry(kinds: tuple, size: int) -> dict:
+        return {"tensor_bytes": size, "texts": {kind: {"kld_mean": value}
+                                                for kind, value in zip(("eval", "calibration", "prose"), kinds)}}
+
+    # best on every text: kept, and the best alternative is the lowest mean of the rest
+    kept = {"plan": entry((1, 1, 1), 500), "Q3_K_S": entry((2, 1.5, 1.2), 480), "Q2_K": entry((3, 3, 3), 400)}
+    assert choose(kept) == ("plan", "Q3_K_S") and kept["plan"]["worst_ratio"] == pytest.approx(1 / 1.2, abs=1e-4)
+    # a tie with a preset on every text: the plan wins it
+    tie = {"plan": entry((1, 1, 1), 500), "Q3_K_S": entry((1, 1, 1), 480)}
+    assert choose(tie)[0] == "plan"
+    # no file is best everywhere: the lowest worst ratio ships (here a smaller plan of the chain)
+    split = {"plan": entry((1, 2, 3), 500), "Q3_K_S": entry((2, 1, 2), 480), "Q3_K_M": entry((3, 3, 1), 490),
+             "plan gguf_mix_3": entry((1.5, 1.2, 1.4), 450)}
+    assert choose(split) == ("plan gguf_mix_3", "plan gguf_mix_3")
+    assert split["plan"]["worst_ratio"] == 3 and split["plan gguf_mix_3"]["worst_ratio"] == 1.4
+    # no stock preset as small: measured against the best candidate on each text
+    alone = {"plan": entry((1, 1, 1), 500), "plan gguf_mix_3": entry((2, 2, 2), 450)}
+    assert choose(alone) == ("plan", "plan gguf_mix_3") and alone["plan gguf_mix_3"]["worst_ratio"] == 2
 
 
 def test_gate_with_no_passing_variant_and_no_fallback_lists_violations():

@@ -807,8 +807,10 @@ def test_the_ladder_s_auto_mixes_nest_and_never_ship_more_divergence_for_more_bi
         validation = record["validation"]
         smaller = {f"plan {other}" for other in names[:names.index(name)]}
         assert smaller <= set(validation["measured"]) | set(validation["larger_than_plan"])
-        shipped_kld[name] = validation["measured"][validation["shipped"]]["kld_mean"]
-        assert shipped_kld[name] <= validation["measured"][PLAN]["kld_mean"]
+        shipped, plan = validation["measured"][validation["shipped"]], validation["measured"][PLAN]
+        shipped_kld[name] = shipped["kld_mean"]
+        # never worse than the best preset no larger on any text where the plan is not
+        assert shipped["worst_ratio"] <= max(1.0, plan["worst_ratio"]), validation
     for smaller, larger in zip(names, names[1:]):
         # every layer at least as wide as in the plan below it...
         assert all(TENSOR_TYPE_BITS[types[larger][layer]] >= TENSOR_TYPE_BITS[types[smaller][layer]]
@@ -839,6 +841,7 @@ def test_a_plan_worse_than_a_stock_preset_no_larger_ships_the_preset(inputs, bas
     shipped = validation["shipped"]
     measured = validation["measured"]
     assert shipped != PLAN and shipped == validation["best_alternative"], describe(validation)
+    assert measured[PLAN]["worst_ratio"] > 1 >= measured[shipped]["worst_ratio"]
     assert measured[shipped]["kld_mean"] < measured[PLAN]["kld_mean"]
     assert measured[shipped]["tensor_bytes"] <= measured[PLAN]["tensor_bytes"]
     assert describe(validation).startswith(f"plan replaced by stock preset {shipped}")
@@ -855,13 +858,16 @@ def test_a_plan_worse_than_a_stock_preset_no_larger_ships_the_preset(inputs, bas
     # digests only: no line of the validation text in any file of the variant
     from transformers import AutoTokenizer
 
-    from quantbuild.plan_validation import validation_text
+    from quantbuild.plan_validation import TEXTS, validation_texts
 
     tokenizer = AutoTokenizer.from_pretrained(str(BASELINE))
-    texts, _ = validation_text(4096, lambda value: len(tokenizer(value, verbose=False)["input_ids"]))
-    text = "\n\n".join(texts)
-    assert validation["text"]["sha256"] == hashlib.sha256(text.encode("utf-8")).hexdigest()
-    lines = [line for line in text.splitlines() if len(line) > 40][:50]
+    drawn = validation_texts(4096, lambda value: len(tokenizer(value, verbose=False)["input_ids"]))
+    assert list(validation["text"]["texts"]) == list(TEXTS) == list(measured[PLAN]["texts"])
+    lines = []
+    for kind, (texts, _) in drawn.items():
+        text = "\n\n".join(texts)
+        assert validation["text"]["texts"][kind]["sha256"] == hashlib.sha256(text.encode("utf-8")).hexdigest()
+        lines += [line for line in text.splitlines() if len(line) > 40][:30]
     for path in (tmp_path / "planted").rglob("*"):
         if path.is_file():
             content = path.read_bytes()

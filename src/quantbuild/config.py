@@ -205,8 +205,10 @@ class GgufConfig:
     mix_types: List[str] = field(default_factory=lambda: ["Q3_K", "Q4_K", "Q5_K", "Q6_K"])
     kv_cache_type: str = "f16"
     # An auto-mix (target_bpw > 0) is measured on this many tokens of held-out validation
-    # text beside llama.cpp's stock presets no larger, and replaced by the best of them
-    # where one has the lower KL divergence (quantbuild.plan_validation); 0: not validated.
+    # text (a third each of eval-family, calibration-like and prose text) beside llama.cpp's
+    # stock presets no larger, and replaced by one of them where the plan is worse than the
+    # best of them on any text and another file no larger is not
+    # (quantbuild.plan_validation); 0: not validated.
     validation_tokens: int = 16384
     # The deploy target it ships for (null: the method's default); see quantbuild.runtimes.
     target: Optional[str] = None

@@ -6,15 +6,23 @@ variant is measured in llama.cpp (the bindings; quantbuild's KL divergence, whic
 with `llama-perplexity --kl-divergence` to 0.999-1.026: bench/README.md) against the F16
 base GGUF, on held-out validation text, beside each stock preset no larger than it
 (with and without the importance matrix, where there is one), and beside the smaller plans
-of its chain (quantizers.gguf.nest_plans). Where a file no larger has
-the lower divergence, the variant ships that preset instead and its record says so: the
-ladder never ships a mix worse than llama.cpp's preset at its size on text the planner
-never saw.
+of its chain (quantizers.gguf.nest_plans).
 
-The validation text is eval-family text with its answers (every generated family's prompt
-and the target a correct model writes), drawn by the task generators at a seed of its own,
-without any prompt the committed eval files hold. It lives in memory only; its digest and
-token count are recorded: it never enters an artifact. (llama-perplexity was the first
+A plan tuned on one kind of text can lose on another (issue #28: on eval-family text IQ4_XS
+and Q3_K_L beat plans that won on calibration-like text), so the validation text is three
+texts, each scored on its own (`TEXTS`): eval-family prompts with the answers a correct model
+writes, calibration-like text (the calibration sources' generators), and prose (the
+language-modelling family). A candidate's `worst_ratio` is its largest KL divergence, over
+the three texts, relative to the best stock preset no larger on that text. What ships:
+among the candidates never worse than that best preset on any text (worst ratio <= 1), the
+one with the lowest mean divergence over the texts; where none is, the one with the lowest
+worst ratio. The plan wins ties. So the ladder never ships a mix worse than llama.cpp's
+preset at its size on any of the three texts wherever one file can be so, and ships the
+plan only where its win holds on every text.
+
+Each text is drawn by the generators at a seed of its own (`VALIDATION_SEED` on), without
+any item the committed eval or calibration files hold. It lives in memory only; its digest
+and token count are recorded: it never enters an artifact. (llama-perplexity was the first
 measure: its logger is leaked at exit by design, and under load its last lines, the
 statistics, were lost in 2 of 8 runs.)
 """
@@ -22,15 +30,18 @@ statistics, were lost in 2 of 8 runs.)
 from __future__ import annotations
 
 import tempfile
+from functools import lru_cache
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from quantbuild.hashing import sha256_bytes
 
 # Seeds of the task generators: eval 1001, calibration 2001, the golden example 3001.
 VALIDATION_SEED = 5001
-# The families the validation text is drawn from, in turn, until it has enough tokens.
-VALIDATION_FAMILIES = ("structured", "retrieval", "reasoning", "long_context", "language_modelling")
+# The texts a plan is validated on, and what each is drawn from: eval families (prompt and
+# answer), calibration sources, or the language-modelling family's prose.
+EVAL_FAMILIES = ("structured", "retrieval", "reasoning", "long_context")
+TEXTS = ("eval", "calibration", "prose")
 # llama.cpp's stock file types a plan is held against, and the cheapest tensor type each
 # stores its decoder in (a preset whose cheapest type is already larger than the plan's
 # file is not built at all).
@@ -43,27 +54,58 @@ N_CTX = 2048
 PLAN = "plan"
 
 
-def validation_text(tokens: int, count_tokens: Any, seed: int = VALIDATION_SEED) -> tuple[list[str], int]:
-    """(texts, their token count): at least `tokens` tokens of eval-family text with answers,
-    one text per item, drawn from `seed` on, with no prompt of the committed eval files
-    (regenerated here)."""
-    from quantbuild.tasks import GENERATORS
-    from quantbuild.tasks.items import render_target
-    from quantbuild.tasks.write_data import EVAL_COUNTS, EVAL_SEED
+@lru_cache(maxsize=None)
+def _held(kind: str) -> frozenset:
+    """The texts (calibration) or prompts (eval, prose) the committed data files hold."""
+    from quantbuild.tasks import GENERATORS, calibration_sources
+    from quantbuild.tasks.write_data import CALIBRATION_COUNTS, CALIBRATION_SEED, EVAL_COUNTS, EVAL_SEED
 
-    held = {item.prompt for family in VALIDATION_FAMILIES for item in GENERATORS[family](EVAL_COUNTS[family], EVAL_SEED)}
-    texts: list[str] = []
-    counted = 0
-    while counted < tokens:
-        for family in VALIDATION_FAMILIES:
-            for item in GENERATORS[family](8, seed):
-                if item.prompt is None or item.prompt in held:
-                    continue
-                text = item.prompt + render_target(item) if family != "language_modelling" else item.prompt
+    if kind == "calibration":
+        return frozenset(record["text"] for source, count in CALIBRATION_COUNTS.items()
+                         for record in calibration_sources.generate(source, count, CALIBRATION_SEED))
+    return frozenset(item.prompt for family in _families(kind)
+                     for item in GENERATORS[family](EVAL_COUNTS[family], EVAL_SEED))
+
+
+def _families(kind: str) -> tuple[str, ...]:
+    return EVAL_FAMILIES if kind == "eval" else ("language_modelling",)
+
+
+def _drawn(kind: str, seed: int) -> list[str]:
+    """The texts of `kind` the generators give at `seed`, less any the committed data holds."""
+    from quantbuild.tasks import GENERATORS, calibration_sources
+    from quantbuild.tasks.items import render_target
+
+    held = _held(kind)
+    if kind == "calibration":
+        return [record["text"] for source in calibration_sources.SOURCES
+                for record in calibration_sources.generate(source, 8, seed) if record["text"] not in held]
+    return [item.prompt + (render_target(item) if kind == "eval" else "") for family in _families(kind)
+            for item in GENERATORS[family](8, seed) if item.prompt is not None and item.prompt not in held]
+
+
+def validation_texts(tokens: int, count_tokens: Callable[[str], int],
+                     seed: int = VALIDATION_SEED) -> dict[str, tuple[list[str], int]]:
+    """Each of `TEXTS` -> (its texts, their token count): together at least `tokens` tokens,
+    a third each, drawn from `seed` on."""
+    drawn: dict[str, tuple[list[str], int]] = {}
+    share = -(-tokens // len(TEXTS))
+    for kind in TEXTS:
+        texts: list[str] = []
+        counted, at = 0, seed
+        while counted < share:
+            for text in _drawn(kind, at):
                 texts.append(text)
                 counted += count_tokens(text)
-        seed += 1
-    return texts, counted
+            at += 1
+        drawn[kind] = (texts, counted)
+    return drawn
+
+
+def texts_record(drawn: dict[str, tuple[list[str], int]], seed: int = VALIDATION_SEED) -> dict[str, Any]:
+    """What the record keeps of the validation texts: digests and counts, never the text."""
+    return {kind: {"sha256": sha256_bytes("\n\n".join(texts).encode("utf-8")), "tokens": counted,
+                   "items": len(texts), "seed": seed} for kind, (texts, counted) in drawn.items()}
 
 
 def _model(path: Path, threads: int, repack: bool) -> Any:
@@ -72,26 +114,32 @@ def _model(path: Path, threads: int, repack: bool) -> Any:
     return LlamaCppModel(path, n_ctx=N_CTX, threads=threads, repack=repack)
 
 
-def reference(base: Path, texts: list[str], threads: int, repack: bool) -> dict:
-    """The base GGUF's next-token distributions over `texts`: whole where the vocabulary is
-    small, else the top-k with a tail bucket (the evaluation's own settings)."""
+def reference(base: Path, drawn: dict[str, tuple[list[str], int]], threads: int, repack: bool) -> dict[str, dict]:
+    """The base GGUF's next-token distributions over each text: whole where the vocabulary
+    is small, else the top-k with a tail bucket (the evaluation's own settings)."""
     from quantbuild.config import EvalConfig
     from quantbuild.evaluation.distributions import reference_from
 
     settings = EvalConfig()
     with _model(base, threads, repack) as model:
-        stored, _ = reference_from(model.text_positions(texts), settings.kl_top_k,
-                                   model.n_vocab <= settings.kl_full_vocab)
-    return stored
+        return {kind: reference_from(model.text_positions(texts), settings.kl_top_k,
+                                     model.n_vocab <= settings.kl_full_vocab)[0]
+                for kind, (texts, _) in drawn.items()}
 
 
-def kl_divergence(path: Path, stored: dict, texts: list[str], threads: int, repack: bool) -> dict[str, float]:
-    """Mean KL divergence of `path` to the stored reference and its top-1 agreement."""
+def kl_divergence(path: Path, stored: dict[str, dict], drawn: dict[str, tuple[list[str], int]], threads: int,
+                  repack: bool) -> dict[str, dict[str, float]]:
+    """Each text -> the mean KL divergence of `path` to its stored reference, and top-1
+    agreement."""
     from quantbuild.evaluation.distributions import compare_from
 
+    scores = {}
     with _model(path, threads, repack) as model:
-        measured = compare_from(model.text_positions(texts), stored)
-    return {"kld_mean": round(measured["kld_mean"], 8), "top1_agreement": round(measured["top1_agreement"], 6)}
+        for kind, (texts, _) in drawn.items():
+            measured = compare_from(model.text_positions(texts), stored[kind])
+            scores[kind] = {"kld_mean": round(measured["kld_mean"], 8),
+                            "top1_agreement": round(measured["top1_agreement"], 6)}
+    return scores
 
 
 def tensor_bytes(path: Path) -> int:
@@ -106,13 +154,13 @@ def validate_plan(plan_file: Path, base: Path, imatrix: Optional[Path], tokenize
                   smaller: Optional[dict[str, tuple[list[str], str]]] = None) -> tuple[dict[str, Any], Optional[Path], Any]:
     """Measure `plan_file`, every stock preset no larger than it and the ladder's smaller
     plans of the same chain (`smaller`: label -> (llama-quantize arguments, file type)) on
-    validation text.
+    the validation texts.
 
     Returns (the record, the file to ship instead or None, the temporary folder holding
     it, to be cleaned up by the caller once copied). The record names each candidate with
-    its tensor bytes, bits per weight over the tensors and KL divergence, and `shipped`:
-    `plan`, or the candidate (`Q3_K_S+imatrix`, `plan gguf_mix_3p5`) whose divergence is the
-    lowest of those no larger and below the plan's.
+    its tensor bytes, bits per weight over the tensors, KL divergence on each text, their
+    mean and its worst ratio (`choose`), and `shipped`: `plan`, or the candidate
+    (`Q3_K_S+imatrix`, `plan gguf_mix_3p5`) chosen instead.
     """
     from transformers import AutoTokenizer
 
@@ -120,17 +168,17 @@ def validate_plan(plan_file: Path, base: Path, imatrix: Optional[Path], tokenize
     from quantbuild.runtimes.llama_build import run_tool
 
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    texts, counted = validation_text(tokens, lambda value: len(tokenizer(value, verbose=False)["input_ids"]))
+    drawn = validation_texts(tokens, lambda value: len(tokenizer(value, verbose=False)["input_ids"]))
     work = tempfile.TemporaryDirectory(prefix="quantbuild-validation-")
     folder = Path(work.name)
-    stored = reference(base, texts, threads, repack)
+    stored = reference(base, drawn, threads, repack)
     plan_bytes = tensor_bytes(plan_file)
     elements = sum(tensor.elements for tensor in layout(plan_file).tensors)
 
     def entry(path: Path) -> dict[str, Any]:
         size = tensor_bytes(path)
         return {"tensor_bytes": size, "bits_per_weight": round(size * 8 / elements, 4),
-                **kl_divergence(path, stored, texts, threads, repack)}
+                "texts": kl_divergence(path, stored, drawn, threads, repack)}
 
     measured: dict[str, dict[str, Any]] = {PLAN: entry(plan_file)}
     larger: list[str] = []
@@ -155,29 +203,65 @@ def validate_plan(plan_file: Path, base: Path, imatrix: Optional[Path], tokenize
     # a smaller target of the chain stored larger than this plan is no alternative either
     for label, (args, file_type) in (smaller or {}).items():
         candidate(label, args, file_type)
-    others = {name: entry for name, entry in measured.items() if name != PLAN}
-    best = min(others, key=lambda name: (others[name]["kld_mean"], others[name]["tensor_bytes"], name), default=None)
-    shipped = best if best is not None and others[best]["kld_mean"] < measured[PLAN]["kld_mean"] else PLAN
-    record = {"text": {"sha256": sha256_bytes("\n\n".join(texts).encode("utf-8")), "tokens": counted,
-                       "items": len(texts), "seed": VALIDATION_SEED, "families": list(VALIDATION_FAMILIES)},
+    shipped, best = choose(measured)
+    record = {"text": {"seed": VALIDATION_SEED, "tokens": sum(counted for _, counted in drawn.values()),
+                       "sha256": sha256_bytes("".join(part["sha256"] for part in texts_record(drawn).values())
+                                              .encode("ascii")),
+                       "texts": texts_record(drawn)},
               "measured": measured, "larger_than_plan": sorted(larger), "best_alternative": best, "shipped": shipped}
     return record, (folder / f"{shipped}.gguf" if shipped != PLAN else None), work
 
 
+def _is_preset(name: str) -> bool:
+    return name != PLAN and not name.startswith("plan ")
+
+
+def choose(measured: dict[str, dict[str, Any]]) -> tuple[str, Optional[str]]:
+    """(what ships, the best alternative to the plan) among the measured candidates, each
+    with its KL divergence per text; fills in each one's `kld_mean` (over the texts) and
+    `worst_ratio` (its largest divergence relative to the best stock preset on that text;
+    to the best candidate where no preset is as small).
+
+    Ranked: never worse than that best preset on any text (worst ratio <= 1) first, then by
+    mean divergence; where no candidate is, by worst ratio. The plan wins a tie, then the
+    smaller file."""
+    kinds = list(next(iter(measured.values()))["texts"])
+    presets = [name for name in measured if _is_preset(name)] or list(measured)
+    floor = {kind: min(measured[name]["texts"][kind]["kld_mean"] for name in presets) for kind in kinds}
+    for entry in measured.values():
+        values = {kind: entry["texts"][kind]["kld_mean"] for kind in kinds}
+        entry["kld_mean"] = round(sum(values.values()) / len(kinds), 8)
+        entry["worst_ratio"] = round(max(values[kind] / floor[kind] if floor[kind] > 0 else
+                                         (1.0 if values[kind] <= 0 else float("inf")) for kind in kinds), 4)
+    safe = any(entry["worst_ratio"] <= 1 for entry in measured.values())
+
+    def rank(name: str) -> tuple:
+        entry = measured[name]
+        order = entry["kld_mean"] if safe else entry["worst_ratio"]
+        return (safe and entry["worst_ratio"] > 1, order, name != PLAN, entry["tensor_bytes"], name)
+    others = [name for name in measured if name != PLAN]
+    best = min(others, key=rank, default=None)
+    return (best if best is not None and rank(best) < rank(PLAN) else PLAN), best
+
+
 def describe(validation: dict[str, Any]) -> str:
-    """One line: the plan's divergence against the best alternative no larger (a stock
-    preset, or a smaller plan of its chain), and what shipped."""
+    """One line: the plan against the best alternative no larger (a stock preset, or a
+    smaller plan of its chain) on the validation texts, and what shipped."""
     measured, best = validation["measured"], validation.get("best_alternative")
     plan = measured[PLAN]
     tokens = validation["text"]["tokens"]
+    texts = ", ".join(measured[PLAN].get("texts", {})) or "one"
     if best is None:
-        return (f"plan KLD {plan['kld_mean']:.5f} on {tokens} held-out tokens; no stock preset is as small "
+        return (f"plan KLD {plan['kld_mean']:.5f} on {tokens} held-out tokens ({texts}); no stock preset is as small "
                 f"({plan['bits_per_weight']:.3f} bits/weight)")
     what = f"the smaller {best}" if best.startswith("plan ") else f"stock preset {best}"
     if validation["shipped"] == PLAN:
-        return (f"plan kept: KLD {plan['kld_mean']:.5f} at {plan['bits_per_weight']:.3f} bits/weight beats the best "
-                f"alternative no larger ({what}: {measured[best]['kld_mean']:.5f} at "
-                f"{measured[best]['bits_per_weight']:.3f} bits/weight) on {tokens} held-out tokens")
-    return (f"plan replaced by {what}: its KLD {measured[best]['kld_mean']:.5f} at "
-            f"{measured[best]['bits_per_weight']:.3f} bits/weight beats the plan's {plan['kld_mean']:.5f} at "
-            f"{plan['bits_per_weight']:.3f} on {tokens} held-out tokens")
+        return (f"plan kept: KLD {plan['kld_mean']:.5f} at {plan['bits_per_weight']:.3f} bits/weight, at most "
+                f"{plan['worst_ratio']:.2f}x the best stock preset no larger on each text ({texts}); best alternative "
+                f"{what}: {measured[best]['kld_mean']:.5f} at {measured[best]['bits_per_weight']:.3f} bits/weight; "
+                f"{tokens} held-out tokens")
+    shipped = measured[best]
+    return (f"plan replaced by {what}: its KLD {shipped['kld_mean']:.5f} at {shipped['bits_per_weight']:.3f} "
+            f"bits/weight (at most {shipped['worst_ratio']:.2f}x the best stock preset on each text) against the "
+            f"plan's {plan['kld_mean']:.5f} at {plan['bits_per_weight']:.3f} ({plan['worst_ratio']:.2f}x); "
+            f"{tokens} held-out tokens ({texts})")
