@@ -807,6 +807,11 @@ def test_the_ladder_s_auto_mixes_nest_and_never_ship_more_divergence_for_more_bi
         validation = record["validation"]
         smaller = {f"plan {other}" for other in names[:names.index(name)]}
         assert smaller <= set(validation["measured"]) | set(validation["larger_than_plan"])
+        # whether the importance matrix helps each of the plan's types, measured on the texts
+        by_type = validation["imatrix_by_type"]
+        assert set(by_type) == set(types[name].values()), by_type
+        assert all(verdict["measured"] and verdict["use"] == (verdict["with"] < verdict["without"])
+                   for verdict in by_type.values()), by_type
         shipped, plan = validation["measured"][validation["shipped"]], validation["measured"][PLAN]
         shipped_kld[name] = shipped["kld_mean"]
         # never worse than the best preset no larger on any text where the plan is not
@@ -817,6 +822,40 @@ def test_the_ladder_s_auto_mixes_nest_and_never_ship_more_divergence_for_more_bi
                    for layer in types[smaller]), (smaller, larger)
         # ...and what ships diverges no more on text the planner never saw
         assert shipped_kld[larger] <= shipped_kld[smaller], shipped_kld
+
+
+def test_the_importance_matrix_reaches_exactly_the_tensor_types_it_is_given(base, tmp_path):
+    """Issue #28 item 4: a plan built with the importance matrix on some of its tensor types
+    only (`PlanBuild.with_matrix_for`): in llama-quantize's output, the tensors of those types
+    are the ones quantized with the matrix, every other tensor is byte for byte the one
+    quantized without it, whether the plan itself used the matrix or not."""
+    from quantbuild.plan_validation import PlanBuild
+    from quantbuild.quantizers.gguf import tensor_type_file
+    from quantbuild.runtimes.gguf_file import layout
+
+    names = [tensor.name for tensor in layout(base / BASE_FILE).tensors if tensor.name.startswith("blk.")
+             and tensor.name.endswith("weight") and len(tensor.dims) == 2]
+    plan = {name: {"gguf_name": name, "type": "Q3_K" if index % 2 else "Q5_K"} for index, name in enumerate(names)}
+    types_file = tmp_path / "types.txt"
+    tensor_type_file(plan, types_file)
+    tensors = {kind: [name for name in names if plan[name]["type"] == kind] for kind in ("Q3_K", "Q5_K")}
+    matrix = imatrix_of(base) / IMATRIX_FILE
+
+    def built(args: list[str], label: str) -> dict[str, bytes]:
+        path = tmp_path / f"{label}.gguf"
+        run_tool("llama-quantize", [*args, str(base / BASE_FILE), str(path), "Q4_K_S", "2"], label)
+        data = path.read_bytes()
+        return {tensor.name: data[tensor.offset:tensor.offset + tensor.nbytes] for tensor in layout(path).tensors}
+
+    args = ["--tensor-type-file", str(types_file)]
+    without, every = built(args, "without"), built([*args, "--imatrix", str(matrix)], "every")
+    differs = {name for name in names if without[name] != every[name]}
+    assert differs == set(names), "the matrix changes every planned tensor when given to all"
+    for uses in (False, True):
+        only = built(PlanBuild(args, "Q4_K_S", tensors, imatrix=uses).with_matrix_for(matrix, {"Q5_K"}), f"only-{uses}")
+        assert all(only[name] == every[name] for name in tensors["Q5_K"])
+        assert all(only[name] == without[name] for name in tensors["Q3_K"])
+    assert PlanBuild(args, "Q4_K_S", tensors, imatrix=True).with_matrix_for(matrix, set()) == args
 
 
 def test_a_plan_worse_than_a_stock_preset_no_larger_ships_the_preset(inputs, base, sensitivity, tmp_path):

@@ -30,6 +30,7 @@ statistics, were lost in 2 of 8 runs.)
 from __future__ import annotations
 
 import tempfile
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -48,6 +49,12 @@ TEXTS = ("eval", "calibration", "prose")
 # (the stored bits per weight of Q2_K, Q3_K, IQ4_XS, Q4_K, Q5_K and Q6_K tensors).
 STOCK_PRESETS = {"Q2_K": 2.625, "Q3_K_S": 3.4375, "Q3_K_M": 3.4375, "Q3_K_L": 3.4375, "IQ4_XS": 4.25,
                  "Q4_K_S": 4.5, "Q4_K_M": 4.5, "Q5_K_S": 5.5, "Q5_K_M": 5.5, "Q6_K": 6.5625}
+# The file type whose `llama-quantize --pure` file stores every tensor at one tensor type:
+# how the importance matrix's effect on that type is measured.
+PURE_FILE_TYPES = {"Q2_K": "Q2_K", "Q3_K": "Q3_K_S", "Q4_K": "Q4_K_S", "Q5_K": "Q5_K_S", "Q6_K": "Q6_K",
+                   "Q8_0": "Q8_0", "IQ4_XS": "IQ4_XS", "IQ4_NL": "IQ4_NL", "Q4_0": "Q4_0", "Q4_1": "Q4_1",
+                   "Q5_0": "Q5_0", "Q5_1": "Q5_1", "IQ3_S": "IQ3_S", "IQ3_XXS": "IQ3_XXS"}
+BY_TYPE = "plan, imatrix by type"
 # The context each validation text is scored in (the longest, long-context items with their
 # answers, fit).
 N_CTX = 2048
@@ -149,12 +156,41 @@ def tensor_bytes(path: Path) -> int:
     return sum(tensor.nbytes for tensor in layout(path).tensors)
 
 
+@dataclass
+class PlanBuild:
+    """How the plan was built, for building it again with the importance matrix on only
+    some of its tensor types: llama-quantize's arguments less `--imatrix`, its file type,
+    the GGUF tensors the plan gives each tensor type, and whether the plan used the matrix."""
+
+    args: list[str]
+    file_type: str
+    tensors: dict[str, list[str]] = field(default_factory=dict)
+    imatrix: bool = False
+
+    def with_matrix_for(self, matrix: Path, types: set[str]) -> list[str]:
+        """The arguments that give the importance matrix to the tensors of `types` only (the
+        other plan tensors quantize without it; tensors outside the plan keep the plan's
+        choice). llama-quantize matches names as substrings: every plan tensor is a whole
+        `blk.N.` name, which no other tensor's name contains."""
+        if not types:
+            return list(self.args)
+        if self.imatrix:
+            dropped = [name for kind, names in self.tensors.items() if kind not in types for name in names]
+            return [*self.args, "--imatrix", str(matrix), *[arg for name in dropped for arg in ("--exclude-weights", name)]]
+        kept = [name for kind in types for name in self.tensors.get(kind, [])]
+        return [*self.args, "--imatrix", str(matrix), *[arg for name in kept for arg in ("--include-weights", name)]]
+
+
 def validate_plan(plan_file: Path, base: Path, imatrix: Optional[Path], tokenizer_dir: Path, tokens: int,
                   threads: int, repack: bool,
-                  smaller: Optional[dict[str, tuple[list[str], str]]] = None) -> tuple[dict[str, Any], Optional[Path], Any]:
+                  smaller: Optional[dict[str, tuple[list[str], str]]] = None,
+                  build: Optional[PlanBuild] = None) -> tuple[dict[str, Any], Optional[Path], Any]:
     """Measure `plan_file`, every stock preset no larger than it and the ladder's smaller
     plans of the same chain (`smaller`: label -> (llama-quantize arguments, file type)) on
-    the validation texts.
+    the validation texts; and, given the plan's `build` and an importance matrix, whether
+    the matrix helps each of the plan's tensor types (`imatrix_by_type`: a pure file of the
+    type with and without it), and the plan built with the matrix on exactly the types it
+    helps (`BY_TYPE`), where that differs from the plan.
 
     Returns (the record, the file to ship instead or None, the temporary folder holding
     it, to be cleaned up by the caller once copied). The record names each candidate with
@@ -203,17 +239,61 @@ def validate_plan(plan_file: Path, base: Path, imatrix: Optional[Path], tokenize
     # a smaller target of the chain stored larger than this plan is no alternative either
     for label, (args, file_type) in (smaller or {}).items():
         candidate(label, args, file_type)
+    by_type = None
+    if build is not None and imatrix is not None:
+        texts_key = "".join(part["sha256"] for part in texts_record(drawn).values())
+        by_type = _imatrix_by_type(build, base, imatrix, folder, lambda path: entry(path)["texts"], threads, texts_key)
+        helped = {kind for kind, verdict in by_type.items() if verdict["use"]}
+        if helped != (set(build.tensors) if build.imatrix else set()):
+            candidate(BY_TYPE, build.with_matrix_for(imatrix, helped), build.file_type)
     shipped, best = choose(measured)
     record = {"text": {"seed": VALIDATION_SEED, "tokens": sum(counted for _, counted in drawn.values()),
                        "sha256": sha256_bytes("".join(part["sha256"] for part in texts_record(drawn).values())
                                               .encode("ascii")),
                        "texts": texts_record(drawn)},
-              "measured": measured, "larger_than_plan": sorted(larger), "best_alternative": best, "shipped": shipped}
+              "measured": measured, "larger_than_plan": sorted(larger), "best_alternative": best, "shipped": shipped,
+              **({"imatrix_by_type": by_type} if by_type is not None else {})}
     return record, (folder / f"{shipped}.gguf" if shipped != PLAN else None), work
 
 
+def _imatrix_by_type(build: PlanBuild, base: Path, imatrix: Path, folder: Path, score: Callable[[Path], dict],
+                     threads: int, texts_key: str) -> dict[str, dict[str, Any]]:
+    """Each tensor type of the plan -> its pure file's mean KL divergence over the texts
+    without and with the importance matrix, and whether to use it (it lowers the
+    divergence). A type with no pure file type (or one llama.cpp refuses without a matrix)
+    keeps the plan's choice."""
+    from quantbuild.runtimes.llama_build import run_tool
+
+    verdicts: dict[str, dict[str, Any]] = {}
+    for kind in sorted(build.tensors):
+        file_type = PURE_FILE_TYPES.get(kind)
+        if file_type is None:
+            verdicts[kind] = {"use": build.imatrix, "measured": False}
+            continue
+        # the same type, base, matrix and texts give the same verdict: measured once a process
+        key = (kind, texts_key, *(str(path) for path in (base, imatrix)),
+               *(path.stat().st_mtime_ns for path in (base, imatrix)), threads)
+        if key in _VERDICTS:
+            verdicts[kind] = dict(_VERDICTS[key])
+            continue
+        means = {}
+        for with_matrix in (False, True):
+            path = folder / f"pure-{kind}.gguf"
+            run_tool("llama-quantize", ["--pure", *(["--imatrix", str(imatrix)] if with_matrix else []), str(base),
+                                        str(path), file_type, str(threads)], f"validation pure {kind}")
+            texts = score(path)
+            path.unlink()
+            means["with" if with_matrix else "without"] = round(
+                sum(entry["kld_mean"] for entry in texts.values()) / len(texts), 8)
+        verdicts[kind] = _VERDICTS[key] = {**means, "use": means["with"] < means["without"], "measured": True}
+    return verdicts
+
+
+_VERDICTS: dict[tuple, dict[str, Any]] = {}
+
+
 def _is_preset(name: str) -> bool:
-    return name != PLAN and not name.startswith("plan ")
+    return name.partition("+")[0] in STOCK_PRESETS
 
 
 def choose(measured: dict[str, dict[str, Any]]) -> tuple[str, Optional[str]]:
@@ -254,7 +334,8 @@ def describe(validation: dict[str, Any]) -> str:
     if best is None:
         return (f"plan KLD {plan['kld_mean']:.5f} on {tokens} held-out tokens ({texts}); no stock preset is as small "
                 f"({plan['bits_per_weight']:.3f} bits/weight)")
-    what = f"the smaller {best}" if best.startswith("plan ") else f"stock preset {best}"
+    what = (_by_type(validation) if best == BY_TYPE else f"the smaller {best}" if best.startswith("plan ")
+            else f"stock preset {best}")
     if validation["shipped"] == PLAN:
         return (f"plan kept: KLD {plan['kld_mean']:.5f} at {plan['bits_per_weight']:.3f} bits/weight, at most "
                 f"{plan['worst_ratio']:.2f}x the best stock preset no larger on each text ({texts}); best alternative "
@@ -265,3 +346,9 @@ def describe(validation: dict[str, Any]) -> str:
             f"bits/weight (at most {shipped['worst_ratio']:.2f}x the best stock preset on each text) against the "
             f"plan's {plan['kld_mean']:.5f} at {plan['bits_per_weight']:.3f} ({plan['worst_ratio']:.2f}x); "
             f"{tokens} held-out tokens ({texts})")
+
+
+def _by_type(validation: dict[str, Any]) -> str:
+    helped = sorted(kind for kind, verdict in validation.get("imatrix_by_type", {}).items() if verdict["use"])
+    return f"the plan with the importance matrix on {', '.join(helped)} only" if helped else \
+        "the plan without the importance matrix"

@@ -18,6 +18,7 @@ from typing import Any, Optional
 from quantbuild.errors import ConfigError, QuantbuildError
 from quantbuild.gguf_artifacts import MODEL_FILE, RECORD, imatrix_record, require_base, require_imatrix
 from quantbuild.hashing import disk_full, free_bytes, require_space
+from quantbuild.plan_validation import BY_TYPE, PlanBuild
 from quantbuild.quantizers.base import Inputs, Method, matching_layers, measurements
 from quantbuild.quantizers.planner import Candidate, Level, plan_levels
 
@@ -204,11 +205,15 @@ def _quantize(variant: Any, inputs: Inputs, plan: dict, out: Path) -> dict:
         if variant.target_bpw and variant.validation_tokens and not (inputs.sensitivity or {}).get("objective"):
             smaller = {f"plan {link['name']}": _chain_args(link, plan, args, out.parent)
                        for link in (inputs.sensitivity or {}).get("chain", [])}
-            validation, replacement, work = _validate(variant, inputs, quantized, base, variant.type, smaller)
+            build = PlanBuild(_without_imatrix(args), variant.type, _tensors_by_type(plan), bool(variant.imatrix))
+            validation, replacement, work = _validate(variant, inputs, quantized, base, smaller, build)
             if replacement is not None:  # a file no larger beat the plan: it ships instead
                 shipped = replacement
                 winner = validation["shipped"]
-                if winner.startswith("plan "):  # a smaller plan of the chain, built as this one is
+                if winner == BY_TYPE:  # this plan, the importance matrix on the types it helps only
+                    helped = sorted(kind for kind, verdict in validation["imatrix_by_type"].items() if verdict["use"])
+                    lineage.update(imatrix=imatrix_record(inputs.imatrix) if helped else None, imatrix_types=helped)
+                elif winner.startswith("plan "):  # a smaller plan of the chain, built as this one is
                     link = next(link for link in inputs.sensitivity["chain"] if f"plan {link['name']}" == winner)
                     lineage["plan"] = {plan[layer]["gguf_name"]: kind for layer, kind in link["types"].items()}
                 else:  # a stock preset
@@ -239,11 +244,27 @@ def _chain_args(link: dict, plan: dict, args: list[str], folder: Path) -> list[s
     return kept
 
 
-def _validate(variant: Any, inputs: Inputs, quantized: Path, base: Path, file_type: str,
-              smaller: dict[str, list[str]]) -> tuple[dict, Optional[Path], Any]:
-    """The plan against llama.cpp's stock presets no larger and the smaller plans of its
-    chain (`smaller`: label -> llama-quantize arguments), on held-out text
-    (quantbuild.plan_validation), with the importance matrix where the imatrix stage made one."""
+def _without_imatrix(args: list[str]) -> list[str]:
+    """llama-quantize's arguments less `--imatrix FILE`."""
+    return [arg for index, arg in enumerate(args)
+            if arg != "--imatrix" and (index == 0 or args[index - 1] != "--imatrix")]
+
+
+def _tensors_by_type(plan: dict) -> dict[str, list[str]]:
+    """Each tensor type of the plan -> the GGUF tensors it gives that type."""
+    grouped: dict[str, list[str]] = {}
+    for _, entry in sorted(plan.items()):
+        if entry["type"]:
+            grouped.setdefault(entry["type"], []).append(entry["gguf_name"])
+    return grouped
+
+
+def _validate(variant: Any, inputs: Inputs, quantized: Path, base: Path, smaller: dict[str, list[str]],
+              build: PlanBuild) -> tuple[dict, Optional[Path], Any]:
+    """The plan against llama.cpp's stock presets no larger, the smaller plans of its chain
+    (`smaller`: label -> llama-quantize arguments) and itself with the importance matrix on
+    the tensor types it helps only (`build`), on held-out text (quantbuild.plan_validation),
+    with the importance matrix where the imatrix stage made one."""
     import os
 
     from quantbuild.fingerprint import cpu_info
@@ -255,7 +276,7 @@ def _validate(variant: Any, inputs: Inputs, quantized: Path, base: Path, file_ty
     # depend on it: each output of llama.cpp's CPU matmul is one thread's sum)
     return validate_plan(quantized, base, matrix, inputs.baseline, variant.validation_tokens,
                          len(os.sched_getaffinity(0)), repack_allowed(cpu_info()["isa"]),
-                         smaller={label: (args, file_type) for label, args in smaller.items()})
+                         smaller={label: (args, build.file_type) for label, args in smaller.items()}, build=build)
 
 
 def effective_bits(model_dir: Path, plan: dict, layers: dict) -> dict[str, Any]:
