@@ -36,9 +36,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from quantbuild.hashing import sha256_bytes
+from quantbuild.tasks.write_data import VALIDATION_SEED
 
-# Seeds of the task generators: eval 1001, calibration 2001, the golden example 3001.
-VALIDATION_SEED = 5001
 # The texts a plan is validated on, and what each is drawn from: eval families (prompt and
 # answer), calibration sources, or the language-modelling family's prose.
 EVAL_FAMILIES = ("structured", "retrieval", "reasoning", "long_context")
@@ -63,15 +62,18 @@ PLAN = "plan"
 
 @lru_cache(maxsize=None)
 def _held(kind: str) -> frozenset:
-    """The texts (calibration) or prompts (eval, prose) the committed data files hold."""
+    """The texts (calibration) or prompts (eval, prose) the committed data files hold (the
+    golden example's included)."""
     from quantbuild.tasks import GENERATORS, calibration_sources
-    from quantbuild.tasks.write_data import CALIBRATION_COUNTS, CALIBRATION_SEED, EVAL_COUNTS, EVAL_SEED
+    from quantbuild.tasks.write_data import (CALIBRATION_COUNTS, CALIBRATION_SEED, EVAL_COUNTS, EVAL_SEED,
+                                             golden_example)
 
     if kind == "calibration":
         return frozenset(record["text"] for source, count in CALIBRATION_COUNTS.items()
                          for record in calibration_sources.generate(source, count, CALIBRATION_SEED))
-    return frozenset(item.prompt for family in _families(kind)
-                     for item in GENERATORS[family](EVAL_COUNTS[family], EVAL_SEED))
+    return frozenset([item.prompt for family in _families(kind)
+                      for item in GENERATORS[family](EVAL_COUNTS[family], EVAL_SEED)] +
+                     [item.prompt for item in golden_example()])
 
 
 def _families(kind: str) -> tuple[str, ...]:

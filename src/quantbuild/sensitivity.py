@@ -45,6 +45,7 @@ from quantbuild.config import SensitivityConfig
 from quantbuild.gguf_artifacts import BASE_FILE, require_base, require_imatrix
 from quantbuild.quantizers.planner import Candidate, candidates_of
 from quantbuild.runtimes.protocol import TORCH, LoadSpec, open_runtime
+from quantbuild.tasks.write_data import SENSITIVITY_ITEMS, SENSITIVITY_SEED
 from quantbuild.errors import ConfigError
 from quantbuild.hashing import sha256_file, staged_dir, write_json
 
@@ -59,9 +60,9 @@ MEASURES = (AUTO, KL, WEIGHT_ERROR)
 DRAWS = 4
 # The task families the gate budgets (language modelling is the calibration mix's KL).
 FAMILIES = ("long_context", "reasoning", "retrieval", "structured")
-# Items for the per-family measurement: disjoint from data/eval (1001) and data/calibration (2001).
-FAMILY_SEED = 3001
-MAX_FAMILY_ITEMS = 512
+# Items for the per-family measurement, at a seed of their own (quantbuild.tasks.write_data).
+FAMILY_SEED = SENSITIVITY_SEED
+MAX_FAMILY_ITEMS = SENSITIVITY_ITEMS
 CALIBRATION = "calibration"
 
 
