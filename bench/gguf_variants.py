@@ -550,7 +550,9 @@ def validated(args: argparse.Namespace) -> None:
         entry = results[key]
         measured = entry["validation"]["measured"]
         shipped = entry["validation"]["shipped"]
+        own = measured[PLAN].get("planner_tokens", {}).get("kld_mean")
         rows.append([f"{entry['target_bpw']}", f"{measured[PLAN]['bits_per_weight']:.3f}",
+                     f"{own:.6f}" if own is not None else "-", f"{measured[PLAN]['kld_mean']:.6f}",
                      f"{measured[PLAN]['worst_ratio']:.2f}", shipped, f"{measured[shipped]['bits_per_weight']:.3f}",
                      f"{measured[shipped]['worst_ratio']:.2f}", *[f"{entry['test'][kind]:.6f}" for kind in TEXTS],
                      f"{entry['seconds']:.0f}"])
@@ -558,7 +560,8 @@ def validated(args: argparse.Namespace) -> None:
           f"({', '.join(f'{kind} {counted}' for kind, (_, counted) in test.items())} tokens); KL divergence to the "
           f"F16 GGUF in llama.cpp (quantbuild's measure); worst ratio: the largest, over the three validation texts, "
           f"of KLD / the best stock preset no larger")
-    print(table(["target bpw", "plan bpw", "plan worst ratio", "shipped", "shipped bpw", "shipped worst ratio",
+    print(table(["target bpw", "plan bpw", "plan KLD, planner's own tokens", "plan KLD, validation texts",
+                 "plan worst ratio", "shipped", "shipped bpw", "shipped worst ratio",
                  *[f"test KLD {kind}" for kind in TEXTS], "build + validation s"], rows))
     rows, ratios = [], []
     for name, preset in sorted(presets.items(), key=lambda item: item[1]["bits_per_weight"]):

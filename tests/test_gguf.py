@@ -30,7 +30,8 @@ from quantbuild.runtimes.llama_build import repack_allowed, run_tool
 from quantbuild.runtimes.llama_cpp import LlamaCppModel, memory_at
 from quantbuild.tasks.items import load_items
 from quantbuild.release.verify import verify_gguf
-from quantbuild.sensitivity import FAMILIES, Candidate, gguf_weights, load_sensitivity, write_sensitivity
+from quantbuild.probes import FAMILIES
+from quantbuild.sensitivity import Candidate, gguf_weights, load_sensitivity, write_sensitivity
 
 pytestmark = pytest.mark.slow
 
@@ -789,7 +790,7 @@ def test_the_ladder_s_auto_mixes_nest_and_never_ship_more_divergence_for_more_bi
     and its validation measures every smaller plan of the chain beside it: a larger variant
     ships whichever file no larger diverges least, so what ships never diverges more as
     the budget grows."""
-    from quantbuild.plan_validation import PLAN
+    from quantbuild.plan_validation import PLAN, describe
 
     ladder = {f"mix_{target}": GgufConfig(type="Q4_K_S", target_bpw=target, mix_types=MIX_TYPES,
                                           validation_tokens=2048) for target in (3.5, 3.75, 4.0)}
@@ -812,6 +813,11 @@ def test_the_ladder_s_auto_mixes_nest_and_never_ship_more_divergence_for_more_bi
         assert set(by_type) == set(types[name].values()), by_type
         assert all(verdict["measured"] and verdict["use"] == (verdict["with"] < verdict["without"])
                    for verdict in by_type.values()), by_type
+        # the plan's divergence on the probes it was planned on, beside the held-out texts'
+        assert validation["planner_tokens"]["scored"] > 0
+        assert {name for name, entry in validation["measured"].items() if "planner_tokens" in entry} == \
+            {PLAN, validation["shipped"]}
+        assert "on the planner's own" in describe(validation)
         shipped, plan = validation["measured"][validation["shipped"]], validation["measured"][PLAN]
         shipped_kld[name] = shipped["kld_mean"]
         # never worse than the best preset no larger on any text where the plan is not
@@ -874,7 +880,7 @@ def test_a_plan_worse_than_a_stock_preset_no_larger_ships_the_preset(inputs, bas
                                    for mine, mirror in zip(order, reversed(order))}}
     # and the layers that matter most, every block's attn_v and ffn_down, pinned at Q2_K
     pinned = [GgufOverrideConfig(pattern=rf"blk\.\d+\.{name}\.weight", type="Q2_K") for name in ("attn_v", "ffn_down")]
-    variant = GgufConfig(type="Q4_K_S", imatrix=True, target_bpw=3.8, validation_tokens=4096, overrides=pinned)
+    variant = GgufConfig(type="Q4_K_S", imatrix=True, target_bpw=3.8, validation_tokens=2048, overrides=pinned)
     record = build_variant("planted", variant, replace(inputs, sensitivity=planted), tmp_path / "planted")
     validation = record["validation"]
     shipped = validation["shipped"]
@@ -900,7 +906,7 @@ def test_a_plan_worse_than_a_stock_preset_no_larger_ships_the_preset(inputs, bas
     from quantbuild.plan_validation import TEXTS, validation_texts
 
     tokenizer = AutoTokenizer.from_pretrained(str(BASELINE))
-    drawn = validation_texts(4096, lambda value: len(tokenizer(value, verbose=False)["input_ids"]))
+    drawn = validation_texts(2048, lambda value: len(tokenizer(value, verbose=False)["input_ids"]))
     assert list(validation["text"]["texts"]) == list(TEXTS) == list(measured[PLAN]["texts"])
     lines = []
     for kind, (texts, _) in drawn.items():

@@ -54,6 +54,8 @@ PURE_FILE_TYPES = {"Q2_K": "Q2_K", "Q3_K": "Q3_K_S", "Q4_K": "Q4_K_S", "Q5_K": "
                    "Q8_0": "Q8_0", "IQ4_XS": "IQ4_XS", "IQ4_NL": "IQ4_NL", "Q4_0": "Q4_0", "Q4_1": "Q4_1",
                    "Q5_0": "Q5_0", "Q5_1": "Q5_1", "IQ3_S": "IQ3_S", "IQ3_XXS": "IQ3_XXS"}
 BY_TYPE = "plan, imatrix by type"
+# the planner's own tokens, scored beside the held-out texts
+OWN = "planner"
 # The context each validation text is scored in (the longest, long-context items with their
 # answers, fit).
 N_CTX = 2048
@@ -123,7 +125,22 @@ def _model(path: Path, threads: int, repack: bool) -> Any:
     return LlamaCppModel(path, n_ctx=N_CTX, threads=threads, repack=repack)
 
 
-def reference(base: Path, drawn: dict[str, tuple[list[str], int]], threads: int, repack: bool) -> dict[str, dict]:
+# A text, or a token sequence with the first position it is scored from (the planner's own
+# probes: an answer's positions only).
+Scored = Any
+
+
+def _positions(model: Any, items: list[Scored]) -> Any:
+    """(log-probabilities, next-token targets) of each text or token sequence, from its
+    first scored position on."""
+    import numpy as np
+
+    for item in items:
+        tokens, first = (model.tokenize(item), 0) if isinstance(item, str) else item
+        yield model.logprobs(tokens)[first:], np.asarray(tokens[1:], dtype=np.int64)[first:]
+
+
+def reference(base: Path, drawn: dict[str, tuple[list[Scored], int]], threads: int, repack: bool) -> dict[str, dict]:
     """The base GGUF's next-token distributions over each text: whole where the vocabulary
     is small, else the top-k with a tail bucket (the evaluation's own settings)."""
     from quantbuild.config import EvalConfig
@@ -131,12 +148,12 @@ def reference(base: Path, drawn: dict[str, tuple[list[str], int]], threads: int,
 
     settings = EvalConfig()
     with _model(base, threads, repack) as model:
-        return {kind: reference_from(model.text_positions(texts), settings.kl_top_k,
+        return {kind: reference_from(_positions(model, texts), settings.kl_top_k,
                                      model.n_vocab <= settings.kl_full_vocab)[0]
                 for kind, (texts, _) in drawn.items()}
 
 
-def kl_divergence(path: Path, stored: dict[str, dict], drawn: dict[str, tuple[list[str], int]], threads: int,
+def kl_divergence(path: Path, stored: dict[str, dict], drawn: dict[str, tuple[list[Scored], int]], threads: int,
                   repack: bool) -> dict[str, dict[str, float]]:
     """Each text -> the mean KL divergence of `path` to its stored reference, and top-1
     agreement."""
@@ -145,7 +162,7 @@ def kl_divergence(path: Path, stored: dict[str, dict], drawn: dict[str, tuple[li
     scores = {}
     with _model(path, threads, repack) as model:
         for kind, (texts, _) in drawn.items():
-            measured = compare_from(model.text_positions(texts), stored[kind])
+            measured = compare_from(_positions(model, texts), stored[kind])
             scores[kind] = {"kld_mean": round(measured["kld_mean"], 8),
                             "top1_agreement": round(measured["top1_agreement"], 6)}
     return scores
@@ -186,13 +203,16 @@ class PlanBuild:
 def validate_plan(plan_file: Path, base: Path, imatrix: Optional[Path], tokenizer_dir: Path, tokens: int,
                   threads: int, repack: bool,
                   smaller: Optional[dict[str, tuple[list[str], str]]] = None,
-                  build: Optional[PlanBuild] = None) -> tuple[dict[str, Any], Optional[Path], Any]:
+                  build: Optional[PlanBuild] = None,
+                  own: Optional[list[tuple[list[int], int]]] = None) -> tuple[dict[str, Any], Optional[Path], Any]:
     """Measure `plan_file`, every stock preset no larger than it and the ladder's smaller
     plans of the same chain (`smaller`: label -> (llama-quantize arguments, file type)) on
     the validation texts; and, given the plan's `build` and an importance matrix, whether
     the matrix helps each of the plan's tensor types (`imatrix_by_type`: a pure file of the
     type with and without it), and the plan built with the matrix on exactly the types it
-    helps (`BY_TYPE`), where that differs from the plan.
+    helps (`BY_TYPE`), where that differs from the plan. `own`: the token sequences the
+    plan was chosen on (sensitivity.planner_probes), on which each candidate's divergence is
+    reported beside the held-out texts' (`planner_tokens`), never used to choose.
 
     Returns (the record, the file to ship instead or None, the temporary folder holding
     it, to be cleaned up by the caller once copied). The record names each candidate with
@@ -249,12 +269,20 @@ def validate_plan(plan_file: Path, base: Path, imatrix: Optional[Path], tokenize
         if helped != (set(build.tensors) if build.imatrix else set()):
             candidate(BY_TYPE, build.with_matrix_for(imatrix, helped), build.file_type)
     shipped, best = choose(measured)
+    if own:  # the plan, and what ships instead of it, on the tokens the plan was chosen on
+        probes = {OWN: (own, 0)}
+        on_own = reference(base, probes, threads, repack)
+        files = {PLAN: plan_file, **({shipped: folder / f"{shipped}.gguf"} if shipped != PLAN else {})}
+        for name, path in files.items():
+            measured[name]["planner_tokens"] = kl_divergence(path, on_own, probes, threads, repack)[OWN]
     record = {"text": {"seed": VALIDATION_SEED, "tokens": sum(counted for _, counted in drawn.values()),
                        "sha256": sha256_bytes("".join(part["sha256"] for part in texts_record(drawn).values())
                                               .encode("ascii")),
                        "texts": texts_record(drawn)},
               "measured": measured, "larger_than_plan": sorted(larger), "best_alternative": best, "shipped": shipped,
-              **({"imatrix_by_type": by_type} if by_type is not None else {})}
+              **({"imatrix_by_type": by_type} if by_type is not None else {}),
+              **({"planner_tokens": {"sequences": len(own), "scored": sum(len(ids) - 1 - first for ids, first in own)}}
+                 if own else {})}
     return record, (folder / f"{shipped}.gguf" if shipped != PLAN else None), work
 
 
@@ -338,16 +366,18 @@ def describe(validation: dict[str, Any]) -> str:
                 f"({plan['bits_per_weight']:.3f} bits/weight)")
     what = (_by_type(validation) if best == BY_TYPE else f"the smaller {best}" if best.startswith("plan ")
             else f"stock preset {best}")
+    if "planner_tokens" in plan:  # in-sample against held out: how far the plan's choices generalise
+        tokens = f"{tokens} held-out tokens; {plan['planner_tokens']['kld_mean']:.5f} on the planner's own"
     if validation["shipped"] == PLAN:
         return (f"plan kept: KLD {plan['kld_mean']:.5f} at {plan['bits_per_weight']:.3f} bits/weight, at most "
                 f"{plan['worst_ratio']:.2f}x the best stock preset no larger on each text ({texts}); best alternative "
                 f"{what}: {measured[best]['kld_mean']:.5f} at {measured[best]['bits_per_weight']:.3f} bits/weight; "
-                f"{tokens} held-out tokens")
+                f"{tokens}" + ("" if "planner_tokens" in plan else " held-out tokens"))
     shipped = measured[best]
     return (f"plan replaced by {what}: its KLD {shipped['kld_mean']:.5f} at {shipped['bits_per_weight']:.3f} "
             f"bits/weight (at most {shipped['worst_ratio']:.2f}x the best stock preset on each text) against the "
             f"plan's {plan['kld_mean']:.5f} at {plan['bits_per_weight']:.3f} ({plan['worst_ratio']:.2f}x); "
-            f"{tokens} held-out tokens ({texts})")
+            f"{tokens}" + ("" if "planner_tokens" in plan else " held-out tokens") + f" ({texts})")
 
 
 def _by_type(validation: dict[str, Any]) -> str:

@@ -70,7 +70,9 @@ def build_variant(name: str, variant: Any, inputs: Inputs, out: Path) -> dict:
     check_against_model(key, variant, inputs.baseline, plan, layers)
     if method.needs_calibration and not inputs.calibration:
         raise ConfigError(f"{key}: method {method.name} needs calibration data, and the calibration set is empty")
-    calibration = inputs.calibration if method.needs_calibration else []
+    # a planned variant's validation reports its divergence on the probes it was planned on,
+    # which the calibration mix is part of (quantbuild.probes.planner_probes)
+    calibration = inputs.calibration if method.needs_calibration or _uses_sensitivity(variant) else []
     with staged_dir(out) as staging:
         model_dir = staging / MODEL_DIR
         model_dir.mkdir()

@@ -37,7 +37,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -45,7 +45,7 @@ from quantbuild.config import SensitivityConfig
 from quantbuild.gguf_artifacts import BASE_FILE, require_base, require_imatrix
 from quantbuild.quantizers.planner import Candidate, candidates_of
 from quantbuild.runtimes.protocol import TORCH, LoadSpec, open_runtime
-from quantbuild.tasks.write_data import SENSITIVITY_ITEMS, SENSITIVITY_SEED
+from quantbuild.probes import FAMILY_SEED, Probe, probe_sets, probes_digest
 from quantbuild.errors import ConfigError
 from quantbuild.hashing import sha256_file, staged_dir, write_json
 
@@ -58,56 +58,6 @@ KL, WEIGHT_ERROR, AUTO = "kl", "weight_error", "auto"
 MEASURES = (AUTO, KL, WEIGHT_ERROR)
 # draws of next tokens per probe batch for the weight-space measure's Fisher estimate
 DRAWS = 4
-# The task families the gate budgets (language modelling is the calibration mix's KL).
-FAMILIES = ("long_context", "reasoning", "retrieval", "structured")
-# Items for the per-family measurement, at a seed of their own (quantbuild.tasks.write_data).
-FAMILY_SEED = SENSITIVITY_SEED
-MAX_FAMILY_ITEMS = SENSITIVITY_ITEMS
-CALIBRATION = "calibration"
-
-
-# --- probes: what is scored -----------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Probe:
-    """Token IDs and the positions whose next-token distribution is compared."""
-
-    ids: list[int]
-    first: int  # the first scored position (predicting token first + 1)
-
-
-def probe_sets(tokenizer: Any, calibration: list[list[int]], config: SensitivityConfig) -> dict[str, list[Probe]]:
-    """`calibration`: the first `config.samples` samples, every position; one set per family:
-    generated items, in order, until their tokens reach `config.family_tokens` (so a family of
-    short answers gets as many scored positions as it needs, one of long contexts as few
-    items as its length allows), the positions that predict the answer."""
-    from quantbuild.tasks import GENERATORS, training_pair
-
-    sets = {CALIBRATION: [Probe(list(ids), 0) for ids in calibration[: config.samples] if len(ids) > 1]}
-    if not config.family_tokens:
-        return sets
-    for family in FAMILIES:
-        probes: list[Probe] = []
-        tokens = 0
-        for item in GENERATORS[family](MAX_FAMILY_ITEMS, FAMILY_SEED):
-            prompt, target = training_pair(item)
-            start = len(tokenizer(prompt)["input_ids"])
-            ids = tokenizer(prompt + target)["input_ids"]
-            if len(ids) > start:
-                probes.append(Probe(ids, start - 1))
-                tokens += len(ids)
-            if tokens >= config.family_tokens:
-                break
-        sets[family] = probes
-    return sets
-
-
-def probes_digest(sets: dict[str, list[Probe]]) -> dict[str, dict]:
-    from quantbuild.hashing import sha256_bytes
-
-    return {name: {"sequences": len(probes), "scored_tokens": sum(len(p.ids) - 1 - p.first for p in probes),
-                   "digest": sha256_bytes(json.dumps([[p.first, p.ids] for p in probes]).encode())}
-            for name, probes in sets.items()}
 
 
 # --- quantized weights of a candidate -------------------------------------------------------
@@ -453,7 +403,8 @@ def measure(baseline: Path, calibration: list[list[int]], variants: dict[str, An
         results[name] = {
             "variant": name, "planned": True, "format": candidates[0].format, "measure": measured_with,
             "candidates": [c.key for c in candidates],
-            "probes": probes_record,
+            "probes": probes_record, "probe_settings": {"samples": config.samples,
+                                                        "family_tokens": config.family_tokens},
             "layers": {layer: {"weights": out * inp,
                                "kld": {c.key: {k: _significant(v) for k, v in
                                                tables[(c.format, c.key, c.gptq)][layer].items()}

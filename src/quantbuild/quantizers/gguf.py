@@ -271,12 +271,16 @@ def _validate(variant: Any, inputs: Inputs, quantized: Path, base: Path, smaller
     from quantbuild.plan_validation import validate_plan
     from quantbuild.runtimes.llama_build import repack_allowed
 
+    from quantbuild.probes import planner_probes
+
     matrix = require_imatrix(inputs.imatrix) if imatrix_record(inputs.imatrix) else None
+    own = planner_probes(inputs.baseline, inputs.calibration, inputs.sensitivity or {})
     # every core this process may use: a fixed count per machine (the divergences do not
     # depend on it: each output of llama.cpp's CPU matmul is one thread's sum)
     return validate_plan(quantized, base, matrix, inputs.baseline, variant.validation_tokens,
                          len(os.sched_getaffinity(0)), repack_allowed(cpu_info()["isa"]),
-                         smaller={label: (args, build.file_type) for label, args in smaller.items()}, build=build)
+                         smaller={label: (args, build.file_type) for label, args in smaller.items()}, build=build,
+                         own=own)
 
 
 def effective_bits(model_dir: Path, plan: dict, layers: dict) -> dict[str, Any]:
