@@ -491,6 +491,41 @@ def measures(args: argparse.Namespace) -> None:
     save(f"sensitivity_measures_{args.model.name}", results)
 
 
+def _preset_targets(model: Path, work: Path, low: float = 3.0, high: float = 5.0) -> dict[str, float]:
+    """`mix_<preset>` -> the decoder target at which the auto-mix's file (type Q4_K_S, whose
+    choices for the tensors outside the decoder it keeps) stores as many tensor bytes as
+    each stock preset from `low` to `high` bits per weight stores on this model."""
+    from quantbuild.gguf_artifacts import BASE_FILE
+    from quantbuild.gguf_base import build_base
+    from quantbuild.plan_validation import STOCK_PRESETS
+    from quantbuild.quantizers import model_layers
+    from quantbuild.quantizers.gguf import gguf_names
+    from quantbuild.runtimes.gguf_file import layout
+    from quantbuild.runtimes.llama_build import run_tool
+
+    build_base(model, "f16", needed=True, out=work)
+    base = work / BASE_FILE
+    decoder = set(gguf_names(model, model_layers(model)).values())
+    tensors = layout(base).tensors
+    elements = sum(tensor.elements for tensor in tensors)
+    decoder_elements = sum(tensor.elements for tensor in tensors if tensor.name in decoder)
+
+    def stored(preset: str) -> tuple[int, int]:
+        path = work / f"{preset}.gguf"
+        run_tool("llama-quantize", [str(base), str(path), preset, "2"], preset)
+        sizes = [(tensor.name in decoder, tensor.nbytes) for tensor in layout(path).tensors]
+        path.unlink()
+        return sum(size for _, size in sizes), sum(size for inside, size in sizes if inside)
+    total, inside = stored("Q4_K_S")
+    outside = total - inside
+    targets = {}
+    for preset in STOCK_PRESETS:
+        size = stored(preset)[0]
+        if low <= size * 8 / elements <= high:
+            targets[f"mix_{preset}"] = (size - outside) * 8 / decoder_elements
+    return targets
+
+
 def validated(args: argparse.Namespace) -> None:
     """The auto-mix ladder as the pipeline builds it (issue #28): nested plans (each
     starts from the plan below it), each validated on three held-out texts (seed 5001:
@@ -508,15 +543,18 @@ def validated(args: argparse.Namespace) -> None:
     from quantbuild.runtimes.llama_build import run_tool
 
     mix = ["Q2_K", "Q3_K", "IQ4_XS", "Q5_K", "Q6_K"]  # the demo's (conf/quant/gguf_mix_3p5.yaml)
-    planned = {f"mix_{target}": GgufConfig(type="Q4_K_S", target_bpw=target, mix_types=mix,
-                                           validation_tokens=args.tokens) for target in args.targets}
     ladder, presets, results = [], {}, {}
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
+        targets = _preset_targets(args.model, work / "sizes") if args.at_presets else \
+            {f"mix_{target}": target for target in args.targets}
+        planned = {key: GgufConfig(type="Q4_K_S", target_bpw=target, mix_types=mix, validation_tokens=args.tokens)
+                   for key, target in targets.items()}
         tokenizer = AutoTokenizer.from_pretrained(str(args.model))
         test = validation_texts(args.tokens, lambda v: len(tokenizer(v, verbose=False)["input_ids"]), seed=6001)
         started = time.perf_counter()
-        measure = SensitivityConfig(samples=4, family_tokens=1536, measure=args.measure)
+        measure = SensitivityConfig(samples=4, family_tokens=1536, measure=args.measure,
+                                    check_stretches=args.check_stretches)
         inputs = _prepare(work, baseline=args.model, planned=planned, sensitivity=measure)
         print(f"sensitivity ({args.measure}) of {len(planned)} planned variants: {time.perf_counter() - started:.0f} s",
               flush=True)
@@ -526,13 +564,14 @@ def validated(args: argparse.Namespace) -> None:
 
         def scored(path: Path) -> dict:
             size = sum(tensor.nbytes for tensor in layout(path).tensors)
-            return {"bits_per_weight": round(size * 8 / elements, 4),
+            return {"bits_per_weight": round(size * 8 / elements, 4), "bytes": size,
                     "test": {kind: entry["kld_mean"] for kind, entry in kl_divergence(path, stored, test, 2, False).items()}}
         for key, variant in sorted(planned.items(), key=lambda item: item[1].target_bpw):
             started = time.perf_counter()
             record = build_variant(key, variant, _with_table(inputs, work, key), work / key)
             validation = record["validation"]
             results[key] = {"target_bpw": variant.target_bpw, "validation": validation,
+                            "check": record.get("plan_check"),
                             "seconds": round(time.perf_counter() - started, 1),
                             **scored(work / key / "model" / MODEL_FILE)}
             ladder.append(key)
@@ -551,25 +590,26 @@ def validated(args: argparse.Namespace) -> None:
         measured = entry["validation"]["measured"]
         shipped = entry["validation"]["shipped"]
         own = measured[PLAN].get("planner_tokens", {}).get("kld_mean")
-        rows.append([f"{entry['target_bpw']}", f"{measured[PLAN]['bits_per_weight']:.3f}",
+        rows.append([f"{key} {entry['target_bpw']:.3f}", f"{measured[PLAN]['bits_per_weight']:.3f}",
                      f"{own:.6f}" if own is not None else "-", f"{measured[PLAN]['kld_mean']:.6f}",
                      f"{measured[PLAN]['worst_ratio']:.2f}", shipped, f"{measured[shipped]['bits_per_weight']:.3f}",
                      f"{measured[shipped]['worst_ratio']:.2f}", *[f"{entry['test'][kind]:.6f}" for kind in TEXTS],
+                     f"{entry['check']['kept']}/{entry['check']['judged']}" if entry.get("check") else "-",
                      f"{entry['seconds']:.0f}"])
     print(f"model {args.model.name}; validation: {args.tokens} tokens, seed 5001; test: seed 6001 "
           f"({', '.join(f'{kind} {counted}' for kind, (_, counted) in test.items())} tokens); KL divergence to the "
           f"F16 GGUF in llama.cpp (quantbuild's measure); worst ratio: the largest, over the three validation texts, "
-          f"of KLD / the best stock preset no larger")
-    print(table(["target bpw", "plan bpw", "plan KLD, planner's own tokens", "plan KLD, validation texts",
+          f"of KLD / the best stock preset within the plan's budget")
+    print(table(["variant, decoder target bpw", "plan bpw", "plan KLD, planner's own tokens", "plan KLD, validation texts",
                  "plan worst ratio", "shipped", "shipped bpw", "shipped worst ratio",
-                 *[f"test KLD {kind}" for kind in TEXTS], "build + validation s"], rows))
+                 *[f"test KLD {kind}" for kind in TEXTS], "stretches kept/judged", "build + validation s"], rows))
     rows, ratios = [], []
     for name, preset in sorted(presets.items(), key=lambda item: item[1]["bits_per_weight"]):
         if not 3.0 <= preset["bits_per_weight"] <= 5.0:
             continue
         row = [name, f"{preset['bits_per_weight']:.3f}"]
         for kind in TEXTS:
-            smaller = [key for key in ladder if results[key]["bits_per_weight"] <= preset["bits_per_weight"]]
+            smaller = [key for key in ladder if results[key]["bytes"] <= preset["bytes"]]
             if not smaller:
                 row += [f"{preset['test'][kind]:.6f}", "-", "-"]
                 continue
@@ -583,7 +623,8 @@ def validated(args: argparse.Namespace) -> None:
     if ratios:
         print(f"ratios: {len(ratios)}; geometric mean {math.exp(statistics.fmean(map(math.log, ratios))):.3f}; "
               f"max {max(ratios):.3f}; <= 0.85: {sum(r <= 0.85 for r in ratios)}; > 1.0: {sum(r > 1 for r in ratios)}")
-    save("gguf_validated" if args.model == BASELINE else f"gguf_validated_{args.model.name}",
+    save(("gguf_validated" if args.model == BASELINE else f"gguf_validated_{args.model.name}") +
+         ("_presets" if args.at_presets else "") + (f"_checked{args.check_stretches}" if args.check_stretches else ""),
          {"ladder": results, "presets": presets})
 
 
@@ -598,6 +639,10 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=BASELINE, help="quality: the model folder (default: the bundled one)")
     parser.add_argument("--models", nargs="+", default=["baseline", "random-100m"], choices=("baseline", "random-100m"))
     parser.add_argument("--measure", default="kl", choices=("kl", "weight_error"), help="validated: the sensitivity measure")
+    parser.add_argument("--at-presets", action="store_true",
+                        help="validated: a target at each stock preset's size on this model (3-5 bpw), not --targets")
+    parser.add_argument("--check-stretches", type=int, default=0,
+                        help="validated: stretches of each plan checked whole while planning (0: none)")
     args = parser.parse_args()
     {"speed": speed, "quality": quality, "imatrix": imatrix, "throughput": throughput, "noise": noise,
      "agreement": agreement, "measures": measures, "validated": validated}[args.what](args)

@@ -20,7 +20,10 @@ def main(config: Config) -> None:
                                config.calibration.sensitivity, Path(paths.gguf_base), Path(paths.sensitivity),
                                log=progress, imatrix=Path(paths.imatrix))
     planned = sorted(name for name, entry in record["variants"].items() if entry["planned"])
-    say(f"sensitivity: {', '.join(planned) if planned else 'no planned variant'} (measured in {record['wall_seconds']} s)")
+    checked = [f"{name} {entry['check']['kept']} of {entry['check']['judged']}"
+               for name, entry in sorted(record["variants"].items()) if entry.get("check")]
+    say(f"sensitivity: {', '.join(planned) if planned else 'no planned variant'} (measured in {record['wall_seconds']} s)"
+        + (f"; stretches kept by the whole plan's KL: {', '.join(checked)}" if checked else ""))
 
 
 if __name__ == "__main__":

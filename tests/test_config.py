@@ -100,6 +100,8 @@ def _edit(params: dict, dotted: str, value) -> dict:
         ("calibration.sensitivity.measure", "hessian",
          "calibration.sensitivity.measure='hessian' is not allowed (allowed: auto | kl | weight_error)"),
         ("calibration.sensitivity.auto_weight_error_params", -1, "calibration.sensitivity.auto_weight_error_params=-1"),
+        ("calibration.sensitivity.check_stretches", 65,
+         "calibration.sensitivity.check_stretches=65 is not allowed (allowed: 0..64"),
         ("calibration.sources", {"tool_calls": float("inf")}, "calibration.sources.tool_calls=inf is not allowed"),
         ("calibration.sources", {"../../etc/passwd": 1.0}, "calibration.sources.'../../etc/passwd'"),
         ("model.files", {"../outside.json": "a" * 64}, "model.files.'../outside.json'='../outside.json' is not allowed"),

@@ -820,6 +820,12 @@ def test_the_ladder_s_auto_mixes_nest_and_never_ship_more_divergence_for_more_bi
         assert "on the planner's own" in describe(validation)
         shipped, plan = validation["measured"][validation["shipped"]], validation["measured"][PLAN]
         shipped_kld[name] = shipped["kld_mean"]
+        # the rivals are what the target's size holds (the decoder at target_bpw, the rest as
+        # stored), not what the plan happened to store
+        decoder = sum(layer["weights"] for layer in tables[name]["layers"].values())
+        assert plan["tensor_bytes"] <= validation["budget_bytes"] <= \
+            plan["tensor_bytes"] + ladder[name].target_bpw * decoder / 8 - record["planned_bits_per_weight"] * decoder / 8 + 16
+        assert all(entry["tensor_bytes"] <= validation["budget_bytes"] for entry in validation["measured"].values())
         # never worse than the best preset no larger on any text where the plan is not
         assert shipped["worst_ratio"] <= max(1.0, plan["worst_ratio"]), validation
     for smaller, larger in zip(names, names[1:]):
@@ -917,3 +923,43 @@ def test_a_plan_worse_than_a_stock_preset_no_larger_ships_the_preset(inputs, bas
         if path.is_file():
             content = path.read_bytes()
             assert not any(line.encode("utf-8") in content for line in lines), path
+
+
+def test_a_plan_checked_whole_keeps_only_stretches_that_lower_its_held_out_kl_and_replays(inputs, base, tmp_path):
+    """Issue #28 item 2: the planner measures whole plans while it plans. Each auto-mix of the
+    ladder promotes in stretches of its budget; the whole plan after each stretch (every layer
+    at its candidate's real quantized weight) is scored on probes held out from the table's,
+    and only a stretch that lowers that KL is kept. The table records each verdict, the
+    quantize stage replays them to the same plan, and the plans still nest."""
+    ladder = {f"mix_{target}": GgufConfig(type="Q4_K_S", target_bpw=target, mix_types=MIX_TYPES,
+                                          validation_tokens=0) for target in (3.5, 4.0)}
+    config = replace(CALIBRATION.sensitivity, check_stretches=3)
+    write_sensitivity(BASELINE, inputs.calibration, ladder, config, base, tmp_path / "sensitivity",
+                      imatrix=imatrix_of(base))
+    small, large = (load_sensitivity(tmp_path / "sensitivity", name) for name in ("mix_3.5", "mix_4.0"))
+    for table in (small, large):
+        check = table["check"]
+        assert check["stretches"] == 3 and check["steps"], check
+        # held out from the table's own probes, family by family
+        held_out = {name: entry["digest"] for name, entry in check["probes"]["sets"].items()}
+        assert set(held_out) == {"calibration", *FAMILIES}
+        assert not set(held_out.values()) & {entry["digest"] for entry in table["probes"].values()}
+        mean = sum(check["start"]["kld"].values()) / len(check["start"]["kld"])
+        for step in check["steps"]:
+            now = sum(step["kld"].values()) / len(step["kld"])
+            assert step["kept"] == (now < mean), check
+            mean = now if step["kept"] else mean
+    # the larger plan starts from the smaller one as checked
+    assert large["start"] == large["chain"][0]["types"]
+    records = {name: build_variant(name, ladder[name], replace(inputs, sensitivity=table), tmp_path / name)
+               for name, table in (("mix_3.5", small), ("mix_4.0", large))}
+    types = {name: {layer: entry["type"] for layer, entry in record["layers"].items()}
+             for name, record in records.items()}
+    assert types["mix_3.5"] == large["chain"][0]["types"]
+    for name, record in records.items():
+        table = small if name == "mix_3.5" else large
+        assert record["plan_check"] == {"stretches": 3, "judged": len(table["check"]["steps"]),
+                                        "kept": sum(step["kept"] for step in table["check"]["steps"])}
+        assert record["planned_bits_per_weight"] <= ladder[name].target_bpw + 1e-9
+    assert all(TENSOR_TYPE_BITS[types["mix_4.0"][layer]] >= TENSOR_TYPE_BITS[kind]
+               for layer, kind in types["mix_3.5"].items())

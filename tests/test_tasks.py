@@ -40,26 +40,34 @@ def test_committed_data_is_what_the_generators_write(tmp_path):
 def test_nothing_a_method_tunes_on_is_what_it_is_judged_on():
     """Each use of the generators draws at a seed of its own; the golden example shares no
     prompt with the eval files or the sensitivity stage's family items (the planner tuned
-    on them: they once were the same items), and the validation texts none with either."""
+    on them: they once were the same items), nor do the items plans are checked on, and the
+    validation texts share none with any of them."""
     from transformers import AutoTokenizer
 
     from conftest import BASELINE
     from quantbuild.plan_validation import validation_texts
+    from quantbuild.probes import FAMILIES, check_items
     from quantbuild.tasks import GENERATORS
     from quantbuild.tasks import write_data
-    from quantbuild.tasks.write_data import GOLDEN_COUNTS, SENSITIVITY_ITEMS, SENSITIVITY_SEED
+    from quantbuild.tasks.write_data import SENSITIVITY_ITEMS, SENSITIVITY_SEED
 
-    seeds = [write_data.EVAL_SEED, write_data.CALIBRATION_SEED, SENSITIVITY_SEED, write_data.GOLDEN_SEED,
-             write_data.VALIDATION_SEED]
+    seeds = [write_data.EVAL_SEED, write_data.CALIBRATION_SEED, SENSITIVITY_SEED, write_data.PLAN_CHECK_SEED,
+             write_data.GOLDEN_SEED, write_data.VALIDATION_SEED]
     assert len(set(seeds)) == len(seeds)
     golden = {item.prompt for item in load_items(REPO / "data" / GOLDEN_EXAMPLE)}
-    for family in GOLDEN_COUNTS:
+    planner: set = set()
+    for family in FAMILIES:
         tuned = {item.prompt for item in GENERATORS[family](SENSITIVITY_ITEMS, SENSITIVITY_SEED)}
+        evaluated = {item.prompt for item in load_items(REPO / "data" / "eval" / f"{family}.jsonl")}
         assert not tuned & golden, family
+        # the items whole plans are checked on: neither the table's, nor judged ones
+        checked = {item.prompt for item in check_items(family)}
+        assert checked and not checked & (tuned | golden | evaluated), family
+        planner |= tuned | checked
     tokenizer = AutoTokenizer.from_pretrained(str(BASELINE))
     drawn = validation_texts(6000, lambda value: len(tokenizer(value, verbose=False)["input_ids"]))
-    judged = golden | {item.prompt for family in EVAL_COUNTS
-                       for item in load_items(REPO / "data" / "eval" / f"{family}.jsonl")}
+    judged = planner | golden | {item.prompt for family in EVAL_COUNTS
+                                 for item in load_items(REPO / "data" / "eval" / f"{family}.jsonl")}
     assert not any(text.startswith(prompt) for texts, _ in drawn.values() for text in texts for prompt in judged
                    if text[:40] == prompt[:40])
 

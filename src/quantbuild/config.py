@@ -73,6 +73,10 @@ class SensitivityConfig:
     # decoder weights, where the measured KL costs hours on a CPU): src/quantbuild/sensitivity.py
     measure: str = "auto"
     auto_weight_error_params: int = 100_000_000
+    # Each auto-mix promotes in this many stretches of its budget, each kept only where the
+    # whole plan's KL on probes held out from the table's is lower (0: one greedy pass on the
+    # table alone): quantbuild.quantizers.planner.promote_checked
+    check_stretches: int = 0
 
 
 @dataclass
@@ -206,8 +210,8 @@ class GgufConfig:
     kv_cache_type: str = "f16"
     # An auto-mix (target_bpw > 0) is measured on this many tokens of held-out validation
     # text (a third each of eval-family, calibration-like and prose text) beside llama.cpp's
-    # stock presets no larger, and replaced by one of them where the plan is worse than the
-    # best of them on any text and another file no larger is not
+    # stock presets its target's size holds, and replaced by one of them where the plan is
+    # worse than the best of them on any text and another file within that size is not
     # (quantbuild.plan_validation); 0: not validated.
     validation_tokens: int = 16384
     # The deploy target it ships for (null: the method's default); see quantbuild.runtimes.
@@ -600,6 +604,8 @@ def _check_ranges(config: Config) -> None:
              sensitivity.measure, "auto | kl | weight_error")
     _require(sensitivity.auto_weight_error_params >= 0, "calibration.sensitivity.auto_weight_error_params",
              sensitivity.auto_weight_error_params, ">= 0")
+    _require(0 <= sensitivity.check_stretches <= 64, "calibration.sensitivity.check_stretches",
+             sensitivity.check_stretches, "0..64 (0 = plans are not checked whole)")
     _require(1 <= calibration.imatrix_samples <= 1000000, "calibration.imatrix_samples", calibration.imatrix_samples,
              "1..1000000")
     _require(32 <= calibration.imatrix_chunk <= 32768, "calibration.imatrix_chunk", calibration.imatrix_chunk,

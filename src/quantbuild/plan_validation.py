@@ -4,16 +4,18 @@ The auto-mix is chosen from per-layer sensitivities measured on the calibration 
 there says the finished plan beats what `llama-quantize` gives for free. So every planned
 variant is measured in llama.cpp (the bindings; quantbuild's KL divergence, which agrees
 with `llama-perplexity --kl-divergence` to 0.999-1.026: bench/README.md) against the F16
-base GGUF, on held-out validation text, beside each stock preset no larger than it
+base GGUF, on held-out validation text, beside each stock preset its size budget holds
 (with and without the importance matrix, where there is one), and beside the smaller plans
-of its chain (quantizers.gguf.nest_plans).
+of its chain (quantizers.gguf.nest_plans). The budget is what the variant's target allows,
+not what the plan happened to store: a plan that came out a little under its target still
+meets the preset at that target's size.
 
 A plan tuned on one kind of text can lose on another (issue #28: on eval-family text IQ4_XS
 and Q3_K_L beat plans that won on calibration-like text), so the validation text is three
 texts, each scored on its own (`TEXTS`): eval-family prompts with the answers a correct model
 writes, calibration-like text (the calibration sources' generators), and prose (the
 language-modelling family). A candidate's `worst_ratio` is its largest KL divergence, over
-the three texts, relative to the best stock preset no larger on that text. What ships:
+the three texts, relative to the best stock preset within the budget on that text. What ships:
 among the candidates never worse than that best preset on any text (worst ratio <= 1), the
 one with the lowest mean divergence over the texts; where none is, the one with the lowest
 worst ratio. The plan wins ties. So the ladder never ships a mix worse than llama.cpp's
@@ -21,8 +23,8 @@ preset at its size on any of the three texts wherever one file can be so, and sh
 plan only where its win holds on every text.
 
 Each text is drawn by the generators at a seed of its own (`VALIDATION_SEED` on), without
-any item the committed eval or calibration files hold. It lives in memory only; its digest
-and token count are recorded: it never enters an artifact. (llama-perplexity was the first
+any item the committed eval or calibration files hold or the planner chose on. It lives in
+memory only; its digest and token count are recorded: it never enters an artifact. (llama-perplexity was the first
 measure: its logger is leaked at exit by design, and under load its last lines, the
 statistics, were lost in 2 of 8 runs.)
 """
@@ -78,21 +80,35 @@ def _held(kind: str) -> frozenset:
                      [item.prompt for item in golden_example()])
 
 
+@lru_cache(maxsize=None)
+def _planner_prompts() -> tuple[str, ...]:
+    """The prompts of the items the planner chose on: the sensitivity table's and those whole
+    plans are checked on (`quantbuild.probes`)."""
+    from quantbuild.probes import FAMILIES, FAMILY_SEED, MAX_FAMILY_ITEMS, check_items
+    from quantbuild.tasks import GENERATORS
+
+    return tuple(sorted({item.prompt for family in FAMILIES
+                         for item in GENERATORS[family](MAX_FAMILY_ITEMS, FAMILY_SEED) + check_items(family)}))
+
+
 def _families(kind: str) -> tuple[str, ...]:
     return EVAL_FAMILIES if kind == "eval" else ("language_modelling",)
 
 
 def _drawn(kind: str, seed: int) -> list[str]:
-    """The texts of `kind` the generators give at `seed`, less any the committed data holds."""
+    """The texts of `kind` the generators give at `seed`, less any the committed data holds or
+    that begins with a prompt the planner chose on (calibration-like text quotes items)."""
     from quantbuild.tasks import GENERATORS, calibration_sources
     from quantbuild.tasks.items import render_target
 
-    held = _held(kind)
+    held, planner = _held(kind), _planner_prompts()
     if kind == "calibration":
-        return [record["text"] for source in calibration_sources.SOURCES
-                for record in calibration_sources.generate(source, 8, seed) if record["text"] not in held]
-    return [item.prompt + (render_target(item) if kind == "eval" else "") for family in _families(kind)
-            for item in GENERATORS[family](8, seed) if item.prompt is not None and item.prompt not in held]
+        texts = [record["text"] for source in calibration_sources.SOURCES
+                 for record in calibration_sources.generate(source, 8, seed) if record["text"] not in held]
+    else:
+        texts = [item.prompt + (render_target(item) if kind == "eval" else "") for family in _families(kind)
+                 for item in GENERATORS[family](8, seed) if item.prompt is not None and item.prompt not in held]
+    return [text for text in texts if not text.startswith(planner)]
 
 
 def validation_texts(tokens: int, count_tokens: Callable[[str], int],
@@ -133,11 +149,12 @@ Scored = Any
 def _positions(model: Any, items: list[Scored]) -> Any:
     """(log-probabilities, next-token targets) of each text or token sequence, from its
     first scored position on."""
-    import numpy as np
+    from quantbuild.runtimes.protocol import sequence_positions
 
     for item in items:
         tokens, first = (model.tokenize(item), 0) if isinstance(item, str) else item
-        yield model.logprobs(tokens)[first:], np.asarray(tokens[1:], dtype=np.int64)[first:]
+        logprobs, targets = next(sequence_positions(model, [tokens]))
+        yield logprobs[first:], targets[first:]
 
 
 def reference(base: Path, drawn: dict[str, tuple[list[Scored], int]], threads: int, repack: bool) -> dict[str, dict]:
@@ -204,8 +221,11 @@ def validate_plan(plan_file: Path, base: Path, imatrix: Optional[Path], tokenize
                   threads: int, repack: bool,
                   smaller: Optional[dict[str, tuple[list[str], str]]] = None,
                   build: Optional[PlanBuild] = None,
-                  own: Optional[list[tuple[list[int], int]]] = None) -> tuple[dict[str, Any], Optional[Path], Any]:
-    """Measure `plan_file`, every stock preset no larger than it and the ladder's smaller
+                  own: Optional[list[tuple[list[int], int]]] = None,
+                  budget_bytes: int = 0) -> tuple[dict[str, Any], Optional[Path], Any]:
+    """Measure `plan_file`, every stock preset within its size (`budget_bytes`, the tensor
+    bytes its target allows, where that is more than the plan stores: a preset the budget
+    holds is a rival even where the plan came out smaller) and the ladder's smaller
     plans of the same chain (`smaller`: label -> (llama-quantize arguments, file type)) on
     the validation texts; and, given the plan's `build` and an importance matrix, whether
     the matrix helps each of the plan's tensor types (`imatrix_by_type`: a pure file of the
@@ -230,7 +250,7 @@ def validate_plan(plan_file: Path, base: Path, imatrix: Optional[Path], tokenize
     work = tempfile.TemporaryDirectory(prefix="quantbuild-validation-")
     folder = Path(work.name)
     stored = reference(base, drawn, threads, repack)
-    plan_bytes = tensor_bytes(plan_file)
+    allowed = max(tensor_bytes(plan_file), budget_bytes)
     elements = sum(tensor.elements for tensor in layout(plan_file).tensors)
 
     def entry(path: Path) -> dict[str, Any]:
@@ -242,17 +262,17 @@ def validate_plan(plan_file: Path, base: Path, imatrix: Optional[Path], tokenize
     larger: list[str] = []
 
     def candidate(name: str, args: list[str], file_type: str) -> None:
-        """Build `name` with llama-quantize and measure it, unless it stores more than the plan."""
+        """Build `name` with llama-quantize and measure it, unless it stores more than the plan's budget."""
         path = folder / f"{name}.gguf"
         run_tool("llama-quantize", [*args, str(base), str(path), file_type, str(threads)], f"validation {name}")
-        if tensor_bytes(path) > plan_bytes:
+        if tensor_bytes(path) > allowed:
             path.unlink()
             larger.append(name)
         else:
             measured[name] = entry(path)
 
     for preset, cheapest_bits in STOCK_PRESETS.items():
-        if cheapest_bits * elements / 8 > plan_bytes:
+        if cheapest_bits * elements / 8 > allowed:
             larger.append(preset)
             continue
         for with_imatrix in ((False, True) if imatrix is not None else (False,)):
@@ -262,8 +282,9 @@ def validate_plan(plan_file: Path, base: Path, imatrix: Optional[Path], tokenize
     for label, (args, file_type) in (smaller or {}).items():
         candidate(label, args, file_type)
     by_type = None
+    texts = texts_record(drawn)
+    texts_key = "".join(part["sha256"] for part in texts.values())
     if build is not None and imatrix is not None:
-        texts_key = "".join(part["sha256"] for part in texts_record(drawn).values())
         by_type = _imatrix_by_type(build, base, imatrix, folder, lambda path: entry(path)["texts"], threads, texts_key)
         helped = {kind for kind, verdict in by_type.items() if verdict["use"]}
         if helped != (set(build.tensors) if build.imatrix else set()):
@@ -276,10 +297,8 @@ def validate_plan(plan_file: Path, base: Path, imatrix: Optional[Path], tokenize
         for name, path in files.items():
             measured[name]["planner_tokens"] = kl_divergence(path, on_own, probes, threads, repack)[OWN]
     record = {"text": {"seed": VALIDATION_SEED, "tokens": sum(counted for _, counted in drawn.values()),
-                       "sha256": sha256_bytes("".join(part["sha256"] for part in texts_record(drawn).values())
-                                              .encode("ascii")),
-                       "texts": texts_record(drawn)},
-              "measured": measured, "larger_than_plan": sorted(larger), "best_alternative": best, "shipped": shipped,
+                       "sha256": sha256_bytes(texts_key.encode("ascii")), "texts": texts},
+              "budget_bytes": allowed, "measured": measured, "larger_than_plan": sorted(larger), "best_alternative": best, "shipped": shipped,
               **({"imatrix_by_type": by_type} if by_type is not None else {}),
               **({"planner_tokens": {"sequences": len(own), "scored": sum(len(ids) - 1 - first for ids, first in own)}}
                  if own else {})}
@@ -355,8 +374,8 @@ def choose(measured: dict[str, dict[str, Any]]) -> tuple[str, Optional[str]]:
 
 
 def describe(validation: dict[str, Any]) -> str:
-    """One line: the plan against the best alternative no larger (a stock preset, or a
-    smaller plan of its chain) on the validation texts, and what shipped."""
+    """One line: the plan against the best alternative within its budget (a stock preset, or
+    a smaller plan of its chain) on the validation texts, and what shipped."""
     measured, best = validation["measured"], validation.get("best_alternative")
     plan = measured[PLAN]
     tokens = validation["text"]["tokens"]
@@ -370,7 +389,8 @@ def describe(validation: dict[str, Any]) -> str:
         tokens = f"{tokens} held-out tokens; {plan['planner_tokens']['kld_mean']:.5f} on the planner's own"
     if validation["shipped"] == PLAN:
         return (f"plan kept: KLD {plan['kld_mean']:.5f} at {plan['bits_per_weight']:.3f} bits/weight, at most "
-                f"{plan['worst_ratio']:.2f}x the best stock preset no larger on each text ({texts}); best alternative "
+                f"{plan['worst_ratio']:.2f}x the best stock preset within its budget on each text ({texts}); "
+                f"best alternative "
                 f"{what}: {measured[best]['kld_mean']:.5f} at {measured[best]['bits_per_weight']:.3f} bits/weight; "
                 f"{tokens}" + ("" if "planner_tokens" in plan else " held-out tokens"))
     shipped = measured[best]

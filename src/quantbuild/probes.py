@@ -39,25 +39,57 @@ def probe_sets(tokenizer: Any, calibration: list[list[int]], config: Sensitivity
     generated items, in order, until their tokens reach `config.family_tokens` (so a family of
     short answers gets as many scored positions as it needs, one of long contexts as few
     items as its length allows), the positions that predict the answer."""
-    from quantbuild.tasks import GENERATORS, training_pair
+    from quantbuild.tasks import GENERATORS
 
     sets = {CALIBRATION: [Probe(list(ids), 0) for ids in calibration[: config.samples] if len(ids) > 1]}
-    if not config.family_tokens:
-        return sets
-    for family in FAMILIES:
-        probes: list[Probe] = []
-        tokens = 0
-        for item in GENERATORS[family](MAX_FAMILY_ITEMS, FAMILY_SEED):
-            prompt, target = training_pair(item)
-            start = len(tokenizer(prompt)["input_ids"])
-            ids = tokenizer(prompt + target)["input_ids"]
-            if len(ids) > start:
-                probes.append(Probe(ids, start - 1))
-                tokens += len(ids)
-            if tokens >= config.family_tokens:
-                break
-        sets[family] = probes
+    if config.family_tokens:
+        for family in FAMILIES:
+            sets[family] = _answers(tokenizer, GENERATORS[family](MAX_FAMILY_ITEMS, FAMILY_SEED), config.family_tokens)
     return sets
+
+
+def check_sets(tokenizer: Any, calibration: list[list[int]], config: SensitivityConfig) -> dict[str, list[Probe]]:
+    """The probes whole plans are checked on while the planner promotes (held out from the
+    table's own, `probe_sets`): the next `config.samples` calibration samples, and per family
+    items drawn at PLAN_CHECK_SEED less any prompt the table's items, the eval files or the
+    golden example hold, as many as `probe_sets` takes."""
+    sets = {CALIBRATION: [Probe(list(ids), 0) for ids in calibration[config.samples: 2 * config.samples]
+                          if len(ids) > 1]}
+    if config.family_tokens:
+        for family in FAMILIES:
+            sets[family] = _answers(tokenizer, check_items(family), config.family_tokens)
+    return {name: probes for name, probes in sets.items() if probes}
+
+
+def check_items(family: str) -> list:
+    """The family's items drawn at PLAN_CHECK_SEED, less any prompt the table's items
+    (`probe_sets`), the eval files or the golden example hold."""
+    from quantbuild.tasks import GENERATORS
+    from quantbuild.tasks.write_data import EVAL_COUNTS, EVAL_SEED, PLAN_CHECK_SEED, golden_example
+
+    held = {item.prompt for item in golden_example()}
+    held |= {item.prompt for seed, count in ((FAMILY_SEED, MAX_FAMILY_ITEMS), (EVAL_SEED, EVAL_COUNTS[family]))
+             for item in GENERATORS[family](count, seed)}
+    return [item for item in GENERATORS[family](MAX_FAMILY_ITEMS, PLAN_CHECK_SEED) if item.prompt not in held]
+
+
+def _answers(tokenizer: Any, items: Any, tokens: int) -> list[Probe]:
+    """Probes of `items`, in order, until their tokens reach `tokens`: prompt and expected
+    answer, scored on the positions that predict the answer."""
+    from quantbuild.tasks import training_pair
+
+    probes: list[Probe] = []
+    counted = 0
+    for item in items:
+        prompt, target = training_pair(item)
+        start = len(tokenizer(prompt)["input_ids"])
+        ids = tokenizer(prompt + target)["input_ids"]
+        if len(ids) > start:
+            probes.append(Probe(ids, start - 1))
+            counted += len(ids)
+        if counted >= tokens:
+            break
+    return probes
 
 
 def probes_digest(sets: dict[str, list[Probe]]) -> dict[str, dict]:

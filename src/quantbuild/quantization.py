@@ -104,13 +104,18 @@ def build_variant(name: str, variant: Any, inputs: Inputs, out: Path) -> dict:
 
 def _planned(plan: dict, layers: dict, sensitivity: dict | None) -> dict[str, Any]:
     """What the planner intended: bits per weight as planned (to compare with what was
-    stored) and, in a repair round, the objective and the plan it started from."""
+    stored), in a repair round the objective and the plan it started from, and how many of
+    its stretches the check of whole plans judged and kept."""
     if not plan or any("planned_bits_per_weight" not in entry for entry in plan.values()):
         return {}
     weights = {name: layers[name][0] * layers[name][1] for name in plan}
     planned = sum(plan[name]["planned_bits_per_weight"] * weights[name] for name in plan) / sum(weights.values())
     extra = {key: sensitivity[key] for key in ("objective", "start", "extends") if sensitivity and sensitivity.get(key)}
-    return {"planned_bits_per_weight": round(planned, 6), **({"plan_request": extra} if extra else {})}
+    check = (sensitivity or {}).get("check") if not (sensitivity or {}).get("objective") else None
+    checked = {"stretches": check["stretches"], "judged": len(check["steps"]),
+               "kept": sum(step["kept"] for step in check["steps"])} if check else None
+    return {"planned_bits_per_weight": round(planned, 6), **({"plan_request": extra} if extra else {}),
+            **({"plan_check": checked} if checked else {})}
 
 
 def _uses_sensitivity(variant: Any) -> bool:

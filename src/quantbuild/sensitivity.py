@@ -28,6 +28,13 @@ variant's other GPTQ settings) and its torch kernel dequantizes. Each measuremen
 model in float32 from the perturbed layer's block onward, from cached hidden states, on CPU
 or the first GPU, deterministically.
 
+With `calibration.sensitivity.check_stretches`, the stage also plans each GGUF auto-mix of
+the ladder (in ladder order, each from the plan below it) in stretches of its budget, and
+keeps a stretch only where the whole plan, every layer at its candidate's real quantized
+weight at once, has lower KL on probes held out from the table's (`probes.check_sets`):
+the per-layer table ranks the promotions, a measurement of the plan decides them. The
+table records each verdict (`check`), and the quantize stage replays them.
+
 Output: one `<variant>.json` per ladder variant (a stub for variants that plan nothing, so
 that a quantize stage depends only on its own variant's table) and `sensitivity_record.json`.
 """
@@ -39,14 +46,15 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 from quantbuild.config import SensitivityConfig
 from quantbuild.gguf_artifacts import BASE_FILE, require_base, require_imatrix
-from quantbuild.quantizers.planner import Candidate, candidates_of
+from quantbuild.quantizers.planner import Candidate, Level, PlanCheck, candidates_of
 from quantbuild.runtimes.protocol import TORCH, LoadSpec, open_runtime
-from quantbuild.probes import FAMILY_SEED, Probe, probe_sets, probes_digest
+from quantbuild.probes import FAMILY_SEED, Probe, check_sets, probe_sets, probes_digest
 from quantbuild.errors import ConfigError
+from quantbuild.tasks.write_data import PLAN_CHECK_SEED
 from quantbuild.hashing import sha256_file, staged_dir, write_json
 
 RECORD = "sensitivity_record.json"
@@ -124,12 +132,11 @@ def gguf_layer_orientation(baseline: Path, gguf_base: Path, names: dict[str, str
 
 def gguf_weights(candidate: Candidate, baseline: Path, gguf_base: Path, layers: dict, work: Path,
                  orientation: Optional[dict[str, Optional[int]]] = None,
-                 imatrix: Optional[Path] = None) -> dict[str, Any]:
+                 imatrix: Optional[Path] = None, keep: bool = False) -> dict[str, Any]:
     """Every decoder layer at `candidate`'s llama.cpp type, as llama-quantize writes it
     (`orientation`: `gguf_layer_orientation`'s answer, when the caller has it already;
-    `imatrix`: the imatrix stage's folder, for a candidate that uses the matrix)."""
-    import numpy as np
-
+    `imatrix`: the imatrix stage's folder, for a candidate that uses the matrix; `keep`:
+    leave the file, `work/<candidate key>.gguf`, for `oriented` to read again)."""
     from quantbuild.quantizers.gguf import gguf_names, tensor_type_file
     from quantbuild.runtimes.llama_build import run_tool
 
@@ -141,11 +148,21 @@ def gguf_weights(candidate: Candidate, baseline: Path, gguf_base: Path, layers: 
     tensor_type_file(plan, types_file)
     args = (["--imatrix", str(matrix)] if matrix else []) + ["--tensor-type-file", str(types_file)]
     run_tool("llama-quantize", [*args, str(base), str(out), "Q8_0", "2"], f"sensitivity {candidate.key}")
-    stored = _gguf_tensor(out, names.values())
-    out.unlink()
     orientation = orientation or gguf_layer_orientation(baseline, gguf_base, names)
-    return {layer: np.ascontiguousarray(unpermute(stored[names[layer]], orientation[layer]) if orientation[layer]
-                                        else stored[names[layer]]) for layer in layers}
+    weights = oriented(out, {layer: names[layer] for layer in layers}, orientation)
+    if not keep:
+        out.unlink()
+    return weights
+
+
+def oriented(path: Path, names: dict[str, str], orientation: dict[str, Optional[int]]) -> dict[str, Any]:
+    """The layers `names` maps to GGUF tensor names, read from the GGUF file `path` and
+    dequantized, as the HF weights are laid out."""
+    import numpy as np
+
+    stored = _gguf_tensor(path, names.values())
+    return {layer: np.ascontiguousarray(unpermute(stored[gguf_name], orientation[layer]) if orientation[layer]
+                                        else stored[gguf_name]) for layer, gguf_name in names.items()}
 
 
 def gptq_weights(candidate: Candidate, variant: Any, baseline: Path, calibration: list[list[int]],
@@ -193,11 +210,14 @@ class _Scorer:
     this is the one measurement that reaches inside the runtime's model, since it swaps a
     single layer's weight and reruns only the blocks after it."""
 
-    def __init__(self, baseline: Path, sets: dict[str, list[Probe]]):
+    def __init__(self, baseline: Path, sets: dict[str, list[Probe]], every_block: bool = True):
+        """`every_block`: cache each block's inputs (to run from any layer on); else only the
+        first block's, for scoring whole plans."""
         import torch
 
         from quantbuild.quantizers.rtn import quantizable_linears
 
+        self.every_block = every_block
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = open_runtime(LoadSpec(TORCH, baseline, load_runtime="dequantized", device=self.device)).model
         self.linears = quantizable_linears(self.model)
@@ -211,7 +231,7 @@ class _Scorer:
                 self.hidden[name], self.reference[name] = [], []
                 for ids, mask, scored in batches:
                     out = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-                    self.hidden[name].append(list(out.hidden_states[: len(self.blocks)]))
+                    self.hidden[name].append(list(out.hidden_states[: len(self.blocks) if every_block else 1]))
                     self.reference[name].append(torch.log_softmax(out.logits.float()[scored], dim=-1))
 
     def _batch(self, probes: list[Probe]) -> tuple[Any, Any, Any]:
@@ -222,14 +242,21 @@ class _Scorer:
                     if any(module is self.linears[layer] for module in block.modules()))
 
     def kld(self, layer: str, weight: Any) -> dict[str, float]:
+        return self.swapped({layer: weight})
+
+    def swapped(self, weights: dict[str, Any]) -> dict[str, float]:
+        """Mean KL per probe set with each layer in `weights` given that weight, the model run
+        from the first changed layer's block onward."""
         import torch
 
-        module, start = self.linears[layer], self.block_of(layer)
-        original = module.weight.detach().clone()
+        modules = {layer: self.linears[layer] for layer in weights}
+        start = min(self.block_of(layer) for layer in weights) if self.every_block else 0
+        originals = {layer: module.weight.detach().clone() for layer, module in modules.items()}
         layers = self.model.model.layers
         try:
             with torch.no_grad():
-                module.weight.copy_(torch.as_tensor(weight, dtype=torch.float32))
+                for layer, module in modules.items():
+                    module.weight.copy_(torch.as_tensor(weights[layer], dtype=torch.float32))
             self.model.model.layers = torch.nn.ModuleList(self.blocks[start:])
             result = {}
             with torch.inference_mode():
@@ -246,7 +273,8 @@ class _Scorer:
         finally:
             self.model.model.layers = layers
             with torch.no_grad():
-                module.weight.copy_(original)
+                for layer, module in modules.items():
+                    module.weight.copy_(originals[layer])
 
 
 class _Importance:
@@ -355,11 +383,13 @@ def measure_of(config: SensitivityConfig, parameters: int) -> str:
 
 
 def measure(baseline: Path, calibration: list[list[int]], variants: dict[str, Any], config: SensitivityConfig,
-            gguf_base: Optional[Path], log: Any = None, imatrix: Optional[Path] = None) -> dict[str, dict]:
+            gguf_base: Optional[Path], log: Any = None, imatrix: Optional[Path] = None,
+            keep: Optional[Path] = None) -> dict[str, dict]:
     """Per variant: {"variant", "candidates", "probes", "measure", "layers": {layer:
     {"weights", "kld": {candidate: {"calibration": x, family: y, ...}}}}}; a stub for
     variants that plan nothing. Under the weight-space measure the "kld" values are
-    importance-weighted squared weight errors (`_Importance`), on the same probe sets."""
+    importance-weighted squared weight errors (`_Importance`), on the same probe sets.
+    `keep`: a folder where each llama.cpp candidate's quantized file stays (`gguf_weights`)."""
     from transformers import AutoTokenizer
 
     from quantbuild.quantizers import model_layers
@@ -388,8 +418,8 @@ def measure(baseline: Path, calibration: list[list[int]], variants: dict[str, An
                         from quantbuild.quantizers.gguf import gguf_names
 
                         orientation = gguf_layer_orientation(baseline, gguf_base, gguf_names(baseline, layers))
-                    weights = gguf_weights(candidate, baseline, gguf_base, layers, Path(scratch), orientation,
-                                           imatrix)
+                    weights = gguf_weights(candidate, baseline, gguf_base, layers, keep or Path(scratch), orientation,
+                                           imatrix, keep=keep is not None)
                 else:
                     weights = gptq_weights(candidate, variant, baseline, calibration, Path(scratch))
                 tables[key] = {layer: score(layer, weights[layer]) for layer in layers}
@@ -417,25 +447,78 @@ def measure(baseline: Path, calibration: list[list[int]], variants: dict[str, An
 def write_sensitivity(baseline: Path, calibration: list[list[int]], variants: dict[str, Any],
                       config: SensitivityConfig, gguf_base: Optional[Path], out: Path, log: Any = None,
                       imatrix: Optional[Path] = None) -> dict:
+    from quantbuild.quantizers import model_layers
     from quantbuild.quantizers.gguf import nest_plans
 
     started = time.perf_counter()
-    results = measure(baseline, calibration, variants, config, gguf_base, log, imatrix)
-    if any(table["planned"] for table in results.values()):
-        from quantbuild.quantizers import model_layers
-
-        nest_plans(variants, results, baseline, model_layers(baseline))
+    checked = config.check_stretches > 0 and any(variant.method == "gguf" and candidates_of(variant)
+                                                 for variant in variants.values())
+    with tempfile.TemporaryDirectory(prefix="quantbuild-plan-check-") as kept:
+        results = measure(baseline, calibration, variants, config, gguf_base, log, imatrix,
+                          keep=Path(kept) if checked else None)
+        if any(table["planned"] for table in results.values()):
+            layers = model_layers(baseline)
+            check = _plan_checks(baseline, calibration, config, gguf_base, layers, Path(kept)) if checked else None
+            nest_plans(variants, results, baseline, layers, check)
     with staged_dir(out) as staging:
         files = {}
         for name, table in results.items():
             write_json(staging / f"{name}.json", table)
             files[name] = {"planned": table["planned"], "sha256": sha256_file(staging / f"{name}.json")}
+            if table.get("check"):
+                steps = table["check"]["steps"]
+                files[name]["check"] = {"judged": len(steps), "kept": sum(step["kept"] for step in steps)}
         measures = sorted({table["measure"] for table in results.values() if table["planned"]})
         record = {"variants": files, "measure": measures[0] if len(measures) == 1 else measures,
                   "samples": config.samples, "family_tokens": config.family_tokens,
-                  "family_seed": FAMILY_SEED, "wall_seconds": round(time.perf_counter() - started, 1)}
+                  "family_seed": FAMILY_SEED, "check_stretches": config.check_stretches,
+                  "wall_seconds": round(time.perf_counter() - started, 1)}
         write_json(staging / RECORD, record)
     return record
+
+
+# Candidates' dequantized weights are kept in memory for checking plans while they fit in this
+# many bytes; beyond it each check reads them from the quantized files again.
+CHECK_CACHE_BYTES = 2 << 30
+
+
+def _plan_checks(baseline: Path, calibration: list[list[int]], config: SensitivityConfig, gguf_base: Path,
+                 layers: dict, kept: Path) -> Callable[[], PlanCheck]:
+    """Makes each auto-mix's judge of whole plans (quantizers.planner.PlanCheck): the plan's
+    layers at their candidates' quantized weights (the files `measure` kept in `kept`) all at
+    once, scored by KL divergence on the check probes (`probes.check_sets`, held out from the
+    table's). A layer at a fixed type (an override: not a candidate) keeps its baseline
+    weight, the same in every plan compared."""
+    from transformers import AutoTokenizer
+
+    from quantbuild.quantizers.gguf import gguf_names
+
+    sets = check_sets(AutoTokenizer.from_pretrained(str(baseline)), calibration, config)
+    scorer = _Scorer(baseline, sets, every_block=False)
+    names = gguf_names(baseline, layers)
+    orientation = gguf_layer_orientation(baseline, gguf_base, names)
+    cache = sum(out * inp for out, inp in layers.values()) * 4 * len(list(kept.glob("*.gguf"))) <= CHECK_CACHE_BYTES
+    read: dict[str, dict[str, Any]] = {}
+
+    def weights_at(key: str, wanted: list[str]) -> dict[str, Any]:
+        if key not in read:
+            loaded = oriented(kept / f"{key}.gguf", {layer: names[layer] for layer in (layers if cache else wanted)},
+                              orientation)
+            if not cache:
+                return loaded
+            read[key] = loaded
+        return {layer: read[key][layer] for layer in wanted}
+
+    def measure_plan(plan: dict[str, Level]) -> dict[str, float]:
+        by_key: dict[str, list[str]] = {}
+        for layer, level in sorted(plan.items()):
+            if level.key:
+                by_key.setdefault(level.key, []).append(layer)
+        weights = {layer: weight for key, wanted in sorted(by_key.items())
+                   for layer, weight in weights_at(key, wanted).items()}
+        return scorer.swapped(weights) if weights else {name: 0.0 for name in sets}
+    digest = probes_digest(sets)
+    return lambda: PlanCheck(config.check_stretches, measure_plan, {"sets": digest, "seed": PLAN_CHECK_SEED})
 
 
 def load_sensitivity(folder: Path, variant: str) -> Optional[dict]:

@@ -13,14 +13,14 @@ from __future__ import annotations
 import re
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from quantbuild.errors import ConfigError, QuantbuildError
 from quantbuild.gguf_artifacts import MODEL_FILE, RECORD, imatrix_record, require_base, require_imatrix
 from quantbuild.hashing import disk_full, free_bytes, require_space
 from quantbuild.plan_validation import BY_TYPE, PlanBuild
 from quantbuild.quantizers.base import Inputs, Method, matching_layers, measurements
-from quantbuild.quantizers.planner import Candidate, Level, plan_levels
+from quantbuild.quantizers.planner import Candidate, Level, PlanCheck, plan_levels
 
 # Stored bits per weight of each llama.cpp tensor type (block bytes * 8 / block size);
 # a test keeps this in step with gguf-py's GGML_QUANT_SIZES.
@@ -95,9 +95,11 @@ def gguf_names(baseline: Path, layers: dict) -> dict[str, str]:
     return names
 
 
-def _plan(key: str, variant: Any, layers: dict, sensitivity: Optional[dict], baseline: Path) -> dict:
+def _plan(key: str, variant: Any, layers: dict, sensitivity: Optional[dict], baseline: Path,
+          check: Optional[PlanCheck] = None) -> dict:
     """Per decoder layer: its GGUF tensor name and an explicit type (None: the file type's
-    own choice, which llama.cpp varies by tensor for the _S/_M/_L mixes)."""
+    own choice, which llama.cpp varies by tensor for the _S/_M/_L mixes); `check`: the
+    sensitivity stage's measurement of whole plans (quantizers.planner.plan_levels)."""
     names = gguf_names(baseline, layers)
     plan = {name: {"gguf_name": names[name], "type": None, "reason": "variant"} for name in layers}
     by_gguf = {gguf_name: layer for layer, gguf_name in names.items()}
@@ -107,11 +109,12 @@ def _plan(key: str, variant: Any, layers: dict, sensitivity: Optional[dict], bas
             if plan[layer]["reason"] == "variant":
                 plan[layer].update(type=override.type, reason=f"override {override.pattern}")
     if variant.target_bpw:
-        _auto_mix(key, variant, layers, plan, sensitivity)
+        _auto_mix(key, variant, layers, plan, sensitivity, check)
     return plan
 
 
-def _auto_mix(key: str, variant: Any, layers: dict, plan: dict, sensitivity: Optional[dict]) -> None:
+def _auto_mix(key: str, variant: Any, layers: dict, plan: dict, sensitivity: Optional[dict],
+              check: Optional[PlanCheck] = None) -> None:
     """Every layer not overridden gets a type from `mix_types`, chosen greedily by measured
     KL divergence removed per extra stored bit, within `target_bpw` over the decoder."""
     keys = {name: Candidate("gguf", name, imatrix=bool(variant.imatrix)).key for name in variant.mix_types}
@@ -122,7 +125,7 @@ def _auto_mix(key: str, variant: Any, layers: dict, plan: dict, sensitivity: Opt
     start, chosen, reasons = plan_levels(
         f"{key}.target_bpw={variant.target_bpw}", layers, levels, variant.target_bpw, sensitivity,
         lambda floor: (f"params.yaml: {key}.target_bpw={variant.target_bpw} is below the smallest plan, "
-                       f"{floor:.4f} bits per weight (allowed: >= {floor:.4f}, or cheaper mix_types)"))
+                       f"{floor:.4f} bits per weight (allowed: >= {floor:.4f}, or cheaper mix_types)"), check)
     for name in layers:
         level = levels[name][chosen[name]]
         plan[name]["planned_bits_per_weight"] = level.bits_per_weight
@@ -131,14 +134,16 @@ def _auto_mix(key: str, variant: Any, layers: dict, plan: dict, sensitivity: Opt
                                                                         else "auto-mix (cheapest)"))
 
 
-def nest_plans(variants: dict[str, Any], tables: dict[str, dict], baseline: Path, layers: dict) -> None:
+def nest_plans(variants: dict[str, Any], tables: dict[str, dict], baseline: Path, layers: dict,
+               check: Optional[Callable[[], PlanCheck]] = None) -> None:
     """Make the ladder's auto-mixes nest: among planned gguf variants that differ only in
     their target (same types, matrix, overrides, file type), each starts from the plan of
     the one with the next smaller target (its table's `start`, and `extends` naming it), so
     a larger budget never gives a layer a narrower type than a smaller one does. The table
     also lists every smaller plan of the chain (`chain`: name, target, types), which the
     plan's validation measures beside it: a larger variant never ships a file that diverges
-    more than a smaller one on the validation text (quantbuild.plan_validation)."""
+    more than a smaller one on the validation text (quantbuild.plan_validation). `check`
+    makes each plan's judge of whole plans, whose record the table keeps (`check`)."""
     groups: dict[tuple, list[str]] = {}
     for name, variant in variants.items():
         if variant.method == "gguf" and variant.target_bpw and tables.get(name, {}).get("planned"):
@@ -150,7 +155,10 @@ def nest_plans(variants: dict[str, Any], tables: dict[str, dict], baseline: Path
         for name in sorted(names, key=lambda item: (variants[item].target_bpw, item)):
             if chain:
                 tables[name].update(extends=chain[-1]["name"], start=chain[-1]["types"], chain=list(chain))
-            plan = _plan(f"quant.variants.{name}", variants[name], layers, tables[name], baseline)
+            judge = check() if check else None
+            plan = _plan(f"quant.variants.{name}", variants[name], layers, tables[name], baseline, judge)
+            if judge:
+                tables[name]["check"] = judge.record
             chain.append({"name": name, "target_bpw": variants[name].target_bpw,
                           "types": {layer: entry["type"] for layer, entry in sorted(plan.items())}})
 
@@ -205,9 +213,10 @@ def _quantize(variant: Any, inputs: Inputs, plan: dict, out: Path) -> dict:
         if variant.target_bpw and variant.validation_tokens and not (inputs.sensitivity or {}).get("objective"):
             smaller = {f"plan {link['name']}": _chain_args(link, plan, args, out.parent)
                        for link in (inputs.sensitivity or {}).get("chain", [])}
-            build = PlanBuild(_without_imatrix(args), variant.type, _tensors_by_type(plan), bool(variant.imatrix))
-            validation, replacement, work = _validate(variant, inputs, quantized, base, smaller, build)
-            if replacement is not None:  # a file no larger beat the plan: it ships instead
+            build = PlanBuild(_without(args, "--imatrix"), variant.type, _tensors_by_type(plan), bool(variant.imatrix))
+            validation, replacement, work = _validate(variant, inputs, quantized, base, smaller, build,
+                                                      _budget_bytes(variant, plan, quantized))
+            if replacement is not None:  # a file within the budget beat the plan: it ships instead
                 shipped = replacement
                 winner = validation["shipped"]
                 if winner == BY_TYPE:  # this plan, the importance matrix on the types it helps only
@@ -236,18 +245,16 @@ def _quantize(variant: Any, inputs: Inputs, plan: dict, out: Path) -> dict:
 def _chain_args(link: dict, plan: dict, args: list[str], folder: Path) -> list[str]:
     """llama-quantize's arguments for a smaller plan of the chain (`link`: its name and
     types): this variant's own, with that plan's tensor types in a file beside this one's."""
-    kept = [arg for index, arg in enumerate(args) if arg != "--tensor-type-file"
-            and (index == 0 or args[index - 1] != "--tensor-type-file")]
+    kept = _without(args, "--tensor-type-file")
     path = folder / f"tensor_types.{link['name']}.txt"
     if tensor_type_file({layer: {**plan[layer], "type": kind} for layer, kind in link["types"].items()}, path):
         kept += ["--tensor-type-file", str(path)]
     return kept
 
 
-def _without_imatrix(args: list[str]) -> list[str]:
-    """llama-quantize's arguments less `--imatrix FILE`."""
-    return [arg for index, arg in enumerate(args)
-            if arg != "--imatrix" and (index == 0 or args[index - 1] != "--imatrix")]
+def _without(args: list[str], option: str) -> list[str]:
+    """llama-quantize's arguments less `option` and its value."""
+    return [arg for index, arg in enumerate(args) if arg != option and (index == 0 or args[index - 1] != option)]
 
 
 def _tensors_by_type(plan: dict) -> dict[str, list[str]]:
@@ -259,12 +266,24 @@ def _tensors_by_type(plan: dict) -> dict[str, list[str]]:
     return grouped
 
 
+def _budget_bytes(variant: Any, plan: dict, quantized: Path) -> int:
+    """The tensor bytes the variant's target allows: the plan's file with its decoder layers
+    at `target_bpw` (the planner stores at most that; the rest of the file is the same)."""
+    from quantbuild.plan_validation import tensor_bytes
+    from quantbuild.runtimes.gguf_file import layout
+
+    tensors = {tensor.name: tensor for tensor in layout(quantized).tensors}
+    decoder = [tensors[entry["gguf_name"]] for entry in plan.values()]
+    unspent = variant.target_bpw * sum(tensor.elements for tensor in decoder) - 8 * sum(t.nbytes for t in decoder)
+    return tensor_bytes(quantized) + max(0, int(-(-unspent // 8)))
+
+
 def _validate(variant: Any, inputs: Inputs, quantized: Path, base: Path, smaller: dict[str, list[str]],
-              build: PlanBuild) -> tuple[dict, Optional[Path], Any]:
-    """The plan against llama.cpp's stock presets no larger, the smaller plans of its chain
-    (`smaller`: label -> llama-quantize arguments) and itself with the importance matrix on
-    the tensor types it helps only (`build`), on held-out text (quantbuild.plan_validation),
-    with the importance matrix where the imatrix stage made one."""
+              build: PlanBuild, budget: int) -> tuple[dict, Optional[Path], Any]:
+    """The plan against llama.cpp's stock presets within its budget (`budget` tensor bytes),
+    the smaller plans of its chain (`smaller`: label -> llama-quantize arguments) and itself
+    with the importance matrix on the tensor types it helps only (`build`), on held-out text
+    (quantbuild.plan_validation), with the importance matrix where the imatrix stage made one."""
     import os
 
     from quantbuild.fingerprint import cpu_info
@@ -280,7 +299,7 @@ def _validate(variant: Any, inputs: Inputs, quantized: Path, base: Path, smaller
     return validate_plan(quantized, base, matrix, inputs.baseline, variant.validation_tokens,
                          len(os.sched_getaffinity(0)), repack_allowed(cpu_info()["isa"]),
                          smaller={label: (args, build.file_type) for label, args in smaller.items()}, build=build,
-                         own=own)
+                         own=own, budget_bytes=budget)
 
 
 def effective_bits(model_dir: Path, plan: dict, layers: dict) -> dict[str, Any]:

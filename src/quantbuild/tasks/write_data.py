@@ -14,12 +14,16 @@ from quantbuild.tasks.items import write_items
 
 # Each use of the generators draws at a seed of its own, so that nothing a method tunes on is
 # what it is judged on: eval, calibration, the sensitivity stage's per-family probe items
-# (the first of SENSITIVITY_ITEMS items: quantbuild.sensitivity), the golden example, and
+# (the first of SENSITIVITY_ITEMS items: quantbuild.sensitivity) and those its plans are checked
+# on (PLAN_CHECK_SEED), the golden example, and
 # plan validation (quantbuild.plan_validation; the bench's test texts from 6001).
 EVAL_SEED = 1001
 CALIBRATION_SEED = 2001
 SENSITIVITY_SEED = 3001
 SENSITIVITY_ITEMS = 512
+# The items a plan's stretches are checked on as whole plans (quantbuild.probes.check_sets):
+# the planner decides on them, so they are tuning data too, held out from the table's own.
+PLAN_CHECK_SEED = 3501
 VALIDATION_SEED = 5001
 EVAL_COUNTS = {"language_modelling": 300, "structured": 300, "retrieval": 300, "long_context": 300, "reasoning": 300}
 CALIBRATION_COUNTS = {"workflow_prompts": 256, "tool_calls": 256, "long_context": 64, "domain_text": 128}
