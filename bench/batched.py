@@ -1,12 +1,17 @@
 """Batched greedy generation in llama.cpp against the sequential loop, same items, same run.
 
     python bench/batched.py [--types F16 Q8_0 Q4_K_M] [--batch 32] [--repeats 1] [--model FOLDER]
+                            [--device cpu|cuda] [--items N] [--random random-1b|random-8b]
 
 For every generative eval family (all 300 items of data/eval) and every GGUF type of the
 model: seconds for the family's greedy completions one prompt at a time (batch 1) and with
 `--batch` prompts decoded together (one KV sequence per prompt, one llama_decode per step),
 interleaved, medians; whether every output is the same; and the time of prefilling the
 family's prompts alone, which no batching of the decode steps can remove on a CPU.
+`--device cuda` offloads every layer to the GPU (llama.cpp built with CUDA); `--items N`
+takes each family's first N items; `--random NAME` times a random-initialised Llama of that
+shape (bench/quantize.py's RANDOM_MODELS and an 8B-class one, the bundled tokenizer), made
+on the GPU where there is one.
 """
 
 from __future__ import annotations
@@ -28,13 +33,42 @@ def _files(model: Path, types: list[str], work: Path) -> dict[str, Path]:
     from quantbuild.runtimes.llama_build import run_tool
 
     base = work / "F16.gguf"
+    started = time.perf_counter()
     convert(model, base, "f16")
+    print(f"convert to F16 GGUF: {time.perf_counter() - started:.1f} s", flush=True)
     files = {"F16": base}
     for name in types:
         if name != "F16":
             files[name] = work / f"{name}.gguf"
-            run_tool("llama-quantize", [str(base), str(files[name]), name, "2"], f"quantize {name}")
+            started = time.perf_counter()
+            run_tool("llama-quantize", [str(base), str(files[name]), name, "0"], f"quantize {name}")
+            print(f"llama-quantize {name}: {time.perf_counter() - started:.1f} s", flush=True)
     return {name: files[name] for name in types}
+
+
+RANDOM_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=8)
+
+
+def _random(name: str, work: Path) -> Path:
+    """A seeded random-initialised Llama of the named shape, fp16, with the bundled tokenizer."""
+    import shutil
+
+    import torch
+    from quantize import BASELINE, RANDOM_MODELS
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shape = RANDOM_8B if name == "random-8b" else RANDOM_MODELS[name]
+    folder = work / name
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=4096, max_position_embeddings=2048, torch_dtype="float16", **shape)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = LlamaForCausalLM._from_config(config, torch_dtype=torch.float16)
+    model.save_pretrained(str(folder))
+    for file in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(BASELINE / file, folder / file)
+    print(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters", flush=True)
+    return folder
 
 
 def _timed(spec, prompts: list[str], budget: int) -> tuple[float, list[str]]:
@@ -65,6 +99,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--model", type=Path, default=ROOT / "data" / "baseline" / "workflow-llama-8m")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--items", type=int, default=0, help="each family's first N items (0: all)")
+    parser.add_argument("--random", choices=("random-100m", "random-1b", "random-8b"))
     args = parser.parse_args()
 
     from quantbuild.evaluation.suites import MAX_NEW_TOKENS
@@ -72,10 +109,13 @@ def main() -> None:
     from quantbuild.tasks.items import load_items
 
     items = {family: load_items(ROOT / "data" / "eval" / f"{family}.jsonl") for family in FAMILIES}
+    if args.items:
+        items = {family: family_items[:args.items] for family, family_items in items.items()}
     rows, results = [], {}
     with tempfile.TemporaryDirectory() as folder:
-        for name, path in _files(args.model, args.types, Path(folder)).items():
-            spec = LoadSpec(LLAMA_CPP, path, threads=0, batch_size=args.batch)
+        model = _random(args.random, Path(folder)) if args.random else args.model
+        for name, path in _files(model, args.types, Path(folder)).items():
+            spec = LoadSpec(LLAMA_CPP, path, threads=0, batch_size=args.batch, device=args.device)
             totals = {"sequential": 0.0, "batched": 0.0}
             for family in FAMILIES:
                 prompts = [item.prompt for item in items[family]]
@@ -97,7 +137,7 @@ def main() -> None:
                 print(rows[-1], flush=True)
             rows.append([name, "all four", sum(len(v) for v in items.values()), f"{totals['sequential']:.2f}",
                          f"{totals['batched']:.2f}", f"{totals['sequential'] / totals['batched']:.2f}x", "", ""])
-    print(f"llama.cpp, {args.model.name}, batch {args.batch}, medians of {args.repeats}")
+    print(f"llama.cpp on {args.device}, {args.random or args.model.name}, batch {args.batch}, medians of {args.repeats}")
     print(table(["type", "family", "items", "sequential (s)", "batched (s)", "speed-up", "prefill alone (s)",
                  "outputs differing"], rows))
     save("batched", results)
