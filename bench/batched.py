@@ -11,13 +11,16 @@ family's prompts alone, which no batching of the decode steps can remove on a CP
 `--device cuda` offloads every layer to the GPU (llama.cpp built with CUDA); `--items N`
 takes each family's first N items; `--random NAME` times a random-initialised Llama of that
 shape (bench/quantize.py's RANDOM_MODELS and an 8B-class one, the bundled tokenizer), made
-on the GPU where there is one.
+on the GPU where there is one, in a child process: llama.cpp's CUDA build and a CUDA torch
+crash in one process (src/quantbuild/runtimes/llama_cpp.py), so this one never imports torch.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -51,7 +54,13 @@ RANDOM_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32
 
 
 def _random(name: str, work: Path) -> Path:
-    """A seeded random-initialised Llama of the named shape, fp16, with the bundled tokenizer."""
+    """A seeded random-initialised Llama of the named shape, fp16, with the bundled tokenizer,
+    written by a child process (torch stays out of this one)."""
+    subprocess.run([sys.executable, __file__, "--write-random", name, str(work)], check=True)
+    return work / name
+
+
+def _write_random(name: str, work: Path) -> None:
     import shutil
 
     import torch
@@ -68,7 +77,6 @@ def _random(name: str, work: Path) -> Path:
     for file in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(BASELINE / file, folder / file)
     print(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters", flush=True)
-    return folder
 
 
 def _timed(spec, prompts: list[str], budget: int) -> tuple[float, list[str]]:
@@ -102,7 +110,11 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--items", type=int, default=0, help="each family's first N items (0: all)")
     parser.add_argument("--random", choices=("random-100m", "random-1b", "random-8b"))
+    parser.add_argument("--write-random", nargs=2, metavar=("NAME", "FOLDER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.write_random:
+        _write_random(args.write_random[0], Path(args.write_random[1]))
+        return
 
     from quantbuild.evaluation.suites import MAX_NEW_TOKENS
     from quantbuild.runtimes.protocol import LLAMA_CPP, LoadSpec
