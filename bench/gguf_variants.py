@@ -491,38 +491,44 @@ def measures(args: argparse.Namespace) -> None:
     save(f"sensitivity_measures_{args.model.name}", results)
 
 
-def _preset_targets(model: Path, work: Path, low: float = 3.0, high: float = 5.0) -> dict[str, float]:
+def _preset_targets(model: Path, base_dir: Path, imatrix: Path, work: Path, low: float = 3.0,
+                    high: float = 5.0) -> dict[str, float]:
     """`mix_<preset>` -> the decoder target at which the auto-mix's file (type Q4_K_S, whose
     choices for the tensors outside the decoder it keeps) stores as many tensor bytes as
-    each stock preset from `low` to `high` bits per weight stores on this model."""
-    from quantbuild.gguf_artifacts import BASE_FILE
-    from quantbuild.gguf_base import build_base
+    each stock preset from `low` to `high` bits per weight stores on this model; and
+    `mix_<preset>_imat` where the preset quantized with the importance matrix stores another
+    size (IQ4_XS+imatrix is smaller than IQ4_XS on the 33M model)."""
+    from quantbuild.gguf_artifacts import BASE_FILE, IMATRIX_FILE
     from quantbuild.plan_validation import STOCK_PRESETS
     from quantbuild.quantizers import model_layers
     from quantbuild.quantizers.gguf import gguf_names
     from quantbuild.runtimes.gguf_file import layout
     from quantbuild.runtimes.llama_build import run_tool
 
-    build_base(model, "f16", needed=True, out=work)
-    base = work / BASE_FILE
+    work.mkdir(parents=True, exist_ok=True)
+    base = base_dir / BASE_FILE
     decoder = set(gguf_names(model, model_layers(model)).values())
     tensors = layout(base).tensors
     elements = sum(tensor.elements for tensor in tensors)
     decoder_elements = sum(tensor.elements for tensor in tensors if tensor.name in decoder)
 
-    def stored(preset: str) -> tuple[int, int]:
+    def stored(preset: str, matrix: bool = False) -> tuple[int, int]:
         path = work / f"{preset}.gguf"
-        run_tool("llama-quantize", [str(base), str(path), preset, "2"], preset)
+        run_tool("llama-quantize", [*(["--imatrix", str(imatrix / IMATRIX_FILE)] if matrix else []),
+                                    str(base), str(path), preset, "2"], preset)
         sizes = [(tensor.name in decoder, tensor.nbytes) for tensor in layout(path).tensors]
         path.unlink()
         return sum(size for _, size in sizes), sum(size for inside, size in sizes if inside)
     total, inside = stored("Q4_K_S")
     outside = total - inside
-    targets = {}
+    targets: dict[str, float] = {}
     for preset in STOCK_PRESETS:
-        size = stored(preset)[0]
-        if low <= size * 8 / elements <= high:
-            targets[f"mix_{preset}"] = (size - outside) * 8 / decoder_elements
+        sizes = {}
+        for matrix in (False, True):
+            size = stored(preset, matrix)[0]
+            if low <= size * 8 / elements <= high and size not in sizes.values():
+                sizes[matrix] = size
+                targets[f"mix_{preset}" + ("_imat" if matrix else "")] = (size - outside) * 8 / decoder_elements
     return targets
 
 
@@ -541,21 +547,24 @@ def validated(args: argparse.Namespace) -> None:
     from quantbuild.quantization import build_variant
     from quantbuild.runtimes.gguf_file import layout
     from quantbuild.runtimes.llama_build import run_tool
+    from quantbuild.sensitivity import write_sensitivity
 
     mix = ["Q2_K", "Q3_K", "IQ4_XS", "Q5_K", "Q6_K"]  # the demo's (conf/quant/gguf_mix_3p5.yaml)
     ladder, presets, results = [], {}, {}
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
-        targets = _preset_targets(args.model, work / "sizes") if args.at_presets else \
-            {f"mix_{target}": target for target in args.targets}
+        measure = SensitivityConfig(samples=4, family_tokens=1536, measure=args.measure,
+                                    check_stretches=args.check_stretches)
+        inputs = _prepare(work, baseline=args.model, sensitivity=measure)
+        targets = _preset_targets(args.model, work / "base", work / "imatrix", work / "sizes") if args.at_presets \
+            else {f"mix_{target}": target for target in args.targets}
         planned = {key: GgufConfig(type="Q4_K_S", target_bpw=target, mix_types=mix, validation_tokens=args.tokens)
                    for key, target in targets.items()}
         tokenizer = AutoTokenizer.from_pretrained(str(args.model))
         test = validation_texts(args.tokens, lambda v: len(tokenizer(v, verbose=False)["input_ids"]), seed=6001)
         started = time.perf_counter()
-        measure = SensitivityConfig(samples=4, family_tokens=1536, measure=args.measure,
-                                    check_stretches=args.check_stretches)
-        inputs = _prepare(work, baseline=args.model, planned=planned, sensitivity=measure)
+        write_sensitivity(args.model, inputs.calibration, planned, measure, work / "base", work / "sensitivity",
+                          imatrix=work / "imatrix")
         print(f"sensitivity ({args.measure}) of {len(planned)} planned variants: {time.perf_counter() - started:.0f} s",
               flush=True)
         base = work / "base" / BASE_FILE
@@ -640,7 +649,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["baseline", "random-100m"], choices=("baseline", "random-100m"))
     parser.add_argument("--measure", default="kl", choices=("kl", "weight_error"), help="validated: the sensitivity measure")
     parser.add_argument("--at-presets", action="store_true",
-                        help="validated: a target at each stock preset's size on this model (3-5 bpw), not --targets")
+                        help="validated: a target at each stock preset's size on this model (3-5 bpw; the +imatrix "
+                             "size too, where it differs), not --targets")
     parser.add_argument("--check-stretches", type=int, default=0,
                         help="validated: stretches of each plan checked whole while planning (0: none)")
     args = parser.parse_args()
