@@ -491,6 +491,17 @@ def measures(args: argparse.Namespace) -> None:
     save(f"sensitivity_measures_{args.model.name}", results)
 
 
+def _stock(base: Path, imatrix: Path, preset: str, matrix: bool, path: Path) -> Path:
+    """`base` quantized to the stock `preset` by llama-quantize (2 threads), with the importance
+    matrix in the folder `imatrix` where `matrix`."""
+    from quantbuild.gguf_artifacts import IMATRIX_FILE
+    from quantbuild.runtimes.llama_build import run_tool
+
+    run_tool("llama-quantize", [*(["--imatrix", str(imatrix / IMATRIX_FILE)] if matrix else []),
+                                str(base), str(path), preset, "2"], f"{preset}+imatrix" if matrix else preset)
+    return path
+
+
 def _preset_targets(model: Path, base_dir: Path, imatrix: Path, work: Path, low: float = 3.0,
                     high: float = 5.0) -> dict[str, float]:
     """`mix_<preset>` -> the decoder target at which the auto-mix's file (type Q4_K_S, whose
@@ -498,12 +509,11 @@ def _preset_targets(model: Path, base_dir: Path, imatrix: Path, work: Path, low:
     each stock preset from `low` to `high` bits per weight stores on this model; and
     `mix_<preset>_imat` where the preset quantized with the importance matrix stores another
     size (IQ4_XS+imatrix is smaller than IQ4_XS on the 33M model)."""
-    from quantbuild.gguf_artifacts import BASE_FILE, IMATRIX_FILE
+    from quantbuild.gguf_artifacts import BASE_FILE
     from quantbuild.plan_validation import STOCK_PRESETS
     from quantbuild.quantizers import model_layers
     from quantbuild.quantizers.gguf import gguf_names
     from quantbuild.runtimes.gguf_file import layout
-    from quantbuild.runtimes.llama_build import run_tool
 
     work.mkdir(parents=True, exist_ok=True)
     base = base_dir / BASE_FILE
@@ -513,9 +523,7 @@ def _preset_targets(model: Path, base_dir: Path, imatrix: Path, work: Path, low:
     decoder_elements = sum(tensor.elements for tensor in tensors if tensor.name in decoder)
 
     def stored(preset: str, matrix: bool = False) -> tuple[int, int]:
-        path = work / f"{preset}.gguf"
-        run_tool("llama-quantize", [*(["--imatrix", str(imatrix / IMATRIX_FILE)] if matrix else []),
-                                    str(base), str(path), preset, "2"], preset)
+        path = _stock(base, imatrix, preset, matrix, work / f"{preset}.gguf")
         sizes = [(tensor.name in decoder, tensor.nbytes) for tensor in layout(path).tensors]
         path.unlink()
         return sum(size for _, size in sizes), sum(size for inside, size in sizes if inside)
@@ -523,11 +531,11 @@ def _preset_targets(model: Path, base_dir: Path, imatrix: Path, work: Path, low:
     outside = total - inside
     targets: dict[str, float] = {}
     for preset in STOCK_PRESETS:
-        sizes = {}
+        sizes: set[int] = set()
         for matrix in (False, True):
             size = stored(preset, matrix)[0]
-            if low <= size * 8 / elements <= high and size not in sizes.values():
-                sizes[matrix] = size
+            if low <= size * 8 / elements <= high and size not in sizes:
+                sizes.add(size)
                 targets[f"mix_{preset}" + ("_imat" if matrix else "")] = (size - outside) * 8 / decoder_elements
     return targets
 
@@ -542,11 +550,10 @@ def validated(args: argparse.Namespace) -> None:
     from transformers import AutoTokenizer
 
     from quantbuild.config import GgufConfig, SensitivityConfig
-    from quantbuild.gguf_artifacts import BASE_FILE, IMATRIX_FILE, MODEL_FILE
+    from quantbuild.gguf_artifacts import BASE_FILE, MODEL_FILE
     from quantbuild.plan_validation import PLAN, STOCK_PRESETS, TEXTS, kl_divergence, reference, validation_texts
     from quantbuild.quantization import build_variant
     from quantbuild.runtimes.gguf_file import layout
-    from quantbuild.runtimes.llama_build import run_tool
     from quantbuild.sensitivity import write_sensitivity
 
     mix = ["Q2_K", "Q3_K", "IQ4_XS", "Q5_K", "Q6_K"]  # the demo's (conf/quant/gguf_mix_3p5.yaml)
@@ -588,9 +595,7 @@ def validated(args: argparse.Namespace) -> None:
         for preset in STOCK_PRESETS:
             for matrix in (False, True):
                 name = f"{preset}+imatrix" if matrix else preset
-                path = work / f"{name}.gguf"
-                run_tool("llama-quantize", [*(["--imatrix", str(work / "imatrix" / IMATRIX_FILE)] if matrix else []),
-                                            str(base), str(path), preset, "2"], name)
+                path = _stock(base, work / "imatrix", preset, matrix, work / f"{name}.gguf")
                 presets[name] = scored(path)
                 path.unlink()
     rows = []
