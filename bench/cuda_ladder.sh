@@ -23,7 +23,9 @@ OUT=${OUT:-/tmp/out}
 
 pack() {
   mkdir -p "$CARRY/wheels"
-  (cd .venv/llama.cpp && tar --exclude="$SDIST/vendor/llama.cpp/"{models,docs,benches,media,.github,tests,examples} \
+  # (the sdist carries a git pack of llama.cpp's history: 38 MB of the 64 MiB a call may carry)
+  (cd .venv/llama.cpp && tar --exclude="$SDIST/.git" \
+     --exclude="$SDIST/vendor/llama.cpp/"{models,docs,benches,media,.github,tests,examples,tools/ui/tests} \
      -cf - "$SDIST") | xz -T0 -6 > "$CARRY/llama-src.tar.xz"
   local platforms=(--python-version 3.12 --implementation cp --abi cp312 --only-binary=:all:)
   for tag in manylinux_2_17 manylinux2014 manylinux_2_24 manylinux_2_26 manylinux_2_27 manylinux_2_28 \
