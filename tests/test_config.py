@@ -102,6 +102,8 @@ def _edit(params: dict, dotted: str, value) -> dict:
         ("calibration.sensitivity.auto_weight_error_params", -1, "calibration.sensitivity.auto_weight_error_params=-1"),
         ("calibration.sensitivity.check_stretches", 65,
          "calibration.sensitivity.check_stretches=65 is not allowed (allowed: 0..64"),
+        ("eval.sequential.z", 1.5, "eval.sequential.z=1.5 is not allowed (allowed: 1.96 .. 10)"),
+        ("eval.sequential.looks", [100, 0], "eval.sequential.looks=[100, 0] is not allowed (allowed: positive item"),
         ("calibration.sources", {"tool_calls": float("inf")}, "calibration.sources.tool_calls=inf is not allowed"),
         ("calibration.sources", {"../../etc/passwd": 1.0}, "calibration.sources.'../../etc/passwd'"),
         ("model.files", {"../outside.json": "a" * 64}, "model.files.'../outside.json'='../outside.json' is not allowed"),

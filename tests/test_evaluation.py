@@ -322,3 +322,82 @@ def test_paired_drop_interval_and_median_interval():
     assert median_interval(list(range(1, 10))) == (5, 2, 8)
     assert median_interval(list(range(1, 22))) == (11, 6, 16)
     assert median_interval([3.0, 1.0]) == (2.0, 1.0, 3.0)
+
+
+# --- families answered until decided (quantbuild.evaluation.sequential) ---------------------
+
+def stopped(measured: dict, family: str, answered: int, verdict: str, of: int = N_ITEMS, z: float = 3.0) -> dict:
+    """`measured` as a variant's evaluation writes it when `family` stopped at a look after
+    `answered` items: its outcomes those items' alone, and the `sequential` record."""
+    kept = dict(list(measured["outcomes"][family].items())[:answered])
+    return {**measured, "outcomes": {**measured["outcomes"], family: kept},
+            "sequential": {"looks": [100, 200], "z": z, "stopped": {family: {"items": answered, "of": of,
+                                                                            "verdict": verdict}}}}
+
+
+def test_a_look_decides_a_budget_either_way_and_a_must_not_degrade_family_only_to_fail():
+    from quantbuild.evaluation.sequential import BUDGET, FAIL, MUST_NOT_DEGRADE, PASS, early_verdict
+
+    same = [True] * 200
+    assert early_verdict(BUDGET, 0.05, same, same, 3.0) == PASS  # [0, 0.043] at z 3 on 200 items
+    assert early_verdict(BUDGET, 0.05, same[:100], same[:100], 3.0) is None  # [0, 0.083]: not yet
+    assert early_verdict(BUDGET, 0.05, same[:100], same[:100], 1.96) == PASS  # the laxer z would have stopped
+    lost = [index >= 30 for index in range(100)]  # 30 of 100 lost: beyond any 5-point budget
+    assert early_verdict(BUDGET, 0.05, same[:100], lost, 3.0) == FAIL
+    # no drop on any of 200 items is no early pass for a family that must not degrade
+    assert early_verdict(MUST_NOT_DEGRADE, 0.0, same, same, 3.0) is None
+    assert early_verdict(MUST_NOT_DEGRADE, 0.0, same[:100], lost, 3.0) == FAIL
+
+
+def test_the_steps_are_a_gated_generated_family_s_looks_then_all_its_items():
+    from quantbuild.evaluation.sequential import Sequential, family_rules
+
+    gate = replace(GATE, max_family_drop={"retrieval": 0.05, "support": 0.05}, must_not_degrade=["structured"])
+    until = Sequential({}, family_rules(gate), (200, 100, 300, 0), 3.0, frozenset({"retrieval", "structured", "reasoning"}))
+    assert until.steps("retrieval", 300) == [100, 200, 300]
+    assert until.steps("structured", 150) == [100, 150]
+    assert until.steps("reasoning", 300) == [300]  # not gated
+    assert until.steps("support", 300) == [300]  # the user's golden family: answered whole
+
+
+def test_a_family_stopped_at_a_look_is_decided_there_at_its_z_and_summarised_on_its_items():
+    from quantbuild.report import family_line
+
+    gate = replace(GATE, max_family_drop={"structured": 0.05})
+    variant = stopped(metrics(2.0, 0.001, outcomes(285)), "structured", 200, "pass")
+    decision = select(BASE, {"int8": variant}, RECORDS, gate)
+    check = checks_of(decision, "int8")["structured_drop"]
+    assert check["pass"] and (check["n"], check["of"], check["z"]) == (200, N_ITEMS, 3.0)
+    assert check["interval"][1] == pytest.approx(paired_drop_interval([True] * 200, [True] * 200, 3.0)[2], abs=1e-6)
+    assert check["scores_on_these_items"] == [1.0, 1.0]  # the first 200 of 285 right on both sides
+    assert decision["chosen"] == "int8"
+    line = family_line("structured", {"score": 0.95}, {"score": 1.0, "n": 200}, check)
+    assert line.startswith("  structured     1.000 -> 1.000  (n=200 of 300, decided at z 3; drop +0.000 [")
+
+
+def test_a_stopped_family_the_gate_would_not_stop_or_whose_items_do_not_add_up_is_one_line():
+    gate = replace(GATE, max_family_drop={"structured": 0.05})
+    # stopped on a pass that 100 items do not give at z 3 (the budgets changed since)
+    early = stopped(metrics(2.0, 0.001, outcomes(285)), "structured", 100, "pass")
+    with pytest.raises(GateError, match="structured: its evaluation stopped at 100 of 300 items on a verdict"):
+        select(BASE, {"int8": early}, RECORDS, gate)
+    # an item of the 200 it reached is missing from its outcomes
+    short = stopped(metrics(2.0, 0.001, outcomes(285)), "structured", 200, "pass")
+    short["outcomes"]["structured"].pop("s000")
+    with pytest.raises(GateError, match="stopped at 200 of 300 items, but its outcomes hold 199"):
+        select(BASE, {"int8": short}, RECORDS, gate)
+
+
+def test_the_degenerate_check_pairs_the_items_a_variant_answered():
+    def clean(count: int) -> dict:
+        return {f"s{i:03d}": 1.0 for i in range(count)}
+
+    gate = replace(GATE, max_family_drop={"structured": 0.05}, max_degenerate_increase=0.0)
+    base = {**BASE, "outcomes": {**BASE["outcomes"], "degenerate": clean(N_ITEMS)}}
+    variant = stopped(metrics(2.0, 0.001, outcomes(285)), "structured", 200, "pass")
+    variant["outcomes"]["degenerate"] = clean(200)
+    check = checks_of(select(base, {"int8": variant}, RECORDS, gate), "int8")["degenerate_increase"]
+    assert check["pass"] and check["n"] == 200
+    variant["outcomes"]["degenerate"] = clean(250)  # more items than it answered
+    with pytest.raises(GateError, match="degenerate outputs: the baseline and the variant were checked on different"):
+        select(base, {"int8": variant}, RECORDS, gate)

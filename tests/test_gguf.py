@@ -545,6 +545,57 @@ def test_a_variant_is_evaluated_in_llama_cpp_against_its_baseline_with_its_kv_ty
     assert memory["1024"]["weights_mb"] < reference["memory"]["by_context"]["1024"]["weights_mb"] / 2
 
 
+def test_a_variant_answers_each_gated_family_until_a_look_decides_it_with_the_full_run_s_outcomes(built, base,
+                                                                                                   tmp_path):
+    """The baseline answers every item; a variant's budgeted families stop at the first look
+    whose paired interval at z decides them, its must-not-degrade family is answered whole,
+    each answered item's outcome is the one a run of every item gives, and the gate decides
+    the stopped families on those items at the recorded z."""
+    from quantbuild.config import EvalConfig, GateConfig, LatencyConfig, MemoryConfig
+    from quantbuild.evaluation.runner import OUTCOMES, REFERENCE, evaluate, gguf_spec
+    from quantbuild.evaluation.sequential import Sequential, early_verdict, family_rules
+    from quantbuild.gate import select
+
+    config = EvalConfig(limit=60, latency=LatencyConfig(prompt_lengths=[16], new_tokens=4, warmup=0, repeats=3),
+                        memory=MemoryConfig(context_lengths=[256]))
+    gate = GateConfig(max_family_drop={"retrieval": 0.25, "long_context": 0.25, "reasoning": 0.25},
+                      must_not_degrade=["structured"], max_memory_ratio=None, max_latency_paired_ratio=None)
+    data = REPO / "data" / "eval"
+    evaluate_gguf(base / BASE_FILE, "f16", config, data, tmp_path / "baseline", None)
+    variant = built["q8_0"] / MODEL_DIR / MODEL_FILE
+    whole = evaluate_gguf(variant, "f16", config, data, tmp_path / "whole", tmp_path / "baseline" / REFERENCE)
+    until = Sequential(read_json(tmp_path / "baseline" / OUTCOMES), family_rules(gate), (20, 40), 3.0,
+                       frozenset(config.families))
+    measured = evaluate(gguf_spec(variant, "f16", config, False), config, data, tmp_path / "looks",
+                        tmp_path / "baseline" / REFERENCE, until=until)
+    full, answered = read_json(tmp_path / "whole" / OUTCOMES), read_json(tmp_path / "looks" / OUTCOMES)
+    baseline = read_json(tmp_path / "baseline" / OUTCOMES)
+    stops = measured["sequential"]["stopped"]
+    assert set(stops) and set(stops) <= {"retrieval", "long_context", "reasoning"}, stops
+    assert len(answered["structured"]) == 60
+    for family, stop in stops.items():
+        items = sorted(answered[family])
+        assert stop["items"] == len(items) < stop["of"] == 60
+        rule, limit = family_rules(gate)[family]
+        sides = ([baseline[family][i] >= 1 for i in items], [answered[family][i] >= 1 for i in items])
+        assert early_verdict(rule, limit, *sides, 3.0) == stop["verdict"]
+        if stop["items"] == 40:  # the first look did not decide it
+            first = [i for i in baseline[family]][:20]
+            assert early_verdict(rule, limit, [baseline[family][i] >= 1 for i in first],
+                                 [answered[family][i] >= 1 for i in first], 3.0) is None
+    for family, values in answered.items():
+        if family != "failures":
+            assert values == {item: full[family][item] for item in values}, family
+    assert measured["families"]["structured"] == whole["families"]["structured"]
+    records = {"q8_0": {"method": "gguf", "size_bytes": 1, "bits_per_weight": 8.5}}
+    decision = select({**read_json(tmp_path / "baseline" / "measurements.json"), "outcomes": baseline},
+                      {"q8_0": {**measured, "outcomes": answered}}, records, gate)
+    checks = {check["budget"]: check for check in decision["variants"]["q8_0"]["checks"]}
+    for family, stop in stops.items():
+        assert (checks[f"{family}_drop"]["n"], checks[f"{family}_drop"]["of"]) == (stop["items"], 60)
+    assert checks["degenerate_increase"]["n"] == 4 * 60 - sum(60 - stop["items"] for stop in stops.values())
+
+
 def test_lineage_of_a_lone_gguf_reads_its_metadata_and_checks_its_tensors(built, tmp_path):
     from quantbuild.release.lineage import OK, broken, gguf_lineage
 

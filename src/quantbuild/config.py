@@ -257,6 +257,15 @@ class LatencyConfig:
 
 
 @dataclass
+class SequentialConfig:
+    # A variant's gated families answered in steps of these many items (the eval file's
+    # order), each stopping once the paired interval at `z` decides the gate's verdict on it
+    # (quantbuild.evaluation.sequential); [] answers every item. The baseline answers all.
+    looks: List[int] = field(default_factory=lambda: [100, 200])
+    z: float = 3.0
+
+
+@dataclass
 class MemoryConfig:
     context_lengths: List[int] = field(default_factory=lambda: [256, 1024])
     budget_mb: float = 64.0
@@ -297,6 +306,7 @@ class EvalConfig:
     golden: Dict[str, str] = field(default_factory=dict)
     latency: LatencyConfig = field(default_factory=LatencyConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    sequential: SequentialConfig = field(default_factory=SequentialConfig)
 
 
 FALLBACKS = ("baseline", "none")
@@ -648,6 +658,11 @@ def _check_ranges(config: Config) -> None:
              "repeats >= 1, warmup >= 0")
     _require(latency.repeats <= latency.max_rounds <= 10000, "eval.latency.max_rounds", latency.max_rounds,
              f"eval.latency.repeats ({latency.repeats}) .. 10000")
+    sequential = config.eval.sequential
+    _require(all(isinstance(look, int) and look >= 1 for look in sequential.looks), "eval.sequential.looks",
+             sequential.looks, "positive item counts ([] answers every item)")
+    # a look may not be laxer than the gate's final 95% interval
+    _require(1.96 <= sequential.z <= 10, "eval.sequential.z", sequential.z, "1.96 .. 10")
     _require(bool(memory.context_lengths) and all(n >= 1 for n in memory.context_lengths),
              "eval.memory.context_lengths", memory.context_lengths, "a non-empty list of positive token counts")
     _require(memory.budget_mb > 0, "eval.memory.budget_mb", memory.budget_mb, "> 0")

@@ -7,9 +7,11 @@ that runtime in the same run, and gets three kinds of checks:
   95% interval (baseline and variant answer the same items). A budgeted family fails when
   the interval's upper end exceeds its budget; a `must_not_degrade` family fails when the
   interval shows a real drop (its lower end above zero). One item more or less does not flip
-  a verdict that the interval decides. Degenerate outputs (loops, no stop, a foreign script)
-  over every generative item are paired the same way: by default a variant may not show more
-  of them than the baseline.
+  a verdict that the interval decides. A variant's family whose evaluation stopped at a look
+  (evaluation/sequential.py: its verdict already decided on fewer items, at a stricter z) is
+  decided on those items at that z. Degenerate outputs (loops, no stop, a foreign script)
+  over every generative item the variant answered are paired the same way: by default a
+  variant may not show more of them than the baseline.
 - win: smaller model memory at the gate's context than the baseline (weights, KV cache,
   runtime buffers, as the runtime reports them), and "not slower": TTFT and decode time per
   token timed interleaved with the baseline, decided against the limit plus the noise
@@ -32,6 +34,7 @@ from typing import Any, Optional
 from quantbuild.config import GateConfig
 from quantbuild.errors import GateError
 from quantbuild.evaluation.latency import deciding_ratio, decision_bound, verdict
+from quantbuild.evaluation.sequential import BUDGET, early_verdict, family_rules
 from quantbuild.evaluation.stats import paired_drop_interval
 from quantbuild.runtimes import TARGET_RUNTIME, target_of
 
@@ -70,36 +73,58 @@ def describe(check: dict[str, Any]) -> str:
 
 def _family_checks(baseline: dict, variant: dict, gate: GateConfig) -> list[dict[str, Any]]:
     checks = []
-    rules = {**{family: ("budget", limit) for family, limit in gate.max_family_drop.items()},
-             **{family: ("must_not_degrade", 0.0) for family in gate.must_not_degrade}}
-    for family, (rule, limit) in sorted(rules.items()):
+    stopped = variant.get("sequential", {}).get("stopped", {})
+    for family, (rule, limit) in sorted(family_rules(gate).items()):
         before = baseline["outcomes"].get(family, {})
         after = variant["outcomes"].get(family, {})
-        if sorted(before) != sorted(after):
-            raise GateError(f"gate: {family}: the baseline and the variant were scored on different items "
-                            f"(re-run `dvc repro` so both are evaluated on the same eval data)")
-        ids = sorted(before)
-        drop, low, high = paired_drop_interval([before[i] >= 1 for i in ids], [after[i] >= 1 for i in ids])
-        if rule == "budget":
+        stop = stopped.get(family)
+        ids = _paired_items(family, before, after, stop)
+        paired = ([before[i] >= 1 for i in ids], [after[i] >= 1 for i in ids])
+        drop, low, high = paired_drop_interval(*paired, variant["sequential"]["z"] if stop else 1.96)
+        if rule == BUDGET:
             checks.append(_check(f"{family}_drop", "quality", drop, limit, interval=(low, high), applies_to="ci_high"))
         else:
             checks.append(_check(f"{family}_drop", "quality", drop, 0.0, interval=(low, high), applies_to="ci_low"))
         checks[-1].update({"rule": rule, "n": len(ids)})
+        if stop:
+            # the family stopped at a look: decided there, at the look's z (evaluation/sequential.py)
+            if early_verdict(rule, limit, *paired, variant["sequential"]["z"]) != stop["verdict"]:
+                raise GateError(f"gate: {family}: its evaluation stopped at {stop['items']} of {stop['of']} items on "
+                                f"a verdict these budgets do not give (re-run `dvc repro`: the gate changed since)")
+            checks[-1].update({"of": stop["of"], "z": variant["sequential"]["z"],
+                               "scores_on_these_items": [round(sum(side) / len(ids), 6) for side in paired]})
     return checks
 
 
+def _paired_items(family: str, before: dict, after: dict, stop: Optional[dict]) -> list[str]:
+    """The items the baseline and the variant both answered: all of the family's, or, where
+    the variant's family stopped at a look, the ones it reached (each of them the baseline's)."""
+    if stop is None or len(after) == len(before):
+        if sorted(before) != sorted(after):
+            raise GateError(f"gate: {family}: the baseline and the variant were scored on different items "
+                            f"(re-run `dvc repro` so both are evaluated on the same eval data)")
+        return sorted(before)
+    if len(after) != stop["items"] or len(before) != stop["of"] or not set(after) <= set(before):
+        raise GateError(f"gate: {family}: the variant's evaluation stopped at {stop['items']} of {stop['of']} items, "
+                        f"but its outcomes hold {len(after)} items, not all of them the baseline's {len(before)} "
+                        f"(re-run `dvc repro`)")
+    return sorted(after)
+
+
 def _degenerate_check(baseline: dict, variant: dict, gate: GateConfig) -> Optional[dict[str, Any]]:
-    """More degenerate items than the baseline on the same items (paired interval)."""
+    """More degenerate items than the baseline on the same items (paired interval): every
+    generative item the variant answered (a family stopped at a look answered fewer)."""
     if gate.max_degenerate_increase is None:
         return None
     before = baseline["outcomes"].get("degenerate", {})
     after = variant["outcomes"].get("degenerate", {})
-    if sorted(before) != sorted(after):
+    if not before and not after:
+        return None
+    unanswered = sum(stop["of"] - stop["items"] for stop in variant.get("sequential", {}).get("stopped", {}).values())
+    if not after or not set(after) <= set(before) or len(before) - len(after) != unanswered:
         raise GateError("gate: degenerate outputs: the baseline and the variant were checked on different items "
                         "(re-run `dvc repro` so both are evaluated on the same eval data)")
-    if not before:
-        return None
-    ids = sorted(before)
+    ids = sorted(after)
     increase, low, high = paired_drop_interval([before[i] >= 1 for i in ids], [after[i] >= 1 for i in ids])
     check = _check("degenerate_increase", "quality", increase, gate.max_degenerate_increase, interval=(low, high),
                    applies_to="ci_low")

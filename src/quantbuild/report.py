@@ -122,16 +122,23 @@ def _chosen_lines(config: Config, chosen: str, target: str | None, entry: dict) 
         if family == "degenerate":
             lines.append(degenerate_line(b, v, checks))
             continue
-        check = drops.get(family)
-        rule = ""
-        if check is not None:
-            limit = "must not degrade" if check.get("rule") == "must_not_degrade" else f"budget {check['limit']:g}"
-            rule = f"; drop {check['measured']:+.3f} [{check['interval'][0]:+.3f}, {check['interval'][1]:+.3f}], {limit}"
-        lines.append(f"  {family:<14} {b['score']:.3f} -> {v['score']:.3f}  (n={v['n']}{rule})")
+        lines.append(family_line(family, b, v, drops.get(family)))
     size = sum(file["size"] for file in manifest["files"].values())
     check = f"quantbuild verify {bundle}" + (f" --target {target}" if target else "")
     lines.append(f"package: {bundle} ({size / 1e6:.2f} MB); check it with `{check}`")
     return lines
+
+
+def family_line(family: str, baseline: dict, variant: dict, check: dict | None) -> str:
+    """One family's scores, baseline -> variant, with the gate's paired check where it ran;
+    for a family the variant stopped answering at a look, both scores on the items it answered."""
+    rule, scores, n = "", (baseline["score"], variant["score"]), f"n={variant['n']}"
+    if check is not None:
+        limit = "must not degrade" if check.get("rule") == "must_not_degrade" else f"budget {check['limit']:g}"
+        rule = f"; drop {check['measured']:+.3f} [{check['interval'][0]:+.3f}, {check['interval'][1]:+.3f}], {limit}"
+        if "of" in check:
+            scores, n = check["scores_on_these_items"], f"n={check['n']} of {check['of']}, decided at z {check['z']:g}"
+    return f"  {family:<14} {scores[0]:.3f} -> {scores[1]:.3f}  ({n}{rule})"
 
 
 def degenerate_line(baseline: dict, variant: dict, checks: list[dict]) -> str:

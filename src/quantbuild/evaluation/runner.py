@@ -19,6 +19,7 @@ from quantbuild.config import EvalConfig
 from quantbuild.errors import DataError
 from quantbuild.evaluation import degenerate, distributions, kld
 from quantbuild.evaluation.latency import decision_bound, free_cores, measure_latency, paired_latency
+from quantbuild.evaluation.sequential import Sequential, family_rules
 from quantbuild.evaluation.stats import wilson_interval
 from quantbuild.evaluation.suites import GOLDEN_NEW_TOKENS, MAX_NEW_TOKENS, run_generative, summarise
 from quantbuild.fingerprint import cpu_info
@@ -76,7 +77,8 @@ def load_eval_items(config: EvalConfig, data_dir: Path) -> tuple[dict[str, list[
 def evaluate(spec: LoadSpec, config: EvalConfig, data_dir: Path, out: Path, reference: Optional[Path],
              baseline: Optional[LoadSpec] = None, deployed: Optional[LoadSpec] = None,
              reuse: Optional[Path] = None, tool_call_format: Optional[str] = None,
-             latency_bound: Optional[float] = None, log: Callable[[str], None] = lambda line: None) -> dict:
+             latency_bound: Optional[float] = None, until: Optional[Sequential] = None,
+             log: Callable[[str], None] = lambda line: None) -> dict:
     """Evaluate the artifact `spec` loads, on its runtime, and write measurements.json,
     quality.json, metrics.json, families.json, latency.json, memory.json, outcomes.json and
     the behavioural probes into `out` (and reference.safetensors for the baseline).
@@ -88,7 +90,9 @@ def evaluate(spec: LoadSpec, config: EvalConfig, data_dir: Path, out: Path, refe
     timed interleaved against the baseline loaded the same way, in this process; with
     `latency_bound` too (the gate's limit plus noise margin, `latency.decision_bound`), a
     ratio whose interval reaches both sides of it is timed for more rounds, up to
-    `eval.latency.max_rounds`.
+    `eval.latency.max_rounds`. With `until` (a variant's: the baseline's outcomes and the
+    gate's family rules), each gated family is answered until its verdict is decided
+    (quantbuild.evaluation.sequential); where it stops is recorded as `sequential`.
 
     llama.cpp left to choose its threads (`eval.threads` 0) runs every suite on the cores
     free when the evaluation starts (`latency.free_cores`, recorded as `cores`).
@@ -127,7 +131,7 @@ def evaluate(spec: LoadSpec, config: EvalConfig, data_dir: Path, out: Path, refe
             if reused is None:
                 log(f"quality: {len(pieces)} language-modelling chunks, {len(generative)} generative items")
                 tensors, quality, outcomes, records = _measure_quality(runtime, config, stored, lm_texts, pieces,
-                                                                       generative, prompt_format)
+                                                                       generative, prompt_format, until)
                 quality = {"eval_files_sha256": digests, "measured_with": _quality_settings(config),
                            "prompts": prompt_format.describe(),
                            **({"model_sha256": model_sha256} if model_sha256 else {}), **quality}
@@ -177,9 +181,10 @@ def _on_free_cores(spec: Optional[LoadSpec], threads: int) -> Optional[LoadSpec]
 
 
 def _measure_quality(runtime: Runtime, config: EvalConfig, stored: Optional[dict], lm_texts: list[str],
-                     pieces: list[list[int]], generative: list[Item], prompt_format: prompts.PromptFormat
-                     ) -> tuple[Optional[dict], dict, dict, list[dict]]:
-    """(reference tensors for the baseline, quality metrics, outcomes, generative records)."""
+                     pieces: list[list[int]], generative: list[Item], prompt_format: prompts.PromptFormat,
+                     until: Optional[Sequential] = None) -> tuple[Optional[dict], dict, dict, list[dict]]:
+    """(reference tensors for the baseline, quality metrics, outcomes, generative records
+    of the items answered)."""
     tensors, quality = None, {}
     if pieces:
         tensors, lm = kld.measure(
@@ -187,9 +192,26 @@ def _measure_quality(runtime: Runtime, config: EvalConfig, stored: Optional[dict
             lambda: distributions.reference_from(runtime.text_positions(lm_texts), config.kl_top_k),
             lambda stored_items: distributions.compare_from(runtime.text_positions(lm_texts), stored_items))
         quality.update({key: round(value, 6) if isinstance(value, float) else value for key, value in lm.items()})
-    records = run_generative(runtime, generative, prompt_format)
-    quality["families"] = _families(generative, records)
-    return tensors, quality, _outcomes(generative, records), records
+    answered = [(item, record) for item, record in zip(generative, run_generative(runtime, generative, prompt_format,
+                                                                                  until)) if record is not None]
+    items, records = [item for item, _ in answered], [record for _, record in answered]
+    quality["families"] = _families(items, records)
+    outcomes = _outcomes(items, records)
+    if until is not None:
+        quality["sequential"] = _stops(until, generative, outcomes)
+    return tensors, quality, outcomes, records
+
+
+def _stops(until: Sequential, generative: list[Item], outcomes: dict[str, dict]) -> dict[str, Any]:
+    """The looks, their z, and each family that stopped before its last item: how many
+    items it answered of how many, and the verdict that stopped it."""
+    totals: dict[str, int] = {}
+    for item in generative:
+        totals[item.family] = totals.get(item.family, 0) + 1
+    stopped = {family: {"items": len(outcomes.get(family, {})), "of": total,
+                        "verdict": until.decide(family, outcomes[family])}
+               for family, total in sorted(totals.items()) if len(outcomes.get(family, {})) < total}
+    return {"looks": list(until.looks), "z": until.z, "stopped": stopped}
 
 
 def _outcomes(generative: list[Item], records: list[dict]) -> dict[str, dict]:
@@ -341,6 +363,7 @@ def evaluate_on_ladder(config: Any, model_dir: Optional[Path], kv_cache_type: st
     bound = decision_bound(config.gate.max_latency_paired_ratio, config.gate.latency_noise_margin)
     baseline_dir = target_dir(config, target) / "baseline"
     reference = None if model_dir is None else baseline_dir / REFERENCE
+    until = None if model_dir is None else answered_until(config, baseline_dir)
     if model_dir is not None:  # what is read is what its quantize record says was built
         require_recorded_bytes(model_dir, read_json(model_dir.parent / QUANTIZE_RECORD))
     if ladder_runtime(config) == LLAMA_CPP:
@@ -354,10 +377,23 @@ def evaluate_on_ladder(config: Any, model_dir: Optional[Path], kv_cache_type: st
         same_load = model_dir is not None and replace(spec, artifact=base.artifact) == base
         return evaluate(spec, config.eval, Path(paths.eval_data), out, reference,
                         baseline=None if model_dir is None else base,
-                        reuse=baseline_dir if same_load else None,
-                        tool_call_format=config.model.tool_call_format, latency_bound=bound, log=log)
+                        reuse=baseline_dir if same_load else None, tool_call_format=config.model.tool_call_format,
+                        latency_bound=bound, until=until, log=log)
     spec = torch_spec(model_dir or Path(paths.baseline), config.eval, device=device)
     deployed = torch_spec(spec.artifact, config.eval, config.eval.latency.runtime, device)
     return evaluate(spec, config.eval, Path(paths.eval_data), out, reference,
                     baseline=None if model_dir is None else replace(deployed, artifact=Path(paths.baseline)),
-                    deployed=deployed, tool_call_format=config.model.tool_call_format, latency_bound=bound, log=log)
+                    deployed=deployed, tool_call_format=config.model.tool_call_format, latency_bound=bound,
+                    until=until, log=log)
+
+
+def answered_until(config: Any, baseline_dir: Path) -> Optional[Sequential]:
+    """How a variant's gated families are answered step by step against the baseline's
+    outcomes in `baseline_dir` (None: every item, where `eval.sequential.looks` is empty or
+    the baseline's outcomes are not there)."""
+    looks = tuple(config.eval.sequential.looks)
+    path = baseline_dir / OUTCOMES
+    if not looks or not path.is_file():
+        return None
+    return Sequential(read_json(path), family_rules(config.gate), looks, float(config.eval.sequential.z),
+                      frozenset(config.eval.families))

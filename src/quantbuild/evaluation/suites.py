@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
-from typing import Any
+from typing import Any, Optional
 
 from quantbuild.evaluation import degenerate
 from quantbuild.evaluation.distributions import target_logprobs
 from quantbuild.evaluation.scorers import failure, score
+from quantbuild.evaluation.sequential import Sequential
 from quantbuild.prompts import PromptFormat
 from quantbuild.tasks.items import Item
 
@@ -31,31 +32,49 @@ def perplexity(runtime: Any, texts: list[str]) -> dict[str, float]:
     return {"perplexity": math.exp(nll / count), "tokens": count}
 
 
-def run_generative(runtime: Any, items: list[Item], prompt_format: PromptFormat = RAW) -> list[dict[str, Any]]:
+def run_generative(runtime: Any, items: list[Item], prompt_format: PromptFormat = RAW,
+                   until: Optional[Sequential] = None) -> list[Optional[dict[str, Any]]]:
     """Greedy completions of every item on `runtime`, each prompt formed as the model is
     deployed (`prompt_format`), scored, and checked for degenerate output; one record per
     item, in order: its outcomes (`correct` first, 0/1 each, the degenerate kinds among
-    them) and, where it is wrong or degenerate, why (`failure`, `degenerate`)."""
+    them) and, where it is wrong or degenerate, why (`failure`, `degenerate`).
+
+    `until`: a variant's families answered in steps, each stopping at the first look that
+    decides the gate's verdict on it (quantbuild.evaluation.sequential); the items a family
+    did not reach have no record (None)."""
     by_family: dict[str, list[int]] = defaultdict(list)
     for index, item in enumerate(items):
         by_family[item.family].append(index)
-    records: list[dict[str, Any]] = [{} for _ in items]
+    records: list[Optional[dict[str, Any]]] = [None for _ in items]
     for family, indices in sorted(by_family.items()):
-        prompts = [prompt_format.render(items[index]) for index in indices]
-        outputs = runtime.complete(prompts, MAX_NEW_TOKENS.get(family, GOLDEN_NEW_TOKENS), special=prompt_format.chat)
-        for index, prompt, output in zip(indices, prompts, outputs):
-            item = items[index]
-            outcomes = score(item, output.text, prompt_format.tool_call_format)
-            found = degenerate.kinds(output.text, output.stopped, prompt + json.dumps(item.expected, ensure_ascii=False))
-            record = {"id": item.id, "output": output.text, **outcomes,
-                      **{kind: float(kind in found) for kind in degenerate.KINDS}}
-            why = failure(outcomes)
-            if why is not None:
-                record["failure"] = why
-            if found:
-                record["degenerate"] = found
-            records[index] = record
+        done = 0
+        for step in (until.steps(family, len(indices)) if until else [len(indices)]):
+            _answer(runtime, items, indices[done:step], prompt_format, records)
+            done = step
+            if step < len(indices) and until.decide(
+                    family, {items[index].id: records[index]["correct"] for index in indices[:step]}):
+                break
     return records
+
+
+def _answer(runtime: Any, items: list[Item], indices: list[int], prompt_format: PromptFormat,
+            records: list[Optional[dict[str, Any]]]) -> None:
+    """Complete, score and check the items at `indices` (one family), into `records`."""
+    family = items[indices[0]].family
+    prompts = [prompt_format.render(items[index]) for index in indices]
+    outputs = runtime.complete(prompts, MAX_NEW_TOKENS.get(family, GOLDEN_NEW_TOKENS), special=prompt_format.chat)
+    for index, prompt, output in zip(indices, prompts, outputs):
+        item = items[index]
+        outcomes = score(item, output.text, prompt_format.tool_call_format)
+        found = degenerate.kinds(output.text, output.stopped, prompt + json.dumps(item.expected, ensure_ascii=False))
+        record = {"id": item.id, "output": output.text, **outcomes,
+                  **{kind: float(kind in found) for kind in degenerate.KINDS}}
+        why = failure(outcomes)
+        if why is not None:
+            record["failure"] = why
+        if found:
+            record["degenerate"] = found
+        records[index] = record
 
 
 def summarise(items: list[Item], records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
