@@ -35,7 +35,10 @@ def main(config: Config) -> None:
     model_dir = None if name == BASELINE else Path(paths.quantized) / name / MODEL_DIR
     kv_type = "f16" if name == BASELINE else getattr(config.quant.variants[name], "kv_cache_type", "f16")
     metrics = evaluate_on_ladder(config, model_dir, kv_type, target_dir(config, target) / name, target, log=progress)
-    scores = ", ".join(f"{family} {values['score']:.3f}" for family, values in sorted(metrics["families"].items()))
+    stopped = metrics.get("sequential", {}).get("stopped", {})
+    scores = ", ".join(f"{family} {values['score']:.3f}"
+                       + (f" ({stopped[family]['items']} of {stopped[family]['of']}: decided)" if family in stopped else "")
+                       for family, values in sorted(metrics["families"].items()))
     say(f"{name} on {target}: perplexity {metrics.get('perplexity', float('nan')):.4f}, {scores}")
 
 
