@@ -23,3 +23,20 @@ def save(name: str, results: Any) -> None:
     """bench/out/<name>.json (git-ignored): the raw numbers behind a printed table."""
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / f"{name}.json").write_text(json.dumps(results, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def stage_times(log: str) -> dict[str, float]:
+    """Each stage's seconds as the stage itself printed them (`... [stage 12.3 s]`) in the
+    output of a `dvc repro` that is not `--quiet` (its `Running stage 'NAME':` lines name them)."""
+    import re
+
+    current, times = None, {}
+    for line in log.splitlines():
+        started = re.match(r"Running stage '([^']+)'", line)
+        if started:
+            current = started.group(1)
+            continue
+        took = re.search(r"\[stage ([\d.]+) s\]\s*$", line)
+        if current and took:
+            times[current] = times.get(current, 0.0) + float(took.group(1))
+    return times

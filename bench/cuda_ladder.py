@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import subprocess
 from pathlib import Path
 
-from benchlib import ROOT, save, table
+from benchlib import ROOT, save, stage_times, table
 
 
 def prepare(model: str) -> None:
@@ -90,15 +89,7 @@ def _type(layout, path: Path) -> str:
 
 def stages(log: Path) -> None:
     """Each stage's time as the stage itself printed it (`... [12.3 s]`) in a `dvc repro` log."""
-    current, times = None, {}
-    for line in log.read_text(errors="replace").splitlines():
-        started = re.match(r"Running stage '([^']+)'", line)
-        if started:
-            current = started.group(1)
-            continue
-        took = re.search(r"\[stage ([\d.]+) s\]\s*$", line)
-        if current and took:
-            times[current] = times.get(current, 0.0) + float(took.group(1))
+    times = stage_times(log.read_text(errors="replace"))
     rows = [[name, f"{seconds:.1f}"] for name, seconds in times.items()]
     print(table(["stage", "seconds"], rows))
     print(f"total {sum(times.values()):.0f} s; median stage {statistics.median(times.values()) if times else 0:.1f} s")
