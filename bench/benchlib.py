@@ -27,7 +27,8 @@ def save(name: str, results: Any) -> None:
 
 def stage_times(log: str) -> dict[str, float]:
     """Each stage's seconds as the stage itself printed them (`... [stage 12.3 s]`) in the
-    output of a `dvc repro` that is not `--quiet` (its `Running stage 'NAME':` lines name them)."""
+    output of a `dvc repro` that is not `--quiet` (its `Running stage 'NAME':` lines name them;
+    a stage's later lines repeat its time so far, so the largest is its time)."""
     import re
 
     current, times = None, {}
@@ -38,5 +39,6 @@ def stage_times(log: str) -> dict[str, float]:
             continue
         took = re.search(r"\[stage ([\d.]+) s\]\s*$", line)
         if current and took:
-            times[current] = times.get(current, 0.0) + float(took.group(1))
+            # a stage may print several lines, each with its time so far: the last is its time
+            times[current] = max(times.get(current, 0.0), float(took.group(1)))
     return times

@@ -58,7 +58,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["workflow-llama-8m", "workflow-chat-33m"])
     parser.add_argument("--keep", type=Path, help="run in this folder and keep the clones and logs")
+    parser.add_argument("--from-logs", type=Path, help="tabulate the logs a --keep run left in this folder")
     args = parser.parse_args()
+    if args.from_logs:
+        measured = {model: (stage_times((args.from_logs / f"{model}.log").read_text()), None) for model in args.models}
+        report(args.models, measured)
+        return
     scratch = None if args.keep else tempfile.TemporaryDirectory(prefix="quantbuild-cost-")
     work = args.keep or Path(scratch.name)
     work.mkdir(parents=True, exist_ok=True)
@@ -66,26 +71,31 @@ def main() -> None:
     for model in args.models:
         measured[model] = repro(model, work)
         print(f"{model}: dvc repro {measured[model][1]:.0f} s", flush=True)
-    first = args.models[0]
-    sizes = {model: parameters(model) for model in args.models}
-    names = list(dict.fromkeys(name for model in args.models for name in measured[model][0]))
+    report(args.models, measured)
+    if scratch is not None:
+        scratch.cleanup()
+
+
+def report(models: list[str], measured: dict[str, tuple[dict[str, float], float | None]]) -> None:
+    """The table: each stage's seconds per model and its ratio to the first model's."""
+    first = models[0]
+    sizes = {model: parameters(model) for model in models}
+    names = list(dict.fromkeys(name for model in models for name in measured[model][0]))
     rows = []
     for name in names:
-        cells = [measured[model][0].get(name) for model in args.models]
+        cells = [measured[model][0].get(name) for model in models]
         ratios = [f"{cell / cells[0]:.1f}x" if cell and cells[0] else "-" for cell in cells[1:]]
         rows.append([name, *[f"{cell:.1f}" if cell is not None else "-" for cell in cells], *ratios])
     for label, keep in (("evaluate stages, summed", lambda name: name.startswith("evaluate")),
                         ("every stage, summed", lambda name: True)):
-        sums = [sum(seconds for name, seconds in measured[model][0].items() if keep(name)) for model in args.models]
+        sums = [sum(seconds for name, seconds in measured[model][0].items() if keep(name)) for model in models]
         rows.append([label, *[f"{value:.1f}" for value in sums], *[f"{value / sums[0]:.1f}x" for value in sums[1:]]])
-    rows.append(["parameters (M)", *[f"{sizes[model] / 1e6:.1f}" for model in args.models],
-                 *[f"{sizes[model] / sizes[first]:.1f}x" for model in args.models[1:]]])
-    print(table(["stage", *[f"{model} (s)" for model in args.models], *[f"{model} / {first}" for model in args.models[1:]]],
+    rows.append(["parameters (M)", *[f"{sizes[model] / 1e6:.1f}" for model in models],
+                 *[f"{sizes[model] / sizes[first]:.1f}x" for model in models[1:]]])
+    print(table(["stage", *[f"{model} (s)" for model in models], *[f"{model} / {first}" for model in models[1:]]],
                 rows))
     save("stage_cost", {model: {"stages": measured[model][0], "wall_s": measured[model][1],
-                                "parameters": sizes[model]} for model in args.models})
-    if scratch is not None:
-        scratch.cleanup()
+                                "parameters": sizes[model]} for model in models})
 
 
 if __name__ == "__main__":
