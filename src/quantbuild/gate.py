@@ -90,7 +90,7 @@ def _family_checks(baseline: dict, variant: dict, gate: GateConfig) -> list[dict
             # the family stopped at a look: decided there, at the look's z (evaluation/sequential.py)
             if early_verdict(rule, limit, *paired, variant["sequential"]["z"]) != stop["verdict"]:
                 raise GateError(f"gate: {family}: its evaluation stopped at {stop['items']} of {stop['of']} items on "
-                                f"a verdict these budgets do not give (re-run `dvc repro`: the gate changed since)")
+                                f"a verdict these budgets do not give (the gate changed since: `dvc repro -f` evaluates again)")
             checks[-1].update({"of": stop["of"], "z": variant["sequential"]["z"],
                                "scores_on_these_items": [round(sum(side) / len(ids), 6) for side in paired]})
     return checks
