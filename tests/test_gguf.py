@@ -5,6 +5,7 @@ and one line for every bad input."""
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -142,7 +143,12 @@ def test_conversion_and_imatrix_are_byte_identical_across_runs(base, tmp_path):
 
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
-def test_each_variant_builds_the_same_gguf_twice(name, built, inputs, sensitivity, tmp_path):
+def test_each_variant_builds_the_same_gguf_twice_on_one_core_as_on_all(name, built, inputs, sensitivity, tmp_path,
+                                                                       monkeypatch):
+    import quantbuild.runtimes.llama_build as llama_build
+
+    assert llama_build.cores() == len(os.sched_getaffinity(0))  # what `built` was made with
+    monkeypatch.setattr(llama_build, "cores", lambda: 1)
     build_variant(name, VARIANTS[name], _inputs(inputs, sensitivity, name), tmp_path / name)
     first = read_json(built[name] / RECORD)["files"]
     assert read_json(tmp_path / name / RECORD)["files"] == first
@@ -1014,3 +1020,31 @@ def test_a_plan_checked_whole_keeps_only_stretches_that_lower_its_held_out_kl_an
         assert record["planned_bits_per_weight"] <= ladder[name].target_bpw + 1e-9
     assert all(TENSOR_TYPE_BITS[types["mix_4.0"][layer]] >= TENSOR_TYPE_BITS[kind]
                for layer, kind in types["mix_3.5"].items())
+
+
+def test_the_validation_measures_in_a_child_process_what_it_measures_in_this_one(built, base):
+    """The validation's llama.cpp work runs in a child that loads llama.cpp first (a CUDA
+    build loaded after torch's or sentencepiece's OpenMP crashed): its divergences are the
+    ones this process measures, an error there is the same one line here, and a child that
+    dies is one line naming the signal."""
+    from quantbuild.errors import IntegrityError
+    from quantbuild.plan_validation import kl_divergence, reference
+    from quantbuild.runtimes.llama_worker import LlamaWorker
+
+    tokens = LlamaCppModel(base / BASE_FILE, n_ctx=64, threads=1).tokenize("Rows: 12. Columns: 4. Cells?")
+    drawn = {"prose": (["The quick brown fox jumps over the lazy dog. " * 20, "A second, shorter text."], 0),
+             "own": ([[tokens, 3]], 0)}
+    variant = built["q4_k_m_imat"] / MODEL_DIR / MODEL_FILE
+    here = kl_divergence(variant, reference(base / BASE_FILE, drawn, 2, False), drawn, 2, False)
+    with LlamaWorker(2, False, "cpu") as worker:
+        worker.reference("held", base / BASE_FILE, drawn)
+        assert worker.divergence(variant, "held", drawn) == here
+        assert 0 < here["prose"]["kld_mean"] and 0 < here["own"]["top1_agreement"] <= 1
+        broken = base.parent / "broken.gguf"
+        broken.write_bytes(b"GGUF" + bytes(60))
+        with pytest.raises(IntegrityError, match="broken.gguf"):
+            worker.divergence(broken, "held", drawn)
+        assert worker.divergence(variant, "held", drawn) == here  # the child carries on after an error
+        worker.process.kill()
+        with pytest.raises(QuantbuildError, match=r"its process ended \(killed by signal 9\)"):
+            worker.divergence(variant, "held", drawn)

@@ -78,7 +78,7 @@ def compute_imatrix(base: Path, calibration: CalibrationConfig, data_dir: Path, 
 
     from quantbuild.calibration import draw_texts
     from quantbuild.runtimes.gguf_file import metadata
-    from quantbuild.runtimes.llama_build import run_tool
+    from quantbuild.runtimes.llama_build import cores, run_tool
 
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     texts, composition = draw_texts(calibration, data_dir, calibration.imatrix_samples, tokenizer.chat_template)
@@ -99,7 +99,7 @@ def compute_imatrix(base: Path, calibration: CalibrationConfig, data_dir: Path, 
         corpus = f"calibration-{text_sha256[:16]}.txt"
         (folder / corpus).write_text(text, encoding="utf-8")
         args = ["-m", str(base.resolve()), "-f", corpus, "-o", str(out.resolve()), "-c", str(chunk), "-b", str(chunk),
-                "-t", "2", "--no-ppl", "--output-frequency", "1000000"]
+                "-t", str(cores()), "--no-ppl", "--output-frequency", "1000000"]
         if not repack:
             args.append("--no-repack")
         if chat:

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from quantbuild.hashing import sha256_bytes
+from quantbuild.runtimes.llama_worker import LlamaWorker
 from quantbuild.tasks.write_data import VALIDATION_SEED
 
 # The texts a plan is validated on, and what each is drawn from: eval families (prompt and
@@ -62,6 +63,8 @@ OWN = "planner"
 # answers, fit).
 N_CTX = 2048
 PLAN = "plan"
+# the name the held-out texts' reference is kept under in the measuring process
+TEXTS_REFERENCE = "texts"
 
 
 @lru_cache(maxsize=None)
@@ -135,10 +138,10 @@ def texts_record(drawn: dict[str, tuple[list[str], int]], seed: int = VALIDATION
                    "items": len(texts), "seed": seed} for kind, (texts, counted) in drawn.items()}
 
 
-def _model(path: Path, threads: int, repack: bool) -> Any:
+def _model(path: Path, threads: int, repack: bool, device: str) -> Any:
     from quantbuild.runtimes.llama_cpp import LlamaCppModel
 
-    return LlamaCppModel(path, n_ctx=N_CTX, threads=threads, repack=repack)
+    return LlamaCppModel(path, n_ctx=N_CTX, threads=threads, repack=repack, device=device)
 
 
 # A text, or a token sequence with the first position it is scored from (the planner's own
@@ -157,27 +160,28 @@ def _positions(model: Any, items: list[Scored]) -> Any:
         yield logprobs[first:], targets[first:]
 
 
-def reference(base: Path, drawn: dict[str, tuple[list[Scored], int]], threads: int, repack: bool) -> dict[str, dict]:
+def reference(base: Path, drawn: dict[str, tuple[list[Scored], int]], threads: int, repack: bool,
+              device: str = "cpu") -> dict[str, dict]:
     """The base GGUF's next-token distributions over each text: whole where the vocabulary
     is small, else the top-k with a tail bucket (the evaluation's own settings)."""
     from quantbuild.config import EvalConfig
     from quantbuild.evaluation.distributions import reference_from
 
     settings = EvalConfig()
-    with _model(base, threads, repack) as model:
+    with _model(base, threads, repack, device) as model:
         return {kind: reference_from(_positions(model, texts), settings.kl_top_k,
                                      model.n_vocab <= settings.kl_full_vocab)[0]
                 for kind, (texts, _) in drawn.items()}
 
 
 def kl_divergence(path: Path, stored: dict[str, dict], drawn: dict[str, tuple[list[Scored], int]], threads: int,
-                  repack: bool) -> dict[str, dict[str, float]]:
+                  repack: bool, device: str = "cpu") -> dict[str, dict[str, float]]:
     """Each text -> the mean KL divergence of `path` to its stored reference, and top-1
     agreement."""
     from quantbuild.evaluation.distributions import compare_from
 
     scores = {}
-    with _model(path, threads, repack) as model:
+    with _model(path, threads, repack, device) as model:
         for kind, (texts, _) in drawn.items():
             measured = compare_from(_positions(model, texts), stored[kind])
             scores[kind] = {"kld_mean": round(measured["kld_mean"], 8),
@@ -222,7 +226,7 @@ def validate_plan(plan_file: Path, base: Path, imatrix: Optional[Path], tokenize
                   smaller: Optional[dict[str, tuple[list[str], str]]] = None,
                   build: Optional[PlanBuild] = None,
                   own: Optional[list[tuple[list[int], int]]] = None,
-                  budget_bytes: int = 0) -> tuple[dict[str, Any], Optional[Path], Any]:
+                  budget_bytes: int = 0, device: str = "cpu") -> tuple[dict[str, Any], Optional[Path], Any]:
     """Measure `plan_file`, every stock preset within its size (`budget_bytes`, the tensor
     bytes its target allows, where that is more than the plan stores: a preset the budget
     holds is a rival even where the plan came out smaller) and the ladder's smaller
@@ -233,6 +237,8 @@ def validate_plan(plan_file: Path, base: Path, imatrix: Optional[Path], tokenize
     helps (`BY_TYPE`), where that differs from the plan. `own`: the token sequences the
     plan was chosen on (sensitivity.planner_probes), on which each candidate's divergence is
     reported beside the held-out texts' (`planner_tokens`), never used to choose.
+    `device`: where llama.cpp runs every candidate (runtimes.llama_cpp.fastest_device), the
+    same for all of them; the record names it.
 
     Returns (the record, the file to ship instead or None, the temporary folder holding
     it, to be cleaned up by the caller once copied). The record names each candidate with
@@ -242,21 +248,34 @@ def validate_plan(plan_file: Path, base: Path, imatrix: Optional[Path], tokenize
     """
     from transformers import AutoTokenizer
 
-    from quantbuild.runtimes.gguf_file import layout
-    from quantbuild.runtimes.llama_build import run_tool
-
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     drawn = validation_texts(tokens, lambda value: len(tokenizer(value, verbose=False)["input_ids"]))
     work = tempfile.TemporaryDirectory(prefix="quantbuild-validation-")
+    try:
+        with LlamaWorker(threads, repack, device) as worker:
+            return _validate(plan_file, base, imatrix, drawn, worker, threads, work, smaller, build, own,
+                             budget_bytes)
+    except BaseException:
+        work.cleanup()
+        raise
+
+
+def _validate(plan_file: Path, base: Path, imatrix: Optional[Path], drawn: dict[str, tuple[list[Scored], int]],
+              worker: Any, threads: int, work: Any, smaller: Optional[dict[str, tuple[list[str], str]]],
+              build: Optional[PlanBuild], own: Optional[list[tuple[list[int], int]]],
+              budget_bytes: int) -> tuple[dict[str, Any], Optional[Path], Any]:
+    from quantbuild.runtimes.gguf_file import layout
+    from quantbuild.runtimes.llama_build import run_tool
+
     folder = Path(work.name)
-    stored = reference(base, drawn, threads, repack)
+    worker.reference(TEXTS_REFERENCE, base, drawn)
     allowed = max(tensor_bytes(plan_file), budget_bytes)
     elements = sum(tensor.elements for tensor in layout(plan_file).tensors)
 
     def entry(path: Path) -> dict[str, Any]:
         size = tensor_bytes(path)
         return {"tensor_bytes": size, "bits_per_weight": round(size * 8 / elements, 4),
-                "texts": kl_divergence(path, stored, drawn, threads, repack)}
+                "texts": worker.divergence(path, TEXTS_REFERENCE, drawn)}
 
     measured: dict[str, dict[str, Any]] = {PLAN: entry(plan_file)}
     larger: list[str] = []
@@ -292,13 +311,13 @@ def validate_plan(plan_file: Path, base: Path, imatrix: Optional[Path], tokenize
     shipped, best = choose(measured)
     if own:  # the plan, and what ships instead of it, on the tokens the plan was chosen on
         probes = {OWN: (own, 0)}
-        on_own = reference(base, probes, threads, repack)
+        worker.reference(OWN, base, probes)
         files = {PLAN: plan_file, **({shipped: folder / f"{shipped}.gguf"} if shipped != PLAN else {})}
         for name, path in files.items():
-            measured[name]["planner_tokens"] = kl_divergence(path, on_own, probes, threads, repack)[OWN]
+            measured[name]["planner_tokens"] = worker.divergence(path, OWN, probes)[OWN]
     record = {"text": {"seed": VALIDATION_SEED, "tokens": sum(counted for _, counted in drawn.values()),
                        "sha256": sha256_bytes(texts_key.encode("ascii")), "texts": texts},
-              "budget_bytes": allowed, "measured": measured, "larger_than_plan": sorted(larger), "best_alternative": best, "shipped": shipped,
+              "device": worker.settings["device"], "budget_bytes": allowed, "measured": measured, "larger_than_plan": sorted(larger), "best_alternative": best, "shipped": shipped,
               **({"imatrix_by_type": by_type} if by_type is not None else {}),
               **({"planner_tokens": {"sequences": len(own), "scored": sum(len(ids) - 1 - first for ids, first in own)}}
                  if own else {})}

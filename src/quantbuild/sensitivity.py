@@ -138,7 +138,7 @@ def gguf_weights(candidate: Candidate, baseline: Path, gguf_base: Path, layers: 
     `imatrix`: the imatrix stage's folder, for a candidate that uses the matrix; `keep`:
     leave the file, `work/<candidate key>.gguf`, for `oriented` to read again)."""
     from quantbuild.quantizers.gguf import gguf_names, tensor_type_file
-    from quantbuild.runtimes.llama_build import run_tool
+    from quantbuild.runtimes.llama_build import cores, run_tool
 
     names = gguf_names(baseline, layers)
     base = require_base(gguf_base)
@@ -147,7 +147,7 @@ def gguf_weights(candidate: Candidate, baseline: Path, gguf_base: Path, layers: 
     types_file, out = work / f"{candidate.key}.types.txt", work / f"{candidate.key}.gguf"
     tensor_type_file(plan, types_file)
     args = (["--imatrix", str(matrix)] if matrix else []) + ["--tensor-type-file", str(types_file)]
-    run_tool("llama-quantize", [*args, str(base), str(out), "Q8_0", "2"], f"sensitivity {candidate.key}")
+    run_tool("llama-quantize", [*args, str(base), str(out), "Q8_0", str(cores())], f"sensitivity {candidate.key}")
     orientation = orientation or gguf_layer_orientation(baseline, gguf_base, names)
     weights = oriented(out, {layer: names[layer] for layer in layers}, orientation)
     if not keep:

@@ -173,7 +173,7 @@ def tensor_type_file(plan: dict, path: Path) -> bool:
 
 def _quantize(variant: Any, inputs: Inputs, plan: dict, out: Path) -> dict:
     from quantbuild.runtimes.gguf_file import write_with_lineage
-    from quantbuild.runtimes.llama_build import run_tool
+    from quantbuild.runtimes.llama_build import cores, run_tool
 
     started = time.perf_counter()
     base = require_base(inputs.gguf_base)
@@ -192,7 +192,7 @@ def _quantize(variant: Any, inputs: Inputs, plan: dict, out: Path) -> dict:
     needed = 2 * base.stat().st_size * bits / 16 * 1.25
     require_space(out, int(needed))
     try:
-        output = run_tool("llama-quantize", [*args, str(base), str(quantized), variant.type, "2"],
+        output = run_tool("llama-quantize", [*args, str(base), str(quantized), variant.type, str(cores())],
                           f"gguf {variant.type}")
     except QuantbuildError:
         if free_bytes(out) < needed:  # the tool's own line does not say the disk filled
@@ -284,22 +284,22 @@ def _validate(variant: Any, inputs: Inputs, quantized: Path, base: Path, smaller
     the smaller plans of its chain (`smaller`: label -> llama-quantize arguments) and itself
     with the importance matrix on the tensor types it helps only (`build`), on held-out text
     (quantbuild.plan_validation), with the importance matrix where the imatrix stage made one."""
-    import os
-
     from quantbuild.fingerprint import cpu_info
     from quantbuild.plan_validation import validate_plan
-    from quantbuild.runtimes.llama_build import repack_allowed
+    from quantbuild.runtimes.llama_build import cores, repack_allowed
+    from quantbuild.runtimes.llama_cpp import fastest_device
 
     from quantbuild.probes import planner_probes
 
     matrix = require_imatrix(inputs.imatrix) if imatrix_record(inputs.imatrix) else None
     own = planner_probes(inputs.baseline, inputs.calibration, inputs.sensitivity or {})
     # every core this process may use: a fixed count per machine (the divergences do not
-    # depend on it: each output of llama.cpp's CPU matmul is one thread's sum)
+    # depend on it: each output of llama.cpp's CPU matmul is one thread's sum); on the GPU
+    # where llama.cpp has one (an 8B model's 17 candidates take hours on a CPU)
     return validate_plan(quantized, base, matrix, inputs.baseline, variant.validation_tokens,
-                         len(os.sched_getaffinity(0)), repack_allowed(cpu_info()["isa"]),
+                         cores(), repack_allowed(cpu_info()["isa"]),
                          smaller={label: (args, build.file_type) for label, args in smaller.items()}, build=build,
-                         own=own, budget_bytes=budget)
+                         own=own, budget_bytes=budget, device=fastest_device())
 
 
 def effective_bits(model_dir: Path, plan: dict, layers: dict) -> dict[str, Any]:

@@ -33,6 +33,14 @@ REPACK_UNSAFE_ISA = ("amx_int8", "amx_bf16", "amx_tile", "avx512f")
 BUILD_INFO = "quantbuild-build.json"
 
 
+def cores() -> int:
+    """The threads the llama.cpp tools run with: every core this process may use. Their
+    outputs do not depend on it (each quantized block and each matmul output is one
+    thread's work; a test builds a variant on one core and on all and compares), so a
+    16-core machine quantizes an 8B model in a minute rather than eight."""
+    return len(os.sched_getaffinity(0))
+
+
 def version() -> str:
     try:
         return metadata.version(PACKAGE)

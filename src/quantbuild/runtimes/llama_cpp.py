@@ -90,6 +90,14 @@ def devices() -> list[str]:
     return ["cpu"] if _cuda_unavailable() else ["cpu", "cuda"]
 
 
+def fastest_device() -> str:
+    """Where the pipeline's own llama.cpp measurements run (an auto-mix's validation): the
+    GPU where this machine's llama.cpp has one, else the CPU. The machine's fingerprint
+    names both the build and the GPU, so a plan validated on one is rebuilt, not reused, on
+    the other."""
+    return devices()[-1]
+
+
 def check_device(device: str) -> None:
     """Raise ConfigError, in one line, for a device llama.cpp does not know."""
     if device not in DEVICES:
