@@ -90,13 +90,16 @@ ladder() {  # [hydra overrides], by default the default ladder on both targets
   python bench/cuda_ladder.py stages "$OUT/repro.log" | tee "$OUT/stages.txt" || true
 }
 
-ladder1b() {  # a random ~1.1B Llama, made here, on the CUDA target: every stage on the GPU
+ladder1b() {  # a random Llama (MODEL: random-1b, random-8b), made here, on the CUDA target
   # Its weights are random, so its answers are too: the quality budgets are opened (every
   # variant's scores are noise around zero) and the gate decides on the operational win,
-  # which is what this ladder measures. No planned mix: its sensitivity stage is skipped.
+  # which is what this ladder measures. QUANTS: the ladder (by default no planned mix, so no
+  # sensitivity stage; add gguf_mix_3p5 for one, its plan validated on the GPU).
   export PATH=$PWD/.venv/bin:$PATH
-  python bench/cuda_ladder.py prepare --model random-1b
-  OUT=$OUT/1b ladder model=random-1b 'quant=[gguf_f16,gguf_q8_0,gguf_q6_k,gguf_q4_0,gguf_q4_k_m_imat,gguf_iq4_xs_imat]' \
+  local model=${MODEL:-random-1b}
+  python bench/cuda_ladder.py prepare --model "$model"
+  OUT=$OUT/$model ladder model="$model" \
+    "quant=${QUANTS:-[gguf_f16,gguf_q8_0,gguf_q6_k,gguf_q4_0,gguf_q4_k_m_imat,gguf_iq4_xs_imat]}" \
     'eval.targets=[llama.cpp-cuda]' eval.limit=${LIMIT:-48} 'gate.must_not_degrade=[]' \
     gate.max_family_drop.retrieval=1.0 gate.max_family_drop.long_context=1.0 gate.max_family_drop.reasoning=1.0 \
     '+gate.max_family_drop.structured=1.0' gate.max_perplexity_increase_pct=1000 gate.max_kld_mean=10 \
