@@ -34,8 +34,8 @@ from typing import Any, Optional
 from quantbuild.config import GateConfig
 from quantbuild.errors import GateError
 from quantbuild.evaluation.latency import deciding_ratio, decision_bound, verdict
-from quantbuild.evaluation.sequential import BUDGET, early_verdict, family_rules
-from quantbuild.evaluation.stats import paired_drop_interval
+from quantbuild.evaluation.sequential import BUDGET, family_rules, verdict_of
+from quantbuild.evaluation.stats import Z95, paired_drop_interval
 from quantbuild.runtimes import TARGET_RUNTIME, target_of
 
 RULE = ("release the smallest variant that, on its deploy target against the baseline measured there, passes every "
@@ -80,7 +80,7 @@ def _family_checks(baseline: dict, variant: dict, gate: GateConfig) -> list[dict
         stop = stopped.get(family)
         ids = _paired_items(family, before, after, stop)
         paired = ([before[i] >= 1 for i in ids], [after[i] >= 1 for i in ids])
-        drop, low, high = paired_drop_interval(*paired, variant["sequential"]["z"] if stop else 1.96)
+        drop, low, high = paired_drop_interval(*paired, variant["sequential"]["z"] if stop else Z95)
         if rule == BUDGET:
             checks.append(_check(f"{family}_drop", "quality", drop, limit, interval=(low, high), applies_to="ci_high"))
         else:
@@ -88,7 +88,7 @@ def _family_checks(baseline: dict, variant: dict, gate: GateConfig) -> list[dict
         checks[-1].update({"rule": rule, "n": len(ids)})
         if stop:
             # the family stopped at a look: decided there, at the look's z (evaluation/sequential.py)
-            if early_verdict(rule, limit, *paired, variant["sequential"]["z"]) != stop["verdict"]:
+            if verdict_of(rule, limit, low, high) != stop["verdict"]:
                 raise GateError(f"gate: {family}: its evaluation stopped at {stop['items']} of {stop['of']} items on "
                                 f"a verdict these budgets do not give (the gate changed since: `dvc repro -f` evaluates again)")
             checks[-1].update({"of": stop["of"], "z": variant["sequential"]["z"],

@@ -48,6 +48,11 @@ def family_rules(gate: GateConfig) -> dict[str, tuple[str, float]]:
 def early_verdict(rule: str, limit: float, baseline: list[bool], variant: list[bool], z: float) -> Optional[str]:
     """PASS or FAIL where the paired interval at `z` decides the family's rule, else None."""
     _, low, high = paired_drop_interval(baseline, variant, z)
+    return verdict_of(rule, limit, low, high)
+
+
+def verdict_of(rule: str, limit: float, low: float, high: float) -> Optional[str]:
+    """PASS or FAIL where the drop's interval [low, high] decides the family's rule, else None."""
     if rule == BUDGET and high <= limit:
         return PASS
     if low > limit:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import math
 
+# The two-sided 95% interval's z: the gate's own, wherever no stricter one is recorded.
+Z95 = 1.96
 
-def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+
+def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
     """95% Wilson score interval of a proportion (well-behaved near 0 and 1)."""
     if n == 0:
         return (0.0, 1.0)
@@ -16,7 +19,7 @@ def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, f
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def paired_drop_interval(baseline: list[bool], variant: list[bool], z: float = 1.96) -> tuple[float, float, float]:
+def paired_drop_interval(baseline: list[bool], variant: list[bool], z: float = Z95) -> tuple[float, float, float]:
     """(drop, low, high): the baseline's score minus the variant's on the same items, with
     Newcombe's hybrid score interval for a difference of paired proportions (his method 10,
     Stat. Med. 1998). It uses the pairing: items both get right or both get wrong carry no
