@@ -1024,11 +1024,11 @@ def test_a_plan_checked_whole_keeps_only_stretches_that_lower_its_held_out_kl_an
 
 def test_the_validation_measures_in_a_child_process_what_it_measures_in_this_one(built, base):
     """The validation's llama.cpp work runs in a child that loads llama.cpp first (a CUDA
-    build loaded after torch's or sentencepiece's OpenMP crashed): its divergences are the
+    build loaded after torch's or sentencepiece's libraries crashed): its divergences are the
     ones this process measures, an error there is the same one line here, and a child that
     dies is one line naming the signal."""
     from quantbuild.errors import IntegrityError
-    from quantbuild.plan_validation import kl_divergence, reference
+    from quantbuild.plan_validation import MODULE, kl_divergence, reference
     from quantbuild.runtimes.llama_worker import LlamaWorker
 
     tokens = LlamaCppModel(base / BASE_FILE, n_ctx=64, threads=1).tokenize("Rows: 12. Columns: 4. Cells?")
@@ -1036,15 +1036,16 @@ def test_the_validation_measures_in_a_child_process_what_it_measures_in_this_one
              "own": ([[tokens, 3]], 0)}
     variant = built["q4_k_m_imat"] / MODEL_DIR / MODEL_FILE
     here = kl_divergence(variant, reference(base / BASE_FILE, drawn, 2, False), drawn, 2, False)
-    with LlamaWorker(2, False, "cpu") as worker:
-        worker.reference("held", base / BASE_FILE, drawn)
-        assert worker.divergence(variant, "held", drawn) == here
-        assert 0 < here["prose"]["kld_mean"] and 0 < here["own"]["top1_agreement"] <= 1
+    assert 0 < here["prose"]["kld_mean"] and 0 < here["own"]["top1_agreement"] <= 1
+    with LlamaWorker(MODULE, {"threads": 2, "repack": False, "device": "cpu"}) as worker:
+        worker.ask("reference", name="held", path=str(base / BASE_FILE), drawn=drawn)
+        assert worker.ask("divergence", name="held", path=str(variant), drawn=drawn) == here
         broken = base.parent / "broken.gguf"
         broken.write_bytes(b"GGUF" + bytes(60))
         with pytest.raises(IntegrityError, match="broken.gguf"):
-            worker.divergence(broken, "held", drawn)
-        assert worker.divergence(variant, "held", drawn) == here  # the child carries on after an error
+            worker.ask("divergence", name="held", path=str(broken), drawn=drawn)
+        # the child carries on after an error
+        assert worker.ask("divergence", name="held", path=str(variant), drawn=drawn) == here
         worker.process.kill()
         with pytest.raises(QuantbuildError, match=r"its process ended \(killed by signal 9\)"):
-            worker.divergence(variant, "held", drawn)
+            worker.ask("divergence", name="held", path=str(variant), drawn=drawn)

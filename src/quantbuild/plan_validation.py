@@ -63,6 +63,8 @@ OWN = "planner"
 # answers, fit).
 N_CTX = 2048
 PLAN = "plan"
+# run as LlamaWorker's child (`python -m`): the validation's llama.cpp work, see the end
+MODULE = "quantbuild.plan_validation"
 # the name the held-out texts' reference is kept under in the measuring process
 TEXTS_REFERENCE = "texts"
 
@@ -252,7 +254,7 @@ def validate_plan(plan_file: Path, base: Path, imatrix: Optional[Path], tokenize
     drawn = validation_texts(tokens, lambda value: len(tokenizer(value, verbose=False)["input_ids"]))
     work = tempfile.TemporaryDirectory(prefix="quantbuild-validation-")
     try:
-        with LlamaWorker(threads, repack, device) as worker:
+        with LlamaWorker(MODULE, {"threads": threads, "repack": repack, "device": device}) as worker:
             return _validate(plan_file, base, imatrix, drawn, worker, threads, work, smaller, build, own,
                              budget_bytes)
     except BaseException:
@@ -268,14 +270,14 @@ def _validate(plan_file: Path, base: Path, imatrix: Optional[Path], drawn: dict[
     from quantbuild.runtimes.llama_build import run_tool
 
     folder = Path(work.name)
-    worker.reference(TEXTS_REFERENCE, base, drawn)
+    worker.ask("reference", name=TEXTS_REFERENCE, path=str(base), drawn=drawn)
     allowed = max(tensor_bytes(plan_file), budget_bytes)
     elements = sum(tensor.elements for tensor in layout(plan_file).tensors)
 
     def entry(path: Path) -> dict[str, Any]:
         size = tensor_bytes(path)
         return {"tensor_bytes": size, "bits_per_weight": round(size * 8 / elements, 4),
-                "texts": worker.divergence(path, TEXTS_REFERENCE, drawn)}
+                "texts": worker.ask("divergence", name=TEXTS_REFERENCE, path=str(path), drawn=drawn)}
 
     measured: dict[str, dict[str, Any]] = {PLAN: entry(plan_file)}
     larger: list[str] = []
@@ -311,10 +313,10 @@ def _validate(plan_file: Path, base: Path, imatrix: Optional[Path], drawn: dict[
     shipped, best = choose(measured)
     if own:  # the plan, and what ships instead of it, on the tokens the plan was chosen on
         probes = {OWN: (own, 0)}
-        worker.reference(OWN, base, probes)
+        worker.ask("reference", name=OWN, path=str(base), drawn=probes)
         files = {PLAN: plan_file, **({shipped: folder / f"{shipped}.gguf"} if shipped != PLAN else {})}
         for name, path in files.items():
-            measured[name]["planner_tokens"] = worker.divergence(path, OWN, probes)[OWN]
+            measured[name]["planner_tokens"] = worker.ask("divergence", name=OWN, path=str(path), drawn=probes)[OWN]
     record = {"text": {"seed": VALIDATION_SEED, "tokens": sum(counted for _, counted in drawn.values()),
                        "sha256": sha256_bytes(texts_key.encode("ascii")), "texts": texts},
               "device": worker.settings["device"], "budget_bytes": allowed, "measured": measured, "larger_than_plan": sorted(larger), "best_alternative": best, "shipped": shipped,
@@ -423,3 +425,29 @@ def _by_type(validation: dict[str, Any]) -> str:
     helped = sorted(kind for kind, verdict in validation.get("imatrix_by_type", {}).items() if verdict["use"])
     return f"the plan with the importance matrix on {', '.join(helped)} only" if helped else \
         "the plan without the importance matrix"
+
+
+def _measurer() -> dict[str, Callable[[dict[str, Any]], Any]]:
+    """The validation's llama.cpp work as the child of `LlamaWorker` serves it: a reference
+    kept under its name, and a file's divergence from one."""
+    stored: dict[str, dict] = {}
+
+    def drawn(request: dict[str, Any]) -> dict[str, tuple[list[Scored], int]]:
+        return {kind: (items, counted) for kind, (items, counted) in request["drawn"].items()}
+
+    def settings(request: dict[str, Any]) -> tuple[int, bool, str]:
+        return request["settings"]["threads"], request["settings"]["repack"], request["settings"]["device"]
+
+    def keep(request: dict[str, Any]) -> None:
+        stored[request["name"]] = reference(Path(request["path"]), drawn(request), *settings(request))
+
+    def divergence(request: dict[str, Any]) -> dict[str, dict[str, float]]:
+        return kl_divergence(Path(request["path"]), stored[request["name"]], drawn(request), *settings(request))
+
+    return {"reference": keep, "divergence": divergence}
+
+
+if __name__ == "__main__":  # LlamaWorker's child: llama.cpp loads before anything native
+    from quantbuild.runtimes.llama_worker import serve
+
+    serve(_measurer())

@@ -1,20 +1,19 @@
-"""llama.cpp's measurements in a process of their own: the child, and the parent's handle.
+"""llama.cpp's measurements in a process of their own: the parent's handle and the child's loop.
 
 A process that has loaded torch, transformers or sentencepiece (each wheel brings its own
-OpenMP runtime) and then loads a CUDA build of llama.cpp crashed in model loading (SIGSEGV
-on the H200; tests/test_llama_cuda.py keeps the order in the processes that read GGUF
-files). The quantize stage must load all three to plan and validate an auto-mix, so the
-validation's llama.cpp work runs here instead, in a child that imports llama.cpp before
-anything else and answers one request at a time over a pipe, on the CPU as on a GPU (one
-code path, the same numbers as in-process: a test compares them).
+native libraries, OpenMP among them) and then loads a CUDA build of llama.cpp crashed in
+model loading on the H200 (bench/README.md, issue #26). A stage that must have those loaded
+(the quantize stage plans and validates an auto-mix with them) hands its llama.cpp work to a
+child instead: `python -m MODULE`, whose `__main__` calls `serve` before it imports anything
+native, so llama.cpp's libraries load first there, on the CPU as on a GPU (one code path:
+a test compares its numbers with the same measurement in-process).
 
-    with LlamaWorker(threads, repack, device) as worker:
-        worker.reference("held", base, drawn)       # kept in the child under that name
-        worker.divergence(path, "held", drawn)      # {text: {"kld_mean", "top1_agreement"}}
+    with LlamaWorker("quantbuild.plan_validation", {"device": "cuda", ...}) as worker:
+        worker.ask("reference", name="held", path=str(base), ...)
 
-`drawn`: {text name: ([text or [token IDs, first scored position], ...], tokens)}, as
-quantbuild.plan_validation draws it. A child's error comes back as the same one-line
-QuantbuildError; a child that dies (a signal, a crash in C) is one line naming how.
+The child answers one request at a time over a pipe (JSON lines); `settings` go with every
+request. A QuantbuildError there comes back here as the same one line (the same class); a
+child that dies (a signal, a crash in C) is one line naming how.
 """
 
 from __future__ import annotations
@@ -23,23 +22,22 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from quantbuild.errors import QuantbuildError
 
 
 class LlamaWorker:
-    def __init__(self, threads: int, repack: bool, device: str) -> None:
-        self.settings = {"threads": threads, "repack": repack, "device": device}
+    def __init__(self, module: str, settings: dict[str, Any]) -> None:
+        self.module, self.settings = module, settings
         self.process: subprocess.Popen | None = None
 
     def __enter__(self) -> "LlamaWorker":
         from quantbuild.runtimes.llama_build import starting_child
 
         with starting_child():
-            self.process = subprocess.Popen([sys.executable, "-m", "quantbuild.runtimes.llama_worker"],
-                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            self.process = subprocess.Popen([sys.executable, "-m", self.module], stdin=subprocess.PIPE,
+                                            stdout=subprocess.PIPE, text=True)
         return self
 
     def __exit__(self, kind: object, *exc: object) -> None:
@@ -57,18 +55,12 @@ class LlamaWorker:
             process.kill()
         process.wait()
 
-    def reference(self, name: str, base: Path, drawn: dict[str, Any]) -> None:
-        self._ask({"op": "reference", "name": name, "path": str(base), "drawn": drawn})
-
-    def divergence(self, path: Path, name: str, drawn: dict[str, Any]) -> dict[str, dict[str, float]]:
-        return self._ask({"op": "divergence", "name": name, "path": str(path), "drawn": drawn})
-
-    def _ask(self, request: dict[str, Any]) -> Any:
+    def ask(self, op: str, **request: Any) -> Any:
         process = self.process
         if process is None:
             raise RuntimeError("LlamaWorker used outside its `with` block")
         try:
-            process.stdin.write(json.dumps({**request, **self.settings}) + "\n")
+            process.stdin.write(json.dumps({"op": op, **request, "settings": self.settings}) + "\n")
             process.stdin.flush()
         except BrokenPipeError:
             pass  # the child is gone: its exit status says how, below
@@ -76,7 +68,7 @@ class LlamaWorker:
         if not line:
             code = process.wait()
             how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
-            raise QuantbuildError(f"llama.cpp measurement of {request['path']}: its process ended ({how})")
+            raise QuantbuildError(f"llama.cpp's {op} in {self.module}: its process ended ({how})")
         answer = json.loads(line)
         if "error" in answer:
             raise _error_class(answer["kind"])(answer["error"])
@@ -90,33 +82,20 @@ def _error_class(name: str) -> type:
     return found if isinstance(found, type) and issubclass(found, QuantbuildError) else QuantbuildError
 
 
-def _serve() -> None:
-    # llama.cpp first (before numpy, gguf-py or anything that brings an OpenMP runtime)
+def serve(handlers: dict[str, Callable[[dict[str, Any]], Any]]) -> None:
+    """The child's loop: llama.cpp's libraries loaded first, then each request on stdin
+    answered by `handlers[op](request)` on the real stdout (anything else printing there
+    goes to stderr)."""
     from quantbuild.runtimes.llama_bindings import bindings
 
     bindings()
-    from quantbuild.plan_validation import kl_divergence, reference
-
-    # the answers go to the real stdout; anything else printing there goes to stderr
     answers = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
-    stored: dict[str, Any] = {}
     for line in sys.stdin:
         request = json.loads(line)
-        settings = (request["threads"], request["repack"], request["device"])
-        drawn = {kind: (texts, counted) for kind, (texts, counted) in request["drawn"].items()}
         try:
-            if request["op"] == "reference":
-                stored[request["name"]] = reference(Path(request["path"]), drawn, *settings)
-                result = None
-            else:
-                result = kl_divergence(Path(request["path"]), stored[request["name"]], drawn, *settings)
-            answer = {"result": result}
+            answer = {"result": handlers[request["op"]](request)}
         except QuantbuildError as error:
             answer = {"error": str(error), "kind": type(error).__name__}
         answers.write(json.dumps(answer) + "\n")
         answers.flush()
-
-
-if __name__ == "__main__":
-    _serve()
