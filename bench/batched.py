@@ -12,7 +12,8 @@ family's prompts alone, which no batching of the decode steps can remove on a CP
 takes each family's first N items; `--random NAME` times a random-initialised Llama of that
 shape (bench/quantize.py's RANDOM_MODELS and an 8B-class one, the bundled tokenizer), made
 on the GPU where there is one, in a child process: llama.cpp's CUDA build and a CUDA torch
-crash in one process (src/quantbuild/runtimes/llama_cpp.py), so this one never imports torch.
+crash in one process (src/quantbuild/runtimes/llama_cpp.py), so this one never imports torch
+(the F16 conversion runs in a child too) and loads llama.cpp's libraries before any other.
 """
 
 from __future__ import annotations
@@ -32,12 +33,12 @@ FAMILIES = ("structured", "retrieval", "long_context", "reasoning")
 
 
 def _files(model: Path, types: list[str], work: Path) -> dict[str, Path]:
-    from quantbuild.runtimes.gguf_file import convert
     from quantbuild.runtimes.llama_build import run_tool
 
     base = work / "F16.gguf"
     started = time.perf_counter()
-    convert(model, base, "f16")
+    # the converter runs torch: in a child process, as the random model is written
+    subprocess.run([sys.executable, __file__, "--convert", str(model), str(base)], check=True)
     print(f"convert to F16 GGUF: {time.perf_counter() - started:.1f} s", flush=True)
     files = {"F16": base}
     for name in types:
@@ -111,10 +112,19 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=0, help="each family's first N items (0: all)")
     parser.add_argument("--random", choices=("random-100m", "random-1b", "random-8b"))
     parser.add_argument("--write-random", nargs=2, metavar=("NAME", "FOLDER"), help=argparse.SUPPRESS)
+    parser.add_argument("--convert", nargs=2, metavar=("MODEL", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.write_random:
         _write_random(args.write_random[0], Path(args.write_random[1]))
         return
+    if args.convert:
+        from quantbuild.runtimes.gguf_file import convert
+
+        convert(Path(args.convert[0]), Path(args.convert[1]), "f16")
+        return
+    from quantbuild.runtimes.llama_bindings import bindings
+
+    bindings()  # before numpy and gguf-py (the evaluate stage's order: stages/evaluate.py)
 
     from quantbuild.evaluation.suites import MAX_NEW_TOKENS
     from quantbuild.runtimes.protocol import LLAMA_CPP, LoadSpec

@@ -31,7 +31,15 @@ def main(config: Config) -> None:
     if target not in config.eval.targets:
         raise ConfigError(f"evaluate: {target!r} is not a target of this run (eval.targets: "
                           f"{', '.join(config.eval.targets)})")
-    make_deterministic(config.seed, torch=ladder_runtime(config) != LLAMA_CPP)
+    llama = ladder_runtime(config) == LLAMA_CPP
+    if llama:
+        # llama.cpp's libraries before any other native library (numpy's, next line): the
+        # stage as DVC ran it crashed on the H200 in model loading otherwise, as the same
+        # stage with the bindings loaded first did not (bench/README.md, issue #26)
+        from quantbuild.runtimes.llama_bindings import bindings
+
+        bindings()
+    make_deterministic(config.seed, torch=not llama)
     model_dir = None if name == BASELINE else Path(paths.quantized) / name / MODEL_DIR
     kv_type = "f16" if name == BASELINE else getattr(config.quant.variants[name], "kv_cache_type", "f16")
     metrics = evaluate_on_ladder(config, model_dir, kv_type, target_dir(config, target) / name, target, log=progress)

@@ -178,12 +178,16 @@ def test_a_llama_cpp_evaluation_never_loads_torch(built_project, tmp_path):
     """llama.cpp's CUDA build and a CUDA build of torch crash in one process (SIGSEGV on the
     H200, bench/README.md), so nothing on the llama.cpp path loads torch: with torch made
     unimportable, the evaluate stage (baseline and a variant) gives the same quality
-    numbers byte for byte, and verify --behaviour reruns a bundle's probes."""
+    numbers byte for byte, and verify --behaviour reruns a bundle's probes. Each of those
+    processes loads llama.cpp's library before numpy, gguf-py and sentencepiece (each a
+    native library of its own; the stage loading numpy first crashed on the H200)."""
     repo = copy_project(built_project, tmp_path / "repo")
     blocker = tmp_path / "no-torch" / "torch"
     blocker.mkdir(parents=True)
     (blocker / "__init__.py").write_text('raise ImportError("torch loaded by a llama.cpp process")\n')
-    env = {**os.environ, "PYTHONPATH": str(blocker.parent)}
+    order = tmp_path / "order.txt"
+    (blocker.parent / "sitecustomize.py").write_text(ORDER_HOOK)
+    env = {**os.environ, "PYTHONPATH": str(blocker.parent), "ORDER_FILE": str(order)}
     evaluations = repo / "artifacts" / "eval" / CPU
     for name in ("baseline", "gguf_q8_0"):
         before = (evaluations / name / "quality.json").read_bytes()
@@ -196,6 +200,24 @@ def test_a_llama_cpp_evaluation_never_loads_torch(built_project, tmp_path):
         checked = subprocess.run([str(BIN / "quantbuild"), "verify", str(bundle), "--behaviour"], cwd=repo, env=env,
                                  capture_output=True, text=True)
         assert checked.returncode == 0 and f"on {CPU}" in checked.stdout, checked.stderr[-2000:]
+    loaded = [line.split() for line in order.read_text().splitlines()]
+    assert len(loaded) == 2 + len(list((repo / "artifacts" / "package").iterdir()))
+    for names in loaded:
+        assert names[0] == "llama.cpp" and {"numpy", "gguf"} <= set(names), names
+
+
+# Records, in the order a process loads them, llama.cpp's library and the modules with
+# native libraries of their own, into $ORDER_FILE at exit (a sitecustomize on PYTHONPATH).
+ORDER_HOOK = """import atexit, os, sys
+_seen = []
+def _hook(event, args):
+    if event == "import" and args[0] in ("numpy", "gguf", "sentencepiece", "torch") and args[0] not in _seen:
+        _seen.append(args[0])
+    elif event == "ctypes.dlopen" and "libllama" in str(args[0]) and "llama.cpp" not in _seen:
+        _seen.append("llama.cpp")
+sys.addaudithook(_hook)
+atexit.register(lambda: open(os.environ["ORDER_FILE"], "a").write(" ".join(_seen) + "\\n"))
+"""
 
 
 @pytest.mark.slow
