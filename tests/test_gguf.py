@@ -239,6 +239,26 @@ def test_the_weight_space_measure_finds_the_tensor_with_injected_outliers(inputs
         assert all(entry["kld"]["Q3_K"][probes] > entry["kld"]["Q6_K"][probes] > 0 for probes in entry["kld"]["Q3_K"])
 
 
+def test_the_weight_space_measure_keeps_its_fisher_in_host_bfloat16_where_float32_would_not_fit(inputs, base,
+                                                                                                 monkeypatch):
+    """At 8B the five probe sets' Fisher diagonals are 140 GB in float32: past FISHER_SHARE of
+    the free memory they are kept in bfloat16 in host memory, with the same estimates to
+    within bfloat16's rounding, and the table says which storage made it."""
+    import quantbuild.sensitivity as sensitivity_module
+    from quantbuild.sensitivity import WEIGHT_ERROR, measure
+
+    config = replace(CALIBRATION.sensitivity, measure=WEIGHT_ERROR)
+    variant = GgufConfig(type="Q4_K_S", target_bpw=4.5, mix_types=["Q3_K", "Q6_K"])
+    full = measure(BASELINE, inputs.calibration, {"mix": variant}, config, base)["mix"]
+    monkeypatch.setattr(sensitivity_module, "FISHER_SHARE", 0.0)
+    compact = measure(BASELINE, inputs.calibration, {"mix": variant}, config, base)["mix"]
+    assert full["fisher"] == "float32" and compact["fisher"] == "bfloat16, host memory"
+    values = [(entry["kld"][key][probes], compact["layers"][layer]["kld"][key][probes])
+              for layer, entry in full["layers"].items() for key in entry["kld"] for probes in entry["kld"][key]]
+    assert len(values) == len(full["layers"]) * 2 * len(full["probes"]) and all(a > 0 for a, _ in values)
+    assert max(abs(b - a) / a for a, b in values) < 0.005
+
+
 def test_the_measured_kl_orders_layers_as_the_weight_space_measure_does_and_repeats(sensitivity, inputs, base):
     from quantbuild.sensitivity import KL, measure
 

@@ -42,6 +42,7 @@ that a quantize stage depends only on its own variant's table) and `sensitivity_
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
 from dataclasses import replace
@@ -66,6 +67,12 @@ KL, WEIGHT_ERROR, AUTO = "kl", "weight_error", "auto"
 MEASURES = (AUTO, KL, WEIGHT_ERROR)
 # draws of next tokens per probe batch for the weight-space measure's Fisher estimate
 DRAWS = 4
+# The weight-space measure keeps each probe set's Fisher diagonal (one float per weight) in
+# float32 beside the model while every set, and the one being collected, fit in this share
+# of the memory free after loading it; beyond that (an 8B model's five sets are 140 GB in
+# float32) each set, once collected, is kept in bfloat16 in host memory and moved back a
+# layer at a time to score a candidate. The tables say which (`fisher`).
+FISHER_SHARE = 0.5
 
 
 # --- quantized weights of a candidate -------------------------------------------------------
@@ -303,6 +310,10 @@ class _Importance:
         model.requires_grad_(False)
         self.linears = quantizable_linears(model)
         self.original = {name: module.weight.detach().float() for name, module in self.linears.items()}
+        collected = 1 + sum(1 for probes in sets.values() if probes)
+        needed = 4 * collected * sum(weight.numel() for weight in self.original.values())
+        self.compact = needed > FISHER_SHARE * _free_memory(self.device)
+        self.storage = "bfloat16, host memory" if self.compact else "float32"
         # per layer and probe set: (the Fisher diagonal [out, in], its scale to a mean KL)
         self.fisher: dict[str, dict[str, tuple[Any, float]]] = {name: {} for name in self.linears}
         generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -350,13 +361,29 @@ class _Importance:
                 handle.remove()
         scale = 1.0 / (2.0 * DRAWS * max(1, scored_positions))
         for name in self.linears:
-            self.fisher[name][set_name] = (fisher[name], scale)
+            kept = fisher[name].to(device="cpu", dtype=torch.bfloat16) if self.compact else fisher[name]
+            fisher[name] = None
+            self.fisher[name][set_name] = (kept, scale)
 
     def error(self, layer: str, weight: Any) -> dict[str, float]:
         import torch
 
         delta = (torch.as_tensor(weight, dtype=torch.float32, device=self.device) - self.original[layer]).pow(2)
-        return {name: float((fisher * delta).sum()) * scale for name, (fisher, scale) in self.fisher[layer].items()}
+        return {name: float((fisher.to(device=self.device, dtype=torch.float32) * delta).sum()) * scale
+                for name, (fisher, scale) in self.fisher[layer].items()}
+
+
+def _free_memory(device: str) -> int:
+    """Bytes free on `device`: the GPU's, or the host's available memory."""
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.mem_get_info()[0]
+    with open("/proc/meminfo", encoding="ascii") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def _padded(probes: list[Probe], device: str) -> tuple[Any, Any, Any]:
@@ -403,12 +430,15 @@ def measure(baseline: Path, calibration: list[list[int]], variants: dict[str, An
             unique.setdefault((candidate.format, candidate.key, candidate.gptq), (candidate, variants[name]))
     tables: dict[str, dict] = {}
     probes_record: dict = {}
+    fisher: dict[str, str] = {}
     if unique:
         tokenizer = AutoTokenizer.from_pretrained(str(baseline))
         sets = probe_sets(tokenizer, calibration, config)
         probes_record = probes_digest(sets)
         scorer = _Scorer(baseline, sets) if measured_with == KL else _Importance(baseline, sets)
         score = scorer.kld if measured_with == KL else scorer.error
+        if measured_with == WEIGHT_ERROR:
+            fisher = {"fisher": scorer.storage}
         orientation = None
         with tempfile.TemporaryDirectory(prefix="quantbuild-sensitivity-") as scratch:
             for key, (candidate, variant) in sorted(unique.items()):
@@ -431,7 +461,7 @@ def measure(baseline: Path, calibration: list[list[int]], variants: dict[str, An
             results[name] = {"variant": name, "planned": False}
             continue
         results[name] = {
-            "variant": name, "planned": True, "format": candidates[0].format, "measure": measured_with,
+            "variant": name, "planned": True, "format": candidates[0].format, "measure": measured_with, **fisher,
             "candidates": [c.key for c in candidates],
             "probes": probes_record, "probe_settings": {"samples": config.samples,
                                                         "family_tokens": config.family_tokens},
