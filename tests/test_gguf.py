@@ -947,7 +947,8 @@ def test_the_importance_matrix_reaches_exactly_the_tensor_types_it_is_given(base
     assert PlanBuild(args, "Q4_K_S", tensors, imatrix=True).with_matrix_for(matrix, set()) == args
 
 
-def test_a_plan_worse_than_a_stock_preset_no_larger_ships_the_preset(inputs, base, sensitivity, tmp_path):
+def test_a_plan_worse_than_a_stock_preset_no_larger_ships_the_preset(inputs, base, sensitivity, tmp_path,
+                                                                      monkeypatch):
     """A planted bad plan: each layer is handed the measured sensitivities of its mirror in
     order of sensitivity, so the planner widens the layers that matter least, and the
     layers that matter most are pinned at Q2_K. On held-out
@@ -964,8 +965,23 @@ def test_a_plan_worse_than_a_stock_preset_no_larger_ships_the_preset(inputs, bas
     # and the layers that matter most, every block's attn_v and ffn_down, pinned at Q2_K
     pinned = [GgufOverrideConfig(pattern=rf"blk\.\d+\.{name}\.weight", type="Q2_K") for name in ("attn_v", "ffn_down")]
     variant = GgufConfig(type="Q4_K_S", imatrix=True, target_bpw=3.8, validation_tokens=2048, overrides=pinned)
+    import quantbuild.runtimes.llama_build as llama_build
+
+    calls: list[list[str]] = []
+    tool = llama_build.run_tool
+
+    def recorded(name: str, args: list[str], *rest, **options) -> str:
+        calls.append(args)
+        return tool(name, args, *rest, **options)
+
+    monkeypatch.setattr(llama_build, "run_tool", recorded)
     record = build_variant("planted", variant, replace(inputs, sensitivity=planted), tmp_path / "planted")
     validation = record["validation"]
+    # a preset larger than the budget is known so from llama-quantize's dry run, never built
+    built_files = {Path(args[-3]).stem for args in calls if "--dry-run" not in args and len(args) >= 3}
+    dry_types = {args[-1] for args in calls if "--dry-run" in args}
+    assert validation["larger_than_plan"] and not built_files & set(validation["larger_than_plan"])
+    assert {name.partition("+")[0] for name in validation["larger_than_plan"]} & dry_types
     shipped = validation["shipped"]
     measured = validation["measured"]
     assert shipped != PLAN and shipped == validation["best_alternative"], describe(validation)

@@ -198,6 +198,26 @@ def tensor_bytes(path: Path) -> int:
     return sum(tensor.nbytes for tensor in layout(path).tensors)
 
 
+# `llama-quantize --dry-run` prints the tensors' size it would write in MiB to two decimals.
+DRY_RUN_ROUNDING = int(0.005 * 2**20) + 1
+
+
+def planned_bytes(base: Path, args: list[str], file_type: str) -> int:
+    """The tensor bytes llama-quantize would write for `file_type` with `args`, from its dry
+    run (milliseconds: no tensor is quantized; an 8B model's file takes minutes), to within
+    DRY_RUN_ROUNDING."""
+    import re
+
+    from quantbuild.errors import QuantbuildError
+    from quantbuild.runtimes.llama_build import run_tool
+
+    output = run_tool("llama-quantize", ["--dry-run", *args, str(base), file_type], f"dry run {file_type}")
+    found = re.search(r"quant size\s*=\s*([0-9.]+) MiB", output)
+    if not found:
+        raise QuantbuildError(f"dry run {file_type}: llama-quantize printed no quant size")
+    return round(float(found.group(1)) * 2**20)
+
+
 @dataclass
 class PlanBuild:
     """How the plan was built, for building it again with the importance matrix on only
@@ -283,7 +303,12 @@ def _validate(plan_file: Path, base: Path, imatrix: Optional[Path], drawn: dict[
     larger: list[str] = []
 
     def candidate(name: str, args: list[str], file_type: str) -> None:
-        """Build `name` with llama-quantize and measure it, unless it stores more than the plan's budget."""
+        """Build `name` with llama-quantize and measure it, unless it stores more than the plan's
+        budget: known from llama-quantize's dry run without building it where that is
+        beyond its rounding, else from the file."""
+        if planned_bytes(base, args, file_type) - DRY_RUN_ROUNDING > allowed:
+            larger.append(name)
+            return
         path = folder / f"{name}.gguf"
         run_tool("llama-quantize", [*args, str(base), str(path), file_type, str(threads)], f"validation {name}")
         if tensor_bytes(path) > allowed:
