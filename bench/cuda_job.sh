@@ -1,0 +1,38 @@
+#!/bin/bash
+# One device call's work, started detached so it outlives the call (`setsid`), its progress in
+# /tmp/out/job.log (STEP lines, ALL_DONE at the end); poll it from the next calls, each made
+# within the machine's idle window:
+#
+#   bash bench/cuda_ladder.sh pack                       # here, after `make install`: .devcarry/
+#   mv data/baseline/workflow-chat-33m /work/aside/      # here: a call carries at most 64 MiB
+#   run (carry .devcarry): setsid bash bench/cuda_job.sh >/dev/null 2>&1 </dev/null &
+#                          then poll /tmp/out/job.log, copy /tmp/out/* to $OUT
+#
+# llama.cpp built with CUDA, the 8B batched bench (bench/batched.py), then the random-1b ladder
+# with the planned mix and the random-8b ladder with two stock types, on llama.cpp-cuda (each
+# `dvc repro`'s stage times in /tmp/out/<model>/repro.log). It works in a copy of the tree in
+# /tmp/job, so that a later call's copy of the working tree cannot change params.yaml or
+# dvc.lock under a running `dvc repro`.
+mkdir -p /tmp/out
+exec > /tmp/out/job.log 2>&1
+started=$SECONDS
+rm -rf /tmp/job && mkdir -p /tmp/job && cp -a "$(dirname "$0")/.."/. /tmp/job/ && cd /tmp/job
+nvidia-smi --query-gpu=name,memory.total --format=csv
+bash bench/cuda_ladder.sh build
+echo "STEP build done $((SECONDS - started)) s"
+export PATH=$PWD/.venv/bin:$PATH
+python -X faulthandler bench/batched.py --device cuda --random random-8b --types F16 Q4_K_M --items 64 --batch 64 \
+  > /tmp/out/batched8b.txt 2>&1
+echo "STEP batched done $((SECONDS - started)) s"
+MODEL=random-1b QUANTS='[gguf_f16,gguf_q8_0,gguf_q4_k_m_imat,gguf_iq4_xs_imat,gguf_mix_3p5]' OUT=/tmp/out \
+  bash bench/cuda_ladder.sh ladder1b > /tmp/out/ladder1b.txt 2>&1
+cp -r logs /tmp/out/random-1b/logs 2>/dev/null
+echo "STEP ladder1b done $((SECONDS - started)) s"
+rm -rf artifacts .dvc/cache bench/out/random-1b logs
+# at 8B a copying DVC cache does not fit the 64 GB disk beside the model, its GGUF and the variants
+dvc config --local cache.type hardlink,copy
+MODEL=random-8b QUANTS='[gguf_q8_0,gguf_q4_k_m_imat]' OUT=/tmp/out \
+  bash bench/cuda_ladder.sh ladder1b > /tmp/out/ladder8b.txt 2>&1
+cp -r logs /tmp/out/random-8b/logs 2>/dev/null
+echo "STEP ladder8b done $((SECONDS - started)) s"
+echo ALL_DONE
