@@ -67,7 +67,7 @@ build() {
   .venv/bin/python -c "from quantbuild.runtimes.llama_cpp import devices; print('llama.cpp devices:', devices())"
 }
 
-ladder() {  # [hydra overrides], by default the default ladder on both targets
+ladder() {  # [hydra overrides], by default the default ladder on both targets; REPRO_FLAGS: dvc repro's
   export PATH=$PWD/.venv/bin:$PATH
   mkdir -p "$OUT"
   if [ ! -d .git ]; then
@@ -77,7 +77,7 @@ ladder() {  # [hydra overrides], by default the default ladder on both targets
   [ -d .dvc ] || dvc init -q
   quantbuild compose --reset "${@:-eval.targets=[llama.cpp-cpu,llama.cpp-cuda]}"
   local started=$SECONDS
-  dvc repro 2>&1 | tee "$OUT/repro.log" | grep -E "^(Running stage|quantbuild|release|packaged)|: perplexity|ERROR" || true
+  dvc repro ${REPRO_FLAGS:-} 2>&1 | tee "$OUT/repro.log" | grep -E "^(Running stage|quantbuild|release|packaged)|: perplexity|ERROR" || true
   echo "dvc repro: $((SECONDS - started)) s"
   quantbuild summary | tee "$OUT/summary.txt"
   cp artifacts/release/decision.json "$OUT/"
