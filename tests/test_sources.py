@@ -1,4 +1,5 @@
-"""fetch: pins enforced file by file; a bad source never replaces a good baseline."""
+"""fetch: pins enforced file by file, on the bytes copied; a bad source never replaces a good
+baseline and leaves nothing behind."""
 
 import shutil
 
@@ -41,6 +42,8 @@ def test_mismatch_names_file_and_digests_and_keeps_previous_output(source, tmp_p
     assert message.startswith("config.json: sha256 mismatch")
     assert model.files["config.json"] in message and sha256_file(source / "config.json") in message
     assert digest_tree(out) == before
+    # files are checked as they are copied: the copies made before the bad one are gone too
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out", "source"]
 
 
 def test_pickle_weights_refused_unless_allowed(source, tmp_path):

@@ -62,6 +62,17 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def copy_hashed(source: Path, target: Path) -> str:
+    """Copy `source` to `target`, returning the sha256 of the bytes written: one read, and
+    the digest is of the copy itself, not of a file that could change before it is copied."""
+    digest = hashlib.sha256()
+    with source.open("rb") as reading, target.open("wb") as writing:
+        while block := reading.read(CHUNK):
+            digest.update(block)
+            writing.write(block)
+    return digest.hexdigest()
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

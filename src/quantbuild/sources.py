@@ -9,12 +9,11 @@ anything downstream loads them.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from quantbuild.config import ModelConfig
 from quantbuild.errors import IntegrityError
-from quantbuild.hashing import sha256_file, staged_dir, write_json
+from quantbuild.hashing import copy_hashed, staged_dir, write_json
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 RECORD = "fetch_record.json"
@@ -69,17 +68,9 @@ def fetch(model: ModelConfig, out: Path) -> dict:
                 f"{name}: pickle weights can run code on load and are refused (set model.allow_pickle: true to accept)"
             )
     folder = _source_folder(model)
-    for name, expected in sorted(model.files.items()):
-        path = folder / name
-        if not path.is_file():
+    for name in sorted(model.files):
+        if not (folder / name).is_file():
             raise IntegrityError(f"{name}: pinned file missing from the source {folder}")
-        actual = sha256_file(path)
-        if actual != expected:
-            raise IntegrityError(f"{name}: sha256 mismatch (expected {expected}, got {actual})")
-        if name.endswith(".safetensors"):
-            _check_safetensors(path)
-        if name == "config.json":
-            _check_config(path)
     record = {
         "name": model.name,
         "source": model.source,
@@ -88,9 +79,17 @@ def fetch(model: ModelConfig, out: Path) -> dict:
         "files": dict(sorted(model.files.items())),
     }
     with staged_dir(out) as staging:
-        for name in sorted(model.files):
+        # each file is checked as copied (one read of an 8B model's 16 GB, and the bytes
+        # checked are the bytes kept); a failure removes the staging folder, not `out`
+        for name, expected in sorted(model.files.items()):
             target = staging / name
             target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(folder / name, target)
+            actual = copy_hashed(folder / name, target)
+            if actual != expected:
+                raise IntegrityError(f"{name}: sha256 mismatch (expected {expected}, got {actual})")
+            if name.endswith(".safetensors"):
+                _check_safetensors(target)
+            if name == "config.json":
+                _check_config(target)
         write_json(staging / RECORD, record)
     return record
