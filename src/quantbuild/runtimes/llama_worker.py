@@ -86,11 +86,11 @@ def serve(handlers: dict[str, Callable[[dict[str, Any]], Any]]) -> None:
     """The child's loop: llama.cpp's libraries loaded first, then each request on stdin
     answered by `handlers[op](request)` on the real stdout (anything else printing there
     goes to stderr)."""
+    answers = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # before llama.cpp loads: nothing it prints can land among the answers
     from quantbuild.runtimes.llama_bindings import bindings
 
     bindings()
-    answers = os.fdopen(os.dup(1), "w")
-    os.dup2(2, 1)
     for line in sys.stdin:
         request = json.loads(line)
         try:
