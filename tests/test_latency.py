@@ -16,8 +16,8 @@ import pytest
 
 from conftest import BASELINE, REPO
 from quantbuild.config import EvalConfig, LatencyConfig, MemoryConfig
-from quantbuild.evaluation.latency import (busy_cores, confidence_per_look, decided, deciding_ratio, free_cores,
-                                           free_threads, paired_latency, timed_rounds, verdict)
+from quantbuild.evaluation.latency import confidence_per_look, decided, deciding_ratio, paired_latency, timed_rounds, verdict
+from quantbuild.runtimes.llama_build import busy_cores, free_cores, free_threads
 from quantbuild.runtimes.protocol import LLAMA_CPP, LoadSpec, Timing, open_runtime
 
 BOUND = 1.05

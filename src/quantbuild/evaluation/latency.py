@@ -14,9 +14,7 @@ releases on a verdict (pass, fail) and never on an interval too wide to give one
 from __future__ import annotations
 
 import math
-import os
 import random
-import time
 from typing import Any, Callable, Iterable, Optional
 
 from quantbuild.evaluation.stats import median_interval, percentile
@@ -161,38 +159,3 @@ def paired_latency(model: Any, baseline: Any, config: Any, bound: Optional[float
     return {"by_length": by_length, "worst": deciding_ratio(by_length, math.inf if bound is None else bound),
             "bound": bound, "confidence": round(confidence_per_look(bound, latency.repeats, latency.max_rounds), 6),
             **({"max_rounds": latency.max_rounds} if bound is not None else {})}
-
-
-def free_threads(cpus: int, load: float, usable: int) -> int:
-    """Threads for the cores actually free: the machine's cores less the cores busy now
-    (`load`), to the nearest core, at least 1 and at most the cores this process may run on.
-    llama.cpp's threads wait for each other at every barrier, so a thread more than there
-    are free cores makes every step wait for a core another job holds (on 2 shared cores,
-    an evaluation of 97 s took 513-1,459 s)."""
-    return max(1, min(usable, math.floor(cpus - load + 0.5)))
-
-
-def busy_cores(seconds: float = 0.5) -> float:
-    """Cores busy now: the machine's non-idle time over `seconds`, from /proc/stat (the
-    1-minute load average, where there is none: it lags, still counting the stage before)."""
-    def sample() -> tuple[int, int]:
-        with open("/proc/stat", encoding="ascii") as handle:
-            fields = [int(value) for value in handle.readline().split()[1:]]
-        return sum(fields), fields[3] + (fields[4] if len(fields) > 4 else 0)  # total, idle + iowait
-
-    try:
-        total, idle = sample()
-        time.sleep(seconds)
-        total_after, idle_after = sample()
-    except (OSError, ValueError, IndexError):
-        return os.getloadavg()[0]
-    spent = total_after - total
-    return (os.cpu_count() or 1) * (1 - (idle_after - idle) / spent) if spent > 0 else 0.0
-
-
-def free_cores() -> dict[str, Any]:
-    """This machine now: its cores, those this process may run on, the cores busy now and
-    the 1-minute load average, and `free_threads` of them."""
-    cpus, usable, busy = os.cpu_count() or 1, len(os.sched_getaffinity(0)), busy_cores()
-    return {"cpus": cpus, "usable": usable, "busy": round(busy, 2), "load_1min": round(os.getloadavg()[0], 2),
-            "threads": free_threads(cpus, busy, usable)}

@@ -18,7 +18,7 @@ from quantbuild import behaviour, prompts
 from quantbuild.config import EvalConfig
 from quantbuild.errors import DataError
 from quantbuild.evaluation import degenerate, distributions, kld
-from quantbuild.evaluation.latency import decision_bound, free_cores, measure_latency, paired_latency
+from quantbuild.evaluation.latency import decision_bound, measure_latency, paired_latency
 from quantbuild.evaluation.sequential import Sequential, family_rules
 from quantbuild.evaluation.stats import wilson_interval
 from quantbuild.evaluation.suites import GOLDEN_NEW_TOKENS, MAX_NEW_TOKENS, run_generative, summarise
@@ -29,7 +29,7 @@ from quantbuild.quantization import RECORD as QUANTIZE_RECORD
 from quantbuild.quantization import require_recorded_bytes
 from quantbuild.runtimes import ladder_runtime, target_device
 from quantbuild.runtimes.gguf_file import model_digest
-from quantbuild.runtimes.llama_build import repack_allowed
+from quantbuild.runtimes.llama_build import free_cores, repack_allowed
 from quantbuild.runtimes.protocol import LLAMA_CPP, TORCH, LoadSpec, Runtime, open_runtime
 from quantbuild.tasks.items import Item, load_items
 
@@ -95,7 +95,7 @@ def evaluate(spec: LoadSpec, config: EvalConfig, data_dir: Path, out: Path, refe
     (quantbuild.evaluation.sequential); where it stops is recorded as `sequential`.
 
     llama.cpp left to choose its threads (`eval.threads` 0) runs every suite on the cores
-    free when the evaluation starts (`latency.free_cores`, recorded as `cores`).
+    free when the evaluation starts (`llama_build.free_cores`, recorded as `cores`).
 
     `reuse`: the baseline's evaluation folder, for an artifact loaded exactly as the
     baseline's is. Where its quality.json was measured on a file with this artifact's

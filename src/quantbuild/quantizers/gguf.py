@@ -286,18 +286,20 @@ def _validate(variant: Any, inputs: Inputs, quantized: Path, base: Path, smaller
     (quantbuild.plan_validation), with the importance matrix where the imatrix stage made one."""
     from quantbuild.fingerprint import cpu_info
     from quantbuild.plan_validation import validate_plan
-    from quantbuild.runtimes.llama_build import cores, repack_allowed
+    from quantbuild.runtimes.llama_build import free_cores, repack_allowed
     from quantbuild.runtimes.llama_cpp import fastest_device
 
     from quantbuild.probes import planner_probes
 
     matrix = require_imatrix(inputs.imatrix) if imatrix_record(inputs.imatrix) else None
     own = planner_probes(inputs.baseline, inputs.calibration, inputs.sensitivity or {})
-    # every core this process may use: a fixed count per machine (the divergences do not
-    # depend on it: each output of llama.cpp's CPU matmul is one thread's sum); on the GPU
-    # where llama.cpp has one (an 8B model's 17 candidates take hours on a CPU)
+    # the cores free now, as the evaluation takes them (the divergences do not depend on the
+    # count: each output of llama.cpp's CPU matmul is one thread's sum, and each quantized block
+    # one thread's work; llama.cpp's threads wait for each other at every barrier, so a thread
+    # for a core another job holds slows every step); on the GPU where llama.cpp has one (an 8B
+    # model's 17 candidates take hours on a CPU)
     return validate_plan(quantized, base, matrix, inputs.baseline, variant.validation_tokens,
-                         cores(), repack_allowed(cpu_info()["isa"]),
+                         free_cores()["threads"], repack_allowed(cpu_info()["isa"]),
                          smaller={label: (args, build.file_type) for label, args in smaller.items()}, build=build,
                          own=own, budget_bytes=budget, device=fastest_device())
 
