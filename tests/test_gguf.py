@@ -309,6 +309,24 @@ def test_candidate_weights_are_llama_quantize_s_read_back_in_hf_layout(base, inp
         assert error < 0.01, name  # Q8_0 round trip, rotary permutation undone
 
 
+def test_candidate_weights_are_read_one_layer_at_a_time(base, tmp_path):
+    """At 8B the decoder is 28 GB in float32: the candidate's layers are dequantized when
+    each is read, and what a reader lets go of is freed."""
+    import tracemalloc
+
+    layers = model_layers(BASELINE)
+    decoder, largest = (4 * f(out * inp for out, inp in layers.values()) for f in (sum, max))
+    tracemalloc.start()
+    try:
+        weights = gguf_weights(Candidate("gguf", "Q4_K"), BASELINE, base, layers, tmp_path)
+        norms = {layer: float((weights[layer] ** 2).sum()) for layer in weights}
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert set(norms) == set(layers) and all(norm > 0 for norm in norms.values())
+    assert peak < min(decoder / 4, 8 * largest), (peak, decoder, largest)
+
+
 def test_the_file_carries_its_lineage_and_verifies_alone(built):
     path = built["iq4_xs_imat"] / MODEL_DIR / MODEL_FILE
     values = metadata(path)

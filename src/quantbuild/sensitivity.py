@@ -47,7 +47,8 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from collections.abc import Mapping
+from typing import Any, Callable, Iterator, Optional
 
 from quantbuild.config import SensitivityConfig
 from quantbuild.gguf_artifacts import BASE_FILE, require_base, require_imatrix
@@ -83,47 +84,62 @@ def unpermute(weight: Any, heads: int) -> Any:
     return weight.reshape(heads, rows // heads // 2, 2, -1).swapaxes(1, 2).reshape(weight.shape)
 
 
-def _gguf_tensor(path: Path, names: Iterable[str]) -> dict[str, Any]:
-    """Dequantized float32 tensors [rows, cols] of a GGUF file, by GGUF name."""
-    import numpy as np
+class Dequantized(Mapping):
+    """The tensors `names` maps to GGUF tensor names (key -> GGUF name) of the GGUF file
+    `path`, each read, dequantized to float32 [rows, cols] and, where `orientation` gives a
+    head count, the converter's rotary permutation undone (the HF layout) when it is looked
+    up: one tensor in memory at a time rather than the whole decoder (28 GB at 8B)."""
 
-    from quantbuild.runtimes.gguf_file import layout
-    from quantbuild.runtimes.llama_build import vendored_converter
+    def __init__(self, path: Path, names: dict[str, str], orientation: Optional[dict[str, Optional[int]]] = None):
+        import numpy as np
 
-    vendored_converter()
-    import gguf
+        from quantbuild.runtimes.gguf_file import layout
+        from quantbuild.runtimes.llama_build import vendored_converter
 
-    wanted = set(names)
-    data = np.memmap(path, dtype=np.uint8, mode="r")
-    tensors = {}
-    for tensor in layout(path).tensors:
-        if tensor.name in wanted:
-            raw = np.array(data[tensor.offset: tensor.offset + tensor.nbytes])
-            values = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[tensor.type_name])
-            tensors[tensor.name] = np.asarray(values, dtype=np.float32).reshape(tensor.dims[1], tensor.dims[0])
-    return tensors
+        vendored_converter()
+        self._names, self._orientation = names, orientation or {}
+        wanted = set(names.values())
+        self._tensors = {tensor.name: tensor for tensor in layout(path).tensors if tensor.name in wanted}
+        self._data = np.memmap(path, dtype=np.uint8, mode="r")
+
+    def __getitem__(self, key: str) -> Any:
+        import gguf
+        import numpy as np
+
+        tensor = self._tensors[self._names[key]]
+        raw = np.array(self._data[tensor.offset: tensor.offset + tensor.nbytes])
+        values = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[tensor.type_name])
+        weight = np.asarray(values, dtype=np.float32).reshape(tensor.dims[1], tensor.dims[0])
+        heads = self._orientation.get(key)
+        return np.ascontiguousarray(unpermute(weight, heads)) if heads else weight
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
 
 
 def gguf_layer_orientation(baseline: Path, gguf_base: Path, names: dict[str, str]) -> dict[str, Optional[int]]:
     """Per layer: None if the base GGUF stores it as the HF weight, or the head count whose
     rotary permutation the converter applied; read off the base GGUF (the same weights at
-    F16/BF16/F32), and an error where neither layout matches."""
+    F16/BF16/F32) a layer at a time, and an error where neither layout matches."""
     import numpy as np
     import torch
     from safetensors import safe_open
 
-
     config = json.loads((baseline / "config.json").read_text())
-    stored = _gguf_tensor(gguf_base / BASE_FILE, names.values())
-    hf = {}
+    stored = Dequantized(gguf_base / BASE_FILE, names)
+    where = {}
     for path in sorted(baseline.glob("*.safetensors")):
         with safe_open(str(path), framework="pt") as handle:
-            for layer in names:
-                if f"{layer}.weight" in handle.keys():
-                    hf[layer] = handle.get_tensor(f"{layer}.weight").to(torch.float32).numpy()
+            where.update({key[:-len(".weight")]: path for key in handle.keys()
+                          if key.endswith(".weight") and key[:-len(".weight")] in names})
     orientation = {}
     for layer, gguf_name in sorted(names.items()):
-        base, reference = stored[gguf_name], hf[layer]
+        with safe_open(str(where[layer]), framework="pt") as handle:
+            reference = handle.get_tensor(f"{layer}.weight").to(torch.float32).numpy()
+        base = stored[layer]
         if np.allclose(base, reference, rtol=1e-3, atol=1e-6):
             orientation[layer] = None
             continue
@@ -139,11 +155,12 @@ def gguf_layer_orientation(baseline: Path, gguf_base: Path, names: dict[str, str
 
 def gguf_weights(candidate: Candidate, baseline: Path, gguf_base: Path, layers: dict, work: Path,
                  orientation: Optional[dict[str, Optional[int]]] = None,
-                 imatrix: Optional[Path] = None, keep: bool = False) -> dict[str, Any]:
-    """Every decoder layer at `candidate`'s llama.cpp type, as llama-quantize writes it
-    (`orientation`: `gguf_layer_orientation`'s answer, when the caller has it already;
-    `imatrix`: the imatrix stage's folder, for a candidate that uses the matrix; `keep`:
-    leave the file, `work/<candidate key>.gguf`, for `oriented` to read again)."""
+                 imatrix: Optional[Path] = None) -> Dequantized:
+    """Every decoder layer at `candidate`'s llama.cpp type, as llama-quantize writes it into
+    `work/<candidate key>.gguf` (the caller removes it when done), each layer dequantized
+    in the HF layout when it is read (`orientation`: `gguf_layer_orientation`'s answer, when
+    the caller has it already; `imatrix`: the imatrix stage's folder, for a candidate that
+    uses the matrix)."""
     from quantbuild.quantizers.gguf import gguf_names, tensor_type_file
     from quantbuild.runtimes.llama_build import cores, run_tool
 
@@ -156,20 +173,7 @@ def gguf_weights(candidate: Candidate, baseline: Path, gguf_base: Path, layers: 
     args = (["--imatrix", str(matrix)] if matrix else []) + ["--tensor-type-file", str(types_file)]
     run_tool("llama-quantize", [*args, str(base), str(out), "Q8_0", str(cores())], f"sensitivity {candidate.key}")
     orientation = orientation or gguf_layer_orientation(baseline, gguf_base, names)
-    weights = oriented(out, {layer: names[layer] for layer in layers}, orientation)
-    if not keep:
-        out.unlink()
-    return weights
-
-
-def oriented(path: Path, names: dict[str, str], orientation: dict[str, Optional[int]]) -> dict[str, Any]:
-    """The layers `names` maps to GGUF tensor names, read from the GGUF file `path` and
-    dequantized, as the HF weights are laid out."""
-    import numpy as np
-
-    stored = _gguf_tensor(path, names.values())
-    return {layer: np.ascontiguousarray(unpermute(stored[gguf_name], orientation[layer]) if orientation[layer]
-                                        else stored[gguf_name]) for layer, gguf_name in names.items()}
+    return Dequantized(out, {layer: names[layer] for layer in layers}, orientation)
 
 
 def gptq_weights(candidate: Candidate, variant: Any, baseline: Path, calibration: list[list[int]],
@@ -416,7 +420,8 @@ def measure(baseline: Path, calibration: list[list[int]], variants: dict[str, An
     {"weights", "kld": {candidate: {"calibration": x, family: y, ...}}}}}; a stub for
     variants that plan nothing. Under the weight-space measure the "kld" values are
     importance-weighted squared weight errors (`_Importance`), on the same probe sets.
-    `keep`: a folder where each llama.cpp candidate's quantized file stays (`gguf_weights`)."""
+    `keep`: a folder where each llama.cpp candidate's quantized file stays (`gguf_weights`), else
+    each is removed once scored."""
     from transformers import AutoTokenizer
 
     from quantbuild.quantizers import model_layers
@@ -449,10 +454,12 @@ def measure(baseline: Path, calibration: list[list[int]], variants: dict[str, An
 
                         orientation = gguf_layer_orientation(baseline, gguf_base, gguf_names(baseline, layers))
                     weights = gguf_weights(candidate, baseline, gguf_base, layers, keep or Path(scratch), orientation,
-                                           imatrix, keep=keep is not None)
+                                           imatrix)
                 else:
                     weights = gptq_weights(candidate, variant, baseline, calibration, Path(scratch))
                 tables[key] = {layer: score(layer, weights[layer]) for layer in layers}
+                if candidate.format == "gguf" and keep is None:  # (at 8B each file is 4-9 GB)
+                    (Path(scratch) / f"{candidate.key}.gguf").unlink()
                 if log:
                     log(f"sensitivity {candidate.key}: {len(layers)} layers in {time.perf_counter() - started:.1f} s")
     results = {}
@@ -532,11 +539,11 @@ def _plan_checks(baseline: Path, calibration: list[list[int]], config: Sensitivi
 
     def weights_at(key: str, wanted: list[str]) -> dict[str, Any]:
         if key not in read:
-            loaded = oriented(kept / f"{key}.gguf", {layer: names[layer] for layer in (layers if cache else wanted)},
-                              orientation)
+            loaded = Dequantized(kept / f"{key}.gguf", {layer: names[layer] for layer in (layers if cache else wanted)},
+                                 orientation)
             if not cache:
                 return loaded
-            read[key] = loaded
+            read[key] = dict(loaded)
         return {layer: read[key][layer] for layer in wanted}
 
     def measure_plan(plan: dict[str, Level]) -> dict[str, float]:
