@@ -327,6 +327,25 @@ def test_candidate_weights_are_read_one_layer_at_a_time(base, tmp_path):
     assert peak < min(decoder / 4, 8 * largest), (peak, decoder, largest)
 
 
+def test_the_dry_run_knows_a_file_s_size_without_building_it(built, base, monkeypatch):
+    import quantbuild.runtimes.llama_build as llama_build
+    from quantbuild.plan_validation import DRY_RUN_ROUNDING, planned_bytes
+    from quantbuild.runtimes.gguf_file import layout
+
+    matrix = ["--imatrix", str(imatrix_of(base) / IMATRIX_FILE)]
+    for name, file_type in (("q4_k_m_imat", "Q4_K_M"), ("iq4_xs_imat", "IQ4_XS"), ("q8_0", "Q8_0")):
+        written = sum(tensor.nbytes for tensor in layout(built[name] / MODEL_DIR / MODEL_FILE).tensors)
+        args = matrix if name.endswith("_imat") else []
+        assert abs(planned_bytes(base / BASE_FILE, args, file_type) - written) <= DRY_RUN_ROUNDING, name
+    # (with the matrix llama-quantize gives IQ4_XS's tensors other types: the dry run must have it too)
+    assert planned_bytes(base / BASE_FILE, [], "IQ4_XS") - planned_bytes(base / BASE_FILE, matrix, "IQ4_XS") \
+        > DRY_RUN_ROUNDING
+    # a llama-quantize that prints no size (another version's wording) is one line, not a guess
+    monkeypatch.setattr(llama_build, "run_tool", lambda *args, **kwargs: "llama_model_quantize_impl: model size = 5 MiB")
+    with pytest.raises(QuantbuildError, match=r"^dry run Q4_K_M: llama-quantize printed no quant size$"):
+        planned_bytes(base / BASE_FILE, [], "Q4_K_M")
+
+
 def test_the_file_carries_its_lineage_and_verifies_alone(built):
     path = built["iq4_xs_imat"] / MODEL_DIR / MODEL_FILE
     values = metadata(path)
