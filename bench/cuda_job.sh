@@ -9,7 +9,8 @@
 #                          then poll /tmp/out/job.log, copy /tmp/out/* to $OUT
 #
 # llama.cpp built with CUDA, the 8B batched bench (bench/batched.py), then the random-1b ladder
-# with the planned mix and the random-8b ladder with two stock types, on llama.cpp-cuda (each
+# (QUANTS_1B: two stock types by default; add gguf_mix_3p5 for the planned mix) and the
+# random-8b ladder with two stock types, on llama.cpp-cuda (each
 # `dvc repro`'s stage times in /tmp/out/<model>/repro.log). It works in a copy of the tree in
 # /tmp/job, so that a later call's copy of the working tree cannot change params.yaml or
 # dvc.lock under a running `dvc repro`.
@@ -25,7 +26,7 @@ python -X faulthandler bench/batched.py --device cuda --random random-8b --types
   > /tmp/out/batched8b.txt 2>&1
 echo "STEP batched done $((SECONDS - started)) s"
 rm -rf /tmp/tmp*  # a crashed bench leaves its 8B files (33 GB) behind
-MODEL=random-1b QUANTS='[gguf_f16,gguf_q8_0,gguf_q4_k_m_imat,gguf_iq4_xs_imat,gguf_mix_3p5]' OUT=/tmp/out \
+MODEL=random-1b QUANTS=${QUANTS_1B:-'[gguf_q4_0,gguf_q4_k_m_imat]'} OUT=/tmp/out \
   bash bench/cuda_ladder.sh ladder1b > /tmp/out/ladder1b.txt 2>&1
 cp -r logs /tmp/out/random-1b/logs 2>/dev/null
 echo "STEP ladder1b done $((SECONDS - started)) s"
