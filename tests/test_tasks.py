@@ -144,6 +144,23 @@ def test_bad_lines_are_rejected_with_file_and_line(tmp_path, line, message):
     assert f"{path}:2" in str(err.value) and message in str(err.value)
 
 
+def test_each_schema_is_checked_once_and_a_bad_one_every_time(tmp_path):
+    """The schema check remembers the schemas it passed (the eval file repeats a few tool
+    lists 300 times), never one it refused, nor one that only looks like a passed one."""
+    schema = {"type": "object", "properties": {"x": {"type": "integer"}}}
+    line = {"id": "s0", "family": "structured", "prompt": "p", "expected": {}, "scorer": "json_tool_call",
+            "schema": schema}
+    good = tmp_path / "good.jsonl"
+    good.write_text("".join(json.dumps({**line, "id": f"s{n}"}) + "\n" for n in range(3)))
+    assert len(load_items(good)) == 3
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({**line, "schema": {**schema, "properties": {"x": {"type": "integr"}}}}) + "\n")
+    for _ in range(2):
+        with pytest.raises(DataError, match=r"bad.jsonl:1: 'schema' is not a valid JSON Schema"):
+            load_items(bad)
+    assert len(load_items(good)) == 3
+
+
 def test_bytes_that_are_not_utf8_are_one_line_naming_file_and_line(tmp_path):
     from quantbuild.tasks.calibration_sources import load_source
 
