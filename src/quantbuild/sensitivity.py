@@ -458,6 +458,7 @@ def measure(baseline: Path, calibration: list[list[int]], variants: dict[str, An
                 else:
                     weights = gptq_weights(candidate, variant, baseline, calibration, Path(scratch))
                 tables[key] = {layer: score(layer, weights[layer]) for layer in layers}
+                del weights  # (its map of the file: the disk is freed when both are gone)
                 if candidate.format == "gguf" and keep is None:  # (at 8B each file is 4-9 GB)
                     (Path(scratch) / f"{candidate.key}.gguf").unlink()
                 if log:
