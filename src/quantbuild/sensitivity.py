@@ -97,7 +97,7 @@ class Dequantized(Mapping):
         from quantbuild.runtimes.llama_build import vendored_converter
 
         vendored_converter()
-        self._names, self._orientation = names, orientation or {}
+        self.path, self._names, self._orientation = path, names, orientation or {}
         wanted = set(names.values())
         self._tensors = {tensor.name: tensor for tensor in layout(path).tensors if tensor.name in wanted}
         self._data = np.memmap(path, dtype=np.uint8, mode="r")
@@ -458,9 +458,11 @@ def measure(baseline: Path, calibration: list[list[int]], variants: dict[str, An
                 else:
                     weights = gptq_weights(candidate, variant, baseline, calibration, Path(scratch))
                 tables[key] = {layer: score(layer, weights[layer]) for layer in layers}
-                del weights  # (its map of the file: the disk is freed when both are gone)
-                if candidate.format == "gguf" and keep is None:  # (at 8B each file is 4-9 GB)
-                    (Path(scratch) / f"{candidate.key}.gguf").unlink()
+                # (at 8B each file is 4-9 GB; its map goes first: the disk is freed when both are gone)
+                scored = weights.path if isinstance(weights, Dequantized) and keep is None else None
+                del weights
+                if scored is not None:
+                    scored.unlink()
                 if log:
                     log(f"sensitivity {candidate.key}: {len(layers)} layers in {time.perf_counter() - started:.1f} s")
     results = {}
