@@ -2,6 +2,7 @@
 estimated well from a GGUF of every k-th row, quantized by llama-quantize?
 
     python bench/row_sample.py [--model data/baseline/workflow-chat-33m] [--strides 4 8] [--types Q4_K IQ4_XS Q3_K]
+    python bench/row_sample.py --pipeline [3.5 4.0 4.5] [--model ...] [--strides 4 8]
 
 The weight-space sensitivity (`calibration.sensitivity.measure: weight_error`) quantizes the
 whole decoder once per candidate type with llama-quantize and reads it back: at 8B minutes per
@@ -193,13 +194,70 @@ def run_model(model: Path, strides: list[int], kinds: list[str], work: Path) -> 
     return rows_out, raw
 
 
+def run_pipeline(model: Path, strides: list[int], targets: list[float], work: Path) -> tuple[list[list], dict]:
+    """The sensitivity stage's weight-space measure (`sensitivity.measure`) on every row and
+    from each stride's sample (forced on at any size), the demo mix's types: its seconds,
+    how far each layer/type/probe-set value moves, and the plans each table makes."""
+    from dataclasses import replace
+
+    from quantbuild.calibration import compose_calibration, load_calibration
+    from quantbuild.config import CalibrationConfig, GgufConfig, SensitivityConfig
+    from quantbuild.quantizers import model_layers
+    from quantbuild.quantizers.gguf import _plan
+    from quantbuild.sensitivity import WEIGHT_ERROR, measure
+
+    base, _ = prepare(model, work)
+    calibration_config = CalibrationConfig(sources={"workflow_prompts": 0.4, "tool_calls": 0.25, "long_context": 0.15,
+                                                    "domain_text": 0.2}, samples=48, seq_len=512)
+    compose_calibration(calibration_config, ROOT / "data" / "calibration", model, work / "calibration")
+    calibration = load_calibration(work / "calibration")
+    variant = GgufConfig(type="Q4_K_S", target_bpw=targets[0], mix_types=["Q2_K", "Q3_K", "IQ4_XS", "Q5_K", "Q6_K"])
+    layers = model_layers(model)
+    rows_out, raw, tables = [], {}, {}
+    for stride in [1, *strides]:
+        config = SensitivityConfig(measure=WEIGHT_ERROR, row_stride=stride, sample_rows_params=0)
+        started = time.perf_counter()
+        tables[stride] = measure(model, calibration, {"mix": variant}, config, base.parent)["mix"]
+        seconds = time.perf_counter() - started
+        plans = {target: {layer: entry["type"] for layer, entry in
+                          _plan("bench", replace(variant, target_bpw=target), layers, tables[stride], model).items()}
+                 for target in targets}
+        whole = tables[1]
+        values = [(entry["kld"][key][probes], tables[stride]["layers"][layer]["kld"][key][probes])
+                  for layer, entry in whole["layers"].items() for key in entry["kld"] for probes in entry["kld"][key]]
+        relative = sorted(abs(b / a - 1) for a, b in values if a > 0)
+        differing = {target: sum(plans[target][layer] != raw.get(f"{model.name}/1", {}).get("plans", plans)[target][layer]
+                                 for layer in layers) for target in targets}
+        sample = tables[stride].get("row_sample", {})
+        rows_out.append([model.name, stride, f"{sample.get('rows', sum(out for out, _ in layers.values()))}",
+                         f"{seconds:.1f}", f"{100 * statistics.median(relative):.2f}%", f"{100 * max(relative):.2f}%",
+                         f"{spearman([a for a, _ in values], [b for _, b in values]):.4f}",
+                         " ".join(f"{target}: {count}/{len(layers)}" for target, count in differing.items())])
+        raw[f"{model.name}/{stride}"] = {"seconds": seconds, "plans": plans, "row_sample": sample,
+                                         "median_relative": statistics.median(relative), "max_relative": max(relative)}
+    return rows_out, raw
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, nargs="+", default=[BASELINE])
     parser.add_argument("--strides", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--types", nargs="+", default=["Q4_K", "IQ4_XS", "Q3_K"])
+    parser.add_argument("--pipeline", type=float, nargs="*", metavar="TARGET",
+                        help="the sensitivity stage's measure sampled vs whole, and its plans at these targets")
     args = parser.parse_args()
     rows, raw = [], {}
+    if args.pipeline is not None:
+        for model in args.model:
+            with tempfile.TemporaryDirectory(prefix="quantbuild-rows-") as work:
+                found, measured = run_pipeline(model.resolve(), args.strides, args.pipeline or [3.5, 4.0, 4.5],
+                                               Path(work))
+                rows += found
+                raw.update(measured)
+        print(table(["model", "stride", "rows scored", "sensitivity (s)", "median change", "worst change",
+                     "Spearman", "plan layers differing from every row's"], rows))
+        save("row_sample_pipeline", raw)
+        return
     for model in args.model:
         with tempfile.TemporaryDirectory(prefix="quantbuild-rows-") as work:
             found, measured = run_model(model.resolve(), args.strides, args.types, Path(work))

@@ -77,6 +77,12 @@ class SensitivityConfig:
     # whole plan's KL on probes held out from the table's is lower (0: one greedy pass on the
     # table alone): quantbuild.quantizers.planner.promote_checked
     check_stretches: int = 0
+    # The weight-space measure from `sample_rows_params` decoder weights up scores a sample
+    # of each tensor's rows: the most influential one in 2 x row_stride whole, every
+    # row_stride-th of the rest (1: every row). llama-quantize quantizes a GGUF of those rows
+    # only, 1/row_stride of the work (src/quantbuild/sensitivity.py; bench/README.md).
+    row_stride: int = 4
+    sample_rows_params: int = 1_000_000_000
 
 
 @dataclass
@@ -614,6 +620,10 @@ def _check_ranges(config: Config) -> None:
              sensitivity.measure, "auto | kl | weight_error")
     _require(sensitivity.auto_weight_error_params >= 0, "calibration.sensitivity.auto_weight_error_params",
              sensitivity.auto_weight_error_params, ">= 0")
+    _require(1 <= sensitivity.row_stride <= 64, "calibration.sensitivity.row_stride", sensitivity.row_stride,
+             "1..64 (1 = every row)")
+    _require(sensitivity.sample_rows_params >= 0, "calibration.sensitivity.sample_rows_params",
+             sensitivity.sample_rows_params, ">= 0")
     _require(0 <= sensitivity.check_stretches <= 64, "calibration.sensitivity.check_stretches",
              sensitivity.check_stretches, "0..64 (0 = plans are not checked whole)")
     _require(1 <= calibration.imatrix_samples <= 1000000, "calibration.imatrix_samples", calibration.imatrix_samples,

@@ -92,6 +92,9 @@ def build_variant(name: str, variant: Any, inputs: Inputs, out: Path) -> dict:
             # which measure made the plan: kl (measured) or weight_error (src/quantbuild/sensitivity.py)
             "sensitivity_measure": (inputs.sensitivity or {}).get("measure", "kl") if _uses_sensitivity(variant)
             else None,
+            # the rows the weight-space measure scored, where it sampled them
+            **({"sensitivity_row_sample": inputs.sensitivity["row_sample"]}
+               if _uses_sensitivity(variant) and (inputs.sensitivity or {}).get("row_sample") else {}),
             **_planned(plan, layers, inputs.sensitivity if _uses_sensitivity(variant) else None),
             "size_bytes": size,
             "files": files,

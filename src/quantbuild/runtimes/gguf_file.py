@@ -413,6 +413,53 @@ def write_with_lineage(source: Path, out: Path, lineage: dict[str, Any]) -> str:
     return digest.hexdigest()
 
 
+def with_rows(source: Path, rows: dict[str, Any], out: Path) -> None:
+    """A copy of `source` whose 2-D tensors named in `rows` hold only those rows (ascending
+    indices, each row's bytes as stored), every key/value and other tensor byte for byte: a
+    thumbnail that llama-quantize quantizes to exactly those rows of the whole file's (a
+    quantized block never spans rows; bench/row_sample.py checks it bit for bit), at a
+    fraction of the work. Written a chunk of rows at a time."""
+    import numpy as np
+
+    gguf = gguf_py()
+    source_layout = layout(source)
+    data = np.memmap(source, dtype=np.uint8, mode="r")
+    alignment = source_layout.alignment
+    infos, placed, offset = [], [], 0
+    for tensor in source_layout.tensors:
+        dims, picked = tensor.dims, rows.get(tensor.name)
+        nbytes = tensor.nbytes
+        if picked is not None:
+            picked = np.asarray(picked, dtype=np.int64)
+            if len(dims) != 2 or not len(picked) or np.any(np.diff(picked) <= 0) or picked[0] < 0 \
+                    or picked[-1] >= dims[1]:
+                raise IntegrityError(f"{source}: no rows {tensor.name} can be cut to (dims {dims})")
+            nbytes = nbytes // dims[1] * len(picked)
+            dims = (dims[0], len(picked))
+        offset = -(-offset // alignment) * alignment
+        name = tensor.name.encode()
+        infos.append(struct.pack("<Q", len(name)) + name + struct.pack("<I", len(dims))
+                     + b"".join(struct.pack("<Q", dim) for dim in dims)
+                     + struct.pack("<I", gguf.GGMLQuantizationType[tensor.type_name].value) + struct.pack("<Q", offset))
+        placed.append((tensor, picked, offset))
+        offset += nbytes
+    header = (MAGIC + struct.pack("<I", source_layout.version) + struct.pack("<Q", len(source_layout.tensors))
+              + struct.pack("<Q", len(source_layout.values)) + source_layout.kv_bytes + b"".join(infos))
+    header += b"\0" * (-len(header) % alignment)
+    with out.open("wb") as writer:
+        writer.write(header)
+        for tensor, picked, start in placed:
+            writer.write(b"\0" * (len(header) + start - writer.tell()))
+            stored = data[tensor.offset: tensor.offset + tensor.nbytes]
+            if picked is None:
+                for at in range(0, tensor.nbytes, 1 << 24):
+                    writer.write(stored[at: at + (1 << 24)].tobytes())
+                continue
+            by_row = stored.reshape(tensor.dims[1], -1)
+            for at in range(0, len(picked), 1024):
+                writer.write(by_row[picked[at: at + 1024]].tobytes())
+
+
 def metadata_changes(path: Path) -> list[str]:
     """Each key/value that differs from `quantbuild.kv_sha256` (changed, added or removed),
     by name; one entry when the digest itself is missing or malformed."""
