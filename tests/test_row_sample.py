@@ -1,0 +1,98 @@
+"""The weight-space sensitivity from a sample of rows (sensitivity.RowSample): a thumbnail GGUF
+of the sampled rows quantizes to exactly those rows of the whole file's, and the measure from
+the sample agrees with the measure from every row."""
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from conftest import BASELINE, REPO
+from quantbuild.calibration import compose_calibration, load_calibration
+from quantbuild.config import CalibrationConfig, GgufConfig, SensitivityConfig
+from quantbuild.gguf_artifacts import BASE_FILE
+from quantbuild.gguf_base import build_base
+from quantbuild.quantizers import model_layers
+from quantbuild.sensitivity import Candidate, gguf_weights
+
+pytestmark = pytest.mark.slow
+
+CALIBRATION = CalibrationConfig(sources={"workflow_prompts": 0.5, "tool_calls": 0.3, "domain_text": 0.2}, samples=6,
+                                seq_len=96, sensitivity=SensitivityConfig(samples=2, family_tokens=256,
+                                                                          measure="weight_error"))
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("gguf") / "base"
+    build_base(BASELINE, "f16", needed=True, out=out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def calibration(tmp_path_factory) -> list[list[int]]:
+    out = tmp_path_factory.mktemp("calibration")
+    compose_calibration(CALIBRATION, REPO / "data" / "calibration", BASELINE, out)
+    return load_calibration(out)
+
+
+def test_a_thumbnail_of_sampled_rows_quantizes_to_exactly_those_rows_of_the_whole_file(base, tmp_path):
+    """The row sample's thumbnail of the base GGUF, quantized by llama-quantize, holds each
+    sampled row (Q/K rows mapped through the converter's permutation) bit for bit as the
+    whole decoder quantized at the same type; a cut no tensor can take is one line."""
+    import numpy as np
+
+    from quantbuild.errors import IntegrityError
+    from quantbuild.quantizers.gguf import gguf_names
+    from quantbuild.runtimes.gguf_file import layout, with_rows
+    from quantbuild.sensitivity import RowSample, gguf_layer_orientation
+
+    layers = model_layers(BASELINE)
+    names = gguf_names(BASELINE, layers)
+    orientation = gguf_layer_orientation(BASELINE, base, names)
+    assert any(orientation.values())  # the Q/K weights are stored permuted
+    # a made-up influence: every row counts, the last rows most
+    influence = {layer: np.arange(out, dtype=np.float64) for layer, (out, _) in layers.items()}
+    sample = RowSample(influence, 4, orientation)
+    thumbnail = sample.thumbnail(base / BASE_FILE, names, tmp_path / "rows.gguf")
+    shrunk = {tensor.name: tensor.dims for tensor in layout(thumbnail).tensors}
+    assert all(shrunk[names[layer]][1] == len(sample.rows[layer]) < out for layer, (out, _) in layers.items())
+    assert sample.record()["rows"] < sample.record()["of"] == sum(out for out, _ in layers.values())
+    candidate = Candidate("gguf", "Q3_K", imatrix=False)
+    (tmp_path / "whole").mkdir()
+    (tmp_path / "sampled").mkdir()
+    whole = gguf_weights(candidate, BASELINE, base, layers, tmp_path / "whole", orientation)
+    sampled = gguf_weights(candidate, BASELINE, base, layers, tmp_path / "sampled", orientation, source=thumbnail)
+    for layer in layers:
+        assert np.array_equal(sampled[layer], whole[layer][sample.rows[layer]]), layer
+        # the most influential rows are in the sample whole, each counted once
+        top = set(range(layers[layer][0] - layers[layer][0] // 8, layers[layer][0]))
+        assert top <= set(sample.rows[layer].tolist())
+        assert all(sample.weights[layer][list(sample.rows[layer]).index(row)] == 1 for row in top)
+        assert abs(sample.weights[layer].sum() - layers[layer][0]) < 1e-6
+    name = names[next(iter(layers))]
+    with pytest.raises(IntegrityError, match=f"no rows {name} can be cut to"):
+        with_rows(base / BASE_FILE, {name: [3, 1]}, tmp_path / "bad.gguf")
+
+
+def test_the_weight_space_measure_from_a_sample_of_rows_agrees_with_every_row(calibration, base):
+    """Sampled (row_stride 4, forced on the 8M model) against every row, same Fisher: each
+    layer's estimate close, the order of the layers the same, and the table records the sample."""
+    from quantbuild.sensitivity import WEIGHT_ERROR, measure
+
+    variant = GgufConfig(type="Q4_K_S", target_bpw=4.5, mix_types=["Q3_K", "Q6_K"])
+    every = replace(CALIBRATION.sensitivity, measure=WEIGHT_ERROR, row_stride=1, sample_rows_params=0)
+    whole = measure(BASELINE, calibration, {"mix": variant}, every, base)["mix"]
+    sampled = measure(BASELINE, calibration, {"mix": variant}, replace(every, row_stride=4), base)["mix"]
+    assert "row_sample" not in whole and sampled["row_sample"]["stride"] == 4
+    assert sampled["row_sample"]["rows"] < sampled["row_sample"]["of"] / 2
+    pairs = [(entry["kld"][key][probes], sampled["layers"][layer]["kld"][key][probes])
+             for layer, entry in whole["layers"].items() for key in entry["kld"] for probes in entry["kld"][key]]
+    errors = sorted(abs(b / a - 1) for a, b in pairs)
+    assert errors[len(errors) // 2] < 0.05 and errors[-1] < 0.35, (errors[len(errors) // 2], errors[-1])
+    first = [a for a, _ in pairs]
+    second = [b for _, b in pairs]
+    rank = lambda values: [sorted(values).index(value) for value in values]  # noqa: E731
+    n = len(pairs)
+    rho = 1 - 6 * sum((a - b) ** 2 for a, b in zip(rank(first), rank(second))) / (n * (n * n - 1))
+    assert rho > 0.97, rho
