@@ -1,6 +1,6 @@
 """The weight-space sensitivity from a sample of rows (sensitivity.RowSample): a thumbnail GGUF
-of the sampled rows quantizes to exactly those rows of the whole file's, and the measure from
-the sample agrees with the measure from every row."""
+of the sampled rows quantizes to exactly those rows of the whole file's, the measure from the
+sample agrees with the measure from every row, and both find a tensor with injected outliers."""
 
 from dataclasses import replace
 from pathlib import Path
@@ -96,3 +96,44 @@ def test_the_weight_space_measure_from_a_sample_of_rows_agrees_with_every_row(ca
     n = len(pairs)
     rho = 1 - 6 * sum((a - b) ** 2 for a, b in zip(rank(first), rank(second))) / (n * (n * n - 1))
     assert rho > 0.97, rho
+
+
+@pytest.mark.parametrize("stride", [1, 4])
+def test_the_weight_space_measure_finds_the_tensor_with_injected_outliers(calibration, base, tmp_path, stride):
+    """From every row and from a sample of rows (forced on the 8M model): the rows the
+    outliers sit in weigh most, so the sample keeps them whole.""" 
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from quantbuild.runtimes.gguf_file import convert
+    from quantbuild.sensitivity import WEIGHT_ERROR, measure
+
+    model = tmp_path / "model"
+    shutil.copytree(BASELINE, model)
+    weights = load_file(str(model / "model.safetensors"))
+    name = "model.layers.2.mlp.down_proj"
+    tensor = weights[f"{name}.weight"].float()
+    generator = torch.Generator().manual_seed(0)
+    picked = torch.randperm(tensor.numel(), generator=generator)[: tensor.numel() // 200]
+    tensor.view(-1)[picked] *= 20.0  # 0.5% of the weights become outliers
+    weights[f"{name}.weight"] = tensor.to(weights[f"{name}.weight"].dtype)
+    save_file(weights, str(model / "model.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "base").mkdir()
+    convert(model, tmp_path / "base" / BASE_FILE, "f16")
+    variant = GgufConfig(type="Q4_K_S", target_bpw=4.5, mix_types=["Q3_K", "Q6_K"])
+    config = replace(CALIBRATION.sensitivity, measure=WEIGHT_ERROR, row_stride=stride, sample_rows_params=0)
+    table = measure(model, calibration, {"mix": variant}, config, tmp_path / "base")["mix"]
+    clean = measure(BASELINE, calibration, {"mix": variant}, config, base)["mix"]
+    assert table["measure"] == WEIGHT_ERROR and table["candidates"] == ["Q3_K", "Q6_K"]
+    assert ("row_sample" in table) == (stride > 1)
+    error = {layer: entry["kld"]["Q3_K"]["calibration"] for layer, entry in table["layers"].items()}
+    before = {layer: entry["kld"]["Q3_K"]["calibration"] for layer, entry in clean["layers"].items()}
+    # the tensor with the outliers is the one whose sensitivity grew the most (the layers
+    # its output feeds, much less)
+    growth = sorted((error[layer] / before[layer], layer) for layer in error)
+    assert growth[-1][1] == name and growth[-1][0] > 1.5 * growth[-2][0] and growth[-1][0] > 3, growth[-3:]
+    # more bits, less error, for every layer and probe set
+    for entry in table["layers"].values():
+        assert all(entry["kld"]["Q3_K"][probes] > entry["kld"]["Q6_K"][probes] > 0 for probes in entry["kld"]["Q3_K"])
