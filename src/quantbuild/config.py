@@ -80,7 +80,7 @@ class SensitivityConfig:
     # The weight-space measure from `sample_rows_params` decoder weights up scores a sample
     # of each tensor's rows: the most influential one in 2 x row_stride whole, every
     # row_stride-th of the rest (1: every row). llama-quantize quantizes a GGUF of those rows
-    # only, 1/row_stride of the work (src/quantbuild/sensitivity.py; bench/README.md).
+    # only (34% of the rows at stride 4; src/quantbuild/sensitivity.py, bench/README.md).
     row_stride: int = 4
     sample_rows_params: int = 1_000_000_000
 

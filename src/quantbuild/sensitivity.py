@@ -18,7 +18,7 @@ the mean square of its inputs on each probe set (an importance matrix per set, f
 forward pass of the baseline), as llama.cpp's quantizer weighs its own rounding. From
 `calibration.sensitivity.sample_rows_params` decoder weights up it scores a sample of each
 tensor's rows (`RowSample`: llama-quantize quantizes a thumbnail of the base GGUF holding
-those rows, 1/`row_stride` of the work at each type), and the table records the sample
+those rows: at stride 4 an eighth whole and a quarter of the rest, 34% of the work at each type), and the table records the sample
 (`row_sample`). The stage
 uses `calibration.sensitivity.measure` (`auto`: weight_error from
 `auto_weight_error_params` decoder weights up; bench/README.md has the evidence), and the
