@@ -137,3 +137,25 @@ def test_the_weight_space_measure_finds_the_tensor_with_injected_outliers(calibr
     # more bits, less error, for every layer and probe set
     for entry in table["layers"].values():
         assert all(entry["kld"]["Q3_K"][probes] > entry["kld"]["Q6_K"][probes] > 0 for probes in entry["kld"]["Q3_K"])
+
+
+def test_a_plan_made_from_a_sample_of_rows_says_so_in_its_record(calibration, base, tmp_path):
+    """The sensitivity stage's table from a sample (forced on) names it, and the quantize record
+    of the plan made from it carries the sample beside the measure."""
+    from quantbuild.hashing import read_json
+    from quantbuild.quantization import RECORD, build_variant
+    from quantbuild.quantizers import Inputs
+    from quantbuild.sensitivity import WEIGHT_ERROR, load_sensitivity, write_sensitivity
+
+    variant = GgufConfig(type="Q4_K_S", target_bpw=3.8, mix_types=["Q3_K", "Q5_K"], validation_tokens=0)
+    config = replace(CALIBRATION.sensitivity, measure=WEIGHT_ERROR, row_stride=4, sample_rows_params=0)
+    write_sensitivity(BASELINE, calibration, {"mix": variant}, config, base, tmp_path / "sensitivity")
+    table = load_sensitivity(tmp_path / "sensitivity", "mix")
+    assert table["row_sample"]["stride"] == 4
+    inputs = Inputs(BASELINE, calibration, gguf_base=base, sensitivity=table,
+                    lineage={"baseline": {"name": "workflow-llama-8m"}, "build_fingerprint_sha256": "f" * 64})
+    build_variant("mix", variant, inputs, tmp_path / "mix")
+    record = read_json(tmp_path / "mix" / RECORD)
+    assert record["sensitivity_measure"] == WEIGHT_ERROR
+    assert record["sensitivity_row_sample"] == table["row_sample"]
+    assert record["sensitivity_sha256"] == table["sha256"]
