@@ -135,27 +135,26 @@ def main() -> None:
         for name, path in _files(model, args.types, Path(folder)).items():
             spec = LoadSpec(LLAMA_CPP, path, threads=0, batch_size=args.batch, device=args.device)
             totals = {"sequential": 0.0, "batched": 0.0}
-            runtime = open_runtime(spec)
-            runtime.reserve(1300)
-            for family in FAMILIES:
-                prompts = [item.prompt for item in items[family]]
-                times: dict[str, list[float]] = {"sequential": [], "batched": []}
-                outputs = {}
-                for _ in range(args.repeats):
-                    for mode, size in (("sequential", 1), ("batched", args.batch)):
-                        seconds, outputs[mode] = _timed(runtime, size, prompts, MAX_NEW_TOKENS[family])
-                        times[mode].append(seconds)
-                prefill = _prefill(runtime, prompts)
-                differing = sum(a != b for a, b in zip(outputs["sequential"], outputs["batched"]))
-                sequential, batched = statistics.median(times["sequential"]), statistics.median(times["batched"])
-                totals["sequential"] += sequential
-                totals["batched"] += batched
-                results[f"{name} {family}"] = {"sequential_s": sequential, "batched_s": batched, "prefill_s": prefill,
-                                               "items": len(prompts), "differing_outputs": differing}
-                rows.append([name, family, len(prompts), f"{sequential:.2f}", f"{batched:.2f}",
-                             f"{sequential / batched:.2f}x", f"{prefill:.2f}", differing])
-                print(rows[-1], flush=True)
-            runtime.close()
+            with open_runtime(spec) as runtime:
+                runtime.reserve(1300)
+                for family in FAMILIES:
+                    prompts = [item.prompt for item in items[family]]
+                    times: dict[str, list[float]] = {"sequential": [], "batched": []}
+                    outputs = {}
+                    for _ in range(args.repeats):
+                        for mode, size in (("sequential", 1), ("batched", args.batch)):
+                            seconds, outputs[mode] = _timed(runtime, size, prompts, MAX_NEW_TOKENS[family])
+                            times[mode].append(seconds)
+                    prefill = _prefill(runtime, prompts)
+                    differing = sum(a != b for a, b in zip(outputs["sequential"], outputs["batched"]))
+                    sequential, batched = statistics.median(times["sequential"]), statistics.median(times["batched"])
+                    totals["sequential"] += sequential
+                    totals["batched"] += batched
+                    results[f"{name} {family}"] = {"sequential_s": sequential, "batched_s": batched, "prefill_s": prefill,
+                                                   "items": len(prompts), "differing_outputs": differing}
+                    rows.append([name, family, len(prompts), f"{sequential:.2f}", f"{batched:.2f}",
+                                 f"{sequential / batched:.2f}x", f"{prefill:.2f}", differing])
+                    print(rows[-1], flush=True)
             rows.append([name, "all four", sum(len(v) for v in items.values()), f"{totals['sequential']:.2f}",
                          f"{totals['batched']:.2f}", f"{totals['sequential'] / totals['batched']:.2f}x", "", ""])
     print(f"llama.cpp on {args.device}, {args.random or args.model.name}, batch {args.batch}, medians of {args.repeats}")

@@ -7,14 +7,15 @@ estimated well from a GGUF of every k-th row, quantized by llama-quantize?
 The weight-space sensitivity (`calibration.sensitivity.measure: weight_error`) quantizes the
 whole decoder once per candidate type with llama-quantize and reads it back: at 8B minutes per
 type. Every quantized block is one row's, so a "thumbnail" GGUF holding every k-th row of each
-decoder tensor (the rest of the file as it is) should quantize to exactly those rows of the
+decoder tensor (the rest of the file as it is: `runtimes.gguf_file.with_rows`) should quantize to exactly those rows of the
 full file, at 1/k of the work. This prints, per model, type and stride, against the full
 decoder quantized in the same run: the quantize seconds, whether every sampled row is
 bit-identical, and how well the sample estimates each tensor's error sum
 E = sum over rows and columns of imatrix[column] * (quantized - weight)^2 (k times the
 sample's sum): median and worst relative error over the tensors, and the Spearman rank
-correlation of the tensors' E (what the planner ranks). "stratified": the rows with the
-largest sum of imatrix * weight^2 (one in 2k) kept whole, every k-th of the rest sampled.
+correlation of the tensors' E (what the planner ranks). "stratified": the stage's
+`sensitivity.RowSample`, ranking rows by their sum of imatrix * weight^2: one in 2k kept
+whole, every k-th of the rest sampled.
 """
 
 from __future__ import annotations
@@ -59,31 +60,6 @@ def decoder_tensors(base: Path) -> dict[str, tuple[int, int]]:
     gguf = _gguf()
     return {t.name: (int(t.shape[1]), int(t.shape[0])) for t in gguf.GGUFReader(base).tensors
             if t.name.startswith("blk.") and t.name.endswith(".weight") and len(t.shape) == 2}
-
-
-def thumbnail(base: Path, rows: dict[str, list[int]], out: Path) -> None:
-    """A copy of `base` whose tensors in `rows` hold only those rows (all metadata kept)."""
-    import numpy as np
-
-    gguf = _gguf()
-    reader = gguf.GGUFReader(base)
-    writer = gguf.GGUFWriter(out, reader.fields["general.architecture"].contents())
-    for name, field in reader.fields.items():
-        if name.startswith("GGUF.") or name == "general.architecture":
-            continue
-        if field.types[0] == gguf.GGUFValueType.ARRAY:
-            writer.add_key_value(name, field.contents(), field.types[0], sub_type=field.types[-1])
-        else:
-            writer.add_key_value(name, field.contents(), field.types[0])
-    for tensor in reader.tensors:
-        data = np.array(tensor.data)
-        if tensor.name in rows:
-            data = data[rows[tensor.name]]
-        writer.add_tensor(tensor.name, data, raw_dtype=tensor.tensor_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
 
 
 def quantize(source: Path, names: list[str], kind: str, imatrix: Path, out: Path) -> float:
@@ -137,6 +113,9 @@ def spearman(first: list[float], second: list[float]) -> float:
 def run_model(model: Path, strides: list[int], kinds: list[str], work: Path) -> tuple[list[list], dict]:
     import numpy as np
 
+    from quantbuild.runtimes.gguf_file import with_rows
+    from quantbuild.sensitivity import RowSample
+
     base, imatrix = prepare(model, work)
     shapes = decoder_tensors(base)
     names = sorted(shapes)
@@ -152,25 +131,17 @@ def run_model(model: Path, strides: list[int], kinds: list[str], work: Path) -> 
         exact = {name: float(errors[name].sum()) for name in names}
         for stride in strides:
             for scheme in ("every k-th row", "stratified"):
-                picked, weight_of = {}, {}
-                for name in names:
-                    count = shapes[name][0]
-                    if scheme == "every k-th row":
-                        chosen = np.arange(0, count, stride)
-                        picked[name], weight_of[name] = chosen, np.full(len(chosen), count / len(chosen))
-                    else:
-                        influence = (base_w[name] ** 2 * imp[name][None, :]).sum(axis=1)
-                        whole = np.sort(np.argsort(-influence, kind="stable")[: max(1, count // (2 * stride))])
-                        rest = np.setdiff1d(np.arange(count), whole)
-                        sampled = rest[::stride]
-                        picked[name] = np.concatenate([whole, sampled])
-                        weight_of[name] = np.concatenate([np.ones(len(whole)),
-                                                          np.full(len(sampled), len(rest) / max(1, len(sampled)))])
-                    order = np.argsort(picked[name], kind="stable")
-                    picked[name], weight_of[name] = picked[name][order], weight_of[name][order]
+                if scheme == "every k-th row":
+                    picked = {name: np.arange(0, shapes[name][0], stride) for name in names}
+                    weight_of = {name: np.full(len(picked[name]), shapes[name][0] / len(picked[name])) for name in names}
+                else:  # the sensitivity stage's sample, rows ranked by imatrix x weight^2 (GGUF rows: no
+                    # orientation to map them through)
+                    sample = RowSample({name: (base_w[name] ** 2 * imp[name][None, :]).sum(axis=1) for name in names},
+                                       stride, {})
+                    picked, weight_of = sample.rows, sample.weights
                 thumb = work / f"thumb-{stride}-{scheme[0]}.gguf"
                 started = time.perf_counter()
-                thumbnail(base, {name: picked[name].tolist() for name in names}, thumb)
+                with_rows(base, picked, thumb)
                 written = time.perf_counter() - started
                 thumb_q_path = work / f"thumb-{kind}-{stride}-{scheme[0]}.gguf"
                 thumb_seconds = quantize(thumb, names, kind, imatrix, thumb_q_path)
@@ -226,8 +197,9 @@ def run_pipeline(model: Path, strides: list[int], targets: list[float], work: Pa
         values = [(entry["kld"][key][probes], tables[stride]["layers"][layer]["kld"][key][probes])
                   for layer, entry in whole["layers"].items() for key in entry["kld"] for probes in entry["kld"][key]]
         relative = sorted(abs(b / a - 1) for a, b in values if a > 0)
-        differing = {target: sum(plans[target][layer] != raw.get(f"{model.name}/1", {}).get("plans", plans)[target][layer]
-                                 for layer in layers) for target in targets}
+        every_row = raw[f"{model.name}/1"]["plans"] if stride > 1 else plans
+        differing = {target: sum(plans[target][layer] != every_row[target][layer] for layer in layers)
+                     for target in targets}
         sample = tables[stride].get("row_sample", {})
         rows_out.append([model.name, stride, f"{sample.get('rows', sum(out for out, _ in layers.values()))}",
                          f"{seconds:.1f}", f"{100 * statistics.median(relative):.2f}%", f"{100 * max(relative):.2f}%",
