@@ -103,7 +103,7 @@ ladder1b() {  # a random Llama (MODEL: random-1b, random-8b), made here, on the 
     'eval.targets=[llama.cpp-cuda]' eval.limit=${LIMIT:-48} 'gate.must_not_degrade=[]' \
     gate.max_family_drop.retrieval=1.0 gate.max_family_drop.long_context=1.0 gate.max_family_drop.reasoning=1.0 \
     '+gate.max_family_drop.structured=1.0' gate.max_perplexity_increase_pct=1000 gate.max_kld_mean=10 \
-    gate.max_kld_p99=100 gate.min_top1_agreement=0 gate.max_degenerate_increase=1.0
+    gate.max_kld_p99=100 gate.min_top1_agreement=0 gate.max_degenerate_increase=1.0 ${EXTRA:-}
 }
 
 speed() {
