@@ -565,6 +565,9 @@ def validated(args: argparse.Namespace) -> None:
         inputs = _prepare(work, baseline=args.model, sensitivity=measure)
         targets = _preset_targets(args.model, work / "base", work / "imatrix", work / "sizes") if args.at_presets \
             else {f"mix_{target}": target for target in args.targets}
+        if args.only:
+            targets = {key: target for key, target in targets.items()
+                       if key.removeprefix("mix_").removesuffix("_imat") in args.only}
         planned = {key: GgufConfig(type="Q4_K_S", target_bpw=target, mix_types=mix, validation_tokens=args.tokens)
                    for key, target in targets.items()}
         tokenizer = AutoTokenizer.from_pretrained(str(args.model))
@@ -592,7 +595,7 @@ def validated(args: argparse.Namespace) -> None:
                             **scored(work / key / "model" / MODEL_FILE)}
             ladder.append(key)
             print(f"{key}: {validation['shipped']} ({results[key]['seconds']:.0f} s)", flush=True)
-        for preset in STOCK_PRESETS:
+        for preset in args.only or STOCK_PRESETS:
             for matrix in (False, True):
                 name = f"{preset}+imatrix" if matrix else preset
                 path = _stock(base, work / "imatrix", preset, matrix, work / f"{name}.gguf")
@@ -638,7 +641,7 @@ def validated(args: argparse.Namespace) -> None:
         print(f"ratios: {len(ratios)}; geometric mean {math.exp(statistics.fmean(map(math.log, ratios))):.3f}; "
               f"max {max(ratios):.3f}; <= 0.85: {sum(r <= 0.85 for r in ratios)}; > 1.0: {sum(r > 1 for r in ratios)}")
     save(("gguf_validated" if args.model == BASELINE else f"gguf_validated_{args.model.name}") +
-         ("_presets" if args.at_presets else "") + (f"_checked{args.check_stretches}" if args.check_stretches else ""),
+         ("_presets" if args.at_presets else "") + ("_only_" + "_".join(args.only) if args.only else "") + (f"_checked{args.check_stretches}" if args.check_stretches else ""),
          {"ladder": results, "presets": presets})
 
 
@@ -658,6 +661,9 @@ def main() -> None:
                              "size too, where it differs), not --targets")
     parser.add_argument("--check-stretches", type=int, default=0,
                         help="validated: stretches of each plan checked whole while planning (0: none)")
+    parser.add_argument("--only", nargs="+", default=None, metavar="PRESET",
+                        help="validated --at-presets: only the targets at these presets' sizes, tested against "
+                             "these presets (with and without the matrix) only")
     args = parser.parse_args()
     {"speed": speed, "quality": quality, "imatrix": imatrix, "throughput": throughput, "noise": noise,
      "agreement": agreement, "measures": measures, "validated": validated}[args.what](args)

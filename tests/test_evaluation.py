@@ -188,6 +188,38 @@ def test_a_plan_ships_only_where_it_is_never_worse_than_the_best_preset_on_any_t
     assert choose(alone) == ("plan", "plan gguf_mix_3") and alone["plan gguf_mix_3"]["worst_ratio"] == 2
 
 
+def test_a_split_preset_is_repaired_by_dropping_the_roles_whose_matrix_hurts():
+    """issue #28: where Q3_K_S with and without the importance matrix split the texts, the
+    validation searches the roles to give the matrix (`drop_roles`, backward elimination);
+    the repaired file is no preset (it never sets the floor) and is named for what it is."""
+    from quantbuild.plan_validation import BY_ROLE, _is_preset, choose, describe, drop_roles
+
+    # the matrix helps attn_k and ffn_down, hurts ffn_gate badly and ffn_up a little
+    effect = {"attn_k": -0.2, "ffn_down": -0.1, "ffn_gate": 0.3, "ffn_up": 0.05}
+    seen = []
+
+    def worst_of(kept: frozenset) -> float:
+        seen.append(kept)
+        return round(1.2 + sum(effect[role] for role in kept), 4)
+    kept, worst, scored = drop_roles(list(effect), worst_of)
+    assert kept == {"attn_k", "ffn_down"} and worst == pytest.approx(0.9) and scored == len(seen) == 1 + 4 + 3 + 2
+    assert drop_roles(["attn_k"], lambda kept: 1.0) == (frozenset({"attn_k"}), 1.0, 2)  # no drop helps: all kept
+
+    def entry(kinds: tuple, size: int) -> dict:
+        return {"tensor_bytes": size, "bits_per_weight": size * 8 / 1000,
+                "texts": {kind: {"kld_mean": value} for kind, value in zip(("eval", "calibration", "prose"), kinds)}}
+    name = f"Q3_K_S{BY_ROLE}"
+    assert _is_preset("Q3_K_S+imatrix") and not _is_preset(name) and not _is_preset("plan gguf_mix_3")
+    measured = {"plan": entry((1.3, 1.3, 1.3), 500), "Q3_K_S": entry((1.0, 1.4, 1.2), 480),
+                "Q3_K_S+imatrix": entry((1.1, 1.0, 1.0), 480), name: entry((0.98, 1.0, 1.0), 480)}
+    assert choose(measured) == (name, name) and measured[name]["worst_ratio"] == 1.0
+    validation = {"text": {"tokens": 16400}, "measured": measured, "best_alternative": name, "shipped": name,
+                  "imatrix_by_role": {"preset": "Q3_K_S", "roles": ["attn_k", "ffn_down"], "worst_ratio": 1.0,
+                                      "scored": 10}}
+    assert describe(validation).startswith("plan replaced by stock preset Q3_K_S with the importance matrix on "
+                                           "attn_k, ffn_down only: its KLD 0.99333")
+
+
 def test_gate_with_no_passing_variant_and_no_fallback_lists_violations():
     gate = replace(GATE, fallback="none")
     variants = {"int8": metrics(2.2, 0.001), "int4": metrics(2.3, 0.01), "int3": metrics(2.4, 0.2)}

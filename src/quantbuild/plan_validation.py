@@ -18,7 +18,9 @@ language-modelling family). A candidate's `worst_ratio` is its largest KL diverg
 the three texts, relative to the best stock preset within the budget on that text. What ships:
 among the candidates never worse than that best preset on any text (worst ratio <= 1), the
 one with the lowest mean divergence over the texts; where none is, the one with the lowest
-worst ratio. The plan wins ties. So the ladder never ships a mix worse than llama.cpp's
+worst ratio. The plan wins ties. Where none is and a preset's files with and without the
+matrix split the texts, that preset with the matrix on some of its tensor roles only is
+searched for and measured beside them (`_imatrix_by_role`). So the ladder never ships a mix worse than llama.cpp's
 preset at its size on any of the three texts wherever one file can be so, and ships the
 plan only where its win holds on every text.
 
@@ -57,6 +59,8 @@ PURE_FILE_TYPES = {"Q2_K": "Q2_K", "Q3_K": "Q3_K_S", "Q4_K": "Q4_K_S", "Q5_K": "
                    "Q8_0": "Q8_0", "IQ4_XS": "IQ4_XS", "IQ4_NL": "IQ4_NL", "Q4_0": "Q4_0", "Q4_1": "Q4_1",
                    "Q5_0": "Q5_0", "Q5_1": "Q5_1", "IQ3_S": "IQ3_S", "IQ3_XXS": "IQ3_XXS"}
 BY_TYPE = "plan, imatrix by type"
+# a stock preset with the importance matrix on some of its decoder tensor roles (`by_role`)
+BY_ROLE = "+imatrix by role"
 # the planner's own tokens, scored beside the held-out texts
 OWN = "planner"
 # The context each validation text is scored in (the longest, long-context items with their
@@ -336,6 +340,13 @@ def _validate(plan_file: Path, base: Path, imatrix: Optional[Path], drawn: dict[
         if helped != (set(build.tensors) if build.imatrix else set()):
             candidate(BY_TYPE, build.with_matrix_for(imatrix, helped), build.file_type)
     shipped, best = choose(measured)
+    by_role = None
+    if imatrix is not None and measured[shipped]["worst_ratio"] > 1:  # no file never worse: repair a split preset
+        repaired = _imatrix_by_role(measured, base, imatrix, folder, lambda path: entry(path)["texts"], threads)
+        if repaired is not None:
+            name, args, by_role = repaired
+            candidate(name, args, by_role["preset"])
+            shipped, best = choose(measured)
     if own:  # the plan, and what ships instead of it, on the tokens the plan was chosen on
         probes = {OWN: (own, 0)}
         worker.ask("reference", name=OWN, path=str(base), drawn=probes)
@@ -346,6 +357,7 @@ def _validate(plan_file: Path, base: Path, imatrix: Optional[Path], drawn: dict[
                        "sha256": sha256_bytes(texts_key.encode("ascii")), "texts": texts},
               "device": worker.settings["device"], "budget_bytes": allowed, "measured": measured, "larger_than_plan": sorted(larger), "best_alternative": best, "shipped": shipped,
               **({"imatrix_by_type": by_type} if by_type is not None else {}),
+              **({"imatrix_by_role": by_role} if by_role is not None else {}),
               **({"planner_tokens": {"sequences": len(own), "scored": sum(len(ids) - 1 - first for ids, first in own)}}
                  if own else {})}
     return record, (folder / f"{shipped}.gguf" if shipped != PLAN else None), work
@@ -388,7 +400,79 @@ _VERDICTS: dict[tuple, dict[str, Any]] = {}
 
 
 def _is_preset(name: str) -> bool:
-    return name.partition("+")[0] in STOCK_PRESETS
+    """A stock preset's own file, with or without the importance matrix (not one repaired)."""
+    preset, plus, rest = name.partition("+")
+    return preset in STOCK_PRESETS and rest in ("", "imatrix")
+
+
+def _floor(measured: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Each text -> the lowest divergence of a stock preset on it (of any candidate where
+    no preset is as small)."""
+    kinds = list(next(iter(measured.values()))["texts"])
+    presets = [name for name in measured if _is_preset(name)] or list(measured)
+    return {kind: min(measured[name]["texts"][kind]["kld_mean"] for name in presets) for kind in kinds}
+
+
+def _worst_ratio(texts: dict[str, dict[str, float]], floor: dict[str, float]) -> float:
+    return round(max(texts[kind]["kld_mean"] / floor[kind] if floor[kind] > 0 else
+                     (1.0 if texts[kind]["kld_mean"] <= 0 else float("inf")) for kind in floor), 4)
+
+
+def drop_roles(roles: list[str], worst_of: Callable[[frozenset], float]) -> tuple[frozenset, float, int]:
+    """(the roles kept, their worst ratio, how many subsets were scored): from every role,
+    drop the one whose dropping lowers `worst_of` most, while one does (backward
+    elimination; ties go to the first role in order)."""
+    kept = frozenset(roles)
+    worst, scored = worst_of(kept), 1
+    while kept:
+        trials = [(worst_of(kept - {role}), role) for role in sorted(kept)]
+        scored += len(trials)
+        best, role = min(trials)
+        if best >= worst:
+            break
+        kept, worst = kept - {role}, best
+    return kept, worst, scored
+
+
+def _imatrix_by_role(measured: dict[str, dict[str, Any]], base: Path, imatrix: Path, folder: Path,
+                     score: Callable[[Path], dict], threads: int) -> Optional[tuple[str, list[str], dict[str, Any]]]:
+    """Where no candidate is never worse than the best preset on every text and a preset's
+    files with and without the importance matrix split the texts (issue #28, the 33M chat
+    model: Q3_K_S without the matrix best on eval-family text, with it on the other two), that
+    preset with the matrix on only some of its decoder tensor roles (`blk.N.attn_k`, ...),
+    chosen by `drop_roles` on the validation texts. Returns (its candidate name, its
+    llama-quantize arguments, the search's record), or None where no split preset has a
+    subset better than both of its files."""
+    from quantbuild.runtimes.gguf_file import layout
+    from quantbuild.runtimes.llama_build import run_tool
+
+    floor = _floor(measured)
+    split = [name for name in measured if _is_preset(name) and "+" not in name and f"{name}+imatrix" in measured]
+    if not split:
+        return None
+    preset = min(split, key=lambda name: min(_worst_ratio(measured[name]["texts"], floor),
+                                             _worst_ratio(measured[f"{name}+imatrix"]["texts"], floor)))
+    roles = sorted({tensor.name.split(".")[2] for tensor in layout(base).tensors
+                    if tensor.name.startswith("blk.") and len(tensor.dims) >= 2})
+
+    def args(kept: frozenset) -> list[str]:
+        return ["--imatrix", str(imatrix), *[arg for role in sorted(kept) for arg in ("--include-weights", f".{role}.")]]
+
+    def worst_of(kept: frozenset) -> float:
+        if kept == frozenset(roles) or not kept:
+            return _worst_ratio(measured[f"{preset}+imatrix" if kept else preset]["texts"], floor)
+        path = folder / "by-role.gguf"
+        run_tool("llama-quantize", [*args(kept), str(base), str(path), preset, str(threads)], f"validation {preset} by role")
+        texts = score(path)
+        path.unlink()
+        return _worst_ratio(texts, floor)
+
+    kept, worst, scored = drop_roles(roles, worst_of)
+    both = min(_worst_ratio(measured[name]["texts"], floor) for name in (preset, f"{preset}+imatrix"))
+    if not kept or kept == frozenset(roles) or worst >= both:
+        return None
+    return f"{preset}{BY_ROLE}", args(kept), {"preset": preset, "roles": sorted(kept), "worst_ratio": worst,
+                                               "scored": scored}
 
 
 def choose(measured: dict[str, dict[str, Any]]) -> tuple[str, Optional[str]]:
@@ -400,14 +484,10 @@ def choose(measured: dict[str, dict[str, Any]]) -> tuple[str, Optional[str]]:
     Ranked: never worse than that best preset on any text (worst ratio <= 1) first, then by
     mean divergence; where no candidate is, by worst ratio. The plan wins a tie, then the
     smaller file."""
-    kinds = list(next(iter(measured.values()))["texts"])
-    presets = [name for name in measured if _is_preset(name)] or list(measured)
-    floor = {kind: min(measured[name]["texts"][kind]["kld_mean"] for name in presets) for kind in kinds}
+    floor = _floor(measured)
     for entry in measured.values():
-        values = {kind: entry["texts"][kind]["kld_mean"] for kind in kinds}
-        entry["kld_mean"] = round(sum(values.values()) / len(kinds), 8)
-        entry["worst_ratio"] = round(max(values[kind] / floor[kind] if floor[kind] > 0 else
-                                         (1.0 if values[kind] <= 0 else float("inf")) for kind in kinds), 4)
+        entry["kld_mean"] = round(sum(value["kld_mean"] for value in entry["texts"].values()) / len(floor), 8)
+        entry["worst_ratio"] = _worst_ratio(entry["texts"], floor)
     safe = any(entry["worst_ratio"] <= 1 for entry in measured.values())
 
     def rank(name: str) -> tuple:
@@ -430,7 +510,7 @@ def describe(validation: dict[str, Any]) -> str:
         return (f"plan KLD {plan['kld_mean']:.5f} on {tokens} held-out tokens ({texts}); no stock preset is as small "
                 f"({plan['bits_per_weight']:.3f} bits/weight)")
     what = (_by_type(validation) if best == BY_TYPE else f"the smaller {best}" if best.startswith("plan ")
-            else f"stock preset {best}")
+            else _by_role(validation) if best.endswith(BY_ROLE) else f"stock preset {best}")
     if "planner_tokens" in plan:  # in-sample against held out: how far the plan's choices generalise
         tokens = f"{tokens} held-out tokens; {plan['planner_tokens']['kld_mean']:.5f} on the planner's own"
     if validation["shipped"] == PLAN:
@@ -450,6 +530,11 @@ def _by_type(validation: dict[str, Any]) -> str:
     helped = sorted(kind for kind, verdict in validation.get("imatrix_by_type", {}).items() if verdict["use"])
     return f"the plan with the importance matrix on {', '.join(helped)} only" if helped else \
         "the plan without the importance matrix"
+
+
+def _by_role(validation: dict[str, Any]) -> str:
+    repaired = validation["imatrix_by_role"]
+    return f"stock preset {repaired['preset']} with the importance matrix on {', '.join(repaired['roles'])} only"
 
 
 def _measurer() -> dict[str, Callable[[dict[str, Any]], Any]]:

@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional
 from quantbuild.errors import ConfigError, QuantbuildError
 from quantbuild.gguf_artifacts import MODEL_FILE, RECORD, imatrix_record, require_base, require_imatrix
 from quantbuild.hashing import disk_full, free_bytes, require_space
-from quantbuild.plan_validation import BY_TYPE, PlanBuild
+from quantbuild.plan_validation import BY_ROLE, BY_TYPE, PlanBuild
 from quantbuild.quantizers.base import Inputs, Method, matching_layers, measurements
 from quantbuild.quantizers.planner import Candidate, Level, PlanCheck, plan_levels
 
@@ -225,6 +225,9 @@ def _quantize(variant: Any, inputs: Inputs, plan: dict, out: Path) -> dict:
                 elif winner.startswith("plan "):  # a smaller plan of the chain, built as this one is
                     link = next(link for link in inputs.sensitivity["chain"] if f"plan {link['name']}" == winner)
                     lineage["plan"] = {plan[layer]["gguf_name"]: kind for layer, kind in link["types"].items()}
+                elif winner.endswith(BY_ROLE):  # a stock preset, the matrix on some tensor roles only
+                    lineage.update(plan={}, imatrix=imatrix_record(inputs.imatrix),
+                                   imatrix_roles=validation["imatrix_by_role"]["roles"])
                 else:  # a stock preset
                     lineage.update(plan={}, imatrix=imatrix_record(inputs.imatrix) if "+imatrix" in winner else None)
             lineage["validation"] = {"shipped": validation["shipped"], "text_sha256": validation["text"]["sha256"],
