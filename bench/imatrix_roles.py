@@ -36,8 +36,8 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from quantbuild.gguf_artifacts import BASE_FILE, IMATRIX_FILE
-    from quantbuild.plan_validation import TEXTS, drop_roles, kl_divergence, reference, validation_texts
-    from quantbuild.runtimes.gguf_file import layout
+    from quantbuild.plan_validation import (TEXTS, decoder_roles, drop_roles, kl_divergence, reference, role_args,
+                                            validation_texts)
     from quantbuild.runtimes.llama_build import run_tool
 
     started = time.perf_counter()
@@ -49,15 +49,13 @@ def main() -> None:
         count = lambda value: len(tokenizer(value, verbose=False)["input_ids"])  # noqa: E731
         sets = {"validation": validation_texts(args.tokens, count), "test": validation_texts(args.tokens, count, seed=6001)}
         references = {name: reference(base, drawn, 2, False) for name, drawn in sets.items()}
-        roles = sorted({tensor.name.split(".")[2] for tensor in layout(base).tensors
-                        if tensor.name.startswith("blk.") and len(tensor.dims) >= 2})
+        roles = decoder_roles(base)
         results: dict[str, dict] = {}
 
         def measure(label: str, kept: frozenset | None, which: tuple[str, ...] = ("validation", "test")) -> dict:
             key = (label, which)
             if key not in results:
-                matrix_args = [] if kept is None else ["--imatrix", str(matrix), *[
-                    arg for role in sorted(kept) for arg in ("--include-weights", f".{role}.")]]
+                matrix_args = [] if kept is None else role_args(matrix, kept)
                 path = work / "candidate.gguf"
                 run_tool("llama-quantize", [*matrix_args, str(base), str(path), args.preset, "2"], label)
                 results[key] = {name: {kind: entry["kld_mean"] for kind, entry in

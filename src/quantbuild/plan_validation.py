@@ -37,7 +37,7 @@ import tempfile
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 from quantbuild.hashing import sha256_bytes
 from quantbuild.runtimes.llama_worker import LlamaWorker
@@ -298,10 +298,11 @@ def _validate(plan_file: Path, base: Path, imatrix: Optional[Path], drawn: dict[
     allowed = max(tensor_bytes(plan_file), budget_bytes)
     elements = sum(tensor.elements for tensor in layout(plan_file).tensors)
 
-    def entry(path: Path) -> dict[str, Any]:
+    def entry(path: Path, texts: Optional[dict[str, dict[str, float]]] = None) -> dict[str, Any]:
         size = tensor_bytes(path)
         return {"tensor_bytes": size, "bits_per_weight": round(size * 8 / elements, 4),
-                "texts": worker.ask("divergence", name=TEXTS_REFERENCE, path=str(path), drawn=drawn)}
+                "texts": texts if texts is not None else
+                worker.ask("divergence", name=TEXTS_REFERENCE, path=str(path), drawn=drawn)}
 
     measured: dict[str, dict[str, Any]] = {PLAN: entry(plan_file)}
     larger: list[str] = []
@@ -343,9 +344,11 @@ def _validate(plan_file: Path, base: Path, imatrix: Optional[Path], drawn: dict[
     by_role = None
     if imatrix is not None and measured[shipped]["worst_ratio"] > 1:  # no file never worse: repair a split preset
         repaired = _imatrix_by_role(measured, base, imatrix, folder, lambda path: entry(path)["texts"], threads)
-        if repaired is not None:
-            name, args, by_role = repaired
-            candidate(name, args, by_role["preset"])
+        if repaired is not None:  # built once more (llama-quantize is deterministic), not measured again
+            name, args, by_role, texts = repaired
+            path = folder / f"{name}.gguf"
+            run_tool("llama-quantize", [*args, str(base), str(path), by_role["preset"], str(threads)], f"validation {name}")
+            measured[name] = entry(path, texts)
             shipped, best = choose(measured)
     if own:  # the plan, and what ships instead of it, on the tokens the plan was chosen on
         probes = {OWN: (own, 0)}
@@ -401,7 +404,7 @@ _VERDICTS: dict[tuple, dict[str, Any]] = {}
 
 def _is_preset(name: str) -> bool:
     """A stock preset's own file, with or without the importance matrix (not one repaired)."""
-    preset, plus, rest = name.partition("+")
+    preset, _, rest = name.partition("+")
     return preset in STOCK_PRESETS and rest in ("", "imatrix")
 
 
@@ -434,16 +437,30 @@ def drop_roles(roles: list[str], worst_of: Callable[[frozenset], float]) -> tupl
     return kept, worst, scored
 
 
+def decoder_roles(base: Path) -> list[str]:
+    """The decoder's tensor roles in a GGUF (`attn_k`, `ffn_down`, ... of `blk.N.<role>.weight`)."""
+    from quantbuild.runtimes.gguf_file import layout
+
+    return sorted({tensor.name.split(".")[2] for tensor in layout(base).tensors
+                   if tensor.name.startswith("blk.") and len(tensor.dims) >= 2})
+
+
+def role_args(imatrix: Path, roles: Iterable[str]) -> list[str]:
+    """llama-quantize's arguments giving the importance matrix to the tensors of `roles`
+    only (its `--include-weights` matches a substring of the matrix's tensor names)."""
+    return ["--imatrix", str(imatrix), *[arg for role in sorted(roles) for arg in ("--include-weights", f".{role}.")]]
+
+
 def _imatrix_by_role(measured: dict[str, dict[str, Any]], base: Path, imatrix: Path, folder: Path,
-                     score: Callable[[Path], dict], threads: int) -> Optional[tuple[str, list[str], dict[str, Any]]]:
+                     score: Callable[[Path], dict], threads: int
+                     ) -> Optional[tuple[str, list[str], dict[str, Any], dict[str, dict[str, float]]]]:
     """Where no candidate is never worse than the best preset on every text and a preset's
     files with and without the importance matrix split the texts (issue #28, the 33M chat
     model: Q3_K_S without the matrix best on eval-family text, with it on the other two), that
     preset with the matrix on only some of its decoder tensor roles (`blk.N.attn_k`, ...),
     chosen by `drop_roles` on the validation texts. Returns (its candidate name, its
-    llama-quantize arguments, the search's record), or None where no split preset has a
-    subset better than both of its files."""
-    from quantbuild.runtimes.gguf_file import layout
+    llama-quantize arguments, the search's record, its divergence on each text), or None
+    where no split preset has a subset better than both of its files."""
     from quantbuild.runtimes.llama_build import run_tool
 
     floor = _floor(measured)
@@ -452,27 +469,25 @@ def _imatrix_by_role(measured: dict[str, dict[str, Any]], base: Path, imatrix: P
         return None
     preset = min(split, key=lambda name: min(_worst_ratio(measured[name]["texts"], floor),
                                              _worst_ratio(measured[f"{name}+imatrix"]["texts"], floor)))
-    roles = sorted({tensor.name.split(".")[2] for tensor in layout(base).tensors
-                    if tensor.name.startswith("blk.") and len(tensor.dims) >= 2})
-
-    def args(kept: frozenset) -> list[str]:
-        return ["--imatrix", str(imatrix), *[arg for role in sorted(kept) for arg in ("--include-weights", f".{role}.")]]
+    roles = decoder_roles(base)
+    texts: dict[frozenset, dict[str, dict[str, float]]] = {}
 
     def worst_of(kept: frozenset) -> float:
         if kept == frozenset(roles) or not kept:
             return _worst_ratio(measured[f"{preset}+imatrix" if kept else preset]["texts"], floor)
         path = folder / "by-role.gguf"
-        run_tool("llama-quantize", [*args(kept), str(base), str(path), preset, str(threads)], f"validation {preset} by role")
-        texts = score(path)
+        run_tool("llama-quantize", [*role_args(imatrix, kept), str(base), str(path), preset, str(threads)],
+                 f"validation {preset} by role")
+        texts[kept] = score(path)
         path.unlink()
-        return _worst_ratio(texts, floor)
+        return _worst_ratio(texts[kept], floor)
 
     kept, worst, scored = drop_roles(roles, worst_of)
     both = min(_worst_ratio(measured[name]["texts"], floor) for name in (preset, f"{preset}+imatrix"))
     if not kept or kept == frozenset(roles) or worst >= both:
         return None
-    return f"{preset}{BY_ROLE}", args(kept), {"preset": preset, "roles": sorted(kept), "worst_ratio": worst,
-                                               "scored": scored}
+    return (f"{preset}{BY_ROLE}", role_args(imatrix, kept),
+            {"preset": preset, "roles": sorted(kept), "worst_ratio": worst, "scored": scored}, texts[kept])
 
 
 def choose(measured: dict[str, dict[str, Any]]) -> tuple[str, Optional[str]]:
