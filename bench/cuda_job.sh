@@ -8,9 +8,9 @@
 #   run (carry .devcarry): setsid bash bench/cuda_job.sh >/dev/null 2>&1 </dev/null &
 #                          then poll /tmp/out/job.log, copy /tmp/out/* to $OUT
 #
-# llama.cpp built with CUDA, the batched bench on the bundled 8M model (bench/batched.py), then the random-8b ladder
-# with two stock types (QUANTS_8B) and the random-1b ladder with two and the planned mix
-# (QUANTS_1B, EXTRA_1B: more overrides), on llama.cpp-cuda (each
+# llama.cpp built with CUDA, then STEPS (default: the batched bench on the bundled 8M model,
+# bench/batched.py; the random-8b ladder with two stock types, QUANTS_8B; the random-1b ladder
+# with two and the planned mix, QUANTS_1B, EXTRA_1B: more overrides), on llama.cpp-cuda (each
 # `dvc repro`'s stage times in /tmp/out/<model>/repro.log). It works in a copy of the tree in
 # /tmp/job, so that a later call's copy of the working tree cannot change params.yaml or
 # dvc.lock under a running `dvc repro`.
@@ -22,32 +22,39 @@ nvidia-smi --query-gpu=name,memory.total --format=csv
 bash bench/cuda_ladder.sh build
 echo "STEP build done $((SECONDS - started)) s"
 export PATH=$PWD/.venv/bin:$PATH
-# a trained model first (the bundled 8M: a minute): how many greedy answers a batch changes on
-# CUDA, where the random 8B changed 159 of 192 (near-flat distributions, bench/README.md)
-python -X faulthandler bench/batched.py --device cuda --types F16 Q4_K_M --batch 32 \
-  > /tmp/out/batched8m.txt 2>&1
-echo "STEP batched8m done $((SECONDS - started)) s"
-# the random 8B's F16 rows were measured on 2026-12-05 (each mode loads the 14 GB model again:
-# 15 minutes for three families); BATCHED_8B=1 measures Q4_K_M's after the ladders
-rm -rf /tmp/tmp*  # a crashed bench leaves its 8B files (33 GB) behind
-# the 8B ladder first (#27's 20-minute target): at 8B DVC's cache (a copy of every output) does
-# not fit the 64 GB disk beside the model, its copy in artifacts/, its F16 GGUF and the
-# variants: the outputs are not committed to it
-MODEL=random-8b QUANTS=${QUANTS_8B:-'[gguf_q4_0,gguf_q4_k_m_imat]'} OUT=/tmp/out REPRO_FLAGS=--no-commit \
-  bash bench/cuda_ladder.sh ladder1b > /tmp/out/ladder8b.txt 2>&1
-cp -r logs /tmp/out/random-8b/logs 2>/dev/null
-echo "STEP ladder8b done $((SECONDS - started)) s"
-rm -rf artifacts .dvc/cache bench/out/random-8b data/baseline/random-8b logs
-# then the random 1B with the planned mix: its sensitivity from a sample of rows (forced below
-# the 1B-weight default with sample_rows_params=0), its plan validated on the GPU
-MODEL=random-1b QUANTS=${QUANTS_1B:-'[gguf_q4_0,gguf_q4_k_m_imat,gguf_mix_3p5]'} OUT=/tmp/out \
-  EXTRA=${EXTRA_1B:-calibration.sensitivity.sample_rows_params=0} \
-  bash bench/cuda_ladder.sh ladder1b > /tmp/out/ladder1b.txt 2>&1
-cp -r logs /tmp/out/random-1b/logs 2>/dev/null
-echo "STEP ladder1b done $((SECONDS - started)) s"
-if [ -n "${BATCHED_8B:-}" ]; then
+# STEPS: which of the steps below run, in order (by default all but batched8b)
+batched8m() {
+  # a trained model (the bundled 8M: a minute): how many greedy answers a batch changes on
+  # CUDA, where the random 8B changed 159 of 192 (near-flat distributions, bench/README.md)
+  python -X faulthandler bench/batched.py --device cuda --types F16 Q4_K_M --batch 32 \
+    > /tmp/out/batched8m.txt 2>&1
+}
+ladder8b() {
+  rm -rf /tmp/tmp*  # a crashed bench leaves its 8B files (33 GB) behind
+  # at 8B DVC's cache (a copy of every output) does not fit the 64 GB disk beside the model,
+  # its copy in artifacts/, its F16 GGUF and the variants: the outputs are not committed to it
+  MODEL=random-8b QUANTS=${QUANTS_8B:-'[gguf_q4_0,gguf_q4_k_m_imat]'} OUT=/tmp/out REPRO_FLAGS=--no-commit \
+    bash bench/cuda_ladder.sh ladder1b > /tmp/out/ladder8b.txt 2>&1
+  cp -r logs /tmp/out/random-8b/logs 2>/dev/null
+  rm -rf artifacts .dvc/cache bench/out/random-8b data/baseline/random-8b logs
+}
+ladder1b() {
+  # the random 1B with the planned mix: its sensitivity from a sample of rows (forced below
+  # the 1B-weight default with sample_rows_params=0), its plan validated on the GPU, then
+  # select and package: the release decision for the CUDA target
+  MODEL=random-1b QUANTS=${QUANTS_1B:-'[gguf_q4_0,gguf_q4_k_m_imat,gguf_mix_3p5]'} OUT=/tmp/out \
+    EXTRA=${EXTRA_1B:-calibration.sensitivity.sample_rows_params=0} \
+    bash bench/cuda_ladder.sh ladder1b > /tmp/out/ladder1b.txt 2>&1
+  cp -r logs /tmp/out/random-1b/logs 2>/dev/null
+  rm -rf artifacts .dvc/cache bench/out/random-1b data/baseline/random-1b logs
+}
+batched8b() {
+  # the random 8B's F16 rows were measured on 2026-12-05 (each mode loads the 14 GB model again)
   python -X faulthandler bench/batched.py --device cuda --random random-8b --types Q4_K_M --items 64 --batch 64 \
     > /tmp/out/batched8b.txt 2>&1
-  echo "STEP batched8b done $((SECONDS - started)) s"
-fi
+}
+for step in ${STEPS:-batched8m ladder8b ladder1b}; do
+  "$step"
+  echo "STEP $step done $((SECONDS - started)) s"
+done
 echo ALL_DONE

@@ -552,6 +552,7 @@ def validated(args: argparse.Namespace) -> None:
     from quantbuild.config import GgufConfig, SensitivityConfig
     from quantbuild.gguf_artifacts import BASE_FILE, MODEL_FILE
     from quantbuild.plan_validation import PLAN, STOCK_PRESETS, TEXTS, kl_divergence, reference, validation_texts
+    from quantbuild.prompts import tokenizer_template
     from quantbuild.quantization import build_variant
     from quantbuild.runtimes.gguf_file import layout
     from quantbuild.sensitivity import write_sensitivity
@@ -571,20 +572,25 @@ def validated(args: argparse.Namespace) -> None:
         planned = {key: GgufConfig(type="Q4_K_S", target_bpw=target, mix_types=mix, validation_tokens=args.tokens)
                    for key, target in targets.items()}
         tokenizer = AutoTokenizer.from_pretrained(str(args.model))
-        test = validation_texts(args.tokens, lambda v: len(tokenizer(v, verbose=False)["input_ids"]), seed=6001)
+        # an instruct model's test texts rendered through its chat template, as validation's are
+        template = tokenizer_template(tokenizer)
+        special = template is not None
+        test = validation_texts(args.tokens, lambda v: len(tokenizer(v, verbose=False)["input_ids"]), seed=6001,
+                                template=template)
         started = time.perf_counter()
         write_sensitivity(args.model, inputs.calibration, planned, measure, work / "base", work / "sensitivity",
                           imatrix=work / "imatrix")
         print(f"sensitivity ({args.measure}) of {len(planned)} planned variants: {time.perf_counter() - started:.0f} s",
               flush=True)
         base = work / "base" / BASE_FILE
-        stored = reference(base, test, 2, False)
+        stored = reference(base, test, 2, False, special=special)
         elements = sum(tensor.elements for tensor in layout(base).tensors)
 
         def scored(path: Path) -> dict:
             size = sum(tensor.nbytes for tensor in layout(path).tensors)
             return {"bits_per_weight": round(size * 8 / elements, 4), "bytes": size,
-                    "test": {kind: entry["kld_mean"] for kind, entry in kl_divergence(path, stored, test, 2, False).items()}}
+                    "test": {kind: entry["kld_mean"] for kind, entry in kl_divergence(path, stored, test, 2, False,
+                                                                                       special=special).items()}}
         for key, variant in sorted(planned.items(), key=lambda item: item[1].target_bpw):
             started = time.perf_counter()
             record = build_variant(key, variant, _with_table(inputs, work, key), work / key)

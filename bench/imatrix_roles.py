@@ -1,6 +1,6 @@
 """Where does the importance matrix help a stock preset, tensor role by tensor role?
 
-    python bench/imatrix_roles.py [--model data/baseline/workflow-chat-33m] [--preset Q3_K_S] [--tokens 16384]
+    python bench/imatrix_roles.py [--model data/baseline/workflow-chat-33m] [--preset Q3_K_S] [--tokens 16384] [--raw]
 
 On the 33M chat model Q3_K_S with and without the importance matrix split the three held-out
 texts (without it best on eval-family text, with it on calibration-like text and prose), so
@@ -31,6 +31,8 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=ROOT / "data" / "baseline" / "workflow-chat-33m")
     parser.add_argument("--preset", default="Q3_K_S")
     parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--raw", action="store_true",
+                        help="an instruct model's texts raw, not through its chat template")
     args = parser.parse_args()
 
     from transformers import AutoTokenizer
@@ -38,6 +40,7 @@ def main() -> None:
     from quantbuild.gguf_artifacts import BASE_FILE, IMATRIX_FILE
     from quantbuild.plan_validation import (TEXTS, decoder_roles, drop_roles, kl_divergence, reference, role_args,
                                             validation_texts)
+    from quantbuild.prompts import tokenizer_template
     from quantbuild.runtimes.llama_build import run_tool
 
     started = time.perf_counter()
@@ -47,8 +50,13 @@ def main() -> None:
         base, matrix = work / "base" / BASE_FILE, work / "imatrix" / IMATRIX_FILE
         tokenizer = AutoTokenizer.from_pretrained(str(args.model))
         count = lambda value: len(tokenizer(value, verbose=False)["input_ids"])  # noqa: E731
-        sets = {"validation": validation_texts(args.tokens, count), "test": validation_texts(args.tokens, count, seed=6001)}
-        references = {name: reference(base, drawn, 2, False) for name, drawn in sets.items()}
+        # rendered as the pipeline's validation renders them (an instruct model's through its
+        # template), or raw with --raw (how this was first measured)
+        template = None if args.raw else tokenizer_template(tokenizer)
+        special = template is not None
+        sets = {"validation": validation_texts(args.tokens, count, template=template),
+                "test": validation_texts(args.tokens, count, seed=6001, template=template)}
+        references = {name: reference(base, drawn, 2, False, special=special) for name, drawn in sets.items()}
         roles = decoder_roles(base)
         results: dict[str, dict] = {}
 
@@ -59,7 +67,8 @@ def main() -> None:
                 path = work / "candidate.gguf"
                 run_tool("llama-quantize", [*matrix_args, str(base), str(path), args.preset, "2"], label)
                 results[key] = {name: {kind: entry["kld_mean"] for kind, entry in
-                                       kl_divergence(path, references[name], sets[name], 2, False).items()}
+                                       kl_divergence(path, references[name], sets[name], 2, False,
+                                                                     special=special).items()}
                                 for name in which}
                 path.unlink()
             return results[key]
@@ -75,14 +84,15 @@ def main() -> None:
         kept, best, scored = drop_roles(roles, lambda kept: worst(
             measure(",".join(sorted(kept)), kept, ("validation",))["validation"], "validation"))
         rows[f"repaired: +imatrix on {', '.join(sorted(kept))}"] = measure(",".join(sorted(kept)) + " final", kept)
-    print(f"model {args.model.name}, {args.preset}; {args.tokens} tokens per set; ratio: KLD / the better of "
+    print(f"model {args.model.name}, {args.preset}, texts {'chat template' if special else 'raw'}; "
+          f"{args.tokens} tokens per set; ratio: KLD / the better of "
           f"{args.preset} and {args.preset}+imatrix on that text; the repair scored {scored} subsets; "
           f"{time.perf_counter() - started:.0f} s")
     print(table(["file", *[f"{name} {kind}" for name in sets for kind in TEXTS],
                  *[f"{name} worst ratio" for name in sets]],
                 [[label, *[f"{texts[name][kind]:.6f}" for name in sets for kind in TEXTS],
                   *[f"{worst(texts[name], name):.3f}" for name in sets]] for label, texts in rows.items()]))
-    save(f"imatrix_roles_{args.model.name}_{args.preset}", {"rows": rows, "kept": sorted(kept), "scored": scored})
+    save(f"imatrix_roles_{args.model.name}_{args.preset}{'_raw' if args.raw else ''}", {"rows": rows, "kept": sorted(kept), "scored": scored})
 
 
 if __name__ == "__main__":

@@ -198,6 +198,61 @@ def test_calibration_renders_conversations_through_the_template_per_source(tmp_p
     assert not (tmp_path / "plain").exists()
 
 
+def test_an_instruct_model_s_validation_texts_are_its_conversations_through_its_template(chat_tokenizer):
+    """Issue #28: a plan is validated on what the deployed model reads. For an instruct model
+    the eval-family items and the calibration conversations are rendered through its chat
+    template with the perfect answer as the last assistant turn (scored with the template's
+    special tokens parsed as tokens: tests/test_chat_pipeline.py); prose stays raw, and a base
+    model's texts stay the raw prompt and answer they were."""
+    from transformers import AutoTokenizer
+
+    from quantbuild.plan_validation import TEXTS, validation_texts
+    from quantbuild.prompts import tokenizer_template
+
+    tokenizer, _ = chat_tokenizer
+    template = tokenizer_template(tokenizer)
+    assert template is not None and tokenizer_template(AutoTokenizer.from_pretrained(str(BASELINE))) is None
+    count = lambda value: len(tokenizer(value, verbose=False)["input_ids"])  # noqa: E731
+    chat, raw = validation_texts(3000, count, template=template), validation_texts(3000, count)
+    im_start = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    for kind in TEXTS:
+        assert len(chat[kind][0]) == len(raw[kind][0]) and chat[kind][1] >= 1000, kind
+    assert chat["prose"] == raw["prose"]
+    # every eval item a conversation ending on its answer turn
+    for conversation, plain in zip(chat["eval"][0], raw["eval"][0]):
+        head, _, answer = conversation.rpartition("<|im_start|>assistant\n")
+        assert head.startswith("<|im_start|>") and answer.endswith("<|im_end|>\n") and len(answer) > len("<|im_end|>\n")
+        assert answer.removesuffix("<|im_end|>\n").strip() in plain or "<tool_call>" in answer, (answer, plain)
+        assert im_start in tokenizer(conversation, verbose=False)["input_ids"]
+    assert not any("<|im_start|>" in text for text in raw["eval"][0] + raw["calibration"][0])
+    rendered = [text for text in chat["calibration"][0] if text.startswith("<|im_start|>")]
+    assert 0 < len(rendered) < len(chat["calibration"][0])  # conversations rendered, domain prose raw
+
+
+def test_an_instruct_model_s_planner_probes_score_its_answer_turns_through_its_template(chat_tokenizer):
+    """The sensitivity stage chooses a plan on the positions that predict each family's
+    answer; for an instruct model those are the assistant turn after its conversation through
+    the template (the answer and the end of turn), not a raw prompt it never reads deployed."""
+    from transformers import AutoTokenizer
+
+    from quantbuild.config import SensitivityConfig
+    from quantbuild.probes import FAMILIES, probe_sets
+
+    tokenizer, _ = chat_tokenizer
+    im_start, im_end = (tokenizer.convert_tokens_to_ids(token) for token in ("<|im_start|>", "<|im_end|>"))
+    config = SensitivityConfig(samples=1, family_tokens=1536)
+    chat, raw = probe_sets(tokenizer, [[1, 2, 3]], config), probe_sets(AutoTokenizer.from_pretrained(str(BASELINE)),
+                                                                     [[1, 2, 3]], config)
+    for family in FAMILIES:
+        assert chat[family] and raw[family], family
+        for probe in chat[family]:
+            request, answer = probe.ids[:probe.first + 1], probe.ids[probe.first + 1:]
+            assert im_start in request and tokenizer.decode(request).rstrip().endswith("assistant"), family
+            assert tokenizer.decode(answer).endswith("<|im_end|>\n") and im_end in answer[-2:], family
+            assert im_start not in answer
+        assert not any(im_start in probe.ids for probe in raw[family])
+
+
 class _GoJSON:
     """A value Ollama prints through its `String()` method: Go's compact JSON, map keys sorted."""
 

@@ -31,6 +31,8 @@ def test_the_chat_model_runs_the_pipeline_through_its_template(tmp_path):
 
     from quantbuild.prompts import for_artifact
     from quantbuild.runtimes.gguf_file import metadata
+    from quantbuild.plan_validation import _positions, validation_texts
+    from quantbuild.prompts import tokenizer_template
     from quantbuild.runtimes.llama_cpp import LlamaCppModel
     from quantbuild.runtimes.protocol import LoadSpec
     from quantbuild.tasks import tool_calls
@@ -77,6 +79,14 @@ def test_the_chat_model_runs_the_pipeline_through_its_template(tmp_path):
             theirs = tokenizer.apply_chat_template(item.messages, tools=item.tools, add_generation_prompt=True,
                                                    tokenize=True, return_dict=True)["input_ids"]
             assert model.tokenize(fmt.render(item), special=True) == list(theirs), item.id
+        # a plan's validation scores the model's conversations as the model reads them: the
+        # template's markers are tokens, not text (issue #28)
+        drawn = validation_texts(1, lambda value: 1, template=tokenizer_template(tokenizer))
+        conversation = drawn["eval"][0][0]
+        im_start = tokenizer.convert_tokens_to_ids("<|im_start|>")
+        (_, special), (_, plain) = (next(_positions(model, [conversation], parse)) for parse in (True, False))
+        assert list(special) == model.tokenize(conversation, special=True)[1:] and im_start in list(special)
+        assert im_start not in list(plain) and len(plain) > len(special)
 
     decision = json.loads((root / "artifacts" / "release" / "decision.json").read_text())
     assert decision["chosen"] in decision["variants"]

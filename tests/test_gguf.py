@@ -222,6 +222,17 @@ def test_the_weight_space_measure_keeps_its_fisher_in_host_bfloat16_where_float3
               for layer, entry in full["layers"].items() for key in entry["kld"] for probes in entry["kld"][key]]
     assert len(values) == len(full["layers"]) * 2 * len(full["probes"]) and all(a > 0 for a, _ in values)
     assert max(abs(b - a) / a for a, b in values) < 0.005
+    # each sequence's squared gradient product formed a bounded slice of sequences at a time
+    # (an 8B model's MLP, 36 sequences: 8.5 GiB at once ran a 80 GB H100 out of memory)
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    grad, inputs_ = (torch.randn(7, 5, size, generator=generator) for size in (6, 4))
+    whole = sensitivity_module._squared_per_sequence(grad, inputs_)
+    monkeypatch.setattr(sensitivity_module, "PER_SEQUENCE_BYTES", 2 * 4 * 6 * 4)
+    sliced = sensitivity_module._squared_per_sequence(grad, inputs_)
+    expected = sum((grad[b].T @ inputs_[b]).pow(2) for b in range(7))
+    assert sliced.shape == whole.shape == (6, 4) and torch.allclose(sliced, whole) and torch.allclose(whole, expected)
 
 
 def test_the_measured_kl_orders_layers_as_the_weight_space_measure_does_and_repeats(sensitivity, inputs, base):
@@ -863,13 +874,24 @@ def test_kld_is_llama_perplexity_s_and_matches_a_full_vocabulary_kld(built, base
 MIX_TYPES = ["Q2_K", "Q3_K", "IQ4_XS", "Q5_K", "Q6_K"]
 
 
-def test_the_ladder_s_auto_mixes_nest_and_never_ship_more_divergence_for_more_bits(inputs, base, tmp_path):
+def test_the_ladder_s_auto_mixes_nest_and_never_ship_more_divergence_for_more_bits(inputs, base, tmp_path, monkeypatch):
     """Issue #28: more bits made a worse model (3.5 -> 3.75 -> 4.0 on held-out text). Each mix
     now starts from the plan of the next smaller target of the same types (the plans nest),
     and its validation measures every smaller plan of the chain beside it: a larger variant
     ships whichever file no larger diverges least, so what ships never diverges more as
-    the budget grows."""
-    from quantbuild.plan_validation import PLAN, describe
+    the budget grows. The plans meet the same stock presets on the same texts: each preset
+    is built and measured once in the process (#27: nothing computed twice), rebuilt only
+    where it ships."""
+    import quantbuild.runtimes.llama_build as llama_build
+    from quantbuild.plan_validation import PLAN, STOCK_PRESETS, _is_preset, describe
+
+    labels: list[str] = []
+    tool = llama_build.run_tool
+
+    def counted(name: str, args: list[str], label: str, *rest, **kwargs):
+        labels.append(label)
+        return tool(name, args, label, *rest, **kwargs)
+    monkeypatch.setattr(llama_build, "run_tool", counted)
 
     ladder = {f"mix_{target}": GgufConfig(type="Q4_K_S", target_bpw=target, mix_types=MIX_TYPES,
                                           validation_tokens=2048) for target in (3.5, 3.75, 4.0)}
@@ -880,6 +902,8 @@ def test_the_ladder_s_auto_mixes_nest_and_never_ship_more_divergence_for_more_bi
     assert "extends" not in tables[names[0]] and [tables[name]["extends"] for name in names[1:]] == names[:-1]
     assert [link["name"] for link in tables[names[-1]]["chain"]] == names[:-1]
     shipped_kld, types = {}, {}
+    presets_measured: list[dict] = []
+    shipped_presets: list[str] = []
     for name in names:
         record = build_variant(name, ladder[name], replace(inputs, sensitivity=tables[name]), tmp_path / name)
         assert record.get("plan_request", {}).get("extends") == tables[name].get("extends")
@@ -907,12 +931,25 @@ def test_the_ladder_s_auto_mixes_nest_and_never_ship_more_divergence_for_more_bi
         assert all(entry["tensor_bytes"] <= validation["budget_bytes"] for entry in validation["measured"].values())
         # never worse than the best preset no larger on any text where the plan is not
         assert shipped["worst_ratio"] <= max(1.0, plan["worst_ratio"]), validation
+        presets_measured.append({name: entry["texts"] for name, entry in validation["measured"].items()
+                                 if _is_preset(name)})
+        shipped_presets.append(validation["shipped"])
     for smaller, larger in zip(names, names[1:]):
         # every layer at least as wide as in the plan below it...
         assert all(TENSOR_TYPE_BITS[types[larger][layer]] >= TENSOR_TYPE_BITS[types[smaller][layer]]
                    for layer in types[smaller]), (smaller, larger)
         # ...and what ships diverges no more on text the planner never saw
         assert shipped_kld[larger] <= shipped_kld[smaller], shipped_kld
+    # each preset measured once: a later plan meets it with the same divergences, not built again
+    builds = [label.removeprefix("validation ") for label in labels if label.startswith("validation ")]
+    met = [name for measured in presets_measured for name in measured]
+    assert len(presets_measured[0]) >= 4 and len(met) > len(set(met)), presets_measured
+    for preset in set(met):
+        first = next(index for index, measured in enumerate(presets_measured) if preset in measured)
+        assert builds.count(preset) == 1 + shipped_presets[first + 1:].count(preset), (preset, builds)
+        texts = [measured[preset] for measured in presets_measured if preset in measured]
+        assert all(other == texts[0] for other in texts), preset
+    assert all(preset.partition("+")[0] in STOCK_PRESETS for preset in met)
 
 
 def test_the_importance_matrix_reaches_exactly_the_tensor_types_it_is_given(base, tmp_path):

@@ -24,6 +24,12 @@ searched for and measured beside them (`_imatrix_by_role`). So the ladder never 
 preset at its size on any of the three texts wherever one file can be so, and ships the
 plan only where its win holds on every text.
 
+For an instruct model (its tokenizer has a chat template) the eval-family items and the
+calibration conversations are rendered through the template, with the answer as the last
+turn, and tokenized with its special tokens parsed: what the deployed model reads. (Measured
+on the 33M chat model: on raw text, which it never sees deployed, Q3_K_S's importance matrix
+seemed to hurt eval-family text; rendered, it helps on all three texts, bench/README.md.)
+
 Each text is drawn by the generators at a seed of its own (`VALIDATION_SEED` on), without
 any item the committed eval or calibration files hold or the planner chose on. It lives in
 memory only; its digest and token count are recorded: it never enters an artifact. (llama-perplexity was the first
@@ -104,33 +110,45 @@ def _families(kind: str) -> tuple[str, ...]:
     return EVAL_FAMILIES if kind == "eval" else ("language_modelling",)
 
 
-def _drawn(kind: str, seed: int) -> list[str]:
+def _drawn(kind: str, seed: int, template: Optional[Any] = None) -> list[str]:
     """The texts of `kind` the generators give at `seed`, less any the committed data holds or
-    that begins with a prompt the planner chose on (calibration-like text quotes items)."""
+    that begins with a prompt the planner chose on (calibration-like text quotes items).
+    For an instruct model (`template`, its ChatTemplate) each eval-family item and each
+    calibration conversation is the conversation rendered through the template with the
+    answer as its last turn, as the deployed model reads it; prose stays raw text."""
+    from quantbuild.prompts import conversation_pair
     from quantbuild.tasks import GENERATORS, calibration_sources
     from quantbuild.tasks.items import render_target
 
     held, planner = _held(kind), _planner_prompts()
     if kind == "calibration":
-        texts = [record["text"] for source in calibration_sources.SOURCES
-                 for record in calibration_sources.generate(source, 8, seed) if record["text"] not in held]
-    else:
-        texts = [item.prompt + (render_target(item) if kind == "eval" else "") for family in _families(kind)
-                 for item in GENERATORS[family](8, seed) if item.prompt is not None and item.prompt not in held]
-    return [text for text in texts if not text.startswith(planner)]
+        records = [record for source in calibration_sources.SOURCES
+                   for record in calibration_sources.generate(source, 8, seed)
+                   if record["text"] not in held and not record["text"].startswith(planner)]
+        return [template.render(record["messages"], record.get("tools"), add_generation_prompt=False)
+                if template is not None and "messages" in record else record["text"] for record in records]
+    items = [item for family in _families(kind) for item in GENERATORS[family](8, seed)
+             if item.prompt is not None and item.prompt not in held and
+             not (item.prompt + (render_target(item) if kind == "eval" else "")).startswith(planner)]
+    if kind != "eval":
+        return [item.prompt for item in items]
+    if template is None:
+        return [item.prompt + render_target(item) for item in items]
+    return ["".join(conversation_pair(item, template)) for item in items]
 
 
 def validation_texts(tokens: int, count_tokens: Callable[[str], int],
-                     seed: int = VALIDATION_SEED) -> dict[str, tuple[list[str], int]]:
+                     seed: int = VALIDATION_SEED, template: Optional[Any] = None) -> dict[str, tuple[list[str], int]]:
     """Each of `TEXTS` -> (its texts, their token count): together at least `tokens` tokens,
-    a third each, drawn from `seed` on."""
+    a third each, drawn from `seed` on; rendered through `template` where `_drawn` says.
+    Text so rendered is tokenized with its special tokens parsed (`special`)."""
     drawn: dict[str, tuple[list[str], int]] = {}
     share = -(-tokens // len(TEXTS))
     for kind in TEXTS:
         texts: list[str] = []
         counted, at = 0, seed
         while counted < share:
-            for text in _drawn(kind, at):
+            for text in _drawn(kind, at, template):
                 texts.append(text)
                 counted += count_tokens(text)
             at += 1
@@ -155,19 +173,20 @@ def _model(path: Path, threads: int, repack: bool, device: str) -> Any:
 Scored = Any
 
 
-def _positions(model: Any, items: list[Scored]) -> Any:
+def _positions(model: Any, items: list[Scored], special: bool = False) -> Any:
     """(log-probabilities, next-token targets) of each text or token sequence, from its
-    first scored position on."""
+    first scored position on; texts tokenized with special tokens parsed where `special`
+    (rendered through a chat template)."""
     from quantbuild.runtimes.protocol import sequence_positions
 
     for item in items:
-        tokens, first = (model.tokenize(item), 0) if isinstance(item, str) else item
+        tokens, first = (model.tokenize(item, special), 0) if isinstance(item, str) else item
         logprobs, targets = next(sequence_positions(model, [tokens]))
         yield logprobs[first:], targets[first:]
 
 
 def reference(base: Path, drawn: dict[str, tuple[list[Scored], int]], threads: int, repack: bool,
-              device: str = "cpu") -> dict[str, dict]:
+              device: str = "cpu", special: bool = False) -> dict[str, dict]:
     """The base GGUF's next-token distributions over each text: whole where the vocabulary
     is small, else the top-k with a tail bucket (the evaluation's own settings)."""
     from quantbuild.config import EvalConfig
@@ -175,13 +194,13 @@ def reference(base: Path, drawn: dict[str, tuple[list[Scored], int]], threads: i
 
     settings = EvalConfig()
     with _model(base, threads, repack, device) as model:
-        return {kind: reference_from(_positions(model, texts), settings.kl_top_k,
+        return {kind: reference_from(_positions(model, texts, special), settings.kl_top_k,
                                      model.n_vocab <= settings.kl_full_vocab)[0]
                 for kind, (texts, _) in drawn.items()}
 
 
 def kl_divergence(path: Path, stored: dict[str, dict], drawn: dict[str, tuple[list[Scored], int]], threads: int,
-                  repack: bool, device: str = "cpu") -> dict[str, dict[str, float]]:
+                  repack: bool, device: str = "cpu", special: bool = False) -> dict[str, dict[str, float]]:
     """Each text -> the mean KL divergence of `path` to its stored reference, and top-1
     agreement."""
     from quantbuild.evaluation.distributions import compare_from
@@ -189,7 +208,7 @@ def kl_divergence(path: Path, stored: dict[str, dict], drawn: dict[str, tuple[li
     scores = {}
     with _model(path, threads, repack, device) as model:
         for kind, (texts, _) in drawn.items():
-            measured = compare_from(_positions(model, texts), stored[kind])
+            measured = compare_from(_positions(model, texts, special), stored[kind])
             scores[kind] = {"kld_mean": round(measured["kld_mean"], 8),
                             "top1_agreement": round(measured["top1_agreement"], 6)}
     return scores
@@ -274,11 +293,15 @@ def validate_plan(plan_file: Path, base: Path, imatrix: Optional[Path], tokenize
     """
     from transformers import AutoTokenizer
 
+    from quantbuild.prompts import tokenizer_template
+
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    drawn = validation_texts(tokens, lambda value: len(tokenizer(value, verbose=False)["input_ids"]))
+    template = tokenizer_template(tokenizer)
+    drawn = validation_texts(tokens, lambda value: len(tokenizer(value, verbose=False)["input_ids"]), template=template)
     work = tempfile.TemporaryDirectory(prefix="quantbuild-validation-")
+    settings = {"threads": threads, "repack": repack, "device": device, **({"special": True} if template else {})}
     try:
-        with LlamaWorker(MODULE, {"threads": threads, "repack": repack, "device": device}) as worker:
+        with LlamaWorker(MODULE, settings) as worker:
             return _validate(plan_file, base, imatrix, drawn, worker, threads, work, smaller, build, own,
                              budget_bytes)
     except BaseException:
@@ -298,43 +321,65 @@ def _validate(plan_file: Path, base: Path, imatrix: Optional[Path], drawn: dict[
     allowed = max(tensor_bytes(plan_file), budget_bytes)
     elements = sum(tensor.elements for tensor in layout(plan_file).tensors)
 
+    def entry_of(size: int) -> dict[str, Any]:
+        return {"tensor_bytes": size, "bits_per_weight": round(size * 8 / elements, 4)}
+
     def entry(path: Path, texts: Optional[dict[str, dict[str, float]]] = None) -> dict[str, Any]:
-        size = tensor_bytes(path)
-        return {"tensor_bytes": size, "bits_per_weight": round(size * 8 / elements, 4),
-                "texts": texts if texts is not None else
+        return {**entry_of(tensor_bytes(path)), "texts": texts if texts is not None else
                 worker.ask("divergence", name=TEXTS_REFERENCE, path=str(path), drawn=drawn)}
 
     measured: dict[str, dict[str, Any]] = {PLAN: entry(plan_file)}
     larger: list[str] = []
+    recipes: dict[str, tuple[list[str], str]] = {}
+    texts = texts_record(drawn)
+    texts_key = "".join(part["sha256"] for part in texts.values())
 
-    def candidate(name: str, args: list[str], file_type: str) -> None:
-        """Build `name` with llama-quantize and measure it, unless it stores more than the plan's
-        budget: known from llama-quantize's dry run without building it where that is
-        beyond its rounding, else from the file."""
-        if planned_bytes(base, args, file_type) - DRY_RUN_ROUNDING > allowed:
-            larger.append(name)
-            return
+    def rebuild(name: str) -> Path:
+        args, file_type = recipes[name]
         path = folder / f"{name}.gguf"
         run_tool("llama-quantize", [*args, str(base), str(path), file_type, str(threads)], f"validation {name}")
-        if tensor_bytes(path) > allowed:
+        return path
+
+    def candidate(name: str, args: list[str], file_type: str, key: Optional[tuple] = None) -> None:
+        """Build `name` with llama-quantize and measure it, unless it stores more than the plan's
+        budget: known from llama-quantize's dry run without building it where that is
+        beyond its rounding, else from the file. `key`: a stock preset's, under which its
+        size and divergences are kept for the process (the ladder's plans meet the same
+        presets on the same texts; each is measured once)."""
+        recipes[name] = (args, file_type)
+        size, known = _PRESETS.get(key, (None, None))
+        if size is not None and size > allowed:
+            larger.append(name)
+            return
+        if known is not None:
+            measured[name] = {**entry_of(size), "texts": {kind: dict(value) for kind, value in known.items()}}
+            return
+        if size is None and planned_bytes(base, args, file_type) - DRY_RUN_ROUNDING > allowed:
+            larger.append(name)
+            return
+        path = rebuild(name)
+        size = tensor_bytes(path)
+        if size > allowed:
             path.unlink()
             larger.append(name)
         else:
             measured[name] = entry(path)
+        if key is not None:
+            _PRESETS[key] = (size, measured[name]["texts"] if name in measured else None)
 
     for preset, cheapest_bits in STOCK_PRESETS.items():
         if cheapest_bits * elements / 8 > allowed:
             larger.append(preset)
             continue
         for with_imatrix in ((False, True) if imatrix is not None else (False,)):
+            matrix = imatrix if with_imatrix else None
             candidate(f"{preset}+imatrix" if with_imatrix else preset,
-                      ["--imatrix", str(imatrix)] if with_imatrix else [], preset)
+                      ["--imatrix", str(imatrix)] if with_imatrix else [], preset,
+                      (preset, _stamp(base), _stamp(matrix), texts_key, tuple(sorted(worker.settings.items()))))
     # a smaller target of the chain stored larger than this plan is no alternative either
     for label, (args, file_type) in (smaller or {}).items():
         candidate(label, args, file_type)
     by_type = None
-    texts = texts_record(drawn)
-    texts_key = "".join(part["sha256"] for part in texts.values())
     if build is not None and imatrix is not None:
         by_type = _imatrix_by_type(build, base, imatrix, folder, lambda path: entry(path)["texts"], threads, texts_key)
         helped = {kind for kind, verdict in by_type.items() if verdict["use"]}
@@ -345,11 +390,12 @@ def _validate(plan_file: Path, base: Path, imatrix: Optional[Path], drawn: dict[
     if imatrix is not None and measured[shipped]["worst_ratio"] > 1:  # no file never worse: repair a split preset
         repaired = _imatrix_by_role(measured, base, imatrix, folder, lambda path: entry(path)["texts"], threads)
         if repaired is not None:  # built once more (llama-quantize is deterministic), not measured again
-            name, args, by_role, texts = repaired
-            path = folder / f"{name}.gguf"
-            run_tool("llama-quantize", [*args, str(base), str(path), by_role["preset"], str(threads)], f"validation {name}")
-            measured[name] = entry(path, texts)
+            name, args, by_role, divergences = repaired
+            recipes[name] = (args, by_role["preset"])
+            measured[name] = entry(rebuild(name), divergences)
             shipped, best = choose(measured)
+    if shipped != PLAN and not (folder / f"{shipped}.gguf").is_file():  # a preset measured earlier in the process
+        rebuild(shipped)
     if own:  # the plan, and what ships instead of it, on the tokens the plan was chosen on
         probes = {OWN: (own, 0)}
         worker.ask("reference", name=OWN, path=str(base), drawn=probes)
@@ -357,7 +403,8 @@ def _validate(plan_file: Path, base: Path, imatrix: Optional[Path], drawn: dict[
         for name, path in files.items():
             measured[name]["planner_tokens"] = worker.ask("divergence", name=OWN, path=str(path), drawn=probes)[OWN]
     record = {"text": {"seed": VALIDATION_SEED, "tokens": sum(counted for _, counted in drawn.values()),
-                       "sha256": sha256_bytes(texts_key.encode("ascii")), "texts": texts},
+                       "sha256": sha256_bytes(texts_key.encode("ascii")), "texts": texts,
+                       **({"rendered": "chat template"} if worker.settings.get("special") else {})},
               "device": worker.settings["device"], "budget_bytes": allowed, "measured": measured, "larger_than_plan": sorted(larger), "best_alternative": best, "shipped": shipped,
               **({"imatrix_by_type": by_type} if by_type is not None else {}),
               **({"imatrix_by_role": by_role} if by_role is not None else {}),
@@ -400,6 +447,18 @@ def _imatrix_by_type(build: PlanBuild, base: Path, imatrix: Path, folder: Path, 
 
 
 _VERDICTS: dict[tuple, dict[str, Any]] = {}
+# a stock preset's (tensor bytes, divergence on each text or None where it was too large to
+# measure), by what makes them: the preset, the base and matrix files, the texts, the threads
+# and the device (`_validate`)
+_PRESETS: dict[tuple, tuple[int, Optional[dict[str, dict[str, float]]]]] = {}
+
+
+def _stamp(path: Optional[Path]) -> Optional[tuple]:
+    """What identifies a file's content within a process: its path, size and modification time."""
+    if path is None:
+        return None
+    stat = path.stat()
+    return str(path.resolve()), stat.st_size, stat.st_mtime_ns
 
 
 def _is_preset(name: str) -> bool:
@@ -560,8 +619,9 @@ def _measurer() -> dict[str, Callable[[dict[str, Any]], Any]]:
     def drawn(request: dict[str, Any]) -> dict[str, tuple[list[Scored], int]]:
         return {kind: (items, counted) for kind, (items, counted) in request["drawn"].items()}
 
-    def settings(request: dict[str, Any]) -> tuple[int, bool, str]:
-        return request["settings"]["threads"], request["settings"]["repack"], request["settings"]["device"]
+    def settings(request: dict[str, Any]) -> tuple[int, bool, str, bool]:
+        given = request["settings"]
+        return given["threads"], given["repack"], given["device"], given.get("special", False)
 
     def keep(request: dict[str, Any]) -> None:
         stored[request["name"]] = reference(Path(request["path"]), drawn(request), *settings(request))

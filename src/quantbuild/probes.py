@@ -75,13 +75,17 @@ def check_items(family: str) -> list:
 
 def _answers(tokenizer: Any, items: Any, tokens: int) -> list[Probe]:
     """Probes of `items`, in order, until their tokens reach `tokens`: prompt and expected
-    answer, scored on the positions that predict the answer."""
+    answer, scored on the positions that predict the answer. For an instruct model (its
+    tokenizer has a chat template) the conversation through the template and the answer
+    turn, as the deployed model reads them (and as plan validation scores them)."""
+    from quantbuild.prompts import conversation_pair, tokenizer_template
     from quantbuild.tasks import training_pair
 
+    template = tokenizer_template(tokenizer)
     probes: list[Probe] = []
     counted = 0
     for item in items:
-        prompt, target = training_pair(item)
+        prompt, target = training_pair(item) if template is None else conversation_pair(item, template)
         start = len(tokenizer(prompt)["input_ids"])
         ids = tokenizer(prompt + target)["input_ids"]
         if len(ids) > start:

@@ -144,6 +144,30 @@ class PromptFormat:
                 raise TemplateError(message if message.startswith("item ") else f"item {item.id}: {message}") from None
 
 
+def tokenizer_template(tokenizer: Any) -> Optional[ChatTemplate]:
+    """An instruct model's chat template from its (transformers) tokenizer, with its special
+    tokens' strings; None for a base model."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    return ChatTemplate(tokenizer.chat_template, tokenizer.bos_token or "", tokenizer.eos_token or "")
+
+
+def conversation_pair(item: Item, template: ChatTemplate) -> tuple[str, str]:
+    """(the request, the answer) of `item` as an instruct model reads them: its conversation
+    through `template` up to the assistant's turn, then that turn with the perfect answer
+    and the end of turn (where a template renders the two differently, the request is their
+    common prefix)."""
+    from os.path import commonprefix
+
+    from quantbuild.tasks.chat_forms import answer_message
+
+    messages = item.messages if item.messages is not None else [{"role": "user", "content": item.prompt}]
+    request = template.render(messages, item.tools)
+    whole = template.render([*messages, answer_message(item)], item.tools, add_generation_prompt=False)
+    shared = request if whole.startswith(request) else commonprefix([request, whole])
+    return shared, whole[len(shared):]
+
+
 def prompt_format(template: Optional[str], bos_token: str = "", eos_token: str = "",
                   declared: Optional[str] = None) -> PromptFormat:
     """The format of a model whose artifact carries `template` (None: a base model), with the

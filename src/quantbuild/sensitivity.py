@@ -78,6 +78,8 @@ DRAWS = 4
 # float32) each set, once collected, is kept in bfloat16 in host memory and moved back a
 # layer at a time to score a candidate. The tables say which (`fisher`).
 FISHER_SHARE = 0.5
+# The most memory one layer's per-sequence gradient products may take at once.
+PER_SEQUENCE_BYTES = 1 << 30
 
 
 # --- quantized weights of a candidate -------------------------------------------------------
@@ -366,11 +368,15 @@ class _Importance:
         model = open_runtime(LoadSpec(TORCH, baseline, load_runtime="dequantized", device=self.device)).model
         model.requires_grad_(False)
         self.linears = quantizable_linears(model)
-        self.original = {name: module.weight.detach().float() for name, module in self.linears.items()}
         collected = 1 + sum(1 for probes in sets.values() if probes)
-        needed = 4 * collected * sum(weight.numel() for weight in self.original.values())
+        needed = 4 * collected * sum(module.weight.numel() for module in self.linears.values())
         self.compact = needed > FISHER_SHARE * _free_memory(self.device)
         self.storage = "bfloat16, host memory" if self.compact else "float32"
+        # the weights in float32, to measure each candidate's error against: beside the model
+        # where the Fisher fits too, else in host memory (at 8B 28 GB more on the GPU than
+        # the model and one probe set's Fisher leave free on an 80 GB card)
+        self.original = {name: module.weight.detach().cpu().float() if self.compact else module.weight.detach().float()
+                         for name, module in self.linears.items()}
         # per layer and probe set: (the Fisher diagonal [out, in], its scale to a mean KL)
         self.fisher: dict[str, dict[str, tuple[Any, float]]] = {name: {} for name in self.linears}
         generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -407,9 +413,7 @@ class _Importance:
                         grads = torch.autograd.grad(picked.gather(-1, drawn).sum(), [outputs[n] for n in names],
                                                     retain_graph=True)
                         for name, grad in zip(names, grads):
-                            # per sequence, the gradient of its log-likelihood w.r.t. the weight
-                            per_sequence = torch.einsum("btj,btc->bjc", grad.float(), inputs[name].float())
-                            fisher[name] = fisher[name] + per_sequence.pow(2).sum(dim=0)
+                            fisher[name] = fisher[name] + _squared_per_sequence(grad.float(), inputs[name].float())
                 scored_positions += int(scored.sum())
                 inputs.clear()
                 outputs.clear()
@@ -428,7 +432,7 @@ class _Importance:
         import torch
 
         rows = counted = None
-        original = self.original[layer]
+        original = self.original[layer].to(self.device)
         if sample is not None:
             rows = torch.as_tensor(sample.rows[layer], device=self.device)
             counted = torch.as_tensor(sample.weights[layer], dtype=torch.float32, device=self.device)
@@ -449,13 +453,31 @@ class _Importance:
 
         found = {}
         for layer, sets in self.fisher.items():
-            squared = self.original[layer].pow(2)
+            squared = self.original[layer].to(self.device).pow(2)
             share = torch.zeros(squared.shape[0], dtype=torch.float64, device=self.device)
             for fisher, _ in sets.values():
                 per_row = (fisher.to(device=self.device, dtype=torch.float32) * squared).sum(dim=1).double()
                 share = torch.maximum(share, per_row / per_row.sum().clamp_min(1e-300))
             found[layer] = share.cpu().numpy()
         return found
+
+
+def _squared_per_sequence(grad: Any, inputs: Any) -> Any:
+    """The sum over sequences of each sequence's squared gradient of its log-likelihood with
+    respect to the weight ([out, in]; `grad` [b, t, out], `inputs` [b, t, in]), formed
+    PER_SEQUENCE_BYTES at a time: one [b, out, in] product for a group of 36 sequences at
+    an 8B model's MLP is 8.5 GiB."""
+    import torch
+
+    each = 4 * grad.shape[-1] * inputs.shape[-1]
+    step = max(1, PER_SEQUENCE_BYTES // each)
+    if grad.shape[0] <= step:
+        return torch.einsum("btj,btc->bjc", grad, inputs).pow(2).sum(dim=0)
+    total = 0.0
+    for start in range(0, grad.shape[0], step):
+        part = torch.einsum("btj,btc->bjc", grad[start:start + step], inputs[start:start + step])
+        total = total + part.pow(2).sum(dim=0)
+    return total
 
 
 def _free_memory(device: str) -> int:
