@@ -41,8 +41,9 @@ ladder8b() {
 ladder1b() {
   # the random 1B with the planned mix: its sensitivity from a sample of rows (forced below
   # the 1B-weight default with sample_rows_params=0), its plan validated on the GPU, then
-  # select and package: the release decision for the CUDA target
-  MODEL=random-1b QUANTS=${QUANTS_1B:-'[gguf_q4_0,gguf_q4_k_m_imat,gguf_mix_3p5]'} OUT=/tmp/out \
+  # select and package: the release decision for the CUDA target (F16 in the ladder: on
+  # 2026-12-06 no quantized type was faster there, and without it nothing could be released)
+  MODEL=random-1b QUANTS=${QUANTS_1B:-'[gguf_f16,gguf_q4_0,gguf_q4_k_m_imat,gguf_mix_3p5]'} OUT=/tmp/out \
     EXTRA=${EXTRA_1B:-calibration.sensitivity.sample_rows_params=0} \
     bash bench/cuda_ladder.sh ladder1b > /tmp/out/ladder1b.txt 2>&1
   cp -r logs /tmp/out/random-1b/logs 2>/dev/null
