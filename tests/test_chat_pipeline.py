@@ -29,10 +29,9 @@ def test_the_chat_model_runs_the_pipeline_through_its_template(tmp_path):
     all noise), then `quantbuild verify --behaviour` on the bundle."""
     from transformers import AutoTokenizer
 
-    from quantbuild.prompts import for_artifact
-    from quantbuild.runtimes.gguf_file import metadata
     from quantbuild.plan_validation import _positions, validation_texts
-    from quantbuild.prompts import tokenizer_template
+    from quantbuild.prompts import for_artifact, tokenizer_template
+    from quantbuild.runtimes.gguf_file import metadata
     from quantbuild.runtimes.llama_cpp import LlamaCppModel
     from quantbuild.runtimes.protocol import LoadSpec
     from quantbuild.tasks import tool_calls

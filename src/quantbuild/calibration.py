@@ -14,7 +14,7 @@ from quantbuild.config import CalibrationConfig
 from quantbuild.errors import DataError
 from quantbuild.hashing import sha256_bytes, sha256_file, staged_dir, write_json
 from quantbuild.prompts import ChatTemplate
-from quantbuild.tasks.calibration_sources import load_source
+from quantbuild.tasks.calibration_sources import load_source, rendered
 
 TOKENS = "tokens.safetensors"
 RECORD = "calibration_record.json"
@@ -48,8 +48,7 @@ def draw_texts(config: CalibrationConfig, data_dir: Path, samples: int,
         chat = template is not None and config.chat.get(name, all("messages" in record for record in pool))
         if chat and not all("messages" in record for record in chosen):
             raise DataError(f"{path}: calibration.chat.{name} is on, and a record has no 'messages' to render")
-        texts.extend(template.render(record["messages"], record.get("tools"), add_generation_prompt=False)
-                     if chat else record["text"] for record in chosen)
+        texts.extend(rendered(record, template) if chat else record["text"] for record in chosen)
         composition[name] = {"file": path.as_posix(), "sha256": sha256_file(path), "weight": config.sources[name],
                              "samples": count, "available": len(pool), "chat_template": bool(chat)}
     if not texts:

@@ -125,16 +125,14 @@ def _drawn(kind: str, seed: int, template: Optional[Any] = None) -> list[str]:
         records = [record for source in calibration_sources.SOURCES
                    for record in calibration_sources.generate(source, 8, seed)
                    if record["text"] not in held and not record["text"].startswith(planner)]
-        return [template.render(record["messages"], record.get("tools"), add_generation_prompt=False)
-                if template is not None and "messages" in record else record["text"] for record in records]
-    items = [item for family in _families(kind) for item in GENERATORS[family](8, seed)
-             if item.prompt is not None and item.prompt not in held and
-             not (item.prompt + (render_target(item) if kind == "eval" else "")).startswith(planner)]
-    if kind != "eval":
-        return [item.prompt for item in items]
-    if template is None:
-        return [item.prompt + render_target(item) for item in items]
-    return ["".join(conversation_pair(item, template)) for item in items]
+        return [calibration_sources.rendered(record, template) if template is not None and "messages" in record
+                else record["text"] for record in records]
+    drawn = [(item, item.prompt + (render_target(item) if kind == "eval" else "")) for family in _families(kind)
+             for item in GENERATORS[family](8, seed) if item.prompt is not None and item.prompt not in held]
+    kept = [(item, text) for item, text in drawn if not text.startswith(planner)]
+    if kind != "eval" or template is None:
+        return [text for _, text in kept]
+    return ["".join(conversation_pair(item, template)) for item, _ in kept]
 
 
 def validation_texts(tokens: int, count_tokens: Callable[[str], int],

@@ -127,8 +127,7 @@ class PromptFormat:
                 raise TemplateError(f"item {item.id}: has only 'messages', and the model has no chat template "
                                     f"(a base model is prompted with 'prompt')")
             return item.prompt
-        messages = item.messages if item.messages is not None else [{"role": "user", "content": item.prompt}]
-        return self.template.render(messages, item.tools)
+        return self.template.render(item_messages(item), item.tools)
 
     def check(self, items: list[Item]) -> None:
         """Every item renders, and items that need tools meet a template that has them:
@@ -142,6 +141,12 @@ class PromptFormat:
             except TemplateError as err:
                 message = str(err)
                 raise TemplateError(message if message.startswith("item ") else f"item {item.id}: {message}") from None
+
+
+def item_messages(item: Item) -> list[dict]:
+    """The conversation an instruct model is given for `item`: its messages, or its raw
+    prompt as one user turn."""
+    return item.messages if item.messages is not None else [{"role": "user", "content": item.prompt}]
 
 
 def tokenizer_template(tokenizer: Any) -> Optional[ChatTemplate]:
@@ -161,7 +166,7 @@ def conversation_pair(item: Item, template: ChatTemplate) -> tuple[str, str]:
 
     from quantbuild.tasks.chat_forms import answer_message
 
-    messages = item.messages if item.messages is not None else [{"role": "user", "content": item.prompt}]
+    messages = item_messages(item)
     request = template.render(messages, item.tools)
     whole = template.render([*messages, answer_message(item)], item.tools, add_generation_prompt=False)
     shared = request if whole.startswith(request) else commonprefix([request, whole])

@@ -469,10 +469,7 @@ def _squared_per_sequence(grad: Any, inputs: Any) -> Any:
     an 8B model's MLP is 8.5 GiB."""
     import torch
 
-    each = 4 * grad.shape[-1] * inputs.shape[-1]
-    step = max(1, PER_SEQUENCE_BYTES // each)
-    if grad.shape[0] <= step:
-        return torch.einsum("btj,btc->bjc", grad, inputs).pow(2).sum(dim=0)
+    step = max(1, PER_SEQUENCE_BYTES // (4 * grad.shape[-1] * inputs.shape[-1]))
     total = 0.0
     for start in range(0, grad.shape[0], step):
         part = torch.einsum("btj,btc->bjc", grad[start:start + step], inputs[start:start + step])

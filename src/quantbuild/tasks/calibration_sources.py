@@ -11,6 +11,7 @@ through its chat template, as the model sees text in deployment.
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 from quantbuild.errors import DataError
 from quantbuild.tasks import long_context, prose, reasoning, retrieval, tools, training_text
@@ -42,6 +43,12 @@ def _record(source: str, rng: random.Random, index: int) -> dict:
 def generate(source: str, count: int, seed: int) -> list[dict]:
     rng = random.Random(f"calibration:{source}:{seed}")
     return [{"id": f"{source}-{seed}-{i:05d}", "source": source, **_record(source, rng, i)} for i in range(count)]
+
+
+def rendered(record: dict, template: Any) -> str:
+    """A conversational record's exchange through an instruct model's chat template (a
+    prompts.ChatTemplate), its answer the last turn."""
+    return template.render(record["messages"], record.get("tools"), add_generation_prompt=False)
 
 
 def load_source(path: Path) -> list[dict]:
