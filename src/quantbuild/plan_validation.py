@@ -373,7 +373,8 @@ def _validate(plan_file: Path, base: Path, imatrix: Optional[Path], drawn: dict[
             matrix = imatrix if with_imatrix else None
             candidate(f"{preset}+imatrix" if with_imatrix else preset,
                       ["--imatrix", str(imatrix)] if with_imatrix else [], preset,
-                      (preset, _stamp(base), _stamp(matrix), texts_key, tuple(sorted(worker.settings.items()))))
+                      (preset, _stamp(base), _stamp(matrix), texts_key, worker.settings["device"],
+                       worker.settings.get("special", False)))
     # a smaller target of the chain stored larger than this plan is no alternative either
     for label, (args, file_type) in (smaller or {}).items():
         candidate(label, args, file_type)
@@ -446,8 +447,9 @@ def _imatrix_by_type(build: PlanBuild, base: Path, imatrix: Path, folder: Path, 
 
 _VERDICTS: dict[tuple, dict[str, Any]] = {}
 # a stock preset's (tensor bytes, divergence on each text or None where it was too large to
-# measure), by what makes them: the preset, the base and matrix files, the texts, the threads
-# and the device (`_validate`)
+# measure), by what makes them: the preset, the base and matrix files, the texts, the device
+# and the tokenization (`_validate`; not the threads, which each validation takes from the
+# cores free when it starts: files and divergences are the same on one core as on all)
 _PRESETS: dict[tuple, tuple[int, Optional[dict[str, dict[str, float]]]]] = {}
 
 
