@@ -33,7 +33,9 @@ ladder8b() {
   rm -rf /tmp/tmp*  # a crashed bench leaves its 8B files (33 GB) behind
   # at 8B DVC's cache (a copy of every output) does not fit the 64 GB disk beside the model,
   # its copy in artifacts/, its F16 GGUF and the variants: the outputs are not committed to it
-  MODEL=random-8b QUANTS=${QUANTS_8B:-'[gguf_q4_0,gguf_q4_k_m_imat]'} OUT=/tmp/out REPRO_FLAGS=--no-commit \
+  # (TARGET_8B: a stage to stop after, e.g. `sensitivity` with QUANTS_8B=[gguf_mix_3p5])
+  MODEL=random-8b QUANTS=${QUANTS_8B:-'[gguf_q4_0,gguf_q4_k_m_imat]'} OUT=/tmp/out \
+    REPRO_FLAGS="--no-commit ${TARGET_8B:-}" \
     bash bench/cuda_ladder.sh ladder1b > /tmp/out/ladder8b.txt 2>&1
   cp -r logs /tmp/out/random-8b/logs 2>/dev/null
   rm -rf artifacts .dvc/cache bench/out/random-8b data/baseline/random-8b logs

@@ -233,6 +233,12 @@ def test_the_weight_space_measure_keeps_its_fisher_in_host_bfloat16_where_float3
     sliced = sensitivity_module._squared_per_sequence(grad, inputs_)
     expected = sum((grad[b].T @ inputs_[b]).pow(2) for b in range(7))
     assert sliced.shape == whole.shape == (6, 4) and torch.allclose(sliced, whole) and torch.allclose(whole, expected)
+    # the weights beside a host Fisher in the narrowest type that holds them exactly
+    weights = torch.randn(8, 8, generator=generator)
+    for narrow, kept in ((torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16), (None, torch.float32)):
+        exact = weights.to(narrow).float() if narrow else weights
+        stored = sensitivity_module._exact_compact(exact)
+        assert stored.dtype == kept and torch.equal(stored.float(), exact)
 
 
 def test_the_measured_kl_orders_layers_as_the_weight_space_measure_does_and_repeats(sensitivity, inputs, base):

@@ -14,8 +14,8 @@ divergence KL(P_baseline || P_quantized) is measured
 That is the `kl` measure: a forward pass per layer and candidate, so its cost grows with
 layers x candidates x tokens. The `weight_error` measure scores the same quantized weights
 without any forward pass per candidate: each layer's squared quantization error weighted by
-the mean square of its inputs on each probe set (an importance matrix per set, from one
-forward pass of the baseline), as llama.cpp's quantizer weighs its own rounding. From
+the diagonal of the Fisher information of each probe set's next-token distributions (from
+one forward and a few backward passes of the baseline; `_Importance`). From
 `calibration.sensitivity.sample_rows_params` decoder weights up it scores a sample of each
 tensor's rows (`RowSample`: llama-quantize quantizes a thumbnail of the base GGUF holding
 those rows: at stride 4 an eighth whole and a quarter of the rest, 34% of the work at each type), and the table records the sample
@@ -350,10 +350,16 @@ class _Importance:
     For a small change dW of one layer, the mean KL(P_baseline || P_quantized) over a probe
     set's scored positions is about 1/2 sum_jc F_jc dW_jc^2 / positions, F the diagonal of
     the Fisher information of those next-token distributions with respect to the weight. F
-    comes from the baseline alone: per probe sequence, the gradient with respect to the
-    weight of the log-likelihood of next tokens drawn from the baseline's own distribution
-    (seeded, `DRAWS` draws), squared; one forward and `DRAWS` backward passes per batch of
-    probes, however many candidates there are. Weighting by the inputs alone (what
+    comes from the baseline alone: F = J^T (diag(p) - p p^T) J, J the logits' Jacobian. At
+    each scored position diag(p) - p p^T = B B^T with B = (I - p 1^T) diag(sqrt p), so for
+    a random sign vector r the gradient of (B r) . logits, squared, is an unbiased estimate
+    of F's diagonal (per probe sequence, the positions' gradients summed, then squared;
+    seeded, `DRAWS` draws); one forward and `DRAWS` backward passes per batch of probes,
+    however many candidates there are. Every draw weighs each token by its probability:
+    the estimate from next tokens *drawn* from p (the first version) almost never draws
+    the tail of a confident distribution, which is where its Fisher is, and underestimated
+    the long-context answers' KL 800-7,000 fold and the structured answers' 1-7 fold on the
+    bundled model (bench/README.md, issue #27). Weighting by the inputs alone (what
     llama-imatrix collects and llama.cpp's quantizer weighs its rounding by) ranked the
     layers of the bundled model poorly against the measured KL (Spearman 0.23-0.28 within a
     type, against 0.94-0.96 for this estimate): it misses how strongly each layer's output
@@ -372,10 +378,11 @@ class _Importance:
         needed = 4 * collected * sum(module.weight.numel() for module in self.linears.values())
         self.compact = needed > FISHER_SHARE * _free_memory(self.device)
         self.storage = "bfloat16, host memory" if self.compact else "float32"
-        # the weights in float32, to measure each candidate's error against: beside the model
-        # where the Fisher fits too, else in host memory (at 8B 28 GB more on the GPU than
-        # the model and one probe set's Fisher leave free on an 80 GB card)
-        self.original = {name: module.weight.detach().cpu().float() if self.compact else module.weight.detach().float()
+        # the weights, to measure each candidate's error against: in float32 beside the model
+        # where the Fisher fits too, else in host memory in the narrowest type that holds them
+        # exactly (at 8B 28 GB in float32 is more than the model and one probe set's Fisher
+        # leave free on an 80 GB card; a float16 or bfloat16 checkpoint's weights take 14)
+        self.original = {name: _exact_compact(module.weight.detach()) if self.compact else module.weight.detach().float()
                          for name, module in self.linears.items()}
         # per layer and probe set: (the Fisher diagonal [out, in], its scale to a mean KL)
         self.fisher: dict[str, dict[str, tuple[Any, float]]] = {name: {} for name in self.linears}
@@ -405,12 +412,15 @@ class _Importance:
                 with torch.enable_grad():
                     # gradients flow from the embeddings on (the weights themselves need none)
                     embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-                    logits = model(inputs_embeds=embeds, attention_mask=mask).logits
-                    picked = torch.log_softmax(logits.float(), dim=-1)[scored]
+                    logits = model(inputs_embeds=embeds, attention_mask=mask).logits.float()[scored]
+                    probabilities = torch.softmax(logits.detach(), dim=-1)
+                    root = probabilities.sqrt()
                     names = sorted(outputs)
                     for _ in range(DRAWS):
-                        drawn = torch.multinomial(picked.detach().exp(), 1, generator=generator)
-                        grads = torch.autograd.grad(picked.gather(-1, drawn).sum(), [outputs[n] for n in names],
+                        signs = torch.randint(0, 2, root.shape, generator=generator, device=self.device)
+                        projected = root * (2.0 * signs - 1.0)
+                        direction = projected - probabilities * projected.sum(dim=-1, keepdim=True)
+                        grads = torch.autograd.grad((direction * logits).sum(), [outputs[n] for n in names],
                                                     retain_graph=True)
                         for name, grad in zip(names, grads):
                             fisher[name] = fisher[name] + _squared_per_sequence(grad.float(), inputs[name].float())
@@ -432,7 +442,7 @@ class _Importance:
         import torch
 
         rows = counted = None
-        original = self.original[layer].to(self.device)
+        original = self.original[layer].to(device=self.device, dtype=torch.float32)
         if sample is not None:
             rows = torch.as_tensor(sample.rows[layer], device=self.device)
             counted = torch.as_tensor(sample.weights[layer], dtype=torch.float32, device=self.device)
@@ -453,13 +463,26 @@ class _Importance:
 
         found = {}
         for layer, sets in self.fisher.items():
-            squared = self.original[layer].to(self.device).pow(2)
+            squared = self.original[layer].to(device=self.device, dtype=torch.float32).pow(2)
             share = torch.zeros(squared.shape[0], dtype=torch.float64, device=self.device)
             for fisher, _ in sets.values():
                 per_row = (fisher.to(device=self.device, dtype=torch.float32) * squared).sum(dim=1).double()
                 share = torch.maximum(share, per_row / per_row.sum().clamp_min(1e-300))
             found[layer] = share.cpu().numpy()
         return found
+
+
+def _exact_compact(weight: Any) -> Any:
+    """`weight` in host memory, in bfloat16 or float16 where that holds every value exactly,
+    else in float32."""
+    import torch
+
+    weight = weight.cpu()
+    for dtype in (torch.bfloat16, torch.float16):
+        narrow = weight.to(dtype)
+        if torch.equal(narrow.float(), weight.float()):
+            return narrow
+    return weight.float()
 
 
 def _squared_per_sequence(grad: Any, inputs: Any) -> Any:
