@@ -433,7 +433,10 @@ def measures(args: argparse.Namespace) -> None:
     from quantbuild.sensitivity import KL, WEIGHT_ERROR, load_sensitivity, write_sensitivity
 
     mix = ["Q2_K", "Q3_K", "IQ4_XS", "Q5_K", "Q6_K"]
-    targets = {f"mix_{str(t).replace('.', 'p')}": GgufConfig(type="Q4_K_S", target_bpw=t, mix_types=mix)
+    # the planner's own plans, each measure's: not validated against the presets (which may
+    # ship a preset or another plan instead)
+    targets = {f"mix_{str(t).replace('.', 'p')}": GgufConfig(type="Q4_K_S", target_bpw=t, mix_types=mix,
+                                                             validation_tokens=0)
                for t in args.targets}
     results: dict = {"model": args.model.name, "measures": {}, "plans": {}}
     with tempfile.TemporaryDirectory() as folder:

@@ -208,16 +208,26 @@ def test_the_weight_space_measure_keeps_its_fisher_in_host_bfloat16_where_float3
                                                                                                  monkeypatch):
     """At 8B the five probe sets' Fisher diagonals are 140 GB in float32: past FISHER_SHARE of
     the free memory they are kept in bfloat16 in host memory, with the same estimates to
-    within bfloat16's rounding, and the table says which storage made it."""
+    within bfloat16's rounding, and the table says which storage made it; and one set's
+    float32 sums, 28 GB at 8B, are formed a run of layers at a time where they do not fit."""
     import quantbuild.sensitivity as sensitivity_module
     from quantbuild.sensitivity import WEIGHT_ERROR, measure
 
     config = replace(CALIBRATION.sensitivity, measure=WEIGHT_ERROR)
     variant = GgufConfig(type="Q4_K_S", target_bpw=4.5, mix_types=["Q3_K", "Q6_K"])
     full = measure(BASELINE, inputs.calibration, {"mix": variant}, config, base)["mix"]
-    monkeypatch.setattr(sensitivity_module, "FISHER_SHARE", 0.0)
+    # as little memory free as leaves room for a third of the layers' float32 sums at once:
+    # each set's Fisher summed in three or more passes, each over a run of layers
+    weights = sum(out * inp for out, inp in model_layers(BASELINE).values())
+    monkeypatch.setattr(sensitivity_module, "_free_memory", lambda device: 8 * weights // 3)
+    passes = []
+    collect = sensitivity_module._Importance._collect
+    monkeypatch.setattr(sensitivity_module._Importance, "_collect",
+                        lambda self, *args: passes.append(args[3]) or collect(self, *args))
     compact = measure(BASELINE, inputs.calibration, {"mix": variant}, config, base)["mix"]
     assert full["fisher"] == "float32" and compact["fisher"] == "bfloat16, host memory"
+    probe_sets = len(full["probes"])
+    assert len(passes) >= 3 * probe_sets and sorted(sum(passes[:len(passes) // probe_sets], [])) == sorted(full["layers"])
     values = [(entry["kld"][key][probes], compact["layers"][layer]["kld"][key][probes])
               for layer, entry in full["layers"].items() for key in entry["kld"] for probes in entry["kld"][key]]
     assert len(values) == len(full["layers"]) * 2 * len(full["probes"]) and all(a > 0 for a, _ in values)

@@ -386,12 +386,34 @@ class _Importance:
                          for name, module in self.linears.items()}
         # per layer and probe set: (the Fisher diagonal [out, in], its scale to a mean KL)
         self.fisher: dict[str, dict[str, tuple[Any, float]]] = {name: {} for name in self.linears}
-        generator = torch.Generator(device=self.device).manual_seed(seed)
-        for set_name, probes in sets.items():
+        for index, (set_name, probes) in enumerate(sets.items()):
             if probes:
-                self._collect(model, set_name, probes, generator)
+                for chunk in self._chunks():
+                    # every chunk of layers sees the same draws: as if summed in one pass
+                    self._collect(model, set_name, probes, chunk, seed + index)
 
-    def _collect(self, model: Any, set_name: str, probes: list[Probe], generator: Any) -> None:
+    def _chunks(self) -> list[list[str]]:
+        """The layers whose Fisher one pass over a probe set sums: all of them, or where the
+        Fisher goes to host memory (`compact`), runs of them whose float32 sums fit in
+        FISHER_SHARE of the memory free now (at 8B one set's float32 sums are 28 GB: beside
+        the float32 model, 28 GB more, and a batch's activations they ran an 80 GB H100 out
+        of memory), each run a forward and `DRAWS` backward passes of its own."""
+        names = sorted(self.linears)
+        if not self.compact:
+            return [names]
+        room = max(1, int(FISHER_SHARE * _free_memory(self.device)) // 4)
+        chunks: list[list[str]] = [[]]
+        held = 0
+        for name in names:
+            size = self.linears[name].weight.numel()
+            if chunks[-1] and held + size > room:
+                chunks.append([])
+                held = 0
+            chunks[-1].append(name)
+            held += size
+        return chunks
+
+    def _collect(self, model: Any, set_name: str, probes: list[Probe], chunk: list[str], seed: int) -> None:
         import torch
 
         inputs: dict[str, Any] = {}
@@ -403,9 +425,10 @@ class _Importance:
                 outputs[name] = output
             return hook
 
-        fisher: dict[str, Any] = {name: 0.0 for name in self.linears}
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        fisher: dict[str, Any] = {name: 0.0 for name in chunk}
         scored_positions = 0
-        handles = [module.register_forward_hook(keep(name)) for name, module in self.linears.items()]
+        handles = [self.linears[name].register_forward_hook(keep(name)) for name in chunk]
         try:
             for group in _groups(probes):
                 ids, mask, scored = _padded(group, self.device)
@@ -431,7 +454,7 @@ class _Importance:
             for handle in handles:
                 handle.remove()
         scale = 1.0 / (2.0 * DRAWS * max(1, scored_positions))
-        for name in self.linears:
+        for name in chunk:
             kept = fisher[name].to(device="cpu", dtype=torch.bfloat16) if self.compact else fisher[name]
             fisher[name] = None
             self.fisher[name][set_name] = (kept, scale)
