@@ -70,9 +70,10 @@ class SensitivityConfig:
     samples: int = 4
     family_tokens: int = 1536
     # kl | weight_error | auto (weight_error for models of at least auto_weight_error_params
-    # decoder weights, where the measured KL costs hours on a CPU): src/quantbuild/sensitivity.py
+    # decoder weights; from 0 by default: on both bundled models its plans were as good as the
+    # measured KL's at 1/12 the time, bench/README.md): src/quantbuild/sensitivity.py
     measure: str = "auto"
-    auto_weight_error_params: int = 100_000_000
+    auto_weight_error_params: int = 0
     # Each auto-mix promotes in this many stretches of its budget, each kept only where the
     # whole plan's KL on probes held out from the table's is lower (0: one greedy pass on the
     # table alone): quantbuild.quantizers.planner.promote_checked

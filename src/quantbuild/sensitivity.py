@@ -70,13 +70,15 @@ RECORD = "sensitivity_record.json"
 # picks by model size.
 KL, WEIGHT_ERROR, AUTO = "kl", "weight_error", "auto"
 MEASURES = (AUTO, KL, WEIGHT_ERROR)
-# draws of next tokens per probe batch for the weight-space measure's Fisher estimate
+# random projections per probe batch for the weight-space measure's Fisher estimate
 DRAWS = 4
 # The weight-space measure keeps each probe set's Fisher diagonal (one float per weight) in
 # float32 beside the model while every set, and the one being collected, fit in this share
 # of the memory free after loading it; beyond that (an 8B model's five sets are 140 GB in
 # float32) each set, once collected, is kept in bfloat16 in host memory and moved back a
-# layer at a time to score a candidate. The tables say which (`fisher`).
+# layer at a time to score a candidate, and each set is summed a run of layers at a time,
+# as many as this share of the free memory holds in float32 (`_Importance._chunks`). The
+# tables say which (`fisher`).
 FISHER_SHARE = 0.5
 # The most memory one layer's per-sequence gradient products may take at once.
 PER_SEQUENCE_BYTES = 1 << 30
