@@ -511,8 +511,8 @@ def _exact_compact(weight: Any) -> Any:
 
 
 def _squared_per_sequence(grad: Any, inputs: Any) -> Any:
-    """The sum over sequences of each sequence's squared gradient of its log-likelihood with
-    respect to the weight ([out, in]; `grad` [b, t, out], `inputs` [b, t, in]), formed
+    """The sum over sequences of each sequence's squared gradient with respect to the weight
+    (of one draw's projected logits; [out, in]; `grad` [b, t, out], `inputs` [b, t, in]), formed
     PER_SEQUENCE_BYTES at a time: one [b, out, in] product for a group of 36 sequences at
     an 8B model's MLP is 8.5 GiB."""
     import torch
