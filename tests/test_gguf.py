@@ -927,11 +927,14 @@ def test_the_ladder_s_auto_mixes_nest_and_never_ship_more_divergence_for_more_bi
         validation = record["validation"]
         smaller = {f"plan {other}" for other in names[:names.index(name)]}
         assert smaller <= set(validation["measured"]) | set(validation["larger_than_plan"])
-        # whether the importance matrix helps each of the plan's types, measured on the texts
+        # whether the importance matrix helps each of the plan's types: the weight-space table
+        # holds every candidate type the other way too, so no pure file is built to ask
+        assert tables[name]["imatrix_contrast"]["candidates"] == [f"{kind}+imatrix" for kind in MIX_TYPES]
         by_type = validation["imatrix_by_type"]
         assert set(by_type) == set(types[name].values()), by_type
-        assert all(verdict["measured"] and verdict["use"] == (verdict["with"] < verdict["without"])
-                   for verdict in by_type.values()), by_type
+        assert all(not verdict["measured"] and verdict["estimate"] == "weight_error" and
+                   verdict["use"] == (verdict["with"] < verdict["without"]) for verdict in by_type.values()), by_type
+        assert sum(verdict["layers"] for verdict in by_type.values()) == len(types[name])
         # the plan's divergence on the probes it was planned on, beside the held-out texts'
         assert validation["planner_tokens"]["scored"] > 0
         assert {name for name, entry in validation["measured"].items() if "planner_tokens" in entry} == \
@@ -958,11 +961,13 @@ def test_the_ladder_s_auto_mixes_nest_and_never_ship_more_divergence_for_more_bi
         assert shipped_kld[larger] <= shipped_kld[smaller], shipped_kld
     # each preset measured once: a later plan meets it with the same divergences, not built again
     builds = [label.removeprefix("validation ") for label in labels if label.startswith("validation ")]
+    assert not [label for label in builds if label.startswith("pure ")], builds
     met = [name for measured in presets_measured for name in measured]
     assert len(presets_measured[0]) >= 4 and len(met) > len(set(met)), presets_measured
     for preset in set(met):
         first = next(index for index, measured in enumerate(presets_measured) if preset in measured)
-        assert builds.count(preset) == 1 + shipped_presets[first + 1:].count(preset), (preset, builds)
+        # (each file is removed once measured: rebuilt where it ships, the first time too)
+        assert builds.count(preset) == 1 + shipped_presets[first:].count(preset), (preset, builds)
         texts = [measured[preset] for measured in presets_measured if preset in measured]
         assert all(other == texts[0] for other in texts), preset
     assert all(preset.partition("+")[0] in STOCK_PRESETS for preset in met)

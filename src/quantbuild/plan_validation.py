@@ -243,12 +243,17 @@ def planned_bytes(base: Path, args: list[str], file_type: str) -> int:
 class PlanBuild:
     """How the plan was built, for building it again with the importance matrix on only
     some of its tensor types: llama-quantize's arguments less `--imatrix`, its file type,
-    the GGUF tensors the plan gives each tensor type, and whether the plan used the matrix."""
+    the GGUF tensors the plan gives each tensor type, and whether the plan used the matrix.
+    `estimates`: per tensor type, the sensitivity table's weight-space estimate of the KL
+    divergence the plan's tensors of that type add with and without the matrix
+    (`sensitivity.imatrix_estimates`), where it has one: the type's verdict, with no pure
+    file built and measured for it."""
 
     args: list[str]
     file_type: str
     tensors: dict[str, list[str]] = field(default_factory=dict)
     imatrix: bool = False
+    estimates: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def with_matrix_for(self, matrix: Path, types: set[str]) -> list[str]:
         """The arguments that give the importance matrix to the tensors of `types` only (the
@@ -358,10 +363,11 @@ def _validate(plan_file: Path, base: Path, imatrix: Optional[Path], drawn: dict[
         path = rebuild(name)
         size = tensor_bytes(path)
         if size > allowed:
-            path.unlink()
             larger.append(name)
         else:
             measured[name] = entry(path)
+        # rebuilt where it ships (llama-quantize is deterministic): at 8B each file is 3-5 GB
+        path.unlink()
         if key is not None:
             _PRESETS[key] = (size, measured[name]["texts"] if name in measured else None)
 
@@ -414,14 +420,21 @@ def _validate(plan_file: Path, base: Path, imatrix: Optional[Path], drawn: dict[
 
 def _imatrix_by_type(build: PlanBuild, base: Path, imatrix: Path, folder: Path, score: Callable[[Path], dict],
                      threads: int, texts_key: str) -> dict[str, dict[str, Any]]:
-    """Each tensor type of the plan -> its pure file's mean KL divergence over the texts
-    without and with the importance matrix, and whether to use it (it lowers the
-    divergence). A type with no pure file type (or one llama.cpp refuses without a matrix)
-    keeps the plan's choice."""
+    """Each tensor type of the plan -> whether to use the importance matrix on it (it lowers
+    the divergence), from the sensitivity table's weight-space estimate for the plan's own
+    tensors of the type (`build.estimates`, `measured` false), else from its pure file's mean
+    KL divergence over the texts without and with the matrix. A type with neither (no pure
+    file type, or one llama.cpp refuses without a matrix) keeps the plan's choice. Either way
+    the plan built with the matrix on the types it helps is then measured on the texts
+    (`BY_TYPE`) before anything ships."""
     from quantbuild.runtimes.llama_build import run_tool
 
     verdicts: dict[str, dict[str, Any]] = {}
     for kind in sorted(build.tensors):
+        if kind in build.estimates:
+            estimate = build.estimates[kind]
+            verdicts[kind] = {**estimate, "use": estimate["with"] < estimate["without"], "measured": False}
+            continue
         file_type = PURE_FILE_TYPES.get(kind)
         if file_type is None:
             verdicts[kind] = {"use": build.imatrix, "measured": False}
