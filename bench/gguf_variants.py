@@ -8,6 +8,7 @@
     python bench/gguf_variants.py agreement  (after make demo)
     python bench/gguf_variants.py measures   --targets 3.5 4.5 [--model FOLDER] [--tokens 40000]
     python bench/gguf_variants.py validated  --targets 3.0 3.5 4.0 4.5 5.0 --tokens 16384 [--model FOLDER] [--measure kl]
+    python bench/gguf_variants.py verdicts   --tokens 40000 [--model FOLDER]
 
 speed: quantbuild's gguf quantize (`build_variant`: checks, plan, llama-quantize, the
 lineage rewrite, hashing, the record) against `llama-quantize` called directly on the same
@@ -29,6 +30,9 @@ validated: the auto-mix ladder as the pipeline builds it (nested plans, each val
 three held-out texts against the stock presets no larger and the smaller plans of its
 chain): what each target ships, and on three test texts that chose nothing, every stock
 preset from 3 to 5 bits per weight against the best shipped variant no larger.
+verdicts: whether the importance matrix helps each mix type, as the sensitivity table's
+weight-space estimate says (what a plan's validation now reads) and as llama.cpp's own KLD of
+each type's `--pure` files with and without the matrix measures on held-out text.
 """
 
 from __future__ import annotations
@@ -494,6 +498,69 @@ def measures(args: argparse.Namespace) -> None:
     save(f"sensitivity_measures_{args.model.name}", results)
 
 
+def verdicts(args: argparse.Namespace) -> None:
+    """Whether the importance matrix helps each mix type: the sensitivity table's weight-space
+    estimate (every decoder layer at the type, with and without the matrix: the `--pure` file's
+    analogue) against the two `--pure` files measured, on the plan validation's own three
+    texts (rendered through the chat template on an instruct model: the measurement the
+    validation took per type before it read the table) and by llama.cpp's own
+    `llama-perplexity --kl-divergence` on raw held-out text."""
+    from dataclasses import replace
+
+    from transformers import AutoTokenizer
+
+    from quantbuild.config import GgufConfig
+    from quantbuild.gguf_artifacts import BASE_FILE, IMATRIX_FILE
+    from quantbuild.plan_validation import MODULE, PURE_FILE_TYPES, TEXTS_REFERENCE, validation_texts
+    from quantbuild.prompts import tokenizer_template
+    from quantbuild.quantizers.planner import imatrix_estimates
+    from quantbuild.runtimes.llama_build import run_tool
+    from quantbuild.runtimes.llama_worker import LlamaWorker
+    from quantbuild.sensitivity import WEIGHT_ERROR, load_sensitivity
+
+    mix = ["Q2_K", "Q3_K", "IQ4_XS", "Q5_K", "Q6_K"]
+    variant = GgufConfig(type="Q4_K_S", target_bpw=3.5, mix_types=mix, validation_tokens=16384)
+    rows, results = [], {"model": args.model.name, "types": {}}
+    tokenizer = AutoTokenizer.from_pretrained(str(args.model))
+    template = tokenizer_template(tokenizer)
+    drawn = validation_texts(variant.validation_tokens, lambda value: len(tokenizer(value, verbose=False)["input_ids"]),
+                             template=template)
+    settings = {"threads": 2, "repack": False, "device": "cpu", **({"special": True} if template else {})}
+    with tempfile.TemporaryDirectory() as folder, LlamaWorker(MODULE, settings) as worker:
+        work = Path(folder)
+        sensitivity = replace(_calibration().sensitivity, measure=WEIGHT_ERROR)
+        _prepare(work, baseline=args.model, planned={"mix": variant}, sensitivity=sensitivity)
+        planned = load_sensitivity(work / "sensitivity", "mix")
+        text, logits = _base_logits(work, args.tokens)
+        base = work / "base" / BASE_FILE
+        worker.ask("reference", name=TEXTS_REFERENCE, path=str(base), drawn=drawn)
+        for kind in mix:
+            estimate = imatrix_estimates(planned, {layer: kind for layer in planned["layers"]})[kind]
+            texts, perplexity = {}, {}
+            for matrix in (False, True):
+                path = work / f"pure-{kind}-{matrix}.gguf"
+                run_tool("llama-quantize", ["--pure", *(["--imatrix", str(work / "imatrix" / IMATRIX_FILE)] if matrix
+                                                        else []), str(base), str(path), PURE_FILE_TYPES[kind], "2"],
+                         f"pure {kind}")
+                side = "with" if matrix else "without"
+                scored = worker.ask("divergence", name=TEXTS_REFERENCE, path=str(path), drawn=drawn)
+                texts[side] = sum(entry["kld_mean"] for entry in scored.values()) / len(scored)
+                perplexity[side] = _kld(path, logits, text)["kld_mean"]
+                path.unlink()
+            ratio = {"estimate": estimate["with"] / estimate["without"], "texts": texts["with"] / texts["without"],
+                     "llama_perplexity": perplexity["with"] / perplexity["without"]}
+            results["types"][kind] = {"estimate": estimate, "texts": texts, "llama_perplexity": perplexity,
+                                      "ratio": ratio}
+            rows.append([kind, f"{ratio['estimate']:.3f}", f"{ratio['texts']:.3f} ({texts['without']:.5f})",
+                         f"{ratio['llama_perplexity']:.3f} ({perplexity['without']:.5f})"])
+            print(rows[-1], flush=True)
+    print(f"{args.model.name}: KL with the importance matrix / without, per type (every decoder layer at it; "
+          f"in brackets the KLD without)")
+    print(table(["type", "weight-space estimate", "validation texts" + (", rendered" if template else ""),
+                 "llama-perplexity, raw held-out text"], rows))
+    save(f"imatrix_verdicts_{args.model.name}", results)
+
+
 def _stock(base: Path, imatrix: Path, preset: str, matrix: bool, path: Path) -> Path:
     """`base` quantized to the stock `preset` by llama-quantize (2 threads), with the importance
     matrix in the folder `imatrix` where `matrix`."""
@@ -657,7 +724,7 @@ def validated(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=("speed", "quality", "imatrix", "throughput", "noise", "agreement",
-                                               "measures", "validated"))
+                                               "measures", "validated", "verdicts"))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=60000)
     parser.add_argument("--items", type=int, default=16)
@@ -675,7 +742,7 @@ def main() -> None:
                              "these presets (with and without the matrix) only")
     args = parser.parse_args()
     {"speed": speed, "quality": quality, "imatrix": imatrix, "throughput": throughput, "noise": noise,
-     "agreement": agreement, "measures": measures, "validated": validated}[args.what](args)
+     "agreement": agreement, "measures": measures, "validated": validated, "verdicts": verdicts}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -280,9 +280,10 @@ def validate_plan(plan_file: Path, base: Path, imatrix: Optional[Path], tokenize
     holds is a rival even where the plan came out smaller) and the ladder's smaller
     plans of the same chain (`smaller`: label -> (llama-quantize arguments, file type)) on
     the validation texts; and, given the plan's `build` and an importance matrix, whether
-    the matrix helps each of the plan's tensor types (`imatrix_by_type`: a pure file of the
-    type with and without it), and the plan built with the matrix on exactly the types it
-    helps (`BY_TYPE`), where that differs from the plan. `own`: the token sequences the
+    the matrix helps each of the plan's tensor types (`imatrix_by_type`: the sensitivity
+    table's weight-space estimate for the plan's tensors of the type, where `build` carries
+    one; else a pure file of the type with and without it, measured), and the plan built with
+    the matrix on exactly the types it helps (`BY_TYPE`), where that differs from the plan. `own`: the token sequences the
     plan was chosen on (sensitivity.planner_probes), on which each candidate's divergence is
     reported beside the held-out texts' (`planner_tokens`), never used to choose.
     `device`: where llama.cpp runs every candidate (runtimes.llama_cpp.fastest_device), the
