@@ -503,7 +503,7 @@ def verdicts(args: argparse.Namespace) -> None:
     estimate (every decoder layer at the type, with and without the matrix: the `--pure` file's
     analogue) against the two `--pure` files measured, on the plan validation's own three
     texts (rendered through the chat template on an instruct model: the measurement the
-    validation took per type before it read the table) and by llama.cpp's own
+    validation takes per type) and by llama.cpp's own
     `llama-perplexity --kl-divergence` on raw held-out text."""
     from dataclasses import replace
 
@@ -513,13 +513,14 @@ def verdicts(args: argparse.Namespace) -> None:
     from quantbuild.gguf_artifacts import BASE_FILE, IMATRIX_FILE
     from quantbuild.plan_validation import MODULE, PURE_FILE_TYPES, TEXTS_REFERENCE, validation_texts
     from quantbuild.prompts import tokenizer_template
-    from quantbuild.quantizers.planner import imatrix_estimates
     from quantbuild.runtimes.llama_build import run_tool
     from quantbuild.runtimes.llama_worker import LlamaWorker
     from quantbuild.sensitivity import WEIGHT_ERROR, load_sensitivity
 
     mix = ["Q2_K", "Q3_K", "IQ4_XS", "Q5_K", "Q6_K"]
     variant = GgufConfig(type="Q4_K_S", target_bpw=3.5, mix_types=mix, validation_tokens=16384)
+    # the same mix with the matrix (another target: the two plans nest): its table holds every type with it
+    planned = {"mix": variant, "mix_imatrix": replace(variant, imatrix=True, target_bpw=3.75)}
     rows, results = [], {"model": args.model.name, "types": {}}
     tokenizer = AutoTokenizer.from_pretrained(str(args.model))
     template = tokenizer_template(tokenizer)
@@ -529,13 +530,16 @@ def verdicts(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as folder, LlamaWorker(MODULE, settings) as worker:
         work = Path(folder)
         sensitivity = replace(_calibration().sensitivity, measure=WEIGHT_ERROR)
-        _prepare(work, baseline=args.model, planned={"mix": variant}, sensitivity=sensitivity)
-        planned = load_sensitivity(work / "sensitivity", "mix")
+        _prepare(work, baseline=args.model, planned=planned, sensitivity=sensitivity)
+        tables = {name: load_sensitivity(work / "sensitivity", name)["layers"] for name in planned}
         text, logits = _base_logits(work, args.tokens)
         base = work / "base" / BASE_FILE
         worker.ask("reference", name=TEXTS_REFERENCE, path=str(base), drawn=drawn)
         for kind in mix:
-            estimate = imatrix_estimates(planned, {layer: kind for layer in planned["layers"]})[kind]
+            # every decoder layer at the type, each layer's estimate the mean over the probe sets
+            estimate = {side: sum(sum(values.values()) / len(values) for values in
+                                  (layer["kld"][kind + suffix] for layer in tables[name].values()))
+                        for side, name, suffix in (("without", "mix", ""), ("with", "mix_imatrix", "+imatrix"))}
             texts, perplexity = {}, {}
             for matrix in (False, True):
                 path = work / f"pure-{kind}-{matrix}.gguf"

@@ -949,14 +949,11 @@ def test_the_ladder_s_auto_mixes_nest_and_never_ship_more_divergence_for_more_bi
         validation = record["validation"]
         smaller = {f"plan {other}" for other in names[:names.index(name)]}
         assert smaller <= set(validation["measured"]) | set(validation["larger_than_plan"])
-        # whether the importance matrix helps each of the plan's types: the weight-space table
-        # holds every candidate type the other way too, so no pure file is built to ask
-        assert tables[name]["imatrix_contrast"]["candidates"] == [f"{kind}+imatrix" for kind in MIX_TYPES]
+        # whether the importance matrix helps each of the plan's types, measured on the texts
         by_type = validation["imatrix_by_type"]
         assert set(by_type) == set(types[name].values()), by_type
-        assert all(not verdict["measured"] and verdict["estimate"] == "weight_error" and
-                   verdict["use"] == (verdict["with"] < verdict["without"]) for verdict in by_type.values()), by_type
-        assert sum(verdict["layers"] for verdict in by_type.values()) == len(types[name])
+        assert all(verdict["measured"] and verdict["use"] == (verdict["with"] < verdict["without"])
+                   for verdict in by_type.values()), by_type
         # the plan's divergence on the probes it was planned on, beside the held-out texts'
         assert validation["planner_tokens"]["scored"] > 0
         assert {name for name, entry in validation["measured"].items() if "planner_tokens" in entry} == \
@@ -983,7 +980,6 @@ def test_the_ladder_s_auto_mixes_nest_and_never_ship_more_divergence_for_more_bi
         assert shipped_kld[larger] <= shipped_kld[smaller], shipped_kld
     # each preset measured once: a later plan meets it with the same divergences, not built again
     builds = [label.removeprefix("validation ") for label in labels if label.startswith("validation ")]
-    assert not [label for label in builds if label.startswith("pure ")], builds
     met = [name for measured in presets_measured for name in measured]
     assert len(presets_measured[0]) >= 4 and len(met) > len(set(met)), presets_measured
     for preset in set(met):

@@ -243,17 +243,12 @@ def planned_bytes(base: Path, args: list[str], file_type: str) -> int:
 class PlanBuild:
     """How the plan was built, for building it again with the importance matrix on only
     some of its tensor types: llama-quantize's arguments less `--imatrix`, its file type,
-    the GGUF tensors the plan gives each tensor type, and whether the plan used the matrix.
-    `estimates`: per tensor type, the sensitivity table's weight-space estimate of the KL
-    divergence the plan's tensors of that type add with and without the matrix
-    (`sensitivity.imatrix_estimates`), where it has one: the type's verdict, with no pure
-    file built and measured for it."""
+    the GGUF tensors the plan gives each tensor type, and whether the plan used the matrix."""
 
     args: list[str]
     file_type: str
     tensors: dict[str, list[str]] = field(default_factory=dict)
     imatrix: bool = False
-    estimates: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def with_matrix_for(self, matrix: Path, types: set[str]) -> list[str]:
         """The arguments that give the importance matrix to the tensors of `types` only (the
@@ -280,10 +275,9 @@ def validate_plan(plan_file: Path, base: Path, imatrix: Optional[Path], tokenize
     holds is a rival even where the plan came out smaller) and the ladder's smaller
     plans of the same chain (`smaller`: label -> (llama-quantize arguments, file type)) on
     the validation texts; and, given the plan's `build` and an importance matrix, whether
-    the matrix helps each of the plan's tensor types (`imatrix_by_type`: the sensitivity
-    table's weight-space estimate for the plan's tensors of the type, where `build` carries
-    one; else a pure file of the type with and without it, measured), and the plan built with
-    the matrix on exactly the types it helps (`BY_TYPE`), where that differs from the plan. `own`: the token sequences the
+    the matrix helps each of the plan's tensor types (`imatrix_by_type`: a pure file of the
+    type with and without it), and the plan built with the matrix on exactly the types it
+    helps (`BY_TYPE`), where that differs from the plan. `own`: the token sequences the
     plan was chosen on (sensitivity.planner_probes), on which each candidate's divergence is
     reported beside the held-out texts' (`planner_tokens`), never used to choose.
     `device`: where llama.cpp runs every candidate (runtimes.llama_cpp.fastest_device), the
@@ -421,21 +415,14 @@ def _validate(plan_file: Path, base: Path, imatrix: Optional[Path], drawn: dict[
 
 def _imatrix_by_type(build: PlanBuild, base: Path, imatrix: Path, folder: Path, score: Callable[[Path], dict],
                      threads: int, texts_key: str) -> dict[str, dict[str, Any]]:
-    """Each tensor type of the plan -> whether to use the importance matrix on it (it lowers
-    the divergence), from the sensitivity table's weight-space estimate for the plan's own
-    tensors of the type (`build.estimates`, `measured` false), else from its pure file's mean
-    KL divergence over the texts without and with the matrix. A type with neither (no pure
-    file type, or one llama.cpp refuses without a matrix) keeps the plan's choice. Either way
-    the plan built with the matrix on the types it helps is then measured on the texts
-    (`BY_TYPE`) before anything ships."""
+    """Each tensor type of the plan -> its pure file's mean KL divergence over the texts
+    without and with the importance matrix, and whether to use it (it lowers the
+    divergence). A type with no pure file type (or one llama.cpp refuses without a matrix)
+    keeps the plan's choice."""
     from quantbuild.runtimes.llama_build import run_tool
 
     verdicts: dict[str, dict[str, Any]] = {}
     for kind in sorted(build.tensors):
-        if kind in build.estimates:
-            estimate = build.estimates[kind]
-            verdicts[kind] = {**estimate, "use": estimate["with"] < estimate["without"], "measured": False}
-            continue
         file_type = PURE_FILE_TYPES.get(kind)
         if file_type is None:
             verdicts[kind] = {"use": build.imatrix, "measured": False}

@@ -582,14 +582,6 @@ def measure(baseline: Path, calibration: list[list[int]], variants: dict[str, An
     for name, candidates in planned.items():
         for candidate in candidates:
             unique.setdefault((candidate.format, candidate.key, candidate.gptq), (candidate, variants[name]))
-    # where plans are validated against the importance matrix per type, each type the other way
-    # too (the measure needs no forward pass per candidate: a quantization more, not a KL run)
-    contrasted = {name: [contrast_of(candidate) for candidate in candidates]
-                  for name, candidates in planned.items()
-                  if measured_with == WEIGHT_ERROR and _contrasts(variants[name], imatrix)}
-    for name, candidates in contrasted.items():
-        for candidate in candidates:
-            unique.setdefault((candidate.format, candidate.key, candidate.gptq), (candidate, variants[name]))
     tables: dict[str, dict] = {}
     probes_record: dict = {}
     fisher: dict[str, str] = {}
@@ -649,29 +641,8 @@ def measure(baseline: Path, calibration: list[list[int]], variants: dict[str, An
                                                tables[(c.format, c.key, c.gptq)][layer].items()}
                                        for c in candidates}}
                        for layer, (out, inp) in layers.items()},
-            **({"imatrix_contrast": {
-                "candidates": [c.key for c in contrasted[name]],
-                "layers": {layer: {c.key: {k: _significant(v) for k, v in
-                                           tables[(c.format, c.key, c.gptq)][layer].items()}
-                                   for c in contrasted[name]} for layer in layers}}}
-               if name in contrasted else {}),
         }
     return results
-
-
-def contrast_of(candidate: Candidate) -> Candidate:
-    """`candidate`'s llama.cpp type with the importance matrix the other way."""
-    return replace(candidate, imatrix=not candidate.imatrix)
-
-
-def _contrasts(variant: Any, imatrix: Optional[Path]) -> bool:
-    """Whether the table of `variant` holds each candidate type the other way as to the
-    importance matrix: a GGUF auto-mix whose plan is validated, where the imatrix stage made a
-    matrix (the validation then asks, per type of the plan, whether the matrix helps)."""
-    from quantbuild.gguf_artifacts import imatrix_record
-
-    return (variant.method == "gguf" and bool(getattr(variant, "validation_tokens", 0))
-            and imatrix_record(imatrix) is not None)
 
 
 def write_sensitivity(baseline: Path, calibration: list[list[int]], variants: dict[str, Any],

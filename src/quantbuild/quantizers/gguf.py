@@ -20,7 +20,7 @@ from quantbuild.gguf_artifacts import MODEL_FILE, RECORD, imatrix_record, requir
 from quantbuild.hashing import disk_full, free_bytes, require_space
 from quantbuild.plan_validation import BY_ROLE, BY_TYPE, PlanBuild
 from quantbuild.quantizers.base import Inputs, Method, matching_layers, measurements
-from quantbuild.quantizers.planner import Candidate, Level, PlanCheck, imatrix_estimates, plan_levels
+from quantbuild.quantizers.planner import Candidate, Level, PlanCheck, plan_levels
 
 # Stored bits per weight of each llama.cpp tensor type (block bytes * 8 / block size);
 # a test keeps this in step with gguf-py's GGML_QUANT_SIZES.
@@ -213,9 +213,7 @@ def _quantize(variant: Any, inputs: Inputs, plan: dict, out: Path) -> dict:
         if variant.target_bpw and variant.validation_tokens and not (inputs.sensitivity or {}).get("objective"):
             smaller = {f"plan {link['name']}": _chain_args(link, plan, args, out.parent)
                        for link in (inputs.sensitivity or {}).get("chain", [])}
-            build = PlanBuild(_without(args, "--imatrix"), variant.type, _tensors_by_type(plan), bool(variant.imatrix),
-                              imatrix_estimates(inputs.sensitivity or {},
-                                                {layer: entry["type"] for layer, entry in plan.items() if entry["type"]}))
+            build = PlanBuild(_without(args, "--imatrix"), variant.type, _tensors_by_type(plan), bool(variant.imatrix))
             validation, replacement, work = _validate(variant, inputs, quantized, base, smaller, build,
                                                       _budget_bytes(variant, plan, quantized))
             if replacement is not None:  # a file within the budget beat the plan: it ships instead

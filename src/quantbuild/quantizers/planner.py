@@ -80,31 +80,6 @@ def require_sensitivity(setting: str, layers: dict, sensitivity: Optional[dict],
     return measured
 
 
-def imatrix_estimates(table: dict, types: dict[str, str]) -> dict[str, dict[str, Any]]:
-    """Each tensor type of a plan (`types`: layer -> its llama.cpp type) -> the weight-space
-    estimate of the KL divergence its layers add with and without the importance matrix
-    (summed over them; per layer the mean over the probe sets), where the table holds the
-    type both ways (`imatrix_contrast`); {} for a table without."""
-    contrast = table.get("imatrix_contrast")
-    if not contrast:
-        return {}
-    grouped: dict[str, list[str]] = {}
-    for layer, kind in sorted(types.items()):
-        grouped.setdefault(kind, []).append(layer)
-    estimates = {}
-    for kind, members in grouped.items():
-        both = {}
-        for key in (kind, f"{kind}+imatrix"):
-            found = [table["layers"][layer]["kld"].get(key) or contrast["layers"].get(layer, {}).get(key) for layer in members]
-            if any(values is None for values in found):
-                break
-            both["with" if key.endswith("+imatrix") else "without"] = round(
-                sum(sum(values.values()) / len(values) for values in found), 10)
-        if len(both) == 2:
-            estimates[kind] = {**both, "layers": len(members), "estimate": table.get("measure")}
-    return estimates
-
-
 def divergence(measured: dict, key: str, objective: dict[str, float]) -> float:
     """A layer's measured KL divergence at candidate `key`, weighted over the probe sets."""
     values = measured["kld"][key]
