@@ -6,7 +6,7 @@
     python bench/gguf_variants.py throughput [--items 16]
     python bench/gguf_variants.py noise      [--repeats 8]
     python bench/gguf_variants.py agreement  (after make demo)
-    python bench/gguf_variants.py measures   --targets 3.5 4.5 [--model FOLDER] [--tokens 40000]
+    python bench/gguf_variants.py measures   --targets 3.5 4.5 [--model FOLDER] [--tokens 40000] [--oracle]
     python bench/gguf_variants.py validated  --targets 3.0 3.5 4.0 4.5 5.0 --tokens 16384 [--model FOLDER] [--measure kl]
     python bench/gguf_variants.py verdicts   --tokens 40000 [--model FOLDER]
 
@@ -472,9 +472,14 @@ def measures(args: argparse.Namespace) -> None:
                 gains["kl"].append(kl_layers[layer]["kld"][low]["calibration"] - kl_layers[layer]["kld"][high]["calibration"])
                 gains["we"].append(we_layers[layer]["kld"][low]["calibration"] - we_layers[layer]["kld"][high]["calibration"])
         results["spearman_gains"] = _spearman(gains["kl"], gains["we"])
+        measures = [KL, WEIGHT_ERROR]
+        if args.oracle:  # the weight-space table scaled per type and probe set to the measured one's sums
+            measures.append(ORACLE)
+            tables[ORACLE] = {key: _scaled(tables[WEIGHT_ERROR][key], tables[KL][key], work / ORACLE)
+                              for key in targets}
         text, logits = _base_logits(work, args.tokens)
         for key, variant in targets.items():
-            for measure in (KL, WEIGHT_ERROR):
+            for measure in measures:
                 record = build_variant("bench", variant, replace(inputs, sensitivity=tables[measure][key]),
                                        work / "variant")
                 path = work / "variant" / "model" / MODEL_FILE
@@ -495,7 +500,37 @@ def measures(args: argparse.Namespace) -> None:
     print(table(["target bpw", "decoder bpw (kl / weight_error)", "KLD, kl plan", "KLD, weight_error plan",
                  "ratio"], rows))
     print(f"geometric mean of the KLD ratio (weight_error / kl): {results['geomean_kld_ratio']:.3f}")
+    if args.oracle:
+        rows = [[targets[key].target_bpw, f"{results['plans'][f'{key} {KL}']['kld_mean']:.6f}",
+                 f"{results['plans'][f'{key} {ORACLE}']['kld_mean']:.6f}",
+                 f"{results['plans'][f'{key} {ORACLE}']['kld_mean'] / results['plans'][f'{key} {KL}']['kld_mean']:.3f}"]
+                for key in targets]
+        print("the weight-space table scaled per type and probe set to the measured table's sums (an oracle:")
+        print("the most a per-type calibration of the estimate could give)")
+        print(table(["target bpw", "KLD, kl plan", "KLD, scaled weight_error plan", "ratio"], rows))
     save(f"sensitivity_measures_{args.model.name}", results)
+
+
+ORACLE = "weight_error_scaled"
+
+
+def _scaled(estimate: dict, measured: dict, folder: Path) -> dict:
+    """`estimate` (a weight-space table) with each candidate's values on each probe set scaled
+    so that they sum, over the layers, to `measured`'s (the kl table's) on that set."""
+    import copy
+
+    from quantbuild.sensitivity import load_sensitivity
+
+    scaled = copy.deepcopy({key: value for key, value in estimate.items() if key != "sha256"})
+    for candidate in estimate["candidates"]:
+        for probe in next(iter(estimate["layers"].values()))["kld"][candidate]:
+            total = sum(layer["kld"][candidate][probe] for layer in estimate["layers"].values())
+            factor = sum(layer["kld"][candidate][probe] for layer in measured["layers"].values()) / total if total else 1.0
+            for layer in scaled["layers"].values():
+                layer["kld"][candidate][probe] *= factor
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "mix.json").write_text(json.dumps(scaled))
+    return load_sensitivity(folder, "mix")
 
 
 def verdicts(args: argparse.Namespace) -> None:
@@ -736,6 +771,8 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=BASELINE, help="quality: the model folder (default: the bundled one)")
     parser.add_argument("--models", nargs="+", default=["baseline", "random-100m"], choices=("baseline", "random-100m"))
     parser.add_argument("--measure", default="kl", choices=("kl", "weight_error"), help="validated: the sensitivity measure")
+    parser.add_argument("--oracle", action="store_true",
+                        help="measures: plans from the weight-space table scaled per type to the measured one too")
     parser.add_argument("--at-presets", action="store_true",
                         help="validated: a target at each stock preset's size on this model (3-5 bpw; the +imatrix "
                              "size too, where it differs), not --targets")
