@@ -433,3 +433,35 @@ def test_the_degenerate_check_pairs_the_items_a_variant_answered():
     variant["outcomes"]["degenerate"] = clean(250)  # more items than it answered
     with pytest.raises(GateError, match="degenerate outputs: the baseline and the variant were checked on different"):
         select(base, {"int8": variant}, RECORDS, gate)
+
+
+def test_log_softmax_in_float32_is_the_float64_pass_to_its_own_rounding():
+    """The log-softmax every KL divergence starts from takes its exponentials in float32 (a
+    float64 pass throughout was slower, bench/log_softmax.py). Against a float64 pass: within
+    float32 rounding everywhere, rows that sum to one, the same argmax, and the same mean KL
+    divergence between two nearby distributions to within 2e-4 of itself; logits far from zero
+    (an offset of 1e4) lose nothing to the shift."""
+    import numpy as np
+
+    from quantbuild.evaluation.distributions import log_softmax
+
+    rng = np.random.default_rng(7)
+    logits = (rng.standard_normal((64, 32000)) * 4).astype(np.float32)
+    logits[:8] += 1e4
+    nudged = logits + (rng.standard_normal(logits.shape) * 0.01).astype(np.float32)
+
+    def float64_pass(values):
+        shifted = values.astype(np.float64) - values.astype(np.float64).max(-1, keepdims=True)
+        return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+    ours, exact = log_softmax(logits), float64_pass(logits)
+    assert ours.dtype == np.float32 and ours.shape == logits.shape
+    assert np.abs(ours - exact).max() < 1e-5
+    assert np.abs(np.exp(ours.astype(np.float64)).sum(-1) - 1).max() < 1e-5
+    assert (ours.argmax(-1) == exact.argmax(-1)).all()
+    # the KL divergence as the evaluation computes it, from float32 log-probabilities: the
+    # float64 pass's (what quantbuild computed before) and this one's agree
+    before = [float64_pass(values).astype(np.float32) for values in (logits, nudged)]
+    kl = float((np.exp(ours) * (ours - log_softmax(nudged))).sum(-1).mean())
+    kl_before = float((np.exp(before[0]) * (before[0] - before[1])).sum(-1).mean())
+    assert kl == pytest.approx(kl_before, rel=2e-4) and kl > 0

@@ -326,13 +326,12 @@ class LlamaCppModel:
 
     def logprobs(self, tokens: list[int]) -> Any:
         """Log-probabilities [len(tokens) - 1, vocab] of each next token, float32."""
-        import numpy as np
 
         from quantbuild.evaluation.distributions import log_softmax
 
         self._reset()
         self._decode(tokens, 0, all_logits=True)
-        return log_softmax(self._logits(len(tokens))[:-1].astype(np.float64)).astype(np.float32)
+        return log_softmax(self._logits(len(tokens))[:-1])
 
     def text_positions(self, texts: list[str]) -> Iterator[tuple[Any, Any]]:
         return sequence_positions(self, [self.tokenize(text) for text in texts])
