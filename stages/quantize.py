@@ -22,7 +22,8 @@ def main(config: Config) -> None:
         raise ConfigError(f"quant.variants: no variant {name!r} (defined: {', '.join(sorted(config.quant.variants))})")
     paths = config.paths
     variant = config.quant.variants[name]
-    # llama-quantize's variants never load torch (its import and deterministic setup are 2.5 s a stage)
+    # llama-quantize's variants compute nothing in torch: no deterministic kernels to set (the
+    # first use_deterministic_algorithms imports torch's compiler stack, 1.2 s a stage)
     make_deterministic(config.seed, torch=get_method(variant.method).library != LLAMA_CPP)
     inputs = pipeline_inputs(config, variant, load_sensitivity(Path(paths.sensitivity), name))
     record = build_variant(name, variant, inputs, Path(paths.quantized) / name)

@@ -86,8 +86,8 @@ def _architecture(baseline: Path) -> str:
 @lru_cache(maxsize=1)
 def supported_architectures() -> set[str]:
     """The text architectures the vendored converter knows: the keys of its `TEXT_MODEL_MAP`,
-    read from its source as a literal, not imported (importing the converter imports torch:
-    1.5 s of every stage that checks a model's architecture on a llama.cpp ladder)."""
+    read from its source as a literal, not imported (importing the converter imports torch,
+    1.5 s; the quantize stage still imports it for its tensor-name map, `gguf_names`)."""
     import ast
 
     source = vendored_converter() / "conversion" / "__init__.py"

@@ -326,7 +326,6 @@ class LlamaCppModel:
 
     def logprobs(self, tokens: list[int]) -> Any:
         """Log-probabilities [len(tokens) - 1, vocab] of each next token, float32."""
-
         from quantbuild.evaluation.distributions import log_softmax
 
         self._reset()
