@@ -575,28 +575,6 @@ def test_an_architecture_the_converter_does_not_know_is_one_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_the_architectures_read_from_the_converter_s_source_are_the_ones_it_registers():
-    """supported_architectures reads the converter's TEXT_MODEL_MAP from its source without
-    importing it (the import pulls torch in: 1.5 s a stage): the same set the import gives."""
-    import subprocess
-    import sys
-
-    from quantbuild.runtimes.gguf_file import supported_architectures
-    from quantbuild.runtimes.llama_build import vendored_converter
-
-    read = supported_architectures()
-    assert "LlamaForCausalLM" in read
-    imported = subprocess.run([sys.executable, "-c", "import json, sys; sys.path.insert(0, sys.argv[1]); "
-                               "from conversion import TEXT_MODEL_MAP; print(json.dumps(sorted(TEXT_MODEL_MAP)))",
-                               str(vendored_converter())], capture_output=True, text=True, check=True).stdout
-    assert sorted(read) == json.loads(imported)
-    # and reading it imports neither the converter nor torch
-    fresh = subprocess.run([sys.executable, "-c", "import sys; from quantbuild.runtimes.gguf_file import "
-                            "supported_architectures as s; s(); print('torch' in sys.modules, 'conversion' in sys.modules)"],
-                           capture_output=True, text=True, check=True).stdout.split()
-    assert fresh == ["False", "False"]
-
-
 def test_a_variant_is_evaluated_in_llama_cpp_against_its_baseline_with_its_kv_type(built, base, tmp_path):
     from quantbuild.config import EvalConfig, LatencyConfig, MemoryConfig
     from quantbuild.evaluation.runner import REFERENCE

@@ -33,7 +33,6 @@ import shutil
 import struct
 import sys
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Optional
 
@@ -83,21 +82,11 @@ def _architecture(baseline: Path) -> str:
     return architectures[0]
 
 
-@lru_cache(maxsize=1)
 def supported_architectures() -> set[str]:
-    """The text architectures the vendored converter knows: the keys of its `TEXT_MODEL_MAP`,
-    read from its source as a literal, not imported (importing the converter imports torch,
-    1.5 s; the quantize stage still imports it for its tensor-name map, `gguf_names`)."""
-    import ast
+    vendored_converter()
+    from conversion import TEXT_MODEL_MAP
 
-    source = vendored_converter() / "conversion" / "__init__.py"
-    for node in ast.parse(source.read_text(encoding="utf-8")).body:
-        target = node.target if isinstance(node, ast.AnnAssign) else \
-            node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else None
-        if isinstance(target, ast.Name) and target.id == "TEXT_MODEL_MAP" and node.value is not None:
-            return set(ast.literal_eval(node.value))
-    raise RuntimeUnavailable(f"{source}: no TEXT_MODEL_MAP literal: the vendored converter is not the one quantbuild "
-                          f"pins (reinstall: `make install`)")
+    return set(TEXT_MODEL_MAP)
 
 
 def check_architecture(baseline: Path) -> str:
