@@ -6,8 +6,11 @@
 For every generative eval family (all 300 items of data/eval) and every GGUF type of the
 model: seconds for the family's greedy completions one prompt at a time (batch 1) and with
 `--batch` prompts decoded together (one KV sequence per prompt, one llama_decode per step),
-interleaved, medians; whether every output is the same; and the time of prefilling the
-family's prompts alone, which no batching of the decode steps can remove on a CPU.
+first with every prompt prefilled whole, then as the evaluation runs them, a prompt taking
+the prefix it shares with its neighbour from that one's KV cells; interleaved, medians;
+the share of prompt tokens taken so; whether every output is the sequential one; and the
+time of prefilling the family's prompts alone. Prompts are rendered as the evaluation
+renders them: through the model's chat template where its GGUF carries one.
 `--device cuda` offloads every layer to the GPU (llama.cpp built with CUDA); `--items N`
 takes each family's first N items; `--random NAME` times a random-initialised Llama of that
 shape (bench/quantize.py's RANDOM_MODELS and an 8B-class one, the bundled tokenizer), made
@@ -29,6 +32,7 @@ from pathlib import Path
 from benchlib import ROOT, save, table
 
 FAMILIES = ("structured", "retrieval", "long_context", "reasoning")
+MODES = ("sequential", "unshared", "batched")
 
 
 def _files(model: Path, types: list[str], work: Path) -> dict[str, Path]:
@@ -79,19 +83,28 @@ def _write_random(name: str, work: Path) -> None:
     print(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters", flush=True)
 
 
-def _timed(runtime, size: int, prompts: list[str], budget: int) -> tuple[float, list[str]]:
+def _timed(runtime, size: int, prompts: list[str], budget: int, special: bool,
+           shared: bool = True) -> tuple[float, list[str]]:
     """The family's greedy completions with `size` prompts decoded together, on the loaded
     model (`complete` opens a context of `size` sequences for the call: the model is loaded
-    once per type, not once per mode: an 8B F16 file is 14 GB)."""
+    once per type, not once per mode: an 8B F16 file is 14 GB); `shared` False: every
+    prompt prefilled whole, no prefix taken from its neighbour."""
+    from quantbuild.runtimes import llama_cpp
+
     runtime.parallel = size
-    started = time.perf_counter()
-    outputs = runtime.complete(prompts, budget)
-    return time.perf_counter() - started, outputs
+    least = llama_cpp.SHARED_PREFIX
+    llama_cpp.SHARED_PREFIX = least if shared else 1 << 30
+    try:
+        started = time.perf_counter()
+        outputs = runtime.complete(prompts, budget, special)
+        return time.perf_counter() - started, outputs
+    finally:
+        llama_cpp.SHARED_PREFIX = least
 
 
-def _prefill(runtime, prompts: list[str]) -> float:
+def _prefill(runtime, prompts: list[str], special: bool) -> float:
     runtime.parallel = 1
-    tokens = [runtime.tokenize(prompt) for prompt in prompts]
+    tokens = [runtime.tokenize(prompt, special) for prompt in prompts]
     started = time.perf_counter()
     for sequence in tokens:
         runtime.generate(sequence, 0)
@@ -122,6 +135,7 @@ def main() -> None:
 
     bindings()  # before numpy and gguf-py (the evaluate stage's order: stages/evaluate.py)
 
+    from quantbuild import prompts as formats
     from quantbuild.evaluation.suites import MAX_NEW_TOKENS
     from quantbuild.runtimes.protocol import LLAMA_CPP, LoadSpec, open_runtime
     from quantbuild.tasks.items import load_items
@@ -134,32 +148,44 @@ def main() -> None:
         model = _random(args.random, Path(folder)) if args.random else args.model
         for name, path in _files(model, args.types, Path(folder)).items():
             spec = LoadSpec(LLAMA_CPP, path, threads=0, batch_size=args.batch, device=args.device)
-            totals = {"sequential": 0.0, "batched": 0.0}
+            # as the evaluation prompts the artifact: through its chat template, where it has one
+            prompt_format = formats.for_artifact(spec)
+            totals = dict.fromkeys(MODES, 0.0)
             with open_runtime(spec) as runtime:
                 runtime.reserve(1300)
                 for family in FAMILIES:
-                    prompts = [item.prompt for item in items[family]]
-                    times: dict[str, list[float]] = {"sequential": [], "batched": []}
+                    prompts = [prompt_format.render(item) for item in items[family]]
+                    times: dict[str, list[float]] = {mode: [] for mode in MODES}
                     outputs = {}
                     for _ in range(args.repeats):
-                        for mode, size in (("sequential", 1), ("batched", args.batch)):
-                            seconds, outputs[mode] = _timed(runtime, size, prompts, MAX_NEW_TOKENS[family])
+                        for mode, size, shared in (("sequential", 1, False), ("unshared", args.batch, False),
+                                                   ("batched", args.batch, True)):
+                            before = dict(runtime.prompt_tokens)
+                            seconds, outputs[mode] = _timed(runtime, size, prompts, MAX_NEW_TOKENS[family],
+                                                            prompt_format.chat, shared)
                             times[mode].append(seconds)
-                    prefill = _prefill(runtime, prompts)
-                    differing = sum(a != b for a, b in zip(outputs["sequential"], outputs["batched"]))
-                    sequential, batched = statistics.median(times["sequential"]), statistics.median(times["batched"])
-                    totals["sequential"] += sequential
-                    totals["batched"] += batched
-                    results[f"{name} {family}"] = {"sequential_s": sequential, "batched_s": batched, "prefill_s": prefill,
-                                                   "items": len(prompts), "differing_outputs": differing}
-                    rows.append([name, family, len(prompts), f"{sequential:.2f}", f"{batched:.2f}",
-                                 f"{sequential / batched:.2f}x", f"{prefill:.2f}", differing])
+                            counted = {key: runtime.prompt_tokens[key] - before[key] for key in before}
+                    prefill = _prefill(runtime, prompts, prompt_format.chat)
+                    differing = {mode: sum(a != b for a, b in zip(outputs["sequential"], outputs[mode]))
+                                 for mode in ("unshared", "batched")}
+                    medians = {mode: statistics.median(times[mode]) for mode in MODES}
+                    for mode in MODES:
+                        totals[mode] += medians[mode]
+                    share = counted["shared"] / (counted["shared"] + counted["prefilled"])
+                    results[f"{name} {family}"] = {**{f"{mode}_s": medians[mode] for mode in MODES},
+                                                   "prefill_s": prefill, "items": len(prompts),
+                                                   "prompt_tokens": counted, "differing_outputs": differing}
+                    rows.append([name, family, len(prompts), *(f"{medians[mode]:.2f}" for mode in MODES),
+                                 f"{medians['sequential'] / medians['batched']:.2f}x", f"{prefill:.2f}",
+                                 f"{share:.0%}", f"{differing['unshared']} / {differing['batched']}"])
                     print(rows[-1], flush=True)
-            rows.append([name, "all four", sum(len(v) for v in items.values()), f"{totals['sequential']:.2f}",
-                         f"{totals['batched']:.2f}", f"{totals['sequential'] / totals['batched']:.2f}x", "", ""])
+            rows.append([name, "all four", sum(len(v) for v in items.values()),
+                         *(f"{totals[mode]:.2f}" for mode in MODES),
+                         f"{totals['sequential'] / totals['batched']:.2f}x", "", "", ""])
     print(f"llama.cpp on {args.device}, {args.random or args.model.name}, batch {args.batch}, medians of {args.repeats}")
-    print(table(["type", "family", "items", "sequential (s)", "batched (s)", "speed-up", "prefill alone (s)",
-                 "outputs differing"], rows))
+    print(table(["type", "family", "items", "sequential (s)", "batched, prefixes unshared (s)", "batched (s)",
+                 "speed-up", "prefill alone (s)", "prompt tokens shared", "outputs differing (unshared / batched)"],
+                rows))
     save("batched", results)
 
 

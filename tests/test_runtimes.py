@@ -95,6 +95,33 @@ def test_batched_completions_are_each_prompt_s_own_greedy_continuation(opened):
         assert runtime.generate(runtime.tokenize(items[0].prompt), 24) == alone[0], name
 
 
+def test_prompts_sharing_a_prefix_prefill_it_once_and_answer_as_alone(opened):
+    # llama.cpp: a prompt that begins as the one before it (in token order) copies that
+    # prefix's KV cells from its sequence instead of prefilling it again. Prompts of one
+    # structured instruction, a duplicate, a prompt that is all of another's prefix, and
+    # one sharing nothing; in batches of 4 (the last partial)
+    runtime = opened[LLAMA_CPP]
+    structured = [item.prompt for item in load_items(REPO / "data" / "eval" / "structured.jsonl")[:5]]
+    prompts = [*structured, structured[0], structured[1][:-12],
+               load_items(REPO / "data" / "eval" / "reasoning.jsonl")[0].prompt]
+    tokens = [runtime.tokenize(prompt) for prompt in prompts]
+    before = dict(runtime.prompt_tokens)
+    completed = runtime.complete(prompts, 24)
+    prefilled = runtime.prompt_tokens["prefilled"] - before["prefilled"]
+    shared = runtime.prompt_tokens["shared"] - before["shared"]
+    assert [completion.text for completion in completed] == [runtime.detokenize(runtime.generate(sequence, 24))
+                                                            for sequence in tokens]
+    # every prompt token either prefilled or copied, and the copies are most of them
+    assert prefilled + shared == sum(map(len, tokens)) and shared > prefilled
+    # one at a time, nothing is shared: each prompt alone is the reference
+    runtime.parallel = 1
+    try:
+        runtime.complete(prompts[:2], 4)
+    finally:
+        runtime.parallel = 4
+    assert runtime.prompt_tokens["shared"] - before["shared"] == shared
+
+
 def test_timing_memory_and_threads(opened):
     memory = {}
     for name, runtime in opened.items():

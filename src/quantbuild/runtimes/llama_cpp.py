@@ -40,6 +40,9 @@ from quantbuild.runtimes.protocol import LLAMA_CPP, ChatFormat, Completion, Load
 
 # llama.cpp's KV-cache types a variant may ship with; quantized V needs flash attention.
 KV_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}
+# The fewest leading tokens a batched prompt takes from the one before it instead of
+# prefilling them (a copy of the whole KV stream costs about what a few tokens' prefill does).
+SHARED_PREFIX = 16
 DEVICES = ("cpu", "cuda")
 
 
@@ -198,6 +201,8 @@ class LlamaCppModel:
         self.path, self.kv_type, self.threads, self.repack, self.device = path, kv_type, threads, repack, device
         # greedy completions decoded together: one KV sequence per prompt, one batch per step
         self.parallel = max(1, parallel)
+        # prompt tokens of those completions prefilled, and copied from a shared prefix instead
+        self.prompt_tokens = {"prefilled": 0, "shared": 0}
         layout(path)  # a malformed header or a tensor past the end is one line here, not a crash in C
         start = len(LOG)
         params = lib.llama_model_default_params()
@@ -267,7 +272,8 @@ class LlamaCppModel:
         return {"runtime": LLAMA_CPP, "deploy_runtime": LLAMA_CPP,
                 "llama_cpp": {"device": self.device, "backend": build_backend(), "kv_cache_type": self.kv_type,
                               "flash_attention": self.flash_attention, "threads": self.threads,
-                              "repack": self.repack, "parallel_sequences": self.parallel}}
+                              "repack": self.repack, "parallel_sequences": self.parallel,
+                              "prompt_tokens": dict(self.prompt_tokens)}}
 
     def probe_settings(self) -> dict[str, Any]:
         return {"kv_cache_type": self.kv_type, "repack": self.repack, "device": self.device,
@@ -336,14 +342,16 @@ class LlamaCppModel:
         return sequence_positions(self, [self.tokenize(text) for text in texts])
 
     def complete(self, prompts: list[str], max_new_tokens: int, special: bool = False) -> list[Completion]:
-        """Greedy completions, `parallel` prompts at a time (prompts of similar length
-        together): each prompt prefilled alone into its own KV sequence, then one batch per
-        step holding the next token of every sequence still generating. Each output is the
-        one `generate` gives for its prompt alone (a test compares every record)."""
+        """Greedy completions, `parallel` prompts at a time (in token order, so that prompts
+        sharing a prefix are neighbours): each prompt prefilled into its own KV sequence, then
+        one batch per step holding the next token of every sequence still generating. A
+        prompt that begins with at least SHARED_PREFIX tokens of the one before it in its
+        batch takes that prefix's KV cells from it (`_generate_together`). Each output is
+        the one `generate` gives for its prompt alone (a test compares every record)."""
         tokenized = [self.tokenize(prompt, special) for prompt in prompts]
         if self.parallel == 1 or len(prompts) == 1:
             return [self._completion(*self._generate_together([tokens], max_new_tokens)[0]) for tokens in tokenized]
-        order = sorted(range(len(prompts)), key=lambda index: len(tokenized[index]))
+        order = sorted(range(len(prompts)), key=lambda index: tokenized[index])
         per_sequence = _context_size(max(map(len, tokenized)) + max_new_tokens)
         outputs: list[Completion] = [Completion("", False)] * len(prompts)
         own = (self.n_ctx, self.sequences)
@@ -366,15 +374,29 @@ class LlamaCppModel:
     def _generate_together(self, prompts: list[list[int]], max_new_tokens: int) -> list[tuple[list[int], bool]]:
         """Greedy continuations of `prompts` (at most `sequences`), each stopping at an
         end-of-generation token, the budget or the end of its context: every prompt
-        prefilled alone into its own sequence, then one batch per step. Each with whether
-        it stopped at an end-of-generation token."""
+        prefilled into its own sequence, then one batch per step. Each with whether it
+        stopped at an end-of-generation token.
+
+        A prompt whose first SHARED_PREFIX or more tokens are the previous prompt's (a
+        system prompt, a tool list) copies the previous sequence's KV stream, which holds
+        that prompt alone, drops the cells past the shared prefix, and prefills only the
+        rest, at the same cells and positions as if alone; at least its last token is
+        always decoded, for its logits."""
         self._reset()
         generated: list[list[int]] = [[] for _ in prompts]
         stopped = [False] * len(prompts)
         pending: dict[int, int] = {}  # sequence -> the token it decodes next
         positions = [len(tokens) for tokens in prompts]
         for sequence, tokens in enumerate(prompts):
-            self._decode(tokens, 0, all_logits=False, sequence=sequence)
+            shared = _shared_prefix(prompts[sequence - 1], tokens) if sequence else 0
+            if shared:
+                # across KV streams llama.cpp copies the whole stream (at the next decode)
+                memory = self._lib.llama_get_memory(self.ctx)
+                self._lib.llama_memory_seq_cp(memory, sequence - 1, sequence, -1, -1)
+                self._lib.llama_memory_seq_rm(memory, sequence, shared, -1)
+            self.prompt_tokens["prefilled"] += len(tokens) - shared
+            self.prompt_tokens["shared"] += shared
+            self._decode(tokens[shared:], shared, all_logits=False, sequence=sequence)
             self._accept(sequence, self._next(), generated, pending, positions, max_new_tokens, stopped)
         while pending:
             live = sorted(pending)
@@ -470,6 +492,14 @@ class LlamaCppModel:
         with LlamaCppModel(self.path, _context_size(tokens), self.kv_type, threads, self.repack,
                            device=self.device) as model:
             yield model
+
+
+def _shared_prefix(before: list[int], tokens: list[int]) -> int:
+    """How many leading tokens of `tokens` to copy from `before`'s sequence: their common
+    prefix, short of `tokens`' last token, where at least SHARED_PREFIX long, else 0."""
+    limit = min(len(before), len(tokens) - 1)
+    common = next((index for index in range(limit) if before[index] != tokens[index]), limit)
+    return common if common >= SHARED_PREFIX else 0
 
 
 def _context_size(tokens: int) -> int:
