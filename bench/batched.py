@@ -13,7 +13,9 @@ time of prefilling the family's prompts alone. Prompts are rendered as the evalu
 renders them: through the model's chat template where its GGUF carries one.
 `--device cuda` offloads every layer to the GPU (llama.cpp built with CUDA); `--items N`
 takes each family's first N items; `--random NAME` times a random-initialised Llama of that
-shape (bench/quantize.py's RANDOM_MODELS and an 8B-class one, the bundled tokenizer), made
+shape (bench/quantize.py's RANDOM_MODELS and an 8B-class one, with the tokenizer of the
+model `--tokenizer` names: by default the 8M's, raw prompts; the 33M chat model's gives it
+that chat template, and the prompts an instruct model is given), made
 on the GPU where there is one, in a child process: llama.cpp's CUDA build and a CUDA torch
 crash in one process (src/quantbuild/runtimes/llama_cpp.py), so this one never imports torch
 (the F16 conversion runs in a child too) and loads llama.cpp's libraries before any other.
@@ -57,29 +59,33 @@ RANDOM_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32
                  num_key_value_heads=8)
 
 
-def _random(name: str, work: Path) -> Path:
-    """A seeded random-initialised Llama of the named shape, fp16, with the bundled tokenizer,
-    written by a child process (torch stays out of this one)."""
-    subprocess.run([sys.executable, __file__, "--write-random", name, str(work)], check=True)
+def _random(name: str, work: Path, tokenizer: Path) -> Path:
+    """A seeded random-initialised Llama of the named shape, fp16, with the tokenizer (and
+    the chat template, where it has one) of the model in `tokenizer`, written by a child
+    process (torch stays out of this one)."""
+    subprocess.run([sys.executable, __file__, "--write-random", name, str(work), str(tokenizer)], check=True)
     return work / name
 
 
-def _write_random(name: str, work: Path) -> None:
+def _write_random(name: str, work: Path, tokenizer: Path) -> None:
+    import json
     import shutil
 
     import torch
-    from quantize import BASELINE, RANDOM_MODELS
+    from quantize import RANDOM_MODELS
     from transformers import LlamaConfig, LlamaForCausalLM
 
     shape = RANDOM_8B if name == "random-8b" else RANDOM_MODELS[name]
     folder = work / name
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=4096, max_position_embeddings=2048, torch_dtype="float16", **shape)
+    vocabulary = json.loads((tokenizer / "config.json").read_text())["vocab_size"]
+    config = LlamaConfig(vocab_size=vocabulary, max_position_embeddings=2048, torch_dtype="float16", **shape)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = LlamaForCausalLM._from_config(config, torch_dtype=torch.float16)
     model.save_pretrained(str(folder))
-    for file in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(BASELINE / file, folder / file)
+    for file in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (tokenizer / file).is_file():
+            shutil.copy(tokenizer / file, folder / file)
     print(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters", flush=True)
 
 
@@ -120,11 +126,13 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--items", type=int, default=0, help="each family's first N items (0: all)")
     parser.add_argument("--random", choices=("random-100m", "random-1b", "random-8b"))
-    parser.add_argument("--write-random", nargs=2, metavar=("NAME", "FOLDER"), help=argparse.SUPPRESS)
+    parser.add_argument("--tokenizer", type=Path, default=ROOT / "data" / "baseline" / "workflow-llama-8m",
+                        help="--random: the model whose tokenizer and chat template the random model gets")
+    parser.add_argument("--write-random", nargs=3, metavar=("NAME", "FOLDER", "TOKENIZER"), help=argparse.SUPPRESS)
     parser.add_argument("--convert", nargs=2, metavar=("MODEL", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.write_random:
-        _write_random(args.write_random[0], Path(args.write_random[1]))
+        _write_random(args.write_random[0], Path(args.write_random[1]), Path(args.write_random[2]))
         return
     if args.convert:
         from quantbuild.runtimes.gguf_file import convert
@@ -145,7 +153,7 @@ def main() -> None:
         items = {family: family_items[:args.items] for family, family_items in items.items()}
     rows, results = [], {}
     with tempfile.TemporaryDirectory() as folder:
-        model = _random(args.random, Path(folder)) if args.random else args.model
+        model = _random(args.random, Path(folder), args.tokenizer) if args.random else args.model
         for name, path in _files(model, args.types, Path(folder)).items():
             spec = LoadSpec(LLAMA_CPP, path, threads=0, batch_size=args.batch, device=args.device)
             # as the evaluation prompts the artifact: through its chat template, where it has one

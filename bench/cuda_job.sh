@@ -56,6 +56,13 @@ batched8b() {
   python -X faulthandler bench/batched.py --device cuda --random random-8b --types Q4_K_M --items 64 --batch 64 \
     > /tmp/out/batched8b.txt 2>&1
 }
+chat8b() {
+  # the random 8B with the 33M chat model's tokenizer and template: the prompts an instruct
+  # model is given (system prompt and tool list in front of every item), so prompts that
+  # share a prefix prefill it once (only its tokenizer files travel: the weights stay here)
+  python -X faulthandler bench/batched.py --device cuda --random random-8b --tokenizer data/baseline/workflow-chat-33m \
+    --types F16 --items 64 --batch 64 > /tmp/out/chat8b.txt 2>&1
+}
 for step in ${STEPS:-batched8m ladder8b ladder1b}; do
   "$step"
   echo "STEP $step done $((SECONDS - started)) s"
