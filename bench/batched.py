@@ -172,7 +172,8 @@ def main() -> None:
                             seconds, outputs[mode] = _timed(runtime, size, prompts, MAX_NEW_TOKENS[family],
                                                             prompt_format.chat, shared)
                             times[mode].append(seconds)
-                            counted = {key: runtime.prompt_tokens[key] - before[key] for key in before}
+                            if shared:  # the prompt tokens the evaluation's way prefilled and took
+                                counted = {key: runtime.prompt_tokens[key] - before[key] for key in before}
                     prefill = _prefill(runtime, prompts, prompt_format.chat)
                     differing = {mode: sum(a != b for a, b in zip(outputs["sequential"], outputs[mode]))
                                  for mode in ("unshared", "batched")}

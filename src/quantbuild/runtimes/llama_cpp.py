@@ -201,7 +201,7 @@ class LlamaCppModel:
         self.path, self.kv_type, self.threads, self.repack, self.device = path, kv_type, threads, repack, device
         # greedy completions decoded together: one KV sequence per prompt, one batch per step
         self.parallel = max(1, parallel)
-        # prompt tokens of those completions prefilled, and copied from a shared prefix instead
+        # prompt tokens this model's greedy generations prefilled, and took from a shared prefix instead
         self.prompt_tokens = {"prefilled": 0, "shared": 0}
         layout(path)  # a malformed header or a tensor past the end is one line here, not a crash in C
         start = len(LOG)
