@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import BASELINE, REPO
+from quantbuild.runtimes.llama_cpp import _shared_prefix
 from quantbuild.runtimes.protocol import ADAPTERS, LLAMA_CPP, TORCH, LoadSpec, Runtime, open_runtime
 from quantbuild.tasks.items import load_items
 
@@ -97,22 +98,28 @@ def test_batched_completions_are_each_prompt_s_own_greedy_continuation(opened):
 
 def test_prompts_sharing_a_prefix_prefill_it_once_and_answer_as_alone(opened):
     # llama.cpp: a prompt that begins as the one before it (in token order) copies that
-    # prefix's KV cells from its sequence instead of prefilling it again. Prompts of one
-    # structured instruction, a duplicate, a prompt that is all of another's prefix, and
-    # one sharing nothing; in batches of 4 (the last partial)
+    # prefix's KV cells from its sequence instead of prefilling it again, the first of a
+    # batch from the last of the batch before. Prompts of one structured instruction, a
+    # duplicate, a prompt that is all of another's prefix, and two of another family that
+    # share nothing with a structured one (nor with each other); in batches of 4 (the last partial)
     runtime = opened[LLAMA_CPP]
-    structured = [item.prompt for item in load_items(REPO / "data" / "eval" / "structured.jsonl")[:5]]
-    prompts = [*structured, structured[0], structured[1][:-12],
-               load_items(REPO / "data" / "eval" / "reasoning.jsonl")[0].prompt]
+    structured = [item.prompt for item in load_items(REPO / "data" / "eval" / "structured.jsonl")[:6]]
+    retrieval = [item.prompt for item in load_items(REPO / "data" / "eval" / "retrieval.jsonl")[:2]]
+    prompts = [*structured, structured[0], structured[1][:-12], *retrieval]
     tokens = [runtime.tokenize(prompt) for prompt in prompts]
+    ordered = sorted(tokens)
+    pairs = [_shared_prefix(before, after) for before, after in zip(ordered, ordered[1:])]
+    # across the batch boundaries: one prompt takes its prefix from the carried stream, the
+    # first of the last batch shares nothing with the one before (its stream is cleared)
+    assert pairs[3] > 0 and pairs[7] == 0
     before = dict(runtime.prompt_tokens)
     completed = runtime.complete(prompts, 24)
     prefilled = runtime.prompt_tokens["prefilled"] - before["prefilled"]
     shared = runtime.prompt_tokens["shared"] - before["shared"]
     assert [completion.text for completion in completed] == [runtime.detokenize(runtime.generate(sequence, 24))
                                                             for sequence in tokens]
-    # every prompt token either prefilled or copied, and the copies are most of them
-    assert prefilled + shared == sum(map(len, tokens)) and shared > prefilled
+    # every prompt token either prefilled or copied, each neighbour's shared prefix copied
+    assert shared == sum(pairs) > 0 and prefilled + shared == sum(map(len, tokens))
     # one at a time, nothing is shared: each prompt alone is the reference
     runtime.parallel = 1
     try:
@@ -139,3 +146,26 @@ def test_timing_memory_and_threads(opened):
                                                   "flash_attention"}
     # one architecture: llama.cpp's KV cache in f16 holds half the bytes of torch's float32
     assert memory[TORCH] == 2 * memory[LLAMA_CPP] > 0
+
+
+def test_llama_cpp_s_log_goes_to_stderr_only_when_asked(tmp_path):
+    # llama.cpp's log is kept in-process (its failures become one line); an abort in C
+    # leaves its reason in that log only, so QUANTBUILD_LLAMA_LOG prints it as well
+    import os
+    import subprocess
+    import sys
+
+    from quantbuild.runtimes.llama_bindings import ECHO
+
+    script = ("from quantbuild.runtimes.llama_bindings import bindings\n"
+              "lib = bindings()\n"
+              f"assert not lib.llama_model_load_from_file({str(tmp_path / 'absent.gguf')!r}.encode(), "
+              "lib.llama_model_default_params())\n")
+    stderr = {}
+    for echo in (False, True):
+        env = {key: value for key, value in os.environ.items() if key != ECHO}
+        if echo:
+            env[ECHO] = "1"
+        stderr[echo] = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                                      check=True).stderr
+    assert "absent.gguf" in stderr[True] and "absent.gguf" not in stderr[False]

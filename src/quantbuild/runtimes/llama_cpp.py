@@ -345,9 +345,10 @@ class LlamaCppModel:
         """Greedy completions, `parallel` prompts at a time (in token order, so that prompts
         sharing a prefix are neighbours): each prompt prefilled into its own KV sequence, then
         one batch per step holding the next token of every sequence still generating. A
-        prompt that begins with at least SHARED_PREFIX tokens of the one before it in its
-        batch takes that prefix's KV cells from it (`_generate_together`). Each output is
-        the one `generate` gives for its prompt alone (a test compares every record)."""
+        prompt that begins with at least SHARED_PREFIX tokens of the one before it takes that
+        prefix's KV cells from it (`_generate_together`), on the CPU the first prompt of a
+        batch from the last of the batch before, whose KV stream is kept for it. Each output
+        is the one `generate` gives for its prompt alone (a test compares every record)."""
         tokenized = [self.tokenize(prompt, special) for prompt in prompts]
         if self.parallel == 1 or len(prompts) == 1:
             return [self._completion(*self._generate_together([tokens], max_new_tokens)[0]) for tokens in tokenized]
@@ -358,11 +359,15 @@ class LlamaCppModel:
         self._close_context()
         self._open_context(per_sequence, min(self.parallel, len(prompts)))
         try:
+            carried: Optional[tuple[int, list[int]]] = None
             for start in range(0, len(order), self.sequences):
-                group = order[start : start + self.sequences]
-                generated = self._generate_together([tokenized[index] for index in group], max_new_tokens)
-                for index, (tokens, stopped) in zip(group, generated):
+                group = [tokenized[index] for index in order[start : start + self.sequences]]
+                generated = self._generate_together(group, max_new_tokens, carried)
+                for index, (tokens, stopped) in zip(order[start : start + self.sequences], generated):
                     outputs[index] = self._completion(tokens, stopped)
+                # (on the CPU only: on CUDA a bench run with it aborted, not yet explained:
+                # bench/README.md, "Prompts that share a prefix prefill it once")
+                carried = (len(group) - 1, group[-1]) if self.device == "cpu" else None
         finally:
             self._close_context()
             self._open_context(*own)
@@ -371,7 +376,8 @@ class LlamaCppModel:
     def _completion(self, tokens: list[int], stopped: bool) -> Completion:
         return Completion(self.detokenize(tokens), stopped)
 
-    def _generate_together(self, prompts: list[list[int]], max_new_tokens: int) -> list[tuple[list[int], bool]]:
+    def _generate_together(self, prompts: list[list[int]], max_new_tokens: int,
+                           carried: Optional[tuple[int, list[int]]] = None) -> list[tuple[list[int], bool]]:
         """Greedy continuations of `prompts` (at most `sequences`), each stopping at an
         end-of-generation token, the budget or the end of its context: every prompt
         prefilled into its own sequence, then one batch per step. Each with whether it
@@ -379,21 +385,30 @@ class LlamaCppModel:
 
         A prompt whose first SHARED_PREFIX or more tokens are the previous prompt's (a
         system prompt, a tool list) copies the previous sequence's KV stream, which holds
-        that prompt alone, drops the cells past the shared prefix, and prefills only the
-        rest, at the same cells and positions as if alone; at least its last token is
-        always decoded, for its logits."""
-        self._reset()
+        that prompt (and past it, at most its own generated tokens), drops the cells past
+        the shared prefix, and prefills only the rest, at the same cells and positions as
+        if alone; at least its last token is always decoded, for its logits. `carried`
+        (sequence, prompt): the previous batch's last prompt, whose KV stream the cache
+        still holds, is the first prompt's previous one; every other stream is cleared
+        when its sequence is reached."""
+        if carried is None:
+            self._reset()
+        memory = self._lib.llama_get_memory(self.ctx)
         generated: list[list[int]] = [[] for _ in prompts]
         stopped = [False] * len(prompts)
         pending: dict[int, int] = {}  # sequence -> the token it decodes next
         positions = [len(tokens) for tokens in prompts]
         for sequence, tokens in enumerate(prompts):
-            shared = _shared_prefix(prompts[sequence - 1], tokens) if sequence else 0
+            source, before = (sequence - 1, prompts[sequence - 1]) if sequence else (carried or (-1, []))
+            shared = _shared_prefix(before, tokens)
             if shared:
-                # across KV streams llama.cpp copies the whole stream (at the next decode)
-                memory = self._lib.llama_get_memory(self.ctx)
-                self._lib.llama_memory_seq_cp(memory, sequence - 1, sequence, -1, -1)
+                # across KV streams llama.cpp resets the destination's cells and copies the
+                # whole stream (at the next decode, this prompt's own: before the source is
+                # reached and cleared, where it is the carried one)
+                self._lib.llama_memory_seq_cp(memory, source, sequence, -1, -1)
                 self._lib.llama_memory_seq_rm(memory, sequence, shared, -1)
+            elif carried is not None:
+                self._lib.llama_memory_seq_rm(memory, sequence, -1, -1)
             self.prompt_tokens["prefilled"] += len(tokens) - shared
             self.prompt_tokens["shared"] += shared
             self._decode(tokens[shared:], shared, all_logits=False, sequence=sequence)
