@@ -361,9 +361,10 @@ class LlamaCppModel:
         try:
             carried: Optional[tuple[int, list[int]]] = None
             for start in range(0, len(order), self.sequences):
-                group = [tokenized[index] for index in order[start : start + self.sequences]]
+                indices = order[start : start + self.sequences]
+                group = [tokenized[index] for index in indices]
                 generated = self._generate_together(group, max_new_tokens, carried)
-                for index, (tokens, stopped) in zip(order[start : start + self.sequences], generated):
+                for index, (tokens, stopped) in zip(indices, generated):
                     outputs[index] = self._completion(tokens, stopped)
                 # (on the CPU only: on CUDA a bench run with it aborted, not yet explained:
                 # bench/README.md, "Prompts that share a prefix prefill it once")
